@@ -1,0 +1,60 @@
+#!/bin/bash
+# Prepare this host for vTPM guests: Debian packages, /dev/kvm permissions,
+# virtlogd + libvirtd (without systemd when there is none), and wait until
+# qemu:///system answers. Idempotent: a second run changes nothing.
+set -euo pipefail
+
+say() { printf '[setup-host] %s\n' "$*"; }
+die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (installs packages, starts libvirtd)"
+
+PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+          qemu-system-x86 swtpm swtpm-tools libvirt-dev pkg-config
+          busybox-static cpio gzip)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing: ${missing[*]}"
+    apt-get update -qq || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null || die "apt-get install failed: ${missing[*]}"
+else
+    say "packages already installed"
+fi
+
+# A root:root 0600 /dev/kvm makes libvirt re-probe QEMU on every call
+# (~56 s per domain start); guests run under TCG anyway.
+if [ -e /dev/kvm ]; then
+    if [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ] && getent group kvm >/dev/null; then
+        say "fixing /dev/kvm permissions (kvm:0660)"
+        chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    fi
+fi
+
+if [ -d /run/systemd/system ]; then
+    systemctl start virtlogd libvirtd
+else
+    mkdir -p /run/libvirt
+    if ! pgrep -x virtlogd >/dev/null; then
+        say "starting virtlogd"
+        virtlogd -d
+    fi
+    if ! pgrep -x libvirtd >/dev/null; then
+        say "starting libvirtd"
+        libvirtd -d
+    fi
+fi
+
+say "waiting for qemu:///system (the first connection probes QEMU, ~10 s)"
+for _ in $(seq 1 120); do
+    if virsh -q -c qemu:///system uri >/dev/null 2>&1; then
+        say "libvirt answers at qemu:///system"
+        exit 0
+    fi
+    sleep 0.5
+done
+die "libvirtd did not answer at qemu:///system within 60 s (see /var/log/libvirt/libvirtd.log)"

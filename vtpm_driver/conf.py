@@ -1,0 +1,285 @@
+"""Configuration options (oslo.config).
+
+``[libvirt]`` options keep Nova's names, types and defaults so an operator can
+reuse a nova.conf; when Nova has registered them already in the same process,
+Nova's definitions win (see :func:`register_opts`). ``[key_manager]`` says
+where Barbican is, ``[service_user]`` holds the credentials used in
+``deployment`` secret-security mode, and ``[vtpm]`` holds this plugin's own
+options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from keystoneauth1 import loading as ks_loading
+from oslo_config import cfg
+
+SECRET_SECURITY_MODES = ("user", "host", "deployment")
+
+libvirt_group = cfg.OptGroup(
+    "libvirt",
+    title="libvirt options",
+    help="How to reach libvirt and whether this host offers emulated TPMs.",
+)
+
+libvirt_opts = [
+    cfg.StrOpt(
+        "connection_uri",
+        default="",
+        help="""
+libvirt URI to connect to.
+
+Empty means the usual URI for ``virt_type`` (``qemu:///system`` for ``kvm`` and
+``qemu``). Set it only when libvirt listens elsewhere, e.g.
+``qemu:///session`` for an unprivileged daemon.
+
+Related options:
+
+* ``virt_type``: decides the default URI.
+""",
+    ),
+    cfg.StrOpt(
+        "virt_type",
+        default="kvm",
+        choices=("kvm", "lxc", "qemu", "parallels"),
+        help="""
+Virtualization (domain) type used for guests.
+
+Emulated TPMs need ``kvm`` or ``qemu``; with any other value and
+``swtpm_enabled = True`` the driver refuses to start. Use ``qemu`` (TCG) on
+hosts whose ``/dev/kvm`` cannot run guests.
+
+Related options:
+
+* ``connection_uri``: depends on this.
+* ``swtpm_enabled``.
+""",
+    ),
+    cfg.BoolOpt(
+        "swtpm_enabled",
+        default=False,
+        help="""
+Enable emulated TPM (Trusted Platform Module) in guests.
+
+When True the host checks at start-up that libvirt supports the ``emulator``
+TPM backend and that ``swtpm``, ``swtpm_setup`` and ``swtpm_ioctl`` are
+installed, then reports the ``COMPUTE_SECURITY_TPM_*`` traits it can honour.
+When False every TPM trait is reported as unsupported, and the driver refuses
+to start if servers with a vTPM are defined on this host.
+
+Related options:
+
+* ``virt_type`` must be ``kvm`` or ``qemu``.
+* ``swtpm_user``, ``swtpm_group``, ``supported_tpm_secret_security``.
+""",
+    ),
+    cfg.StrOpt(
+        "swtpm_user",
+        default="tss",
+        help="""
+User that the ``swtpm`` binary runs as.
+
+libvirt runs ``swtpm`` as this user (``swtpm_user`` in libvirt's qemu.conf,
+``tss`` by default). The driver checks that the user exists and uses it to
+own TPM state files it moves (resize, cold migration).
+
+Related options:
+
+* ``swtpm_group`` must also be set.
+""",
+    ),
+    cfg.StrOpt(
+        "swtpm_group",
+        default="tss",
+        help="""
+Group that the ``swtpm`` binary runs as.
+
+See ``swtpm_user``; the driver checks that the group exists.
+
+Related options:
+
+* ``swtpm_user`` must also be set.
+""",
+    ),
+    cfg.ListOpt(
+        "supported_tpm_secret_security",
+        default=list(SECRET_SECURITY_MODES),
+        help="""
+TPM secret security modes this host supports.
+
+A mode absent from this list is reported as an unsupported trait, so servers
+that request it are never scheduled here. Possible values:
+
+* ``user``: the Barbican secret belongs to the server owner and is readable
+  only by the owner; the libvirt secret is private and ephemeral (undefined as
+  soon as the guest runs). Starting the guest needs the owner's credentials.
+* ``host``: the Barbican secret belongs to the owner; the libvirt secret is
+  persistent and readable by host administrators, so the guest can be
+  restarted without the owner.
+* ``deployment``: the Barbican secret belongs to the service user of
+  ``[service_user]``; the libvirt secret is private and ephemeral.
+""",
+    ),
+]
+
+key_manager_group = cfg.OptGroup(
+    "key_manager",
+    title="Key manager (Barbican) options",
+    help="Where the Barbican service that stores vTPM passphrases is.",
+)
+
+key_manager_opts = [
+    cfg.URIOpt(
+        "barbican_endpoint",
+        help="""
+Barbican endpoint URL, e.g. ``http://127.0.0.1:9311``.
+
+When set, the driver sends a user's token straight to this URL with no
+Keystone round trip. When unset, the endpoint is looked up in the service
+catalog (type ``key-manager``) with ``barbican_endpoint_type`` and
+``barbican_region_name``.
+""",
+    ),
+    cfg.StrOpt(
+        "barbican_endpoint_type",
+        default="public",
+        choices=("public", "internal", "admin"),
+        help="Catalog interface used to find Barbican when ``barbican_endpoint`` is unset.",
+    ),
+    cfg.StrOpt(
+        "barbican_region_name",
+        help="Catalog region used to find Barbican when ``barbican_endpoint`` is unset.",
+    ),
+    cfg.FloatOpt(
+        "timeout",
+        default=10.0,
+        min=0.1,
+        help="""
+Seconds to wait for Barbican (connect and each read) before giving up with
+``KeyManagerUnavailable``. Bounds how long a spawn or start can hang while the
+key manager is down.
+""",
+    ),
+]
+
+vtpm_group = cfg.OptGroup(
+    "vtpm",
+    title="vtpm-driver options",
+    help="Options of the vtpm-driver plugin itself.",
+)
+
+vtpm_opts = [
+    cfg.BoolOpt(
+        "owner_only_acl",
+        default=True,
+        help="""
+Make each vTPM Barbican secret readable only by its owner.
+
+When True (the default) the secret's read ACL is set to ``project-access:
+false`` with the owner as the only listed user, so other members of the
+owner's project cannot read the passphrase. Nova leaves it readable by every
+project member; set False to get Nova's behaviour.
+""",
+    ),
+    cfg.StrOpt(
+        "swtpm_state_dir",
+        default="/var/lib/libvirt/swtpm",
+        help="""
+Directory where libvirt keeps swtpm state, one ``<domain-uuid>`` subdirectory
+per guest. Used to clean up after deleted servers and by ``vtpm-driver audit``
+to find orphans. Must match libvirt's ``swtpm`` state location.
+""",
+    ),
+    cfg.StrOpt(
+        "console_log_dir",
+        default="/var/lib/vtpm-driver/console",
+        help="""
+Directory for standalone servers' serial console logs when
+``server create --console-log`` is not given.
+""",
+    ),
+    cfg.IntOpt(
+        "guest_start_timeout",
+        default=60,
+        min=1,
+        help="Seconds to wait for a guest to reach the running state after start.",
+    ),
+]
+
+SERVICE_USER_GROUP = "service_user"
+
+service_user_group = cfg.OptGroup(
+    SERVICE_USER_GROUP,
+    title="Service user options",
+    help="""
+Credentials of the service user that owns vTPM secrets in ``deployment``
+secret-security mode (keystoneauth1 options, as in nova.conf's
+``[service_user]``: ``auth_type``, ``auth_url``, ``username``, ``password``,
+``project_name``, ``user_domain_name``, ``project_domain_name``...).
+""",
+)
+
+
+def _service_user_opts() -> list[cfg.Opt]:
+    return (
+        ks_loading.get_session_conf_options()
+        + ks_loading.get_auth_common_conf_options()
+        + ks_loading.get_auth_plugin_conf_options("password")
+    )
+
+
+def _register(conf: cfg.ConfigOpts, group: cfg.OptGroup, opts: Iterable[cfg.Opt]) -> None:
+    """Register ``opts``, keeping an identically named option already there.
+
+    Nova registers ``[libvirt] swtpm_enabled`` & co. with its own help text;
+    oslo.config would raise ``DuplicateOptError`` for ours. The names, types
+    and defaults are the same, so the first registration wins.
+    """
+    conf.register_group(group)
+    for opt in opts:
+        try:
+            conf.register_opt(opt, group=group)
+        except cfg.DuplicateOptError:
+            continue
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register every vtpm-driver option on ``conf``."""
+    _register(conf, libvirt_group, libvirt_opts)
+    _register(conf, key_manager_group, key_manager_opts)
+    _register(conf, vtpm_group, vtpm_opts)
+    conf.register_group(service_user_group)
+    ks_loading.register_session_conf_options(conf, SERVICE_USER_GROUP)
+    ks_loading.register_auth_conf_options(conf, SERVICE_USER_GROUP)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
+    """The ``oslo.config.opts`` entry point (sample config generator)."""
+    return [
+        (libvirt_group, list(libvirt_opts)),
+        (key_manager_group, list(key_manager_opts)),
+        (service_user_group, _service_user_opts()),
+        (vtpm_group, list(vtpm_opts)),
+    ]
+
+
+def libvirt_uri(conf: cfg.ConfigOpts) -> str:
+    """The URI to connect to: ``connection_uri`` or the default for ``virt_type``."""
+    if conf.libvirt.connection_uri:
+        return conf.libvirt.connection_uri
+    return {
+        "kvm": "qemu:///system",
+        "qemu": "qemu:///system",
+        "lxc": "lxc:///",
+        "parallels": "parallels:///system",
+    }[conf.libvirt.virt_type]
+
+
+def new_conf(args: list[str] | None = None, config_files: list[str] | None = None
+             ) -> cfg.ConfigOpts:
+    """A fresh ``ConfigOpts`` with our options registered and parsed."""
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf(args or [], project="vtpm-driver", default_config_files=config_files or [])
+    return conf

@@ -1,0 +1,64 @@
+"""One exception hierarchy for everything the driver refuses or cannot do.
+
+Every error a caller can see derives from :class:`VTPMError`; invalid input
+never escapes as ``KeyError``/``ValueError``/``AttributeError``. Messages are
+written for an operator: they name the offending key and value and say what
+would be accepted. They never contain secret material.
+"""
+
+from __future__ import annotations
+
+
+class VTPMError(Exception):
+    """Base class of all vtpm-driver errors."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidVTPMConfig(VTPMError):
+    """The flavor extra specs or image properties ask for an impossible vTPM."""
+
+
+class FlavorImageConflict(InvalidVTPMConfig):
+    """Flavor and image set the same vTPM attribute to different values."""
+
+
+class InvalidConfiguration(VTPMError):
+    """This host or its configuration cannot provide what was asked of it."""
+
+
+class VTPMSecretForbidden(VTPMError):
+    """The key manager refused access to the vTPM secret (HTTP 401/403)."""
+
+
+class VTPMSecretNotFound(VTPMError):
+    """The vTPM secret no longer exists in the key manager."""
+
+
+class KeyManagerUnavailable(VTPMError):
+    """The key manager could not be reached or answered with a server error."""
+
+
+class OperationNotSupportedForVTPM(VTPMError):
+    """The requested lifecycle operation is not supported for vTPM servers."""
+
+
+class HypervisorUnavailable(VTPMError):
+    """libvirt could not be reached at the configured URI."""
+
+
+class InstanceNotFound(VTPMError):
+    """No server (libvirt domain) with that name or UUID exists on this host."""
+
+
+class InstanceExists(VTPMError):
+    """A server with that name or UUID already exists on this host."""
+
+
+class VirtError(VTPMError):
+    """libvirt refused an operation (define, start, secret handling, ...)."""

@@ -1,0 +1,56 @@
+"""Minimal Instance / Flavor / ImageMeta with Nova's attribute names.
+
+The driver only reads the attributes Nova's objects have, so a real Nova
+``Instance`` can be passed in place of these (duck typing); the standalone CLI
+builds these dataclasses instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid as uuid_mod
+from collections.abc import Mapping
+
+
+@dataclasses.dataclass
+class Flavor:
+    """What Nova's Flavor carries that a vTPM guest needs."""
+
+    name: str = "standalone"
+    vcpus: int = 1
+    memory_mb: int = 256
+    extra_specs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ImageMeta:
+    """Image properties (``hw_tpm_version`` ...) plus, standalone, the boot files."""
+
+    properties: dict[str, str] = dataclasses.field(default_factory=dict)
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    disk: str | None = None
+
+
+@dataclasses.dataclass
+class Instance:
+    """A server: who owns it, what it asks for, and Nova's system metadata."""
+
+    name: str
+    user_id: str
+    project_id: str
+    flavor: Flavor = dataclasses.field(default_factory=Flavor)
+    image_meta: ImageMeta = dataclasses.field(default_factory=ImageMeta)
+    uuid: str = dataclasses.field(default_factory=lambda: str(uuid_mod.uuid4()))
+    system_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    console_log: str | None = None
+
+    @property
+    def vtpm_secret_uuid(self) -> str | None:
+        return self.system_metadata.get("vtpm_secret_uuid")
+
+
+def as_str_mapping(value: object) -> Mapping[str, object]:
+    """Return ``value`` if it is a mapping, else an empty one (robust input)."""
+    return value if isinstance(value, Mapping) else {}

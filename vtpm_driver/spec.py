@@ -1,0 +1,179 @@
+"""What a server asks for: flavor extra specs + image properties -> vTPM config.
+
+Pure functions, no I/O (SPEC sections A and B). Every problem in the request is
+reported here, at request time, as an :class:`~vtpm_driver.exception.InvalidVTPMConfig`
+(or its subclass :class:`~vtpm_driver.exception.FlavorImageConflict`), so a bad
+flavor is refused before anything is created rather than leaving a server in
+ERROR. Any mapping is accepted as input; odd values never crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from vtpm_driver import exception
+
+VERSION_1_2 = "1.2"
+VERSION_2_0 = "2.0"
+VERSIONS = (VERSION_1_2, VERSION_2_0)
+
+MODEL_TIS = "tpm-tis"
+MODEL_CRB = "tpm-crb"
+MODELS = (MODEL_TIS, MODEL_CRB)
+DEFAULT_MODEL = MODEL_TIS
+
+SECRET_USER = "user"
+SECRET_HOST = "host"
+SECRET_DEPLOYMENT = "deployment"
+SECRET_SECURITY_MODES = (SECRET_USER, SECRET_HOST, SECRET_DEPLOYMENT)
+DEFAULT_SECRET_SECURITY = SECRET_USER
+
+FLAVOR_VERSION_KEY = "hw:tpm_version"
+FLAVOR_MODEL_KEY = "hw:tpm_model"
+FLAVOR_SECRET_SECURITY_KEY = "hw:tpm_secret_security"
+IMAGE_VERSION_KEY = "hw_tpm_version"
+IMAGE_MODEL_KEY = "hw_tpm_model"
+
+# Placement traits (os-traits names).
+TRAIT_TPM_1_2 = "COMPUTE_SECURITY_TPM_1_2"
+TRAIT_TPM_2_0 = "COMPUTE_SECURITY_TPM_2_0"
+TRAIT_TPM_TIS = "COMPUTE_SECURITY_TPM_TIS"
+TRAIT_TPM_CRB = "COMPUTE_SECURITY_TPM_CRB"
+TRAIT_SECRET_USER = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER"
+TRAIT_SECRET_HOST = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST"
+TRAIT_SECRET_DEPLOYMENT = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT"
+
+VERSION_TRAITS = {VERSION_1_2: TRAIT_TPM_1_2, VERSION_2_0: TRAIT_TPM_2_0}
+MODEL_TRAITS = {MODEL_TIS: TRAIT_TPM_TIS, MODEL_CRB: TRAIT_TPM_CRB}
+SECRET_SECURITY_TRAITS = {
+    SECRET_USER: TRAIT_SECRET_USER,
+    SECRET_HOST: TRAIT_SECRET_HOST,
+    SECRET_DEPLOYMENT: TRAIT_SECRET_DEPLOYMENT,
+}
+ALL_TRAITS = (
+    *VERSION_TRAITS.values(),
+    *MODEL_TRAITS.values(),
+    *SECRET_SECURITY_TRAITS.values(),
+)
+
+_VALID_COMBINATIONS = frozenset(
+    {(VERSION_1_2, MODEL_TIS), (VERSION_2_0, MODEL_TIS), (VERSION_2_0, MODEL_CRB)}
+)
+
+_MAX_SHOWN = 64  # characters of an offending value quoted in a message
+
+
+@dataclasses.dataclass(frozen=True)
+class VTPMConfig:
+    """A valid vTPM request: one of the three (version, model) pairs + secret mode."""
+
+    version: str
+    model: str = DEFAULT_MODEL
+    secret_security: str = DEFAULT_SECRET_SECURITY
+
+    @property
+    def traits(self) -> frozenset[str]:
+        """The placement traits a host needs to run this vTPM."""
+        return frozenset(
+            {
+                VERSION_TRAITS[self.version],
+                MODEL_TRAITS[self.model],
+                SECRET_SECURITY_TRAITS[self.secret_security],
+            }
+        )
+
+
+def show(value: object) -> str:
+    """Quote a user-supplied value for an error message, bounded in length."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN:
+        text = text[: _MAX_SHOWN - 3] + "..."
+    return text
+
+
+def _as_mapping(value: object, what: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise exception.InvalidVTPMConfig(
+            f"{what} must be a mapping of strings, got {type(value).__name__}"
+        )
+    return value
+
+
+def _lookup(mapping: Mapping, key: str) -> object | None:
+    try:
+        return mapping.get(key)
+    except Exception as exc:  # a hostile Mapping; never let it escape untyped
+        raise exception.InvalidVTPMConfig(f"cannot read {key!r}: {type(exc).__name__}") from None
+
+
+def _check_string(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise exception.InvalidVTPMConfig(
+            f"invalid {key}={show(value)}: allowed values are {', '.join(allowed)}"
+        )
+    return value
+
+
+def _unique(
+    flavor: Mapping, flavor_key: str, image: Mapping, image_key: str, allowed: tuple[str, ...]
+) -> tuple[str, str] | None:
+    """(key, value) from flavor or image; both set and different is a conflict."""
+    from_flavor = _lookup(flavor, flavor_key)
+    from_image = _lookup(image, image_key)
+    if from_flavor is not None and from_image is not None and from_flavor != from_image:
+        raise exception.FlavorImageConflict(
+            f"flavor {flavor_key}={show(from_flavor)} conflicts with image "
+            f"{image_key}={show(from_image)}: set one, or set both to the same value"
+        )
+    if from_flavor is not None:
+        return flavor_key, _check_string(flavor_key, from_flavor, allowed)
+    if from_image is not None:
+        return image_key, _check_string(image_key, from_image, allowed)
+    return None
+
+
+def get_vtpm_config(
+    flavor_extra_specs: Mapping[str, str] | None,
+    image_properties: Mapping[str, str] | None,
+) -> VTPMConfig | None:
+    """The vTPM this request asks for, or None when it asks for none.
+
+    :raises InvalidVTPMConfig: a value is not allowed, or the model does not
+        fit the version.
+    :raises FlavorImageConflict: flavor and image disagree.
+    """
+    flavor = _as_mapping(flavor_extra_specs, "flavor extra specs")
+    image = _as_mapping(image_properties, "image properties")
+
+    found_version = _unique(flavor, FLAVOR_VERSION_KEY, image, IMAGE_VERSION_KEY, VERSIONS)
+    if found_version is None:
+        return None
+    version_key, version = found_version
+
+    found_model = _unique(flavor, FLAVOR_MODEL_KEY, image, IMAGE_MODEL_KEY, MODELS)
+    model = found_model[1] if found_model else DEFAULT_MODEL
+    if found_model and (version, model) not in _VALID_COMBINATIONS:
+        raise exception.InvalidVTPMConfig(
+            f"invalid {found_model[0]}={model!r} with {version_key}={version!r}: "
+            f"{MODEL_CRB} needs TPM version {VERSION_2_0}; valid (version, model) pairs "
+            "are (1.2, tpm-tis), (2.0, tpm-tis), (2.0, tpm-crb)"
+        )
+
+    secret = _lookup(flavor, FLAVOR_SECRET_SECURITY_KEY)
+    if secret is None:
+        secret_security = DEFAULT_SECRET_SECURITY
+    else:
+        secret_security = _check_string(FLAVOR_SECRET_SECURITY_KEY, secret, SECRET_SECURITY_MODES)
+    return VTPMConfig(version=version, model=model, secret_security=secret_security)
+
+
+def required_traits(
+    flavor_extra_specs: Mapping[str, str] | None,
+    image_properties: Mapping[str, str] | None,
+) -> frozenset[str]:
+    """Placement traits a host must have for this request (empty: no vTPM)."""
+    config = get_vtpm_config(flavor_extra_specs, image_properties)
+    return config.traits if config else frozenset()
