@@ -1,0 +1,174 @@
+#!/bin/bash
+# Build the tiny test guest used by the functional tests and the demo:
+#   $VTPM_GUEST_DIR/vmlinuz     Debian's cloud kernel (TPM TIS + CRB drivers built in)
+#   $VTPM_GUEST_DIR/initrd.img  gzip'ed newc cpio: busybox-static + tools/guest/init
+# (VTPM_GUEST_DIR defaults to /var/cache/vtpm-driver/guest.)
+#
+# The kernel package is fetched with `apt-get download` and unpacked with `dpkg -x`: nothing
+# is installed on the host.  Idempotent: a *.stamp file next to each output records what it
+# was built from, and an up-to-date output is left alone (a re-run takes well under 2 s).
+# Boot with: -kernel vmlinuz -initrd initrd.img -append 'console=ttyS0 [vtpm_test=stay]'.
+set -euo pipefail
+
+say() { printf '[build-guest] %s\n' "$*"; }
+die() { printf '[build-guest] ERROR: %s\n' "$*" >&2; exit 1; }
+
+GUEST_DIR=${VTPM_GUEST_DIR:-/var/cache/vtpm-driver/guest}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+INIT_SRC=$HERE/guest/init
+BUSYBOX=/bin/busybox
+META_PKG=linux-image-cloud-amd64
+# Loaded by /init in vtpm_test=stay mode so an ACPI power-button press can be seen.
+MODULES=(drivers/input/evdev.ko drivers/acpi/button.ko)
+# The guest finds its TPM through these; they must be built in (=y), not modules.
+KCONFIG_NEEDED=(CONFIG_TCG_TPM CONFIG_TCG_TIS CONFIG_TCG_CRB CONFIG_BLK_DEV_INITRD
+                CONFIG_RD_GZIP CONFIG_DEVTMPFS CONFIG_SERIAL_8250_CONSOLE)
+
+for cmd in apt-get apt-cache dpkg dpkg-deb cpio gzip sha256sum flock; do
+    command -v "$cmd" >/dev/null || die "'$cmd' not found (run tools/setup-host.sh)"
+done
+[ -r "$INIT_SRC" ] || die "guest init script missing: $INIT_SRC"
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
+    || die "busybox-static is not installed (apt-get install busybox-static, or run" \
+           "tools/setup-host.sh): the initramfs needs a statically linked busybox"
+[ -x "$BUSYBOX" ] || die "$BUSYBOX missing although busybox-static is installed"
+
+mkdir -p "$GUEST_DIR" 2>/dev/null || die "cannot create $GUEST_DIR (set VTPM_GUEST_DIR?)"
+[ -w "$GUEST_DIR" ] || die "$GUEST_DIR is not writable (run as root or set VTPM_GUEST_DIR)"
+
+# One build at a time per directory (several test sessions may ask at once).
+exec 9>"$GUEST_DIR/.lock"
+flock -w 300 9 || die "another build holds $GUEST_DIR/.lock for more than 300 s"
+# Leftovers of an interrupted build (we hold the lock, so nobody else is using them).
+rm -rf "$GUEST_DIR"/.build.* "$GUEST_DIR"/*.new "$GUEST_DIR"/modules/*.new
+
+# Scratch space next to the outputs (same file system, so the final mv is atomic).
+WORK=
+cleanup() { if [ -n "$WORK" ]; then rm -rf "$WORK"; fi; }
+trap cleanup EXIT
+make_workdir() {
+    [ -n "$WORK" ] || WORK=$(mktemp -d "$GUEST_DIR/.build.XXXXXX")
+}
+
+# The real, versioned kernel package behind the meta package, as "name=version": the meta
+# package pins it exactly ("Depends: linux-image-6.1.0-NN-cloud-amd64 (= V)").  One
+# apt-cache call (~1 s here: apt's binary cache is disabled in this image).
+resolve_kernel() {
+    apt-cache show --no-all-versions "$META_PKG" 2>/dev/null | awk '
+        $1 == "Depends:" {
+            for (i = 2; i <= NF; i++)
+                if ($i ~ /^linux-image-.*-cloud-amd64$/ && $(i + 1) == "(=") {
+                    v = $(i + 2); sub(/[),].*/, "", v); print $i "=" v; exit
+                }
+        }' | grep .
+}
+
+build_kernel() {
+    local want=$1 pkg=${1%%=*} w deb cfg opt missing=() m
+    make_workdir
+    w=$WORK
+    say "downloading $want (apt-get download, ~27 MB)"
+    local sandbox=()
+    # As root, apt wants to download as _apt, which cannot write into our 0700 work dir.
+    [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root)
+    (cd "$w" && apt-get -q "${sandbox[@]}" download "$want" >"$w/apt.log" 2>&1) \
+        || die "apt-get download $want failed:$(printf '\n'; tail -n 5 "$w/apt.log")"
+    deb=$(ls "$w"/"$pkg"_*.deb 2>/dev/null | head -n 1)
+    [ -n "$deb" ] || die "apt-get download produced no .deb for $pkg in $w"
+
+    say "unpacking $(basename "$deb") (dpkg -x, not installed)"
+    dpkg -x "$deb" "$w/root" || die "dpkg -x $deb failed"
+    cfg=$(ls "$w"/root/boot/config-* 2>/dev/null | head -n 1)
+    [ -n "$cfg" ] || die "$pkg has no /boot/config-*: cannot check its TPM drivers"
+    for opt in "${KCONFIG_NEEDED[@]}"; do
+        grep -qx "$opt=y" "$cfg" || missing+=("$opt")
+    done
+    [ ${#missing[@]} -eq 0 ] \
+        || die "$pkg does not build in: ${missing[*]} (the guest would see no TPM/console)"
+    say "kernel config has TPM TIS and CRB drivers built in"
+
+    local kver
+    kver=${cfg##*/config-}
+    [ -f "$w/root/boot/vmlinuz-$kver" ] || die "$pkg has no /boot/vmlinuz-$kver"
+    mkdir -p "$GUEST_DIR/modules"
+    for m in "${MODULES[@]}"; do
+        [ -f "$w/root/lib/modules/$kver/kernel/$m" ] \
+            || die "$pkg lacks module $m (needed for the power button in vtpm_test=stay)"
+        cp "$w/root/lib/modules/$kver/kernel/$m" "$GUEST_DIR/modules/${m##*/}.new"
+        mv -f "$GUEST_DIR/modules/${m##*/}.new" "$GUEST_DIR/modules/${m##*/}"
+    done
+    cp "$w/root/boot/vmlinuz-$kver" "$GUEST_DIR/vmlinuz.new"
+    mv -f "$GUEST_DIR/vmlinuz.new" "$GUEST_DIR/vmlinuz"
+    echo "$want" >"$GUEST_DIR/vmlinuz.stamp"
+    rm -rf "$w/root" "$deb"
+    say "wrote $GUEST_DIR/vmlinuz ($kver)"
+}
+
+# --- kernel -----------------------------------------------------------------------------
+have_kernel=
+if [ -s "$GUEST_DIR/vmlinuz" ] && [ -s "$GUEST_DIR/vmlinuz.stamp" ]; then
+    have_kernel=$(cat "$GUEST_DIR/vmlinuz.stamp")
+    for m in "${MODULES[@]}"; do
+        [ -s "$GUEST_DIR/modules/${m##*/}" ] || have_kernel=
+    done
+fi
+want_kernel=
+# Ask apt only when its package lists changed since the kernel was fetched: keeps a
+# re-run fast and lets it work offline.
+if [ -z "$have_kernel" ] \
+        || [ -n "$(find /var/lib/apt/lists -maxdepth 1 -newer "$GUEST_DIR/vmlinuz.stamp" \
+                   -print -quit 2>/dev/null)" ]; then
+    want_kernel=$(resolve_kernel || true)
+fi
+if [ -z "$want_kernel" ] && [ -z "$have_kernel" ]; then
+    say "apt does not know $META_PKG yet: running apt-get update"
+    apt-get update -qq >/dev/null 2>&1 || die "apt-get update failed (no network/apt access?)"
+    want_kernel=$(resolve_kernel) \
+        || die "cannot resolve $META_PKG to a linux-image-*-cloud-amd64 package (apt sources?)"
+fi
+if [ -z "$want_kernel" ]; then
+    say "kernel up to date ($have_kernel)"
+elif [ "$want_kernel" = "$have_kernel" ]; then
+    touch "$GUEST_DIR/vmlinuz.stamp"   # checked against the current apt lists
+    say "kernel up to date ($have_kernel)"
+else
+    [ -n "$have_kernel" ] && say "kernel changed: $have_kernel -> $want_kernel"
+    build_kernel "$want_kernel"
+fi
+
+# --- initrd -----------------------------------------------------------------------------
+# Rebuilt when /init, busybox or the modules change (content hashes, not mtimes, so a
+# fresh checkout does not force a rebuild).
+initrd_inputs() {
+    sha256sum "$INIT_SRC" "$BUSYBOX" "$GUEST_DIR"/modules/*.ko | awk '{print $1}'
+    echo "format=1"
+}
+want_initrd=$(initrd_inputs | sha256sum | awk '{print $1}')
+if [ -s "$GUEST_DIR/initrd.img" ] && [ -s "$GUEST_DIR/initrd.img.stamp" ] \
+        && [ "$(cat "$GUEST_DIR/initrd.img.stamp")" = "$want_initrd" ]; then
+    say "initrd up to date"
+else
+    say "building initrd.img (busybox-static + tools/guest/init)"
+    make_workdir
+    root=$WORK/initrd
+    mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,lib/modules}
+    cp "$BUSYBOX" "$root/bin/busybox"
+    ln -s busybox "$root/bin/sh"
+    install -m 0755 "$INIT_SRC" "$root/init"
+    cp "$GUEST_DIR"/modules/*.ko "$root/lib/modules/"
+    # The kernel opens /dev/console before running /init; without the node (needs root to
+    # create) /init still works: it reopens the console after mounting devtmpfs.
+    if [ "$(id -u)" = 0 ]; then
+        mknod -m 0600 "$root/dev/console" c 5 1
+    fi
+    # Fixed mtimes: the same inputs give the same bytes.
+    find "$root" -exec touch -h -d @0 {} +
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort \
+        | cpio -o -H newc -R 0:0 --reproducible --quiet) \
+        | gzip -9n >"$GUEST_DIR/initrd.img.new" || die "cpio/gzip of the initramfs failed"
+    mv -f "$GUEST_DIR/initrd.img.new" "$GUEST_DIR/initrd.img"
+    echo "$want_initrd" >"$GUEST_DIR/initrd.img.stamp"
+    say "wrote $GUEST_DIR/initrd.img ($(du -k "$GUEST_DIR/initrd.img" | cut -f1) KiB)"
+fi
+
+say "guest ready: $GUEST_DIR/vmlinuz $GUEST_DIR/initrd.img (cmdline: console=ttyS0)"
