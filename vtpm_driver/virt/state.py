@@ -1,0 +1,242 @@
+"""swtpm state directories on disk (``[vtpm] swtpm_state_dir``).
+
+libvirt keeps each guest's TPM state in ``<base>/<domain-uuid>/``: the
+``<uuid>`` directory itself is libvirt's (root, 0711), and inside it
+``tpm2/`` (TPM 2.0) or ``tpm1.2/`` (TPM 1.2) belongs to the swtpm user with
+the state files ``tpm2-00.permall`` / ``tpm-00.permall``.
+
+Each state file starts with swtpm's blob header (big-endian)::
+
+    byte 0     header version (2)
+    byte 1     minimum version able to read it (1)
+    bytes 2-3  header size (10)
+    bytes 4-5  flags: 0x01 encrypted, 0x02 migration-encrypted,
+               0x04 migration data, 0x08 256-bit key
+    bytes 6-9  total length of the file
+
+A vTPM started with ``<encryption secret=...>`` under libvirt 9 / swtpm 0.7
+writes flags ``0x0009`` (encrypted with an AES-256 key).
+
+Every path here is built from a UUID that went through
+:func:`~vtpm_driver.virt._validate.canonical_uuid`, so a hostile value can
+never make :func:`remove_state` delete anything outside ``base``.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import stat
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, spec
+from vtpm_driver.virt._validate import canonical_uuid, show
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_BASE = "/var/lib/libvirt/swtpm"
+
+_LAYOUT = {
+    spec.VERSION_2_0: ("tpm2", "tpm2-00.permall"),
+    spec.VERSION_1_2: ("tpm1.2", "tpm-00.permall"),
+}
+
+_HEADER = struct.Struct(">BBHHI")
+BLOB_FLAG_ENCRYPTED = 0x01
+BLOB_FLAG_MIGRATION_ENCRYPTED = 0x02
+BLOB_FLAG_MIGRATION_DATA = 0x04
+BLOB_FLAG_ENCRYPTED_256BIT_KEY = 0x08
+
+# Files with no content that swtpm creates next to the state (lock files,
+# created 0640): they hold nothing secret, so their mode is not a problem.
+_CONTENTLESS = frozenset({".lock"})
+
+
+class BlobHeader(NamedTuple):
+    """swtpm's state blob header (see the module docstring)."""
+
+    version: int
+    min_version: int
+    header_size: int
+    flags: int
+    total_length: int
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & BLOB_FLAG_ENCRYPTED)
+
+
+def state_dir(base: str | os.PathLike[str], domain_uuid: str) -> Path:
+    """``<base>/<domain-uuid>``: where libvirt keeps this guest's TPM state."""
+    return Path(base) / canonical_uuid(domain_uuid, "domain uuid")
+
+
+def state_file(base: str | os.PathLike[str], domain_uuid: str, version: str) -> Path:
+    """The swtpm state file of a ``1.2`` or ``2.0`` TPM."""
+    if version not in _LAYOUT:
+        raise exception.InvalidVTPMConfig(
+            f"invalid TPM version={show(version)}: allowed values are {', '.join(spec.VERSIONS)}"
+        )
+    subdir, name = _LAYOUT[version]
+    return state_dir(base, domain_uuid) / subdir / name
+
+
+def parse_blob_header(data: bytes) -> BlobHeader | None:
+    """The header at the start of ``data``, or None if it is not a swtpm blob header."""
+    if len(data) < _HEADER.size:
+        return None
+    header = BlobHeader(*_HEADER.unpack_from(data))
+    # Versions 1 and 2 exist; the header is at least 10 bytes and no longer than the file.
+    if not 1 <= header.version <= 2 or header.header_size < _HEADER.size:
+        return None
+    if header.total_length < header.header_size:
+        return None
+    return header
+
+
+def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader | None:
+    """The blob header of a state file; None if it has none (old or foreign format).
+
+    :raises VirtError: the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_HEADER.size)
+    except OSError as exc:
+        raise exception.VirtError(f"cannot read swtpm state file {str(path)!r}: {exc}") from None
+    return parse_blob_header(data)
+
+
+def is_encrypted(path: str | os.PathLike[str]) -> bool:
+    """True if the swtpm state file says it is encrypted (header flag 0x01).
+
+    A file without a recognisable header counts as not encrypted: we only
+    claim encryption when swtpm says so.
+    """
+    header = read_blob_header(path)
+    return header is not None and header.encrypted
+
+
+def remove_state(base: str | os.PathLike[str], domain_uuid: str) -> bool:
+    """Delete the guest's state directory; True if it existed, False if already gone.
+
+    :raises VirtError: it exists but is not a plain directory, or deleting failed.
+    """
+    path = state_dir(base, domain_uuid)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise exception.VirtError(f"cannot inspect swtpm state dir {str(path)!r}: {exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise exception.VirtError(
+            f"refusing to remove swtpm state {str(path)!r}: not a directory"
+        )
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise exception.VirtError(f"cannot remove swtpm state dir {str(path)!r}: {exc}") from None
+    LOG.debug("Removed swtpm state directory %s", path)
+    return True
+
+
+def list_state_dirs(base: str | os.PathLike[str]) -> list[str]:
+    """Domain UUIDs that have a state directory under ``base`` (sorted; [] if none)."""
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise exception.VirtError(f"cannot list swtpm state dir {str(base)!r}: {exc}") from None
+    found = []
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            canonical = canonical_uuid(entry.name, "state directory")
+        except exception.VirtError:
+            continue  # not one of libvirt's per-domain directories
+        if canonical == entry.name:
+            found.append(entry.name)
+    return sorted(found)
+
+
+def _lookup_ids(user: str, group: str | None) -> tuple[int | None, int | None, list[str]]:
+    problems = []
+    uid = gid = None
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        problems.append(f"swtpm user {user!r} does not exist")
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            problems.append(f"swtpm group {group!r} does not exist")
+    return uid, gid, problems
+
+
+def check_permissions(
+    path: str | os.PathLike[str], user: str, group: str | None = None
+) -> list[str]:
+    """Problems with a guest's state directory (SPEC G2); empty when all is well.
+
+    ``path`` is a :func:`state_dir`. Rules, matching what libvirt and swtpm
+    create: no directory is readable or writable by group/other (libvirt's
+    ``<uuid>`` dir is root 0711, which is fine); the ``tpm*`` directories are
+    0700 and every state file 0600, owned by ``user`` (and ``group`` if
+    given); no symlinks. Empty lock files are not state and are skipped.
+    """
+    root = Path(path)
+    uid, gid, problems = _lookup_ids(user, group)
+    try:
+        top = root.lstat()
+    except FileNotFoundError:
+        return [*problems, f"{root}: does not exist"]
+    except OSError as exc:
+        return [*problems, f"{root}: cannot inspect: {exc}"]
+    if not stat.S_ISDIR(top.st_mode):
+        return [*problems, f"{root}: not a directory"]
+
+    def owner_problems(where: Path, st: os.stat_result) -> list[str]:
+        found = []
+        if uid is not None and st.st_uid != uid:
+            found.append(f"{where}: owned by uid {st.st_uid}, expected {user} ({uid})")
+        if gid is not None and st.st_gid != gid:
+            found.append(f"{where}: group is gid {st.st_gid}, expected {group} ({gid})")
+        return found
+
+    if stat.S_IMODE(top.st_mode) & 0o066:
+        problems.append(f"{root}: mode {stat.S_IMODE(top.st_mode):04o} lets others read or write")
+    for dirpath, dirnames, filenames in os.walk(root):
+        current = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            where = current / name
+            try:
+                st = where.lstat()
+            except OSError as exc:
+                problems.append(f"{where}: cannot inspect: {exc}")
+                continue
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{where}: is a symlink")
+            elif stat.S_ISDIR(st.st_mode):
+                if mode != 0o700:
+                    problems.append(f"{where}: directory mode {mode:04o}, expected 0700")
+                problems.extend(owner_problems(where, st))
+            elif name in _CONTENTLESS and st.st_size == 0:
+                continue
+            else:
+                if mode & 0o177:
+                    problems.append(f"{where}: file mode {mode:04o}, expected 0600")
+                problems.extend(owner_problems(where, st))
+    return problems
