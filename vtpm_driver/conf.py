@@ -236,10 +236,14 @@ def _register(conf: cfg.ConfigOpts, group: cfg.OptGroup, opts: Iterable[cfg.Opt]
     oslo.config would raise ``DuplicateOptError`` for ours. The names, types
     and defaults are the same, so the first registration wins.
     """
-    conf.register_group(group)
+    # A fresh OptGroup per ConfigOpts: register_group keeps a shallow copy of the
+    # object it is given, whose _opts dict (where overrides and defaults live)
+    # would otherwise be shared by every conf that new_conf() returns.
+    if group.name not in conf:
+        conf.register_group(cfg.OptGroup(group.name, title=group.title, help=group.help))
     for opt in opts:
         try:
-            conf.register_opt(opt, group=group)
+            conf.register_opt(opt, group=group.name)
         except cfg.DuplicateOptError:
             continue
 
@@ -249,7 +253,9 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     _register(conf, libvirt_group, libvirt_opts)
     _register(conf, key_manager_group, key_manager_opts)
     _register(conf, vtpm_group, vtpm_opts)
-    conf.register_group(service_user_group)
+    if SERVICE_USER_GROUP not in conf:
+        conf.register_group(cfg.OptGroup(SERVICE_USER_GROUP, title=service_user_group.title,
+                                          help=service_user_group.help))
     ks_loading.register_session_conf_options(conf, SERVICE_USER_GROUP)
     ks_loading.register_auth_conf_options(conf, SERVICE_USER_GROUP)
 

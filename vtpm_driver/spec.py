@@ -72,6 +72,18 @@ class VTPMConfig:
     model: str = DEFAULT_MODEL
     secret_security: str = DEFAULT_SECRET_SECURITY
 
+    def __post_init__(self) -> None:
+        if (self.version, self.model) not in _VALID_COMBINATIONS:
+            raise exception.InvalidVTPMConfig(
+                f"invalid vTPM (version, model) ({show(self.version)}, {show(self.model)}): "
+                "valid pairs are (1.2, tpm-tis), (2.0, tpm-tis), (2.0, tpm-crb)"
+            )
+        if self.secret_security not in SECRET_SECURITY_MODES:
+            raise exception.InvalidVTPMConfig(
+                f"invalid secret security {show(self.secret_security)}: allowed values are "
+                f"{', '.join(SECRET_SECURITY_MODES)}"
+            )
+
     @property
     def traits(self) -> frozenset[str]:
         """The placement traits a host needs to run this vTPM."""
@@ -86,7 +98,10 @@ class VTPMConfig:
 
 def show(value: object) -> str:
     """Quote a user-supplied value for an error message, bounded in length."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a >4300-digit int, deep nesting, a hostile __repr__
+        text = f"<{type(value).__name__}>"
     if len(text) > _MAX_SHOWN:
         text = text[: _MAX_SHOWN - 3] + "..."
     return text
@@ -110,11 +125,23 @@ def _lookup(mapping: Mapping, key: str) -> object | None:
 
 
 def _check_string(key: str, value: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
+    if not isinstance(value, str):
+        raise exception.InvalidVTPMConfig(
+            f"invalid {key}={show(value)}: must be a string ({type(value).__name__} given); "
+            f"allowed values are {', '.join(allowed)}"
+        )
+    if value not in allowed:
         raise exception.InvalidVTPMConfig(
             f"invalid {key}={show(value)}: allowed values are {', '.join(allowed)}"
         )
     return value
+
+
+def _differ(a: object, b: object) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # a hostile __eq__/__ne__ or __bool__: treat as different
+        return True
 
 
 def _unique(
@@ -123,7 +150,7 @@ def _unique(
     """(key, value) from flavor or image; both set and different is a conflict."""
     from_flavor = _lookup(flavor, flavor_key)
     from_image = _lookup(image, image_key)
-    if from_flavor is not None and from_image is not None and from_flavor != from_image:
+    if from_flavor is not None and from_image is not None and _differ(from_flavor, from_image):
         raise exception.FlavorImageConflict(
             f"flavor {flavor_key}={show(from_flavor)} conflicts with image "
             f"{image_key}={show(from_image)}: set one, or set both to the same value"

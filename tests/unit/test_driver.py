@@ -1,0 +1,136 @@
+"""VTPMDriver.init_host / get_traits (SPEC C1, C2, C4) over a fake host probe."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from oslo_config import cfg
+
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import driver as vtpm_driver
+from vtpm_driver import exception, host, spec
+
+DOMCAPS = (pathlib.Path(__file__).parent / "data" / "domcaps-qemu-host.xml").read_text()
+
+
+class FakeProbe:
+    def __init__(self, xml: str = DOMCAPS, binaries=("swtpm", "swtpm_setup", "swtpm_ioctl"),
+                 accounts=("tss",), unreachable: bool = False) -> None:
+        self.xml = xml
+        self.binaries = set(binaries)
+        self.accounts = set(accounts)
+        self.unreachable = unreachable
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        return self.xml
+
+    def which(self, name: str) -> str | None:
+        return f"/usr/bin/{name}" if name in self.binaries else None
+
+    def user_exists(self, name: str) -> bool:
+        return name in self.accounts
+
+    def group_exists(self, name: str) -> bool:
+        return name in self.accounts
+
+    def versions(self) -> dict[str, str]:
+        if self.unreachable:
+            raise exception.HypervisorUnavailable("cannot connect to libvirt at test:///x: no")
+        return {"libvirt": "9.0.0"}
+
+
+@pytest.fixture
+def make_conf(tmp_path):
+    """Config from a real file, as an operator would write it (no shared overrides)."""
+
+    def make(**libvirt_opts) -> cfg.ConfigOpts:
+        path = tmp_path / f"vtpm-driver-{len(list(tmp_path.iterdir()))}.conf"
+        lines = ["[libvirt]"] + [f"{key} = {value}" for key, value in libvirt_opts.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return vtpm_conf.new_conf(config_files=[str(path)])
+
+    return make
+
+
+def test_init_host_on_a_sound_host(make_conf):
+    drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="qemu"), FakeProbe())
+    drv.init_host("compute-1")
+    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, True)
+
+
+def test_init_host_lists_every_problem(make_conf):
+    conf = make_conf(swtpm_enabled=True, virt_type="qemu", swtpm_user="nobody-here")
+    probe = FakeProbe(binaries={"swtpm"})
+    drv = vtpm_driver.VTPMDriver(conf, probe)
+    with pytest.raises(exception.InvalidConfiguration) as err:
+        drv.init_host()
+    message = str(err.value)
+    assert message.startswith(
+        "[libvirt] swtpm_enabled is True but this host cannot provide emulated TPMs: "
+    )
+    assert message.endswith("Fix the above, or set [libvirt] swtpm_enabled = False")
+    for problem in host.check_host(conf, probe).problems:
+        assert problem in message
+    assert "swtpm_setup not found" in message and "swtpm_ioctl not found" in message
+    assert "swtpm_user 'nobody-here'" in message
+    assert "\n" not in message
+    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+
+
+def test_init_host_refuses_a_bad_virt_type(make_conf):
+    drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="lxc"), FakeProbe())
+    with pytest.raises(exception.InvalidConfiguration, match="virt_type is 'lxc'"):
+        drv.init_host()
+
+
+def test_init_host_refuses_without_tpm_support_in_libvirt(make_conf):
+    xml = "<domainCapabilities><devices/></domainCapabilities>"
+    drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="qemu"),
+                                 FakeProbe(xml=xml))
+    with pytest.raises(exception.InvalidConfiguration, match="does not support TPM devices"):
+        drv.init_host()
+
+
+def test_disabled_swtpm_starts_and_reports_no_traits(make_conf):
+    # C1: nothing about swtpm matters when it is disabled.
+    drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=False),
+                                 FakeProbe(xml="<domainCapabilities/>", binaries=(),
+                                           accounts=()))
+    drv.init_host()
+    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+
+
+def test_c4_disabled_swtpm_with_vtpm_servers_refuses(make_conf):
+    class WithServers(vtpm_driver.VTPMDriver):
+        def _vtpm_servers_on_host(self) -> list[str]:
+            return ["2e1b6e8a-0000-4000-8000-000000000002", "2e1b6e8a-0000-4000-8000-000000000001"]
+
+    drv = WithServers(make_conf(swtpm_enabled=False), FakeProbe())
+    with pytest.raises(exception.InvalidConfiguration) as err:
+        drv.init_host()
+    assert str(err.value) == (
+        "this host has 2 server(s) with a vTPM (2e1b6e8a-0000-4000-8000-000000000001, "
+        "2e1b6e8a-0000-4000-8000-000000000002) but [libvirt] swtpm_enabled is False: "
+        "set swtpm_enabled = True so they keep their TPM"
+    )
+
+
+def test_c4_hook_is_empty_until_domains_can_be_listed(make_conf):
+    drv = vtpm_driver.VTPMDriver(make_conf(), FakeProbe())
+    assert drv._vtpm_servers_on_host() == []
+
+
+def test_unreachable_libvirt_propagates(make_conf):
+    drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="qemu"),
+                                 FakeProbe(unreachable=True))
+    with pytest.raises(exception.HypervisorUnavailable, match="test:///x"):
+        drv.init_host()
+    with pytest.raises(exception.HypervisorUnavailable):
+        drv.get_traits()
+
+
+def test_default_probe_is_libvirt_at_the_configured_uri(make_conf):
+    drv = vtpm_driver.VTPMDriver(make_conf(connection_uri="qemu:///session"))
+    assert isinstance(drv.probe, host.LibvirtHostProbe)
+    assert drv.probe.uri == "qemu:///session"

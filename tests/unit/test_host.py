@@ -1,0 +1,546 @@
+"""SPEC C1-C3: vtpm_driver.host with captured domain capabilities and a fake probe."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import stat
+
+import libvirt
+import pytest
+
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, host
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+T12 = "COMPUTE_SECURITY_TPM_1_2"
+T20 = "COMPUTE_SECURITY_TPM_2_0"
+TIS = "COMPUTE_SECURITY_TPM_TIS"
+CRB = "COMPUTE_SECURITY_TPM_CRB"
+SUSER = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER"
+SHOST = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST"
+SDEPL = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT"
+ALL = (T12, T20, TIS, CRB, SUSER, SHOST, SDEPL)
+
+
+def fixture(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+REAL = "domcaps-qemu-host.xml"
+
+
+@dataclasses.dataclass
+class FakeProbe:
+    """HostProbe with every fact settable; records what was asked."""
+
+    xml: str | Exception = dataclasses.field(default_factory=lambda: fixture(REAL))
+    binaries: set[str] = dataclasses.field(
+        default_factory=lambda: {"swtpm", "swtpm_setup", "swtpm_ioctl"}
+    )
+    users: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
+    groups: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
+    version_info: dict[str, str] | Exception = dataclasses.field(
+        default_factory=lambda: {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
+    )
+    asked_virt_types: list[str] = dataclasses.field(default_factory=list)
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        self.asked_virt_types.append(virt_type)
+        if isinstance(self.xml, Exception):
+            raise self.xml
+        return self.xml
+
+    def which(self, name: str) -> str | None:
+        return f"/usr/bin/{name}" if name in self.binaries else None
+
+    def user_exists(self, name: str) -> bool:
+        return name in self.users
+
+    def group_exists(self, name: str) -> bool:
+        return name in self.groups
+
+    def versions(self) -> dict[str, str]:
+        if isinstance(self.version_info, Exception):
+            raise self.version_info
+        return dict(self.version_info)
+
+
+_MADE: list = []
+
+
+def make_conf(enabled: bool = True, **libvirt_opts):
+    conf = vtpm_conf.new_conf()
+    _MADE.append(conf)
+    conf.set_override("swtpm_enabled", enabled, group="libvirt")
+    conf.set_override("virt_type", libvirt_opts.pop("virt_type", "qemu"), group="libvirt")
+    for name, value in libvirt_opts.items():
+        conf.set_override(name, value, group="libvirt")
+    return conf
+
+
+@pytest.fixture(autouse=True)
+def _reset_overrides():
+    """Drop overrides after each test.
+
+    conf.new_conf() shares option state between ConfigOpts objects (see
+    test_new_conf_is_isolated), so an override would leak into later tests.
+    """
+    yield
+    while _MADE:
+        _MADE.pop().reset()
+
+
+def test_new_conf_is_isolated():
+    """An override on one conf must not change another (fails: shared OptGroup._opts).
+
+    vtpm_driver.conf registers the module-level OptGroup objects; oslo.config's
+    register_group keeps a shallow copy whose _opts dict (where overrides and
+    defaults live) is shared by every ConfigOpts that new_conf() returns.
+    """
+    first = vtpm_conf.new_conf()
+    second = vtpm_conf.new_conf()
+    try:
+        first.set_override("swtpm_user", "someone-else", group="libvirt")
+        assert second.libvirt.swtpm_user == "tss"
+    finally:
+        first.reset()
+
+
+def only(*true: str) -> dict[str, bool]:
+    return {trait: trait in true for trait in ALL}
+
+
+# -- parse_domain_capabilities ----------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (REAL, host.TPMCapabilities(
+            True, frozenset({"tpm-tis", "tpm-crb"}),
+            frozenset({"passthrough", "emulator", "external"}), frozenset({"1.2", "2.0"}))),
+        ("domcaps-no-tpm.xml", host.TPMCapabilities()),
+        ("domcaps-tpm-unsupported.xml", host.TPMCapabilities()),
+        ("domcaps-no-emulator.xml", host.TPMCapabilities(
+            True, frozenset({"tpm-tis", "tpm-crb"}), frozenset({"passthrough"}),
+            frozenset({"1.2", "2.0"}))),
+        ("domcaps-no-versions.xml", host.TPMCapabilities(
+            True, frozenset({"tpm-tis", "tpm-crb"}),
+            frozenset({"passthrough", "emulator", "external"}), frozenset())),
+        ("domcaps-only-2.0.xml", host.TPMCapabilities(
+            True, frozenset({"tpm-tis", "tpm-crb"}),
+            frozenset({"passthrough", "emulator", "external"}), frozenset({"2.0"}))),
+        ("domcaps-only-tis.xml", host.TPMCapabilities(
+            True, frozenset({"tpm-tis"}),
+            frozenset({"passthrough", "emulator", "external"}), frozenset({"1.2", "2.0"}))),
+    ],
+)
+def test_parse_fixtures(name, expected):
+    assert host.parse_domain_capabilities(fixture(name)) == expected
+
+
+@pytest.mark.parametrize(
+    ("xml", "expected"),
+    [
+        ("<domainCapabilities/>", host.TPMCapabilities()),
+        ("<domainCapabilities><devices/></domainCapabilities>", host.TPMCapabilities()),
+        ("<domainCapabilities><devices><tpm/></devices></domainCapabilities>",
+         host.TPMCapabilities()),
+        ("<domainCapabilities><devices><tpm supported='YES'/></devices></domainCapabilities>",
+         host.TPMCapabilities()),
+        ("<domainCapabilities><devices><tpm supported='yes'>"
+         "<enum name='model'><value> tpm-tis </value><value/></enum>"
+         "<enum name='backendVersion'/></tpm></devices></domainCapabilities>",
+         host.TPMCapabilities(True, frozenset({"tpm-tis"}))),
+        # a <tpm> outside <devices> is not the device capability
+        ("<domainCapabilities><tpm supported='yes'/></domainCapabilities>",
+         host.TPMCapabilities()),
+    ],
+)
+def test_parse_edge_cases(xml, expected):
+    assert host.parse_domain_capabilities(xml) == expected
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("", "not XML"),
+        ("<domainCapabilities>", "not XML"),
+        ("not xml at all", "not XML"),
+        ("<capabilities/>", "<capabilities> where <domainCapabilities> was expected"),
+    ],
+)
+def test_parse_refuses_garbage(xml, message):
+    with pytest.raises(exception.VirtError, match=message):
+        host.parse_domain_capabilities(xml)
+
+
+def test_parse_does_not_resolve_external_entities(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("tpm-crb-from-a-file")
+    xml = (
+        f'<!DOCTYPE d [<!ENTITY e SYSTEM "file://{secret}">]>'
+        "<domainCapabilities><devices><tpm supported='yes'>"
+        "<enum name='model'><value>&e;</value><value>tpm-tis</value></enum>"
+        "</tpm></devices></domainCapabilities>"
+    )
+    caps = host.parse_domain_capabilities(xml)
+    assert "tpm-crb-from-a-file" not in caps.models
+    assert "tpm-tis" in caps.models
+
+
+# -- C1: swtpm disabled ----------------------------------------------------
+
+def test_c1_disabled_reports_every_trait_false():
+    probe = FakeProbe()
+    report = host.check_host(make_conf(enabled=False), probe)
+    assert report.supported is False
+    assert report.traits == only()
+    assert set(report.traits) == set(ALL)
+    assert report.problems == [
+        "[libvirt] swtpm_enabled is False: set it to True to offer emulated TPMs"
+    ]
+    assert report.versions == {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
+    assert probe.asked_virt_types == []  # libvirt's TPM support is irrelevant then
+
+
+def test_c1_disabled_even_on_a_host_with_nothing():
+    probe = FakeProbe(xml=fixture("domcaps-no-tpm.xml"), binaries=set(), users=set(),
+                      groups=set())
+    report = host.check_host(make_conf(enabled=False, virt_type="lxc"), probe)
+    assert report.traits == only()
+    assert len(report.problems) == 1
+
+
+# -- C2: enabled, refusals ---------------------------------------------------
+
+def test_c2_sound_host_is_supported():
+    probe = FakeProbe()
+    report = host.check_host(make_conf(), probe)
+    assert report == host.HostReport(
+        supported=True, traits=only(*ALL), problems=[],
+        versions={"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"},
+    )
+    assert probe.asked_virt_types == ["qemu"]
+
+
+@pytest.mark.parametrize("virt_type", ["kvm", "qemu"])
+def test_c2_domain_capabilities_asked_for_the_configured_virt_type(virt_type):
+    probe = FakeProbe()
+    host.check_host(make_conf(virt_type=virt_type), probe)
+    assert probe.asked_virt_types == [virt_type]
+
+
+@pytest.mark.parametrize("virt_type", ["lxc", "parallels"])
+def test_c2_virt_type_must_be_kvm_or_qemu(virt_type):
+    probe = FakeProbe()
+    report = host.check_host(make_conf(virt_type=virt_type), probe)
+    assert report.supported is False
+    assert report.traits == only()
+    assert report.problems == [
+        f"[libvirt] virt_type is '{virt_type}': emulated TPMs need 'kvm' or 'qemu'; "
+        "change virt_type or set swtpm_enabled = False"
+    ]
+    assert probe.asked_virt_types == []
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("domcaps-no-tpm.xml",
+         "libvirt at qemu:///system (virt_type qemu) does not support TPM devices: its domain "
+         "capabilities lack <tpm supported='yes'>; install a QEMU build with TPM support and "
+         "restart libvirtd"),
+        ("domcaps-tpm-unsupported.xml",
+         "libvirt at qemu:///system (virt_type qemu) does not support TPM devices: its domain "
+         "capabilities lack <tpm supported='yes'>; install a QEMU build with TPM support and "
+         "restart libvirtd"),
+        ("domcaps-no-emulator.xml",
+         "libvirt at qemu:///system (virt_type qemu) does not offer the 'emulator' TPM backend "
+         "(offers: passthrough); install swtpm and restart libvirtd so that it detects it"),
+    ],
+)
+def test_c2_libvirt_must_offer_the_emulator_backend(name, problem):
+    report = host.check_host(make_conf(), FakeProbe(xml=fixture(name)))
+    assert report.supported is False
+    assert report.traits == only()
+    assert report.problems == [problem]
+
+
+def test_c2_problem_names_the_configured_uri():
+    conf = make_conf(connection_uri="qemu:///session")
+    report = host.check_host(conf, FakeProbe(xml=fixture("domcaps-no-tpm.xml")))
+    assert report.problems[0].startswith("libvirt at qemu:///session (virt_type qemu)")
+
+
+@pytest.mark.parametrize("missing", ["swtpm", "swtpm_setup", "swtpm_ioctl"])
+def test_c2_each_swtpm_binary_is_required(missing):
+    probe = FakeProbe(binaries={"swtpm", "swtpm_setup", "swtpm_ioctl"} - {missing})
+    report = host.check_host(make_conf(), probe)
+    assert report.supported is False
+    assert report.traits == only()
+    assert report.problems == [
+        f"{missing} not found in PATH: install the swtpm and swtpm-tools packages"
+    ]
+
+
+def test_c2_swtpm_user_must_exist():
+    report = host.check_host(make_conf(swtpm_user="swtpm-nobody"), FakeProbe())
+    assert report.traits == only()
+    assert report.problems == [
+        "[libvirt] swtpm_user 'swtpm-nobody' does not exist on this host: create it or set "
+        "swtpm_user to the user libvirt runs swtpm as (swtpm_user in /etc/libvirt/qemu.conf, "
+        "'tss' by default)"
+    ]
+
+
+def test_c2_swtpm_group_must_exist():
+    report = host.check_host(make_conf(swtpm_group="swtpm-none"), FakeProbe())
+    assert report.traits == only()
+    assert report.problems == [
+        "[libvirt] swtpm_group 'swtpm-none' does not exist on this host: create it or set "
+        "swtpm_group to the group libvirt runs swtpm as (swtpm_group in /etc/libvirt/qemu.conf, "
+        "'tss' by default)"
+    ]
+
+
+def test_c2_user_and_group_are_looked_up_by_their_configured_names():
+    probe = FakeProbe(users={"swtpm"}, groups={"swtpm"})
+    conf = make_conf(swtpm_user="swtpm", swtpm_group="swtpm")
+    assert host.check_host(conf, probe).supported is True
+
+
+def test_c2_every_problem_is_reported_at_once():
+    probe = FakeProbe(xml=fixture("domcaps-no-emulator.xml"), binaries={"swtpm"},
+                      users=set(), groups=set())
+    conf = make_conf(supported_tpm_secret_security=["user", "bogus"])
+    report = host.check_host(conf, probe)
+    assert report.supported is False
+    assert report.traits == only()
+    text = "\n".join(report.problems)
+    assert len(report.problems) == 6
+    for needle in ("'emulator' TPM backend", "swtpm_setup not found", "swtpm_ioctl not found",
+                   "swtpm_user 'tss'", "swtpm_group 'tss'", "unknown value 'bogus'"):
+        assert needle in text
+
+
+def test_c2_libvirt_refusing_the_query_is_a_problem_not_a_crash():
+    probe = FakeProbe(xml=exception.VirtError("libvirt at qemu:///system refused to report "
+                                              "domain capabilities: KVM is not supported"))
+    report = host.check_host(make_conf(virt_type="kvm"), probe)
+    assert report.supported is False
+    assert report.problems == [
+        "libvirt at qemu:///system cannot report domain capabilities for virt_type kvm: "
+        "libvirt at qemu:///system refused to report domain capabilities: KVM is not supported"
+    ]
+
+
+def test_c2_unparsable_capabilities_are_a_problem():
+    report = host.check_host(make_conf(), FakeProbe(xml="<oops"))
+    assert report.supported is False
+    assert "cannot report domain capabilities" in report.problems[0]
+    assert "not XML" in report.problems[0]
+
+
+@pytest.mark.parametrize("where", ["versions", "domain_capabilities"])
+def test_unreachable_libvirt_raises(where):
+    error = exception.HypervisorUnavailable("cannot connect to libvirt at qemu:///x: gone")
+    probe = FakeProbe(**({"version_info": error} if where == "versions" else {"xml": error}))
+    with pytest.raises(exception.HypervisorUnavailable, match="qemu:///x"):
+        host.check_host(make_conf(), probe)
+
+
+# -- C3: traits --------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "traits"),
+    [
+        (REAL, only(*ALL)),
+        ("domcaps-no-versions.xml", only(*ALL)),  # libvirt < 8.6: both versions assumed
+        ("domcaps-only-2.0.xml", only(T20, TIS, CRB, SUSER, SHOST, SDEPL)),
+        ("domcaps-only-tis.xml", only(T12, T20, TIS, SUSER, SHOST, SDEPL)),
+    ],
+)
+def test_c3_traits_follow_domain_capabilities(name, traits):
+    report = host.check_host(make_conf(), FakeProbe(xml=fixture(name)))
+    assert report.supported is True
+    assert report.traits == traits
+
+
+@pytest.mark.parametrize(
+    ("modes", "true"),
+    [
+        (["user", "host", "deployment"], (SUSER, SHOST, SDEPL)),
+        (["user"], (SUSER,)),
+        (["host"], (SHOST,)),
+        (["deployment", "host"], (SHOST, SDEPL)),
+        ([], ()),
+    ],
+)
+def test_c3_secret_security_traits_follow_config(modes, true):
+    report = host.check_host(make_conf(supported_tpm_secret_security=modes), FakeProbe())
+    assert report.supported is True
+    assert report.traits == only(T12, T20, TIS, CRB, *true)
+
+
+@pytest.mark.parametrize("bad", ["User", "admin", "hosts", ""])
+def test_c3_unknown_secret_security_is_a_problem(bad):
+    report = host.check_host(
+        make_conf(supported_tpm_secret_security=["user", bad]), FakeProbe()
+    )
+    assert report.supported is False
+    assert report.traits == only()
+    assert report.problems == [
+        f"[libvirt] supported_tpm_secret_security contains unknown value {bad!r}: "
+        "allowed values are user, host, deployment"
+    ]
+
+
+def test_c3_unsupported_traits_are_reported_false_not_omitted():
+    report = host.check_host(make_conf(supported_tpm_secret_security=["user"]),
+                             FakeProbe(xml=fixture("domcaps-only-tis.xml")))
+    assert set(report.traits) == set(ALL)
+    assert report.traits[CRB] is False and report.traits[SHOST] is False
+
+
+def test_tpm_traits_ignores_unknown_models_and_versions():
+    caps = host.TPMCapabilities(True, frozenset({"tpm-spapr"}), frozenset({"emulator"}),
+                                frozenset({"3.0"}))
+    assert host.tpm_traits(caps, []) == only()
+
+
+# -- LibvirtHostProbe, with a fake libvirt connection ------------------------
+
+def libvirt_error(message: str, code: int, domain: int) -> libvirt.libvirtError:
+    err = libvirt.libvirtError(message)
+    err.err = (code, domain, message, libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
+    return err
+
+
+class FakeConnection:
+    def __init__(self, caps: str = "", error: libvirt.libvirtError | None = None) -> None:
+        self.caps = caps
+        self.error = error
+        self.calls: list[tuple] = []
+        self.closed = False
+
+    def getDomainCapabilities(self, *args):
+        self.calls.append(args)
+        if self.error:
+            raise self.error
+        return self.caps
+
+    def getLibVersion(self):
+        return 9_000_000
+
+    def getType(self):
+        return "QEMU"
+
+    def getVersion(self):
+        return 7_002_022
+
+    def close(self):
+        self.closed = True
+        return 0
+
+
+def test_probe_reads_domain_capabilities_with_the_virt_type():
+    conn = FakeConnection(caps="<domainCapabilities/>")
+    opened = []
+    probe = host.LibvirtHostProbe("qemu:///system",
+                                  lambda uri: opened.append(uri) or conn)
+    assert probe.domain_capabilities("kvm") == "<domainCapabilities/>"
+    assert probe.domain_capabilities("qemu") == "<domainCapabilities/>"
+    assert conn.calls == [(None, None, None, "kvm"), (None, None, None, "qemu")]
+    assert opened == ["qemu:///system"]  # one connection, reused
+    probe.close()
+    assert conn.closed
+
+
+def test_probe_unreachable_libvirt_is_one_line_naming_the_uri():
+    def refuse(uri):
+        raise libvirt_error("Failed to connect socket to '/nonexistent':\nNo such file",
+                            libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC)
+
+    probe = host.LibvirtHostProbe("qemu+unix:///system?socket=/nonexistent", refuse)
+    with pytest.raises(exception.HypervisorUnavailable) as err:
+        probe.versions()
+    assert str(err.value) == (
+        "cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent: "
+        "Failed to connect socket to '/nonexistent': No such file"
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_probe_lost_connection_is_hypervisor_unavailable():
+    conn = FakeConnection(error=libvirt_error("End of file while reading data",
+                                              libvirt.VIR_ERR_SYSTEM_ERROR,
+                                              libvirt.VIR_FROM_RPC))
+    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    with pytest.raises(exception.HypervisorUnavailable, match="qemu:///system"):
+        probe.domain_capabilities("qemu")
+    assert conn.closed  # a later call reconnects
+
+
+def test_probe_system_error_outside_the_transport_is_virt_error():
+    # e.g. QEMU's driver failing to probe a binary: libvirtd itself answered.
+    conn = FakeConnection(error=libvirt_error("cannot execute binary /usr/bin/qemu-kvm",
+                                              libvirt.VIR_ERR_SYSTEM_ERROR,
+                                              libvirt.VIR_FROM_QEMU))
+    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    with pytest.raises(exception.VirtError) as err:
+        probe.domain_capabilities("kvm")
+    assert not isinstance(err.value, exception.HypervisorUnavailable)
+    assert not conn.closed
+
+
+def test_probe_refused_query_is_virt_error():
+    conn = FakeConnection(error=libvirt_error("unsupported configuration: KVM is not supported",
+                                              libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+                                              libvirt.VIR_FROM_QEMU))
+    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    with pytest.raises(exception.VirtError) as err:
+        probe.domain_capabilities("kvm")
+    assert not isinstance(err.value, exception.HypervisorUnavailable)
+    assert str(err.value) == ("libvirt at qemu:///system refused to report domain capabilities: "
+                              "unsupported configuration: KVM is not supported")
+
+
+def test_probe_versions(monkeypatch, tmp_path):
+    swtpm = tmp_path / "swtpm"
+    swtpm.write_text("#!/bin/sh\necho 'TPM emulator version 0.7.1, Copyright (c) 2014-2021 IBM'\n")
+    swtpm.chmod(swtpm.stat().st_mode | stat.S_IXUSR)
+    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: FakeConnection())
+    monkeypatch.setattr(probe, "which", lambda name: str(swtpm) if name == "swtpm" else None)
+    assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22", "swtpm": "0.7.1"}
+
+
+def test_probe_versions_without_swtpm(monkeypatch):
+    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: FakeConnection())
+    monkeypatch.setattr(probe, "which", lambda name: None)
+    assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22"}
+
+
+def test_probe_accounts_and_binaries():
+    probe = host.LibvirtHostProbe("qemu:///system")
+    assert probe.user_exists("root") is True
+    assert probe.group_exists("root") is True
+    assert probe.user_exists("vtpm-no-such-user") is False
+    assert probe.group_exists("vtpm-no-such-group") is False
+    assert probe.user_exists("bad\0name") is False
+    assert probe.which("sh")
+    assert probe.which("vtpm-no-such-binary") is None
+
+
+def test_probe_from_conf_uses_the_configured_uri():
+    conf = make_conf(connection_uri="qemu:///session")
+    assert host.LibvirtHostProbe.from_conf(conf).uri == "qemu:///session"
+    conf.reset()  # new_conf() is not isolated yet (test_new_conf_is_isolated)
+    assert host.LibvirtHostProbe.from_conf(make_conf(virt_type="kvm")).uri == "qemu:///system"
+
+
+def test_real_probe_satisfies_the_protocol():
+    for name in ("domain_capabilities", "which", "user_exists", "group_exists", "versions"):
+        assert callable(getattr(host.LibvirtHostProbe, name))
+        assert callable(getattr(FakeProbe, name))

@@ -1,0 +1,81 @@
+"""``request check`` and ``host check``: what a server asks for, what this host gives."""
+
+from __future__ import annotations
+
+import argparse
+
+from cliff.show import ShowOne
+
+from vtpm_driver import spec
+from vtpm_driver.cli.common import DictColumn, ListColumn, add_property_options
+from vtpm_driver.host import check_host
+
+
+class RequestCheck(ShowOne):
+    """Validate a vTPM request and show the vTPM and traits it needs.
+
+    Reads flavor extra specs (hw:tpm_version, hw:tpm_model,
+    hw:tpm_secret_security) and image properties (hw_tpm_version,
+    hw_tpm_model) exactly as the driver does at spawn time; no service is
+    contacted. Without a TPM version no vTPM is requested: vtpm is false and
+    the other fields are empty.
+
+    Exit status: 0 the request is valid (with or without a vTPM); 1 it is
+    invalid or flavor and image conflict (one line on stderr names the keys
+    and values); 2 usage error.
+    """
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        add_property_options(parser)
+        return parser
+
+    def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
+        config = spec.get_vtpm_config(
+            dict(parsed_args.flavor_properties), dict(parsed_args.image_properties)
+        )
+        columns = ("vtpm", "version", "model", "secret_security", "required_traits")
+        if config is None:
+            return columns, (False, None, None, None, ListColumn([]))
+        return columns, (
+            True, config.version, config.model, config.secret_security,
+            ListColumn(sorted(config.traits)),
+        )
+
+
+class HostCheck(ShowOne):
+    """Check whether this host can run vTPM guests and show its TPM traits.
+
+    Uses [libvirt] swtpm_enabled, virt_type, connection_uri, swtpm_user,
+    swtpm_group and supported_tpm_secret_security from the configuration
+    (--config-file, else /etc/vtpm-driver/vtpm-driver.conf when present),
+    asks libvirt for its domain capabilities and looks for swtpm, swtpm_setup
+    and swtpm_ioctl. Every problem found is listed; any problem makes every
+    trait false.
+
+    Exit status: 0 the report was produced, whatever it says (read
+    "supported"); 1 libvirt cannot be reached or the configuration is invalid
+    (one line on stderr); 2 usage error.
+    """
+
+    def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
+        conf = self.app.conf
+        probe = self.app.probe_factory(conf)
+        try:
+            report = check_host(conf, probe)
+        finally:
+            close = getattr(probe, "close", None)
+            if close is not None:
+                close()
+        return ("supported", "traits", "problems", "versions"), (
+            report.supported,
+            DictColumn(report.traits),
+            ListColumn(report.problems),
+            DictColumn(report.versions),
+        )
+
+
+COMMANDS = {
+    "request check": RequestCheck,
+    "host check": HostCheck,
+}

@@ -1,0 +1,401 @@
+"""What this host can give: libvirt domain capabilities, swtpm, user/group -> traits.
+
+SPEC C1-C3. The decision (:func:`check_host`) is a pure function of the
+configuration and of facts read through a :class:`HostProbe`; the real probe
+(:class:`LibvirtHostProbe`) is the only part that talks to libvirt, ``PATH``
+and the user database, so every rule can be unit-tested with a fake probe and
+captured ``virsh domcapabilities`` output.
+
+Unlike Nova, which reports only the secret-security traits it supports, every
+one of the seven TPM traits is always reported (``False`` when unsupported), so
+a stale trait is removed from the resource provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import pwd
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import libvirt
+from lxml import etree
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, spec
+
+LOG = logging.getLogger(__name__)
+
+SUPPORTED_VIRT_TYPES = ("kvm", "qemu")
+SWTPM_BINARIES = ("swtpm", "swtpm_setup", "swtpm_ioctl")
+EMULATOR_BACKEND = "emulator"
+
+_SWTPM_VERSION_TIMEOUT = 10  # seconds; `swtpm --version` answers at once
+_VERSION_RE = re.compile(r"\b(\d+(?:\.\d+)+)\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class TPMCapabilities:
+    """The ``<tpm>`` element of libvirt's domain capabilities."""
+
+    supported: bool = False
+    models: frozenset[str] = frozenset()
+    backend_models: frozenset[str] = frozenset()
+    backend_versions: frozenset[str] = frozenset()  # empty: libvirt lists none (< 8.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostReport:
+    """Whether this host can run vTPM guests, and which traits it reports."""
+
+    supported: bool
+    traits: dict[str, bool]
+    problems: list[str]
+    versions: dict[str, str]
+
+
+class HostProbe(Protocol):
+    """The facts :func:`check_host` needs; tests pass a fake with these methods."""
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        """libvirt's domain capabilities XML for ``virt_type``.
+
+        :raises HypervisorUnavailable: libvirt cannot be reached.
+        :raises VirtError: libvirt answered but refused the query.
+        """
+
+    def which(self, name: str) -> str | None:
+        """Path of executable ``name`` on ``PATH``, or None."""
+
+    def user_exists(self, name: str) -> bool:
+        """Whether the system user ``name`` exists."""
+
+    def group_exists(self, name: str) -> bool:
+        """Whether the system group ``name`` exists."""
+
+    def versions(self) -> dict[str, str]:
+        """Component versions for the report (libvirt, hypervisor, swtpm).
+
+        :raises HypervisorUnavailable: libvirt cannot be reached.
+        """
+
+
+def _xml_parser() -> etree.XMLParser:
+    # libvirt's output is trusted, but never resolve entities or fetch anything.
+    return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+def _enum_values(tpm: etree._Element, name: str) -> frozenset[str]:
+    values = tpm.xpath("./enum[@name=$name]/value/text()", name=name)
+    return frozenset(v.strip() for v in values if v.strip())
+
+
+def parse_domain_capabilities(xml: str) -> TPMCapabilities:
+    """The TPM part of ``virConnectGetDomainCapabilities`` output.
+
+    No ``<devices><tpm>`` element, or ``supported`` other than ``yes``, gives
+    ``supported=False`` (what libvirt reports when QEMU has no TPM support).
+
+    :raises VirtError: the text is not a ``<domainCapabilities>`` document.
+    """
+    try:
+        root = etree.fromstring(xml.encode("utf-8"), _xml_parser())
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise exception.VirtError(
+            f"libvirt returned domain capabilities that are not XML: {exc}"
+        ) from None
+    if root.tag != "domainCapabilities":
+        raise exception.VirtError(
+            f"libvirt returned <{root.tag}> where <domainCapabilities> was expected"
+        )
+    tpm = root.find("./devices/tpm")
+    if tpm is None:
+        return TPMCapabilities()
+    return TPMCapabilities(
+        supported=tpm.get("supported") == "yes",
+        models=_enum_values(tpm, "model"),
+        backend_models=_enum_values(tpm, "backendModel"),
+        backend_versions=_enum_values(tpm, "backendVersion"),
+    )
+
+
+def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str]) -> dict[str, bool]:
+    """All seven TPM traits for a host whose vTPM support is otherwise sound.
+
+    libvirt older than 8.6 does not list backend versions: then both versions
+    are assumed, as Nova does.
+    """
+    modes = set(secret_security)
+    traits = dict.fromkeys(spec.ALL_TRAITS, False)
+    for model, trait in spec.MODEL_TRAITS.items():
+        traits[trait] = model in caps.models
+    for version, trait in spec.VERSION_TRAITS.items():
+        traits[trait] = not caps.backend_versions or version in caps.backend_versions
+    for mode, trait in spec.SECRET_SECURITY_TRAITS.items():
+        traits[trait] = mode in modes
+    return traits
+
+
+def no_traits() -> dict[str, bool]:
+    """Every TPM trait reported unsupported (so placement drops stale ones)."""
+    return dict.fromkeys(spec.ALL_TRAITS, False)
+
+
+def _capability_problems(uri: str, virt_type: str, caps: TPMCapabilities) -> list[str]:
+    where = f"libvirt at {uri} (virt_type {virt_type})"
+    if not caps.supported:
+        return [
+            f"{where} does not support TPM devices: its domain capabilities lack "
+            "<tpm supported='yes'>; install a QEMU build with TPM support and restart libvirtd"
+        ]
+    if EMULATOR_BACKEND not in caps.backend_models:
+        offered = ", ".join(sorted(caps.backend_models)) or "none"
+        return [
+            f"{where} does not offer the '{EMULATOR_BACKEND}' TPM backend (offers: {offered}); "
+            "install swtpm and restart libvirtd so that it detects it"
+        ]
+    return []
+
+
+def _secret_security_problems(modes: Iterable[str]) -> list[str]:
+    allowed = ", ".join(spec.SECRET_SECURITY_MODES)
+    return [
+        f"[libvirt] supported_tpm_secret_security contains unknown value {spec.show(mode)}: "
+        f"allowed values are {allowed}"
+        for mode in modes
+        if mode not in spec.SECRET_SECURITY_MODES
+    ]
+
+
+def _binary_problems(probe: HostProbe) -> list[str]:
+    return [
+        f"{name} not found in PATH: install the swtpm and swtpm-tools packages"
+        for name in SWTPM_BINARIES
+        if not probe.which(name)
+    ]
+
+
+def _account_problems(user: str, group: str, probe: HostProbe) -> list[str]:
+    problems = []
+    if not probe.user_exists(user):
+        problems.append(
+            f"[libvirt] swtpm_user {spec.show(user)} does not exist on this host: create it "
+            "or set swtpm_user to the user libvirt runs swtpm as (swtpm_user in "
+            "/etc/libvirt/qemu.conf, 'tss' by default)"
+        )
+    if not probe.group_exists(group):
+        problems.append(
+            f"[libvirt] swtpm_group {spec.show(group)} does not exist on this host: create it "
+            "or set swtpm_group to the group libvirt runs swtpm as (swtpm_group in "
+            "/etc/libvirt/qemu.conf, 'tss' by default)"
+        )
+    return problems
+
+
+def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
+    """Decide what this host supports (SPEC C1-C3) and why not, in one pass.
+
+    Every problem is collected (not just the first) so an operator fixes them
+    all at once. Any problem makes every trait False: a half-working host must
+    not attract vTPM servers. libvirt is consulted (for versions) even with
+    ``swtpm_enabled = False``: the driver cannot run without it either way.
+
+    :raises HypervisorUnavailable: libvirt cannot be reached.
+    """
+    versions = probe.versions()
+    opts = conf.libvirt
+    if not opts.swtpm_enabled:
+        return HostReport(
+            supported=False,
+            traits=no_traits(),
+            problems=[
+                "[libvirt] swtpm_enabled is False: set it to True to offer emulated TPMs"
+            ],
+            versions=versions,
+        )
+
+    uri = vtpm_conf.libvirt_uri(conf)
+    virt_type = opts.virt_type
+    modes = list(opts.supported_tpm_secret_security)
+    problems: list[str] = []
+    caps = TPMCapabilities()
+    if virt_type not in SUPPORTED_VIRT_TYPES:
+        problems.append(
+            f"[libvirt] virt_type is {spec.show(virt_type)}: emulated TPMs need 'kvm' or "
+            "'qemu'; change virt_type or set swtpm_enabled = False"
+        )
+    else:
+        try:
+            caps = parse_domain_capabilities(probe.domain_capabilities(virt_type))
+        except exception.HypervisorUnavailable:
+            raise
+        except exception.VirtError as exc:
+            problems.append(
+                f"libvirt at {uri} cannot report domain capabilities for virt_type "
+                f"{virt_type}: {exc}"
+            )
+        else:
+            problems += _capability_problems(uri, virt_type, caps)
+    problems += _binary_problems(probe)
+    problems += _account_problems(opts.swtpm_user, opts.swtpm_group, probe)
+    problems += _secret_security_problems(modes)
+
+    if problems:
+        LOG.debug("vTPM not supported on this host: %s", "; ".join(problems))
+        return HostReport(supported=False, traits=no_traits(), problems=problems,
+                          versions=versions)
+    traits = tpm_traits(caps, modes)
+    LOG.debug("vTPM supported on this host; traits %s", traits)
+    return HostReport(supported=True, traits=traits, problems=[], versions=versions)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _version_string(number: int) -> str:
+    """libvirt's packed version (major * 1e6 + minor * 1e3 + micro) as text."""
+    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """libvirt's default handler prints every error to stderr; we raise instead."""
+
+
+# "libvirtd cannot be talked to" (Nova's _test_connection rule): no/invalid
+# connection, or a transport failure reported by the remote/RPC layer.
+_CONNECTION_CODES = frozenset({libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN})
+_TRANSPORT_DOMAINS = frozenset({libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC})
+_TRANSPORT_CODES = frozenset(
+    {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_ERR_RPC}
+)
+
+
+def _is_connection_error(exc: libvirt.libvirtError) -> bool:
+    code = exc.get_error_code()
+    return code in _CONNECTION_CODES or (
+        exc.get_error_domain() in _TRANSPORT_DOMAINS and code in _TRANSPORT_CODES
+    )
+
+
+class LibvirtHostProbe:
+    """The real host: one lazily opened libvirt connection, ``PATH``, passwd/group.
+
+    ``open_connection`` is a seam for tests and for sharing a connection
+    factory with the rest of the driver; it defaults to ``libvirt.open``.
+    """
+
+    def __init__(self, uri: str,
+                 open_connection: Callable[[str], Any] | None = None) -> None:
+        self.uri = uri
+        self._open = open_connection or libvirt.open
+        self._conn: Any = None
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> LibvirtHostProbe:
+        """A probe for the URI ``conf`` points at."""
+        return cls(vtpm_conf.libvirt_uri(conf))
+
+    def __enter__(self) -> LibvirtHostProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the libvirt connection, if one was opened."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError as exc:
+                LOG.debug("closing libvirt connection to %s: %s", self.uri, exc)
+
+    def _unavailable(self, exc: libvirt.libvirtError) -> exception.HypervisorUnavailable:
+        return exception.HypervisorUnavailable(
+            f"cannot connect to libvirt at {self.uri}: {_one_line(exc.get_error_message())}"
+        )
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+            try:
+                self._conn = self._open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise self._unavailable(exc) from None
+        return self._conn
+
+    def _call(self, what: str, func: Callable[..., Any], *args: Any) -> Any:
+        conn = self._connection()
+        try:
+            return func(conn, *args)
+        except libvirt.libvirtError as exc:
+            if _is_connection_error(exc):
+                self.close()
+                raise self._unavailable(exc) from None
+            raise exception.VirtError(
+                f"libvirt at {self.uri} refused {what}: {_one_line(exc.get_error_message())}"
+            ) from None
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        """``virsh domcapabilities --virttype <virt_type>`` for the host's default emulator."""
+        return self._call(
+            "to report domain capabilities",
+            lambda conn: conn.getDomainCapabilities(None, None, None, virt_type),
+        )
+
+    def which(self, name: str) -> str | None:
+        """``shutil.which``: the binaries libvirt will run must be on ``PATH``."""
+        return shutil.which(name)
+
+    def user_exists(self, name: str) -> bool:
+        """Whether ``pwd`` knows ``name``."""
+        try:
+            pwd.getpwnam(name)
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def group_exists(self, name: str) -> bool:
+        """Whether ``grp`` knows ``name``."""
+        try:
+            grp.getgrnam(name)
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    def versions(self) -> dict[str, str]:
+        """libvirt, hypervisor (e.g. QEMU) and swtpm versions, for the report."""
+        versions = {
+            "libvirt": _version_string(self._call("getLibVersion", lambda c: c.getLibVersion()))
+        }
+        hv_type = self._call("getType", lambda c: c.getType())
+        hv_version = self._call("getVersion", lambda c: c.getVersion())
+        if hv_version:
+            versions[str(hv_type).lower()] = _version_string(hv_version)
+        swtpm = self.swtpm_version()
+        if swtpm:
+            versions["swtpm"] = swtpm
+        return versions
+
+    def swtpm_version(self) -> str | None:
+        """``swtpm --version`` (e.g. ``0.7.1``), or None when it is absent or mute."""
+        path = self.which("swtpm")
+        if not path:
+            return None
+        try:
+            out = subprocess.run(
+                [path, "--version"], capture_output=True, text=True, check=False,
+                timeout=_SWTPM_VERSION_TIMEOUT,
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            LOG.debug("cannot run %s --version: %s", path, exc)
+            return None
+        match = _VERSION_RE.search(out)
+        return match.group(1) if match else None
