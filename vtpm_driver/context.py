@@ -1,12 +1,34 @@
 """Request context: who is asking, and with which token.
 
-Filled in by ``issue 4`` (keystoneauth1 auth plugin). The dataclass shape is
-fixed here so the other modules can use it.
+The context carries what Nova's ``RequestContext`` carries (user, project,
+token, roles, service catalog). :meth:`RequestContext.barbican_auth` turns it
+into a keystoneauth1 plugin that sends the caller's token straight to Barbican,
+so reaching the key manager costs no Keystone round trip once the token and the
+Barbican endpoint are known (SPEC D7).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from keystoneauth1 import exceptions as ks_exc
+from keystoneauth1 import session as ks_session
+from keystoneauth1 import token_endpoint
+from keystoneauth1.identity import v3 as ks_v3
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import exception
+
+LOG = logging.getLogger(__name__)
+
+KEY_MANAGER_SERVICE_TYPE = "key-manager"
+
+# Keystone v2-style catalog entries (what keystonemiddleware puts in
+# X-Service-Catalog, hence in Nova's context) name URLs by interface this way.
+_V2_URL_KEYS = {"public": "publicURL", "internal": "internalURL", "admin": "adminURL"}
 
 
 @dataclasses.dataclass(repr=False)
@@ -26,3 +48,167 @@ class RequestContext:
             f"RequestContext(user_id={self.user_id!r}, project_id={self.project_id!r}, "
             f"roles={self.roles!r}, auth_token={'***' if self.auth_token else None})"
         )
+
+    @classmethod
+    def from_session(cls, session: ks_session.Session) -> RequestContext:
+        """Build a context from an authenticated keystoneauth1 session.
+
+        Authenticates now (one Keystone request unless the plugin already has
+        a token) and captures token, user, project, roles and catalog, so later
+        Barbican calls need no Keystone request at all.
+
+        :raises VTPMSecretForbidden: Keystone refused the credentials.
+        :raises KeyManagerUnavailable: Keystone could not be reached.
+        :raises InvalidConfiguration: the session has no identity plugin.
+        """
+        auth = session.auth
+        get_access = getattr(auth, "get_access", None)
+        if get_access is None:
+            raise exception.InvalidConfiguration(
+                "the keystoneauth1 session has no identity auth plugin "
+                f"(got {type(auth).__name__}); cannot find out who the caller is"
+            )
+        auth_url = getattr(auth, "auth_url", None) or "the identity service"
+        try:
+            access = get_access(session)
+        except (ks_exc.Unauthorized, ks_exc.Forbidden) as exc:
+            raise exception.VTPMSecretForbidden(
+                f"Keystone at {auth_url} refused the credentials "
+                f"(HTTP {getattr(exc, 'http_status', '?')}): check user name, password, "
+                "project and domains"
+            ) from None
+        except ks_exc.HttpError as exc:
+            raise exception.KeyManagerUnavailable(
+                f"Keystone at {auth_url} answered HTTP {exc.http_status} while authenticating"
+            ) from None
+        except ks_exc.ConnectionError as exc:
+            raise exception.KeyManagerUnavailable(
+                f"cannot reach Keystone at {auth_url}: {type(exc).__name__}"
+            ) from None
+        except ks_exc.ClientException as exc:
+            raise exception.InvalidConfiguration(
+                f"cannot authenticate with Keystone at {auth_url}: {type(exc).__name__}"
+            ) from None
+        catalog = access.service_catalog.catalog if access.has_service_catalog() else []
+        return cls(
+            user_id=access.user_id,
+            project_id=access.project_id,
+            auth_token=access.auth_token,
+            roles=tuple(access.role_names or ()),
+            service_catalog=list(catalog or []),
+            user_name=access.username,
+            project_name=access.project_name,
+        )
+
+    @classmethod
+    def from_credentials(
+        cls,
+        auth_url: str,
+        username: str,
+        password: str,
+        project_name: str,
+        user_domain_name: str = "Default",
+        project_domain_name: str = "Default",
+        *,
+        verify: bool | str = True,
+        timeout: float | None = None,
+    ) -> RequestContext:
+        """Log in with keystoneauth1 password auth (what the CLI does).
+
+        :raises InvalidConfiguration: a required credential is empty.
+        :raises VTPMSecretForbidden: Keystone refused the credentials.
+        :raises KeyManagerUnavailable: Keystone could not be reached.
+        """
+        required = {
+            "auth_url": auth_url,
+            "username": username,
+            "password": password,
+            "project_name": project_name,
+        }
+        missing = [name for name, value in required.items() if not value]
+        if missing:
+            raise exception.InvalidConfiguration(
+                f"missing credentials: {', '.join(missing)} (set OS_AUTH_URL, OS_USERNAME, "
+                "OS_PASSWORD and OS_PROJECT_NAME, or the matching --os-* options)"
+            )
+        auth = ks_v3.Password(
+            auth_url=auth_url,
+            username=username,
+            password=password,
+            project_name=project_name,
+            user_domain_name=user_domain_name,
+            project_domain_name=project_domain_name,
+        )
+        session = ks_session.Session(auth=auth, verify=verify, timeout=timeout)
+        return cls.from_session(session)
+
+    def barbican_auth(self, conf: cfg.ConfigOpts) -> token_endpoint.Token:
+        """A keystoneauth1 plugin that sends this context's token to Barbican.
+
+        No Keystone request is made: the endpoint comes from ``[key_manager]
+        barbican_endpoint`` or from this context's service catalog.
+
+        :raises VTPMSecretForbidden: the context carries no token.
+        :raises KeyManagerUnavailable: the Barbican endpoint is unknown.
+        """
+        if not self.auth_token:
+            raise exception.VTPMSecretForbidden(
+                f"request context of user {self.user_id} carries no token; "
+                "authenticate before touching vTPM secrets"
+            )
+        return token_endpoint.Token(barbican_endpoint(conf, self.service_catalog),
+                                    self.auth_token)
+
+
+def barbican_endpoint(conf: cfg.ConfigOpts, catalog: Iterable[Mapping[str, Any]] | None) -> str:
+    """Barbican's URL: the configured override, else the catalog entry.
+
+    :raises KeyManagerUnavailable: neither gives an endpoint.
+    """
+    configured = conf.key_manager.barbican_endpoint
+    if configured:
+        return str(configured)
+    interface = conf.key_manager.barbican_endpoint_type
+    region = conf.key_manager.barbican_region_name
+    found = find_catalog_endpoint(catalog, KEY_MANAGER_SERVICE_TYPE, interface, region)
+    if found:
+        return found
+    where = f"interface {interface!r}" + (f", region {region!r}" if region else "")
+    raise exception.KeyManagerUnavailable(
+        f"Barbican endpoint unknown: no {KEY_MANAGER_SERVICE_TYPE!r} service with {where} "
+        "in the request's service catalog; set [key_manager] barbican_endpoint "
+        "(or barbican_endpoint_type / barbican_region_name to match the catalog)"
+    )
+
+
+def find_catalog_endpoint(
+    catalog: Iterable[Mapping[str, Any]] | None,
+    service_type: str,
+    interface: str,
+    region: str | None = None,
+) -> str | None:
+    """First URL of ``service_type`` for ``interface`` (and ``region``), or None.
+
+    Accepts Keystone v3 catalog entries (``interface`` + ``url``) and the v2
+    form keystonemiddleware passes to services (``publicURL`` ...). Malformed
+    entries are skipped, never fatal.
+    """
+    if not isinstance(catalog, Iterable) or isinstance(catalog, str | bytes):
+        return None
+    for service in catalog:
+        if not isinstance(service, Mapping) or service.get("type") != service_type:
+            continue
+        endpoints = service.get("endpoints")
+        if not isinstance(endpoints, Iterable) or isinstance(endpoints, str | bytes):
+            continue
+        for endpoint in endpoints:
+            if not isinstance(endpoint, Mapping):
+                continue
+            if region and region not in (endpoint.get("region_id"), endpoint.get("region")):
+                continue
+            if endpoint.get("interface") == interface and endpoint.get("url"):
+                return str(endpoint["url"])
+            v2_url = endpoint.get(_V2_URL_KEYS.get(interface, ""))
+            if v2_url:
+                return str(v2_url)
+    return None

@@ -1,0 +1,758 @@
+"""keymgr against a fake Barbican (+ Keystone) served over real HTTP on 127.0.0.1.
+
+The fake keeps Barbican's rules that matter here (creator, read ACL with
+``project-access`` and users, 401 for unknown tokens) and lets a test inject a
+status, a delay or a dropped connection for one request, so every mapping of
+SPEC D5, the ACL rollback and the request counts of D7 are checked end to end
+through keystoneauth1 and requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import http.server
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from keystoneauth1 import loading as ks_loading
+
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, keymgr, objects
+from vtpm_driver.context import RequestContext
+
+OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
+MEMBER = ("u-member", "p-a", "tok-member-0123456789")
+OTHER = ("u-other", "p-b", "tok-other-0123456789")
+SERVICE = ("u-service", "p-service", "tok-service-0123456789")
+SERVICE_PASSWORD = "service-pw-0123456789"
+
+
+@dataclasses.dataclass
+class Fault:
+    method: str
+    path_re: str
+    status: int = 500
+    delay: float = 0.0
+    drop: bool = False  # close the connection without answering
+    times: int = 1
+
+
+@dataclasses.dataclass
+class FakeSecret:
+    name: str
+    secret_type: str
+    payload: str
+    content_type: str
+    creator: str
+    project: str
+    created: str
+    acl_users: list[str] = dataclasses.field(default_factory=list)
+    project_access: bool = True
+
+
+class FakeCloud:
+    """Barbican (``/v1``) and Keystone (``/v3``) on one loopback port."""
+
+    def __init__(self) -> None:
+        self.tokens = {t: (u, p) for u, p, t in (OWNER, MEMBER, OTHER, SERVICE)}
+        self.secrets: dict[str, FakeSecret] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.bodies: list[bytes] = []
+        self.faults: list[Fault] = []
+        self.lock = threading.Lock()
+        cloud = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with cloud.lock:
+                    cloud.requests.append((self.command, self.path))
+                    cloud.bodies.append(body)
+                    fault = cloud._take_fault(self.command, self.path)
+                if fault is not None:
+                    if fault.delay:
+                        time.sleep(fault.delay)
+                    if fault.drop:
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if fault.status:
+                        self._send(fault.status, {"title": "Injected", "description": "fault"})
+                        return
+                status, payload, headers = cloud.dispatch(
+                    self.command, self.path, dict(self.headers), body)
+                self._send(status, payload, headers)
+
+            def _send(self, status: int, payload: object, headers: dict | None = None) -> None:
+                headers = dict(headers or {})
+                if isinstance(payload, str | bytes):
+                    data = payload.encode() if isinstance(payload, str) else payload
+                    headers.setdefault("Content-Type", "text/plain")
+                elif payload is None:
+                    data = b""
+                else:
+                    data = json.dumps(payload).encode()
+                    headers.setdefault("Content-Type", "application/json")
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self) -> FakeCloud:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- test controls --------------------------------------------------------
+
+    def fail(self, method: str, path_re: str, status: int = 500, **kw: object) -> None:
+        self.faults.append(Fault(method, path_re, status, **kw))
+
+    def count(self, method: str | None = None, prefix: str = "") -> int:
+        return sum(1 for m, p in self.requests
+                   if (method is None or m == method) and p.startswith(prefix))
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.method == method and re.search(fault.path_re, path):
+                fault.times -= 1
+                if fault.times <= 0:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
+    # -- fake services --------------------------------------------------------
+
+    def dispatch(self, method: str, path: str, headers: dict, body: bytes
+                 ) -> tuple[int, object, dict]:
+        parsed = urllib.parse.urlsplit(path)
+        if parsed.path.startswith("/v3"):
+            return self._keystone(method, parsed.path, body)
+        who = self.tokens.get(headers.get("X-Auth-Token", ""))
+        if who is None:
+            return 401, {"title": "Unauthorized", "description": "bad token"}, {}
+        user, project = who
+        parts = parsed.path.strip("/").split("/")
+        if parts[:2] != ["v1", "secrets"]:
+            return 404, {"title": "Not Found"}, {}
+        if len(parts) == 2 and method == "POST":
+            return self._create(user, project, json.loads(body))
+        if len(parts) == 2 and method == "GET":
+            return self._list(project, urllib.parse.parse_qs(parsed.query))
+        secret = self.secrets.get(parts[2])
+        if secret is None:
+            return 404, {"title": "Not Found", "description": "Secret not found."}, {}
+        if len(parts) == 4 and parts[3] == "acl" and method == "PUT":
+            if user != secret.creator:
+                return 403, {"title": "Forbidden"}, {}
+            read = json.loads(body)["read"]
+            secret.acl_users = list(read.get("users", []))
+            secret.project_access = bool(read.get("project-access", True))
+            return 200, {"acl_ref": f"{self.url}/v1/secrets/{parts[2]}/acl"}, {}
+        if len(parts) == 4 and parts[3] == "payload" and method == "GET":
+            if not self._may_read(secret, user, project):
+                return 403, {"title": "Forbidden", "description": "not allowed"}, {}
+            return 200, secret.payload, {"Content-Type": "text/plain"}
+        if len(parts) == 3 and method == "DELETE":
+            if not self._may_read(secret, user, project):
+                return 403, {"title": "Forbidden"}, {}
+            del self.secrets[parts[2]]
+            return 204, None, {}
+        return 405, {"title": "Method Not Allowed"}, {}
+
+    @staticmethod
+    def _may_read(secret: FakeSecret, user: str, project: str) -> bool:
+        return (user == secret.creator or user in secret.acl_users
+                or (secret.project_access and project == secret.project))
+
+    def _create(self, user: str, project: str, body: dict) -> tuple[int, object, dict]:
+        sid = str(uuid.uuid4())
+        self.secrets[sid] = FakeSecret(
+            name=body["name"], secret_type=body["secret_type"], payload=body["payload"],
+            content_type=body["payload_content_type"], creator=user, project=project,
+            created=f"2026-01-01T00:00:{len(self.secrets) % 60:02d}")
+        return 201, {"secret_ref": f"{self.url}/v1/secrets/{sid}"}, {}
+
+    def _list(self, project: str, query: dict) -> tuple[int, object, dict]:
+        limit = int(query.get("limit", ["10"])[0])
+        offset = int(query.get("offset", ["0"])[0])
+        like = query.get("name", [""])[0]
+        if like and (like.count("%") != 1 or not like.endswith("%")):
+            return 400, {"title": "fake supports prefix LIKE only"}, {}
+        mine = [(sid, s) for sid, s in self.secrets.items()
+                if s.project == project and s.name.startswith(like.rstrip("%"))]
+        page = mine[offset:offset + limit]
+        body: dict = {
+            "total": len(mine),
+            "secrets": [{"secret_ref": f"{self.url}/v1/secrets/{sid}", "name": s.name,
+                         "created": s.created, "creator_id": s.creator} for sid, s in page],
+        }
+        if offset + limit < len(mine):
+            body["next"] = f"{self.url}/v1/secrets?limit={limit}&offset={offset + limit}"
+        return 200, body, {}
+
+    def _keystone(self, method: str, path: str, body: bytes) -> tuple[int, object, dict]:
+        if method == "GET" and path.rstrip("/") == "/v3":
+            return 200, {"version": {"id": "v3.14", "status": "stable", "links": [
+                {"rel": "self", "href": f"{self.url}/v3/"}]}}, {}
+        if method == "POST" and path == "/v3/auth/tokens":
+            ident = json.loads(body)["auth"]["identity"]["password"]["user"]
+            if (ident.get("name"), ident.get("password")) != ("svc", SERVICE_PASSWORD):
+                return 401, {"error": {"code": 401, "title": "Unauthorized"}}, {}
+            user, project, token = SERVICE
+            return 201, {"token": {
+                "methods": ["password"], "expires_at": "2099-01-01T00:00:00.000000Z",
+                "issued_at": "2026-01-01T00:00:00.000000Z",
+                "user": {"id": user, "name": "svc", "domain": {"id": "default",
+                                                              "name": "Default"}},
+                "project": {"id": project, "name": "service",
+                            "domain": {"id": "default", "name": "Default"}},
+                "roles": [{"id": "r1", "name": "member"}, {"id": "r2", "name": "service"}],
+                "catalog": [{"type": "key-manager", "name": "barbican", "id": "s1",
+                             "endpoints": [{"interface": "public", "region": "RegionOne",
+                                            "region_id": "RegionOne", "id": "e1",
+                                            "url": self.url}]}],
+            }}, {"X-Subject-Token": token}
+        return 404, {"error": {"code": 404}}, {}
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeCloud]:
+    with FakeCloud() as c:
+        yield c
+
+
+def make_conf(cloud: FakeCloud, *, endpoint: bool = True, acl: bool = True,
+              timeout: float = 2.0, service_user: bool = False):
+    c = vtpm_conf.new_conf()
+    if endpoint:
+        c.set_override("barbican_endpoint", cloud.url, group="key_manager")
+    c.set_override("timeout", timeout, group="key_manager")
+    c.set_override("owner_only_acl", acl, group="vtpm")
+    if service_user:
+        # v3password: no version discovery GET before the token request.
+        c.set_override("auth_type", "v3password", group="service_user")
+        c.register_opts(ks_loading.get_auth_plugin_conf_options("v3password"),
+                        group="service_user")
+        for key, value in (("auth_url", f"{cloud.url}/v3"), ("username", "svc"),
+                           ("password", SERVICE_PASSWORD), ("project_name", "service"),
+                           ("user_domain_name", "Default"),
+                           ("project_domain_name", "Default")):
+            c.set_override(key, value, group="service_user")
+    return c
+
+
+def ctx(who: tuple[str, str, str], catalog: list | None = None) -> RequestContext:
+    user, project, token = who
+    return RequestContext(user_id=user, project_id=project, auth_token=token,
+                          roles=("member",), service_catalog=catalog or [])
+
+
+def server(mode: str | None = None, owner: tuple[str, str, str] = OWNER) -> objects.Instance:
+    specs = {"hw:tpm_version": "2.0"}
+    if mode:
+        specs["hw:tpm_secret_security"] = mode
+    return objects.Instance(name="vm", user_id=owner[0], project_id=owner[1],
+                            flavor=objects.Flavor(extra_specs=specs))
+
+
+@pytest.fixture
+def debug_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+def assert_not_leaked(texts: list[str], *secrets: str) -> None:
+    for secret in secrets:
+        probes = {secret, secret[:40], secret[-40:]}
+        with contextlib.suppress(binascii.Error, ValueError):
+            raw = base64.b64decode(secret, validate=True)
+            probes |= {raw.hex()[:40], repr(raw)[2:40]}
+        for text in texts:
+            for probe in probes:
+                assert probe not in text
+
+
+def all_log_text(caplog: pytest.LogCaptureFixture) -> list[str]:
+    out = []
+    for rec in caplog.records:
+        out.append(rec.getMessage())
+        out.append(repr(rec.args))
+        out.append(repr(rec.__dict__))
+    return out
+
+
+# -- pure helpers ---------------------------------------------------------------------
+
+
+def test_passphrase_shape() -> None:
+    p = keymgr.new_passphrase()
+    assert isinstance(p, str)
+    assert len(p) == 512
+    assert p.isascii()
+    assert len(base64.b64decode(p, validate=True)) == 384
+    assert keymgr.new_passphrase() != p
+
+
+def test_secret_name_and_ref_parsing() -> None:
+    u = str(uuid.uuid4())
+    assert keymgr.secret_name(u) == f"vTPM secret for instance {u}"
+    assert keymgr.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}") == u
+    assert keymgr.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}/") == u
+    assert keymgr.secret_uuid_from_ref("http://b:9311/v1/secrets/not-a-uuid") is None
+    assert keymgr.secret_uuid_from_ref(None) is None
+
+
+@pytest.mark.parametrize("endpoint", ["http://b:9311", "http://b:9311/", "http://b:9311/v1",
+                                      "http://b:9311/v1/"])
+def test_api_root(endpoint: str) -> None:
+    assert keymgr.api_root(endpoint) == "http://b:9311"
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (401, exception.VTPMSecretForbidden),
+    (403, exception.VTPMSecretForbidden),
+    (404, exception.VTPMSecretNotFound),
+    (500, exception.KeyManagerUnavailable),
+    (502, exception.KeyManagerUnavailable),
+    (503, exception.KeyManagerUnavailable),
+    (400, exception.VTPMError),
+])
+def test_error_for_status(status: int, kind: type) -> None:
+    err = keymgr.error_for_status(status, operation="read", endpoint="http://b", mode="user",
+                                  secret_uuid="s-1", instance_uuid="i-1")
+    assert type(err) is kind
+    assert "s-1" in str(err) and "i-1" in str(err)
+
+
+def test_error_messages_say_what_to_do() -> None:
+    kw = {"operation": "read", "endpoint": "http://b", "secret_uuid": "s"}
+    assert "owner's credentials" in str(keymgr.error_for_status(403, mode="user", **kw))
+    assert "owner's credentials" in str(keymgr.error_for_status(403, mode="host", **kw))
+    assert "[service_user]" in str(keymgr.error_for_status(403, mode="deployment", **kw))
+    assert "expired" in str(keymgr.error_for_status(401, mode="user", **kw))
+    assert "unrecoverable" in str(keymgr.error_for_status(404, mode="user", **kw))
+    assert "http://b" in str(keymgr.error_for_status(503, mode="user", **kw))
+    assert keymgr.error_for_status(200, mode="user", **kw) is None
+    # 404 with no secret involved means a wrong endpoint, not a lost secret.
+    no_secret = keymgr.error_for_status(404, operation="create", endpoint="http://b",
+                                        mode="user")
+    assert isinstance(no_secret, exception.KeyManagerUnavailable)
+    assert "barbican_endpoint" in str(no_secret)
+
+
+def test_mapping_ignores_message_text() -> None:
+    # A 500 whose text says "Forbidden" is still a server error.
+    err = keymgr.error_for_status(500, operation="read", endpoint="e", mode="user",
+                                  secret_uuid="s", detail="Forbidden: nope")
+    assert isinstance(err, exception.KeyManagerUnavailable)
+
+
+@pytest.mark.parametrize("value", ["bogus", "", 3, "USER", "user "])
+def test_bad_mode_is_typed(value: object) -> None:
+    inst = server()
+    inst.flavor.extra_specs["hw:tpm_secret_security"] = value
+    with pytest.raises(exception.InvalidVTPMConfig, match="hw:tpm_secret_security"):
+        keymgr.secret_security_of(inst)
+
+
+def test_mode_defaults_to_user() -> None:
+    assert keymgr.secret_security_of(server()) == "user"
+    assert keymgr.secret_security_of(object()) == "user"
+    assert keymgr.secret_security_of(server("deployment")) == "deployment"
+
+
+# -- user mode over HTTP --------------------------------------------------------------
+
+
+def test_create_get_delete_round_trip(cloud: FakeCloud, debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    assert inst.system_metadata["vtpm_secret_uuid"] == sid
+    stored = cloud.secrets[sid]
+    assert stored.name == f"vTPM secret for instance {inst.uuid}"
+    assert stored.secret_type == "passphrase"
+    assert stored.content_type == "text/plain"
+    assert stored.payload == passphrase
+    assert len(base64.b64decode(passphrase)) == 384
+    # D3: owner only.
+    assert stored.project_access is False
+    assert stored.acl_users == [OWNER[0]]
+    # D7: exactly one POST and one ACL PUT, no discovery, no Keystone.
+    assert cloud.requests == [("POST", "/v1/secrets"), ("PUT", f"/v1/secrets/{sid}/acl")]
+
+    cloud.requests.clear()
+    assert km.get_vtpm_secret(ctx(OWNER), inst) == passphrase
+    assert cloud.requests == [("GET", f"/v1/secrets/{sid}/payload")]
+
+    cloud.requests.clear()
+    km.delete_vtpm_secret(ctx(OWNER), inst)
+    assert cloud.requests == [("DELETE", f"/v1/secrets/{sid}")]
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+    assert sid not in cloud.secrets
+    assert_not_leaked(all_log_text(debug_log), passphrase, OWNER[2])
+    assert_not_leaked([repr(km), repr(km._target(ctx(OWNER), "user")), repr(ctx(OWNER))],
+                      OWNER[2])
+    # UUIDs are logged, so operators can follow a secret.
+    assert any(sid in t for t in all_log_text(debug_log))
+
+
+def test_acl_off_leaves_project_access(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, acl=False))
+    inst = server()
+    sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    assert cloud.requests == [("POST", "/v1/secrets")]
+    assert cloud.secrets[sid].project_access is True
+    assert km.get_vtpm_secret(ctx(MEMBER), inst) == passphrase
+
+
+def test_member_and_other_are_forbidden(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    for who in (MEMBER, OTHER):
+        with pytest.raises(exception.VTPMSecretForbidden, match="owner's credentials"):
+            km.get_vtpm_secret(ctx(who), inst)
+        with pytest.raises(exception.VTPMSecretForbidden):
+            km.delete_vtpm_secret(ctx(who), inst)
+        # A refused delete keeps the key, so the owner can still delete later.
+        assert inst.system_metadata["vtpm_secret_uuid"] == sid
+
+
+def test_bad_token_is_forbidden(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    with pytest.raises(exception.VTPMSecretForbidden, match="invalid or expired") as ei:
+        km.create_vtpm_secret(ctx(("u-owner", "p-a", "tok-bogus-token")), inst, "user")
+    assert "tok-bogus-token" not in str(ei.value)
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+    assert cloud.secrets == {}
+
+
+def test_context_without_token(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    context = RequestContext(user_id="u", project_id="p")
+    with pytest.raises(exception.VTPMSecretForbidden, match="no token"):
+        km.create_vtpm_secret(context, server(), "user")
+    assert cloud.requests == []
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_acl_failure_rolls_back(cloud: FakeCloud, status: int, debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    cloud.fail("PUT", "/acl$", status)
+    with pytest.raises(exception.KeyManagerUnavailable) as ei:
+        km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    assert cloud.secrets == {}, "the half-created secret must be deleted"
+    assert [m for m, _ in cloud.requests] == ["POST", "PUT", "DELETE"]
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+    payload = json.loads(cloud.bodies[0])["payload"]
+    assert_not_leaked([str(ei.value), repr(ei.value), *all_log_text(debug_log)], payload)
+
+
+def test_acl_forbidden_rolls_back(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    cloud.fail("PUT", "/acl$", 403)
+    with pytest.raises(exception.VTPMSecretForbidden):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+    assert cloud.secrets == {}
+
+
+def test_acl_and_rollback_failure_reports_the_first_error(cloud: FakeCloud,
+                                                          debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    cloud.fail("PUT", "/acl$", 502)
+    cloud.fail("DELETE", "/v1/secrets/", 500)
+    with pytest.raises(exception.KeyManagerUnavailable, match="HTTP 502"):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+    (sid,) = cloud.secrets
+    errors = [r.getMessage() for r in debug_log.records if r.levelno >= logging.ERROR]
+    assert any(sid in m and "by hand" in m for m in errors)
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (401, exception.VTPMSecretForbidden),
+    (403, exception.VTPMSecretForbidden),
+    (404, exception.VTPMSecretNotFound),
+    (500, exception.KeyManagerUnavailable),
+    (503, exception.KeyManagerUnavailable),
+])
+def test_get_status_mapping(cloud: FakeCloud, status: int, kind: type) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    cloud.fail("GET", "/payload$", status)
+    with pytest.raises(kind) as ei:
+        km.get_vtpm_secret(ctx(OWNER), inst)
+    assert type(ei.value) is kind
+    assert inst.system_metadata["vtpm_secret_uuid"] in str(ei.value)
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (401, exception.VTPMSecretForbidden),
+    (403, exception.VTPMSecretForbidden),
+    (500, exception.KeyManagerUnavailable),
+])
+def test_delete_status_mapping_keeps_key(cloud: FakeCloud, status: int, kind: type) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    cloud.fail("DELETE", "/v1/secrets/", status)
+    with pytest.raises(kind):
+        km.delete_vtpm_secret(ctx(OWNER), inst)
+    assert inst.system_metadata["vtpm_secret_uuid"] == sid
+    km.delete_vtpm_secret(ctx(OWNER), inst)  # retry works
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+
+
+@pytest.mark.parametrize("status", [400, 413])
+def test_other_client_errors_are_typed(cloud: FakeCloud, status: int) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    cloud.fail("POST", "/v1/secrets$", status)
+    with pytest.raises(exception.VTPMError, match=f"HTTP {status}"):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+
+
+def test_create_404_means_wrong_endpoint(cloud: FakeCloud) -> None:
+    c = make_conf(cloud)
+    c.set_override("barbican_endpoint", f"{cloud.url}/wrong", group="key_manager")
+    with pytest.raises(exception.KeyManagerUnavailable, match="barbican_endpoint"):
+        keymgr.KeyManager(c).create_vtpm_secret(ctx(OWNER), server(), "user")
+
+
+def test_deleted_secret_is_not_found_and_not_recreated(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    del cloud.secrets[sid]
+    cloud.requests.clear()
+    with pytest.raises(exception.VTPMSecretNotFound, match="unrecoverable"):
+        km.get_vtpm_secret(ctx(OWNER), inst)
+    with pytest.raises(exception.VTPMSecretNotFound):
+        km.ensure_vtpm_secret(ctx(OWNER), inst, "user")
+    assert cloud.count("POST") == 0
+    assert cloud.secrets == {}
+    assert inst.system_metadata["vtpm_secret_uuid"] == sid
+
+
+def test_ensure_returns_existing_or_creates(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    first = km.ensure_vtpm_secret(ctx(OWNER), inst, "user")
+    assert km.ensure_vtpm_secret(ctx(OWNER), inst, "user") == first
+    assert len(cloud.secrets) == 1
+
+
+def test_create_refuses_to_orphan_an_existing_secret(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    with pytest.raises(exception.VTPMError, match=sid):
+        km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    assert len(cloud.secrets) == 1
+
+
+def test_get_without_uuid(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    with pytest.raises(exception.VTPMSecretNotFound, match="vtpm_secret_uuid"):
+        km.get_vtpm_secret(ctx(OWNER), server())
+    assert cloud.requests == []
+
+
+@pytest.mark.parametrize("bad", ["../../v3/auth", "not-a-uuid", "x" * 500])
+def test_bad_recorded_uuid_is_typed(cloud: FakeCloud, bad: str) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    inst.system_metadata["vtpm_secret_uuid"] = bad
+    with pytest.raises(exception.InvalidVTPMConfig, match="vtpm_secret_uuid"):
+        km.get_vtpm_secret(ctx(OWNER), inst)
+    with pytest.raises(exception.InvalidVTPMConfig):
+        km.delete_vtpm_secret(ctx(OWNER), inst)
+    assert cloud.requests == []
+
+
+def test_delete_is_idempotent(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    km.delete_vtpm_secret(ctx(OWNER), inst)  # never had one
+    assert cloud.requests == []
+    inst.system_metadata["vtpm_secret_uuid"] = ""
+    km.delete_vtpm_secret(ctx(OWNER), inst)
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    del cloud.secrets[sid]  # gone behind our back
+    cloud.requests.clear()
+    km.delete_vtpm_secret(ctx(OWNER), inst)
+    assert cloud.requests == [("DELETE", f"/v1/secrets/{sid}")]
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+
+
+# -- unavailability -------------------------------------------------------------------
+
+
+def test_timeout_is_bounded_and_unavailable(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, timeout=0.3))
+    inst = server()
+    km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    cloud.fail("GET", "/payload$", 0, delay=1.5)
+    with pytest.raises(exception.KeyManagerUnavailable, match=r"0\.3 s") as ei:
+        km.get_vtpm_secret(ctx(OWNER), inst)
+    assert cloud.url in str(ei.value)
+    time.sleep(1.3)  # let the fake finish its delayed answer
+    assert km.get_vtpm_secret(ctx(OWNER), inst)  # same call works once healthy
+
+
+def test_dropped_connection_is_unavailable(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    cloud.fail("POST", "/v1/secrets$", 0, drop=True)
+    with pytest.raises(exception.KeyManagerUnavailable, match=re.escape(cloud.url)):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+
+
+def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = vtpm_conf.new_conf()
+    c.set_override("barbican_endpoint", f"http://127.0.0.1:{port}", group="key_manager")
+    inst = server()
+    inst.system_metadata["vtpm_secret_uuid"] = str(uuid.uuid4())
+    km = keymgr.KeyManager(c)
+    for call in (lambda: km.create_vtpm_secret(ctx(OWNER), server(), "user"),
+                 lambda: km.get_vtpm_secret(ctx(OWNER), inst),
+                 lambda: km.delete_vtpm_secret(ctx(OWNER), inst)):
+        with pytest.raises(exception.KeyManagerUnavailable, match=f"127.0.0.1:{port}"):
+            call()
+    assert "vtpm_secret_uuid" in inst.system_metadata
+
+
+def test_unknown_endpoint_names_the_option(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, endpoint=False))
+    with pytest.raises(exception.KeyManagerUnavailable, match=r"\[key_manager\] barbican_end"):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+    assert cloud.requests == []
+
+
+def test_endpoint_from_catalog(cloud: FakeCloud) -> None:
+    catalog = [{"type": "key-manager", "endpoints": [
+        {"interface": "internal", "region_id": "RegionOne", "url": "http://wrong:1"},
+        {"interface": "public", "region_id": "RegionOne", "url": cloud.url + "/v1"}]}]
+    km = keymgr.KeyManager(make_conf(cloud, endpoint=False))
+    inst = server()
+    km.create_vtpm_secret(ctx(OWNER, catalog), inst, "user")
+    assert next(p for _, p in cloud.requests) == "/v1/secrets"
+    assert cloud.count(prefix="/v3") == 0
+
+
+# -- deployment mode ------------------------------------------------------------------
+
+
+def test_deployment_uses_service_user_never_owner_token(cloud: FakeCloud, debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, service_user=True))
+    inst = server("deployment")
+    bogus = RequestContext(user_id=OWNER[0], project_id=OWNER[1], auth_token="tok-bogus-x")
+    sid, passphrase = km.create_vtpm_secret(bogus, inst, "deployment")
+    assert cloud.secrets[sid].creator == SERVICE[0]
+    assert cloud.secrets[sid].project_access is False
+    assert cloud.secrets[sid].acl_users == []
+    assert km.get_vtpm_secret(bogus, inst) == passphrase
+    # Even a context with no token at all works: the owner's token is not used.
+    assert km.get_vtpm_secret(RequestContext(user_id="x", project_id="y"), inst) == passphrase
+    km.delete_vtpm_secret(bogus, inst)
+    assert cloud.secrets == {}
+    # One Keystone token request for the whole KeyManager; the rest is Barbican.
+    assert cloud.count(prefix="/v3") == 1
+    assert [m for m, p in cloud.requests if p.startswith("/v1")] == [
+        "POST", "PUT", "GET", "GET", "DELETE"]
+    assert_not_leaked(all_log_text(debug_log), passphrase, SERVICE[2], SERVICE_PASSWORD)
+
+
+def test_deployment_endpoint_from_service_catalog(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, endpoint=False, service_user=True))
+    inst = server("deployment")
+    km.create_vtpm_secret(ctx(OWNER), inst, "deployment")
+    assert cloud.secrets[inst.system_metadata["vtpm_secret_uuid"]].creator == SERVICE[0]
+
+
+def test_deployment_without_service_user_is_a_config_error(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    with pytest.raises(exception.InvalidConfiguration, match=r"\[service_user\] auth_type"):
+        km.create_vtpm_secret(ctx(OWNER), server("deployment"), "deployment")
+
+
+def test_deployment_bad_service_password(cloud: FakeCloud, debug_log) -> None:
+    c = make_conf(cloud, service_user=True)
+    c.set_override("password", "wrong-password-xyz", group="service_user")
+    with pytest.raises(exception.VTPMSecretForbidden, match=r"\[service_user\]"):
+        keymgr.KeyManager(c).create_vtpm_secret(ctx(OWNER), server("deployment"),
+                                                "deployment")
+    assert cloud.count(prefix="/v1") == 0
+    assert_not_leaked(all_log_text(debug_log), "wrong-password-xyz")
+
+
+def test_deployment_403_names_the_service_user(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud, service_user=True))
+    inst = server("deployment")
+    km.create_vtpm_secret(ctx(OWNER), inst, "deployment")
+    cloud.fail("GET", "/payload$", 403)
+    with pytest.raises(exception.VTPMSecretForbidden, match=r"\[service_user\]"):
+        km.get_vtpm_secret(ctx(OWNER), inst)
+
+
+# -- listing --------------------------------------------------------------------------
+
+
+def test_list_pages_and_filters(cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keymgr, "LIST_PAGE_SIZE", 2)
+    km = keymgr.KeyManager(make_conf(cloud, acl=False))
+    made = {}
+    for _ in range(5):
+        inst = server()
+        made[km.create_vtpm_secret(ctx(OWNER), inst, "user")[0]] = inst.uuid
+    for name in ("unrelated", "vTPM secret for instance not-a-uuid"):
+        cloud.secrets[str(uuid.uuid4())] = FakeSecret(
+            name, "opaque", "x", "text/plain", OWNER[0], OWNER[1], "t")
+    cloud.requests.clear()
+    listed = km.list_vtpm_secrets(ctx(OWNER))
+    assert {e["uuid"]: e["instance_uuid"] for e in listed if e["instance_uuid"]} == made
+    assert len(listed) == 6  # a badly named one is listed too (an audit wants to see it)
+    assert all(e["creator"] == OWNER[0] and e["created"] for e in listed)
+    assert all(e["name"].startswith("vTPM secret for instance ") for e in listed)
+    assert cloud.count("GET") == 3  # 6 matching secrets, pages of 2
+    assert all("payload" not in p for _, p in cloud.requests)
+    assert km.list_vtpm_secrets(ctx(OTHER)) == []
