@@ -11,7 +11,7 @@ die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 swtpm swtpm-tools libvirt-dev pkg-config
-          busybox-static cpio gzip)
+          busybox-static cpio gzip python3-venv python3-dev gcc)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -5,18 +5,23 @@ route to them unchanged. The driver stays thin: decisions live in the pure
 helpers (:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.host`), and this class maps
 their findings to the errors Nova expects at start-up.
 
-Lifecycle methods (``spawn``, ``reboot``, ``power_off``, ``power_on``,
-``suspend``, ``resume``, ``destroy``, resize/migration) are added by later
-issues, below the "Lifecycle" marker at the end of the class.
+Lifecycle methods delegate to :class:`~vtpm_driver.vtpm_ops.VTPMOps` (spawn,
+power, reboot, suspend/resume, delete) and :class:`~vtpm_driver.resize.ResizeOps`
+(resize on this host). Arguments Nova passes that a standalone host has no use
+for (networks, block devices, accelerators, shares) are accepted and ignored.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception
-from vtpm_driver.host import HostProbe, LibvirtHostProbe, check_host
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, keymgr, resize, spec, vtpm_ops
+from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
+from vtpm_driver.virt import connection
 
 LOG = logging.getLogger(__name__)
 
@@ -24,9 +29,17 @@ LOG = logging.getLogger(__name__)
 class VTPMDriver:
     """vTPM support for libvirt guests, with Barbican-held passphrases."""
 
-    def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None) -> None:
+    def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None,
+                 hypervisor: Any = None, keymgr: vtpm_ops.KeyManagerAPI | None = None) -> None:
+        """``probe``, ``hypervisor`` (anything with a libvirt ``conn`` attribute) and
+        ``keymgr`` default to the real ones, created on first use; tests inject fakes."""
         self.conf = conf
         self._probe = probe
+        self._hypervisor = hypervisor
+        self._keymgr = keymgr
+        self._host_report_cache: HostReport | None = None
+        self._ops: vtpm_ops.VTPMOps | None = None
+        self._resize: resize.ResizeOps | None = None
 
     @property
     def probe(self) -> HostProbe:
@@ -34,6 +47,40 @@ class VTPMDriver:
         if self._probe is None:
             self._probe = LibvirtHostProbe.from_conf(self.conf)
         return self._probe
+
+    @property
+    def hypervisor(self) -> Any:
+        """The libvirt connection holder (:class:`~vtpm_driver.virt.connection.Hypervisor`)."""
+        if self._hypervisor is None:
+            self._hypervisor = connection.Hypervisor(vtpm_conf.libvirt_uri(self.conf))
+        return self._hypervisor
+
+    @property
+    def key_manager(self) -> vtpm_ops.KeyManagerAPI:
+        """Barbican access (:class:`~vtpm_driver.keymgr.KeyManager`)."""
+        if self._keymgr is None:
+            self._keymgr = keymgr.KeyManager(self.conf)
+        return self._keymgr
+
+    @property
+    def ops(self) -> vtpm_ops.VTPMOps:
+        if self._ops is None:
+            self._ops = vtpm_ops.VTPMOps(self.conf, self.hypervisor, self.key_manager,
+                                         self._host_report)
+        return self._ops
+
+    @property
+    def resize_ops(self) -> resize.ResizeOps:
+        if self._resize is None:
+            backup_root = getattr(self.conf.vtpm, "resize_backup_dir", None)
+            self._resize = resize.ResizeOps(self.ops, backup_root or resize.DEFAULT_BACKUP_ROOT)
+        return self._resize
+
+    def _host_report(self) -> HostReport:
+        """What this host offers, computed once (spawn and resize check it)."""
+        if self._host_report_cache is None:
+            self._host_report_cache = check_host(self.conf, self.probe)
+        return self._host_report_cache
 
     # -- Start-up and scheduling ------------------------------------------
 
@@ -71,11 +118,151 @@ class VTPMDriver:
         return dict(check_host(self.conf, self.probe).traits)
 
     def _vtpm_servers_on_host(self) -> list[str]:
-        """UUIDs of servers defined on this host whose flavor/image ask for a vTPM.
+        """UUIDs of the domains on this host that have an emulated TPM (SPEC C4).
 
-        Hook for SPEC C4; it needs the domain listing that the libvirt layer
-        brings in a later issue. Until then no server is known.
+        Every domain counts, not only ours: any of them would lose its TPM.
         """
-        return []
+        return vtpm_ops.tpm_emulator_domains(self.hypervisor.conn)
 
-    # -- Lifecycle (later issues) -----------------------------------------
+    # -- Lifecycle ------------------------------------------------------------
+
+    def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+              admin_password: Any, allocations: Any, network_info: Any = None,
+              block_device_info: Any = None, power_on: bool = True,
+              accel_info: Any = None) -> None:
+        """Create and (with ``power_on``) start the server (F1, G3)."""
+        self.ops.spawn(context, instance, image_meta, power_on=power_on)
+
+    def destroy(self, context: Any, instance: Any, network_info: Any = None,
+                block_device_info: Any = None, destroy_disks: bool = True,
+                destroy_secrets: bool = True) -> None:
+        """Delete the server, its TPM state and secrets (F3); idempotent."""
+        self.ops.destroy(context, instance, destroy_disks=destroy_disks,
+                         destroy_secrets=destroy_secrets)
+        if destroy_disks:
+            self.resize_ops.discard_backup(instance.uuid)
+
+    def reboot(self, context: Any, instance: Any, network_info: Any, reboot_type: str,
+               block_device_info: Any = None, bad_volumes_callback: Any = None,
+               accel_info: Any = None, share_info: Any = None) -> None:
+        """``SOFT`` (ACPI, falls back to hard) or ``HARD`` reboot (F2)."""
+        self.ops.reboot(context, instance, reboot_type)
+
+    def power_off(self, instance: Any, timeout: float = 0, retry_interval: float = 0) -> None:
+        """Stop the guest (ACPI for up to ``timeout`` seconds, then hard)."""
+        self.ops.power_off(instance, timeout, retry_interval)
+
+    def power_on(self, context: Any, instance: Any, network_info: Any,
+                 block_device_info: Any = None, accel_info: Any = None,
+                 share_info: Any = None) -> None:
+        """Start a stopped server (the passphrase is fetched first, F2/F5)."""
+        self.ops.power_on(context, instance)
+
+    def suspend(self, context: Any, instance: Any) -> None:
+        """Save the guest's memory and TPM state to disk (libvirt managed save)."""
+        self.ops.suspend(instance)
+
+    def resume(self, context: Any, instance: Any, network_info: Any,
+               block_device_info: Any = None, share_info: Any = None) -> None:
+        """Restore a suspended guest (needs the passphrase, F2)."""
+        self.ops.resume(context, instance)
+
+    def get_info(self, instance: Any, use_cache: bool = True) -> str:
+        """Power state: ``running``, ``paused``, ``shutdown``, ``suspended``, ``crashed``
+        or ``pending`` (Nova's power_state names)."""
+        return self.ops.get_info(instance)
+
+    def list_instances(self) -> list[str]:
+        """Names of the servers on this host."""
+        return self.ops.list_instances()
+
+    def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: str | None,
+                                   flavor: Any, network_info: Any,
+                                   block_device_info: Any = None, timeout: float = 0,
+                                   retry_interval: float = 0) -> str:
+        """Resize step 1 (``flavor`` is the new one): check, stop, back up TPM state."""
+        return self.resize_ops.migrate_disk_and_power_off(context, instance, dest, flavor,
+                                                      timeout, retry_interval)
+
+    def finish_migration(self, context: Any, migration: Any, instance: Any, disk_info: Any,
+                         network_info: Any, image_meta: Any, resize_instance: bool,
+                         allocations: Any, block_device_info: Any = None,
+                         power_on: bool = True) -> None:
+        """Resize step 2 (``instance.flavor`` is the new one): redefine and start."""
+        self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
+
+    def confirm_migration(self, context: Any, migration: Any, instance: Any,
+                          network_info: Any) -> None:
+        """Resize step 3a: keep the new flavor, drop the backup (and a removed vTPM's secret)."""
+        self.resize_ops.confirm_migration(context, instance)
+
+    def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
+                                migration: Any, block_device_info: Any = None,
+                                power_on: bool = True) -> None:
+        """Resize step 3b: old flavor, old TPM state, old secret."""
+        self.resize_ops.finish_revert_migration(context, instance, power_on=power_on)
+
+    # -- Operations refused (SPEC F6) ----------------------------------------
+
+    def _refuse(self, operation: str, instance: Any, why: str) -> None:
+        """``OperationNotSupportedForVTPM`` for a vTPM server, else not implemented."""
+        try:
+            has_vtpm = vtpm_ops.vtpm_config_of(instance) is not None
+        except exception.InvalidVTPMConfig:
+            has_vtpm = True  # asks for some vTPM, even if not a valid one
+        label = vtpm_ops.server_label(instance)
+        if has_vtpm:
+            raise exception.OperationNotSupportedForVTPM(
+                f"operation '{operation}' is not supported for vTPM-enabled server {label}: "
+                f"{why}"
+            )
+        raise exception.VTPMError(
+            f"operation '{operation}' is not implemented by the standalone vtpm-driver "
+            f"(server {label})"
+        )
+
+    def rebuild(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+                admin_password: Any, allocations: Any, bdms: Any, detach_block_devices: Any,
+                attach_block_devices: Any, network_info: Any = None, evacuate: bool = False,
+                block_device_info: Any = None, preserve_ephemeral: bool = False,
+                accel_uuids: Any = None, reimage_boot_volume: bool = False) -> None:
+        """Refused: the TPM's state is bound to the image it measured."""
+        self._refuse("rebuild", instance,
+                     "a rebuild replaces the image while the TPM keeps keys and measurements "
+                     "made for the old one (Nova refuses it as well)")
+
+    def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
+               rescue_password: Any, block_device_info: Any, share_info: Any = None) -> None:
+        """Refused: a rescue image would be handed the server's TPM."""
+        self._refuse("rescue", instance,
+                     "the rescue image would boot with the server's TPM and could use its "
+                     "keys (Nova refuses it as well)")
+
+    def shelve(self, context: Any, instance: Any) -> None:
+        """Refused: shelving offloads the server, the TPM state would have to leave the host."""
+        self._refuse("shelve", instance,
+                     "shelving offloads the server from this host and its encrypted TPM "
+                     "state cannot follow it yet (Nova refuses it as well)")
+
+    def evacuate(self, context: Any, instance: Any) -> None:
+        """Refused: the TPM state lives on the failed host."""
+        self._refuse("evacuate", instance,
+                     "evacuation rebuilds the server on another host, where its TPM state "
+                     "does not exist (Nova refuses it as well)")
+
+    def live_migration(self, context: Any, instance: Any, dest: Any, post_method: Any,
+                       recover_method: Any, block_migration: bool = False,
+                       migrate_data: Any = None) -> None:
+        """Refused for vTPM servers (Nova allows it only with ``host`` secret security)."""
+        try:
+            mode = keymgr.secret_security_of(instance)
+        except exception.InvalidVTPMConfig:
+            mode = spec.SECRET_USER
+        if mode == spec.SECRET_HOST:
+            why = ("live migration of vTPM servers is not implemented by the standalone "
+                   "driver (Nova supports it with 'host' secret security only)")
+        else:
+            why = (f"with {mode!r} secret security the destination host would need the "
+                   "passphrase without the owner (Nova allows it only with 'host' secret "
+                   "security)")
+        self._refuse("live-migration", instance, why)

@@ -45,6 +45,14 @@ class Instance:
     uuid: str = dataclasses.field(default_factory=lambda: str(uuid_mod.uuid4()))
     system_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     console_log: str | None = None
+    # Display names and creation time, kept in the standalone server record.
+    user_name: str | None = None
+    project_name: str | None = None
+    created_at: str | None = None
+    # Nova's resize bookkeeping: set by the caller (Nova's compute manager, or a
+    # test standing in for it) around migrate_disk_and_power_off/finish_migration.
+    old_flavor: Flavor | None = None
+    new_flavor: Flavor | None = None
 
     @property
     def vtpm_secret_uuid(self) -> str | None:

@@ -32,6 +32,8 @@ PROG = "vtpm-driver"
 
 COMMAND_MODULES: tuple[str, ...] = (
     "vtpm_driver.cli.checks",
+    "vtpm_driver.cli.servers", "vtpm_driver.cli.audit",
+    "vtpm_driver.cli.demo",
 )
 
 DEFAULT_CONFIG_FILES: tuple[str, ...] = ("/etc/vtpm-driver/vtpm-driver.conf",)

@@ -1,0 +1,265 @@
+"""Operator audit (SPEC F7): the pure orphan rules and the `vtpm-driver audit` command."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.unit.test_cli_servers import OWNER, FakeBackend
+from vtpm_driver import audit, servers
+from vtpm_driver.cli import audit as audit_cli
+from vtpm_driver.cli import main as cli_main
+from vtpm_driver.cli import servers as server_cli
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def _server(name="vm1", mode="user", secret=None, version="2.0", uid=None) -> audit.AuditServer:
+    return audit.AuditServer(name=name, uuid=uid or _uuid(), version=version, model="tpm-tis",
+                             secret_security=mode, secret_uuid=secret)
+
+
+# -- pure rules -----------------------------------------------------------------------
+
+
+def test_clean_host_has_no_orphans():
+    secret = _uuid()
+    server = _server(mode="host", secret=secret)
+    report = audit.audit(
+        [server], [server.uuid], [audit.LibvirtSecret(secret, server.uuid, False, False)],
+        [server.uuid], [audit.BarbicanSecret(secret, "n", server.uuid)])
+    assert report.orphans == ()
+    assert report.clean and report.barbican_checked
+    assert report.servers == (audit.ServerFinding(server, ()),)
+
+
+def test_libvirt_secret_without_domain_is_an_orphan():
+    gone, secret = _uuid(), _uuid()
+    report = audit.audit([], [], [audit.LibvirtSecret(secret, gone)], [], None)
+    assert report.orphans == (audit.Orphan(
+        audit.LIBVIRT_SECRET, secret, gone, f"its usage name {gone} is no domain on this host"),)
+    assert not report.clean and not report.barbican_checked
+
+
+def test_secret_of_a_foreign_domain_is_not_an_orphan():
+    foreign = _uuid()
+    report = audit.audit([], [foreign.upper()], [audit.LibvirtSecret(_uuid(), foreign)],
+                         [foreign], None)
+    assert report.orphans == ()
+
+
+def test_libvirt_secret_other_than_the_recorded_one_is_an_orphan():
+    server = _server(mode="host", secret=_uuid())
+    stale = _uuid()
+    report = audit.audit([server], [server.uuid], [audit.LibvirtSecret(stale, server.uuid)],
+                         [], None)
+    assert [(o.kind, o.id) for o in report.orphans] == [(audit.LIBVIRT_SECRET, stale)]
+    assert "records vTPM secret" in report.orphans[0].reason
+    assert report.servers[0].problems == (
+        f"host-mode libvirt secret {server.secret_uuid} is not defined",)
+
+
+def test_state_dir_without_domain_is_an_orphan():
+    live, dead = _uuid(), _uuid()
+    report = audit.audit([], [live], [], [live, dead], None, state_dir_base="/srv/swtpm")
+    assert report.orphans == (audit.Orphan(
+        audit.STATE_DIR, f"/srv/swtpm/{dead}", dead, f"no domain with UUID {dead} on this host"),)
+
+
+def test_barbican_secret_rules():
+    server = _server(secret=_uuid())
+    unknown_instance, other_secret, stray, bad = _uuid(), _uuid(), _uuid(), _uuid()
+    report = audit.audit(
+        [server], [server.uuid], [], [],
+        [
+            audit.BarbicanSecret(server.secret_uuid.upper(), "ok", server.uuid),
+            audit.BarbicanSecret(other_secret, "b", server.uuid),
+            audit.BarbicanSecret(stray, "a", unknown_instance),
+            audit.BarbicanSecret(bad, "vTPM secret for instance x", None),
+        ])
+    assert all(o.kind == audit.BARBICAN_SECRET for o in report.orphans)
+    assert {o.id: o.reason for o in report.orphans} == {
+        stray: f"no server {unknown_instance} on this host",
+        other_secret: f"server 'vm1' records vTPM secret {server.secret_uuid}, not this one",
+        bad: "its name 'vTPM secret for instance x' does not end with an instance UUID",
+    }
+
+
+def test_barbican_not_listed_finds_no_barbican_orphans():
+    report = audit.audit([], [], [], [], None)
+    assert report.orphans_of(audit.BARBICAN_SECRET) == () and not report.barbican_checked
+    assert report.clean
+
+
+@pytest.mark.parametrize("mode", ["user", "deployment"])
+def test_ephemeral_mode_secret_still_defined_is_a_server_problem(mode):
+    server = _server(mode=mode, secret=_uuid())
+    report = audit.audit([server], [server.uuid],
+                         [audit.LibvirtSecret(server.secret_uuid, server.uuid)], [], None)
+    assert report.orphans == ()
+    assert len(report.servers[0].problems) == 1
+    assert "must be undefined once the guest has started" in report.servers[0].problems[0]
+
+
+def test_vtpm_server_without_secret_uuid_is_a_problem():
+    server = _server(secret=None)
+    report = audit.audit([server], [server.uuid], [], [], None)
+    assert report.servers[0].problems == (
+        "no vtpm_secret_uuid in system_metadata: its vTPM state cannot be unlocked",)
+
+
+def test_only_vtpm_servers_are_listed():
+    plain = _server(name="plain", version=None)
+    vtpm = _server(name="vtpm", secret=_uuid())
+    report = audit.audit([vtpm, plain], [plain.uuid, vtpm.uuid], [], [], None)
+    assert [f.server.name for f in report.servers] == ["vtpm"]
+
+
+def test_server_from_request_never_raises():
+    good = audit.server_from_request("a", "u", {"hw:tpm_version": "2.0"},
+                                     {"hw_tpm_model": "tpm-crb"}, {"vtpm_secret_uuid": "s"})
+    assert (good.version, good.model, good.secret_security, good.secret_uuid) == (
+        "2.0", "tpm-crb", "user", "s")
+    bad = audit.server_from_request("b", "u", {"hw:tpm_version": "9"}, {}, {})
+    assert bad.version is None and bad.has_vtpm
+    assert bad.config_error.startswith("invalid vTPM request: ")
+    none = audit.server_from_request("c", "u", {}, {}, {})
+    assert not none.has_vtpm
+    odd = audit.server_from_request("d", "u", {"hw:tpm_version": 2.0}, {}, {"vtpm_secret_uuid": 1})
+    assert odd.secret_uuid is None
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+class AuditBackend(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.foreign_domains: list[str] = []
+        self.secrets: list = []
+
+    def domain_uuids(self) -> list[str]:
+        return [i.uuid for i in self.instances] + self.foreign_domains
+
+    def libvirt_vtpm_secrets(self) -> list:
+        return list(self.secrets)
+
+
+class FakeKeyManager:
+    def __init__(self) -> None:
+        self.items: dict[str, list[dict]] = {"user": [], "deployment": []}
+        self.calls: list = []
+
+    def list_vtpm_secrets(self, context, secret_security="user"):
+        self.calls.append((context, secret_security))
+        return self.items[secret_security]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli_main, "DEFAULT_CONFIG_FILES", (str(tmp_path / "absent.conf"),))
+    for name in ("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TOKEN",
+                 "OS_USER_ID", "OS_AUTH_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    backend, keymgr = AuditBackend(), FakeKeyManager()
+    monkeypatch.setattr(server_cli, "backend_factory", lambda conf: backend)
+    monkeypatch.setattr(audit_cli, "keymgr_factory", lambda conf: keymgr)
+    monkeypatch.setattr(server_cli, "authenticate", lambda parsed_args: OWNER)
+    state = tmp_path / "swtpm"
+    state.mkdir()
+    conf = tmp_path / "vtpm.conf"
+    conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\n")
+    return backend, keymgr, state, str(conf)
+
+
+def _run(capsys, conf, *argv):
+    rc = cli_main.main(["--config-file", conf, "audit", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _add(backend, name, secret_security="user"):
+    instance = servers.new_instance(name, OWNER, kernel="/k", flavor_extra_specs={
+        "hw:tpm_version": "2.0", "hw:tpm_secret_security": secret_security})
+    instance.system_metadata["vtpm_secret_uuid"] = _uuid()
+    backend.instances.append(instance)
+    return instance
+
+
+def test_audit_json_clean(capsys, env):
+    backend, keymgr, state, conf = env
+    vm = _add(backend, "vm1")
+    (state / vm.uuid).mkdir()
+    keymgr.items["user"] = [{"uuid": vm.system_metadata["vtpm_secret_uuid"],
+                             "name": f"vTPM secret for instance {vm.uuid}",
+                             "instance_uuid": vm.uuid}]
+    rc, out, err = _run(capsys, conf, "-f", "json", "--os-username", "alice")
+    assert (rc, err) == (0, "")
+    report = json.loads(out)
+    assert report == {
+        "servers": [{"name": "vm1", "uuid": vm.uuid, "vtpm_version": "2.0",
+                     "vtpm_model": "tpm-tis", "secret_security": "user",
+                     "vtpm_secret_uuid": vm.system_metadata["vtpm_secret_uuid"],
+                     "problems": []}],
+        "orphan_libvirt_secrets": [], "orphan_state_dirs": [], "orphan_barbican_secrets": [],
+        "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
+        "clean": True,
+    }
+    assert keymgr.calls == [(OWNER, "user")]
+
+
+def test_audit_finds_each_kind_of_orphan(capsys, env):
+    backend, keymgr, state, conf = env
+    _add(backend, "vm1")
+    dead_dir, dead_secret, dead_instance, barbican_secret = _uuid(), _uuid(), _uuid(), _uuid()
+    (state / dead_dir).mkdir()
+    (state / "not-a-uuid").mkdir()
+    backend.secrets = [audit.LibvirtSecret(dead_secret, dead_instance)]
+    keymgr.items["user"] = [{"uuid": barbican_secret, "name": "x",
+                             "instance_uuid": dead_instance}]
+    rc, out, _ = _run(capsys, conf, "-f", "json", "--os-username", "alice")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["orphan_state_dirs"] == [{
+        "path": str(state / dead_dir), "instance_uuid": dead_dir,
+        "reason": f"no domain with UUID {dead_dir} on this host"}]
+    assert [o["secret_uuid"] for o in report["orphan_libvirt_secrets"]] == [dead_secret]
+    assert report["orphan_barbican_secrets"] == [{
+        "secret_uuid": barbican_secret, "instance_uuid": dead_instance,
+        "reason": f"no server {dead_instance} on this host"}]
+    assert report["clean"] is False
+
+
+def test_audit_without_credentials_skips_barbican_with_a_warning(capsys, env):
+    _, keymgr, _, conf = env
+    rc, out, err = _run(capsys, conf, "-f", "json")
+    assert rc == 0
+    report = json.loads(out)
+    assert report["barbican_checked"] is False and report["barbican_scope"] == []
+    assert keymgr.calls == []
+    assert err.startswith("vtpm-driver: warning: Barbican not checked")
+
+
+def test_audit_no_barbican_option(capsys, env):
+    _, keymgr, _, conf = env
+    rc, out, err = _run(capsys, conf, "-f", "json", "--os-username", "alice", "--no-barbican")
+    assert (rc, err) == (0, "")
+    assert json.loads(out)["barbican_checked"] is False and keymgr.calls == []
+
+
+def test_audit_table_is_readable(capsys, env):
+    backend, _, state, conf = env
+    _add(backend, "vm1", "host")
+    (state / _uuid()).mkdir()
+    rc, out, _ = _run(capsys, conf, "-q")
+    assert rc == 0
+    assert "name=vm1" in out and "secret_security=host" in out and "problems=host-mode" in out
+    assert "reason=no domain with UUID" in out

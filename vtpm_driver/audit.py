@@ -1,0 +1,236 @@
+"""Operator audit (SPEC F7): the vTPM servers of a host, and what is left over.
+
+Pure functions over lists: the ``vtpm-driver audit`` command gathers what
+libvirt, the swtpm state directory and Barbican hold, and :func:`audit` decides
+what is an orphan. Keeping the decision here, free of I/O, lets every rule be
+unit-tested with plain lists.
+
+An orphan is something that holds or protects vTPM state but belongs to no
+server:
+
+* a libvirt ``vtpm`` secret whose usage name (the instance UUID) is no domain
+  on this host, or whose domain records another secret;
+* a swtpm state directory ``<base>/<uuid>`` with no domain of that UUID;
+* a Barbican secret named ``vTPM secret for instance <uuid>`` whose UUID is no
+  server on this host, or whose server records another secret.
+
+Things that are wrong with an existing server (a ``user``-mode secret still
+defined after start, a ``host``-mode secret missing, no secret recorded) are
+listed as that server's problems instead: nothing there is orphaned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os.path
+import uuid as uuid_mod
+from collections.abc import Iterable, Mapping
+
+from vtpm_driver import exception, spec
+
+LIBVIRT_SECRET = "libvirt_secret"
+STATE_DIR = "state_dir"
+BARBICAN_SECRET = "barbican_secret"
+ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditServer:
+    """What the audit needs to know about one server of this host.
+
+    ``version`` is None when the server asks for no vTPM; ``config_error``
+    holds the reason when its recorded request is invalid.
+    """
+
+    name: str
+    uuid: str
+    version: str | None = None
+    model: str | None = None
+    secret_security: str | None = None
+    secret_uuid: str | None = None
+    config_error: str | None = None
+
+    @property
+    def has_vtpm(self) -> bool:
+        return self.version is not None or self.config_error is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LibvirtSecret:
+    """A libvirt vTPM secret as listed (``virt.secret.VTPMSecretInfo`` fits)."""
+
+    uuid: str
+    usage_id: str
+    ephemeral: bool = True
+    private: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BarbicanSecret:
+    """A Barbican secret named ``vTPM secret for instance <uuid>`` (metadata only)."""
+
+    uuid: str | None
+    name: str
+    instance_uuid: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerFinding:
+    """A vTPM server and whatever looks wrong with it."""
+
+    server: AuditServer
+    problems: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Orphan:
+    """Something that holds or guards vTPM state and belongs to no server.
+
+    ``id`` is the secret UUID (libvirt, Barbican) or the directory path
+    (state directory); ``instance_uuid`` is the server it names, if any.
+    """
+
+    kind: str
+    id: str
+    instance_uuid: str | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """The audit's result; ``barbican_checked`` is False when Barbican was not listed."""
+
+    servers: tuple[ServerFinding, ...]
+    orphans: tuple[Orphan, ...]
+    barbican_checked: bool
+
+    def orphans_of(self, kind: str) -> tuple[Orphan, ...]:
+        return tuple(orphan for orphan in self.orphans if orphan.kind == kind)
+
+    @property
+    def clean(self) -> bool:
+        """No orphan and no server problem."""
+        return not self.orphans and not any(finding.problems for finding in self.servers)
+
+
+def _canonical(value: object) -> str | None:
+    """Lower-case hyphenated UUID, or None if ``value`` is not a UUID."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid_mod.UUID(value))
+    except ValueError:
+        return None
+
+
+def server_from_request(
+    name: str,
+    uuid: str,
+    flavor_extra_specs: Mapping[str, object],
+    image_properties: Mapping[str, object],
+    system_metadata: Mapping[str, object],
+) -> AuditServer:
+    """An :class:`AuditServer` from a server's recorded request (never raises)."""
+    secret_uuid = system_metadata.get("vtpm_secret_uuid") if isinstance(
+        system_metadata, Mapping) else None
+    secret = secret_uuid if isinstance(secret_uuid, str) and secret_uuid else None
+    try:
+        config = spec.get_vtpm_config(flavor_extra_specs, image_properties)
+    except exception.VTPMError as exc:  # a bad record is a finding, not a crash
+        return AuditServer(name=name, uuid=uuid, secret_uuid=secret,
+                           config_error=f"invalid vTPM request: {exc}")
+    if config is None:
+        return AuditServer(name=name, uuid=uuid, secret_uuid=secret)
+    return AuditServer(name=name, uuid=uuid, version=config.version, model=config.model,
+                       secret_security=config.secret_security, secret_uuid=secret)
+
+
+def _server_problems(server: AuditServer, libvirt_by_usage: Mapping[str, LibvirtSecret]
+                     ) -> tuple[str, ...]:
+    problems: list[str] = []
+    if server.config_error:
+        problems.append(server.config_error)
+    defined = libvirt_by_usage.get(server.uuid)
+    if server.version is not None and not server.secret_uuid:
+        problems.append("no vtpm_secret_uuid in system_metadata: its vTPM state cannot be "
+                        "unlocked")
+    if server.secret_security == spec.SECRET_HOST and server.secret_uuid and (
+        defined is None or defined.uuid != _canonical(server.secret_uuid)
+    ):
+        problems.append(f"host-mode libvirt secret {server.secret_uuid} is not defined")
+    if server.secret_security in (spec.SECRET_USER, spec.SECRET_DEPLOYMENT) and (
+        defined is not None and defined.uuid == _canonical(server.secret_uuid)
+    ):
+        problems.append(
+            f"{server.secret_security}-mode libvirt secret {defined.uuid} is still defined; "
+            "it must be undefined once the guest has started"
+        )
+    return tuple(problems)
+
+
+def audit(
+    servers: Iterable[AuditServer],
+    domain_uuids: Iterable[str],
+    libvirt_secrets: Iterable[LibvirtSecret],
+    state_dir_uuids: Iterable[str],
+    barbican_secrets: Iterable[BarbicanSecret] | None,
+    *,
+    state_dir_base: str = "/var/lib/libvirt/swtpm",
+) -> AuditReport:
+    """Find orphans and per-server problems.
+
+    ``servers`` are this host's servers (our records); ``domain_uuids`` every
+    libvirt domain, ours or not (a foreign domain's secret or state is not an
+    orphan); ``state_dir_uuids`` the ``<uuid>`` directories under
+    ``state_dir_base``; ``barbican_secrets`` None when Barbican was not listed.
+    UUIDs are compared in canonical form, whatever their case.
+    """
+    server_list = sorted(servers, key=lambda s: (s.name, s.uuid))
+    by_uuid = {_canonical(s.uuid) or s.uuid: s for s in server_list}
+    domains = {_canonical(u) or u for u in domain_uuids} | set(by_uuid)
+    secrets = sorted(libvirt_secrets, key=lambda s: (s.usage_id, s.uuid))
+    libvirt_by_usage = {
+        _canonical(s.usage_id) or s.usage_id: LibvirtSecret(
+            _canonical(s.uuid) or s.uuid, _canonical(s.usage_id) or s.usage_id,
+            s.ephemeral, s.private)
+        for s in secrets
+    }
+
+    orphans: list[Orphan] = []
+    for secret in libvirt_by_usage.values():
+        server = by_uuid.get(secret.usage_id)
+        if secret.usage_id not in domains:
+            orphans.append(Orphan(LIBVIRT_SECRET, secret.uuid, secret.usage_id,
+                                  f"its usage name {secret.usage_id} is no domain on this host"))
+        elif server is not None and server.secret_uuid and (
+            _canonical(server.secret_uuid) != secret.uuid
+        ):
+            orphans.append(Orphan(LIBVIRT_SECRET, secret.uuid, secret.usage_id,
+                                  f"server {server.name!r} records vTPM secret "
+                                  f"{server.secret_uuid}, not this one"))
+    for dir_uuid in sorted({_canonical(u) or u for u in state_dir_uuids}):
+        if dir_uuid not in domains:
+            orphans.append(Orphan(STATE_DIR, os.path.join(state_dir_base, dir_uuid), dir_uuid,
+                                  f"no domain with UUID {dir_uuid} on this host"))
+    if barbican_secrets is not None:
+        for item in sorted(barbican_secrets, key=lambda b: (b.name, b.uuid or "")):
+            instance_uuid = _canonical(item.instance_uuid)
+            secret_uuid = _canonical(item.uuid) or str(item.uuid)
+            server = by_uuid.get(instance_uuid) if instance_uuid else None
+            if instance_uuid is None:
+                reason = f"its name {item.name!r} does not end with an instance UUID"
+            elif server is None:
+                reason = f"no server {instance_uuid} on this host"
+            elif _canonical(server.secret_uuid) != secret_uuid:
+                recorded = server.secret_uuid or "none"
+                reason = f"server {server.name!r} records vTPM secret {recorded}, not this one"
+            else:
+                continue
+            orphans.append(Orphan(BARBICAN_SECRET, secret_uuid, instance_uuid, reason))
+
+    findings = tuple(
+        ServerFinding(server, _server_problems(server, libvirt_by_usage))
+        for server in server_list if server.has_vtpm
+    )
+    return AuditReport(servers=findings, orphans=tuple(orphans),
+                       barbican_checked=barbican_secrets is not None)
