@@ -47,8 +47,12 @@ Delete = Callable[[Any], None]
 
 
 def castellan_available() -> bool:
-    return importlib.util.find_spec("castellan") is not None and \
-        importlib.util.find_spec("oslo_context") is not None
+    """castellan (optional extra ``bench``) and oslo.context can be imported."""
+    try:
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("castellan", "oslo_context"))
+    except (ImportError, ValueError):
+        return False
 
 
 def _passphrase() -> str:

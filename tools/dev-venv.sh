@@ -17,7 +17,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c '
     exit 0
 fi
 say "installing vtpm-driver and test dependencies (libvirt-python compiles, ~30 s)"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 \
     | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
 "$VENV/bin/python" -c 'import vtpm_driver, libvirt' || { say "install failed"; exit 1; }
 echo "$want" > "$stamp"
