@@ -199,6 +199,15 @@ Directory for standalone servers' serial console logs when
 ``server create --console-log`` is not given.
 """,
     ),
+    cfg.StrOpt(
+        "resize_backup_dir",
+        default="/var/lib/vtpm-driver/resize",
+        help="""
+Directory where a resize keeps the old swtpm state and server record
+(``<uuid>/``) until it is confirmed or reverted. Kept outside
+``swtpm_state_dir`` so ``vtpm-driver audit`` does not report it as an orphan.
+""",
+    ),
     cfg.IntOpt(
         "guest_start_timeout",
         default=60,

@@ -72,8 +72,7 @@ class VTPMDriver:
     @property
     def resize_ops(self) -> resize.ResizeOps:
         if self._resize is None:
-            backup_root = getattr(self.conf.vtpm, "resize_backup_dir", None)
-            self._resize = resize.ResizeOps(self.ops, backup_root or resize.DEFAULT_BACKUP_ROOT)
+            self._resize = resize.ResizeOps(self.ops, self.conf.vtpm.resize_backup_dir)
         return self._resize
 
     def _host_report(self) -> HostReport:

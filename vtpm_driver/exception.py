@@ -48,6 +48,10 @@ class OperationNotSupportedForVTPM(VTPMError):
     """The requested lifecycle operation is not supported for vTPM servers."""
 
 
+class NotAuthorized(VTPMError):
+    """The caller's project may not act on this server (Nova's owner-or-admin rule)."""
+
+
 class HypervisorUnavailable(VTPMError):
     """libvirt could not be reached at the configured URI."""
 

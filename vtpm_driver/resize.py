@@ -225,7 +225,7 @@ class ResizeOps:
                 f"a resize of server {server_label(instance)} is already in progress (backup "
                 f"in {str(self.backup_dir(instance.uuid))!r}): confirm or revert it first"
             )
-        if self.ops._has_managed_save(dom):
+        if self.ops.has_managed_save(dom):
             raise exception.VTPMError(
                 f"cannot resize server {server_label(instance)} while it is suspended: "
                 "resume it first"
@@ -316,7 +316,7 @@ class ResizeOps:
         instance.flavor = old_flavor
         start = self.ops.prepare_start(context, instance, old_cfg) if power_on else None
         guest.destroy(dom)
-        self.ops._discard_managed_save(dom)
+        self.ops.discard_managed_save(dom)
         restored = old_cfg is not None and self._restore_state(instance)
         if not restored and not same_tpm(old_cfg, new_cfg):
             # No saved state to go back to: whatever is there belongs to the new TPM.

@@ -378,7 +378,7 @@ class VTPMOps:
                 guest.start(dom)
         guest.wait_for_state(dom, _RUNNING, float(self.conf.vtpm.guest_start_timeout))
 
-    def _discard_managed_save(self, dom: libvirt.virDomain) -> None:
+    def discard_managed_save(self, dom: libvirt.virDomain) -> None:
         try:
             if dom.hasManagedSaveImage(0):
                 dom.managedSaveRemove(0)
@@ -386,7 +386,7 @@ class VTPMOps:
             raise connection.to_vtpm_error(exc, f"discard saved state of domain {dom.name()!r}"
                                            ) from exc
 
-    def _has_managed_save(self, dom: libvirt.virDomain) -> bool:
+    def has_managed_save(self, dom: libvirt.virDomain) -> bool:
         try:
             return bool(dom.hasManagedSaveImage(0))
         except libvirt.libvirtError as exc:
@@ -433,7 +433,7 @@ class VTPMOps:
             problems = self._undo_spawn(context, instance, cfg, progress)
             if not isinstance(exc, Exception):
                 raise
-            LOG.error("Spawn failed: %s", exc, instance_uuid=instance.uuid)
+            LOG.debug("Spawn failed: %s", exc, instance_uuid=instance.uuid)
             raise _wrap(exc, f"cannot spawn server {server_label(instance)}", problems
                         ) from exc
         LOG.info("Spawned server %s%s", instance.name,
@@ -550,7 +550,7 @@ class VTPMOps:
         start = self.prepare_start(context, instance, cfg)
         xml = self.domain_xml(instance, cfg)
         guest.destroy(dom)
-        self._discard_managed_save(dom)
+        self.discard_managed_save(dom)
         dom = guest.define(self.conn, xml)
         self.launch(dom, instance, start)
         LOG.info("Hard rebooted", instance_uuid=instance.uuid)
@@ -568,7 +568,7 @@ class VTPMOps:
         if guest.is_active(dom):
             LOG.info("Already running", instance_uuid=instance.uuid)
             return
-        if self._has_managed_save(dom):
+        if self.has_managed_save(dom):
             self.resume(context, instance)
             return
         self.hard_reboot(context, instance, dom)
@@ -597,7 +597,7 @@ class VTPMOps:
             LOG.info("Already running", instance_uuid=instance.uuid)
             return
         start = self.prepare_start(context, instance, cfg)
-        self.launch(dom, instance, start, fresh_boot=not self._has_managed_save(dom))
+        self.launch(dom, instance, start, fresh_boot=not self.has_managed_save(dom))
         LOG.info("Resumed", instance_uuid=instance.uuid)
 
     # -- queries ------------------------------------------------------------
@@ -606,7 +606,7 @@ class VTPMOps:
         """Nova's power state name: running, paused, shutdown, suspended, crashed, pending."""
         dom = self.lookup(instance)
         current = guest.get_state(dom)
-        if current == libvirt.VIR_DOMAIN_SHUTOFF and self._has_managed_save(dom):
+        if current == libvirt.VIR_DOMAIN_SHUTOFF and self.has_managed_save(dom):
             return POWER_SUSPENDED
         return _POWER_STATES.get(current, POWER_PENDING)
 

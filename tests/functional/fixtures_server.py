@@ -44,6 +44,7 @@ from vtpm_driver.virt import secret as virt_secret
 
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check
 STAY = "vtpm_test=stay"
+READY = "vtpm-guest: staying up"
 _SERVICE_KEYS = ("auth_url", "username", "password", "project_name", "user_domain_name",
                  "project_domain_name")
 
@@ -81,10 +82,13 @@ class Console:
     Call :meth:`mark` before the operation that boots the guest, then
     :meth:`wait_new`. Only complete lines count. libvirt appends to the file on
     a soft reboot and the driver empties it before a fresh boot; both are handled.
+    With ``stay`` it also waits until the guest listens to the ACPI power button
+    (soft reboot and graceful power-off need that).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stay: bool = False) -> None:
         self.path = path
+        self.stay = stay
         self._before = ""
 
     def _complete_text(self) -> str:
@@ -108,7 +112,9 @@ class Console:
                 fresh = results[len(before):]
             else:  # the file was emptied (new boot) or replaced
                 fresh = results
-            if fresh:
+            # A guest that stays up listens to the power button only once it says so.
+            ready = not self.stay or READY in text[text.rfind("VTPM_RESULT"):]
+            if fresh and ready:
                 self._before = text
                 return fresh[0]
             if time.monotonic() > deadline:
@@ -155,7 +161,7 @@ class ServersOnStack:
               driver: VTPMDriver | None = None) -> Console:
         """Spawn ``inst`` and return its console (marked before the boot)."""
         self.driver.ops.ensure_console_log(inst)
-        console = Console(inst.console_log)
+        console = Console(inst.console_log, stay=STAY in (inst.image_meta.cmdline or ""))
         console.mark()
         (driver or self.driver).spawn(context or self.owner, inst, inst.image_meta, [], None, {})
         return console

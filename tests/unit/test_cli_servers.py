@@ -595,3 +595,33 @@ def test_progress_can_be_disabled():
 )
 def test_power_state_names(state, name):
     assert server_cli.power_state_name(types.SimpleNamespace(state=state)) == name
+
+
+# -- who may act on a server (Nova's owner-project-or-admin rule) ---------------
+
+
+def _ctx(project_id: str, roles: tuple[str, ...] = ("member",)):
+    from vtpm_driver.context import RequestContext
+
+    return RequestContext(user_id="u-1", project_id=project_id, auth_token="t",
+                          roles=roles, user_name="alice")
+
+
+def test_check_project_allows_project_members_and_admins():
+    from vtpm_driver.cli.servers import check_project
+    from vtpm_driver.objects import Instance
+
+    inst = Instance(name="vm", user_id="owner", project_id="proj-a")
+    check_project(_ctx("proj-a"), inst, "reboot")
+    check_project(_ctx("proj-x", roles=("admin",)), inst, "reboot")
+
+
+def test_check_project_refuses_other_projects_naming_server_and_project():
+    from vtpm_driver import exception
+    from vtpm_driver.cli.servers import check_project
+    from vtpm_driver.objects import Instance
+
+    inst = Instance(name="vm", user_id="owner", project_id="proj-a")
+    with pytest.raises(exception.NotAuthorized,
+                       match=r"cannot stop server vm: it belongs to project proj-a and alice"):
+        check_project(_ctx("proj-b"), inst, "stop")

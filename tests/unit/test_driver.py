@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import types
 
 import pytest
 from oslo_config import cfg
@@ -38,6 +39,28 @@ class FakeProbe:
         if self.unreachable:
             raise exception.HypervisorUnavailable("cannot connect to libvirt at test:///x: no")
         return {"libvirt": "9.0.0"}
+
+
+class FakeDomain:
+    def __init__(self, uuid: str, devices: str) -> None:
+        self.uuid = uuid
+        self.devices = devices
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return f"<domain><uuid>{self.uuid}</uuid><devices>{self.devices}</devices></domain>"
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+
+def fake_hypervisor(*domains: FakeDomain) -> types.SimpleNamespace:
+    """A hypervisor whose connection lists ``domains`` (never the real host's)."""
+    conn = types.SimpleNamespace(listAllDomains=lambda flags=0: list(domains))
+    return types.SimpleNamespace(conn=conn)
+
+
+VTPM_DEVICES = ("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>")
+PASSTHROUGH_DEVICES = ("<tpm model='tpm-tis'><backend type='passthrough'/></tpm>")
 
 
 @pytest.fixture
@@ -96,7 +119,8 @@ def test_disabled_swtpm_starts_and_reports_no_traits(make_conf):
     # C1: nothing about swtpm matters when it is disabled.
     drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=False),
                                  FakeProbe(xml="<domainCapabilities/>", binaries=(),
-                                           accounts=()))
+                                           accounts=()),
+                                 hypervisor=fake_hypervisor())
     drv.init_host()
     assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
 
@@ -116,9 +140,16 @@ def test_c4_disabled_swtpm_with_vtpm_servers_refuses(make_conf):
     )
 
 
-def test_c4_hook_is_empty_until_domains_can_be_listed(make_conf):
-    drv = vtpm_driver.VTPMDriver(make_conf(), FakeProbe())
-    assert drv._vtpm_servers_on_host() == []
+def test_c4_only_emulator_tpm_domains_count(make_conf):
+    a, b = "2e1b6e8a-0000-4000-8000-00000000000a", "2e1b6e8a-0000-4000-8000-00000000000b"
+    drv = vtpm_driver.VTPMDriver(
+        make_conf(swtpm_enabled=False), FakeProbe(),
+        hypervisor=fake_hypervisor(FakeDomain(b, VTPM_DEVICES), FakeDomain(a, ""),
+                                   FakeDomain("2e1b6e8a-0000-4000-8000-00000000000c",
+                                              PASSTHROUGH_DEVICES)))
+    assert drv._vtpm_servers_on_host() == [b]
+    with pytest.raises(exception.InvalidConfiguration, match=b):
+        drv.init_host()
 
 
 def test_unreachable_libvirt_propagates(make_conf):

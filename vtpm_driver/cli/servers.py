@@ -216,6 +216,21 @@ backend_factory: Callable[[cfg.ConfigOpts], Any] = ServerBackend
 # --------------------------------------------------------------------------- presentation
 
 
+def check_project(context: RequestContext, instance: Any, verb: str) -> None:
+    """Nova's default policy: members of the server's project, or an admin.
+
+    Operations that need the vTPM passphrase are further limited to the owner
+    by Barbican's ACL in ``user`` mode; this check keeps other projects from
+    even stopping or rebooting a server they do not own.
+    """
+    if context.project_id == instance.project_id or "admin" in context.roles:
+        return
+    raise exception.NotAuthorized(
+        f"cannot {verb} server {instance.name}: it belongs to project {instance.project_id} "
+        f"and {context.user_name or context.user_id} is not a member of it (or an admin)"
+    )
+
+
 def _isatty(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
@@ -415,6 +430,7 @@ class _ServerAction(_ServerCommandMixin, Command):
         context = self.context(parsed_args)
         with self.backend() as backend:
             instance = backend.find(parsed_args.server)
+            check_project(context, instance, self.verb)
             self.act(backend, context, instance, parsed_args)
         return 0
 
