@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -27,6 +26,8 @@ from typing import NoReturn
 
 import libvirt
 import pytest
+
+from vtpm_driver.cli.demo import parse_vtpm_results  # the guest's one-line protocol
 
 LIBVIRT_URI = os.environ.get("VTPM_LIBVIRT_URI", "qemu:///system")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,6 @@ SHUTOFF_TIMEOUT = 180.0
 SWTPM_BLOB_HEADER_LEN = 10
 SWTPM_BLOB_FLAG_ENCRYPTED = 0x01
 
-_RESULT_RE = re.compile(r"VTPM_RESULT((?: +[a-z_]+=\S*)+) *$")
 
 
 def in_ci() -> bool:
@@ -132,16 +132,6 @@ def read_console(path: str | os.PathLike[str]) -> str:
         return Path(path).read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def parse_vtpm_results(text: str) -> list[dict[str, str]]:
-    """Every VTPM_RESULT line in ``text`` (one per boot), as dicts, oldest first."""
-    results = []
-    for line in text.splitlines():
-        match = _RESULT_RE.search(line.rstrip("\r"))
-        if match:
-            results.append(dict(item.split("=", 1) for item in match.group(1).split()))
-    return results
 
 
 def last_vtpm_result(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -378,6 +378,18 @@ def test_hard_reboot_by_another_member_is_refused_and_changes_nothing(
                                "orphan_barbican_secrets")
                 for o in report[kind] if o["instance_uuid"] == shown["uuid"]]
 
+    # SPEC F6: what cannot be done safely yet is refused, naming the operation and why.
+    for op, named in (("rebuild", "'rebuild'"), ("rescue", "'rescue'"), ("shelve", "'shelve'"),
+                      ("evacuate", "'evacuate'"), ("live-migrate", "'live-migration'")):
+        line = cli("server", op, name).one_error_line()
+        assert f"operation {named} is not supported for vTPM-enabled server" in line
+        assert line.split(": ", 3)[-1].strip(), line  # a reason follows
+    # Another project may not even stop it (Nova's owner-project-or-admin rule).
+    line = cli("server", "stop", name, cloud="other").one_error_line()
+    assert f"cannot stop server {name}: it belongs to project" in line
+    dom = libvirt_conn.lookupByUUIDString(shown["uuid"])
+    assert dom.isActive() and dom.ID() == before[0]
+
     # The owner may; the guest comes back with the same TPM.
     rebooted = cli("server", "reboot", "--hard", name)
     assert (rebooted.rc, rebooted.out, rebooted.err) == (0, "", "")

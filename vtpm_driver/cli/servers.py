@@ -837,6 +837,32 @@ def _abspath(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
+class _RefusedForVTPM(_ServerAction):
+    """An operation the driver refuses for vTPM servers (SPEC F6); exits 1 saying why."""
+
+    operation = ""
+
+    def act(self, backend: Any, context: RequestContext, instance: Any,
+            parsed_args: argparse.Namespace) -> None:
+        drv = backend.driver
+        if self.operation == "live-migrate":
+            drv.live_migration(context, instance, None, None, None)
+        elif self.operation == "rebuild":
+            drv.rebuild(context, instance, instance.image_meta, None, None, None, None,
+                        None, None)
+        elif self.operation == "rescue":
+            drv.rescue(context, instance, None, instance.image_meta, None, None)
+        else:
+            getattr(drv, self.operation)(context, instance)
+
+
+def _refused(operation: str) -> type[_RefusedForVTPM]:
+    doc = (f"{operation.capitalize()} a server: refused for servers with a vTPM "
+           "(their TPM state cannot follow the operation safely yet).")
+    return type(f"Server{operation.title().replace('-', '')}", (_RefusedForVTPM,),
+                {"__doc__": doc, "operation": operation, "verb": operation})
+
+
 COMMANDS = {
     "server create": ServerCreate,
     "server list": ServerList,
@@ -850,4 +876,6 @@ COMMANDS = {
     "server resize confirm": ServerResizeConfirm,
     "server resize revert": ServerResizeRevert,
     "server delete": ServerDelete,
+    **{f"server {op}": _refused(op)
+       for op in ("rebuild", "rescue", "shelve", "evacuate", "live-migrate")},
 }

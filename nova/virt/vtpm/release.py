@@ -1,0 +1,43 @@
+"""The one Nova release this shim is written against, checked before anything else.
+
+The shim overrides private methods of Nova's libvirt driver (``_hard_reboot``,
+``_get_or_create_secret_for_vtpm``, ...) whose names and arguments change
+between releases. Running it on another release would fail in odd places at
+run time, so nova-compute refuses to load it instead, saying which release to
+install. :class:`UnsupportedNovaRelease` derives from ``ImportError`` because
+that is what Nova's driver loader (``nova.virt.driver.load_compute_driver``)
+reports as "Unable to load the virtualization driver" before exiting.
+"""
+
+from __future__ import annotations
+
+from nova import version as nova_version
+
+SUPPORTED_MAJOR = 34
+SUPPORTED = f"nova {SUPPORTED_MAJOR}.x"
+PIP_REQUIREMENT = f"nova=={SUPPORTED_MAJOR}.*"
+
+
+class UnsupportedNovaRelease(ImportError):
+    """The installed Nova is not the release this shim supports."""
+
+
+def installed_release() -> str:
+    """The installed Nova's version string, e.g. ``34.0.0`` (pbr metadata)."""
+    return str(nova_version.version_string())
+
+
+def check_nova_release(found: str | None = None) -> str:
+    """Return the installed release if it is supported, else refuse clearly.
+
+    :raises UnsupportedNovaRelease: names the release found and the one needed.
+    """
+    found = installed_release() if found is None else found
+    major = found.split(".", 1)[0].strip()
+    if not major.isdigit() or int(major) != SUPPORTED_MAJOR:
+        raise UnsupportedNovaRelease(
+            f"the vtpm-driver Nova shim (compute_driver = vtpm.VTPMLibvirtDriver) supports "
+            f"{SUPPORTED} only, but nova {found!r} is installed: install "
+            f"'{PIP_REQUIREMENT}', or set [DEFAULT] compute_driver = libvirt.LibvirtDriver"
+        )
+    return found

@@ -1,0 +1,64 @@
+"""The shim's one module-level change: vTPM validation inside Nova's libvirt driver.
+
+Nova's libvirt driver asks ``hardware.get_vtpm_constraint(flavor, image_meta)``
+"does this server have a vTPM, and which one?" in eight places, five of them
+inside long generic methods (``spawn``, ``_create_guest``,
+``_finish_migration_vtpm``, ``_add_vtpm_secret_to_live_migrate_data``,
+``_validate_vtpm_configuration``) that the shim should not copy. So that
+:mod:`vtpm_driver.spec` answers there too, :func:`install` replaces the name
+``hardware`` in the module ``nova.virt.libvirt.driver`` (and nowhere else) with
+:class:`HardwareView`: the real ``nova.virt.hardware`` with only
+``get_vtpm_constraint`` swapped for
+:func:`nova.virt.vtpm.translate.nova_vtpm_constraint`.
+
+Scope and safety:
+
+* ``nova.virt.hardware`` itself is untouched: the compute manager, the API and
+  the scheduler keep Nova's function (the API's own vTPM checks still run).
+* The replacement has Nova's contract (``VTPMConfig(version, model)`` or None;
+  ``FlavorImageConflict``/``Invalid``) and is pure, so it does not depend on
+  which driver object installed it.
+* :func:`install` is idempotent and done by ``VTPMLibvirtDriver.__init__``;
+  :func:`uninstall` restores the real module (tests).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from nova.virt import hardware
+from nova.virt.libvirt import driver as libvirt_driver
+
+from nova.virt.vtpm import translate
+
+
+class HardwareView(types.ModuleType):
+    """``nova.virt.hardware`` with ``get_vtpm_constraint`` answered by our spec."""
+
+    def __init__(self, real: types.ModuleType) -> None:
+        super().__init__(real.__name__, real.__doc__)
+        self.__dict__["_real"] = real
+        self.get_vtpm_constraint = translate.nova_vtpm_constraint
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not set on the view: everything but
+        # get_vtpm_constraint comes from the real module, looked up at call time.
+        return getattr(self.__dict__["_real"], name)
+
+
+def installed() -> bool:
+    """Whether Nova's libvirt driver module currently sees :class:`HardwareView`."""
+    return isinstance(libvirt_driver.hardware, HardwareView)
+
+
+def install() -> None:
+    """Route the libvirt driver's ``get_vtpm_constraint`` calls to our spec (idempotent)."""
+    if not installed():
+        libvirt_driver.hardware = HardwareView(hardware)
+
+
+def uninstall() -> None:
+    """Give the libvirt driver module the real ``nova.virt.hardware`` back."""
+    if installed():
+        libvirt_driver.hardware = hardware

@@ -1,0 +1,170 @@
+"""Translation between Nova's objects and the ``vtpm_driver`` package.
+
+Nova hands the driver its own ``RequestContext``, ``Flavor``, ``ImageMeta``
+(whose ``properties`` is an ``ImageMetaProps`` object, not a mapping) and
+expects its own exception types back. Everything here is a pure mapping:
+no decision about vTPMs is taken in this module, they are all taken by
+:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.host`, :mod:`vtpm_driver.keymgr`
+and :mod:`vtpm_driver.virt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lxml import etree
+from nova import exception as nova_exception
+from nova.virt import hardware
+from nova.virt.libvirt import config as vconfig
+
+from vtpm_driver import context as vtpm_context
+from vtpm_driver import exception, spec
+from vtpm_driver.virt import domain
+
+# A domain document just big enough for domain.add_tpm to build the <tpm> in.
+_SKELETON = "<domain><devices/></domain>"
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+
+
+def request_context(context: Any) -> vtpm_context.RequestContext:
+    """Our request context from Nova's (same attribute names; roles as a tuple)."""
+    return vtpm_context.RequestContext(
+        user_id=getattr(context, "user_id", None) or "",
+        project_id=getattr(context, "project_id", None) or "",
+        auth_token=getattr(context, "auth_token", None),
+        roles=tuple(getattr(context, "roles", None) or ()),
+        service_catalog=list(getattr(context, "service_catalog", None) or []),
+        user_name=getattr(context, "user_name", None),
+        project_name=getattr(context, "project_name", None),
+    )
+
+
+def flavor_extra_specs(flavor: Any) -> Mapping[str, Any]:
+    """A Nova ``Flavor``'s (or a flavor dict's) extra specs; empty when it has none."""
+    if flavor is None:
+        return {}
+    if isinstance(flavor, Mapping):
+        return flavor.get("extra_specs") or {}
+    return getattr(flavor, "extra_specs", None) or {}
+
+
+def image_properties(image_meta: Any) -> dict[str, Any]:
+    """The vTPM image properties of a Nova ``ImageMeta`` (or image dict) as a mapping.
+
+    ``ImageMetaProps`` is not a ``Mapping``; only the keys :mod:`vtpm_driver.spec`
+    reads are copied, and only when set.
+    """
+    if image_meta is None:
+        return {}
+    if isinstance(image_meta, Mapping):
+        props: Any = image_meta.get("properties") or {}
+    else:
+        props = getattr(image_meta, "properties", None)
+    if props is None:
+        return {}
+    found = {}
+    for key in (spec.IMAGE_VERSION_KEY, spec.IMAGE_MODEL_KEY):
+        value = props.get(key)
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
+    """What the flavor and image ask for, decided by :func:`vtpm_driver.spec.get_vtpm_config`.
+
+    :raises nova.exception.FlavorImageConflict: flavor and image disagree.
+    :raises nova.exception.Invalid: an invalid value or combination.
+    """
+    with nova_errors():
+        return spec.get_vtpm_config(flavor_extra_specs(flavor), image_properties(image_meta))
+
+
+def nova_vtpm_constraint(flavor: Any, image_meta: Any) -> hardware.VTPMConfig | None:
+    """Drop-in for ``nova.virt.hardware.get_vtpm_constraint`` backed by our spec.
+
+    Same contract as Nova's: ``VTPMConfig(version, model)`` or None, and
+    ``FlavorImageConflict``/``Invalid`` for a bad request.
+    """
+    config = vtpm_config(flavor, image_meta)
+    return None if config is None else hardware.VTPMConfig(config.version, config.model)
+
+
+def flavor_secret_security(flavor: Any) -> str:
+    """The flavor's ``hw:tpm_secret_security`` (default ``user``), checked by our spec.
+
+    Used where only the flavor is known (the old or new flavor of a resize);
+    an unreadable value falls back to ``user`` so that a cleanup is never
+    blocked by it.
+    """
+    value = flavor_extra_specs(flavor).get(spec.FLAVOR_SECRET_SECURITY_KEY)
+    if isinstance(value, str) and value in spec.SECRET_SECURITY_MODES:
+        return value
+    return spec.DEFAULT_SECRET_SECURITY
+
+
+def tpm_element(config: spec.VTPMConfig, secret_uuid: str | None) -> etree._Element:
+    """The ``<tpm>`` element exactly as :func:`vtpm_driver.virt.domain.add_tpm` writes it.
+
+    :raises nova.exception.Invalid: no or an invalid secret UUID (no vTPM
+        without encryption), or a version/model pair libvirt would refuse.
+    """
+    with nova_errors():
+        xml = domain.add_tpm(_SKELETON, config.version, config.model, secret_uuid)
+    return etree.fromstring(xml.encode(), _PARSER).find("devices/tpm")
+
+
+class GuestVTPM(vconfig.LibvirtConfigGuestVTPM):
+    """Nova's vTPM device config whose XML is the element our package builds.
+
+    Subclassing Nova's class keeps ``isinstance`` checks in Nova working;
+    :meth:`format_dom` returns :func:`tpm_element` so the domain Nova defines
+    carries the same ``<tpm>`` as a standalone vtpm-driver server.
+    """
+
+    def __init__(self, config: spec.VTPMConfig, secret_uuid: str | None) -> None:
+        self._element = tpm_element(config, secret_uuid)
+        super().__init__(hardware.VTPMConfig(config.version, config.model), secret_uuid)
+
+    def format_dom(self) -> etree._Element:
+        return copy.deepcopy(self._element)
+
+
+def to_nova_exception(exc: exception.VTPMError) -> Exception:
+    """The Nova exception that Nova's own code raises in the same situation.
+
+    Messages are ours (they name the key, the value and what to do) and never
+    hold secrets, so they are passed on unchanged.
+    """
+    message = str(exc)
+    if isinstance(exc, exception.FlavorImageConflict):
+        return nova_exception.FlavorImageConflict(message=message)
+    if isinstance(exc, exception.InvalidVTPMConfig):
+        return nova_exception.Invalid(message=message)
+    if isinstance(exc, exception.InvalidConfiguration):
+        return nova_exception.InvalidConfiguration(message=message)
+    if isinstance(exc, exception.VTPMSecretForbidden):
+        return nova_exception.VTPMSecretForbidden(message=message)
+    if isinstance(exc, exception.VTPMSecretNotFound):
+        return nova_exception.VTPMSecretNotFound(message=message)
+    if isinstance(exc, exception.KeyManagerUnavailable):
+        return nova_exception.KeyManagerError(reason=message)
+    if isinstance(exc, exception.OperationNotSupportedForVTPM):
+        return nova_exception.OperationNotSupportedForVTPM(message=message)
+    if isinstance(exc, exception.HypervisorUnavailable):
+        return nova_exception.HypervisorUnavailable(message=message)
+    if isinstance(exc, exception.InstanceNotFound):
+        return nova_exception.InstanceNotFound(message=message)
+    return nova_exception.InternalError(message=message)
+
+
+@contextlib.contextmanager
+def nova_errors() -> Iterator[None]:
+    """Re-raise any ``VTPMError`` from the body as the matching Nova exception."""
+    try:
+        yield
+    except exception.VTPMError as exc:
+        raise to_nova_exception(exc) from exc

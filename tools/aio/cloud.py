@@ -1,0 +1,231 @@
+"""Steps of ``tools/openstack-aio.sh`` that talk to the running cloud's APIs.
+
+Run with the AIO virtualenv (keystoneauth1 + PyYAML), with the admin cloud of
+the AIO's clouds.yaml:
+
+    cloud.py wait-compute [--timeout S] [--traits]
+        wait until nova-compute is up, its hypervisor is listed and (with
+        --traits) its placement resource provider carries the TPM traits
+    cloud.py images
+        upload the test guest (kernel as aki, initramfs as ari, a tiny raw
+        root disk that points at both) as public images; idempotent
+    cloud.py status
+        one line per compute service and the compute node's TPM traits
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from keystoneauth1 import adapter
+from keystoneauth1 import exceptions as ks_exc
+from keystoneauth1 import session as ks_session
+from keystoneauth1.identity import v3
+from render import aio_dir
+
+GUEST_KERNEL = "vtpm-guest-kernel"
+GUEST_RAMDISK = "vtpm-guest-ramdisk"
+GUEST_IMAGE = "vtpm-guest"
+# The guest prints its VTPM_RESULT line on ttyS0 and then stays up (so tests
+# can reboot it); Nova's libvirt driver passes this as the kernel command line.
+GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
+ROOT_DISK_BYTES = 1024 * 1024
+TPM_TRAITS = ("COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB", "COMPUTE_SECURITY_TPM_TIS")
+
+
+class CloudError(Exception):
+    """The cloud did not reach the expected state."""
+
+
+def session(cloud: str = "admin") -> ks_session.Session:
+    auth = yaml.safe_load((aio_dir() / "clouds.yaml").read_text())["clouds"][cloud]["auth"]
+    return ks_session.Session(
+        auth=v3.Password(
+            auth_url=auth["auth_url"],
+            username=auth["username"],
+            password=auth["password"],
+            project_name=auth["project_name"],
+            user_domain_name=auth["user_domain_name"],
+            project_domain_name=auth["project_domain_name"],
+        )
+    )
+
+
+def api(sess: ks_session.Session, service_type: str, microversion: str | None = None):
+    return adapter.Adapter(
+        sess,
+        service_type=service_type,
+        interface="public",
+        region_name="RegionOne",
+        default_microversion=microversion,
+    )
+
+
+def compute_state(sess: ks_session.Session) -> tuple[list[dict], list[dict]]:
+    compute = api(sess, "compute", "2.53")
+    services = compute.get("/os-services", params={"binary": "nova-compute"}).json()["services"]
+    hypervisors = compute.get("/os-hypervisors").json()["hypervisors"]
+    return services, hypervisors
+
+
+def provider_traits(sess: ks_session.Session, hypervisor_id: str) -> list[str]:
+    placement = api(sess, "placement", "1.6")
+    return placement.get(f"/resource_providers/{hypervisor_id}/traits").json()["traits"]
+
+
+def wait_compute(timeout: float, want_traits: bool) -> None:
+    sess = session()
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        try:
+            services, hypervisors = compute_state(sess)
+            up = [s for s in services if s["state"] == "up" and s["status"] == "enabled"]
+            if not up:
+                last = f"nova-compute services: {[(s['host'], s['state']) for s in services]}"
+            elif not hypervisors:
+                last = "nova-compute is up but no hypervisor is listed (host not discovered)"
+            else:
+                hyp = hypervisors[0]
+                if not want_traits:
+                    print(f"[openstack-aio] compute node {hyp['hypervisor_hostname']} is up")
+                    return
+                traits = provider_traits(sess, hyp["id"])
+                missing = [t for t in TPM_TRAITS if t not in traits]
+                if not missing:
+                    tpm = sorted(t for t in traits if "TPM" in t)
+                    print(
+                        f"[openstack-aio] compute node {hyp['hypervisor_hostname']} is up; "
+                        f"placement traits: {' '.join(tpm)}"
+                    )
+                    return
+                last = f"resource provider {hyp['id']} lacks traits {missing}"
+        except (ks_exc.ClientException, KeyError, ValueError) as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() > deadline:
+            raise CloudError(f"compute node not ready after {timeout:.0f} s: {last}")
+        time.sleep(2)
+
+
+def sha512(path: Path) -> str:
+    h = hashlib.sha512()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_images(glance: adapter.Adapter, name: str) -> list[dict]:
+    return glance.get("/v2/images", params={"name": name}).json()["images"]
+
+
+def ensure_image(
+    glance: adapter.Adapter,
+    name: str,
+    data: Path,
+    disk_format: str,
+    container_format: str,
+    properties: dict[str, str],
+) -> str:
+    """The id of an active public image ``name`` with exactly this content and these
+    properties; replaces an older one (deleted after the new one is active)."""
+    digest = sha512(data)
+    existing = find_images(glance, name)
+    for image in existing:
+        if (
+            image["status"] == "active"
+            and image.get("os_hash_value") == digest
+            and all(image.get(k) == v for k, v in properties.items())
+        ):
+            return image["id"]
+    body = {
+        "name": name,
+        "disk_format": disk_format,
+        "container_format": container_format,
+        "visibility": "public",
+        **properties,
+    }
+    image = glance.post("/v2/images", json=body).json()
+    with open(data, "rb") as f:
+        glance.put(
+            f"/v2/images/{image['id']}/file",
+            data=f,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    status = glance.get(f"/v2/images/{image['id']}").json()["status"]
+    if status != "active":
+        raise CloudError(f"image {name} ({image['id']}) is {status} after upload")
+    print(f"[openstack-aio] uploaded image {name} ({image['id']})")
+    for old in existing:
+        glance.delete(f"/v2/images/{old['id']}")
+        print(f"[openstack-aio] deleted the outdated image {name} ({old['id']})")
+    return image["id"]
+
+
+def upload_images(guest_dir: Path) -> None:
+    kernel, initrd = guest_dir / "vmlinuz", guest_dir / "initrd.img"
+    for f in (kernel, initrd):
+        if not f.is_file():
+            raise CloudError(f"test guest file {f} is missing: run tools/build-guest.sh")
+    root_disk = aio_dir() / "data" / "vtpm-guest-root.raw"
+    if not root_disk.exists() or root_disk.stat().st_size != ROOT_DISK_BYTES:
+        root_disk.write_bytes(bytes(ROOT_DISK_BYTES))
+    glance = api(session(), "image")
+    kernel_id = ensure_image(glance, GUEST_KERNEL, kernel, "aki", "aki", {})
+    ramdisk_id = ensure_image(glance, GUEST_RAMDISK, initrd, "ari", "ari", {})
+    image_id = ensure_image(
+        glance,
+        GUEST_IMAGE,
+        root_disk,
+        "raw",
+        "bare",
+        {"kernel_id": kernel_id, "ramdisk_id": ramdisk_id, "os_command_line": GUEST_CMDLINE},
+    )
+    print(f"[openstack-aio] guest image {GUEST_IMAGE} = {image_id}")
+
+
+def status() -> int:
+    sess = session()
+    services, hypervisors = compute_state(sess)
+    for s in services:
+        print(f"[openstack-aio] {s['binary']} on {s['host']}: {s['status']}, {s['state']}")
+    rc = 0 if any(s["state"] == "up" for s in services) else 3
+    for hyp in hypervisors:
+        traits = sorted(t for t in provider_traits(sess, hyp["id"]) if "TPM" in t)
+        print(f"[openstack-aio] compute node {hyp['hypervisor_hostname']}: {' '.join(traits)}")
+    if not hypervisors:
+        print("[openstack-aio] no compute node is listed")
+        rc = 3
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    wait = sub.add_parser("wait-compute")
+    wait.add_argument("--timeout", type=float, default=180)
+    wait.add_argument("--traits", action="store_true")
+    images = sub.add_parser("images")
+    images.add_argument("--guest-dir", type=Path, required=True)
+    sub.add_parser("status")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "wait-compute":
+            wait_compute(args.timeout, args.traits)
+        elif args.cmd == "images":
+            upload_images(args.guest_dir)
+        else:
+            return status()
+    except (CloudError, ks_exc.ClientException, OSError, KeyError) as e:
+        print(f"[openstack-aio] ERROR: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,298 @@
+"""Write the all-in-one cloud's configuration into its state directory.
+
+Run by ``tools/openstack-aio.sh`` with the AIO virtualenv. Service passwords
+(Keystone users nova/placement/glance, the RabbitMQ user) are generated on the
+first run and then only read; everything else is rewritten on every run from
+this file, so the configuration always matches the script.
+
+``render.py --print-password NAME`` prints one stored password on stdout, so
+the shell can hand it to ``rabbitmqctl`` on standard input instead of the
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+KEYSTONE_URL = "http://127.0.0.1:5000/v3"
+REGION = "RegionOne"
+RABBIT_HOST = "127.0.0.1:5672"
+RABBIT_USER = "nova"
+RABBIT_VHOST = "nova"
+ENDPOINTS = {
+    # service type -> (service name, public URL)
+    "compute": ("nova", "http://127.0.0.1:8774/v2.1"),
+    "placement": ("placement", "http://127.0.0.1:8778"),
+    "image": ("glance", "http://127.0.0.1:9292"),
+}
+# Keystone users this cloud owns (all in project "service"); "rabbit" is RabbitMQ's.
+PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit")
+# Clouds copied from the keymgr stack's clouds.yaml (same Keystone, same users).
+CLOUDS = ("owner", "member", "other", "admin")
+
+
+def aio_dir() -> Path:
+    return Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
+
+
+def stack_dir() -> Path:
+    return Path(os.environ.get("VTPM_STACK_DIR", "/var/lib/vtpm-driver/stack"))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (created 0600, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_passwords(root: Path) -> dict[str, str]:
+    """Stored passwords; missing ones are generated once and saved."""
+    path = root / "secrets" / "passwords.json"
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    missing = [n for n in PASSWORD_NAMES if n not in stored]
+    if missing:
+        for name in missing:
+            stored[name] = secrets.token_urlsafe(24)
+        (root / "secrets").mkdir(mode=0o700, exist_ok=True)
+        write_private(path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
+    return stored
+
+
+def ini(sections: dict[str, dict[str, object]]) -> str:
+    """oslo.config INI text from nested dicts (booleans as True/False)."""
+    out = ["# Written by tools/openstack-aio.sh (tools/aio/render.py): do not edit.\n"]
+    for section, opts in sections.items():
+        out.append(f"[{section}]")
+        out.extend(f"{key} = {value}" for key, value in opts.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def authtoken(user: str, password: str) -> dict[str, object]:
+    """keystonemiddleware / keystoneauth password options for a service user."""
+    return {
+        "www_authenticate_uri": KEYSTONE_URL,
+        "auth_url": KEYSTONE_URL,
+        "auth_type": "password",
+        "username": user,
+        "password": password,
+        "project_name": "service",
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+        "region_name": REGION,
+    }
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) -> str:
+    venv = root / "venv"
+    helper = f"{venv}/bin/privsep-helper --config-file {root}/etc/nova/nova.conf"
+    ksa = authtoken("nova", pw["nova"])
+    client = {**{k: v for k, v in ksa.items() if k != "www_authenticate_uri"}}
+    return ini(
+        {
+            "DEFAULT": {
+                "host": "vtpm-aio",
+                "my_ip": "127.0.0.1",
+                "debug": debug,
+                "state_path": root / "nova",
+                "instances_path": root / "instances",
+                "transport_url": (
+                    f"rabbit://{RABBIT_USER}:{pw['rabbit']}@{RABBIT_HOST}/{RABBIT_VHOST}"
+                ),
+                "compute_driver": compute_driver,
+                "enabled_apis": "osapi_compute",
+                # No Neutron here: the periodic cache refresh would only ask it.
+                "heal_instance_info_cache_interval": -1,
+                "use_rootwrap_daemon": False,
+                "shutdown_timeout": 5,
+                "instance_build_timeout": 600,
+                "resume_guests_state_on_host_boot": False,
+                "update_resources_interval": 60,
+            },
+            "api": {"auth_strategy": "keystone"},
+            "api_database": {"connection": sqlite_url(root / "data" / "nova_api.sqlite")},
+            "database": {"connection": sqlite_url(root / "data" / "nova_cell1.sqlite")},
+            "keystone_authtoken": {**ksa, "service_token_roles_required": True},
+            "placement": client,
+            "glance": {"region_name": REGION, "valid_interfaces": "public"},
+            "neutron": {
+                **client,
+                "region_name": REGION,
+                "endpoint_override": "http://127.0.0.1:9696",
+            },
+            "service_user": {**client, "send_service_user_token": False},
+            "key_manager": {"backend": "barbican"},
+            "barbican": {
+                "auth_endpoint": KEYSTONE_URL,
+                "barbican_endpoint_type": "public",
+                "barbican_region_name": REGION,
+            },
+            "libvirt": {
+                "virt_type": "qemu",
+                "connection_uri": "qemu:///system",
+                "cpu_mode": "none",
+                "swtpm_enabled": True,
+                "hw_machine_type": "x86_64=q35",
+                "wait_soft_reboot_seconds": 10,
+            },
+            "compute": {"consecutive_build_service_disable_threshold": 0},
+            "conductor": {"workers": 1},
+            "scheduler": {"workers": 1, "discover_hosts_in_cells_interval": -1},
+            "filter_scheduler": {"track_instance_changes": False},
+            "vnc": {"enabled": False},
+            "spice": {"enabled": False},
+            "serial_console": {"enabled": False},
+            "oslo_messaging_notifications": {"driver": "noop"},
+            "oslo_concurrency": {"lock_path": root / "nova" / "locks"},
+            "nova_sys_admin": {"helper_command": helper},
+            "privsep_osbrick": {"helper_command": helper},
+            "vif_plug_linux_bridge_privileged": {"helper_command": helper},
+            "vif_plug_ovs_privileged": {"helper_command": helper},
+            "wsgi": {"api_paste_config": root / "etc" / "nova" / "api-paste.ini"},
+        }
+    )
+
+
+def placement_conf(root: Path, pw: dict[str, str], debug: bool) -> str:
+    return ini(
+        {
+            "DEFAULT": {"debug": debug, "log_file": root / "logs" / "placement-api.log"},
+            "api": {"auth_strategy": "keystone"},
+            "placement_database": {
+                "connection": sqlite_url(root / "data" / "placement.sqlite"),
+            },
+            "keystone_authtoken": authtoken("placement", pw["placement"]),
+            "oslo_concurrency": {"lock_path": root / "placement" / "locks"},
+        }
+    )
+
+
+def glance_conf(root: Path, pw: dict[str, str], debug: bool) -> str:
+    gdata = root / "data" / "glance"
+    return ini(
+        {
+            "DEFAULT": {
+                "debug": debug,
+                "log_file": root / "logs" / "glance-api.log",
+                "enabled_backends": "file:file",
+                "worker_self_reference_url": ENDPOINTS["image"][1],
+                "image_cache_dir": gdata / "cache",
+                "show_image_direct_url": False,
+                "workers": 1,
+            },
+            "database": {"connection": sqlite_url(root / "data" / "glance.sqlite")},
+            "glance_store": {"default_backend": "file"},
+            "file": {"filesystem_store_datadir": f"{gdata / 'images'}/"},
+            "os_glance_staging_store": {"filesystem_store_datadir": f"{gdata / 'staging'}/"},
+            "os_glance_tasks_store": {"filesystem_store_datadir": f"{gdata / 'tasks'}/"},
+            "keystone_authtoken": authtoken("glance", pw["glance"]),
+            "paste_deploy": {
+                "flavor": "keystone",
+                "config_file": root / "etc" / "glance" / "glance-api-paste.ini",
+            },
+            "oslo_concurrency": {"lock_path": root / "glance" / "locks"},
+        }
+    )
+
+
+def rabbitmq_conf() -> str:
+    host, port = RABBIT_HOST.split(":")
+    return (
+        "# Written by tools/openstack-aio.sh: RabbitMQ for the all-in-one cloud.\n"
+        f"listeners.tcp.default = {host}:{port}\n"
+        "log.file.level = warning\n"
+        "disk_free_limit.absolute = 50MB\n"
+    )
+
+
+def write_clouds(root: Path) -> None:
+    """clouds.yaml and openrc-<cloud> for the clouds this cloud's users need."""
+    src = yaml.safe_load((stack_dir() / "clouds.yaml").read_text())["clouds"]
+    clouds = {}
+    for name in CLOUDS:
+        clouds[name] = dict(src[name])
+    header = "# Written by tools/openstack-aio.sh: the all-in-one cloud, do not edit.\n"
+    write_private(root / "clouds.yaml", header + yaml.safe_dump({"clouds": clouds}))
+    for name, cloud in clouds.items():
+        auth = cloud["auth"]
+        lines = [
+            f"# Credentials for cloud '{name}' of the vtpm-driver all-in-one cloud.",
+            f"export OS_AUTH_URL={auth['auth_url']}",
+            f"export OS_USERNAME={auth['username']}",
+            f"export OS_PASSWORD='{auth['password']}'",
+            f"export OS_PROJECT_NAME={auth['project_name']}",
+            f"export OS_USER_DOMAIN_NAME={auth['user_domain_name']}",
+            f"export OS_PROJECT_DOMAIN_NAME={auth['project_domain_name']}",
+            "export OS_IDENTITY_API_VERSION=3",
+            f"export OS_REGION_NAME={cloud.get('region_name', REGION)}",
+            "export OS_INTERFACE=public",
+        ]
+        write_private(root / f"openrc-{name}", "\n".join(lines) + "\n")
+
+
+def render(root: Path, compute_driver: str, debug: bool) -> None:
+    pw = load_passwords(root)
+    etc = root / "etc"
+    venv_etc = root / "venv" / "etc"
+    for d in (
+        "etc/nova",
+        "etc/placement",
+        "etc/glance",
+        "data/glance/images",
+        "data/glance/staging",
+        "data/glance/tasks",
+        "data/glance/cache",
+        "nova/locks",
+        "placement/locks",
+        "glance/locks",
+        "logs",
+        "run",
+    ):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    write_private(etc / "nova" / "nova.conf", nova_conf(root, pw, compute_driver, debug))
+    write_private(etc / "placement" / "placement.conf", placement_conf(root, pw, debug))
+    write_private(etc / "glance" / "glance-api.conf", glance_conf(root, pw, debug))
+    write_private(root / "rabbitmq" / "rabbitmq.conf", rabbitmq_conf())
+    write_private(root / "rabbitmq" / "enabled_plugins", "[].\n")
+    # Paste pipelines as the packages ship them (the WSGI apps read them from
+    # their config directory).
+    shutil.copyfile(venv_etc / "nova" / "api-paste.ini", etc / "nova" / "api-paste.ini")
+    shutil.copyfile(
+        venv_etc / "glance" / "glance-api-paste.ini", etc / "glance" / "glance-api-paste.ini"
+    )
+    write_clouds(root)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print-password", metavar="NAME", choices=PASSWORD_NAMES)
+    parser.add_argument("--compute-driver", default="libvirt.LibvirtDriver")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    root = aio_dir()
+    if args.print_password:
+        sys.stdout.write(load_passwords(root)[args.print_password])
+        return 0
+    render(root, args.compute_driver, args.debug)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,539 @@
+#!/bin/bash
+# All-in-one OpenStack on this machine, for end-to-end tests that drive it like users do.
+#
+#   tools/openstack-aio.sh start    install (once), configure, sync databases, start, wait
+#   tools/openstack-aio.sh stop     stop this cloud's services (not Keystone/Barbican/libvirtd)
+#   tools/openstack-aio.sh status   exit 0 when every service answers, 3 when not
+#
+# Services (all on 127.0.0.1, one worker each, sqlite databases):
+#   RabbitMQ :5672 (Debian package, own node "vtpm-aio", vhost "nova")
+#   placement-api :8778, nova-api :8774, glance-api :9292 (file store)   under gunicorn
+#   nova-conductor, nova-scheduler, nova-compute (libvirt qemu:///system, QEMU TCG, swtpm)
+#   neutron stand-in :9696 (answers "no ports"; see tools/aio/neutron_stub.py)
+# Keystone and Barbican are the keymgr stack's (tools/keymgr-stack.sh): this script starts
+# it when needed and registers users, services and endpoints in it.
+#
+# Everything lives in $VTPM_AIO_DIR (default /var/lib/vtpm-driver/aio): its own virtualenv
+# (nova 34, placement, glance, python-openstackclient + osc-placement, gunicorn, and this
+# checkout installed editable), configuration, databases, instances, pid files, logs, and
+# clouds.yaml / openrc-<cloud> for the clouds owner, member, other and admin.
+#
+# Environment: VTPM_AIO_DIR, VTPM_STACK_DIR, VTPM_GUEST_DIR, VTPM_AIO_COMPUTE_DRIVER (force
+# a compute driver; default: vtpm.VTPMLibvirtDriver when this checkout ships
+# nova/virt/vtpm, else libvirt.LibvirtDriver), VTPM_AIO_DEBUG=1 (debug logs).
+set -euo pipefail
+
+AIO_DIR="${VTPM_AIO_DIR:-/var/lib/vtpm-driver/aio}"
+STACK_DIR="${VTPM_STACK_DIR:-/var/lib/vtpm-driver/stack}"
+GUEST_DIR="${VTPM_GUEST_DIR:-/var/cache/vtpm-driver/guest}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+HELPERS="$HERE/aio"
+VENV="$AIO_DIR/venv"
+LOGS="$AIO_DIR/logs"
+RUN="$AIO_DIR/run"
+ETC="$AIO_DIR/etc"
+DATA="$AIO_DIR/data"
+RABBIT_DIR="$AIO_DIR/rabbitmq"
+START_TIMEOUT="${VTPM_AIO_START_TIMEOUT:-120}"
+# What the venv holds; changing this list reinstalls. The checkout is added editable.
+PACKAGES=('nova==34.*' 'openstack-placement==16.*' 'glance==33.*' python-openstackclient
+          osc-placement gunicorn)
+APT_PACKAGES=(rabbitmq-server qemu-utils curl)
+ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+# name -> bind address, WSGI module (gunicorn services)
+declare -A BIND=([placement-api]=127.0.0.1:8778 [glance-api]=127.0.0.1:9292
+                 [nova-api]=127.0.0.1:8774 [neutron-stub]=127.0.0.1:9696)
+declare -A WSGI=([placement-api]=placement.wsgi.api:application
+                 [glance-api]=glance.wsgi.api:application
+                 [nova-api]=nova_api_wsgi:application
+                 [neutron-stub]=neutron_stub:application)
+GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api)
+NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute)
+
+say() { printf '[openstack-aio] %s\n' "$*"; }
+die() { printf '[openstack-aio] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# die, showing the end of the logs that explain why.
+die_with_log() {
+    local msg="$1" f
+    shift
+    printf '[openstack-aio] ERROR: %s\n' "$msg" >&2
+    for f in "$@"; do
+        if [ -s "$f" ]; then
+            printf '[openstack-aio] --- last lines of %s ---\n' "$f" >&2
+            tail -n 30 "$f" >&2
+        fi
+    done
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 {start|stop|status}" >&2
+    exit 2
+}
+
+# --- host packages, prerequisites ---------------------------------------------------------
+
+ensure_apt() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "installing Debian packages: ${missing[*]}"
+    mkdir -p "$LOGS"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}"; } >"$LOGS/apt.log" 2>&1 \
+        || die_with_log "apt-get install ${missing[*]} failed" "$LOGS/apt.log"
+}
+
+ensure_prereqs() {
+    [ "$(id -u)" = 0 ] || die "must run as root (nova-compute drives qemu:///system and swtpm)"
+    bash "$REPO/tools/setup-host.sh" | sed 's/^/  /' || die "tools/setup-host.sh failed"
+    ensure_apt
+    bash "$REPO/tools/build-guest.sh" | sed 's/^/  /' || die "tools/build-guest.sh failed"
+    VTPM_STACK_DIR="$STACK_DIR" bash "$REPO/tools/keymgr-stack.sh" start | sed 's/^/  /' \
+        || die "the Keystone + Barbican stack did not start (tools/keymgr-stack.sh start)"
+}
+
+# --- virtualenv ---------------------------------------------------------------------------
+
+find_python() {
+    local c
+    for c in "${VTPM_AIO_PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+        [ -n "$c" ] || continue
+        command -v "$c" >/dev/null 2>&1 || continue
+        if "$c" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+ensure_venv() {
+    local stamp="$VENV/.vtpm-aio-installed" want py t0=$SECONDS
+    want="${PACKAGES[*]} -e $REPO $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    if [ -x "$VENV/bin/gunicorn" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+        && "$VENV/bin/python" -c 'import nova, placement, glance, libvirt, vtpm_driver' 2>/dev/null; then
+        return 0
+    fi
+    py="$(find_python)" || die "no Python >= 3.11 with the venv module found; set VTPM_AIO_PYTHON"
+    mkdir -p "$LOGS"
+    if [ ! -x "$VENV/bin/pip" ]; then
+        say "creating virtualenv $VENV"
+        "$py" -m venv "$VENV" || die "could not create $VENV with $py"
+    fi
+    say "installing into $VENV: ${PACKAGES[*]} + this checkout (editable); about 1-2 min"
+    # --no-compile: byte-compiling ~200 packages costs more than it saves; the services
+    # cache the bytecode of what they import on their first start.
+    if ! "$VENV/bin/pip" install -q --no-compile --disable-pip-version-check \
+        "${PACKAGES[@]}" -e "$REPO" >"$LOGS/pip-install.log" 2>&1; then
+        rm -f "$stamp"
+        die_with_log "pip install into $VENV failed" "$LOGS/pip-install.log"
+    fi
+    "$VENV/bin/python" -c 'import nova, placement, glance, libvirt, vtpm_driver' \
+        >>"$LOGS/pip-install.log" 2>&1 \
+        || die_with_log "the AIO virtualenv cannot import what it needs" "$LOGS/pip-install.log"
+    echo "$want" >"$stamp"
+    say "virtualenv ready in $((SECONDS - t0)) s ($("$VENV/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("nova", "openstack-placement", "glance", "python-openstackclient")), sep=", ")'))"
+}
+
+# --- configuration ------------------------------------------------------------------------
+
+compute_driver() {
+    if [ -n "${VTPM_AIO_COMPUTE_DRIVER:-}" ]; then
+        echo "$VTPM_AIO_COMPUTE_DRIVER"
+    elif [ -f "$REPO/nova/virt/vtpm/__init__.py" ] \
+        && "$VENV/bin/python" -c 'import nova.virt.vtpm' 2>/dev/null; then
+        echo vtpm.VTPMLibvirtDriver
+    else
+        echo libvirt.LibvirtDriver
+    fi
+}
+
+helper() {
+    VTPM_AIO_DIR="$AIO_DIR" VTPM_STACK_DIR="$STACK_DIR" "$VENV/bin/python" "$HELPERS/$1" "${@:2}"
+}
+
+configure() {
+    local args=(--compute-driver "$COMPUTE_DRIVER")
+    [ "${VTPM_AIO_DEBUG:-0}" = 1 ] && args+=(--debug)
+    mkdir -p "$AIO_DIR" "$LOGS" "$RUN" "$DATA"
+    helper render.py "${args[@]}" || die "writing the configuration into $AIO_DIR failed"
+    # QEMU runs as libvirt-qemu and must reach the instance files: make every directory
+    # above the instances traversable (search only, no listing).
+    mkdir -p "$AIO_DIR/instances"
+    chmod 0755 "$AIO_DIR" "$AIO_DIR/instances"
+    local d="$AIO_DIR"
+    while [ "$d" != / ]; do
+        d="$(dirname "$d")"
+        if [ "$(( 0$(stat -c %a "$d") & 01 ))" = 0 ]; then
+            say "making $d traversable for QEMU (chmod o+x)"
+            chmod o+x "$d"
+        fi
+    done
+}
+
+# --- RabbitMQ -----------------------------------------------------------------------------
+
+rabbit_env() {
+    env HOME="$RABBIT_DIR/home" \
+        RABBITMQ_NODENAME=vtpm-aio@localhost \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_NODE_PORT=5672 \
+        RABBITMQ_DIST_PORT=25672 \
+        ERL_EPMD_ADDRESS=127.0.0.1 \
+        RABBITMQ_MNESIA_BASE="$RABBIT_DIR/mnesia" \
+        RABBITMQ_LOG_BASE="$RABBIT_DIR/log" \
+        RABBITMQ_PID_FILE="$RUN/rabbitmq.pid" \
+        RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+        "$@"
+}
+
+rabbitmqctl() { rabbit_env /usr/lib/rabbitmq/bin/rabbitmqctl -q "$@"; }
+
+rabbit_pid() {
+    local pid
+    pid="$(cat "$RUN/rabbitmq.pid" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] \
+        && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'beam.*vtpm-aio@localhost' \
+        && echo "$pid"
+}
+
+rabbit_healthy() { rabbit_pid >/dev/null && rabbitmqctl await_startup --timeout 5 >/dev/null 2>&1; }
+
+start_rabbitmq() {
+    if ! rabbit_healthy; then
+        port_in_use 127.0.0.1:5672 \
+            && die "127.0.0.1:5672 is in use by a RabbitMQ that is not this cloud's (see: ss -ltnp)"
+        mkdir -p "$RABBIT_DIR/home" "$RABBIT_DIR/mnesia" "$RABBIT_DIR/log"
+        rm -f "$RUN/rabbitmq.pid"
+        say "starting RabbitMQ on 127.0.0.1:5672"
+        (cd "$RABBIT_DIR" && rabbit_env setsid /usr/lib/rabbitmq/bin/rabbitmq-server \
+            >"$LOGS/rabbitmq.log" 2>&1 </dev/null 9>&- &)
+        rabbitmqctl wait --timeout 60 "$RUN/rabbitmq.pid" >>"$LOGS/rabbitmq.log" 2>&1 \
+            || die_with_log "RabbitMQ did not start" "$LOGS/rabbitmq.log"
+    fi
+    # User and vhost for Nova; the password goes through stdin, never argv.
+    if ! rabbitmqctl list_vhosts | grep -qx nova; then
+        rabbitmqctl add_vhost nova >/dev/null
+    fi
+    if ! rabbitmqctl list_users | grep -q '^nova\b'; then
+        helper render.py --print-password rabbit | rabbitmqctl add_user nova >/dev/null \
+            || die "rabbitmqctl add_user nova failed"
+    else
+        helper render.py --print-password rabbit | rabbitmqctl change_password nova >/dev/null \
+            || die "rabbitmqctl change_password nova failed"
+    fi
+    rabbitmqctl set_permissions -p nova nova '.*' '.*' '.*' >/dev/null
+    if rabbitmqctl list_users | grep -q '^guest\b'; then
+        rabbitmqctl delete_user guest >/dev/null
+    fi
+}
+
+stop_rabbitmq() {
+    local pid
+    if ! pid="$(rabbit_pid)"; then
+        say "rabbitmq: not running"
+        rm -f "$RUN/rabbitmq.pid"
+        return 0
+    fi
+    say "stopping rabbitmq (pid $pid)"
+    rabbitmqctl stop "$RUN/rabbitmq.pid" >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+    wait_gone "$pid" rabbitmq
+    rm -f "$RUN/rabbitmq.pid"
+}
+
+# --- databases ----------------------------------------------------------------------------
+
+# WAL lets readers and one writer work side by side: several services share these files.
+wal() {
+    "$VENV/bin/python" - "$@" <<'EOF'
+import sqlite3, sys
+for path in sys.argv[1:]:
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+EOF
+}
+
+sync_databases() {
+    local marker="$DATA/.synced-$($VENV/bin/python -c 'import importlib.metadata as m; print(m.version("nova"), m.version("openstack-placement"), m.version("glance"), sep="-")')"
+    [ -f "$marker" ] && return 0
+    local t0=$SECONDS log="$LOGS/db-sync.log"
+    local nm=("$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf")
+    say "syncing databases (placement, glance, nova_api, cell0, cell1)"
+    "$VENV/bin/placement-manage" --config-file "$ETC/placement/placement.conf" db sync \
+        >>"$log" 2>&1 || die_with_log "placement-manage db sync failed" "$log"
+    "$VENV/bin/glance-manage" --config-file "$ETC/glance/glance-api.conf" db_sync \
+        >>"$log" 2>&1 || die_with_log "glance-manage db_sync failed" "$log"
+    "${nm[@]}" api_db sync >>"$log" 2>&1 || die_with_log "nova-manage api_db sync failed" "$log"
+    "${nm[@]}" cell_v2 map_cell0 --database_connection "sqlite:///$DATA/nova_cell0.sqlite" \
+        >>"$log" 2>&1 || die_with_log "nova-manage cell_v2 map_cell0 failed" "$log"
+    "${nm[@]}" db sync --local_cell >>"$log" 2>&1 || die_with_log "nova-manage db sync (cell1) failed" "$log"
+    # cell0's schema too (db sync without --local_cell syncs cell0 and the default cell).
+    "${nm[@]}" db sync >>"$log" 2>&1 || die_with_log "nova-manage db sync failed" "$log"
+    if ! "${nm[@]}" cell_v2 list_cells 2>>"$log" | grep -q ' cell1 '; then
+        "${nm[@]}" cell_v2 create_cell --name cell1 >>"$log" 2>&1 \
+            || die_with_log "nova-manage cell_v2 create_cell failed" "$log"
+    fi
+    wal "$DATA"/*.sqlite
+    touch "$marker"
+    say "databases ready in $((SECONDS - t0)) s"
+}
+
+# --- processes ----------------------------------------------------------------------------
+
+port_in_use() { ss -Hltn "sport = :${1##*:}" 2>/dev/null | grep -q .; }
+
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true; }
+
+# pid of one of this cloud's services from its pid file, or nothing (a stale pid file may
+# point at a reused pid: check the command line).
+service_pid() {
+    local name="$1" pid pattern
+    pid="$(cat "$RUN/$name.pid" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] || return 1
+    case "$name" in
+        nova-conductor | nova-scheduler | nova-compute) pattern="bin/$name .*$ETC/nova/nova.conf" ;;
+        *) pattern="gunicorn: master \[vtpm-aio-$name\]|gunicorn.*${WSGI[$name]}" ;;
+    esac
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -Eq "$pattern" || return 1
+    echo "$pid"
+}
+
+healthy() {
+    local name="$1" code
+    service_pid "$name" >/dev/null || return 1
+    case "$name" in
+        nova-conductor | nova-scheduler | nova-compute) return 0 ;;
+    esac
+    code="$(http_code "http://${BIND[$name]}/")"
+    case "$code" in 200 | 300) return 0 ;; *) return 1 ;; esac
+}
+
+service_logs() {
+    local name="$1"
+    echo "$LOGS/$name.log" "$LOGS/$name.out"
+}
+
+wait_healthy() {
+    local name="$1" deadline=$((SECONDS + START_TIMEOUT))
+    # shellcheck disable=SC2046
+    until healthy "$name"; do
+        service_pid "$name" >/dev/null || die_with_log "$name exited during start-up" $(service_logs "$name")
+        [ "$SECONDS" -lt "$deadline" ] || die_with_log "$name did not answer within ${START_TIMEOUT}s" $(service_logs "$name")
+        sleep 0.5
+    done
+}
+
+start_gunicorn() {
+    local name="$1" threads="$2"
+    shift 2
+    if healthy "$name"; then
+        return 0
+    fi
+    stop_service "$name" >/dev/null
+    port_in_use "${BIND[$name]}" \
+        && die "${BIND[$name]} is already in use by a process that is not this cloud's $name (see: ss -ltnp)"
+    say "starting $name on ${BIND[$name]}"
+    # 9>&-: the daemon must not inherit (and keep) this script's lock.
+    env "$@" "$VENV/bin/gunicorn" \
+        --daemon \
+        --name "vtpm-aio-$name" \
+        --bind "${BIND[$name]}" \
+        --workers 1 \
+        --threads "$threads" \
+        --timeout 300 \
+        --graceful-timeout 5 \
+        --no-control-socket \
+        --chdir "$HELPERS" \
+        --pid "$RUN/$name.pid" \
+        --error-logfile "$LOGS/$name.out" \
+        --access-logfile "$LOGS/$name-access.log" \
+        --access-logformat "$ACCESS_FORMAT" \
+        "${WSGI[$name]}" 9>&- \
+        || die_with_log "gunicorn for $name failed to start" "$LOGS/$name.out"
+    local deadline=$((SECONDS + 15))
+    until service_pid "$name" >/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || die_with_log "$name: no gunicorn master came up" "$LOGS/$name.out"
+        sleep 0.2
+    done
+    wait_healthy "$name"
+}
+
+start_nova_service() {
+    local name="$1"
+    if service_pid "$name" >/dev/null; then
+        return 0
+    fi
+    say "starting $name"
+    setsid "$VENV/bin/$name" --config-file "$ETC/nova/nova.conf" --log-file "$LOGS/$name.log" \
+        >"$LOGS/$name.out" 2>&1 </dev/null 9>&- &
+    echo $! >"$RUN/$name.pid"
+    sleep 1
+    # shellcheck disable=SC2046
+    service_pid "$name" >/dev/null || die_with_log "$name exited at once" $(service_logs "$name")
+}
+
+wait_gone() {
+    local pid="$1" name="$2" _
+    for _ in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.25
+    done
+    say "$name did not stop in 15 s; sending SIGKILL to $pid and its children"
+    pkill -KILL -P "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+stop_service() {
+    local name="$1" pid
+    if ! pid="$(service_pid "$name")"; then
+        rm -f "$RUN/$name.pid"
+        say "$name: not running"
+        return 0
+    fi
+    say "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_gone "$pid" "$name"
+    rm -f "$RUN/$name.pid"
+}
+
+# --- Nova cells ---------------------------------------------------------------------------
+
+discover_host() {
+    local deadline=$((SECONDS + START_TIMEOUT)) log="$LOGS/discover-hosts.log"
+    local nm=("$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf")
+    until "${nm[@]}" cell_v2 list_hosts 2>>"$log" | grep -q ' vtpm-aio '; do
+        "${nm[@]}" cell_v2 discover_hosts --verbose >>"$log" 2>&1 || true
+        if ! service_pid nova-compute >/dev/null; then
+            die_with_log "nova-compute exited during start-up" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die_with_log "nova-compute's host was not discovered within ${START_TIMEOUT}s" \
+                "$LOGS/nova-compute.log" "$log"
+        fi
+        sleep 2
+    done
+}
+
+# --- commands -----------------------------------------------------------------------------
+
+all_up() {
+    local name
+    rabbit_healthy || return 1
+    for name in "${GUNICORN_SERVICES[@]}" "${NOVA_SERVICES[@]}"; do
+        healthy "$name" || return 1
+    done
+    [ -s "$AIO_DIR/clouds.yaml" ] && [ -f "$AIO_DIR/.driver" ] \
+        && [ "$(cat "$AIO_DIR/.driver")" = "$(compute_driver)" ] \
+        && helper cloud.py status >/dev/null 2>&1
+}
+
+cmd_start() {
+    local t0=$SECONDS
+    command -v curl >/dev/null || ensure_apt
+    if [ -x "$VENV/bin/python" ] && all_up; then
+        say "already running ($(cat "$AIO_DIR/.driver")); credentials in $AIO_DIR/clouds.yaml"
+        return 0
+    fi
+    ensure_prereqs
+    ensure_venv
+    COMPUTE_DRIVER="$(compute_driver)"
+    say "compute driver: $COMPUTE_DRIVER"
+    # A different driver needs a fresh nova-compute.
+    if [ -f "$AIO_DIR/.driver" ] && [ "$(cat "$AIO_DIR/.driver")" != "$COMPUTE_DRIVER" ]; then
+        stop_service nova-compute
+    fi
+    configure
+    echo "$COMPUTE_DRIVER" >"$AIO_DIR/.driver"
+    start_rabbitmq
+    sync_databases
+    say "registering users, services and endpoints in Keystone"
+    helper provision.py || die "Keystone provisioning failed (see above)"
+    start_gunicorn neutron-stub 1
+    start_gunicorn placement-api 2 OS_PLACEMENT_CONFIG_DIR="$ETC/placement"
+    start_gunicorn glance-api 2 OS_GLANCE_CONFIG_DIR="$ETC/glance"
+    start_gunicorn nova-api 2 OS_NOVA_CONFIG_DIR="$ETC/nova" VTPM_AIO_NOVA_API_LOG="$LOGS/nova-api.log"
+    local name
+    for name in "${NOVA_SERVICES[@]}"; do
+        start_nova_service "$name"
+    done
+    say "waiting for nova-compute to register and its host to be discovered"
+    discover_host
+    helper cloud.py wait-compute --timeout "$START_TIMEOUT" --traits \
+        || die_with_log "the compute node is not ready" "$LOGS/nova-compute.log"
+    helper cloud.py images --guest-dir "$GUEST_DIR" || die "uploading the test guest to Glance failed"
+    say "up in $((SECONDS - t0)) s; credentials: $AIO_DIR/clouds.yaml (clouds owner, member, other, admin)"
+    say "try: OS_CLIENT_CONFIG_FILE=$AIO_DIR/clouds.yaml $VENV/bin/openstack --os-cloud owner server list"
+}
+
+cmd_stop() {
+    local name i
+    for ((i = ${#NOVA_SERVICES[@]} - 1; i >= 0; i--)); do
+        stop_service "${NOVA_SERVICES[$i]}"
+    done
+    for ((i = ${#GUNICORN_SERVICES[@]} - 1; i >= 0; i--)); do
+        stop_service "${GUNICORN_SERVICES[$i]}"
+    done
+    stop_rabbitmq
+}
+
+cmd_status() {
+    local rc=0 name pid
+    if pid="$(rabbit_pid)" && rabbit_healthy; then
+        say "rabbitmq: running (pid $pid)"
+    else
+        say "rabbitmq: not running"
+        rc=3
+    fi
+    for name in "${GUNICORN_SERVICES[@]}" "${NOVA_SERVICES[@]}"; do
+        if ! pid="$(service_pid "$name")"; then
+            say "$name: not running"
+            rc=3
+        elif healthy "$name"; then
+            say "$name: running (pid $pid)${BIND[$name]:+, answers at http://${BIND[$name]}}"
+        else
+            say "$name: running (pid $pid) but not answering at http://${BIND[$name]}"
+            rc=3
+        fi
+    done
+    if [ "$rc" = 0 ]; then
+        helper cloud.py status || rc=3
+    fi
+    [ -f "$AIO_DIR/.driver" ] && say "compute driver: $(cat "$AIO_DIR/.driver")"
+    if [ -s "$AIO_DIR/clouds.yaml" ]; then
+        say "credentials: $AIO_DIR/clouds.yaml"
+    else
+        say "credentials: not written yet"
+        rc=3
+    fi
+    say "logs: $LOGS"
+    return "$rc"
+}
+
+lock() {
+    mkdir -p "$AIO_DIR"
+    exec 9>"$AIO_DIR/.lock"
+    flock -w 1200 9 || die "another openstack-aio.sh holds $AIO_DIR/.lock"
+}
+
+[ $# -eq 1 ] || usage
+umask 022
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX="$AIO_DIR/pycache"
+case "$1" in
+    start | stop) lock ;;
+esac
+case "$1" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    *) usage ;;
+esac
