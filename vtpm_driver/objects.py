@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid as uuid_mod
-from collections.abc import Mapping
 
 
 @dataclasses.dataclass
@@ -58,7 +57,3 @@ class Instance:
     def vtpm_secret_uuid(self) -> str | None:
         return self.system_metadata.get("vtpm_secret_uuid")
 
-
-def as_str_mapping(value: object) -> Mapping[str, object]:
-    """Return ``value`` if it is a mapping, else an empty one (robust input)."""
-    return value if isinstance(value, Mapping) else {}
