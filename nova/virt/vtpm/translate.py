@@ -26,7 +26,7 @@ from vtpm_driver.virt import domain
 
 # A domain document just big enough for domain.add_tpm to build the <tpm> in.
 _SKELETON = "<domain><devices/></domain>"
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=True)
 
 
 def request_context(context: Any) -> vtpm_context.RequestContext:
