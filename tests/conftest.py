@@ -17,6 +17,7 @@ _FIXTURE_MODULES = (
     "tests.functional.fixtures_libvirt",
     "tests.functional.fixtures_keymgr",
     "tests.functional.fixtures_server",
+    "tests.functional.fixtures_nova",
 )
 
 pytest_plugins = [m for m in _FIXTURE_MODULES if importlib.util.find_spec(m) is not None]

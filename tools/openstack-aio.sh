@@ -35,7 +35,7 @@ RUN="$AIO_DIR/run"
 ETC="$AIO_DIR/etc"
 DATA="$AIO_DIR/data"
 RABBIT_DIR="$AIO_DIR/rabbitmq"
-START_TIMEOUT="${VTPM_AIO_START_TIMEOUT:-120}"
+START_TIMEOUT="${VTPM_AIO_START_TIMEOUT:-180}"
 # What the venv holds; changing this list reinstalls. The checkout is added editable.
 PACKAGES=('nova==34.*' 'openstack-placement==16.*' 'glance==33.*' python-openstackclient
           osc-placement gunicorn)
@@ -146,8 +146,8 @@ ensure_venv() {
 compute_driver() {
     if [ -n "${VTPM_AIO_COMPUTE_DRIVER:-}" ]; then
         echo "$VTPM_AIO_COMPUTE_DRIVER"
-    elif [ -f "$REPO/nova/virt/vtpm/__init__.py" ] \
-        && "$VENV/bin/python" -c 'import nova.virt.vtpm' 2>/dev/null; then
+    elif [ -f "$REPO/nova/virt/vtpm/__init__.py" ]; then
+        # No silent fallback: a shim that does not load must fail nova-compute's start.
         echo vtpm.VTPMLibvirtDriver
     else
         echo libvirt.LibvirtDriver
@@ -158,11 +158,15 @@ helper() {
     VTPM_AIO_DIR="$AIO_DIR" VTPM_STACK_DIR="$STACK_DIR" "$VENV/bin/python" "$HELPERS/$1" "${@:2}"
 }
 
+render_args() {
+    RENDER_ARGS=(--compute-driver "$COMPUTE_DRIVER")
+    if [ "${VTPM_AIO_DEBUG:-0}" = 1 ]; then RENDER_ARGS+=(--debug); fi
+}
+
 configure() {
-    local args=(--compute-driver "$COMPUTE_DRIVER")
-    [ "${VTPM_AIO_DEBUG:-0}" = 1 ] && args+=(--debug)
     mkdir -p "$AIO_DIR" "$LOGS" "$RUN" "$DATA"
-    helper render.py "${args[@]}" || die "writing the configuration into $AIO_DIR failed"
+    chmod 0700 "$LOGS" "$RUN" "$DATA"
+    helper render.py "${RENDER_ARGS[@]}" || die "writing the configuration into $AIO_DIR failed"
     # QEMU runs as libvirt-qemu and must reach the instance files: make every directory
     # above the instances traversable (search only, no listing).
     mkdir -p "$AIO_DIR/instances"
@@ -179,8 +183,9 @@ configure() {
 
 # --- RabbitMQ -----------------------------------------------------------------------------
 
-rabbit_env() {
-    env HOME="$RABBIT_DIR/home" \
+# RabbitMQ's environment: its own node, files and cookie under $RABBIT_DIR, loopback only.
+rabbit_exports() {
+    export HOME="$RABBIT_DIR/home" \
         RABBITMQ_NODENAME=vtpm-aio@localhost \
         RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
         RABBITMQ_NODE_PORT=5672 \
@@ -191,17 +196,16 @@ rabbit_env() {
         RABBITMQ_PID_FILE="$RUN/rabbitmq.pid" \
         RABBITMQ_CONFIG_FILE="$RABBIT_DIR/rabbitmq" \
         RABBITMQ_ENABLED_PLUGINS_FILE="$RABBIT_DIR/enabled_plugins" \
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-        "$@"
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 }
 
-rabbitmqctl() { rabbit_env /usr/lib/rabbitmq/bin/rabbitmqctl -q "$@"; }
+rabbitmqctl() { (rabbit_exports && exec /usr/lib/rabbitmq/bin/rabbitmqctl -q "$@"); }
 
 rabbit_pid() {
     local pid
     pid="$(cat "$RUN/rabbitmq.pid" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] \
-        && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q 'beam.*vtpm-aio@localhost' \
+        && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "beam.* -home $RABBIT_DIR/home " \
         && echo "$pid"
 }
 
@@ -214,8 +218,8 @@ start_rabbitmq() {
         mkdir -p "$RABBIT_DIR/home" "$RABBIT_DIR/mnesia" "$RABBIT_DIR/log"
         rm -f "$RUN/rabbitmq.pid"
         say "starting RabbitMQ on 127.0.0.1:5672"
-        (cd "$RABBIT_DIR" && rabbit_env setsid /usr/lib/rabbitmq/bin/rabbitmq-server \
-            >"$LOGS/rabbitmq.log" 2>&1 </dev/null 9>&- &)
+        (rabbit_exports && cd "$RABBIT_DIR" && exec setsid /usr/lib/rabbitmq/bin/rabbitmq-server) \
+            >"$LOGS/rabbitmq.log" 2>&1 </dev/null 9>&- &
         rabbitmqctl wait --timeout 60 "$RUN/rabbitmq.pid" >>"$LOGS/rabbitmq.log" 2>&1 \
             || die_with_log "RabbitMQ did not start" "$LOGS/rabbitmq.log"
     fi
@@ -247,6 +251,11 @@ stop_rabbitmq() {
     rabbitmqctl stop "$RUN/rabbitmq.pid" >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
     wait_gone "$pid" rabbitmq
     rm -f "$RUN/rabbitmq.pid"
+    # Erlang's port mapper, started by our node: stop it when no other node uses it.
+    if command -v epmd >/dev/null && epmd -names 2>/dev/null | grep -q '^epmd: up' \
+        && ! epmd -names 2>/dev/null | grep -q '^name '; then
+        epmd -kill >/dev/null 2>&1 || true
+    fi
 }
 
 # --- databases ----------------------------------------------------------------------------
@@ -263,7 +272,9 @@ EOF
 }
 
 sync_databases() {
-    local marker="$DATA/.synced-$($VENV/bin/python -c 'import importlib.metadata as m; print(m.version("nova"), m.version("openstack-placement"), m.version("glance"), sep="-")')"
+    local versions marker
+    versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("nova"), m.version("openstack-placement"), m.version("glance"), sep="-")')"
+    marker="$DATA/.synced-$versions"
     [ -f "$marker" ] && return 0
     local t0=$SECONDS log="$LOGS/db-sync.log"
     local nm=("$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf")
@@ -317,6 +328,34 @@ healthy() {
     case "$code" in 200 | 300) return 0 ;; *) return 1 ;; esac
 }
 
+# What a running service was started from (configuration, and for nova-compute the
+# driver code of this checkout, installed editable): a change restarts it on 'start'.
+inputs_hash() {
+    local name="$1" files=()
+    case "$name" in
+        nova-api) files=("$ETC/nova/nova.conf" "$ETC/nova/api-paste.ini" "$HELPERS/nova_api_wsgi.py") ;;
+        nova-conductor | nova-scheduler) files=("$ETC/nova/nova.conf") ;;
+        nova-compute)
+            mapfile -t files < <(echo "$ETC/nova/nova.conf"
+                find "$REPO/vtpm_driver" "$REPO/nova" -name '*.py' 2>/dev/null | sort) ;;
+        placement-api) files=("$ETC/placement/placement.conf") ;;
+        glance-api) files=("$ETC/glance/glance-api.conf" "$ETC/glance/glance-api-paste.ini") ;;
+        neutron-stub) files=("$HELPERS/neutron_stub.py") ;;
+    esac
+    cat "${files[@]}" 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+
+current() { [ "$(cat "$RUN/$1.inputs" 2>/dev/null)" = "$(inputs_hash "$1")" ]; }
+
+# Stop a running service whose configuration or code changed since it started.
+restart_if_changed() {
+    local name="$1"
+    if service_pid "$name" >/dev/null && ! current "$name"; then
+        say "$name: configuration or code changed since it started; restarting it"
+        stop_service "$name"
+    fi
+}
+
 service_logs() {
     local name="$1"
     echo "$LOGS/$name.log" "$LOGS/$name.out"
@@ -335,6 +374,7 @@ wait_healthy() {
 start_gunicorn() {
     local name="$1" threads="$2"
     shift 2
+    restart_if_changed "$name"
     if healthy "$name"; then
         return 0
     fi
@@ -365,10 +405,12 @@ start_gunicorn() {
         sleep 0.2
     done
     wait_healthy "$name"
+    inputs_hash "$name" >"$RUN/$name.inputs"
 }
 
 start_nova_service() {
     local name="$1"
+    restart_if_changed "$name"
     if service_pid "$name" >/dev/null; then
         return 0
     fi
@@ -376,18 +418,26 @@ start_nova_service() {
     setsid "$VENV/bin/$name" --config-file "$ETC/nova/nova.conf" --log-file "$LOGS/$name.log" \
         >"$LOGS/$name.out" 2>&1 </dev/null 9>&- &
     echo $! >"$RUN/$name.pid"
+    inputs_hash "$name" >"$RUN/$name.inputs"
     sleep 1
     # shellcheck disable=SC2046
     service_pid "$name" >/dev/null || die_with_log "$name exited at once" $(service_logs "$name")
 }
 
+# true while pid runs (a zombie, which nobody may reap here, counts as gone).
+running() {
+    local state
+    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
 wait_gone() {
     local pid="$1" name="$2" _
-    for _ in $(seq 1 60); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.25
+    for _ in $(seq 1 100); do
+        running "$pid" || return 0
+        sleep 0.2
     done
-    say "$name did not stop in 15 s; sending SIGKILL to $pid and its children"
+    say "$name did not stop in 20 s; sending SIGKILL to $pid and its children"
     pkill -KILL -P "$pid" 2>/dev/null || true
     kill -KILL "$pid" 2>/dev/null || true
 }
@@ -428,31 +478,28 @@ discover_host() {
 all_up() {
     local name
     rabbit_healthy || return 1
+    COMPUTE_DRIVER="$(compute_driver)"
+    render_args
+    helper render.py "${RENDER_ARGS[@]}" --check >/dev/null || return 1
     for name in "${GUNICORN_SERVICES[@]}" "${NOVA_SERVICES[@]}"; do
-        healthy "$name" || return 1
+        healthy "$name" && current "$name" || return 1
     done
-    [ -s "$AIO_DIR/clouds.yaml" ] && [ -f "$AIO_DIR/.driver" ] \
-        && [ "$(cat "$AIO_DIR/.driver")" = "$(compute_driver)" ] \
-        && helper cloud.py status >/dev/null 2>&1
+    [ -s "$AIO_DIR/clouds.yaml" ] && helper cloud.py status >/dev/null 2>&1
 }
 
 cmd_start() {
     local t0=$SECONDS
     command -v curl >/dev/null || ensure_apt
     if [ -x "$VENV/bin/python" ] && all_up; then
-        say "already running ($(cat "$AIO_DIR/.driver")); credentials in $AIO_DIR/clouds.yaml"
+        say "already running (compute driver $COMPUTE_DRIVER); credentials in $AIO_DIR/clouds.yaml"
         return 0
     fi
     ensure_prereqs
     ensure_venv
     COMPUTE_DRIVER="$(compute_driver)"
+    render_args
     say "compute driver: $COMPUTE_DRIVER"
-    # A different driver needs a fresh nova-compute.
-    if [ -f "$AIO_DIR/.driver" ] && [ "$(cat "$AIO_DIR/.driver")" != "$COMPUTE_DRIVER" ]; then
-        stop_service nova-compute
-    fi
     configure
-    echo "$COMPUTE_DRIVER" >"$AIO_DIR/.driver"
     start_rabbitmq
     sync_databases
     say "registering users, services and endpoints in Keystone"
@@ -467,8 +514,12 @@ cmd_start() {
     done
     say "waiting for nova-compute to register and its host to be discovered"
     discover_host
-    helper cloud.py wait-compute --timeout "$START_TIMEOUT" --traits \
-        || die_with_log "the compute node is not ready" "$LOGS/nova-compute.log"
+    local pid
+    pid="$(service_pid nova-compute)" \
+        || die_with_log "nova-compute exited during start-up" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
+    helper cloud.py wait-compute --timeout "$START_TIMEOUT" --traits --pid "$pid" \
+        --since "$(stat -c %Y "$RUN/nova-compute.pid")" \
+        || die_with_log "the compute node is not ready" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
     helper cloud.py images --guest-dir "$GUEST_DIR" || die "uploading the test guest to Glance failed"
     say "up in $((SECONDS - t0)) s; credentials: $AIO_DIR/clouds.yaml (clouds owner, member, other, admin)"
     say "try: OS_CLIENT_CONFIG_FILE=$AIO_DIR/clouds.yaml $VENV/bin/openstack --os-cloud owner server list"
@@ -497,6 +548,9 @@ cmd_status() {
         if ! pid="$(service_pid "$name")"; then
             say "$name: not running"
             rc=3
+        elif ! current "$name"; then
+            say "$name: running (pid $pid) but started from older configuration or code ('start' restarts it)"
+            rc=3
         elif healthy "$name"; then
             say "$name: running (pid $pid)${BIND[$name]:+, answers at http://${BIND[$name]}}"
         else
@@ -505,9 +559,14 @@ cmd_status() {
         fi
     done
     if [ "$rc" = 0 ]; then
+        COMPUTE_DRIVER="$(compute_driver)"
+        render_args
+        helper render.py "${RENDER_ARGS[@]}" --check || rc=3
         helper cloud.py status || rc=3
     fi
-    [ -f "$AIO_DIR/.driver" ] && say "compute driver: $(cat "$AIO_DIR/.driver")"
+    if [ -f "$ETC/nova/nova.conf" ]; then
+        say "compute driver: $(sed -n 's/^compute_driver = //p' "$ETC/nova/nova.conf")"
+    fi
     if [ -s "$AIO_DIR/clouds.yaml" ]; then
         say "credentials: $AIO_DIR/clouds.yaml"
     else

@@ -16,6 +16,7 @@ the AIO's clouds.yaml:
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import sys
 import time
@@ -78,16 +79,49 @@ def provider_traits(sess: ks_session.Session, hypervisor_id: str) -> list[str]:
     return placement.get(f"/resource_providers/{hypervisor_id}/traits").json()["traits"]
 
 
-def wait_compute(timeout: float, want_traits: bool) -> None:
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def heartbeat_after(service: dict, since: datetime.datetime | None) -> bool:
+    """Whether the service reported after ``since`` (its ``updated_at`` is UTC)."""
+    if since is None:
+        return True
+    updated = service.get("updated_at")
+    if not updated:
+        return False
+    stamp = datetime.datetime.fromisoformat(updated.replace("Z", "")).replace(tzinfo=datetime.UTC)
+    return stamp > since
+
+
+def wait_compute(
+    timeout: float, want_traits: bool, pid: int | None = None, since: float | None = None
+) -> None:
+    """Wait for an enabled, up nova-compute (with a heartbeat newer than ``since``, from
+    the process ``pid`` that must stay alive), its hypervisor and, with ``want_traits``,
+    the TPM traits on its resource provider."""
     sess = session()
     deadline = time.monotonic() + timeout
+    after = datetime.datetime.fromtimestamp(since, datetime.UTC) if since else None
     last = "no answer yet"
     while True:
+        if pid is not None and not alive(pid):
+            raise CloudError(f"nova-compute (pid {pid}) exited")
         try:
             services, hypervisors = compute_state(sess)
-            up = [s for s in services if s["state"] == "up" and s["status"] == "enabled"]
+            up = [
+                s
+                for s in services
+                if s["state"] == "up" and s["status"] == "enabled" and heartbeat_after(s, after)
+            ]
             if not up:
-                last = f"nova-compute services: {[(s['host'], s['state']) for s in services]}"
+                seen = [(s["host"], s["state"], s.get("updated_at")) for s in services]
+                last = f"no fresh heartbeat from nova-compute; services: {seen}"
             elif not hypervisors:
                 last = "nova-compute is up but no hypervisor is listed (host not discovered)"
             else:
@@ -210,13 +244,15 @@ def main(argv: list[str]) -> int:
     wait = sub.add_parser("wait-compute")
     wait.add_argument("--timeout", type=float, default=180)
     wait.add_argument("--traits", action="store_true")
+    wait.add_argument("--pid", type=int, help="nova-compute's pid: fail as soon as it exits")
+    wait.add_argument("--since", type=float, help="epoch seconds: a heartbeat must be newer")
     images = sub.add_parser("images")
     images.add_argument("--guest-dir", type=Path, required=True)
     sub.add_parser("status")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "wait-compute":
-            wait_compute(args.timeout, args.traits)
+            wait_compute(args.timeout, args.traits, args.pid, args.since)
         elif args.cmd == "images":
             upload_images(args.guest_dir)
         else:

@@ -117,15 +117,16 @@ def provision(passwords: dict[str, str]) -> None:
             print(f"  reset the password of user {name} to the stored one")
             ks.call("PATCH", f"/users/{user['id']}", json={"user": {"password": passwords[name]}})
         for role in role_names:
-            ks.call("PUT", f"/projects/{project['id']}/users/{user['id']}/roles/{roles[role]['id']}")
+            grant = f"/projects/{project['id']}/users/{user['id']}/roles/{roles[role]['id']}"
+            ks.call("PUT", grant)
 
     for stype, (sname, url) in ENDPOINTS.items():
         service = ks.ensure("services", {"name": sname, "type": stype}, type=stype)
-        endpoints = ks.call("GET", "/endpoints", params={"service_id": service["id"]})[
-            "endpoints"
-        ]
+        endpoints = ks.call("GET", "/endpoints", params={"service_id": service["id"]})["endpoints"]
         for interface in INTERFACES:
-            mine = [e for e in endpoints if e["interface"] == interface and e["region_id"] == REGION]
+            mine = [
+                e for e in endpoints if e["interface"] == interface and e["region_id"] == REGION
+            ]
             if not mine:
                 body = {
                     "service_id": service["id"],

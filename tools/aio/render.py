@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -122,6 +121,7 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
                 "heal_instance_info_cache_interval": -1,
                 "use_rootwrap_daemon": False,
                 "shutdown_timeout": 5,
+                "graceful_shutdown_timeout": 10,
                 "instance_build_timeout": 600,
                 "resume_guests_state_on_host_boot": False,
                 "update_resources_interval": 60,
@@ -138,7 +138,14 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
                 "endpoint_override": "http://127.0.0.1:9696",
             },
             "service_user": {**client, "send_service_user_token": False},
-            "key_manager": {"backend": "barbican"},
+            # castellan (Nova's own libvirt driver) reads backend + [barbican]; the
+            # vtpm-driver shim reads barbican_endpoint* from [key_manager].
+            "key_manager": {
+                "backend": "barbican",
+                "barbican_endpoint": "http://127.0.0.1:9311",
+                "barbican_endpoint_type": "public",
+                "barbican_region_name": REGION,
+            },
             "barbican": {
                 "auth_endpoint": KEYSTONE_URL,
                 "barbican_endpoint_type": "public",
@@ -222,14 +229,12 @@ def rabbitmq_conf() -> str:
     )
 
 
-def write_clouds(root: Path) -> None:
+def clouds_files(root: Path) -> dict[Path, str]:
     """clouds.yaml and openrc-<cloud> for the clouds this cloud's users need."""
     src = yaml.safe_load((stack_dir() / "clouds.yaml").read_text())["clouds"]
-    clouds = {}
-    for name in CLOUDS:
-        clouds[name] = dict(src[name])
+    clouds = {name: src[name] for name in CLOUDS}
     header = "# Written by tools/openstack-aio.sh: the all-in-one cloud, do not edit.\n"
-    write_private(root / "clouds.yaml", header + yaml.safe_dump({"clouds": clouds}))
+    files = {root / "clouds.yaml": header + yaml.safe_dump({"clouds": clouds})}
     for name, cloud in clouds.items():
         auth = cloud["auth"]
         lines = [
@@ -244,17 +249,46 @@ def write_clouds(root: Path) -> None:
             f"export OS_REGION_NAME={cloud.get('region_name', REGION)}",
             "export OS_INTERFACE=public",
         ]
-        write_private(root / f"openrc-{name}", "\n".join(lines) + "\n")
+        files[root / f"openrc-{name}"] = "\n".join(lines) + "\n"
+    return files
 
 
-def render(root: Path, compute_driver: str, debug: bool) -> None:
+def config_files(root: Path, compute_driver: str, debug: bool) -> dict[Path, str]:
+    """Every file this script owns, path -> content."""
     pw = load_passwords(root)
     etc = root / "etc"
     venv_etc = root / "venv" / "etc"
+    files = {
+        etc / "nova" / "nova.conf": nova_conf(root, pw, compute_driver, debug),
+        etc / "placement" / "placement.conf": placement_conf(root, pw, debug),
+        etc / "glance" / "glance-api.conf": glance_conf(root, pw, debug),
+        root / "rabbitmq" / "rabbitmq.conf": rabbitmq_conf(),
+        root / "rabbitmq" / "enabled_plugins": "[].\n",
+        # Paste pipelines as the packages ship them (the WSGI apps read them from
+        # their config directory).
+        etc / "nova" / "api-paste.ini": (venv_etc / "nova" / "api-paste.ini").read_text(),
+        etc / "glance" / "glance-api-paste.ini": (
+            venv_etc / "glance" / "glance-api-paste.ini"
+        ).read_text(),
+    }
+    files.update(clouds_files(root))
+    return files
+
+
+def stale(files: dict[Path, str]) -> list[Path]:
+    """Files whose content on disk differs from what they should hold."""
+    out = []
+    for path, text in files.items():
+        try:
+            if path.read_text() != text:
+                out.append(path)
+        except OSError:
+            out.append(path)
+    return out
+
+
+def render(root: Path, compute_driver: str, debug: bool) -> None:
     for d in (
-        "etc/nova",
-        "etc/placement",
-        "etc/glance",
         "data/glance/images",
         "data/glance/staging",
         "data/glance/tasks",
@@ -266,18 +300,9 @@ def render(root: Path, compute_driver: str, debug: bool) -> None:
         "run",
     ):
         (root / d).mkdir(parents=True, exist_ok=True)
-    write_private(etc / "nova" / "nova.conf", nova_conf(root, pw, compute_driver, debug))
-    write_private(etc / "placement" / "placement.conf", placement_conf(root, pw, debug))
-    write_private(etc / "glance" / "glance-api.conf", glance_conf(root, pw, debug))
-    write_private(root / "rabbitmq" / "rabbitmq.conf", rabbitmq_conf())
-    write_private(root / "rabbitmq" / "enabled_plugins", "[].\n")
-    # Paste pipelines as the packages ship them (the WSGI apps read them from
-    # their config directory).
-    shutil.copyfile(venv_etc / "nova" / "api-paste.ini", etc / "nova" / "api-paste.ini")
-    shutil.copyfile(
-        venv_etc / "glance" / "glance-api-paste.ini", etc / "glance" / "glance-api-paste.ini"
-    )
-    write_clouds(root)
+    files = config_files(root, compute_driver, debug)
+    for path in stale(files):
+        write_private(path, files[path])
 
 
 def main(argv: list[str]) -> int:
@@ -285,11 +310,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--print-password", metavar="NAME", choices=PASSWORD_NAMES)
     parser.add_argument("--compute-driver", default="libvirt.LibvirtDriver")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1, naming them, if files are out of date"
+    )
     args = parser.parse_args(argv)
     root = aio_dir()
     if args.print_password:
         sys.stdout.write(load_passwords(root)[args.print_password])
         return 0
+    if args.check:
+        out_of_date = stale(config_files(root, args.compute_driver, args.debug))
+        for path in out_of_date:
+            print(f"[openstack-aio] out of date: {path}")
+        return 1 if out_of_date else 0
     render(root, args.compute_driver, args.debug)
     return 0
 
