@@ -31,22 +31,9 @@ PACKAGES=(keystone barbican python-barbicanclient keystoneauth1 gunicorn)
 # One request per line with method and path: tests count requests from these logs.
 ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
-say() { printf '[keymgr-stack] %s\n' "$*"; }
-die() { printf '[keymgr-stack] ERROR: %s\n' "$*" >&2; exit 1; }
-
-# die, showing the end of a log that explains why.
-die_with_log() {
-    local msg="$1"; shift
-    local f
-    printf '[keymgr-stack] ERROR: %s\n' "$msg" >&2
-    for f in "$@"; do
-        if [ -s "$f" ]; then
-            printf '[keymgr-stack] --- last lines of %s ---\n' "$f" >&2
-            tail -n 25 "$f" >&2
-        fi
-    done
-    exit 1
-}
+TAG=keymgr-stack
+# shellcheck source=tools/lib.sh
+. "$HERE/lib.sh"
 
 usage() {
     echo "usage: $0 {start|stop|status|provision}" >&2
@@ -55,19 +42,6 @@ usage() {
 
 # --- virtualenv --------------------------------------------------------------------------
 
-find_python() {
-    local c
-    for c in "${VTPM_STACK_PYTHON:-}" python3.11 python3.12 python3.13 python3; do
-        [ -n "$c" ] || continue
-        command -v "$c" >/dev/null 2>&1 || continue
-        if "$c" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            command -v "$c"
-            return 0
-        fi
-    done
-    return 1
-}
-
 ensure_venv() {
     local stamp="$VENV/.vtpm-stack-installed" want py
     want="${PACKAGES[*]}"
@@ -75,7 +49,7 @@ ensure_venv() {
         && "$VENV/bin/python" -c 'import barbican, barbicanclient, gunicorn, keystone' 2>/dev/null; then
         return 0
     fi
-    py="$(find_python)" || die "no Python >= 3.11 with the venv module found (Keystone 30 and Barbican 23 need it); set VTPM_STACK_PYTHON"
+    py="$(find_python "${VTPM_STACK_PYTHON:-}")" || die "no Python >= 3.11 with the venv module found (Keystone 30 and Barbican 23 need it); set VTPM_STACK_PYTHON"
     local t0=$SECONDS
     say "creating virtualenv $VENV with: $want (about 30-60 s)"
     rm -rf "$VENV"

@@ -52,22 +52,9 @@ declare -A WSGI=([placement-api]=placement.wsgi.api:application
 GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api)
 NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute)
 
-say() { printf '[openstack-aio] %s\n' "$*"; }
-die() { printf '[openstack-aio] ERROR: %s\n' "$*" >&2; exit 1; }
-
-# die, showing the end of the logs that explain why.
-die_with_log() {
-    local msg="$1" f
-    shift
-    printf '[openstack-aio] ERROR: %s\n' "$msg" >&2
-    for f in "$@"; do
-        if [ -s "$f" ]; then
-            printf '[openstack-aio] --- last lines of %s ---\n' "$f" >&2
-            tail -n 30 "$f" >&2
-        fi
-    done
-    exit 1
-}
+TAG=openstack-aio
+# shellcheck source=tools/lib.sh
+. "$HERE/lib.sh"
 
 usage() {
     echo "usage: $0 {start|stop|status}" >&2
@@ -100,19 +87,6 @@ ensure_prereqs() {
 
 # --- virtualenv ---------------------------------------------------------------------------
 
-find_python() {
-    local c
-    for c in "${VTPM_AIO_PYTHON:-}" python3.11 python3.12 python3.13 python3; do
-        [ -n "$c" ] || continue
-        command -v "$c" >/dev/null 2>&1 || continue
-        if "$c" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-            command -v "$c"
-            return 0
-        fi
-    done
-    return 1
-}
-
 ensure_venv() {
     local stamp="$VENV/.vtpm-aio-installed" want py t0=$SECONDS
     want="${PACKAGES[*]} -e $REPO $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
@@ -120,7 +94,7 @@ ensure_venv() {
         && "$VENV/bin/python" -c 'import nova, placement, glance, libvirt, vtpm_driver' 2>/dev/null; then
         return 0
     fi
-    py="$(find_python)" || die "no Python >= 3.11 with the venv module found; set VTPM_AIO_PYTHON"
+    py="$(find_python "${VTPM_AIO_PYTHON:-}")" || die "no Python >= 3.11 with the venv module found; set VTPM_AIO_PYTHON"
     mkdir -p "$LOGS"
     if [ ! -x "$VENV/bin/pip" ]; then
         say "creating virtualenv $VENV"

@@ -13,16 +13,16 @@ command line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import sys
 from pathlib import Path
 
 import yaml
 
-KEYSTONE_URL = "http://127.0.0.1:5000/v3"
-REGION = "RegionOne"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stacklib import KEYSTONE_URL, REGION, stack_dir, write_private
+from stacklib import load_passwords as _load_passwords
+
 RABBIT_HOST = "127.0.0.1:5672"
 RABBIT_USER = "nova"
 RABBIT_VHOST = "nova"
@@ -42,32 +42,9 @@ def aio_dir() -> Path:
     return Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
 
 
-def stack_dir() -> Path:
-    return Path(os.environ.get("VTPM_STACK_DIR", "/var/lib/vtpm-driver/stack"))
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 def load_passwords(root: Path) -> dict[str, str]:
-    """Stored passwords; missing ones are generated once and saved."""
-    path = root / "secrets" / "passwords.json"
-    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    missing = [n for n in PASSWORD_NAMES if n not in stored]
-    if missing:
-        for name in missing:
-            stored[name] = secrets.token_urlsafe(24)
-        (root / "secrets").mkdir(mode=0o700, exist_ok=True)
-        write_private(path, json.dumps(stored, indent=2, sort_keys=True) + "\n")
-    return stored
+    """This cloud's stored passwords; missing ones are generated once and saved."""
+    return _load_passwords(root, PASSWORD_NAMES)
 
 
 def ini(sections: dict[str, dict[str, object]]) -> str:

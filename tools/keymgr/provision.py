@@ -17,19 +17,20 @@ from pathlib import Path
 
 import yaml
 from keystoneauth1 import exceptions as ks_exc
-from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3
-from render import (
-    BARBICAN_URL,
+from render import BARBICAN_URL, load_passwords
+from stacklib import (
+    DOMAIN,
+    DOMAIN_ID,
     KEYSTONE_URL,
     REGION,
-    load_passwords,
+    Keystone,
+    ProvisionError,
+    logs_in,
+    password_session,
     stack_dir,
     write_private,
 )
 
-DOMAIN = "Default"
-DOMAIN_ID = "default"
 ROLES = ("member", "reader", "admin", "service")
 PROJECTS = {
     "admin": "Bootstrap admin project",
@@ -54,66 +55,6 @@ CLOUDS = {
     "admin": ("vtpm-admin", "admin"),
     "service": ("vtpm-service", "service"),
 }
-INTERFACES = ("public", "internal", "admin")
-
-
-class ProvisionError(Exception):
-    """Keystone refused or failed a provisioning step."""
-
-
-def password_session(username: str, password: str, project: str | None) -> ks_session.Session:
-    """A keystoneauth1 session for a Default-domain user (project-scoped if given)."""
-    kwargs = {"project_name": project, "project_domain_name": DOMAIN} if project else {}
-    auth = v3.Password(
-        auth_url=KEYSTONE_URL,
-        username=username,
-        password=password,
-        user_domain_name=DOMAIN,
-        **kwargs,
-    )
-    return ks_session.Session(auth=auth)
-
-
-class Keystone:
-    """Minimal idempotent Keystone v3 admin calls over one session."""
-
-    def __init__(self, sess: ks_session.Session) -> None:
-        self.sess = sess
-
-    def _call(self, method: str, path: str, **kwargs):
-        try:
-            resp = self.sess.request(KEYSTONE_URL + path, method, **kwargs)
-        except ks_exc.HttpError as e:
-            raise ProvisionError(f"{method} {path} -> HTTP {e.http_status}: {e.message}") from None
-        return resp.json() if resp.content else {}
-
-    def find(self, collection: str, **filters: str) -> dict | None:
-        """The single entity of ``collection`` matching ``filters``, or None."""
-        found = self._call("GET", f"/{collection}", params=filters)[collection]
-        return found[0] if found else None
-
-    def ensure(self, collection: str, body: dict, **filters: str) -> tuple[dict, bool]:
-        """Find by ``filters`` or create from ``body``; True when created."""
-        existing = self.find(collection, **filters)
-        if existing is not None:
-            return existing, False
-        key = collection[:-1]
-        return self._call("POST", f"/{collection}", json={key: body})[key], True
-
-    def grant(self, project_id: str, user_id: str, role_id: str) -> None:
-        self._call("PUT", f"/projects/{project_id}/users/{user_id}/roles/{role_id}")
-
-    def set_password(self, user_id: str, password: str) -> None:
-        self._call("PATCH", f"/users/{user_id}", json={"user": {"password": password}})
-
-
-def logs_in(username: str, password: str) -> bool:
-    """True when the user can get an (unscoped) token with this password."""
-    try:
-        password_session(username, password, None).get_token()
-    except ks_exc.Unauthorized:
-        return False
-    return True
 
 
 def provision(passwords: dict[str, str]) -> None:
@@ -168,23 +109,7 @@ def provision(passwords: dict[str, str]) -> None:
     )
     if created:
         print("  created service barbican (key-manager)")
-    endpoints = ks._call("GET", "/endpoints", params={"service_id": service["id"]})["endpoints"]
-    for interface in INTERFACES:
-        mine = [e for e in endpoints if e["interface"] == interface and e["region_id"] == REGION]
-        if not mine:
-            body = {
-                "service_id": service["id"],
-                "interface": interface,
-                "url": BARBICAN_URL,
-                "region_id": REGION,
-            }
-            ks._call("POST", "/endpoints", json={"endpoint": body})
-            print(f"  created {interface} key-manager endpoint {BARBICAN_URL}")
-        elif mine[0]["url"] != BARBICAN_URL:
-            ks._call(
-                "PATCH", f"/endpoints/{mine[0]['id']}", json={"endpoint": {"url": BARBICAN_URL}}
-            )
-            print(f"  fixed {interface} key-manager endpoint -> {BARBICAN_URL}")
+    ks.ensure_endpoints(service, BARBICAN_URL)
 
 
 def cloud_auth(cloud: str, passwords: dict[str, str]) -> dict[str, str]:
