@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +25,8 @@ import requests
 import yaml
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
+
+from tests.functional.support import run_tool_script, unavailable
 
 STACK_DIR = Path(os.environ.get("VTPM_STACK_DIR", "/var/lib/vtpm-driver/stack"))
 KEYSTONE_URL = "http://127.0.0.1:5000/v3"
@@ -59,24 +60,8 @@ class KeymgrStack:
         return self.stack_dir / "logs" / f"{service}-access.log"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
 def _run_stack_script(action: str, timeout: float) -> tuple[int, str]:
-    env = dict(os.environ, VTPM_STACK_DIR=str(STACK_DIR))
-    try:
-        proc = subprocess.run(
-            ["bash", str(STACK_SCRIPT), action],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return 124, f"'{STACK_SCRIPT.name} {action}' did not finish in {timeout:.0f} s"
-    return proc.returncode, (proc.stdout + proc.stderr).strip()
+    return run_tool_script(STACK_SCRIPT, action, timeout, {"VTPM_STACK_DIR": str(STACK_DIR)})
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +75,7 @@ def keymgr_stack() -> KeymgrStack:
             f"Keystone/Barbican stack not usable (run 'tools/keymgr-stack.sh start'; "
             f"VTPM_STACK_DIR={STACK_DIR}):\n{out}"
         )
-        if _in_ci():
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        unavailable(msg)
     return KeymgrStack(stack_dir=STACK_DIR)
 
 

@@ -22,11 +22,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import libvirt
 import pytest
 
+from tests.functional.support import unavailable
 from vtpm_driver.cli.demo import parse_vtpm_results  # the guest's one-line protocol
 
 LIBVIRT_URI = os.environ.get("VTPM_LIBVIRT_URI", "qemu:///system")
@@ -43,18 +43,6 @@ SHUTOFF_TIMEOUT = 180.0
 SWTPM_BLOB_HEADER_LEN = 10
 SWTPM_BLOB_FLAG_ENCRYPTED = 0x01
 
-
-
-def in_ci() -> bool:
-    """CI must never skip functional tests silently."""
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip the test, or fail it under CI=true (a missing service is a CI failure)."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: functional tests must not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 @dataclasses.dataclass(frozen=True)

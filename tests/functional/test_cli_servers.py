@@ -40,11 +40,10 @@ from tests.functional.fixtures_libvirt import (
     SWTPM_STATE_ROOT,
     Cleanup,
     TestGuest,
-    in_ci,
     last_vtpm_result,
-    unavailable,
     wait_for_shutoff,
 )
+from tests.functional.support import in_ci, unavailable
 from vtpm_driver.virt import secret as virt_secret
 from vtpm_driver.virt import state as virt_state
 

@@ -28,8 +28,8 @@ from tests.functional.fixtures_libvirt import (
     REPO_ROOT,
     SWTPM_STATE_ROOT,
     TestGuest,
-    unavailable,
 )
+from tests.functional.support import unavailable
 
 pytestmark = pytest.mark.functional
 
