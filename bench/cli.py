@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import services, summary, targets
+from vtpm_driver.cli.common import int_at_least
 
 SECTIONS = ("keymgr", "scale", "boot")
 EXIT_SECTION_FAILED = 1
@@ -65,16 +66,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -85,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="FILE", help="write the JSON report here")
     p.add_argument("--sections", type=lambda s: tuple(x.strip() for x in s.split(",")),
                    default=SECTIONS, help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--keymgr-runs", type=_positive, help="repetitions per key manager operation")
-    p.add_argument("--boot-runs", type=_positive, help="boots of each kind (default 3)")
+    p.add_argument("--keymgr-runs", type=int_at_least(1),
+                   help="repetitions per key manager operation")
+    p.add_argument("--boot-runs", type=int_at_least(1), help="boots of each kind (default 3)")
     p.add_argument("--prep-concurrency", type=_int_list, metavar="N,N,...",
                    help="concurrency levels of vTPM preparations (default 1,4,16)")
     p.add_argument("--init-host-domains", type=_int_list, metavar="N,N,...",

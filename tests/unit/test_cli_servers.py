@@ -625,3 +625,17 @@ def test_check_project_refuses_other_projects_naming_server_and_project():
     with pytest.raises(exception.NotAuthorized,
                        match=r"cannot stop server vm: it belongs to project proj-a and alice"):
         check_project(_ctx("proj-b"), inst, "stop")
+
+
+def test_int_at_least_accepts_the_bound_and_names_it_when_refusing():
+    import argparse
+
+    from vtpm_driver.cli.common import int_at_least
+
+    assert int_at_least(0)("0") == 0
+    assert int_at_least(1)("7") == 7
+    for parse, text, wanted in ((int_at_least(0), "-1", "an integer >= 0"),
+                                (int_at_least(1), "0", "a positive integer"),
+                                (int_at_least(1), "1.5", "a positive integer")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected {wanted}, got '{text}'"):
+            parse(text)

@@ -31,12 +31,15 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, servers, spec
-from vtpm_driver.cli.common import DictColumn, add_property_options, key_value
+from vtpm_driver.cli.common import DictColumn, add_property_options, int_at_least, key_value
 from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.objects import Flavor, Instance
 from vtpm_driver.virt import connection, secret
 from vtpm_driver.virt.connection import Hypervisor
+
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
 
 LOG = logging.getLogger(__name__)
 
@@ -467,9 +470,9 @@ class ServerCreate(_ServerCommandMixin, ShowOne):
         parser.add_argument("--initrd", metavar="PATH", help="Initial ramdisk (with --kernel)")
         parser.add_argument("--cmdline", metavar="TEXT",
                             help="Kernel command line (with --kernel; default console=ttyS0)")
-        parser.add_argument("--vcpus", metavar="N", type=_positive_int, default=1,
+        parser.add_argument("--vcpus", metavar="N", type=POSITIVE_INT, default=1,
                             help="Virtual CPUs (default 1)")
-        parser.add_argument("--memory", metavar="MIB", type=_positive_int, default=256,
+        parser.add_argument("--memory", metavar="MIB", type=POSITIVE_INT, default=256,
                             help="Memory in MiB (default 256)")
         parser.add_argument("--console-log", metavar="PATH",
                             help="File the serial console is appended to (default: under "
@@ -587,7 +590,7 @@ class ServerStop(_ServerAction):
         super()._add_options(parser)
         parser.add_argument("--force", action="store_true",
                             help="Power off at once, without asking the guest to shut down")
-        parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=_non_negative_int,
+        parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=NON_NEGATIVE_INT,
                             default=DEFAULT_SHUTDOWN_TIMEOUT,
                             help="Seconds to wait for a clean shutdown before powering off "
                                  f"(default {DEFAULT_SHUTDOWN_TIMEOUT})")
@@ -679,9 +682,9 @@ class ServerResize(_ServerAction):
             "--unset-flavor-property", metavar="KEY", dest="unset_flavor_properties",
             action="append", default=[],
             help="Remove an extra spec from the new flavor, e.g. hw:tpm_version (repeatable)")
-        parser.add_argument("--vcpus", metavar="N", type=_positive_int,
+        parser.add_argument("--vcpus", metavar="N", type=POSITIVE_INT,
                             help="Virtual CPUs of the new flavor (default: unchanged)")
-        parser.add_argument("--memory", metavar="MIB", type=_positive_int,
+        parser.add_argument("--memory", metavar="MIB", type=POSITIVE_INT,
                             help="Memory in MiB of the new flavor (default: unchanged)")
         decision = parser.add_mutually_exclusive_group()
         decision.add_argument("--confirm", action="store_true",
@@ -811,26 +814,6 @@ def add_usage_check(parser: argparse.ArgumentParser,
         return parsed, rest
 
     parser.parse_known_args = checked  # type: ignore[method-assign]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _abspath(path: str | None) -> str | None:
