@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
@@ -59,6 +60,21 @@ def password_session(username: str, password: str, project: str | None) -> ks_se
     auth = v3.Password(auth_url=KEYSTONE_URL, username=username, password=password,
                        user_domain_name=DOMAIN, **kwargs)
     return ks_session.Session(auth=auth)
+
+
+def cloud_session(clouds_yaml: Path, cloud: str) -> ks_session.Session:
+    """A keystoneauth1 session for cloud ``cloud`` of a clouds.yaml we wrote."""
+    auth = yaml.safe_load(clouds_yaml.read_text())["clouds"][cloud]["auth"]
+    return ks_session.Session(
+        auth=v3.Password(
+            auth_url=auth["auth_url"],
+            username=auth["username"],
+            password=auth["password"],
+            project_name=auth["project_name"],
+            user_domain_name=auth["user_domain_name"],
+            project_domain_name=auth["project_domain_name"],
+        )
+    )
 
 
 def logs_in(username: str, password: str) -> bool:

@@ -22,12 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from keystoneauth1 import adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3
 from render import aio_dir
+from stacklib import cloud_session
 
 GUEST_KERNEL = "vtpm-guest-kernel"
 GUEST_RAMDISK = "vtpm-guest-ramdisk"
@@ -44,17 +43,7 @@ class CloudError(Exception):
 
 
 def session(cloud: str = "admin") -> ks_session.Session:
-    auth = yaml.safe_load((aio_dir() / "clouds.yaml").read_text())["clouds"][cloud]["auth"]
-    return ks_session.Session(
-        auth=v3.Password(
-            auth_url=auth["auth_url"],
-            username=auth["username"],
-            password=auth["password"],
-            project_name=auth["project_name"],
-            user_domain_name=auth["user_domain_name"],
-            project_domain_name=auth["project_domain_name"],
-        )
-    )
+    return cloud_session(aio_dir() / "clouds.yaml", cloud)
 
 
 def api(sess: ks_session.Session, service_type: str, microversion: str | None = None):

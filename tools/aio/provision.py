@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import sys
 
-import yaml
 from keystoneauth1 import exceptions as ks_exc
-from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3
 from render import ENDPOINTS, aio_dir, load_passwords, stack_dir
-from stacklib import DOMAIN_ID, Keystone, ProvisionError, logs_in
+from stacklib import DOMAIN_ID, Keystone, ProvisionError, cloud_session, logs_in
 
 # service user -> roles in project "service". Nova's user talks to Placement
 # (admin API) and to Neutron/Glance on behalf of users.
@@ -27,23 +24,8 @@ USERS = {
 }
 
 
-def admin_session() -> ks_session.Session:
-    cloud = yaml.safe_load((stack_dir() / "clouds.yaml").read_text())["clouds"]["admin"]
-    auth = cloud["auth"]
-    return ks_session.Session(
-        auth=v3.Password(
-            auth_url=auth["auth_url"],
-            username=auth["username"],
-            password=auth["password"],
-            project_name=auth["project_name"],
-            user_domain_name=auth["user_domain_name"],
-            project_domain_name=auth["project_domain_name"],
-        )
-    )
-
-
 def provision(passwords: dict[str, str]) -> None:
-    ks = Keystone(admin_session())
+    ks = Keystone(cloud_session(stack_dir() / "clouds.yaml", "admin"))
     project = ks.find("projects", name="service", domain_id=DOMAIN_ID)
     if project is None:
         raise ProvisionError("project 'service' is missing: run tools/keymgr-stack.sh provision")
