@@ -21,7 +21,7 @@ import os
 import time
 import uuid as uuid_mod
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from keystoneauth1 import exceptions as ks_exc
@@ -176,6 +176,28 @@ def _error_detail(resp: requests.Response) -> str | None:
         return None
     parts = [str(body[k]) for k in ("title", "description") if body.get(k)]
     return ": ".join(parts) or None
+
+
+class KeyManagerAPI(Protocol):
+    """What the vTPM core needs from a key manager (SPEC D).
+
+    :class:`KeyManager` (Barbican, owner-only ACL, minimal round trips) is the
+    implementation; the Nova shim may supply one over castellan. Every method
+    maps foreign errors to :mod:`vtpm_driver.exception` types.
+    """
+
+    def create_vtpm_secret(self, context: Any, instance: Any,
+                           secret_security: str) -> tuple[str, str]: ...
+
+    def ensure_vtpm_secret(self, context: Any, instance: Any,
+                           secret_security: str) -> tuple[str, str]: ...
+
+    def get_vtpm_secret(self, context: Any, instance: Any,
+                        secret_security: str | None = None) -> str: ...
+
+    def delete_vtpm_secret(self, context: Any, instance: Any,
+                           secret_security: str | None = None) -> None: ...
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 from lxml import etree
@@ -39,6 +39,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, keymgr, servers, spec
 from vtpm_driver.host import HostReport
+from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.virt import connection, domain, guest, secret, state
 
 LOG = logging.getLogger(__name__)
@@ -70,22 +71,6 @@ DEFAULT_RETRY_INTERVAL = 10.0
 REBOOT_TYPES = ("SOFT", "HARD")
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
-
-
-class KeyManagerAPI(Protocol):
-    """What the lifecycle needs from :class:`vtpm_driver.keymgr.KeyManager`."""
-
-    def create_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str) -> tuple[str, str]: ...
-
-    def ensure_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str) -> tuple[str, str]: ...
-
-    def get_vtpm_secret(self, context: Any, instance: Any,
-                        secret_security: str | None = None) -> str: ...
-
-    def delete_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str | None = None) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

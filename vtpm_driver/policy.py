@@ -1,0 +1,223 @@
+"""Pure vTPM policy: what a server has, which secret mode, what an operation changes.
+
+:mod:`vtpm_driver.spec` answers "what does this flavor + image ask for?".
+This module answers the questions every operation asks next, once, for the
+standalone driver and the Nova shim alike (no I/O, no libvirt, no Barbican):
+
+* :func:`vtpm_of` / :func:`has_vtpm`: the vTPM of a server-like object
+  (anything with ``flavor.extra_specs`` and ``image_meta.properties``, Nova
+  objects after :func:`flavor_extra_specs`/:func:`image_properties` or ours);
+* :func:`secret_security`: the secret mode from a flavor alone, ``strict``
+  (refuse an invalid value: creating, reading) or lenient (fall back to the
+  default, so a cleanup is never blocked by a bad flavor);
+* :func:`resize_change`: what a resize or cold migration does to the TPM
+  (:class:`Change`), and :func:`check_mode_change`, Nova's refusal to move a
+  secret between the user and the service user;
+* :func:`uses_persistent_secret`, :func:`may_delete_without_token`: how the
+  libvirt secret and the Barbican secret are handled per mode.
+
+Everything here is idempotent and side-effect free.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from vtpm_driver import exception, spec
+from vtpm_driver.spec import VTPMConfig
+
+#: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
+SYSMETA_KEY = "vtpm_secret_uuid"
+
+
+class Change(enum.Enum):
+    """What a resize (or cold migration) does to a server's TPM (SPEC F4)."""
+
+    NONE = "none"        # no vTPM before or after
+    KEPT = "kept"        # same version and model: the state moves/stays as it is
+    FRESH = "fresh"      # version or model changed: a new TPM, same Barbican secret
+    ADDED = "added"      # a vTPM appears: a new Barbican secret
+    REMOVED = "removed"  # the vTPM goes: state dropped, secret deleted on confirm
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the old TPM state is still the server's TPM afterwards."""
+        return self is Change.KEPT
+
+    @property
+    def drops_old_state(self) -> bool:
+        """Whether the state the server had must not be used by the new flavor."""
+        return self in (Change.FRESH, Change.REMOVED)
+
+
+def flavor_extra_specs(flavor: Any) -> Mapping[str, Any]:
+    """A flavor's (object or dict) extra specs; empty when it has none."""
+    if flavor is None:
+        return {}
+    if isinstance(flavor, Mapping):
+        found = flavor.get("extra_specs")
+    else:
+        found = getattr(flavor, "extra_specs", None)
+    return found if isinstance(found, Mapping) else {}
+
+
+def image_properties(image_meta: Any) -> Mapping[str, Any]:
+    """The vTPM image properties of an image (object, dict, or Nova ``ImageMetaProps``).
+
+    Nova's ``ImageMetaProps`` is not a ``Mapping`` but has ``get``; only the
+    keys :mod:`vtpm_driver.spec` reads are copied, and only when set.
+    """
+    if image_meta is None:
+        return {}
+    if isinstance(image_meta, Mapping):
+        props: Any = image_meta.get("properties")
+    else:
+        props = getattr(image_meta, "properties", None)
+    if props is None:
+        return {}
+    if isinstance(props, Mapping):
+        return props
+    found = {}
+    for key in (spec.IMAGE_VERSION_KEY, spec.IMAGE_MODEL_KEY):
+        try:
+            value = props.get(key)
+        except Exception:  # an object without the field: treat as unset
+            value = None
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def vtpm_of(instance: Any, flavor: Any = None, image_meta: Any = None) -> VTPMConfig | None:
+    """The vTPM a server's flavor (or ``flavor``) and image (or ``image_meta``) ask for.
+
+    :raises InvalidVTPMConfig: the request is invalid (see :mod:`vtpm_driver.spec`).
+    """
+    flavor = flavor if flavor is not None else getattr(instance, "flavor", None)
+    if image_meta is None:
+        image_meta = getattr(instance, "image_meta", None)
+    return spec.get_vtpm_config(flavor_extra_specs(flavor), image_properties(image_meta))
+
+
+def has_vtpm(instance: Any, flavor: Any = None, image_meta: Any = None) -> bool:
+    """Whether the server asks for a vTPM; an invalid request counts as asking for one.
+
+    Used to refuse operations that would lose a TPM: when in doubt, protect it.
+    """
+    try:
+        return vtpm_of(instance, flavor, image_meta) is not None
+    except exception.InvalidVTPMConfig:
+        return True
+
+
+def secret_security(flavor: Any, *, strict: bool = True) -> str:
+    """The flavor's ``hw:tpm_secret_security`` (default ``user``; SPEC A5).
+
+    ``strict``: an invalid value raises; otherwise it falls back to the
+    default so that deleting a server is never blocked by its flavor.
+
+    :raises InvalidVTPMConfig: ``strict`` and the value is not a known mode.
+    """
+    value = flavor_extra_specs(flavor).get(spec.FLAVOR_SECRET_SECURITY_KEY)
+    if value is None or value == "":
+        return spec.DEFAULT_SECRET_SECURITY
+    if isinstance(value, str) and value in spec.SECRET_SECURITY_MODES:
+        return value
+    if not strict:
+        return spec.DEFAULT_SECRET_SECURITY
+    raise exception.InvalidVTPMConfig(
+        f"invalid {spec.FLAVOR_SECRET_SECURITY_KEY}={spec.show(value)}: allowed values "
+        f"are {', '.join(spec.SECRET_SECURITY_MODES)}"
+    )
+
+
+def check_mode(value: object) -> str:
+    """``value`` if it is a secret security mode.
+
+    :raises InvalidVTPMConfig: it is not.
+    """
+    if not isinstance(value, str) or value not in spec.SECRET_SECURITY_MODES:
+        raise exception.InvalidVTPMConfig(
+            f"invalid {spec.FLAVOR_SECRET_SECURITY_KEY}={spec.show(value)}: allowed values "
+            f"are {', '.join(spec.SECRET_SECURITY_MODES)}"
+        )
+    return value
+
+
+def same_tpm(a: VTPMConfig | None, b: VTPMConfig | None) -> bool:
+    """Whether two configs give the same TPM device (Nova compares version and model)."""
+    if a is None or b is None:
+        return a is b
+    return (a.version, a.model) == (b.version, b.model)
+
+
+def resize_change(old: VTPMConfig | None, new: VTPMConfig | None) -> Change:
+    """What going from ``old`` to ``new`` does to the TPM (SPEC F4)."""
+    if old is None:
+        return Change.NONE if new is None else Change.ADDED
+    if new is None:
+        return Change.REMOVED
+    return Change.KEPT if same_tpm(old, new) else Change.FRESH
+
+
+def check_mode_change(old: VTPMConfig | None, new: VTPMConfig | None,
+                      label: str = "", operation: str = "resize") -> None:
+    """Refuse a change that would move the Barbican secret between user and service user.
+
+    Nova refuses it as well: a ``deployment`` secret belongs to the service
+    user, the others to the server's owner.
+
+    :raises OperationNotSupportedForVTPM: one side is ``deployment`` and the other not.
+    """
+    if old is None or new is None or old.secret_security == new.secret_security:
+        return
+    if spec.SECRET_DEPLOYMENT in (old.secret_security, new.secret_security):
+        target = f" {label}" if label else ""
+        raise exception.OperationNotSupportedForVTPM(
+            f"operation {operation!r} is not supported for vTPM-enabled server{target} "
+            f"from secret security {old.secret_security!r} to {new.secret_security!r}: the "
+            "Barbican secret would have to change owner between the user and the service "
+            "user (Nova refuses it as well)"
+        )
+
+
+def uses_persistent_secret(mode: str) -> bool:
+    """``host`` mode keeps a persistent, non-private libvirt secret (SPEC E1)."""
+    return mode == spec.SECRET_HOST
+
+
+def may_delete_without_token(mode: str) -> bool:
+    """Whether the Barbican secret can be deleted by a request carrying no token.
+
+    ``deployment`` secrets belong to the service user, whose credentials come
+    from configuration; ``user``/``host`` secrets need the owner's token.
+    """
+    return mode == spec.SECRET_DEPLOYMENT
+
+
+def recorded_secret(instance: Any) -> str | None:
+    """The Barbican secret UUID recorded for the server, or None."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    value = sysmeta.get(SYSMETA_KEY)
+    return value or None
+
+
+def require_recorded_secret(instance: Any) -> str:
+    """The recorded Barbican secret UUID.
+
+    :raises VTPMSecretNotFound: none is recorded: the TPM state cannot be unlocked.
+    """
+    value = recorded_secret(instance)
+    if value is None:
+        raise exception.VTPMSecretNotFound(
+            f"server {getattr(instance, 'uuid', '?')} has no vTPM secret recorded in "
+            f"system_metadata['{SYSMETA_KEY}']: its vTPM state cannot be unlocked"
+        )
+    return value
+
+
+def server_label(instance: Any) -> str:
+    """``'name' (uuid)`` for messages."""
+    return f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"
