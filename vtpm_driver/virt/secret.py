@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import libvirt
 from lxml import etree
@@ -257,3 +257,34 @@ def vtpm_secret_for_start(
         raise
     if not persistent:
         undefine_vtpm_secret(conn, secret_uuid)
+
+
+class LibvirtSecretStore:
+    """:class:`vtpm_driver.ops.secrets.SecretStore` over a libvirt connection.
+
+    ``connection`` is a libvirt connection or a callable returning one (so a
+    reconnecting :class:`~vtpm_driver.virt.connection.Hypervisor` can be used).
+    Errors are mapped by :func:`~vtpm_driver.virt.connection.to_vtpm_error`.
+    """
+
+    def __init__(self, connection_or_factory: Any) -> None:
+        self._conn = connection_or_factory
+
+    def __repr__(self) -> str:
+        return "LibvirtSecretStore()"
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        return self._conn() if callable(self._conn) else self._conn
+
+    def find(self, instance_uuid: str) -> str | None:
+        found = lookup_vtpm_secret_by_instance(self.conn, instance_uuid)
+        return None if found is None else found.UUIDString()
+
+    def define(self, secret_uuid: str, instance_uuid: str, passphrase: str, *,
+               persistent: bool) -> None:
+        define_vtpm_secret(self.conn, secret_uuid, instance_uuid, passphrase,
+                           persistent=persistent)
+
+    def undefine(self, secret_uuid: str) -> bool:
+        return undefine_vtpm_secret(self.conn, secret_uuid)

@@ -1,0 +1,196 @@
+"""The passphrase's path from Barbican to swtpm, once for every caller.
+
+Every start of a guest with a vTPM needs the passphrase in libvirt for the
+moment swtpm reads it (SPEC E, F2, F5). The steps, in this order:
+
+1. :func:`prepare_start` BEFORE the guest is touched: ``host`` mode reuses the
+   persistent libvirt secret when the host has it (no Barbican call); every
+   other case reads the passphrase from Barbican (or, when ``create`` is set and
+   none is recorded, creates it). A caller who may not read it is refused while
+   the server is still as it was.
+2. :func:`secret_for_start` around the start: a leftover libvirt secret of the
+   same server is undefined, the secret is defined, and (``user``/
+   ``deployment``) undefined again as soon as the body ends, whether the start
+   worked or not.
+3. :func:`delete_barbican_secret` on delete or when a resize dropped the vTPM,
+   with the one rule for requests that carry no token.
+
+The libvirt side is a :class:`SecretStore`: :class:`vtpm_driver.virt.secret.
+LibvirtSecretStore` for the standalone driver, an adapter over Nova's ``Host``
+in the Nova shim. Passphrases only live in :class:`StartSecret` (repr hidden)
+and local variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, policy
+from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.spec import VTPMConfig
+
+LOG = logging.getLogger(__name__)
+
+
+class SecretStore(Protocol):
+    """The libvirt ``vtpm`` secrets of one host (usage name = instance UUID).
+
+    Implementations map their foreign errors to :mod:`vtpm_driver.exception`.
+    """
+
+    def find(self, instance_uuid: str) -> str | None:
+        """UUID of the vTPM secret serving this instance, or None."""
+
+    def define(self, secret_uuid: str, instance_uuid: str, passphrase: str, *,
+               persistent: bool) -> None:
+        """Define the secret (ephemeral + private unless ``persistent``) and set its value."""
+
+    def undefine(self, secret_uuid: str) -> bool:
+        """Undefine it; True if it existed. Idempotent."""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class StartSecret:
+    """What a start needs to unlock the TPM state.
+
+    ``passphrase`` None means libvirt already holds it (a ``host`` mode
+    persistent secret) and nothing has to be defined.
+    """
+
+    secret_uuid: str
+    passphrase: str | None
+    persistent: bool
+    created: bool = False  # made by this operation: undo deletes it
+
+    def __repr__(self) -> str:  # never show the passphrase
+        shown = "***" if self.passphrase else None
+        return (f"StartSecret(secret_uuid={self.secret_uuid!r}, persistent={self.persistent}, "
+                f"created={self.created}, passphrase={shown})")
+
+
+def prepare_start(context: Any, instance: Any, cfg: VTPMConfig | None,
+                  keymgr: KeyManagerAPI, secrets: SecretStore, *,
+                  create: bool = False) -> StartSecret | None:
+    """Everything a start needs to unlock the TPM, fetched before the guest is touched.
+
+    Not idempotent when ``create`` makes a new Barbican secret (the UUID is
+    recorded in ``system_metadata``; the caller saves the instance and, if it
+    then fails, deletes it again: ``StartSecret.created`` says so).
+
+    :returns: None when the server has no vTPM.
+    :raises VTPMSecretNotFound: no secret recorded (and not ``create``), or Barbican lost it.
+    :raises VTPMSecretForbidden: the caller may not read the passphrase (F5).
+    :raises KeyManagerUnavailable: Barbican is down.
+    """
+    if cfg is None:
+        return None
+    persistent = policy.uses_persistent_secret(cfg.secret_security)
+    recorded = policy.recorded_secret(instance)
+    if persistent and recorded:
+        existing = secrets.find(instance.uuid)
+        if existing == recorded:
+            LOG.debug("Using the host's libvirt secret %s", existing,
+                      instance_uuid=instance.uuid)
+            return StartSecret(existing, None, persistent=True)
+    if recorded is None and not create:
+        policy.require_recorded_secret(instance)  # raises VTPMSecretNotFound
+    secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, cfg.secret_security)
+    return StartSecret(secret_uuid, passphrase, persistent, created=recorded is None)
+
+
+def define_for_start(secrets: SecretStore, instance: Any, start: StartSecret) -> None:
+    """Define the libvirt secret a start needs, replacing a leftover of the same server.
+
+    A leftover is e.g. the persistent secret of a server resized from ``host``
+    to ``user`` mode, or an ephemeral one a killed operation left behind.
+    No-op when libvirt already holds the persistent secret.
+    """
+    if start.passphrase is None:
+        return
+    leftover = secrets.find(instance.uuid)
+    if leftover is not None:
+        secrets.undefine(leftover)
+        LOG.info("Removed leftover libvirt vTPM secret %s before start", leftover,
+                 instance_uuid=instance.uuid)
+    secrets.define(start.secret_uuid, instance.uuid, start.passphrase,
+                   persistent=start.persistent)
+
+
+def after_start(secrets: SecretStore, instance: Any, start: StartSecret | None) -> None:
+    """Undefine an ephemeral secret once swtpm has read it (SPEC E3); idempotent."""
+    if start is None or start.persistent:
+        return
+    secrets.undefine(start.secret_uuid)
+
+
+@contextlib.contextmanager
+def secret_for_start(secrets: SecretStore, instance: Any,
+                     start: StartSecret | None) -> Iterator[None]:
+    """Define the secret for the duration of a guest start; undefine it after (E3).
+
+    The ephemeral secret is undefined whether the body worked or not: swtpm
+    has read the key by then, and a failed start must not leave an orphan.
+
+    :raises VirtError: the secret could not be undefined after a successful body.
+    """
+    if start is None:
+        yield
+        return
+    define_for_start(secrets, instance, start)
+    try:
+        yield
+    except BaseException:
+        try:
+            after_start(secrets, instance, start)
+        except exception.VTPMError as cleanup_error:
+            LOG.error("Could not undefine libvirt vTPM secret %s after a failed start: %s",
+                      start.secret_uuid, cleanup_error, instance_uuid=instance.uuid)
+        raise
+    after_start(secrets, instance, start)
+
+
+def remove_libvirt_secrets(secrets: SecretStore, instance: Any) -> None:
+    """Undefine every libvirt vTPM secret of the server (recorded UUID and by usage).
+
+    Idempotent; used by delete and by cleanups of a moved server.
+    """
+    recorded = policy.recorded_secret(instance)
+    if recorded:
+        secrets.undefine(recorded)
+    leftover = secrets.find(instance.uuid)
+    if leftover is not None:
+        secrets.undefine(leftover)
+
+
+def delete_barbican_secret(context: Any, instance: Any, flavor: Any,
+                           keymgr: KeyManagerAPI) -> bool:
+    """Delete the recorded Barbican secret and its ``system_metadata`` key (SPEC D6).
+
+    Idempotent: nothing recorded is a no-op. The mode comes from ``flavor``
+    (the one the secret was made for), read leniently so a bad flavor never
+    blocks a delete. A request with no token (Nova's periodic tasks, start-up)
+    cannot delete a ``user``/``host`` secret: it is left in Barbican with a
+    warning naming it (``vtpm-driver audit`` lists it) and the key is dropped,
+    rather than failing the server's cleanup.
+
+    :returns: True if Barbican was asked to delete it.
+    :raises VTPMSecretForbidden: a token was given but may not delete it.
+    :raises KeyManagerUnavailable: Barbican is down (the key stays; retry).
+    """
+    secret_uuid = policy.recorded_secret(instance)
+    if secret_uuid is None:
+        return False
+    mode = policy.secret_security(flavor, strict=False)
+    if not policy.may_delete_without_token(mode) and not getattr(context, "auth_token", None):
+        LOG.warning("Cannot delete vTPM secret %s from Barbican without the owner's token "
+                    "(this request carries none); delete it by hand", secret_uuid,
+                    instance_uuid=instance.uuid)
+        instance.system_metadata.pop(policy.SYSMETA_KEY, None)
+        return False
+    keymgr.delete_vtpm_secret(context, instance, mode)
+    return True
