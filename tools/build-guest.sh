@@ -9,9 +9,10 @@
 # was built from, and an up-to-date output is left alone (a re-run takes well under 2 s).
 # Boot with: -kernel vmlinuz -initrd initrd.img -append 'console=ttyS0 [vtpm_test=stay]'.
 set -euo pipefail
+TAG=build-guest
+# shellcheck source=tools/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-say() { printf '[build-guest] %s\n' "$*"; }
-die() { printf '[build-guest] ERROR: %s\n' "$*" >&2; exit 1; }
 
 GUEST_DIR=${VTPM_GUEST_DIR:-/var/cache/vtpm-driver/guest}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

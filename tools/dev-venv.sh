@@ -2,9 +2,11 @@
 # Create or refresh the project's virtualenv (.venv) with the package and its
 # test dependencies. Idempotent: skips pip when pyproject.toml is unchanged.
 set -euo pipefail
+TAG=dev-venv
+# shellcheck source=tools/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 VENV=${VTPM_VENV:-.venv}
-say() { printf '[dev-venv] %s\n' "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV"

@@ -69,20 +69,7 @@ ensure_venv() {
 
 # pid of a running gunicorn master from its pid file, or nothing.
 service_pid() {
-    local name="$1" pidfile="$RUN/$1.pid" pid
-    [ -f "$pidfile" ] || return 1
-    pid="$(cat "$pidfile" 2>/dev/null || true)"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    # Only our own gunicorn: a stale pid file may point at a reused pid.
-    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -Eq "gunicorn: master \[vtpm-$name\]|gunicorn.*${name}_wsgi:"; then
-        echo "$pid"
-        return 0
-    fi
-    return 1
-}
-
-http_code() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true
+    pid_if_matches "$RUN/$1.pid" "gunicorn: master \[vtpm-$1\]|gunicorn.*${1}_wsgi:"
 }
 
 keystone_healthy() { [ "$(http_code "$KEYSTONE_URL")" = 200 ]; }
@@ -91,8 +78,6 @@ barbican_healthy() {
     c="$(http_code "$BARBICAN_URL/")"
     [ "$c" = 200 ] || [ "$c" = 300 ]
 }
-
-port_in_use() { ss -Hltn "sport = :${1##*:}" 2>/dev/null | grep -q .; }
 
 wait_healthy() {
     local name="$1" check="$2" deadline=$((SECONDS + START_TIMEOUT))
@@ -138,27 +123,6 @@ start_gunicorn() {
         [ "$SECONDS" -lt "$deadline" ] || die_with_log "$name: no gunicorn master came up" "$LOGS/$name-gunicorn.log" "$LOGS/$name.log"
         sleep 0.2
     done
-}
-
-stop_service() {
-    local name="$1" pid _
-    if ! pid="$(service_pid "$name")"; then
-        rm -f "$RUN/$name.pid"
-        say "$name: not running"
-        return 0
-    fi
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.25
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        say "$name did not stop in 10 s; sending SIGKILL to $pid and its workers"
-        pkill -KILL -P "$pid" 2>/dev/null || true
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$RUN/$name.pid"
 }
 
 # --- steps -------------------------------------------------------------------------------

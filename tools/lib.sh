@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Shell helpers shared by tools/keymgr-stack.sh and tools/openstack-aio.sh.
-# Source it after setting TAG (the "[name]" prefix of every message).
+# Shell helpers shared by every tools/*.sh script (one library, one way to log,
+# fail, probe ports and stop processes). Source it after setting TAG (the
+# "[name]" prefix of every message).
 
 say() { printf '[%s] %s\n' "$TAG" "$*"; }
 die() { printf '[%s] ERROR: %s\n' "$TAG" "$*" >&2; exit 1; }
@@ -31,4 +32,58 @@ find_python() {
         fi
     done
     return 1
+}
+
+# port_in_use HOST:PORT|PORT: something listens on that TCP port.
+port_in_use() { ss -Hltn "sport = :${1##*:}" 2>/dev/null | grep -q .; }
+
+# http_code URL: the HTTP status of a GET (empty when nothing answers within 5 s).
+http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true; }
+
+# pid_if_matches PIDFILE PATTERN: the pid in PIDFILE if that process's command line
+# matches the extended regex PATTERN (a stale pid file may point at a reused pid).
+pid_if_matches() {
+    local pid
+    pid="$(cat "$1" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -Eq "$2" || return 1
+    echo "$pid"
+}
+
+# running PID: the process exists and is not a zombie.
+running() {
+    local state
+    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# wait_gone PID NAME [SECONDS]: wait for PID to exit after a SIGTERM; SIGKILL it (and
+# its children) when it has not within SECONDS (default 20).
+wait_gone() {
+    local pid="$1" name="$2" limit="${3:-20}" deadline
+    deadline=$((SECONDS + limit))
+    while running "$pid"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            say "$name did not stop in $limit s; sending SIGKILL to $pid and its children"
+            pkill -KILL -P "$pid" 2>/dev/null || true
+            kill -KILL "$pid" 2>/dev/null || true
+            return 0
+        fi
+        sleep 0.25
+    done
+}
+
+# stop_service NAME: SIGTERM the service whose pid the caller's `service_pid NAME`
+# prints, wait for it (wait_gone), and remove $RUN/NAME.pid. Idempotent.
+stop_service() {
+    local name="$1" pid
+    if ! pid="$(service_pid "$name")"; then
+        rm -f "$RUN/$name.pid"
+        say "$name: not running"
+        return 0
+    fi
+    say "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_gone "$pid" "$name"
+    rm -f "$RUN/$name.pid"
 }

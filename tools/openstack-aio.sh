@@ -274,22 +274,15 @@ sync_databases() {
 
 # --- processes ----------------------------------------------------------------------------
 
-port_in_use() { ss -Hltn "sport = :${1##*:}" 2>/dev/null | grep -q .; }
-
-http_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$1" 2>/dev/null || true; }
-
 # pid of one of this cloud's services from its pid file, or nothing (a stale pid file may
 # point at a reused pid: check the command line).
 service_pid() {
-    local name="$1" pid pattern
-    pid="$(cat "$RUN/$name.pid" 2>/dev/null || true)"
-    [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/cmdline" ] || return 1
+    local name="$1" pattern
     case "$name" in
         nova-conductor | nova-scheduler | nova-compute) pattern="bin/$name .*$ETC/nova/nova.conf" ;;
         *) pattern="gunicorn: master \[vtpm-aio-$name\]|gunicorn.*${WSGI[$name]}" ;;
     esac
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -Eq "$pattern" || return 1
-    echo "$pid"
+    pid_if_matches "$RUN/$name.pid" "$pattern"
 }
 
 healthy() {
@@ -399,36 +392,6 @@ start_nova_service() {
 }
 
 # true while pid runs (a zombie, which nobody may reap here, counts as gone).
-running() {
-    local state
-    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
-    [ -n "$state" ] && [ "$state" != Z ]
-}
-
-wait_gone() {
-    local pid="$1" name="$2" _
-    for _ in $(seq 1 100); do
-        running "$pid" || return 0
-        sleep 0.2
-    done
-    say "$name did not stop in 20 s; sending SIGKILL to $pid and its children"
-    pkill -KILL -P "$pid" 2>/dev/null || true
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_service() {
-    local name="$1" pid
-    if ! pid="$(service_pid "$name")"; then
-        rm -f "$RUN/$name.pid"
-        say "$name: not running"
-        return 0
-    fi
-    say "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    wait_gone "$pid" "$name"
-    rm -f "$RUN/$name.pid"
-}
-
 # --- Nova cells ---------------------------------------------------------------------------
 
 discover_host() {

@@ -3,9 +3,10 @@
 # virtlogd + libvirtd (without systemd when there is none), and wait until
 # qemu:///system answers. Idempotent: a second run changes nothing.
 set -euo pipefail
+TAG=setup-host
+# shellcheck source=tools/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-say() { printf '[setup-host] %s\n' "$*"; }
-die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (installs packages, starts libvirtd)"
 
