@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -31,11 +30,11 @@ from typing import Any, NamedTuple
 from bench import stats
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import context as vtpm_context
+from vtpm_driver.guestreport import last_result as parse_result
 
 GUEST_DIR = Path(os.environ.get("VTPM_GUEST_DIR", "/var/cache/vtpm-driver/guest"))
 CMDLINE = "console=ttyS0"
 MEMORY_MB = 256
-RESULT_RE = re.compile(r"VTPM_RESULT((?: +[a-z_]+=\S*)+)")
 BOOT_TIMEOUT = 180.0
 SHUTOFF_TIMEOUT = 60.0
 VTPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-tis"}
@@ -64,16 +63,6 @@ def check_available() -> None:
         if not (GUEST_DIR / name).is_file():
             raise BootUnavailable(f"test guest {GUEST_DIR / name} missing: run "
                                   "tools/build-guest.sh")
-
-
-def parse_result(text: str) -> dict[str, str] | None:
-    """Fields of the last ``VTPM_RESULT`` line in ``text``, or None."""
-    found = None
-    for line in text.splitlines():
-        m = RESULT_RE.search(line.rstrip("\r"))
-        if m:
-            found = dict(item.split("=", 1) for item in m.group(1).split())
-    return found
 
 
 def wait_for_result(console_log: Path, t0: float, timeout: float = BOOT_TIMEOUT

@@ -27,7 +27,7 @@ import libvirt
 import pytest
 
 from tests.functional.support import unavailable
-from vtpm_driver.cli.demo import parse_vtpm_results  # the guest's one-line protocol
+from vtpm_driver.guestreport import parse_vtpm_results  # the guest's one-line protocol
 
 LIBVIRT_URI = os.environ.get("VTPM_LIBVIRT_URI", "qemu:///system")
 REPO_ROOT = Path(__file__).resolve().parents[2]

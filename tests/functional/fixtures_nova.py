@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.functional.support import run_tool_script, unavailable
-from vtpm_driver.cli.demo import parse_vtpm_results, results_since
+from vtpm_driver.guestreport import parse_vtpm_results, results_since
 
 AIO_DIR = Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
 AIO_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "openstack-aio.sh"
