@@ -5,7 +5,9 @@
 #   tools/openstack-aio.sh stop     stop this cloud's services (not Keystone/Barbican/libvirtd)
 #   tools/openstack-aio.sh status   exit 0 when every service answers, 3 when not
 #
-# Services (all on 127.0.0.1, one worker each, sqlite databases):
+# Services (all on 127.0.0.1, one worker each):
+#   MariaDB :3306 (Debian package, own server and data directory, as a real deployment's
+#     database: sqlite's "database is locked" made overlapping creates hang in BUILD)
 #   RabbitMQ :5672 (Debian package, own node "vtpm-aio", vhost "nova")
 #   placement-api :8778, nova-api :8774, glance-api :9292 (file store)   under gunicorn
 #   nova-conductor, nova-scheduler, nova-compute (libvirt qemu:///system, QEMU TCG, swtpm)
@@ -35,11 +37,12 @@ RUN="$AIO_DIR/run"
 ETC="$AIO_DIR/etc"
 DATA="$AIO_DIR/data"
 RABBIT_DIR="$AIO_DIR/rabbitmq"
+MARIADB_DIR="$AIO_DIR/mariadb"
 START_TIMEOUT="${VTPM_AIO_START_TIMEOUT:-180}"
 # What the venv holds; changing this list reinstalls. The checkout is added editable.
 PACKAGES=('nova==34.*' 'openstack-placement==16.*' 'glance==33.*' python-openstackclient
-          osc-placement gunicorn)
-APT_PACKAGES=(rabbitmq-server qemu-utils curl)
+          osc-placement gunicorn PyMySQL)
+APT_PACKAGES=(mariadb-server rabbitmq-server qemu-utils curl)
 ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
 
 # name -> bind address, WSGI module (gunicorn services)
@@ -234,21 +237,71 @@ stop_rabbitmq() {
 
 # --- databases ----------------------------------------------------------------------------
 
-# WAL lets readers and one writer work side by side: several services share these files.
-wal() {
-    "$VENV/bin/python" - "$@" <<'EOF'
-import sqlite3, sys
-for path in sys.argv[1:]:
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.close()
-EOF
+# MariaDB: this cloud's own server (data, socket and pid file in $MARIADB_DIR, owned by
+# mysql), TCP on 127.0.0.1:3306 only; root logs in through the socket, the services as
+# user "aio".
+mysql_socket() { echo "$MARIADB_DIR/run/mysqld.sock"; }
+mariadb_pid() { pid_if_matches "$MARIADB_DIR/run/mariadb.pid" "mariadbd .*--datadir=$MARIADB_DIR/data"; }
+mariadb_healthy() {
+    mariadb_pid >/dev/null && mariadb-admin --no-defaults --socket="$(mysql_socket)" -u root \
+        --connect-timeout=2 ping >/dev/null 2>&1
+}
+mariadb_sql() { mariadb --no-defaults --socket="$(mysql_socket)" -u root --batch "$@"; }
+
+start_mariadb() {
+    if ! mariadb_healthy; then
+        port_in_use 127.0.0.1:3306 \
+            && die "127.0.0.1:3306 is in use by a database that is not this cloud's (see: ss -ltnp)"
+        mkdir -p "$MARIADB_DIR/run"
+        chown mysql:mysql "$MARIADB_DIR" "$MARIADB_DIR/run"
+        chmod 0700 "$MARIADB_DIR" "$MARIADB_DIR/run"
+        if [ ! -d "$MARIADB_DIR/data/mysql" ]; then
+            say "initialising MariaDB in $MARIADB_DIR/data"
+            mariadb-install-db --no-defaults --user=mysql --datadir="$MARIADB_DIR/data" \
+                --auth-root-authentication-method=socket --skip-test-db \
+                >"$LOGS/mariadb-install.log" 2>&1 \
+                || die_with_log "mariadb-install-db failed" "$LOGS/mariadb-install.log"
+        fi
+        rm -f "$MARIADB_DIR/run/mariadb.pid"
+        say "starting MariaDB on 127.0.0.1:3306"
+        setsid mariadbd --no-defaults --user=mysql --datadir="$MARIADB_DIR/data" \
+            --socket="$(mysql_socket)" --pid-file="$MARIADB_DIR/run/mariadb.pid" --port=3306 \
+            --bind-address=127.0.0.1 --skip-name-resolve --max-connections=500 \
+            --innodb-buffer-pool-size=128M --innodb-flush-log-at-trx-commit=2 \
+            --log-error="$LOGS/mariadb.log" >/dev/null 2>&1 </dev/null 9>&- &
+        local deadline=$((SECONDS + 60))
+        until mariadb_healthy; do
+            [ "$SECONDS" -lt "$deadline" ] || die_with_log "MariaDB did not start" "$LOGS/mariadb.log"
+            sleep 0.5
+        done
+    fi
+    # Databases and the services' user; the password goes through stdin, never argv.
+    local db sql="" pw
+    pw="$(helper render.py --print-password mariadb)"
+    for db in nova_api nova nova_cell0 placement glance; do
+        sql+="CREATE DATABASE IF NOT EXISTS $db CHARACTER SET utf8;"
+        sql+="GRANT ALL PRIVILEGES ON $db.* TO 'aio'@'127.0.0.1';"
+    done
+    printf "CREATE USER IF NOT EXISTS 'aio'@'127.0.0.1' IDENTIFIED BY '%s';
+ALTER USER 'aio'@'127.0.0.1' IDENTIFIED BY '%s';%s FLUSH PRIVILEGES;\n" "$pw" "$pw" "$sql" \
+        | mariadb_sql || die_with_log "creating the MariaDB databases failed" "$LOGS/mariadb.log"
+}
+
+stop_mariadb() {
+    local pid
+    if ! pid="$(mariadb_pid)"; then
+        say "mariadb: not running"
+        return 0
+    fi
+    say "stopping mariadb (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_gone "$pid" mariadb 60
 }
 
 sync_databases() {
     local versions marker
     versions="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("nova"), m.version("openstack-placement"), m.version("glance"), sep="-")')"
-    marker="$DATA/.synced-$versions"
+    marker="$MARIADB_DIR/.synced-$versions"
     [ -f "$marker" ] && return 0
     local t0=$SECONDS log="$LOGS/db-sync.log"
     local nm=("$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf")
@@ -258,8 +311,8 @@ sync_databases() {
     "$VENV/bin/glance-manage" --config-file "$ETC/glance/glance-api.conf" db_sync \
         >>"$log" 2>&1 || die_with_log "glance-manage db_sync failed" "$log"
     "${nm[@]}" api_db sync >>"$log" 2>&1 || die_with_log "nova-manage api_db sync failed" "$log"
-    "${nm[@]}" cell_v2 map_cell0 --database_connection "sqlite:///$DATA/nova_cell0.sqlite" \
-        >>"$log" 2>&1 || die_with_log "nova-manage cell_v2 map_cell0 failed" "$log"
+    # cell0's URL is derived from [database] connection (nova -> nova_cell0).
+    "${nm[@]}" cell_v2 map_cell0 >>"$log" 2>&1 || die_with_log "nova-manage cell_v2 map_cell0 failed" "$log"
     "${nm[@]}" db sync --local_cell >>"$log" 2>&1 || die_with_log "nova-manage db sync (cell1) failed" "$log"
     # cell0's schema too (db sync without --local_cell syncs cell0 and the default cell).
     "${nm[@]}" db sync >>"$log" 2>&1 || die_with_log "nova-manage db sync failed" "$log"
@@ -267,7 +320,6 @@ sync_databases() {
         "${nm[@]}" cell_v2 create_cell --name cell1 >>"$log" 2>&1 \
             || die_with_log "nova-manage cell_v2 create_cell failed" "$log"
     fi
-    wal "$DATA"/*.sqlite
     touch "$marker"
     say "databases ready in $((SECONDS - t0)) s"
 }
@@ -414,6 +466,7 @@ discover_host() {
 
 all_up() {
     local name
+    mariadb_healthy || return 1
     rabbit_healthy || return 1
     COMPUTE_DRIVER="$(compute_driver)"
     render_args
@@ -437,6 +490,7 @@ cmd_start() {
     render_args
     say "compute driver: $COMPUTE_DRIVER"
     configure
+    start_mariadb
     start_rabbitmq
     sync_databases
     say "registering users, services and endpoints in Keystone"
@@ -471,10 +525,17 @@ cmd_stop() {
         stop_service "${GUNICORN_SERVICES[$i]}"
     done
     stop_rabbitmq
+    stop_mariadb
 }
 
 cmd_status() {
     local rc=0 name pid
+    if pid="$(mariadb_pid)" && mariadb_healthy; then
+        say "mariadb: running (pid $pid), answers at 127.0.0.1:3306"
+    else
+        say "mariadb: not running"
+        rc=3
+    fi
     if pid="$(rabbit_pid)" && rabbit_healthy; then
         say "rabbitmq: running (pid $pid)"
     else

@@ -26,14 +26,19 @@ from stacklib import load_passwords as _load_passwords
 RABBIT_HOST = "127.0.0.1:5672"
 RABBIT_USER = "nova"
 RABBIT_VHOST = "nova"
+# MariaDB (tools/openstack-aio.sh runs its own server on 127.0.0.1:3306).
+DB_HOST = "127.0.0.1:3306"
+DB_USER = "aio"
+DATABASES = ("nova_api", "nova", "nova_cell0", "placement", "glance")
 ENDPOINTS = {
     # service type -> (service name, public URL)
     "compute": ("nova", "http://127.0.0.1:8774/v2.1"),
     "placement": ("placement", "http://127.0.0.1:8778"),
     "image": ("glance", "http://127.0.0.1:9292"),
 }
-# Keystone users this cloud owns (all in project "service"); "rabbit" is RabbitMQ's.
-PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit")
+# Keystone users this cloud owns (all in project "service"); "rabbit" is RabbitMQ's,
+# "mariadb" the database user's.
+PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit", "mariadb")
 # Clouds copied from the keymgr stack's clouds.yaml (same Keystone, same users).
 CLOUDS = ("owner", "member", "other", "admin")
 
@@ -72,8 +77,13 @@ def authtoken(user: str, password: str) -> dict[str, object]:
     }
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
+def db_url(pw: dict[str, str], database: str) -> str:
+    """SQLAlchemy URL of one of this cloud's MariaDB databases (PyMySQL driver).
+
+    Nova derives cell0's URL from ``[database] connection`` (``nova`` ->
+    ``nova_cell0``), so the password never has to go on a command line.
+    """
+    return f"mysql+pymysql://{DB_USER}:{pw['mariadb']}@{DB_HOST}/{database}?charset=utf8"
 
 
 def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) -> str:
@@ -104,8 +114,8 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
                 "update_resources_interval": 60,
             },
             "api": {"auth_strategy": "keystone"},
-            "api_database": {"connection": sqlite_url(root / "data" / "nova_api.sqlite")},
-            "database": {"connection": sqlite_url(root / "data" / "nova_cell1.sqlite")},
+            "api_database": {"connection": db_url(pw, "nova_api")},
+            "database": {"connection": db_url(pw, "nova")},
             "keystone_authtoken": {**ksa, "service_token_roles_required": True},
             "placement": client,
             "glance": {"region_name": REGION, "valid_interfaces": "public"},
@@ -160,7 +170,7 @@ def placement_conf(root: Path, pw: dict[str, str], debug: bool) -> str:
             "DEFAULT": {"debug": debug, "log_file": root / "logs" / "placement-api.log"},
             "api": {"auth_strategy": "keystone"},
             "placement_database": {
-                "connection": sqlite_url(root / "data" / "placement.sqlite"),
+                "connection": db_url(pw, "placement"),
             },
             "keystone_authtoken": authtoken("placement", pw["placement"]),
             "oslo_concurrency": {"lock_path": root / "placement" / "locks"},
@@ -181,7 +191,7 @@ def glance_conf(root: Path, pw: dict[str, str], debug: bool) -> str:
                 "show_image_direct_url": False,
                 "workers": 1,
             },
-            "database": {"connection": sqlite_url(root / "data" / "glance.sqlite")},
+            "database": {"connection": db_url(pw, "glance")},
             "glance_store": {"default_backend": "file"},
             "file": {"filesystem_store_datadir": f"{gdata / 'images'}/"},
             "os_glance_staging_store": {"filesystem_store_datadir": f"{gdata / 'staging'}/"},
