@@ -7,11 +7,10 @@ import uuid
 
 import pytest
 
-from tests.unit.test_cli_servers import OWNER, FakeBackend
+from tests.unit.cli.fakes import OWNER, FakeBackend
 from vtpm_driver import audit, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
-from vtpm_driver.cli import servers as server_cli
 
 
 def _uuid() -> str:
@@ -170,9 +169,7 @@ def _isolated(monkeypatch, tmp_path):
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     backend, keymgr = AuditBackend(), FakeKeyManager()
-    monkeypatch.setattr(server_cli, "backend_factory", lambda conf: backend)
     monkeypatch.setattr(audit_cli, "keymgr_factory", lambda conf: keymgr)
-    monkeypatch.setattr(server_cli, "authenticate", lambda parsed_args: OWNER)
     state = tmp_path / "swtpm"
     state.mkdir()
     conf = tmp_path / "vtpm.conf"
@@ -180,8 +177,10 @@ def env(monkeypatch, tmp_path):
     return backend, keymgr, state, str(conf)
 
 
-def _run(capsys, conf, *argv):
-    rc = cli_main.main(["--config-file", conf, "audit", *argv])
+def _run(capsys, env, *argv):
+    backend, _, _, conf = env
+    rc = cli_main.main(["--config-file", conf, "audit", *argv],
+                       backend_factory=lambda _conf: backend, login=lambda options: OWNER)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -195,13 +194,13 @@ def _add(backend, name, secret_security="user"):
 
 
 def test_audit_json_clean(capsys, env):
-    backend, keymgr, state, conf = env
+    backend, keymgr, state, _conf = env
     vm = _add(backend, "vm1")
     (state / vm.uuid).mkdir()
     keymgr.items["user"] = [{"uuid": vm.system_metadata["vtpm_secret_uuid"],
                              "name": f"vTPM secret for instance {vm.uuid}",
                              "instance_uuid": vm.uuid}]
-    rc, out, err = _run(capsys, conf, "-f", "json", "--os-username", "alice")
+    rc, out, err = _run(capsys, env, "-f", "json", "--os-username", "alice")
     assert (rc, err) == (0, "")
     report = json.loads(out)
     assert report == {
@@ -217,7 +216,7 @@ def test_audit_json_clean(capsys, env):
 
 
 def test_audit_finds_each_kind_of_orphan(capsys, env):
-    backend, keymgr, state, conf = env
+    backend, keymgr, state, _conf = env
     _add(backend, "vm1")
     dead_dir, dead_secret, dead_instance, barbican_secret = _uuid(), _uuid(), _uuid(), _uuid()
     (state / dead_dir).mkdir()
@@ -225,7 +224,7 @@ def test_audit_finds_each_kind_of_orphan(capsys, env):
     backend.secrets = [audit.LibvirtSecret(dead_secret, dead_instance)]
     keymgr.items["user"] = [{"uuid": barbican_secret, "name": "x",
                              "instance_uuid": dead_instance}]
-    rc, out, _ = _run(capsys, conf, "-f", "json", "--os-username", "alice")
+    rc, out, _ = _run(capsys, env, "-f", "json", "--os-username", "alice")
     assert rc == 0
     report = json.loads(out)
     assert report["orphan_state_dirs"] == [{
@@ -239,8 +238,8 @@ def test_audit_finds_each_kind_of_orphan(capsys, env):
 
 
 def test_audit_without_credentials_skips_barbican_with_a_warning(capsys, env):
-    _, keymgr, _, conf = env
-    rc, out, err = _run(capsys, conf, "-f", "json")
+    _, keymgr, _, _conf = env
+    rc, out, err = _run(capsys, env, "-f", "json")
     assert rc == 0
     report = json.loads(out)
     assert report["barbican_checked"] is False and report["barbican_scope"] == []
@@ -249,17 +248,17 @@ def test_audit_without_credentials_skips_barbican_with_a_warning(capsys, env):
 
 
 def test_audit_no_barbican_option(capsys, env):
-    _, keymgr, _, conf = env
-    rc, out, err = _run(capsys, conf, "-f", "json", "--os-username", "alice", "--no-barbican")
+    _, keymgr, _, _conf = env
+    rc, out, err = _run(capsys, env, "-f", "json", "--os-username", "alice", "--no-barbican")
     assert (rc, err) == (0, "")
     assert json.loads(out)["barbican_checked"] is False and keymgr.calls == []
 
 
 def test_audit_table_is_readable(capsys, env):
-    backend, _, state, conf = env
+    backend, _, state, _conf = env
     _add(backend, "vm1", "host")
     (state / _uuid()).mkdir()
-    rc, out, _ = _run(capsys, conf, "-q")
+    rc, out, _ = _run(capsys, env, "-q")
     assert rc == 0
     assert "name=vm1" in out and "secret_security=host" in out and "problems=host-mode" in out
     assert "reason=no domain with UUID" in out

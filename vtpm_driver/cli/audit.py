@@ -17,11 +17,9 @@ from oslo_log import log as logging
 
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, spec
-from vtpm_driver.cli import servers as server_cli
-from vtpm_driver.cli.common import ListColumn
+from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.context import RequestContext
 from vtpm_driver.keymgr import KeyManager
-from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
 
@@ -101,7 +99,7 @@ def _service_user_configured(conf: cfg.ConfigOpts) -> bool:
         return False
 
 
-class Audit(server_cli._ServerCommandMixin, ShowOne):
+class Audit(CommandMixin, ShowOne):
     """List vTPM servers and find orphaned vTPM secrets and state.
 
     Shows each vTPM server of this host with its secret security mode, the
@@ -121,41 +119,23 @@ class Audit(server_cli._ServerCommandMixin, ShowOne):
     says (read "clean"); 1 libvirt, Keystone or Barbican failed.
     """
 
-    def _add_options(self, parser: argparse.ArgumentParser) -> None:
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
         parser.add_argument("--no-barbican", action="store_true",
                             help="Do not list Barbican secrets, even with credentials")
-        server_cli.add_auth_options(parser)
+        return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
-        conf = self.app.conf
-        base = str(conf.vtpm.swtpm_state_dir)
         barbican: list[vtpm_audit.BarbicanSecret] | None = None
         scope: list[str] = []
         if not parsed_args.no_barbican:
-            barbican, scope = self._list_barbican(conf, parsed_args)
-        with self.backend() as backend:
-            servers = [
-                vtpm_audit.server_from_request(
-                    instance.name, instance.uuid,
-                    server_cli._mapping(getattr(instance.flavor, "extra_specs", None)),
-                    server_cli._mapping(getattr(instance.image_meta, "properties", None)),
-                    server_cli._mapping(getattr(instance, "system_metadata", None)),
-                )
-                for instance in backend.list()
-            ]
-            domain_uuids = backend.domain_uuids()
-            secrets = [
-                vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
-                for s in backend.libvirt_vtpm_secrets()
-            ]
-        state_dirs = state.list_state_dirs(base)
-        report = vtpm_audit.audit(servers, domain_uuids, secrets, state_dirs, barbican,
-                                  state_dir_base=base)
-        return report_columns(report, scope)
+            barbican, scope = self._list_barbican(self.app.conf)
+        return report_columns(self.app.service.audit(barbican), scope)
 
-    def _list_barbican(self, conf: cfg.ConfigOpts, parsed_args: argparse.Namespace
+    def _list_barbican(self, conf: cfg.ConfigOpts
                        ) -> tuple[list[vtpm_audit.BarbicanSecret] | None, list[str]]:
-        with_user = server_cli.credentials_given(parsed_args)
+        """The vTPM secrets the caller (and the service user) can list, and whose they are."""
+        with_user = self.app.credentials_given()
         with_service = _service_user_configured(conf)
         if not with_user and not with_service:
             LOG.warning("Barbican not checked: no credentials (OS_* or --os-*) and no "
@@ -166,8 +146,8 @@ class Audit(server_cli._ServerCommandMixin, ShowOne):
         scope = []
         context: RequestContext | None = None
         if with_user:
-            context = self.context(parsed_args)
-            with self.progress("Listing vTPM secrets in Barbican"):
+            context = self.app.context
+            with self.app.progress("Listing vTPM secrets in Barbican"):
                 items = keymgr.list_vtpm_secrets(context, spec.SECRET_USER)
             found.update((str(item.get("uuid")), item) for item in items)
             scope.append(f"user {context.user_name or context.user_id} in project "
@@ -175,7 +155,7 @@ class Audit(server_cli._ServerCommandMixin, ShowOne):
         if with_service:
             service_context = context or RequestContext(user_id="", project_id="")
             try:
-                with self.progress("Listing the service user's vTPM secrets in Barbican"):
+                with self.app.progress("Listing the service user's vTPM secrets in Barbican"):
                     items = keymgr.list_vtpm_secrets(service_context, spec.SECRET_DEPLOYMENT)
             except exception.VTPMError as exc:
                 if not with_user:

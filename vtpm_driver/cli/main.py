@@ -4,6 +4,11 @@ Commands live in modules listed in :data:`COMMAND_MODULES`; each module
 exposes ``COMMANDS = {"name words": CommandClass}``. Adding a module is one
 line in that tuple.
 
+Global options (as in python-openstackclient): ``--config-file``, keystoneauth1's
+``--os-*`` credentials (defaults from ``OS_*``) and session options. Commands
+reach the caller through :attr:`VTPMDriverApp.context` (logged in on first use)
+and servers through :attr:`VTPMDriverApp.service`.
+
 Exit status: 0 success; 1 the operation was refused or failed, reported as one
 ``vtpm-driver: error: <message>`` line on stderr (``--debug`` adds the
 traceback); 2 usage error. Only command output goes to stdout.
@@ -11,6 +16,8 @@ traceback); 2 usage error. Only command output goes to stdout.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import itertools
@@ -26,13 +33,18 @@ from oslo_config import cfg
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
+from vtpm_driver.cli import auth
+from vtpm_driver.cli.common import progress
+from vtpm_driver.context import RequestContext
 from vtpm_driver.host import HostProbe, LibvirtHostProbe
+from vtpm_driver.service import ServerBackend, ServerService
 
 PROG = "vtpm-driver"
 
 COMMAND_MODULES: tuple[str, ...] = (
     "vtpm_driver.cli.checks",
-    "vtpm_driver.cli.servers", "vtpm_driver.cli.audit",
+    "vtpm_driver.cli.servers", "vtpm_driver.cli.server_actions", "vtpm_driver.cli.resize",
+    "vtpm_driver.cli.audit",
     "vtpm_driver.cli.demo",
 )
 
@@ -90,7 +102,11 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 class VTPMDriverApp(App):
-    """cliff application with ``--config-file`` and one-line error reporting."""
+    """cliff application with global options, lazy login and one-line error reporting.
+
+    ``probe_factory``, ``backend_factory`` and ``login`` replace the host
+    probe, the libvirt side of the servers and Keystone (tests use fakes).
+    """
 
     NAME = PROG
     LOG = logging.getLogger("vtpm_driver.cli")
@@ -100,6 +116,8 @@ class VTPMDriverApp(App):
         stdout: TextIO | None = None,
         stderr: TextIO | None = None,
         probe_factory: Callable[[cfg.ConfigOpts], HostProbe] | None = None,
+        backend_factory: Callable[[cfg.ConfigOpts], Any] | None = None,
+        login: Callable[[argparse.Namespace], RequestContext] | None = None,
     ) -> None:
         manager = CommandManager(None)
         for module_name in COMMAND_MODULES:
@@ -113,8 +131,13 @@ class VTPMDriverApp(App):
             deferred_help=True,  # `vtpm-driver host check --help` shows the command's help
         )
         self.probe_factory = probe_factory or LibvirtHostProbe.from_conf
+        self.backend_factory = backend_factory or ServerBackend
+        self._login = login or auth.authenticate
         self.missing_command = False
         self._conf: cfg.ConfigOpts | None = None
+        self._context: RequestContext | None = None
+        self._service: ServerService | None = None
+        self._auth_error: exception.VTPMError | None = None
         self._handlers: list[logging.Handler] = []
         self._root_level: int | None = None
 
@@ -130,6 +153,49 @@ class VTPMDriverApp(App):
                  f"{', '.join(DEFAULT_CONFIG_FILES)} when it exists.",
         )
         return parser
+
+    def run(self, argv: list[str]) -> int:
+        """As cliff's; first adds the ``--os-*`` options of the plugin ``argv`` asks for."""
+        self._auth_error = auth.add_auth_options(self.parser, argv)
+        return super().run(argv)
+
+    @property
+    def context(self) -> RequestContext:
+        """The caller, logged in with the ``--os-*`` options on first use.
+
+        :raises InvalidConfiguration: credentials missing or auth type unknown.
+        :raises VTPMSecretForbidden: Keystone refused them.
+        :raises KeyManagerUnavailable: Keystone could not be reached.
+        """
+        if self._context is None:
+            if self._auth_error is not None:
+                raise self._auth_error
+            with self.progress("Authenticating with Keystone"):
+                self._context = self._login(self.options)
+        return self._context
+
+    def credentials_given(self) -> bool:
+        """Whether any ``--os-*`` credential (or ``OS_*`` variable) was given."""
+        return auth.credentials_given(self.options)
+
+    @property
+    def service(self) -> ServerService:
+        """The servers of this host, acted on as :attr:`context` (closed after the command)."""
+        if self._service is None:
+            self._service = ServerService(self.conf, self.backend_factory(self.conf),
+                                          context=lambda: self.context,
+                                          progress=self.progress)
+        return self._service
+
+    def progress(self, message: str) -> contextlib.AbstractContextManager[None]:
+        """``message... done (1.2 s)`` on stderr when it is a terminal (not with ``-q``)."""
+        return progress(self.stderr, message, self.options.verbose_level > 0)
+
+    def clean_up(self, cmd: Any, result: int, err: BaseException | None) -> None:
+        """Close the libvirt connection the command opened, if any."""
+        if self._service is not None:
+            self._service.close()
+            self._service = None
 
     @property
     def conf(self) -> cfg.ConfigOpts:
@@ -210,9 +276,12 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None, *,
-         probe_factory: Callable[[cfg.ConfigOpts], HostProbe] | None = None) -> int:
-    """Run ``vtpm-driver``; returns the exit status (0, 1 or 2)."""
-    app = VTPMDriverApp(probe_factory=probe_factory)
+         probe_factory: Callable[[cfg.ConfigOpts], HostProbe] | None = None,
+         backend_factory: Callable[[cfg.ConfigOpts], Any] | None = None,
+         login: Callable[[argparse.Namespace], RequestContext] | None = None) -> int:
+    """Run ``vtpm-driver`` (the console script: ``argv`` is the process's); exit status."""
+    app = VTPMDriverApp(probe_factory=probe_factory, backend_factory=backend_factory,
+                        login=login)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         result = app.run(args)

@@ -11,8 +11,8 @@ import pytest
 from vtpm_driver import exception, spec
 from vtpm_driver.cli import main as cli_main
 
-DOMCAPS = (pathlib.Path(__file__).parent / "data" / "domcaps-qemu-host.xml").read_text()
-NO_TPM = (pathlib.Path(__file__).parent / "data" / "domcaps-no-tpm.xml").read_text()
+DOMCAPS = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-qemu-host.xml").read_text()
+NO_TPM = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-no-tpm.xml").read_text()
 
 
 def run(capsys, *argv: str, **kwargs) -> tuple[int, str, str]:

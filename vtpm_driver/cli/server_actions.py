@@ -1,0 +1,188 @@
+"""Lifecycle of one existing server: reboot, stop, start, suspend, resume, delete.
+
+Also the operations refused for servers with a vTPM (rebuild, rescue, shelve,
+evacuate, live-migrate), which exit 1 saying why. Every command logs in with
+the global ``--os-*`` options (the caller must be in the server's project, and
+in 'user' mode only the owner can unlock the vTPM), makes one call to the
+application's :class:`~vtpm_driver.service.ServerService` and prints nothing
+on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cliff.command import Command
+
+from vtpm_driver.cli.common import CommandMixin, int_at_least
+
+NON_NEGATIVE_INT = int_at_least(0)
+DEFAULT_SHUTDOWN_TIMEOUT = 60
+
+
+class ServerAction(CommandMixin, Command):
+    """A change to one server named by its NAME or UUID (base class)."""
+
+    verb = "act on"
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        parser.add_argument("server", metavar="NAME|UUID", help="Server to " + self.verb)
+        return parser
+
+
+class ServerReboot(ServerAction):
+    """Reboot a server (soft by default: the guest reboots itself).
+
+    --hard powers the guest off and starts it again, which unlocks the vTPM
+    state again: in 'user' mode that needs the owner's credentials, and a
+    refusal leaves the server as it was.
+    """
+
+    verb = "reboot"
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        parser.add_argument("--hard", action="store_true",
+                            help="Power off and start again instead of a guest reboot")
+        return parser
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.reboot(parsed_args.server, hard=parsed_args.hard)
+        return 0
+
+
+class ServerStop(ServerAction):
+    """Stop a server: press its power button, pull the plug after a timeout.
+
+    The vTPM state is kept. --force pulls the plug at once.
+    """
+
+    verb = "stop"
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        parser.add_argument("--force", action="store_true",
+                            help="Power off at once, without asking the guest to shut down")
+        parser.add_argument("--shutdown-timeout", metavar="SECONDS", type=NON_NEGATIVE_INT,
+                            default=DEFAULT_SHUTDOWN_TIMEOUT,
+                            help="Seconds to wait for a clean shutdown before powering off "
+                                 f"(default {DEFAULT_SHUTDOWN_TIMEOUT})")
+        return parser
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        timeout = 0 if parsed_args.force else parsed_args.shutdown_timeout
+        self.app.service.stop(parsed_args.server, timeout=timeout)
+        return 0
+
+
+class ServerStart(ServerAction):
+    """Start a stopped server (unlocks its vTPM: owner's credentials in 'user' mode)."""
+
+    verb = "start"
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.start(parsed_args.server)
+        return 0
+
+
+class ServerSuspend(ServerAction):
+    """Suspend a server: save its memory to disk and stop it (vTPM state kept)."""
+
+    verb = "suspend"
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.suspend(parsed_args.server)
+        return 0
+
+
+class ServerResume(ServerAction):
+    """Resume a suspended server (unlocks its vTPM: owner's credentials in 'user' mode)."""
+
+    verb = "resume"
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.resume(parsed_args.server)
+        return 0
+
+
+class ServerDelete(ServerAction):
+    """Delete a server: its domain, swtpm state, libvirt secret and Barbican secret.
+
+    In 'user' mode deleting the Barbican secret needs the owner's credentials.
+    Deleting a server that does not exist exits 1.
+    """
+
+    verb = "delete"
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.delete(parsed_args.server)
+        return 0
+
+
+class RefusedForVTPM(ServerAction):
+    """An operation the driver refuses for vTPM servers (SPEC F6); exits 1 saying why."""
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.refuse(parsed_args.server, self.verb)
+        return 0
+
+
+class ServerRebuild(RefusedForVTPM):
+    """Rebuild a server: refused for servers with a vTPM.
+
+    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
+    """
+
+    verb = "rebuild"
+
+
+class ServerRescue(RefusedForVTPM):
+    """Rescue a server: refused for servers with a vTPM.
+
+    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
+    """
+
+    verb = "rescue"
+
+
+class ServerShelve(RefusedForVTPM):
+    """Shelve a server: refused for servers with a vTPM.
+
+    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
+    """
+
+    verb = "shelve"
+
+
+class ServerEvacuate(RefusedForVTPM):
+    """Evacuate a server: refused for servers with a vTPM.
+
+    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
+    """
+
+    verb = "evacuate"
+
+
+class ServerLiveMigrate(RefusedForVTPM):
+    """Live-migrate a server: refused for servers with a vTPM.
+
+    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
+    """
+
+    verb = "live-migrate"
+
+
+COMMANDS = {
+    "server reboot": ServerReboot,
+    "server stop": ServerStop,
+    "server start": ServerStart,
+    "server suspend": ServerSuspend,
+    "server resume": ServerResume,
+    "server delete": ServerDelete,
+    "server rebuild": ServerRebuild,
+    "server rescue": ServerRescue,
+    "server shelve": ServerShelve,
+    "server evacuate": ServerEvacuate,
+    "server live-migrate": ServerLiveMigrate,
+}

@@ -1,0 +1,477 @@
+"""Standalone servers as a service: what the ``server`` commands (and the demo) call.
+
+:class:`ServerBackend` is where servers live: one libvirt connection shared by
+the :class:`~vtpm_driver.driver.VTPMDriver` (Nova ``ComputeDriver``-shaped
+lifecycle) and the server records of :mod:`vtpm_driver.servers` (kept in each
+domain's ``<metadata>``). :class:`ServerService` adds what Nova's API and
+compute manager add around the driver: find the server, check the caller's
+project, validate a request before anything is created, compute a resize's new
+flavor, and describe a server as plain fields. Command-line modules only parse
+options, call one method here and format the result.
+
+Every error is a :class:`~vtpm_driver.exception.VTPMError` naming the server
+and the reason; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import audit as vtpm_audit
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, policy, servers, spec
+from vtpm_driver.context import RequestContext
+from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.objects import Flavor, Instance
+from vtpm_driver.virt import connection, secret, state
+from vtpm_driver.virt.connection import Hypervisor
+
+LOG = logging.getLogger(__name__)
+
+#: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
+POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
+                7: "suspended"}
+RESIZE_PENDING = "awaiting confirm or revert"
+SHUTDOWN_RETRY_INTERVAL = 10
+
+#: ``server show`` fields, in order (``vtpm_error`` follows when the request is invalid).
+SHOW_FIELDS = (
+    "name", "uuid", "power_state", "resize_status",
+    "user_id", "user_name", "project_id", "project_name",
+    "vtpm", "vtpm_version", "vtpm_model", "secret_security", "vtpm_secret_uuid",
+    "flavor_extra_specs", "image_properties", "vcpus", "memory_mb",
+    "kernel", "initrd", "cmdline", "disk", "console_log",
+)
+#: Operations refused for vTPM servers (SPEC F6) -> how the driver is asked.
+REFUSED_OPERATIONS = ("rebuild", "rescue", "shelve", "evacuate", "live-migrate")
+
+Progress = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+def _no_progress(_message: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def power_state_name(info: object) -> str:
+    """Nova's name for ``driver.get_info(instance)`` (or its ``state``)."""
+    state = getattr(info, "state", info)
+    if isinstance(state, str):
+        return state
+    if isinstance(state, int) and not isinstance(state, bool):
+        return POWER_STATES.get(state, f"state {state}")
+    return "unknown"
+
+
+def vtpm_or_error(instance: Any) -> tuple[spec.VTPMConfig | None, str | None]:
+    """(config, None), (None, None) without a vTPM, or (None, reason) if invalid."""
+    try:
+        return policy.vtpm_of(instance), None
+    except exception.VTPMError as exc:
+        return None, str(exc)
+
+
+def check_project(context: RequestContext, instance: Any, verb: str) -> None:
+    """Nova's default policy: members of the server's project, or an admin.
+
+    Operations that need the vTPM passphrase are further limited to the owner
+    by Barbican's ACL in ``user`` mode; this check keeps other projects from
+    even stopping or rebooting a server they do not own.
+
+    :raises NotAuthorized: the caller is neither.
+    """
+    if context.project_id == instance.project_id or "admin" in context.roles:
+        return
+    raise exception.NotAuthorized(
+        f"cannot {verb} server {instance.name}: it belongs to project {instance.project_id} "
+        f"and {context.user_name or context.user_id} is not a member of it (or an admin)"
+    )
+
+
+def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
+               vcpus: int | None, memory_mb: int | None) -> Flavor:
+    """The flavor a resize moves to: ``old`` with the requested changes.
+
+    :raises InvalidVTPMConfig: ``unset`` names an extra spec the flavor lacks.
+    """
+    extra_specs = dict(policy.flavor_extra_specs(old))
+    unknown = [key for key in unset if key not in extra_specs and key not in set_specs]
+    if unknown:
+        raise exception.InvalidVTPMConfig(
+            f"--unset-flavor-property {', '.join(map(repr, unknown))}: the server's flavor "
+            f"has no such extra spec (it has: {', '.join(sorted(extra_specs)) or 'none'})"
+        )
+    for key in unset:
+        extra_specs.pop(key, None)
+    extra_specs.update(set_specs)
+    return Flavor(
+        name=str(getattr(old, "name", "standalone")),
+        vcpus=vcpus if vcpus is not None else int(getattr(old, "vcpus", 1)),
+        memory_mb=memory_mb if memory_mb is not None else int(getattr(old, "memory_mb", 256)),
+        extra_specs=extra_specs,
+    )
+
+
+def server_fields(instance: Any, power_state: str, resize_pending: bool = False
+                  ) -> dict[str, Any]:
+    """What ``server show`` says about ``instance``, as plain values (no secret)."""
+    config, error = vtpm_or_error(instance)
+    flavor = getattr(instance, "flavor", None)
+    image_meta = getattr(instance, "image_meta", None)
+    fields = {
+        "name": getattr(instance, "name", None),
+        "uuid": getattr(instance, "uuid", None),
+        "power_state": power_state,
+        "resize_status": RESIZE_PENDING if resize_pending else None,
+        "user_id": getattr(instance, "user_id", None),
+        "user_name": getattr(instance, "user_name", None),
+        "project_id": getattr(instance, "project_id", None),
+        "project_name": getattr(instance, "project_name", None),
+        "vtpm": config is not None,
+        "vtpm_version": config.version if config else None,
+        "vtpm_model": config.model if config else None,
+        "secret_security": config.secret_security if config else None,
+        "vtpm_secret_uuid": policy.recorded_secret(instance),
+        "flavor_extra_specs": dict(policy.flavor_extra_specs(flavor)),
+        "image_properties": dict(policy.image_properties(image_meta)),
+        "vcpus": getattr(flavor, "vcpus", None),
+        "memory_mb": getattr(flavor, "memory_mb", None),
+        "kernel": getattr(image_meta, "kernel", None),
+        "initrd": getattr(image_meta, "initrd", None),
+        "cmdline": getattr(image_meta, "cmdline", None),
+        "disk": getattr(image_meta, "disk", None),
+        "console_log": getattr(instance, "console_log", None),
+    }
+    if error is not None:
+        fields["vtpm_error"] = error
+    return fields
+
+
+def summary_fields(instance: Any, power_state: str) -> dict[str, Any]:
+    """What ``server list`` says about ``instance`` ('invalid' for a bad vTPM request)."""
+    config, error = vtpm_or_error(instance)
+    return {
+        "name": instance.name,
+        "uuid": instance.uuid,
+        "owner": str(getattr(instance, "user_name", None) or instance.user_id),
+        "project": getattr(instance, "project_name", None) or instance.project_id,
+        "vtpm_version": config.version if config else ("invalid" if error else None),
+        "vtpm_model": config.model if config else None,
+        "secret_security": config.secret_security if config else None,
+        "power_state": power_state,
+    }
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+# --------------------------------------------------------------------------- where servers live
+
+
+class ServerBackend:
+    """The driver and the record store, over one libvirt connection (opened on first use)."""
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+        self.hypervisor = Hypervisor(vtpm_conf.libvirt_uri(conf))
+        self._driver: VTPMDriver | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.hypervisor.uri
+
+    def connect(self) -> None:
+        """Open the libvirt connection now (the first one can take seconds).
+
+        :raises HypervisorUnavailable: libvirt cannot be reached.
+        """
+        self.hypervisor.conn  # noqa: B018 - opening the connection is the point
+
+    @property
+    def driver(self) -> VTPMDriver:
+        if self._driver is None:
+            self._driver = VTPMDriver(self.conf, hypervisor=self.hypervisor)
+        return self._driver
+
+    def find(self, name_or_uuid: str) -> Instance:
+        """:raises InstanceNotFound: no server has this name or UUID."""
+        return servers.find(self.hypervisor.conn, name_or_uuid)
+
+    def list(self) -> list[Instance]:
+        return list(servers.list_all(self.hypervisor.conn))
+
+    def new_instance(self, name: str, context: RequestContext, **kwargs: Any) -> Instance:
+        return servers.new_instance(name, context, **kwargs)
+
+    def resize_pending(self, instance: Any) -> bool:
+        """True while a resize of ``instance`` awaits confirm or revert.
+
+        Adapter: the driver has no public "resize pending?" question yet, so
+        this asks its resize operations whether they keep a backup.
+        """
+        return bool(self.driver.resize_ops.has_backup(instance.uuid))
+
+    def domain_uuids(self) -> list[str]:
+        """UUIDs of every libvirt domain, ours or not (for the audit).
+
+        :raises VTPMError: libvirt failed (mapped by :mod:`vtpm_driver.virt.connection`).
+        """
+        try:
+            return [dom.UUIDString() for dom in self.hypervisor.conn.listAllDomains(0)]
+        except Exception as exc:
+            if connection.libvirt_error_code(exc) is None:
+                raise
+            raise connection.to_vtpm_error(exc, "list domains") from exc
+
+    def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
+        """Every libvirt vTPM secret (for the audit)."""
+        return secret.list_vtpm_secrets(self.hypervisor.conn)
+
+    def close(self) -> None:
+        self.hypervisor.close()
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class ServerService:
+    """Create, inspect and drive servers as the caller of ``context``.
+
+    ``context`` is called when an operation first needs the caller (so
+    read-only operations and refused requests never log in); ``progress(msg)``
+    wraps each slow step (the command line shows it on a terminal). The
+    backend is connected on first use and closed by :meth:`close`.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, backend: Any,
+                 context: Callable[[], RequestContext],
+                 progress: Progress = _no_progress) -> None:
+        self.conf = conf
+        self._backend = backend
+        self._context = context
+        self._progress = progress
+        self._connected = False
+
+    @property
+    def backend(self) -> Any:
+        """The backend, connected."""
+        if not self._connected:
+            with self._progress(f"Connecting to libvirt at {self._backend.uri}"):
+                self._backend.connect()
+            self._connected = True
+        return self._backend
+
+    def close(self) -> None:
+        self._backend.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def power_state(self, instance: Any) -> str:
+        """Nova's power state name; 'deleted' or 'unknown' rather than an error."""
+        try:
+            return power_state_name(self.backend.driver.get_info(instance))
+        except exception.InstanceNotFound:
+            return "deleted"
+        except exception.VTPMError as exc:
+            LOG.warning("Cannot get the power state of server %s: %s",
+                        getattr(instance, "name", "?"), exc)
+            return "unknown"
+
+    def describe(self, instance: Any) -> dict[str, Any]:
+        """:func:`server_fields` with the live power state and resize status."""
+        return server_fields(instance, self.power_state(instance),
+                             self.backend.resize_pending(instance))
+
+    def show(self, name_or_uuid: str) -> dict[str, Any]:
+        """:raises InstanceNotFound: no such server."""
+        return self.describe(self.backend.find(name_or_uuid))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every server of this host, sorted by name (no credentials needed)."""
+        return [summary_fields(instance, self.power_state(instance))
+                for instance in self.backend.list()]
+
+    # -- creating ----------------------------------------------------------------
+
+    def create(self, name: str, *, flavor_extra_specs: Mapping[str, str],
+               image_properties: Mapping[str, str], kernel: str | None = None,
+               initrd: str | None = None, cmdline: str | None = None,
+               disk: str | None = None, vcpus: int = 1, memory_mb: int = 256,
+               console_log: str | None = None) -> dict[str, Any]:
+        """Create a server owned by the caller, start it, and describe it.
+
+        The request is checked before the caller logs in and before anything
+        is created (SPEC A6). Boot file paths are made absolute.
+
+        :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
+        :raises InstanceExists: a server of that name exists.
+        """
+        spec.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
+        context = self._context()
+        backend = self.backend
+        try:
+            existing = backend.find(name)
+        except exception.InstanceNotFound:
+            existing = None
+        if existing is not None:
+            raise exception.InstanceExists(
+                f"a server named {name!r} already exists on this host (uuid {existing.uuid})")
+        instance = backend.new_instance(
+            name, context, flavor_extra_specs=dict(flavor_extra_specs),
+            image_properties=dict(image_properties), kernel=_abspath(kernel),
+            initrd=_abspath(initrd), cmdline=cmdline, disk=_abspath(disk), vcpus=vcpus,
+            memory_mb=memory_mb, console_log=_abspath(console_log))
+        with self._progress(f"Creating and starting server {name}"):
+            backend.driver.spawn(context, instance, instance.image_meta, [], None, {})
+        return self.describe(instance)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _target(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
+        """The caller (logged in first) and the server, which the caller may act on."""
+        context = self._context()
+        instance = self.backend.find(name_or_uuid)
+        check_project(context, instance, verb)
+        return context, instance
+
+    def reboot(self, name_or_uuid: str, hard: bool = False) -> None:
+        """Soft (guest) or hard (power cycle; unlocks the vTPM again) reboot."""
+        context, instance = self._target(name_or_uuid, "reboot")
+        kind = "HARD" if hard else "SOFT"
+        with self._progress(f"Rebooting server {instance.name} ({kind.lower()})"):
+            self.backend.driver.reboot(context, instance, None, kind)
+
+    def stop(self, name_or_uuid: str, timeout: int) -> None:
+        """Ask the guest to shut down, power off after ``timeout`` s (0: at once)."""
+        _context, instance = self._target(name_or_uuid, "stop")
+        retry = SHUTDOWN_RETRY_INTERVAL if timeout else 0
+        with self._progress(f"Stopping server {instance.name}"):
+            self.backend.driver.power_off(instance, timeout=timeout, retry_interval=retry)
+
+    def start(self, name_or_uuid: str) -> None:
+        context, instance = self._target(name_or_uuid, "start")
+        with self._progress(f"Starting server {instance.name}"):
+            self.backend.driver.power_on(context, instance, None)
+
+    def suspend(self, name_or_uuid: str) -> None:
+        context, instance = self._target(name_or_uuid, "suspend")
+        with self._progress(f"Suspending server {instance.name}"):
+            self.backend.driver.suspend(context, instance)
+
+    def resume(self, name_or_uuid: str) -> None:
+        context, instance = self._target(name_or_uuid, "resume")
+        with self._progress(f"Resuming server {instance.name}"):
+            self.backend.driver.resume(context, instance, None)
+
+    def delete(self, name_or_uuid: str) -> None:
+        """Domain, swtpm state, libvirt secret and Barbican secret.
+
+        :raises InstanceNotFound: the server does not exist (a second delete).
+        """
+        context, instance = self._target(name_or_uuid, "delete")
+        with self._progress(f"Deleting server {instance.name}"):
+            self.backend.driver.destroy(context, instance, None, None, True, True)
+
+    def refuse(self, name_or_uuid: str, operation: str) -> None:
+        """Ask the driver for an operation it refuses for vTPM servers (SPEC F6).
+
+        :raises OperationNotSupportedForVTPM: the server has a vTPM.
+        """
+        context, instance = self._target(name_or_uuid, operation)
+        drv = self.backend.driver
+        if operation == "live-migrate":
+            drv.live_migration(context, instance, None, None, None)
+        elif operation == "rebuild":
+            drv.rebuild(context, instance, instance.image_meta, None, None, None, None,
+                        None, None)
+        elif operation == "rescue":
+            drv.rescue(context, instance, None, instance.image_meta, None, None)
+        elif operation in ("shelve", "evacuate"):
+            getattr(drv, operation)(context, instance)
+        else:
+            raise exception.VTPMError(f"unknown operation {operation!r}")
+
+    # -- resize ------------------------------------------------------------------------
+
+    def resize(self, name_or_uuid: str, *, set_specs: Mapping[str, str],
+               unset: Sequence[str] = (), vcpus: int | None = None,
+               memory_mb: int | None = None) -> None:
+        """Move the server to its flavor with these changes; then confirm or revert.
+
+        :raises VTPMError: a resize is already pending.
+        :raises InvalidVTPMConfig: the new flavor (with the image) is invalid;
+            nothing is changed.
+        """
+        context, instance = self._target(name_or_uuid, "resize")
+        backend = self.backend
+        if backend.resize_pending(instance):
+            raise exception.VTPMError(
+                f"cannot resize server {instance.name!r}: a resize is awaiting confirm or "
+                "revert; run 'vtpm-driver server resize confirm|revert "
+                f"{instance.name}' first")
+        flavor = new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
+        policy.vtpm_of(instance, flavor=flavor)
+        with self._progress(f"Resizing server {instance.name}"):
+            # What Nova's compute manager does between the driver's two steps.
+            disk_info = backend.driver.migrate_disk_and_power_off(
+                context, instance, None, flavor, None)
+            instance.old_flavor, instance.new_flavor = instance.flavor, flavor
+            instance.flavor = flavor
+            backend.driver.finish_migration(
+                context, None, instance, disk_info, None, instance.image_meta, True, {},
+                None, True)
+
+    def _pending(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
+        context, instance = self._target(name_or_uuid, verb)
+        if not self.backend.resize_pending(instance):
+            raise exception.VTPMError(
+                f"cannot {verb} server {instance.name!r}: it has no resize awaiting confirm "
+                "or revert")
+        return context, instance
+
+    def confirm_resize(self, name_or_uuid: str) -> None:
+        """Keep the new flavor (drops the old vTPM state)."""
+        context, instance = self._pending(name_or_uuid, "confirm the resize of")
+        with self._progress(f"Confirming the resize of server {instance.name}"):
+            self.backend.driver.confirm_migration(context, None, instance, None)
+
+    def revert_resize(self, name_or_uuid: str) -> None:
+        """Back to the old flavor and its vTPM state."""
+        context, instance = self._pending(name_or_uuid, "revert the resize of")
+        with self._progress(f"Reverting the resize of server {instance.name}"):
+            self.backend.driver.finish_revert_migration(context, instance, None, None, None,
+                                                        True)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def audit(self, barbican: Sequence[vtpm_audit.BarbicanSecret] | None
+              ) -> vtpm_audit.AuditReport:
+        """This host's vTPM servers and orphans (SPEC F7); changes nothing.
+
+        ``barbican``: the vTPM secrets the caller could list, or None when
+        Barbican was not checked (then no Barbican orphan is reported).
+        """
+        backend = self.backend
+        found = [
+            vtpm_audit.server_from_request(
+                instance.name, instance.uuid, dict(policy.flavor_extra_specs(instance.flavor)),
+                dict(policy.image_properties(instance.image_meta)),
+                dict(getattr(instance, "system_metadata", None) or {}))
+            for instance in backend.list()
+        ]
+        domain_uuids = backend.domain_uuids()
+        secrets = [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
+                   for s in backend.libvirt_vtpm_secrets()]
+        base = str(self.conf.vtpm.swtpm_state_dir)
+        return vtpm_audit.audit(found, domain_uuids, secrets, state.list_state_dirs(base),
+                                None if barbican is None else list(barbican),
+                                state_dir_base=base)
