@@ -16,6 +16,7 @@ from typing import Any
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
+from keystoneauth1.access import service_catalog
 from keystoneauth1.identity import v3 as ks_v3
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -25,10 +26,6 @@ from vtpm_driver import exception
 LOG = logging.getLogger(__name__)
 
 KEY_MANAGER_SERVICE_TYPE = "key-manager"
-
-# Keystone v2-style catalog entries (what keystonemiddleware puts in
-# X-Service-Catalog, hence in Nova's context) name URLs by interface this way.
-_V2_URL_KEYS = {"public": "publicURL", "internal": "internalURL", "admin": "adminURL"}
 
 
 @dataclasses.dataclass(repr=False)
@@ -189,26 +186,58 @@ def find_catalog_endpoint(
 ) -> str | None:
     """First URL of ``service_type`` for ``interface`` (and ``region``), or None.
 
-    Accepts Keystone v3 catalog entries (``interface`` + ``url``) and the v2
-    form keystonemiddleware passes to services (``publicURL`` ...). Malformed
-    entries are skipped, never fatal.
+    keystoneauth1's service catalog does the matching: Keystone v3 entries
+    (``interface`` + ``url``) through ``ServiceCatalogV3``, the v2 form
+    keystonemiddleware passes to services (``publicURL`` ...) through
+    ``ServiceCatalogV2``. Malformed entries are dropped first, never fatal.
     """
-    if not isinstance(catalog, Iterable) or isinstance(catalog, str | bytes):
-        return None
-    for service in catalog:
-        if not isinstance(service, Mapping) or service.get("type") != service_type:
+    v3, v2 = _well_formed(catalog)
+    for kind, entries in ((service_catalog.ServiceCatalogV3, v3),
+                          (service_catalog.ServiceCatalogV2, v2)):
+        if not entries:
+            continue
+        try:
+            url = kind(entries).url_for(service_type=service_type, interface=interface,
+                                        region_name=region or None)
+        except ks_exc.EndpointNotFound:
+            continue
+        if url:
+            return str(url)
+    return None
+
+
+def _well_formed(catalog: object) -> tuple[list[dict], list[dict]]:
+    """The catalog's usable services, split into v3-form and v2-form endpoints."""
+    v3: list[dict] = []
+    v2: list[dict] = []
+    if not _is_list_like(catalog):
+        return v3, v2
+    for service in catalog:  # type: ignore[union-attr]
+        if not isinstance(service, Mapping) or not isinstance(service.get("type"), str):
             continue
         endpoints = service.get("endpoints")
-        if not isinstance(endpoints, Iterable) or isinstance(endpoints, str | bytes):
+        if not _is_list_like(endpoints):
             continue
-        for endpoint in endpoints:
+        e3, e2 = [], []
+        for endpoint in endpoints:  # type: ignore[union-attr]
             if not isinstance(endpoint, Mapping):
                 continue
-            if region and region not in (endpoint.get("region_id"), endpoint.get("region")):
+            if isinstance(endpoint.get("interface"), str):
+                if isinstance(endpoint.get("url"), str) and endpoint["url"]:
+                    e3.append(dict(endpoint))
                 continue
-            if endpoint.get("interface") == interface and endpoint.get("url"):
-                return str(endpoint["url"])
-            v2_url = endpoint.get(_V2_URL_KEYS.get(interface, ""))
-            if v2_url:
-                return str(v2_url)
-    return None
+            urls = {k: v for k, v in endpoint.items()
+                    if isinstance(k, str) and k.endswith("URL") and isinstance(v, str) and v}
+            if urls:
+                e2.append({k: v for k, v in endpoint.items()
+                           if not (isinstance(k, str) and k.endswith("URL"))} | urls)
+        base = {k: v for k, v in service.items() if k != "endpoints"}
+        if e3:
+            v3.append(base | {"endpoints": e3})
+        if e2:
+            v2.append(base | {"endpoints": e2})
+    return v3, v2
+
+
+def _is_list_like(value: object) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping)

@@ -1,181 +1,50 @@
 """The vTPM passphrase in Barbican: create (+ owner-only ACL), get, delete, list.
 
-SPEC D1-D7. Requests go straight through a keystoneauth1 session to Barbican's
-v1 REST API rather than through python-barbicanclient: the client object does a
-``GET /`` version discovery each time it is built, reads a payload with two
-GETs, and turns a 401 into ``KeyError('title')``. Speaking HTTP directly gives
-exactly one request per step (create = 1 POST + 1 ACL PUT, unlock = 1 GET,
-delete = 1 DELETE) and lets errors be mapped from the HTTP status alone.
+SPEC D1-D7, through python-barbicanclient on a keystoneauth1 session, at the
+minimum number of round trips: create = 1 POST + 1 ACL PUT, unlock = 1 payload
+GET, delete = 1 DELETE, and no Keystone request when the context carries the
+token and the catalog. :mod:`vtpm_driver.keymgr_client` explains the two
+adaptations that make the client reach that floor (no version discovery) and
+keep bodies out of logs; :mod:`vtpm_driver.keymgr_errors` maps every failure,
+from the HTTP status, in one place.
 
-The passphrase and tokens never reach a log record or an exception: requests
-are sent with keystoneauth1's request/response logging off (``log=False``) and
-this module logs method, path (secret UUID only), status and latency itself.
+The passphrase and tokens never reach a log record or an exception: this
+module logs secret and server UUIDs only.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import os
-import time
 import uuid as uuid_mod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-import requests
-from keystoneauth1 import exceptions as ks_exc
-from keystoneauth1 import loading as ks_loading
-from keystoneauth1 import plugin as ks_plugin
 from keystoneauth1 import session as ks_session
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import uuidutils
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import context as vtpm_context
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, policy, spec
+from vtpm_driver import keymgr_client as client_mod
+from vtpm_driver.keymgr_errors import barbican_errors, error_for_status, keystone_errors
+
+__all__ = ["SYSMETA_KEY", "KeyManager", "KeyManagerAPI", "error_for_status",
+           "secret_security_of"]
 
 LOG = logging.getLogger(__name__)
 
-SYSMETA_KEY = "vtpm_secret_uuid"
+SYSMETA_KEY = policy.SYSMETA_KEY
 SECRET_NAME_PREFIX = "vTPM secret for instance "
 PASSPHRASE_BYTES = 384
+PASSPHRASE_LENGTH = 4 * PASSPHRASE_BYTES // 3  # base64: 512 ASCII characters
+PASSPHRASE_CONTENT_TYPE = "text/plain"
 SECRET_TYPE = "passphrase"
-API_VERSION = "v1"
+API_VERSION = client_mod.API_VERSION
 LIST_PAGE_SIZE = 100
-_MAX_DETAIL = 200  # characters of Barbican's error description quoted in a message
-
-
-def new_passphrase() -> str:
-    """Base64 of 384 bytes from the OS CSPRNG: 512 ASCII characters (D1, as Nova)."""
-    return base64.b64encode(os.urandom(PASSPHRASE_BYTES)).decode("ascii")
-
-
-def secret_name(instance_uuid: str) -> str:
-    """The Barbican secret name Nova uses, so audits can match both."""
-    return f"{SECRET_NAME_PREFIX}{instance_uuid}"
-
-
-def api_root(endpoint: str) -> str:
-    """Barbican's unversioned root URL (catalogs list it with or without ``/v1``)."""
-    root = endpoint.rstrip("/")
-    if root.endswith("/" + API_VERSION):
-        root = root[: -len(API_VERSION) - 1]
-    return root
-
-
-def secret_uuid_from_ref(secret_ref: object) -> str | None:
-    """The UUID at the end of a ``secret_ref`` URL, or None if there is none."""
-    if not isinstance(secret_ref, str):
-        return None
-    tail = secret_ref.rstrip("/").rsplit("/", 1)[-1]
-    return _as_uuid(tail)
-
-
-def _as_uuid(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return str(uuid_mod.UUID(value))
-    except ValueError:
-        return None
-
-
-def secret_security_of(instance: Any) -> str:
-    """The instance's secret security mode, from its flavor only (SPEC A5).
-
-    :raises InvalidVTPMConfig: the flavor names an unknown mode.
-    """
-    flavor = getattr(instance, "flavor", None)
-    extra_specs = getattr(flavor, "extra_specs", None)
-    value = (
-        extra_specs.get(spec.FLAVOR_SECRET_SECURITY_KEY)
-        if isinstance(extra_specs, Mapping) else None
-    )
-    if value is None:
-        return spec.DEFAULT_SECRET_SECURITY
-    return _check_mode(value)
-
-
-def _check_mode(value: object) -> str:
-    if not isinstance(value, str) or value not in spec.SECRET_SECURITY_MODES:
-        raise exception.InvalidVTPMConfig(
-            f"invalid {spec.FLAVOR_SECRET_SECURITY_KEY}={spec.show(value)}: allowed values "
-            f"are {', '.join(spec.SECRET_SECURITY_MODES)}"
-        )
-    return value
-
-
-def _credentials_of(mode: str) -> str:
-    if mode == spec.SECRET_DEPLOYMENT:
-        return "the credentials of the service user configured in [service_user]"
-    return "the server owner's credentials"
-
-
-def error_for_status(
-    status: int,
-    *,
-    operation: str,
-    endpoint: str,
-    mode: str,
-    secret_uuid: str | None = None,
-    instance_uuid: str | None = None,
-    detail: str | None = None,
-) -> exception.VTPMError | None:
-    """Map a Barbican HTTP status to our exception (D5); None for success.
-
-    Decided from the status alone, never from message text. ``operation`` is a
-    verb phrase such as ``"read"``; ``detail`` (Barbican's own description) is
-    quoted only where the status alone does not explain the refusal.
-    """
-    if status < 400:
-        return None
-    what = f"vTPM secret {secret_uuid}" if secret_uuid else "vTPM secrets"
-    if instance_uuid:
-        what += f" of server {instance_uuid}"
-    if status == 401:
-        return exception.VTPMSecretForbidden(
-            f"Barbican at {endpoint} rejected the token used to {operation} {what} "
-            f"(HTTP 401): the token is invalid or expired; authenticate again with "
-            f"{_credentials_of(mode)}"
-        )
-    if status == 403:
-        return exception.VTPMSecretForbidden(
-            f"Barbican at {endpoint} refused to {operation} {what} (HTTP 403): "
-            f"this needs {_credentials_of(mode)} (secret security mode {mode!r})"
-        )
-    if status == 404 and secret_uuid:
-        return exception.VTPMSecretNotFound(
-            f"{what} does not exist in Barbican at {endpoint} (HTTP 404 on {operation}): "
-            "without it the server's vTPM state cannot be decrypted and is unrecoverable; "
-            "no new secret is created automatically"
-        )
-    if status == 404:
-        return exception.KeyManagerUnavailable(
-            f"Barbican at {endpoint} does not serve the {API_VERSION} secrets API "
-            f"(HTTP 404 on {operation}): check [key_manager] barbican_endpoint"
-        )
-    if status >= 500:
-        return exception.KeyManagerUnavailable(
-            f"Barbican at {endpoint} failed to {operation} {what} (HTTP {status}); "
-            "retry when the key manager is healthy again"
-        )
-    suffix = f": {detail[:_MAX_DETAIL]}" if detail else ""
-    return exception.VTPMError(
-        f"Barbican at {endpoint} refused to {operation} {what} (HTTP {status}){suffix}"
-    )
-
-
-def _error_detail(resp: requests.Response) -> str | None:
-    """Barbican's error title/description (JSON), without ever failing."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return None
-    if not isinstance(body, Mapping):
-        return None
-    parts = [str(body[k]) for k in ("title", "description") if body.get(k)]
-    return ": ".join(parts) or None
 
 
 class KeyManagerAPI(Protocol):
@@ -199,33 +68,123 @@ class KeyManagerAPI(Protocol):
                            secret_security: str | None = None) -> None: ...
 
 
+# -- pure helpers ---------------------------------------------------------------------
+
+
+def new_passphrase() -> str:
+    """Base64 of 384 bytes from the OS CSPRNG: 512 ASCII characters (D1, as Nova)."""
+    return base64.b64encode(os.urandom(PASSPHRASE_BYTES)).decode("ascii")
+
+
+def secret_name(instance_uuid: str) -> str:
+    """The Barbican secret name Nova uses, so audits can match both."""
+    return f"{SECRET_NAME_PREFIX}{instance_uuid}"
+
+
+def api_root(endpoint: str) -> str:
+    """Barbican's unversioned root URL (catalogs list it with or without ``/v1``)."""
+    root = endpoint.rstrip("/")
+    if root.endswith("/" + API_VERSION):
+        root = root[: -len(API_VERSION) - 1]
+    return root
+
+
+def as_uuid(value: object) -> str | None:
+    """``value`` as a canonical (lower-case, dashed) UUID, or None if it is not one."""
+    if not uuidutils.is_uuid_like(value):
+        return None
+    return str(uuid_mod.UUID(str(value)))
+
+
+def secret_uuid_from_ref(secret_ref: object) -> str | None:
+    """The UUID at the end of a ``secret_ref`` URL, or None if there is none."""
+    if not isinstance(secret_ref, str):
+        return None
+    return as_uuid(secret_ref.rstrip("/").rsplit("/", 1)[-1])
+
+
+def secret_security_of(instance: Any) -> str:
+    """The instance's secret security mode, from its flavor only (SPEC A5).
+
+    Thin alias of :func:`vtpm_driver.policy.secret_security` (strict), kept
+    for callers of this module.
+
+    :raises InvalidVTPMConfig: the flavor names an unknown mode.
+    """
+    return policy.secret_security(getattr(instance, "flavor", None), strict=True)
+
+
+def check_payload(content_type: str | None, body: bytes, secret_uuid: str) -> str:
+    """The passphrase from a payload reply, if it is one (D1).
+
+    It must be ``text/plain``, strict ASCII and exactly 512 characters (base64
+    of 384 bytes); anything else means Barbican (or something in between)
+    answered wrongly, and handing it to libvirt would lock the TPM state.
+
+    :raises KeyManagerUnavailable: naming the secret, never quoting the payload.
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    problem = None
+    text = ""
+    if media != PASSPHRASE_CONTENT_TYPE:
+        problem = f"as {spec.show(media) if media else 'no content type'}, not text/plain"
+    else:
+        try:
+            text = body.decode("ascii")
+        except UnicodeDecodeError:
+            problem = "with non-ASCII bytes"
+        else:
+            if len(text) != PASSPHRASE_LENGTH:
+                problem = f"with {len(text)} characters instead of {PASSPHRASE_LENGTH}"
+    if problem:
+        raise exception.KeyManagerUnavailable(
+            f"Barbican returned the payload of vTPM secret {secret_uuid} {problem}: "
+            "it is not a vTPM passphrase; refusing to use it"
+        )
+    return text
+
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    """Where Barbican is and as whom to talk to it."""
+    """One Barbican client: where Barbican is, as whom, in which mode."""
 
+    client: client_mod.Client
     session: ks_session.Session
-    auth: ks_plugin.BaseAuthPlugin | None  # None: the session's own (service user)
     root: str
     mode: str
+    user_id: str | None  # the creator of the secrets made through this target
+    timeout: float
 
-    def __repr__(self) -> str:  # the auth plugin holds a token
+    def __repr__(self) -> str:  # the client's auth plugin holds a token
         return f"_Target(root={self.root!r}, mode={self.mode!r})"
+
+    def errors(self, operation: str, secret_uuid: str | None = None,
+               instance_uuid: str | None = None) -> Any:
+        """:func:`~vtpm_driver.keymgr_errors.barbican_errors` for this target."""
+        return barbican_errors(endpoint=self.root, mode=self.mode, operation=operation,
+                               timeout=self.timeout, secret_uuid=secret_uuid,
+                               instance_uuid=instance_uuid)
 
 
 class KeyManager:
-    """Barbican operations for vTPM passphrases, one HTTP session per instance.
+    """Barbican operations for vTPM passphrases.
 
     ``user`` and ``host`` modes act with the caller's token (the server
-    owner's); ``deployment`` mode acts as ``[service_user]`` and never sends
-    the caller's token anywhere.
+    owner's), through a client built per call from the context (no request;
+    the endpoint comes from configuration or the context's catalog);
+    ``deployment`` mode acts as ``[service_user]`` through one client built on
+    first use, and never sends the caller's token anywhere. All clients share
+    this object's HTTP connections. Thread-safe: nothing here is mutated after
+    construction except the cached service target.
     """
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         vtpm_conf.register_opts(conf)
         self._conf = conf
         self._timeout = float(conf.key_manager.timeout)
-        self._session = ks_session.Session(timeout=self._timeout, app_name="vtpm-driver")
+        self._session = client_mod.BarbicanSession(
+            timeout=self._timeout, barbican_timeout=self._timeout,
+            app_name=client_mod.APP_NAME)
         self._service: _Target | None = None
 
     def __repr__(self) -> str:
@@ -238,15 +197,18 @@ class KeyManager:
     ) -> tuple[str, str]:
         """Create the instance's passphrase in Barbican and record its UUID (D1-D3).
 
-        One POST, then (with ``[vtpm] owner_only_acl``) one ACL PUT. If the ACL
-        cannot be set the new secret is deleted again before the error is
-        raised, so no readable-by-the-project secret is left behind.
+        One POST, then (with ``[vtpm] owner_only_acl``) one ACL PUT. Nothing
+        readable by the project is left behind when this raises: if the ACL
+        cannot be set the new secret is deleted again, and if Barbican accepts
+        the POST but returns no usable ``secret_ref`` the secret is looked up
+        by name and deleted (:meth:`_delete_unreferenced`).
 
         :returns: ``(secret_uuid, passphrase)``; the UUID is also stored in
             ``instance.system_metadata['vtpm_secret_uuid']``.
         :raises VTPMError: the instance already has a secret (it would be orphaned).
+        :raises KeyManagerUnavailable: no usable ``secret_ref`` in the reply.
         """
-        mode = _check_mode(secret_security)
+        mode = policy.check_mode(secret_security)
         existing = instance.system_metadata.get(SYSMETA_KEY)
         if existing:
             raise exception.VTPMError(
@@ -255,16 +217,16 @@ class KeyManager:
             )
         target = self._target(context, mode)
         passphrase = new_passphrase()
-        body = {
-            "name": secret_name(instance.uuid),
-            "secret_type": SECRET_TYPE,
-            "payload": passphrase,
-            "payload_content_type": "text/plain",
-        }
-        resp = self._request(target, "POST", "secrets", operation="create",
-                             instance_uuid=instance.uuid, json=body)
-        secret_uuid = secret_uuid_from_ref(_json(resp).get("secret_ref"))
+        secret = target.client.secrets.create(
+            name=secret_name(instance.uuid), payload=passphrase, secret_type=SECRET_TYPE)
+        with target.errors("create", instance_uuid=instance.uuid):
+            try:
+                secret_ref = secret.store()  # a str payload is sent as text/plain
+            except (ValueError, TypeError, AttributeError):  # 2xx, body not a JSON object
+                secret_ref = None
+        secret_uuid = secret_uuid_from_ref(secret_ref)
         if secret_uuid is None:
+            self._delete_unreferenced(target, instance.uuid)
             raise exception.KeyManagerUnavailable(
                 f"Barbican at {target.root} created a secret for server {instance.uuid} "
                 "but returned no usable secret_ref"
@@ -301,19 +263,18 @@ class KeyManager:
         ``secret_security`` defaults to the mode in the instance's flavor.
 
         :raises VTPMSecretNotFound: no UUID recorded, or Barbican lost it.
+        :raises KeyManagerUnavailable: the reply is not a vTPM passphrase
+            (:func:`check_payload`).
         """
-        mode = _check_mode(secret_security) if secret_security else secret_security_of(instance)
-        secret_uuid = self._recorded_uuid(instance)
-        if secret_uuid is None:
-            raise exception.VTPMSecretNotFound(
-                f"server {instance.uuid} has no vTPM secret recorded in "
-                f"system_metadata['{SYSMETA_KEY}']: its vTPM state cannot be unlocked"
-            )
+        mode = self._mode(secret_security, instance)
+        # None recorded: require_recorded_secret raises VTPMSecretNotFound.
+        secret_uuid = self._recorded_uuid(instance) or policy.require_recorded_secret(instance)
         target = self._target(context, mode)
-        resp = self._request(target, "GET", f"secrets/{secret_uuid}/payload", operation="read",
-                             secret_uuid=secret_uuid, instance_uuid=instance.uuid,
-                             headers={"Accept": "text/plain"})
-        return resp.content.decode("ascii", errors="replace")
+        with target.errors("read", secret_uuid, instance.uuid):
+            resp = client_mod.http(target.client).request(
+                f"secrets/{secret_uuid}/payload", "GET",
+                headers={"Accept": PASSPHRASE_CONTENT_TYPE})
+        return check_payload(resp.headers.get("Content-Type"), resp.content, secret_uuid)
 
     def delete_vtpm_secret(
         self,
@@ -330,16 +291,12 @@ class KeyManager:
         if secret_uuid is None:
             instance.system_metadata.pop(SYSMETA_KEY, None)
             return
-        mode = _check_mode(secret_security) if secret_security else secret_security_of(instance)
-        target = self._target(context, mode)
-        resp = self._request(target, "DELETE", f"secrets/{secret_uuid}", operation="delete",
-                             secret_uuid=secret_uuid, instance_uuid=instance.uuid,
-                             ok_statuses=(404,))
-        if resp.status_code == 404:
+        target = self._target(context, self._mode(secret_security, instance))
+        if self._delete(target, secret_uuid, instance.uuid):
+            LOG.info("Deleted vTPM secret %s", secret_uuid, instance_uuid=instance.uuid)
+        else:
             LOG.debug("vTPM secret %s already deleted or never existed", secret_uuid,
                       instance_uuid=instance.uuid)
-        else:
-            LOG.info("Deleted vTPM secret %s", secret_uuid, instance_uuid=instance.uuid)
         instance.system_metadata.pop(SYSMETA_KEY, None)
 
     def list_vtpm_secrets(
@@ -352,16 +309,11 @@ class KeyManager:
         keeps secrets named ``vTPM secret for instance <uuid>``; metadata only,
         never payloads.
         """
-        mode = _check_mode(secret_security)
-        target = self._target(context, mode)
+        target = self._target(context, policy.check_mode(secret_security))
         found: list[dict[str, str | None]] = []
         offset = 0
         while True:
-            params = {"limit": LIST_PAGE_SIZE, "offset": offset,
-                      "name": SECRET_NAME_PREFIX + "%"}
-            resp = self._request(target, "GET", "secrets", operation="list",
-                                 headers={"Accept": "application/json"}, params=params)
-            body = _json(resp)
+            body = self._list_page(target, SECRET_NAME_PREFIX + "%", offset, LIST_PAGE_SIZE)
             page = body.get("secrets")
             if not isinstance(page, list) or not page:
                 break
@@ -374,11 +326,18 @@ class KeyManager:
 
     # -- helpers --------------------------------------------------------------
 
-    def _recorded_uuid(self, instance: Any) -> str | None:
-        value = instance.system_metadata.get(SYSMETA_KEY)
-        if not value:
+    @staticmethod
+    def _mode(secret_security: str | None, instance: Any) -> str:
+        if secret_security:
+            return policy.check_mode(secret_security)
+        return secret_security_of(instance)
+
+    @staticmethod
+    def _recorded_uuid(instance: Any) -> str | None:
+        value = policy.recorded_secret(instance)
+        if value is None:
             return None
-        secret_uuid = _as_uuid(value)
+        secret_uuid = as_uuid(value)
         if secret_uuid is None:
             raise exception.InvalidVTPMConfig(
                 f"server {instance.uuid} has system_metadata['{SYSMETA_KEY}']="
@@ -386,19 +345,50 @@ class KeyManager:
             )
         return secret_uuid
 
+    @staticmethod
+    def _delete(target: _Target, secret_uuid: str, instance_uuid: str | None) -> bool:
+        """One DELETE; False if Barbican no longer has the secret.
+
+        ``Secret.delete`` rather than ``SecretManager.delete``: below
+        microversion 1.2 the latter first GETs the secret to look for consumers.
+        """
+        try:
+            with target.errors("delete", secret_uuid, instance_uuid):
+                target.client.secrets.get(secret_uuid).delete()
+        except exception.VTPMSecretNotFound:
+            return False
+        return True
+
+    @staticmethod
+    def _list_page(target: _Target, name: str, offset: int, limit: int) -> Mapping[str, Any]:
+        params = {"limit": limit, "offset": offset, "name": name}
+        with target.errors("list"):
+            try:
+                body = client_mod.http(target.client).get("secrets", params=params)
+            except ValueError:  # not JSON
+                return {}
+        return body if isinstance(body, Mapping) else {}
+
     def _set_owner_only_acl(self, target: _Target, secret_uuid: str, instance: Any,
                             context: vtpm_context.RequestContext) -> None:
         """Read ACL: no project-wide access; only the owner (and the creator) (D3).
 
         In deployment mode the service user created the secret and is the only
-        one who needs it, so no user is listed.
+        one who needs it, so no user is listed. Any failure, including a reply
+        that cannot be read, deletes the secret again before raising.
         """
         users = [] if target.mode == spec.SECRET_DEPLOYMENT else [
             instance.user_id or context.user_id]
-        acl = {"read": {"project-access": False, "users": users}}
+        acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
+                                        users=users, project_access=False)
         try:
-            self._request(target, "PUT", f"secrets/{secret_uuid}/acl", operation="set the ACL of",
-                          secret_uuid=secret_uuid, instance_uuid=instance.uuid, json=acl)
+            with target.errors("set the ACL of", secret_uuid, instance.uuid):
+                try:
+                    acl.submit()
+                except (ValueError, TypeError, AttributeError):  # 2xx, unreadable body
+                    raise exception.KeyManagerUnavailable(
+                        f"Barbican at {target.root} gave an unreadable answer to the ACL "
+                        f"of vTPM secret {secret_uuid}") from None
         except exception.VTPMError:
             self._rollback(target, secret_uuid, instance.uuid)
             raise
@@ -406,9 +396,7 @@ class KeyManager:
     def _rollback(self, target: _Target, secret_uuid: str, instance_uuid: str) -> None:
         """Delete a secret whose creation could not be completed; never raises."""
         try:
-            self._request(target, "DELETE", f"secrets/{secret_uuid}", operation="delete",
-                          secret_uuid=secret_uuid, instance_uuid=instance_uuid,
-                          ok_statuses=(404,))
+            self._delete(target, secret_uuid, instance_uuid)
         except exception.VTPMError as exc:
             LOG.error("Could not delete half-created vTPM secret %s, delete it by hand: %s",
                       secret_uuid, exc, instance_uuid=instance_uuid)
@@ -416,144 +404,57 @@ class KeyManager:
             LOG.warning("Deleted half-created vTPM secret %s", secret_uuid,
                         instance_uuid=instance_uuid)
 
+    def _delete_unreferenced(self, target: _Target, instance_uuid: str) -> None:
+        """Find and delete the secret a POST created but did not name; never raises.
+
+        Looked up by its exact name, and only secrets created by the same user
+        (or service user) are deleted. That is safe: ``create_vtpm_secret``
+        runs only when the server records no secret, and operations on one
+        server are serialised, so a secret of that name and creator belongs to
+        no one (at worst an older half-created one, also an orphan). One GET
+        plus one DELETE per match.
+        """
+        name = secret_name(instance_uuid)
+        try:
+            body = self._list_page(target, name, 0, 10)
+        except exception.VTPMError as exc:
+            LOG.error("Could not look up the vTPM secret %r just created, delete it by "
+                      "hand: %s", name, exc, instance_uuid=instance_uuid)
+            return
+        items = body.get("secrets")
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, Mapping) or item.get("name") != name:
+                continue
+            if target.user_id is None or item.get("creator_id") != target.user_id:
+                continue
+            secret_uuid = secret_uuid_from_ref(item.get("secret_ref"))
+            if secret_uuid is not None:
+                self._rollback(target, secret_uuid, instance_uuid)
+
     def _target(self, context: vtpm_context.RequestContext, mode: str) -> _Target:
         if mode == spec.SECRET_DEPLOYMENT:
-            return self._service_target()
+            target = self._service_target()
+            with keystone_errors():  # a Keystone failure is not blamed on Barbican
+                target.session.get_auth_headers()  # cached token: no request
+            return target
         auth = context.barbican_auth(self._conf)
-        return _Target(self._session, auth, api_root(str(auth.endpoint)), mode)
+        root = api_root(str(auth.endpoint))
+        return _Target(client_mod.new_client(self._session, root, auth), self._session,
+                       root, mode, context.user_id, self._timeout)
 
     def _service_target(self) -> _Target:
-        """The ``[service_user]`` session (built once; authenticates at first use)."""
+        """The ``[service_user]`` client (built once; authenticates at first use)."""
         if self._service is not None:
             return self._service
-        group = vtpm_conf.SERVICE_USER_GROUP
-        try:
-            auth = ks_loading.load_auth_from_conf_options(self._conf, group)
-        except ks_exc.MissingRequiredOptions as exc:
-            names = ", ".join(opt.dest for opt in exc.options)
-            raise exception.InvalidConfiguration(
-                f"deployment secret security needs [{group}] {names}"
-            ) from None
-        except ks_exc.NoMatchingPlugin as exc:
-            raise exception.InvalidConfiguration(
-                f"[{group}] auth_type={spec.show(exc.name)} is not a keystoneauth1 plugin"
-            ) from None
-        if auth is None:
-            raise exception.InvalidConfiguration(
-                f"deployment secret security needs a service user: set [{group}] auth_type "
-                "(e.g. password), auth_url, username, password, project_name and domains"
-            )
-        timeout = getattr(self._conf[group], "timeout", None) or self._timeout
-        session = ks_loading.load_session_from_conf_options(
-            self._conf, group, auth=auth, timeout=timeout, app_name="vtpm-driver")
-        endpoint = self._conf.key_manager.barbican_endpoint
-        if not endpoint:
-            endpoint = self._service_catalog_endpoint(session)
-        self._service = _Target(session, None, api_root(str(endpoint)), spec.SECRET_DEPLOYMENT)
+        session = client_mod.service_session(self._conf, self._timeout)
+        with keystone_errors():
+            endpoint = (self._conf.key_manager.barbican_endpoint
+                        or client_mod.catalog_endpoint(session, self._conf))
+            user_id = session.get_user_id()
+        root = api_root(str(endpoint))
+        self._service = _Target(client_mod.new_client(session, root, None), session, root,
+                                spec.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
-
-    def _service_catalog_endpoint(self, session: ks_session.Session) -> str:
-        km = self._conf.key_manager
-        with _keystone_errors():
-            endpoint = session.get_endpoint(
-                service_type=vtpm_context.KEY_MANAGER_SERVICE_TYPE,
-                interface=km.barbican_endpoint_type,
-                region_name=km.barbican_region_name,
-            )
-        if not endpoint:
-            raise exception.KeyManagerUnavailable(
-                "Barbican endpoint unknown: the service user's catalog has no "
-                f"{vtpm_context.KEY_MANAGER_SERVICE_TYPE!r} endpoint for interface "
-                f"{km.barbican_endpoint_type!r}; set [key_manager] barbican_endpoint"
-            )
-        return endpoint
-
-    def _request(
-        self,
-        target: _Target,
-        method: str,
-        path: str,
-        *,
-        operation: str,
-        secret_uuid: str | None = None,
-        instance_uuid: str | None = None,
-        ok_statuses: tuple[int, ...] = (),
-        **kwargs: Any,
-    ) -> requests.Response:
-        """One Barbican request, errors mapped from the status (D5), nothing secret logged."""
-        if target.auth is None:
-            # Service user: get (or reuse) its token first, so a Keystone
-            # failure is reported as such and not blamed on Barbican.
-            with _keystone_errors():
-                target.session.get_auth_headers()
-        url = f"{target.root}/{API_VERSION}/{path}"
-        started = time.monotonic()
-        try:
-            resp = target.session.request(
-                url, method, auth=target.auth, raise_exc=False, log=False,
-                connect_retries=0, timeout=self._timeout, **kwargs)
-        except ks_exc.ConnectTimeout:
-            raise exception.KeyManagerUnavailable(
-                f"Barbican at {target.root} did not answer within {self._timeout:g} s "
-                f"([key_manager] timeout) to {operation} {secret_uuid or 'vTPM secrets'}"
-            ) from None
-        except ks_exc.ConnectionError as exc:
-            raise exception.KeyManagerUnavailable(
-                f"cannot reach Barbican at {target.root} to {operation} "
-                f"{secret_uuid or 'vTPM secrets'}: {type(exc).__name__}"
-            ) from None
-        except ks_exc.ClientException as exc:  # auth plugin trouble, never Barbican's status
-            raise exception.VTPMSecretForbidden(
-                f"cannot authenticate to Barbican at {target.root}: {type(exc).__name__}"
-            ) from None
-        elapsed_ms = (time.monotonic() - started) * 1000.0
-        LOG.debug("Barbican %s /%s/%s -> %s in %.1f ms", method, API_VERSION, path,
-                  resp.status_code, elapsed_ms)
-        if resp.status_code in ok_statuses:
-            return resp
-        error = error_for_status(
-            resp.status_code, operation=operation, endpoint=target.root, mode=target.mode,
-            secret_uuid=secret_uuid, instance_uuid=instance_uuid,
-            detail=_error_detail(resp) if resp.status_code >= 400 else None)
-        if error is not None:
-            raise error
-        return resp
-
-
-@contextlib.contextmanager
-def _keystone_errors() -> Iterator[None]:
-    """Map keystoneauth1 failures while getting the service user's token."""
-    try:
-        yield
-    except (ks_exc.Unauthorized, ks_exc.Forbidden) as exc:
-        raise exception.VTPMSecretForbidden(
-            "Keystone refused the credentials of the service user configured in "
-            f"[service_user] (HTTP {exc.http_status})"
-        ) from None
-    except ks_exc.EndpointNotFound:
-        raise exception.KeyManagerUnavailable(
-            "Barbican endpoint unknown: the service user's catalog has no "
-            f"{vtpm_context.KEY_MANAGER_SERVICE_TYPE!r} endpoint; "
-            "set [key_manager] barbican_endpoint"
-        ) from None
-    except (ks_exc.ConnectionError, ks_exc.HttpError) as exc:
-        raise exception.KeyManagerUnavailable(
-            "cannot get a token for the service user configured in [service_user] "
-            f"from Keystone: {type(exc).__name__}"
-        ) from None
-    except ks_exc.ClientException as exc:
-        raise exception.InvalidConfiguration(
-            "cannot authenticate the service user configured in [service_user]: "
-            f"{type(exc).__name__}"
-        ) from None
-
-
-def _json(resp: requests.Response) -> Mapping[str, Any]:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, Mapping) else {}
 
 
 def _is_vtpm_secret(item: object) -> bool:
@@ -566,7 +467,7 @@ def _vtpm_entry(item: Mapping[str, Any]) -> dict[str, str | None]:
     return {
         "uuid": secret_uuid_from_ref(item.get("secret_ref")),
         "name": name,
-        "instance_uuid": _as_uuid(name[len(SECRET_NAME_PREFIX):]),
+        "instance_uuid": as_uuid(name[len(SECRET_NAME_PREFIX):]),
         "created": item.get("created"),
         "creator": item.get("creator_id"),
     }

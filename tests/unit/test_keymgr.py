@@ -25,10 +25,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from barbicanclient import exceptions as barbican_exc
+from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, objects
+from vtpm_driver import exception, keymgr, keymgr_errors, objects
 from vtpm_driver.context import RequestContext
 
 OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
@@ -46,6 +48,9 @@ class Fault:
     delay: float = 0.0
     drop: bool = False  # close the connection without answering
     times: int = 1
+    # With ``status``: this body instead of Barbican's error JSON. With status 0:
+    # Barbican does the real work, then this body replaces its reply.
+    reply: object = None
 
 
 @dataclasses.dataclass
@@ -94,7 +99,13 @@ class FakeCloud:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         return
                     if fault.status:
-                        self._send(fault.status, {"title": "Injected", "description": "fault"})
+                        self._send(fault.status, fault.reply if fault.reply is not None
+                                   else {"title": "Injected", "description": "fault"})
+                        return
+                    if fault.reply is not None:
+                        status, _, _ = cloud.dispatch(
+                            self.command, self.path, dict(self.headers), body)
+                        self._send(status, fault.reply)
                         return
                 status, payload, headers = cloud.dispatch(
                     self.command, self.path, dict(self.headers), body)
@@ -182,7 +193,7 @@ class FakeCloud:
         if len(parts) == 4 and parts[3] == "payload" and method == "GET":
             if not self._may_read(secret, user, project):
                 return 403, {"title": "Forbidden", "description": "not allowed"}, {}
-            return 200, secret.payload, {"Content-Type": "text/plain"}
+            return 200, secret.payload.encode("latin-1"), {"Content-Type": secret.content_type}
         if len(parts) == 3 and method == "DELETE":
             if not self._may_read(secret, user, project):
                 return 403, {"title": "Forbidden"}, {}
@@ -207,10 +218,11 @@ class FakeCloud:
         limit = int(query.get("limit", ["10"])[0])
         offset = int(query.get("offset", ["0"])[0])
         like = query.get("name", [""])[0]
-        if like and (like.count("%") != 1 or not like.endswith("%")):
-            return 400, {"title": "fake supports prefix LIKE only"}, {}
+        # Barbican filters names with SQL LIKE: % any run, _ any one character.
+        pattern = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c)
+                          for c in like)
         mine = [(sid, s) for sid, s in self.secrets.items()
-                if s.project == project and s.name.startswith(like.rstrip("%"))]
+                if s.project == project and (not like or re.fullmatch(pattern, s.name))]
         page = mine[offset:offset + limit]
         body: dict = {
             "total": len(mine),
@@ -381,7 +393,7 @@ def test_mapping_ignores_message_text() -> None:
     assert isinstance(err, exception.KeyManagerUnavailable)
 
 
-@pytest.mark.parametrize("value", ["bogus", "", 3, "USER", "user "])
+@pytest.mark.parametrize("value", ["bogus", 3, "USER", "user "])
 def test_bad_mode_is_typed(value: object) -> None:
     inst = server()
     inst.flavor.extra_specs["hw:tpm_secret_security"] = value
@@ -393,6 +405,10 @@ def test_mode_defaults_to_user() -> None:
     assert keymgr.secret_security_of(server()) == "user"
     assert keymgr.secret_security_of(object()) == "user"
     assert keymgr.secret_security_of(server("deployment")) == "deployment"
+    # SPEC A2: an empty string counts as unset (policy.secret_security decides).
+    blank = server()
+    blank.flavor.extra_specs["hw:tpm_secret_security"] = ""
+    assert keymgr.secret_security_of(blank) == "user"
 
 
 # -- user mode over HTTP --------------------------------------------------------------
@@ -413,7 +429,7 @@ def test_create_get_delete_round_trip(cloud: FakeCloud, debug_log) -> None:
     assert stored.project_access is False
     assert stored.acl_users == [OWNER[0]]
     # D7: exactly one POST and one ACL PUT, no discovery, no Keystone.
-    assert cloud.requests == [("POST", "/v1/secrets"), ("PUT", f"/v1/secrets/{sid}/acl")]
+    assert cloud.requests == [("POST", "/v1/secrets/"), ("PUT", f"/v1/secrets/{sid}/acl")]
 
     cloud.requests.clear()
     assert km.get_vtpm_secret(ctx(OWNER), inst) == passphrase
@@ -435,7 +451,7 @@ def test_acl_off_leaves_project_access(cloud: FakeCloud) -> None:
     km = keymgr.KeyManager(make_conf(cloud, acl=False))
     inst = server()
     sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
-    assert cloud.requests == [("POST", "/v1/secrets")]
+    assert cloud.requests == [("POST", "/v1/secrets/")]
     assert cloud.secrets[sid].project_access is True
     assert km.get_vtpm_secret(ctx(MEMBER), inst) == passphrase
 
@@ -543,7 +559,7 @@ def test_delete_status_mapping_keeps_key(cloud: FakeCloud, status: int, kind: ty
 @pytest.mark.parametrize("status", [400, 413])
 def test_other_client_errors_are_typed(cloud: FakeCloud, status: int) -> None:
     km = keymgr.KeyManager(make_conf(cloud))
-    cloud.fail("POST", "/v1/secrets$", status)
+    cloud.fail("POST", "/v1/secrets/?$", status)
     with pytest.raises(exception.VTPMError, match=f"HTTP {status}"):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
 
@@ -622,6 +638,127 @@ def test_delete_is_idempotent(cloud: FakeCloud) -> None:
     assert "vtpm_secret_uuid" not in inst.system_metadata
 
 
+# -- what Barbican answers (issue 13 items 5 and 6) ---------------------------------
+
+
+@pytest.mark.parametrize(("payload", "content_type", "why"), [
+    ("A" * 511, "text/plain", "511 characters"),
+    ("A" * 513, "text/plain", "513 characters"),
+    ("", "text/plain", "0 characters"),
+    ("\xe9" * 512, "text/plain", "non-ASCII"),
+    ("A" * 512, "application/octet-stream", "application/octet-stream"),
+    ("A" * 512, "", "no content type"),
+])
+def test_payload_that_is_not_a_passphrase_is_refused(cloud: FakeCloud, payload: str,
+                                                     content_type: str, why: str,
+                                                     debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    cloud.secrets[sid].payload = payload
+    cloud.secrets[sid].content_type = content_type
+    cloud.requests.clear()
+    with pytest.raises(exception.KeyManagerUnavailable, match=why) as ei:
+        km.get_vtpm_secret(ctx(OWNER), inst)
+    assert sid in str(ei.value)
+    assert cloud.requests == [("GET", f"/v1/secrets/{sid}/payload")]
+    if payload:
+        assert_not_leaked([str(ei.value), repr(ei.value), *all_log_text(debug_log)],
+                          payload[:40])
+
+
+def test_payload_content_type_parameters_are_accepted(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    cloud.secrets[sid].content_type = "Text/Plain; charset=utf-8"
+    assert km.get_vtpm_secret(ctx(OWNER), inst) == passphrase
+
+
+@pytest.mark.parametrize("reply", [{}, {"secret_ref": "http://b/v1/secrets/not-a-uuid"},
+                                   [], "created"])
+def test_create_without_usable_secret_ref_leaves_nothing(cloud: FakeCloud,
+                                                         reply: object) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    # Someone else's secret with the same name is never touched.
+    foreign = str(uuid.uuid4())
+    cloud.secrets[foreign] = FakeSecret(keymgr.secret_name(inst.uuid), "passphrase", "x",
+                                        "text/plain", MEMBER[0], MEMBER[1], "t")
+    cloud.fail("POST", "/v1/secrets/?$", 0, reply=reply)
+    with pytest.raises(exception.KeyManagerUnavailable, match="no usable secret_ref"):
+        km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    assert list(cloud.secrets) == [foreign], "the unnamed secret must be found and deleted"
+    assert [m for m, _ in cloud.requests] == ["POST", "GET", "DELETE"]
+    assert "vtpm_secret_uuid" not in inst.system_metadata
+
+
+def test_create_without_secret_ref_and_failed_lookup_says_delete_by_hand(
+        cloud: FakeCloud, debug_log) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    cloud.fail("POST", "/v1/secrets/?$", 0, reply={})
+    cloud.fail("GET", r"/v1/secrets/?\?", 503)
+    with pytest.raises(exception.KeyManagerUnavailable, match="no usable secret_ref"):
+        km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    errors = [r.getMessage() for r in debug_log.records if r.levelno >= logging.ERROR]
+    assert any(inst.uuid in m and "by hand" in m for m in errors)
+
+
+def test_acl_reply_that_cannot_be_read_rolls_back(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    cloud.fail("PUT", "/acl$", 0, reply="ok")
+    with pytest.raises(exception.KeyManagerUnavailable, match="ACL"):
+        km.create_vtpm_secret(ctx(OWNER), server(), "user")
+    assert cloud.secrets == {}
+
+
+def test_401_without_title_is_forbidden_not_a_key_error(cloud: FakeCloud) -> None:
+    """keystonemiddleware's 401 body has no ``title``: barbicanclient alone raises KeyError."""
+    km = keymgr.KeyManager(make_conf(cloud))
+    inst = server()
+    km.create_vtpm_secret(ctx(OWNER), inst, "user")
+    middleware_401 = {"error": {"code": 401, "title": "Unauthorized",
+                                "message": "The request you have made requires authentication."}}
+    for method, path, call in (
+            ("GET", "/payload$", lambda: km.get_vtpm_secret(ctx(OWNER), inst)),
+            ("DELETE", "/v1/secrets/", lambda: km.delete_vtpm_secret(ctx(OWNER), inst)),
+            ("POST", "/v1/secrets/?$", lambda: km.create_vtpm_secret(ctx(OWNER), server(),
+                                                                     "user"))):
+        cloud.fail(method, path, 401, reply=middleware_401)
+        with pytest.raises(exception.VTPMSecretForbidden, match="HTTP 401"):
+            call()
+
+
+@pytest.mark.parametrize(("exc", "status"), [
+    (barbican_exc.HTTPAuthError("Unauthorized"), 401),
+    (barbican_exc.HTTPClientError("Forbidden", 403), 403),
+    (barbican_exc.HTTPServerError("Bad Gateway", 502), 502),
+    (ks_exc.NotFound(http_status=404), 404),
+    (ValueError("x"), None),
+])
+def test_status_of_foreign_exceptions(exc: Exception, status: int | None) -> None:
+    assert keymgr_errors.status_of(exc) == status
+
+
+def test_barbicanclient_errors_map_by_status() -> None:
+    for exc, kind in ((barbican_exc.HTTPAuthError("x"), exception.VTPMSecretForbidden),
+                      (barbican_exc.HTTPClientError("x", 404), exception.VTPMSecretNotFound),
+                      (barbican_exc.HTTPServerError("Forbidden", 500),
+                       exception.KeyManagerUnavailable)):
+        with pytest.raises(kind, match="s-1"), keymgr_errors.barbican_errors(
+                endpoint="http://b", mode="user", operation="read", timeout=1,
+                secret_uuid="s-1"):
+            raise exc
+
+
+def test_no_version_discovery_and_one_client_per_target(cloud: FakeCloud) -> None:
+    km = keymgr.KeyManager(make_conf(cloud))
+    target = km._target(ctx(OWNER), "user")
+    assert cloud.requests == []  # building the client sent nothing
+    assert target.client.client.endpoint_override == f"{cloud.url}/v1/"
+
+
 # -- unavailability -------------------------------------------------------------------
 
 
@@ -639,7 +776,7 @@ def test_timeout_is_bounded_and_unavailable(cloud: FakeCloud) -> None:
 
 def test_dropped_connection_is_unavailable(cloud: FakeCloud) -> None:
     km = keymgr.KeyManager(make_conf(cloud))
-    cloud.fail("POST", "/v1/secrets$", 0, drop=True)
+    cloud.fail("POST", "/v1/secrets/?$", 0, drop=True)
     with pytest.raises(exception.KeyManagerUnavailable, match=re.escape(cloud.url)):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
 
@@ -675,7 +812,7 @@ def test_endpoint_from_catalog(cloud: FakeCloud) -> None:
     km = keymgr.KeyManager(make_conf(cloud, endpoint=False))
     inst = server()
     km.create_vtpm_secret(ctx(OWNER, catalog), inst, "user")
-    assert next(p for _, p in cloud.requests) == "/v1/secrets"
+    assert next(p for _, p in cloud.requests) == "/v1/secrets/"
     assert cloud.count(prefix="/v3") == 0
 
 
