@@ -9,6 +9,7 @@ step() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
+step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
 step "python venv";                                     bash tools/dev-venv.sh
 step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.sh start
 step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
