@@ -57,6 +57,26 @@ class FakeDriver:
     def resume(self, context, instance, network_info):
         self._call("resume", context, instance.name)
 
+    def _refuse(self, operation, context, instance):
+        self._call("refused", operation, context, instance.name)
+        raise exception.OperationNotSupportedForVTPM(
+            f"{operation} is not supported for vTPM-enabled server {instance.name}")
+
+    def rebuild(self, context, instance, image_meta, *args):
+        self._refuse("rebuild", context, instance)
+
+    def rescue(self, context, instance, network_info, image_meta, *args):
+        self._refuse("rescue", context, instance)
+
+    def shelve(self, context, instance):
+        self._refuse("shelve", context, instance)
+
+    def evacuate(self, context, instance):
+        self._refuse("evacuate", context, instance)
+
+    def live_migration(self, context, instance, dest, post_method, recover_method, *args):
+        self._refuse("live-migrate", context, instance)
+
     def get_info(self, instance):
         self._call("get_info", instance.name)
         return types.SimpleNamespace(state=self.state)

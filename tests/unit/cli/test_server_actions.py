@@ -73,3 +73,24 @@ def test_action_without_a_server_argument_is_usage_error(cli, backend, logins):
     assert rc == 2 and "NAME|UUID" in err
 
 
+
+
+@pytest.mark.parametrize("operation", ["rebuild", "rescue", "shelve", "evacuate",
+                                       "live-migrate"])
+def test_refused_operations_exit_1_naming_why(cli, backend, logins, operation):
+    add_server(backend)
+    rc, out, err = cli("server", operation, "vm1")
+    assert (rc, out) == (1, "")
+    assert err == (f"vtpm-driver: error: {operation} is not supported for vTPM-enabled "
+                   "server vm1\n")
+    assert backend.driver.calls == [("refused", operation, OWNER, "vm1")]
+
+
+def test_other_projects_may_not_act(cli, backend, logins):
+    instance = add_server(backend)
+    instance.project_id = "p-other"
+    rc, out, err = cli("server", "stop", "vm1")
+    assert (rc, out) == (1, "")
+    assert err.startswith("vtpm-driver: error: cannot stop server vm1: it belongs to project "
+                          "p-other and alice is not a member of it")
+    assert backend.driver.calls == []
