@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ import yaml
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
 
+from bench import services
 from tests.functional.support import run_tool_script, unavailable
 
 STACK_DIR = Path(os.environ.get("VTPM_STACK_DIR", "/var/lib/vtpm-driver/stack"))
@@ -132,10 +133,13 @@ def keystone_session(
 
 # --- request counting ------------------------------------------------------------------
 
-# gunicorn --access-logformat '%(h)s %(t)s "%(r)s" %(s)s ...' (tools/keymgr-stack.sh)
-_LINE_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+# gunicorn --access-logformat '%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+# (tools/keymgr-stack.sh)
+_LINE_RE = re.compile(r'^(?P<host>\S+) .*?"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" '
+                      r'(?P<status>\d{3}) (?:.*"(?P<agent>[^"]*)"\s*$)?')
 _SYNC_PARAM = "vtpm-log-sync"
 _SYNC_URLS = {"keystone": KEYSTONE_URL, "barbican": BARBICAN_URL + "/"}
+_SERVER_SIDE_AGENTS = ("keystonemiddleware", "python-keystoneclient")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +159,20 @@ class AccessLogCounter:
     waits until the log shows it, so every request answered before the call
     is in the log (gunicorn writes the line just after the response). Marker
     requests are never counted, by this or any other counter.
+
+    With ``source`` (a loopback address this process's connections come from,
+    see :func:`bench.services.pinned_source_address`) only this process's
+    requests count, plus the token checks Barbican's keystonemiddleware sends
+    to Keystone: other test runs sharing the stack no longer change the counts.
     """
 
     SERVICES = ("keystone", "barbican")
 
-    def __init__(self, stack_dir: Path = STACK_DIR, sync_timeout: float = 10.0) -> None:
+    def __init__(self, stack_dir: Path = STACK_DIR, sync_timeout: float = 10.0,
+                 source: str | None = None) -> None:
         self._logs = {s: stack_dir / "logs" / f"{s}-access.log" for s in self.SERVICES}
         self._sync_timeout = sync_timeout
+        self.source = source
         self._offsets: dict[str, int] = {}
         self.mark()
 
@@ -208,6 +219,9 @@ class AccessLogCounter:
             m = _LINE_RE.search(line)
             if m is None or _SYNC_PARAM + "=" in m["path"]:
                 continue
+            if (self.source and m["host"] != self.source
+                    and not any(a in (m["agent"] or "") for a in _SERVER_SIDE_AGENTS)):
+                continue
             found.append(AccessLogEntry(service, m["method"], m["path"], int(m["status"])))
         return found
 
@@ -226,7 +240,19 @@ class AccessLogCounter:
         return self.count("barbican", method, path)
 
 
+def own_source_address() -> str:
+    """A loopback address of this test process's own (127.66.x.y from its pid)."""
+    pid = os.getpid()
+    return f"127.66.{(pid >> 8) % 254 + 1}.{pid % 254 + 1}"
+
+
 @pytest.fixture
-def access_log_counter(keymgr_stack: KeymgrStack) -> AccessLogCounter:
-    """An AccessLogCounter marked at the start of the test."""
-    return AccessLogCounter(keymgr_stack.stack_dir)
+def access_log_counter(keymgr_stack: KeymgrStack) -> Iterator[AccessLogCounter]:
+    """An AccessLogCounter marked at the start of the test, counting only this process.
+
+    For the test's duration every connection to a loopback service leaves
+    from :func:`own_source_address` (how the benchmark attributes requests).
+    """
+    addr = own_source_address()
+    with services.pinned_source_address(addr):
+        yield AccessLogCounter(keymgr_stack.stack_dir, source=addr)
