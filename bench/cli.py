@@ -146,16 +146,12 @@ def _versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
     try:
-        import libvirt
+        from vtpm_driver.virt.probe import LibvirtHostProbe
 
-        conn = libvirt.open("qemu:///system")
-        try:
-            v = conn.getLibVersion()
-            out["libvirtd"] = f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
-            hv = conn.getVersion()
-            out["qemu"] = f"{hv // 1000000}.{hv // 1000 % 1000}.{hv % 1000}"
-        finally:
-            conn.close()
+        with LibvirtHostProbe("qemu:///system") as probe:
+            found = probe.versions()
+        out["libvirtd"] = found.get("libvirt")
+        out["qemu"] = found.get("qemu")
     except Exception:  # versions are informative only
         out["libvirtd"] = None
     return out

@@ -23,14 +23,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import libvirt
-
 from bench import stats
 from bench.services import AccessLogCounter
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import context as vtpm_context
 from vtpm_driver import keymgr, objects
-from vtpm_driver.virt import connection, domain, guest, secret
+from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt import connection, domain, guest, record, secret
 
 DOMAIN_PREFIX = "vtpm-bench-"
 TPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-tis"}
@@ -39,14 +38,14 @@ TPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-tis"}
 # --- concurrent preparations ----------------------------------------------------------------
 
 def _prepare(km: keymgr.KeyManager, ctx: vtpm_context.RequestContext,
-             conn: libvirt.virConnect, created: list[objects.Instance]) -> float:
+             conn: Any, created: list[objects.Instance]) -> float:
     """One preparation; returns its duration. The instance goes to ``created`` for cleanup."""
     t0 = time.perf_counter()
     inst = objects.Instance(name="bench-prep", user_id=ctx.user_id, project_id=ctx.project_id)
     created.append(inst)
     secret_uuid, passphrase = km.create_vtpm_secret(ctx, inst, "user")
-    with secret.vtpm_secret_for_start(conn, secret_uuid, inst.uuid, passphrase,
-                                      persistent=False):
+    start = ops_secrets.StartSecret(secret_uuid, passphrase, persistent=False)
+    with ops_secrets.secret_for_start(secret.LibvirtSecretStore(conn), inst, start):
         pass  # a real start would launch QEMU here
     return time.perf_counter() - t0
 
@@ -99,7 +98,7 @@ def run_preparations(ctx: vtpm_context.RequestContext, levels: list[int], tasks:
 
 
 def _cleanup_preparations(km: keymgr.KeyManager, ctx: vtpm_context.RequestContext,
-                          conn: libvirt.virConnect, created: list[objects.Instance]) -> int:
+                          conn: Any, created: list[objects.Instance]) -> int:
     """Delete the Barbican secrets (and any libvirt secret left); count what failed."""
     failed = 0
     for inst in created:
@@ -121,21 +120,21 @@ def _bench_domain_xml(run_id: str, index: int, console_dir: str) -> str:
     xml = domain.guest_xml(name, dom_uuid, 1, 128, console_log=f"{console_dir}/{name}.log",
                            kernel="/nonexistent/vmlinuz")  # never started
     xml = domain.add_tpm(xml, "2.0", "tpm-tis", str(uuid.uuid4()))
-    record = domain.ServerRecord(
+    server = objects.Instance(
         name=name, uuid=dom_uuid, user_id="bench", project_id="bench",
-        flavor_extra_specs=dict(TPM_SPECS),
+        flavor=objects.Flavor(vcpus=1, memory_mb=128, extra_specs=dict(TPM_SPECS)),
         system_metadata={keymgr.SYSMETA_KEY: str(uuid.uuid4())},
     )
-    return domain.set_server_record(xml, record)
+    return record.set_server_record(xml, server)
 
 
-def define_domains(conn: libvirt.virConnect, run_id: str, start: int, count: int,
-                   console_dir: str) -> list[libvirt.virDomain]:
+def define_domains(conn: Any, run_id: str, start: int, count: int,
+                   console_dir: str) -> list[Any]:
     return [guest.define(conn, _bench_domain_xml(run_id, i, console_dir))
             for i in range(start, start + count)]
 
 
-def undefine_domains(conn: libvirt.virConnect, run_id: str | None = None) -> int:
+def undefine_domains(conn: Any, run_id: str | None = None) -> int:
     """Undefine every bench domain (of ``run_id``, or of any run); returns how many."""
     prefix = DOMAIN_PREFIX + (f"{run_id}-" if run_id else "")
     removed = 0

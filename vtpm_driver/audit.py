@@ -23,36 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import os.path
-import uuid as uuid_mod
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, objects, policy, spec
+from vtpm_driver.objects import canonical_uuid
 
 LIBVIRT_SECRET = "libvirt_secret"
 STATE_DIR = "state_dir"
 BARBICAN_SECRET = "barbican_secret"
 ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET)
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditServer:
-    """What the audit needs to know about one server of this host.
-
-    ``version`` is None when the server asks for no vTPM; ``config_error``
-    holds the reason when its recorded request is invalid.
-    """
-
-    name: str
-    uuid: str
-    version: str | None = None
-    model: str | None = None
-    secret_security: str | None = None
-    secret_uuid: str | None = None
-    config_error: str | None = None
-
-    @property
-    def has_vtpm(self) -> bool:
-        return self.version is not None or self.config_error is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +56,33 @@ class BarbicanSecret:
 
 @dataclasses.dataclass(frozen=True)
 class ServerFinding:
-    """A vTPM server and whatever looks wrong with it."""
+    """A vTPM server (the :class:`~vtpm_driver.objects.Instance` as recorded) and what is
+    wrong with it.
 
-    server: AuditServer
+    ``version``/``model``/``secret_security`` are None when its recorded
+    request is invalid; ``config_error`` then says why.
+    """
+
+    instance: Any
     problems: tuple[str, ...] = ()
+    version: str | None = None
+    model: str | None = None
+    secret_security: str | None = None
+    secret_uuid: str | None = None
+    config_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.instance.name
+
+    @property
+    def uuid(self) -> str:
+        return self.instance.uuid
+
+    @property
+    def server(self) -> ServerFinding:
+        """The finding itself (name, uuid, version...): the CLI's older spelling."""
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +117,7 @@ class AuditReport:
 
 
 def _canonical(value: object) -> str | None:
-    """Lower-case hyphenated UUID, or None if ``value`` is not a UUID."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return str(uuid_mod.UUID(value))
-    except ValueError:
-        return None
+    return canonical_uuid(value)
 
 
 def server_from_request(
@@ -129,28 +126,46 @@ def server_from_request(
     flavor_extra_specs: Mapping[str, object],
     image_properties: Mapping[str, object],
     system_metadata: Mapping[str, object],
-) -> AuditServer:
-    """An :class:`AuditServer` from a server's recorded request (never raises)."""
-    secret_uuid = system_metadata.get("vtpm_secret_uuid") if isinstance(
-        system_metadata, Mapping) else None
-    secret = secret_uuid if isinstance(secret_uuid, str) and secret_uuid else None
+) -> objects.Instance:
+    """The :class:`~vtpm_driver.objects.Instance` of a server's recorded request.
+
+    Never raises and never validates: a bad request is a finding of
+    :func:`audit`, not a crash.
+    """
+    return objects.Instance(
+        name=name, uuid=uuid, user_id="", project_id="",
+        flavor=objects.Flavor(extra_specs=dict(flavor_extra_specs or {})),
+        image_meta=objects.ImageMeta(properties=dict(image_properties or {})),
+        system_metadata=dict(system_metadata or {}),
+    )
+
+
+def _finding(instance: Any) -> ServerFinding:
+    """What the audit reads from a server (never raises)."""
+    recorded = (getattr(instance, "system_metadata", None) or {}).get(policy.SYSMETA_KEY)
+    secret = recorded if isinstance(recorded, str) and recorded else None
     try:
-        config = spec.get_vtpm_config(flavor_extra_specs, image_properties)
+        config = policy.vtpm_of(instance)
     except exception.VTPMError as exc:  # a bad record is a finding, not a crash
-        return AuditServer(name=name, uuid=uuid, secret_uuid=secret,
-                           config_error=f"invalid vTPM request: {exc}")
+        return ServerFinding(instance, secret_uuid=secret,
+                             config_error=f"invalid vTPM request: {exc}")
     if config is None:
-        return AuditServer(name=name, uuid=uuid, secret_uuid=secret)
-    return AuditServer(name=name, uuid=uuid, version=config.version, model=config.model,
-                       secret_security=config.secret_security, secret_uuid=secret)
+        return ServerFinding(instance, secret_uuid=secret)
+    return ServerFinding(instance, version=config.version, model=config.model,
+                         secret_security=config.secret_security, secret_uuid=secret)
 
 
-def _server_problems(server: AuditServer, libvirt_by_usage: Mapping[str, LibvirtSecret]
+def _asks_for_vtpm(finding: ServerFinding) -> bool:
+    """Whether the server asks for a vTPM (an invalid request counts)."""
+    return finding.version is not None or finding.config_error is not None
+
+
+def _server_problems(server: ServerFinding, libvirt_by_usage: Mapping[str, LibvirtSecret]
                      ) -> tuple[str, ...]:
     problems: list[str] = []
     if server.config_error:
         problems.append(server.config_error)
-    defined = libvirt_by_usage.get(server.uuid)
+    defined = libvirt_by_usage.get(_canonical(server.uuid) or server.uuid)
     if server.version is not None and not server.secret_uuid:
         problems.append("no vtpm_secret_uuid in system_metadata: its vTPM state cannot be "
                         "unlocked")
@@ -169,7 +184,7 @@ def _server_problems(server: AuditServer, libvirt_by_usage: Mapping[str, Libvirt
 
 
 def audit(
-    servers: Iterable[AuditServer],
+    servers: Iterable[Any],
     domain_uuids: Iterable[str],
     libvirt_secrets: Iterable[LibvirtSecret],
     state_dir_uuids: Iterable[str],
@@ -179,13 +194,14 @@ def audit(
 ) -> AuditReport:
     """Find orphans and per-server problems.
 
-    ``servers`` are this host's servers (our records); ``domain_uuids`` every
+    ``servers`` are this host's servers (:class:`~vtpm_driver.objects.Instance`,
+    as recorded); ``domain_uuids`` every
     libvirt domain, ours or not (a foreign domain's secret or state is not an
     orphan); ``state_dir_uuids`` the ``<uuid>`` directories under
     ``state_dir_base``; ``barbican_secrets`` None when Barbican was not listed.
     UUIDs are compared in canonical form, whatever their case.
     """
-    server_list = sorted(servers, key=lambda s: (s.name, s.uuid))
+    server_list = sorted((_finding(s) for s in servers), key=lambda s: (s.name, s.uuid))
     by_uuid = {_canonical(s.uuid) or s.uuid: s for s in server_list}
     domains = {_canonical(u) or u for u in domain_uuids} | set(by_uuid)
     secrets = sorted(libvirt_secrets, key=lambda s: (s.usage_id, s.uuid))
@@ -229,8 +245,8 @@ def audit(
             orphans.append(Orphan(BARBICAN_SECRET, secret_uuid, instance_uuid, reason))
 
     findings = tuple(
-        ServerFinding(server, _server_problems(server, libvirt_by_usage))
-        for server in server_list if server.has_vtpm
+        dataclasses.replace(server, problems=_server_problems(server, libvirt_by_usage))
+        for server in server_list if _asks_for_vtpm(server)
     )
     return AuditReport(servers=findings, orphans=tuple(orphans),
                        barbican_checked=barbican_secrets is not None)

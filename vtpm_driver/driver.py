@@ -1,14 +1,17 @@
 """VTPMDriver: the Nova ``ComputeDriver``-shaped entry point of vtpm-driver.
 
-Method names and arguments follow Nova's ``ComputeDriver`` so the Nova shim can
-route to them unchanged. The driver stays thin: decisions live in the pure
-helpers (:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.host`), and this class maps
-their findings to the errors Nova expects at start-up.
+Method names and arguments follow Nova's ``ComputeDriver``. The driver stays
+thin: decisions live in the pure modules (:mod:`vtpm_driver.spec`,
+:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`), and this class maps their
+findings to the errors Nova expects at start-up.
 
-Lifecycle methods delegate to :class:`~vtpm_driver.vtpm_ops.VTPMOps` (spawn,
-power, reboot, suspend/resume, delete) and :class:`~vtpm_driver.resize.ResizeOps`
-(resize on this host). Arguments Nova passes that a standalone host has no use
-for (networks, block devices, accelerators, shares) are accepted and ignored.
+Lifecycle methods delegate to the orchestration in :mod:`vtpm_driver.ops`:
+:class:`~vtpm_driver.ops.lifecycle.LifecycleOps` (spawn, delete),
+:class:`~vtpm_driver.ops.power.PowerOps` (reboot, power, suspend/resume) and
+:class:`~vtpm_driver.ops.resize.ResizeOps` (resize on this host), all over one
+:class:`~vtpm_driver.ops.guests.Guests`. Arguments Nova passes that a
+standalone host has no use for (networks, block devices, accelerators, shares)
+are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, resize, spec, vtpm_ops
+from vtpm_driver import exception, keymgr, policy, spec
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
-from vtpm_driver.virt import connection
+from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.ops.backup import ResizeBackups
+from vtpm_driver.ops.guests import Guests
+from vtpm_driver.ops.lifecycle import LifecycleOps
+from vtpm_driver.ops.power import PowerOps
+from vtpm_driver.ops.resize import ResizeOps
+from vtpm_driver.virt import connection, domains
 
 LOG = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ class VTPMDriver:
     """vTPM support for libvirt guests, with Barbican-held passphrases."""
 
     def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None,
-                 hypervisor: Any = None, keymgr: vtpm_ops.KeyManagerAPI | None = None) -> None:
+                 hypervisor: Any = None, keymgr: KeyManagerAPI | None = None) -> None:
         """``probe``, ``hypervisor`` (anything with a libvirt ``conn`` attribute) and
         ``keymgr`` default to the real ones, created on first use; tests inject fakes."""
         self.conf = conf
@@ -38,8 +47,10 @@ class VTPMDriver:
         self._hypervisor = hypervisor
         self._keymgr = keymgr
         self._host_report_cache: HostReport | None = None
-        self._ops: vtpm_ops.VTPMOps | None = None
-        self._resize: resize.ResizeOps | None = None
+        self._guests: Guests | None = None
+        self._lifecycle: LifecycleOps | None = None
+        self._power: PowerOps | None = None
+        self._resize: ResizeOps | None = None
 
     @property
     def probe(self) -> HostProbe:
@@ -56,23 +67,38 @@ class VTPMDriver:
         return self._hypervisor
 
     @property
-    def key_manager(self) -> vtpm_ops.KeyManagerAPI:
+    def key_manager(self) -> KeyManagerAPI:
         """Barbican access (:class:`~vtpm_driver.keymgr.KeyManager`)."""
         if self._keymgr is None:
             self._keymgr = keymgr.KeyManager(self.conf)
         return self._keymgr
 
     @property
-    def ops(self) -> vtpm_ops.VTPMOps:
-        if self._ops is None:
-            self._ops = vtpm_ops.VTPMOps(self.conf, self.hypervisor, self.key_manager,
-                                         self._host_report)
-        return self._ops
+    def guests(self) -> Guests:
+        """This host's guests, shared by every operation."""
+        if self._guests is None:
+            self._guests = Guests(self.conf, self.hypervisor, self.key_manager,
+                                  self._host_report)
+        return self._guests
 
     @property
-    def resize_ops(self) -> resize.ResizeOps:
+    def lifecycle(self) -> LifecycleOps:
+        if self._lifecycle is None:
+            self._lifecycle = LifecycleOps(self.guests)
+        return self._lifecycle
+
+    @property
+    def power(self) -> PowerOps:
+        if self._power is None:
+            self._power = PowerOps(self.guests)
+        return self._power
+
+    @property
+    def resize_ops(self) -> ResizeOps:
         if self._resize is None:
-            self._resize = resize.ResizeOps(self.ops, self.conf.vtpm.resize_backup_dir)
+            backups = ResizeBackups(self.conf.vtpm.resize_backup_dir,
+                                    self.conf.vtpm.swtpm_state_dir)
+            self._resize = ResizeOps(self.guests, backups)
         return self._resize
 
     def _host_report(self) -> HostReport:
@@ -121,7 +147,7 @@ class VTPMDriver:
 
         Every domain counts, not only ours: any of them would lose its TPM.
         """
-        return vtpm_ops.tpm_emulator_domains(self.hypervisor.conn)
+        return domains.tpm_emulator_domains(self.hypervisor.conn)
 
     # -- Lifecycle ------------------------------------------------------------
 
@@ -130,13 +156,13 @@ class VTPMDriver:
               block_device_info: Any = None, power_on: bool = True,
               accel_info: Any = None) -> None:
         """Create and (with ``power_on``) start the server (F1, G3)."""
-        self.ops.spawn(context, instance, image_meta, power_on=power_on)
+        self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
 
     def destroy(self, context: Any, instance: Any, network_info: Any = None,
                 block_device_info: Any = None, destroy_disks: bool = True,
                 destroy_secrets: bool = True) -> None:
         """Delete the server, its TPM state and secrets (F3); idempotent."""
-        self.ops.destroy(context, instance, destroy_disks=destroy_disks,
+        self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
                          destroy_secrets=destroy_secrets)
         if destroy_disks:
             self.resize_ops.discard_backup(instance.uuid)
@@ -145,35 +171,35 @@ class VTPMDriver:
                block_device_info: Any = None, bad_volumes_callback: Any = None,
                accel_info: Any = None, share_info: Any = None) -> None:
         """``SOFT`` (ACPI, falls back to hard) or ``HARD`` reboot (F2)."""
-        self.ops.reboot(context, instance, reboot_type)
+        self.power.reboot(context, instance, reboot_type)
 
     def power_off(self, instance: Any, timeout: float = 0, retry_interval: float = 0) -> None:
         """Stop the guest (ACPI for up to ``timeout`` seconds, then hard)."""
-        self.ops.power_off(instance, timeout, retry_interval)
+        self.power.power_off(instance, timeout, retry_interval)
 
     def power_on(self, context: Any, instance: Any, network_info: Any,
                  block_device_info: Any = None, accel_info: Any = None,
                  share_info: Any = None) -> None:
         """Start a stopped server (the passphrase is fetched first, F2/F5)."""
-        self.ops.power_on(context, instance)
+        self.power.power_on(context, instance)
 
     def suspend(self, context: Any, instance: Any) -> None:
         """Save the guest's memory and TPM state to disk (libvirt managed save)."""
-        self.ops.suspend(instance)
+        self.power.suspend(instance)
 
     def resume(self, context: Any, instance: Any, network_info: Any,
                block_device_info: Any = None, share_info: Any = None) -> None:
         """Restore a suspended guest (needs the passphrase, F2)."""
-        self.ops.resume(context, instance)
+        self.power.resume(context, instance)
 
     def get_info(self, instance: Any, use_cache: bool = True) -> str:
         """Power state: ``running``, ``paused``, ``shutdown``, ``suspended``, ``crashed``
         or ``pending`` (Nova's power_state names)."""
-        return self.ops.get_info(instance)
+        return self.power.get_info(instance)
 
     def list_instances(self) -> list[str]:
         """Names of the servers on this host."""
-        return self.ops.list_instances()
+        return self.power.list_instances()
 
     def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: str | None,
                                    flavor: Any, network_info: Any,
@@ -205,12 +231,8 @@ class VTPMDriver:
 
     def _refuse(self, operation: str, instance: Any, why: str) -> None:
         """``OperationNotSupportedForVTPM`` for a vTPM server, else not implemented."""
-        try:
-            has_vtpm = vtpm_ops.vtpm_config_of(instance) is not None
-        except exception.InvalidVTPMConfig:
-            has_vtpm = True  # asks for some vTPM, even if not a valid one
-        label = vtpm_ops.server_label(instance)
-        if has_vtpm:
+        label = policy.server_label(instance)
+        if policy.has_vtpm(instance):
             raise exception.OperationNotSupportedForVTPM(
                 f"operation '{operation}' is not supported for vTPM-enabled server {label}: "
                 f"{why}"
@@ -253,10 +275,7 @@ class VTPMDriver:
                        recover_method: Any, block_migration: bool = False,
                        migrate_data: Any = None) -> None:
         """Refused for vTPM servers (Nova allows it only with ``host`` secret security)."""
-        try:
-            mode = keymgr.secret_security_of(instance)
-        except exception.InvalidVTPMConfig:
-            mode = spec.SECRET_USER
+        mode = policy.secret_security(getattr(instance, "flavor", None), strict=False)
         if mode == spec.SECRET_HOST:
             why = ("live migration of vTPM servers is not implemented by the standalone "
                    "driver (Nova supports it with 'host' secret security only)")

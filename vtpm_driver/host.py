@@ -4,7 +4,9 @@ SPEC C1-C3. The decision (:func:`check_host`) is a pure function of the
 configuration and of facts read through a :class:`HostProbe`; the real probe
 (:class:`LibvirtHostProbe`) is the only part that talks to libvirt, ``PATH``
 and the user database, so every rule can be unit-tested with a fake probe and
-captured ``virsh domcapabilities`` output.
+captured ``virsh domcapabilities`` output. The probe lives in
+:mod:`vtpm_driver.virt.probe` (only ``virt`` imports libvirt) and is
+re-exported here as ``vtpm_driver.host.LibvirtHostProbe``.
 
 Unlike Nova, which reports only the secret-security traits it supports, every
 one of the seven TPM traits is always reported (``False`` when unsupported), so
@@ -14,15 +16,9 @@ a stale trait is removed from the resource provider.
 from __future__ import annotations
 
 import dataclasses
-import grp
-import pwd
-import re
-import shutil
-import subprocess
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
-import libvirt
 from lxml import etree
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -35,9 +31,6 @@ LOG = logging.getLogger(__name__)
 SUPPORTED_VIRT_TYPES = ("kvm", "qemu")
 SWTPM_BINARIES = ("swtpm", "swtpm_setup", "swtpm_ioctl")
 EMULATOR_BACKEND = "emulator"
-
-_SWTPM_VERSION_TIMEOUT = 10  # seconds; `swtpm --version` answers at once
-_VERSION_RE = re.compile(r"\b(\d+(?:\.\d+)+)\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,147 +248,9 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
     return HostReport(supported=True, traits=traits, problems=[], versions=versions)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+# The real probe lives with the rest of the libvirt code; re-exported here
+# because operators' scripts, the CLI and the Nova shim import it from here.
+from vtpm_driver.virt.probe import LibvirtHostProbe  # noqa: E402
 
-
-def _version_string(number: int) -> str:
-    """libvirt's packed version (major * 1e6 + minor * 1e3 + micro) as text."""
-    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
-
-
-def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
-    """libvirt's default handler prints every error to stderr; we raise instead."""
-
-
-# "libvirtd cannot be talked to" (Nova's _test_connection rule): no/invalid
-# connection, or a transport failure reported by the remote/RPC layer.
-_CONNECTION_CODES = frozenset({libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN})
-_TRANSPORT_DOMAINS = frozenset({libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC})
-_TRANSPORT_CODES = frozenset(
-    {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_ERR_RPC}
-)
-
-
-def _is_connection_error(exc: libvirt.libvirtError) -> bool:
-    code = exc.get_error_code()
-    return code in _CONNECTION_CODES or (
-        exc.get_error_domain() in _TRANSPORT_DOMAINS and code in _TRANSPORT_CODES
-    )
-
-
-class LibvirtHostProbe:
-    """The real host: one lazily opened libvirt connection, ``PATH``, passwd/group.
-
-    ``open_connection`` is a seam for tests and for sharing a connection
-    factory with the rest of the driver; it defaults to ``libvirt.open``.
-    """
-
-    def __init__(self, uri: str,
-                 open_connection: Callable[[str], Any] | None = None) -> None:
-        self.uri = uri
-        self._open = open_connection or libvirt.open
-        self._conn: Any = None
-
-    @classmethod
-    def from_conf(cls, conf: cfg.ConfigOpts) -> LibvirtHostProbe:
-        """A probe for the URI ``conf`` points at."""
-        return cls(vtpm_conf.libvirt_uri(conf))
-
-    def __enter__(self) -> LibvirtHostProbe:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the libvirt connection, if one was opened."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except libvirt.libvirtError as exc:
-                LOG.debug("closing libvirt connection to %s: %s", self.uri, exc)
-
-    def _unavailable(self, exc: libvirt.libvirtError) -> exception.HypervisorUnavailable:
-        return exception.HypervisorUnavailable(
-            f"cannot connect to libvirt at {self.uri}: {_one_line(exc.get_error_message())}"
-        )
-
-    def _connection(self) -> Any:
-        if self._conn is None:
-            libvirt.registerErrorHandler(_ignore_libvirt_error, None)
-            try:
-                self._conn = self._open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise self._unavailable(exc) from None
-        return self._conn
-
-    def _call(self, what: str, func: Callable[..., Any], *args: Any) -> Any:
-        conn = self._connection()
-        try:
-            return func(conn, *args)
-        except libvirt.libvirtError as exc:
-            if _is_connection_error(exc):
-                self.close()
-                raise self._unavailable(exc) from None
-            raise exception.VirtError(
-                f"libvirt at {self.uri} refused {what}: {_one_line(exc.get_error_message())}"
-            ) from None
-
-    def domain_capabilities(self, virt_type: str) -> str:
-        """``virsh domcapabilities --virttype <virt_type>`` for the host's default emulator."""
-        return self._call(
-            "to report domain capabilities",
-            lambda conn: conn.getDomainCapabilities(None, None, None, virt_type),
-        )
-
-    def which(self, name: str) -> str | None:
-        """``shutil.which``: the binaries libvirt will run must be on ``PATH``."""
-        return shutil.which(name)
-
-    def user_exists(self, name: str) -> bool:
-        """Whether ``pwd`` knows ``name``."""
-        try:
-            pwd.getpwnam(name)
-        except (KeyError, TypeError, ValueError):
-            return False
-        return True
-
-    def group_exists(self, name: str) -> bool:
-        """Whether ``grp`` knows ``name``."""
-        try:
-            grp.getgrnam(name)
-        except (KeyError, TypeError, ValueError):
-            return False
-        return True
-
-    def versions(self) -> dict[str, str]:
-        """libvirt, hypervisor (e.g. QEMU) and swtpm versions, for the report."""
-        versions = {
-            "libvirt": _version_string(self._call("getLibVersion", lambda c: c.getLibVersion()))
-        }
-        hv_type = self._call("getType", lambda c: c.getType())
-        hv_version = self._call("getVersion", lambda c: c.getVersion())
-        if hv_version:
-            versions[str(hv_type).lower()] = _version_string(hv_version)
-        swtpm = self.swtpm_version()
-        if swtpm:
-            versions["swtpm"] = swtpm
-        return versions
-
-    def swtpm_version(self) -> str | None:
-        """``swtpm --version`` (e.g. ``0.7.1``), or None when it is absent or mute."""
-        path = self.which("swtpm")
-        if not path:
-            return None
-        try:
-            out = subprocess.run(
-                [path, "--version"], capture_output=True, text=True, check=False,
-                timeout=_SWTPM_VERSION_TIMEOUT,
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            LOG.debug("cannot run %s --version: %s", path, exc)
-            return None
-        match = _VERSION_RE.search(out)
-        return match.group(1) if match else None
+__all__ = ["HostProbe", "HostReport", "LibvirtHostProbe", "TPMCapabilities", "check_host",
+           "no_traits", "parse_domain_capabilities", "tpm_traits"]

@@ -1,10 +1,10 @@
 """Standalone servers: build an :class:`~vtpm_driver.objects.Instance`, find it again.
 
-libvirt is the only store: each server's record (owner, flavor extra specs,
-image properties, system metadata, boot files) lives in its domain's
-``<metadata>`` (:class:`~vtpm_driver.virt.domain.ServerRecord`). This module
-converts between that record and the Nova-shaped ``Instance`` the driver works
-on, so ``server list``/``show`` work after a restart with no database.
+libvirt is the only store: each server (owner, flavor extra specs, image
+properties, system metadata, boot files) is serialised into its domain's
+``<metadata>`` by :mod:`vtpm_driver.virt.record`, so ``server list``/``show``
+work after a restart with no database. This module validates a new server's
+request and finds stored ones through :mod:`vtpm_driver.virt.domains`.
 
 The domain's name is ``instance.name`` and its UUID ``instance.uuid``.
 """
@@ -15,11 +15,9 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-import libvirt
-
 from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, objects, spec
-from vtpm_driver.virt import domain, guest
+from vtpm_driver.virt import domains
 
 
 def _str_dict(value: Mapping[str, str] | None, what: str) -> dict[str, str]:
@@ -86,75 +84,14 @@ def new_instance(
     )
 
 
-def _properties(image_meta: Any) -> dict[str, str]:
-    props = getattr(image_meta, "properties", None)
-    return dict(props) if isinstance(props, Mapping) else {}
+def find(conn: Any, name_or_uuid: str) -> objects.Instance:
+    """The server whose domain has this UUID or name (``conn``: a libvirt connection).
 
-
-def to_record(instance: objects.Instance) -> domain.ServerRecord:
-    """The record stored in the domain's ``<metadata>`` (no secret, only UUIDs)."""
-    flavor = instance.flavor
-    image = instance.image_meta
-    return domain.ServerRecord(
-        name=instance.name,
-        uuid=instance.uuid,
-        user_id=instance.user_id,
-        project_id=instance.project_id,
-        user_name=getattr(instance, "user_name", None),
-        project_name=getattr(instance, "project_name", None),
-        flavor_extra_specs=dict(getattr(flavor, "extra_specs", None) or {}),
-        image_properties=_properties(image),
-        system_metadata=dict(instance.system_metadata),
-        vcpus=flavor.vcpus,
-        memory_mb=flavor.memory_mb,
-        kernel=getattr(image, "kernel", None),
-        initrd=getattr(image, "initrd", None),
-        cmdline=getattr(image, "cmdline", None),
-        disk=getattr(image, "disk", None),
-        console_log=instance.console_log,
-        created_at=getattr(instance, "created_at", None),
-    )
-
-
-def from_record(record: domain.ServerRecord) -> objects.Instance:
-    """The ``Instance`` a stored record describes."""
-    return objects.Instance(
-        name=record.name,
-        uuid=record.uuid,
-        user_id=record.user_id,
-        project_id=record.project_id,
-        user_name=record.user_name,
-        project_name=record.project_name,
-        flavor=objects.Flavor(
-            vcpus=record.vcpus, memory_mb=record.memory_mb,
-            extra_specs=dict(record.flavor_extra_specs),
-        ),
-        image_meta=objects.ImageMeta(
-            properties=dict(record.image_properties), kernel=record.kernel,
-            initrd=record.initrd, cmdline=record.cmdline, disk=record.disk,
-        ),
-        system_metadata=dict(record.system_metadata),
-        console_log=record.console_log,
-        created_at=record.created_at,
-    )
-
-
-def find(conn: libvirt.virConnect, name_or_uuid: str) -> objects.Instance:
-    """The server whose domain has this UUID or name.
-
-    :raises InstanceNotFound: no such domain, or the domain is not one of ours
-        (it carries no server record).
+    :raises InstanceNotFound: no such domain, or the domain is not one of ours.
     """
-    dom = guest.lookup(conn, name_or_uuid)
-    record = domain.record_from_domain(dom)
-    if record is None:
-        raise exception.InstanceNotFound(
-            f"domain {spec.show(name_or_uuid)} exists but is not a vtpm-driver server "
-            "(it has no server record in its <metadata>)"
-        )
-    return from_record(record)
+    return domains.find_server(conn, name_or_uuid)
 
 
-def list_all(conn: libvirt.virConnect) -> list[objects.Instance]:
+def list_all(conn: Any) -> list[objects.Instance]:
     """Every server on this host, sorted by name (domains without a record are skipped)."""
-    return [from_record(record) for _dom, record in guest.list_domains_with_record(conn)]
+    return [server for _dom, server in domains.list_servers(conn)]

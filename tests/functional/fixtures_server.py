@@ -160,7 +160,7 @@ class ServersOnStack:
     def spawn(self, inst: objects.Instance, context: RequestContext | None = None,
               driver: VTPMDriver | None = None) -> Console:
         """Spawn ``inst`` and return its console (marked before the boot)."""
-        self.driver.ops.ensure_console_log(inst)
+        self.driver.guests.ensure_console_log(inst)
         console = Console(inst.console_log, stay=STAY in (inst.image_meta.cmdline or ""))
         console.mark()
         (driver or self.driver).spawn(context or self.owner, inst, inst.image_meta, [], None, {})

@@ -26,8 +26,9 @@ from tests.functional.fixtures_libvirt import (
     parse_vtpm_results,
     read_console,
 )
-from vtpm_driver import exception
-from vtpm_driver.virt import connection, domain, guest, secret, state
+from vtpm_driver import exception, objects
+from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt import connection, domain, domains, guest, record, secret, state
 
 pytestmark = pytest.mark.functional
 
@@ -38,7 +39,18 @@ def _passphrase() -> str:
     return secrets.token_urlsafe(48)
 
 
-def _record(name: str, dom_uuid: str, secret_uuid: str, **kwargs: object) -> domain.ServerRecord:
+def _for_start(conn: libvirt.virConnect, secret_uuid: str, dom_uuid: str, passphrase: str, *,
+               persistent: bool):
+    """ops.secrets.secret_for_start over the real libvirt (E3)."""
+    server = objects.Instance(name="x", uuid=dom_uuid, user_id="u", project_id="p")
+    start = ops_secrets.StartSecret(secret_uuid, passphrase, persistent)
+    return ops_secrets.secret_for_start(secret.LibvirtSecretStore(conn), server, start)
+
+
+def _record(name: str, dom_uuid: str, secret_uuid: str, *, image_properties=None,
+            system_metadata=None, kernel=None, initrd=None, cmdline=None, console_log=None,
+            **kwargs: object) -> objects.Instance:
+    """The server model as stored in the domain's <metadata>."""
     values: dict[str, object] = {
         "name": name,
         "uuid": dom_uuid,
@@ -46,12 +58,18 @@ def _record(name: str, dom_uuid: str, secret_uuid: str, **kwargs: object) -> dom
         "project_id": "p-" + uuid.uuid4().hex,
         "user_name": "alice",
         "project_name": "demo",
-        "flavor_extra_specs": {"hw:tpm_version": "2.0"},
-        "system_metadata": {"vtpm_secret_uuid": secret_uuid},
         "created_at": "2026-01-02T03:04:05+00:00",
+        "console_log": console_log,
     }
     values.update(kwargs)
-    return domain.ServerRecord(**values)  # type: ignore[arg-type]
+    return objects.Instance(
+        flavor=objects.Flavor(extra_specs={"hw:tpm_version": "2.0"}),
+        image_meta=objects.ImageMeta(properties=dict(image_properties or {}), kernel=kernel,
+                                     initrd=initrd, cmdline=cmdline),
+        system_metadata=(dict(system_metadata) if system_metadata is not None
+                         else {"vtpm_secret_uuid": secret_uuid}),
+        **values,  # type: ignore[arg-type]
+    )
 
 
 def _vtpm_guest_xml(
@@ -64,18 +82,18 @@ def _vtpm_guest_xml(
     cmdline: str | None = None,
     version: str = "2.0",
     model: str = "tpm-tis",
-) -> tuple[str, domain.ServerRecord]:
+) -> tuple[str, objects.Instance]:
     name = f"vtpm-virt-{dom_uuid[:8]}"
     xml = domain.guest_xml(
         name, dom_uuid, 1, 256, console_log=str(console_log), kernel=kernel,
         initrd=initrd, cmdline=cmdline,
     )
     xml = domain.add_tpm(xml, version, model, secret_uuid)
-    record = _record(
+    server = _record(
         name, dom_uuid, secret_uuid, kernel=kernel, initrd=initrd, cmdline=cmdline,
         console_log=str(console_log),
     )
-    return domain.set_server_record(xml, record), record
+    return record.set_server_record(xml, server), server
 
 
 def _wait_for_console(dom: libvirt.virDomain, console_log: Path, needle: str) -> str:
@@ -145,7 +163,7 @@ def test_host_mode_secret_is_persistent_and_readable_by_root(
     secret_uuid = cleanup.secret(str(uuid.uuid4()))
     instance_uuid = str(uuid.uuid4())
     passphrase = _passphrase()
-    with secret.vtpm_secret_for_start(
+    with _for_start(
         libvirt_conn, secret_uuid, instance_uuid, passphrase, persistent=True
     ):
         pass
@@ -190,22 +208,22 @@ def test_define_lookup_record_and_undefine(
         image_properties={"hw_tpm_model": "tpm-crb", " odd key ": "\x01ctl", "ü": "漢字"},
         cmdline="",
     )
-    xml = domain.set_server_record(xml, tricky)
+    xml = record.set_server_record(xml, tricky)
 
     dom = guest.define(libvirt_conn, xml)
 
     # libvirt keeps the device and the record exactly.
     live_xml = dom.XMLDesc(0)
     assert domain.get_tpm(live_xml) == ("2.0", "tpm-tis", secret_uuid)
-    assert domain.get_server_record(live_xml) == tricky
-    assert domain.record_from_domain(dom) == tricky
+    assert record.get_server_record(live_xml) == tricky
+    assert record.record_from_domain(dom) == tricky
 
     updated = _record(tricky.name, dom_uuid, secret_uuid, system_metadata={})
-    domain.update_domain_record(dom, updated)
-    assert domain.record_from_domain(dom) == updated
-    assert domain.get_server_record(dom.XMLDesc(0)) == updated
+    record.update_domain_record(dom, updated)
+    assert record.record_from_domain(dom) == updated
+    assert record.get_server_record(dom.XMLDesc(0)) == updated
     assert (dom.UUIDString(), updated) in [
-        (d.UUIDString(), r) for d, r in guest.list_domains_with_record(libvirt_conn)
+        (d.UUIDString(), r) for d, r in domains.list_servers(libvirt_conn)
     ]
 
     assert guest.lookup(libvirt_conn, dom_uuid).UUIDString() == dom_uuid
@@ -235,7 +253,7 @@ def test_failed_start_leaves_no_secret(
     passphrase = _passphrase()
 
     with pytest.raises(exception.VirtError) as info:
-        with secret.vtpm_secret_for_start(
+        with _for_start(
             libvirt_conn, secret_uuid, dom_uuid, passphrase, persistent=False
         ):
             guest.start(dom)
@@ -289,14 +307,14 @@ def test_vtpm_guest_boots_with_encrypted_state(
     dom_uuid = cleanup.domain(str(uuid.uuid4()))
     secret_uuid = cleanup.secret(str(uuid.uuid4()))
     console_log = tmp_path / "console.log"
-    xml, record = _vtpm_guest_xml(
+    xml, server = _vtpm_guest_xml(
         dom_uuid, secret_uuid, console_log, kernel=str(test_guest.kernel),
         initrd=str(test_guest.initrd), cmdline=test_guest.cmdline, version=version, model=model,
     )
     dom = guest.define(libvirt_conn, xml)
     passphrase = _passphrase()
 
-    with secret.vtpm_secret_for_start(
+    with _for_start(
         libvirt_conn, secret_uuid, dom_uuid, passphrase, persistent=False
     ):
         guest.start(dom)
@@ -316,7 +334,7 @@ def test_vtpm_guest_boots_with_encrypted_state(
     assert header is not None and header.total_length == state_file.stat().st_size
     assert dom_uuid in state.list_state_dirs(SWTPM_STATE_ROOT)
     assert state.check_permissions(state.state_dir(SWTPM_STATE_ROOT, dom_uuid), "tss", "tss") == []
-    assert domain.record_from_domain(dom) == record
+    assert record.record_from_domain(dom) == server
 
     # Undefine keeping the TPM (reboot/resize path): the state stays.
     assert guest.undefine(dom, keep_tpm=True) is True
@@ -334,12 +352,12 @@ def test_graceful_power_off_and_live_record(
     dom_uuid = cleanup.domain(str(uuid.uuid4()))
     secret_uuid = cleanup.secret(str(uuid.uuid4()))
     console_log = tmp_path / "console.log"
-    xml, record = _vtpm_guest_xml(
+    xml, server = _vtpm_guest_xml(
         dom_uuid, secret_uuid, console_log, kernel=str(test_guest.kernel),
         initrd=str(test_guest.initrd), cmdline=f"{test_guest.cmdline} vtpm_test=stay",
     )
     dom = guest.define(libvirt_conn, xml)
-    with secret.vtpm_secret_for_start(
+    with _for_start(
         libvirt_conn, secret_uuid, dom_uuid, _passphrase(), persistent=False
     ):
         guest.start(dom)
@@ -348,11 +366,11 @@ def test_graceful_power_off_and_live_record(
     )
 
     # A running domain: the record is updated live and in the persistent config.
-    updated = _record(record.name, dom_uuid, secret_uuid, user_name="bob")
-    domain.update_domain_record(dom, updated)
-    assert domain.record_from_domain(dom) == updated
+    updated = _record(server.name, dom_uuid, secret_uuid, user_name="bob")
+    record.update_domain_record(dom, updated)
+    assert record.record_from_domain(dom) == updated
     inactive_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    assert domain.get_server_record(inactive_xml) == updated
+    assert record.get_server_record(inactive_xml) == updated
 
     # Wait until /init listens for the power button, then press it.
     text = _wait_for_console(dom, console_log, "vtpm-guest: staying up")

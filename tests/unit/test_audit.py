@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.unit.cli.fakes import OWNER, FakeBackend
-from vtpm_driver import audit, servers
+from vtpm_driver import audit, objects, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 
@@ -17,9 +17,12 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-def _server(name="vm1", mode="user", secret=None, version="2.0", uid=None) -> audit.AuditServer:
-    return audit.AuditServer(name=name, uuid=uid or _uuid(), version=version, model="tpm-tis",
-                             secret_security=mode, secret_uuid=secret)
+def _server(name="vm1", mode="user", secret=None, version="2.0", uid=None) -> objects.Instance:
+    """A server as the audit gets it: the model (objects.Instance) read from its record."""
+    specs = {"hw:tpm_version": version, "hw:tpm_secret_security": mode} if version else {}
+    return objects.Instance(name=name, uuid=uid or _uuid(), user_id="u", project_id="p",
+                            flavor=objects.Flavor(extra_specs=specs),
+                            system_metadata={"vtpm_secret_uuid": secret} if secret else {})
 
 
 # -- pure rules -----------------------------------------------------------------------
@@ -33,7 +36,10 @@ def test_clean_host_has_no_orphans():
         [server.uuid], [audit.BarbicanSecret(secret, "n", server.uuid)])
     assert report.orphans == ()
     assert report.clean and report.barbican_checked
-    assert report.servers == (audit.ServerFinding(server, ()),)
+    (finding,) = report.servers
+    assert finding.instance is server and finding.problems == ()
+    assert (finding.name, finding.uuid, finding.version, finding.model, finding.secret_security,
+            finding.secret_uuid) == ("vm1", server.uuid, "2.0", "tpm-tis", "host", secret)
 
 
 def test_libvirt_secret_without_domain_is_an_orphan():
@@ -59,7 +65,7 @@ def test_libvirt_secret_other_than_the_recorded_one_is_an_orphan():
     assert [(o.kind, o.id) for o in report.orphans] == [(audit.LIBVIRT_SECRET, stale)]
     assert "records vTPM secret" in report.orphans[0].reason
     assert report.servers[0].problems == (
-        f"host-mode libvirt secret {server.secret_uuid} is not defined",)
+        f"host-mode libvirt secret {server.vtpm_secret_uuid} is not defined",)
 
 
 def test_state_dir_without_domain_is_an_orphan():
@@ -75,7 +81,7 @@ def test_barbican_secret_rules():
     report = audit.audit(
         [server], [server.uuid], [], [],
         [
-            audit.BarbicanSecret(server.secret_uuid.upper(), "ok", server.uuid),
+            audit.BarbicanSecret(server.vtpm_secret_uuid.upper(), "ok", server.uuid),
             audit.BarbicanSecret(other_secret, "b", server.uuid),
             audit.BarbicanSecret(stray, "a", unknown_instance),
             audit.BarbicanSecret(bad, "vTPM secret for instance x", None),
@@ -83,7 +89,7 @@ def test_barbican_secret_rules():
     assert all(o.kind == audit.BARBICAN_SECRET for o in report.orphans)
     assert {o.id: o.reason for o in report.orphans} == {
         stray: f"no server {unknown_instance} on this host",
-        other_secret: f"server 'vm1' records vTPM secret {server.secret_uuid}, not this one",
+        other_secret: f"server 'vm1' records vTPM secret {server.vtpm_secret_uuid}, not this one",
         bad: "its name 'vTPM secret for instance x' does not end with an instance UUID",
     }
 
@@ -98,7 +104,7 @@ def test_barbican_not_listed_finds_no_barbican_orphans():
 def test_ephemeral_mode_secret_still_defined_is_a_server_problem(mode):
     server = _server(mode=mode, secret=_uuid())
     report = audit.audit([server], [server.uuid],
-                         [audit.LibvirtSecret(server.secret_uuid, server.uuid)], [], None)
+                         [audit.LibvirtSecret(server.vtpm_secret_uuid, server.uuid)], [], None)
     assert report.orphans == ()
     assert len(report.servers[0].problems) == 1
     assert "must be undefined once the guest has started" in report.servers[0].problems[0]
@@ -115,21 +121,33 @@ def test_only_vtpm_servers_are_listed():
     plain = _server(name="plain", version=None)
     vtpm = _server(name="vtpm", secret=_uuid())
     report = audit.audit([vtpm, plain], [plain.uuid, vtpm.uuid], [], [], None)
-    assert [f.server.name for f in report.servers] == ["vtpm"]
+    assert [f.name for f in report.servers] == ["vtpm"]
+
+
+def _finding(server) -> audit.ServerFinding | None:
+    found = audit.audit([server], [server.uuid], [], [], None).servers
+    return found[0] if found else None
 
 
 def test_server_from_request_never_raises():
-    good = audit.server_from_request("a", "u", {"hw:tpm_version": "2.0"},
-                                     {"hw_tpm_model": "tpm-crb"}, {"vtpm_secret_uuid": "s"})
+    good = _finding(audit.server_from_request("a", _uuid(), {"hw:tpm_version": "2.0"},
+                                              {"hw_tpm_model": "tpm-crb"},
+                                              {"vtpm_secret_uuid": "s"}))
     assert (good.version, good.model, good.secret_security, good.secret_uuid) == (
         "2.0", "tpm-crb", "user", "s")
-    bad = audit.server_from_request("b", "u", {"hw:tpm_version": "9"}, {}, {})
-    assert bad.version is None and bad.has_vtpm
+    bad = _finding(audit.server_from_request("b", _uuid(), {"hw:tpm_version": "9"}, {}, {}))
+    assert bad.version is None
     assert bad.config_error.startswith("invalid vTPM request: ")
-    none = audit.server_from_request("c", "u", {}, {}, {})
-    assert not none.has_vtpm
-    odd = audit.server_from_request("d", "u", {"hw:tpm_version": 2.0}, {}, {"vtpm_secret_uuid": 1})
-    assert odd.secret_uuid is None
+    assert bad.problems[0] == bad.config_error
+    assert _finding(audit.server_from_request("c", _uuid(), {}, {}, {})) is None
+    odd = _finding(audit.server_from_request("d", _uuid(), {"hw:tpm_version": 2.0}, {},
+                                             {"vtpm_secret_uuid": 1}))
+    assert odd.secret_uuid is None and odd.config_error
+
+
+def test_findings_keep_the_cli_spelling():
+    finding = _finding(_server(secret=_uuid()))
+    assert finding.server is finding and finding.server.name == "vm1"
 
 
 # -- the command ----------------------------------------------------------------------

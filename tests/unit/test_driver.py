@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
-import pathlib
 import types
 
 import pytest
 from oslo_config import cfg
 
+from tests.fakes.libvirt import FakeLibvirt
+from tests.fakes.probe import FakeProbe
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
 from vtpm_driver import exception, host, spec
 
-DOMCAPS = (pathlib.Path(__file__).parent / "data" / "domcaps-qemu-host.xml").read_text()
 
-
-class FakeProbe:
-    def __init__(self, xml: str = DOMCAPS, binaries=("swtpm", "swtpm_setup", "swtpm_ioctl"),
-                 accounts=("tss",), unreachable: bool = False) -> None:
-        self.xml = xml
-        self.binaries = set(binaries)
-        self.accounts = set(accounts)
-        self.unreachable = unreachable
-
-    def domain_capabilities(self, virt_type: str) -> str:
-        return self.xml
-
-    def which(self, name: str) -> str | None:
-        return f"/usr/bin/{name}" if name in self.binaries else None
-
-    def user_exists(self, name: str) -> bool:
-        return name in self.accounts
-
-    def group_exists(self, name: str) -> bool:
-        return name in self.accounts
-
-    def versions(self) -> dict[str, str]:
-        if self.unreachable:
-            raise exception.HypervisorUnavailable("cannot connect to libvirt at test:///x: no")
-        return {"libvirt": "9.0.0"}
-
-
-class FakeDomain:
-    def __init__(self, uuid: str, devices: str) -> None:
-        self.uuid = uuid
-        self.devices = devices
-
-    def XMLDesc(self, flags: int = 0) -> str:
-        return f"<domain><uuid>{self.uuid}</uuid><devices>{self.devices}</devices></domain>"
-
-    def UUIDString(self) -> str:
-        return self.uuid
-
-
-def fake_hypervisor(*domains: FakeDomain) -> types.SimpleNamespace:
-    """A hypervisor whose connection lists ``domains`` (never the real host's)."""
-    conn = types.SimpleNamespace(listAllDomains=lambda flags=0: list(domains))
+def fake_hypervisor(*domains: tuple[str, str]) -> types.SimpleNamespace:
+    """A hypervisor whose fake libvirt holds ``(uuid, devices)`` domains (never the host's)."""
+    conn = FakeLibvirt()
+    for uuid, devices in domains:
+        conn.defineXML(f"<domain><name>d-{uuid[-2:]}</name><uuid>{uuid}</uuid>"
+                       f"<devices>{devices}</devices></domain>")
     return types.SimpleNamespace(conn=conn)
 
 
@@ -118,8 +82,8 @@ def test_init_host_refuses_without_tpm_support_in_libvirt(make_conf):
 def test_disabled_swtpm_starts_and_reports_no_traits(make_conf):
     # C1: nothing about swtpm matters when it is disabled.
     drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=False),
-                                 FakeProbe(xml="<domainCapabilities/>", binaries=(),
-                                           accounts=()),
+                                 FakeProbe(xml="<domainCapabilities/>", binaries=set(),
+                                           users=set(), groups=set()),
                                  hypervisor=fake_hypervisor())
     drv.init_host()
     assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
@@ -144,9 +108,9 @@ def test_c4_only_emulator_tpm_domains_count(make_conf):
     a, b = "2e1b6e8a-0000-4000-8000-00000000000a", "2e1b6e8a-0000-4000-8000-00000000000b"
     drv = vtpm_driver.VTPMDriver(
         make_conf(swtpm_enabled=False), FakeProbe(),
-        hypervisor=fake_hypervisor(FakeDomain(b, VTPM_DEVICES), FakeDomain(a, ""),
-                                   FakeDomain("2e1b6e8a-0000-4000-8000-00000000000c",
-                                              PASSTHROUGH_DEVICES)))
+        hypervisor=fake_hypervisor((b, VTPM_DEVICES), (a, ""),
+                                   ("2e1b6e8a-0000-4000-8000-00000000000c",
+                                    PASSTHROUGH_DEVICES)))
     assert drv._vtpm_servers_on_host() == [b]
     with pytest.raises(exception.InvalidConfiguration, match=b):
         drv.init_host()
@@ -154,7 +118,8 @@ def test_c4_only_emulator_tpm_domains_count(make_conf):
 
 def test_unreachable_libvirt_propagates(make_conf):
     drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="qemu"),
-                                 FakeProbe(unreachable=True))
+                                 FakeProbe(version_info=exception.HypervisorUnavailable(
+                                     "cannot connect to libvirt at test:///x: no")))
     with pytest.raises(exception.HypervisorUnavailable, match="test:///x"):
         drv.init_host()
     with pytest.raises(exception.HypervisorUnavailable):

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import pathlib
-import stat
-
-import libvirt
 import pytest
 
+from tests.fakes.probe import FakeProbe, domcaps
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, host
-
-DATA = pathlib.Path(__file__).parent / "data"
 
 T12 = "COMPUTE_SECURITY_TPM_1_2"
 T20 = "COMPUTE_SECURITY_TPM_2_0"
@@ -25,46 +19,10 @@ ALL = (T12, T20, TIS, CRB, SUSER, SHOST, SDEPL)
 
 
 def fixture(name: str) -> str:
-    return (DATA / name).read_text()
+    return domcaps(name)
 
 
 REAL = "domcaps-qemu-host.xml"
-
-
-@dataclasses.dataclass
-class FakeProbe:
-    """HostProbe with every fact settable; records what was asked."""
-
-    xml: str | Exception = dataclasses.field(default_factory=lambda: fixture(REAL))
-    binaries: set[str] = dataclasses.field(
-        default_factory=lambda: {"swtpm", "swtpm_setup", "swtpm_ioctl"}
-    )
-    users: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
-    groups: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
-    version_info: dict[str, str] | Exception = dataclasses.field(
-        default_factory=lambda: {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
-    )
-    asked_virt_types: list[str] = dataclasses.field(default_factory=list)
-
-    def domain_capabilities(self, virt_type: str) -> str:
-        self.asked_virt_types.append(virt_type)
-        if isinstance(self.xml, Exception):
-            raise self.xml
-        return self.xml
-
-    def which(self, name: str) -> str | None:
-        return f"/usr/bin/{name}" if name in self.binaries else None
-
-    def user_exists(self, name: str) -> bool:
-        return name in self.users
-
-    def group_exists(self, name: str) -> bool:
-        return name in self.groups
-
-    def versions(self) -> dict[str, str]:
-        if isinstance(self.version_info, Exception):
-            raise self.version_info
-        return dict(self.version_info)
 
 
 _MADE: list = []
@@ -411,136 +369,3 @@ def test_tpm_traits_ignores_unknown_models_and_versions():
 
 
 # -- LibvirtHostProbe, with a fake libvirt connection ------------------------
-
-def libvirt_error(message: str, code: int, domain: int) -> libvirt.libvirtError:
-    err = libvirt.libvirtError(message)
-    err.err = (code, domain, message, libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
-    return err
-
-
-class FakeConnection:
-    def __init__(self, caps: str = "", error: libvirt.libvirtError | None = None) -> None:
-        self.caps = caps
-        self.error = error
-        self.calls: list[tuple] = []
-        self.closed = False
-
-    def getDomainCapabilities(self, *args):
-        self.calls.append(args)
-        if self.error:
-            raise self.error
-        return self.caps
-
-    def getLibVersion(self):
-        return 9_000_000
-
-    def getType(self):
-        return "QEMU"
-
-    def getVersion(self):
-        return 7_002_022
-
-    def close(self):
-        self.closed = True
-        return 0
-
-
-def test_probe_reads_domain_capabilities_with_the_virt_type():
-    conn = FakeConnection(caps="<domainCapabilities/>")
-    opened = []
-    probe = host.LibvirtHostProbe("qemu:///system",
-                                  lambda uri: opened.append(uri) or conn)
-    assert probe.domain_capabilities("kvm") == "<domainCapabilities/>"
-    assert probe.domain_capabilities("qemu") == "<domainCapabilities/>"
-    assert conn.calls == [(None, None, None, "kvm"), (None, None, None, "qemu")]
-    assert opened == ["qemu:///system"]  # one connection, reused
-    probe.close()
-    assert conn.closed
-
-
-def test_probe_unreachable_libvirt_is_one_line_naming_the_uri():
-    def refuse(uri):
-        raise libvirt_error("Failed to connect socket to '/nonexistent':\nNo such file",
-                            libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC)
-
-    probe = host.LibvirtHostProbe("qemu+unix:///system?socket=/nonexistent", refuse)
-    with pytest.raises(exception.HypervisorUnavailable) as err:
-        probe.versions()
-    assert str(err.value) == (
-        "cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent: "
-        "Failed to connect socket to '/nonexistent': No such file"
-    )
-    assert err.value.__cause__ is None and err.value.__suppress_context__
-
-
-def test_probe_lost_connection_is_hypervisor_unavailable():
-    conn = FakeConnection(error=libvirt_error("End of file while reading data",
-                                              libvirt.VIR_ERR_SYSTEM_ERROR,
-                                              libvirt.VIR_FROM_RPC))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
-    with pytest.raises(exception.HypervisorUnavailable, match="qemu:///system"):
-        probe.domain_capabilities("qemu")
-    assert conn.closed  # a later call reconnects
-
-
-def test_probe_system_error_outside_the_transport_is_virt_error():
-    # e.g. QEMU's driver failing to probe a binary: libvirtd itself answered.
-    conn = FakeConnection(error=libvirt_error("cannot execute binary /usr/bin/qemu-kvm",
-                                              libvirt.VIR_ERR_SYSTEM_ERROR,
-                                              libvirt.VIR_FROM_QEMU))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
-    with pytest.raises(exception.VirtError) as err:
-        probe.domain_capabilities("kvm")
-    assert not isinstance(err.value, exception.HypervisorUnavailable)
-    assert not conn.closed
-
-
-def test_probe_refused_query_is_virt_error():
-    conn = FakeConnection(error=libvirt_error("unsupported configuration: KVM is not supported",
-                                              libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
-                                              libvirt.VIR_FROM_QEMU))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
-    with pytest.raises(exception.VirtError) as err:
-        probe.domain_capabilities("kvm")
-    assert not isinstance(err.value, exception.HypervisorUnavailable)
-    assert str(err.value) == ("libvirt at qemu:///system refused to report domain capabilities: "
-                              "unsupported configuration: KVM is not supported")
-
-
-def test_probe_versions(monkeypatch, tmp_path):
-    swtpm = tmp_path / "swtpm"
-    swtpm.write_text("#!/bin/sh\necho 'TPM emulator version 0.7.1, Copyright (c) 2014-2021 IBM'\n")
-    swtpm.chmod(swtpm.stat().st_mode | stat.S_IXUSR)
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: FakeConnection())
-    monkeypatch.setattr(probe, "which", lambda name: str(swtpm) if name == "swtpm" else None)
-    assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22", "swtpm": "0.7.1"}
-
-
-def test_probe_versions_without_swtpm(monkeypatch):
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: FakeConnection())
-    monkeypatch.setattr(probe, "which", lambda name: None)
-    assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22"}
-
-
-def test_probe_accounts_and_binaries():
-    probe = host.LibvirtHostProbe("qemu:///system")
-    assert probe.user_exists("root") is True
-    assert probe.group_exists("root") is True
-    assert probe.user_exists("vtpm-no-such-user") is False
-    assert probe.group_exists("vtpm-no-such-group") is False
-    assert probe.user_exists("bad\0name") is False
-    assert probe.which("sh")
-    assert probe.which("vtpm-no-such-binary") is None
-
-
-def test_probe_from_conf_uses_the_configured_uri():
-    conf = make_conf(connection_uri="qemu:///session")
-    assert host.LibvirtHostProbe.from_conf(conf).uri == "qemu:///session"
-    conf.reset()  # new_conf() is not isolated yet (test_new_conf_is_isolated)
-    assert host.LibvirtHostProbe.from_conf(make_conf(virt_type="kvm")).uri == "qemu:///system"
-
-
-def test_real_probe_satisfies_the_protocol():
-    for name in ("domain_capabilities", "which", "user_exists", "group_exists", "versions"):
-        assert callable(getattr(host.LibvirtHostProbe, name))
-        assert callable(getattr(FakeProbe, name))

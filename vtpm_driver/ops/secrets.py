@@ -154,12 +154,15 @@ def secret_for_start(secrets: SecretStore, instance: Any,
     after_start(secrets, instance, start)
 
 
-def remove_libvirt_secrets(secrets: SecretStore, instance: Any) -> None:
+def remove_libvirt_secrets(secrets: SecretStore, instance: Any, *,
+                           recorded: str | None = None) -> None:
     """Undefine every libvirt vTPM secret of the server (recorded UUID and by usage).
 
+    ``recorded``: the secret UUID the server had before a Barbican delete
+    dropped it from ``system_metadata`` (default: the one recorded now).
     Idempotent; used by delete and by cleanups of a moved server.
     """
-    recorded = policy.recorded_secret(instance)
+    recorded = recorded or policy.recorded_secret(instance)
     if recorded:
         secrets.undefine(recorded)
     leftover = secrets.find(instance.uuid)

@@ -52,6 +52,11 @@ def _ignore_error(_ctx: object, _error: object) -> None:
     """libvirt error callback that prints nothing (errors still raise)."""
 
 
+def version_string(number: int) -> str:
+    """libvirt's packed version (major * 1e6 + minor * 1e3 + micro) as text."""
+    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
+
+
 def silence_libvirt_errors() -> None:
     """Stop libvirt from printing its errors on stderr (idempotent)."""
     libvirt.registerErrorHandler(_ignore_error, None)
@@ -79,15 +84,22 @@ def libvirt_error_code(exc: BaseException | None) -> int | None:
     return None
 
 
+def message(exc: libvirt.libvirtError) -> str:
+    """libvirt's message on one line (it may span several)."""
+    return " ".join((exc.get_error_message() or str(exc) or "no message").split())
+
+
 def describe(exc: libvirt.libvirtError) -> str:
     """libvirt's message plus the symbolic code, on one line."""
-    message = (exc.get_error_message() or str(exc) or "no message").strip()
-    message = " ".join(message.split())
-    return f"{message} ({error_name(exc.get_error_code())})"
+    return f"{message(exc)} ({error_name(exc.get_error_code())})"
 
 
 def is_connection_error(exc: libvirt.libvirtError) -> bool:
-    """True when the error says libvirtd itself is unreachable, not the operation."""
+    """True when the error says libvirtd itself is unreachable, not the operation.
+
+    The one rule for every caller (Nova's ``_test_connection`` rule): no or an
+    invalid connection, or a transport failure reported by the remote/RPC layer.
+    """
     code = exc.get_error_code()
     if code in _CONNECTION_CODES:
         return True

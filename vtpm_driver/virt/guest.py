@@ -10,15 +10,15 @@ them; none of them touches secrets or Barbican.
 from __future__ import annotations
 
 import time
-import uuid as uuid_mod
 from collections.abc import Collection
 
 import libvirt
 from oslo_log import log as logging
 
 from vtpm_driver import exception
-from vtpm_driver.virt import connection, domain
-from vtpm_driver.virt._validate import show
+from vtpm_driver.objects import canonical_uuid
+from vtpm_driver.spec import show
+from vtpm_driver.virt import connection
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +32,30 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by guest power management",
 }
+
+# Nova's power_state.STATE_MAP names (what ComputeDriver.get_info reports).
+POWER_PENDING = "pending"
+POWER_RUNNING = "running"
+POWER_PAUSED = "paused"
+POWER_SHUTDOWN = "shutdown"
+POWER_CRASHED = "crashed"
+POWER_SUSPENDED = "suspended"
+
+# Nova's libvirt driver maps "shutting down" to RUNNING: the guest still runs.
+_POWER_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: POWER_PENDING,
+    libvirt.VIR_DOMAIN_RUNNING: POWER_RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: POWER_RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: POWER_PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: POWER_RUNNING,
+    libvirt.VIR_DOMAIN_SHUTOFF: POWER_SHUTDOWN,
+    libvirt.VIR_DOMAIN_CRASHED: POWER_CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: POWER_SUSPENDED,
+}
+#: States in which the guest is running (what a start waits for).
+RUNNING_STATES = frozenset({libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED})
+#: States a managed save (suspend) accepts.
+SUSPENDABLE_STATES = RUNNING_STATES | {libvirt.VIR_DOMAIN_PAUSED}
 
 _POLL_INTERVAL = 0.1
 
@@ -111,6 +135,68 @@ def wait_for_state(dom: libvirt.virDomain, states: Collection[int], timeout: flo
                 f"(it is {state_name(current)})"
             )
         time.sleep(_POLL_INTERVAL)
+
+
+def wait_until_running(dom: libvirt.virDomain, timeout: float) -> None:
+    """Wait until a started domain runs (a start can "work" and the guest die at once).
+
+    :raises VirtError: it did not run within ``timeout`` seconds.
+    """
+    wait_for_state(dom, RUNNING_STATES, timeout)
+
+
+def is_running(dom: libvirt.virDomain) -> bool:
+    """Whether the guest runs (not paused, not shutting off)."""
+    return get_state(dom) in RUNNING_STATES
+
+
+def power_state(dom: libvirt.virDomain) -> str:
+    """Nova's power state name of the domain; a managed-saved one is ``suspended``."""
+    current = get_state(dom)
+    if current == libvirt.VIR_DOMAIN_SHUTOFF and has_managed_save(dom):
+        return POWER_SUSPENDED
+    return _POWER_STATES.get(current, POWER_PENDING)
+
+
+def has_managed_save(dom: libvirt.virDomain) -> bool:
+    """Whether the domain was suspended to disk (libvirt managed save)."""
+    try:
+        return bool(dom.hasManagedSaveImage(0))
+    except libvirt.libvirtError as exc:
+        raise connection.to_vtpm_error(exc, f"check saved state of {_label(dom)}") from exc
+
+
+def discard_managed_save(dom: libvirt.virDomain) -> None:
+    """Drop a managed-save image, if any (idempotent): the next start boots afresh."""
+    try:
+        if dom.hasManagedSaveImage(0):
+            dom.managedSaveRemove(0)
+    except libvirt.libvirtError as exc:
+        raise connection.to_vtpm_error(exc, f"discard saved state of {_label(dom)}") from exc
+
+
+def managed_save(dom: libvirt.virDomain) -> None:
+    """Suspend to disk: memory (and swtpm's state) saved, the guest stopped.
+
+    Only a domain in :data:`SUSPENDABLE_STATES` can be saved.
+
+    :raises VirtError: libvirt refused.
+    """
+    try:
+        dom.managedSave(0)
+    except libvirt.libvirtError as exc:
+        raise connection.to_vtpm_error(exc, f"suspend {_label(dom)}") from exc
+
+
+def reboot(dom: libvirt.virDomain) -> None:
+    """Ask the guest to reboot (ACPI); swtpm keeps running, no secret is needed.
+
+    :raises VirtError: libvirt or the guest refused (the caller may reboot hard).
+    """
+    try:
+        dom.reboot(0)
+    except libvirt.libvirtError as exc:
+        raise connection.to_vtpm_error(exc, f"reboot {_label(dom)}") from exc
 
 
 def is_active(dom: libvirt.virDomain) -> bool:
@@ -213,10 +299,7 @@ def lookup(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
     """
     if not isinstance(name_or_uuid, str) or not name_or_uuid:
         raise exception.InstanceNotFound(f"no server named {show(name_or_uuid)}")
-    try:
-        canonical = str(uuid_mod.UUID(name_or_uuid))
-    except ValueError:
-        canonical = None
+    canonical = canonical_uuid(name_or_uuid)
     try:
         if canonical is not None:
             try:
@@ -231,30 +314,3 @@ def lookup(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
                 f"no server with name or UUID {show(name_or_uuid)} on this host"
             ) from exc
         raise connection.to_vtpm_error(exc, f"look up domain {show(name_or_uuid)}") from exc
-
-
-def list_domains_with_record(
-    conn: libvirt.virConnect,
-) -> list[tuple[libvirt.virDomain, domain.ServerRecord]]:
-    """Every domain carrying our server record, sorted by name.
-
-    Domains without a record (not ours) are left out; one that disappears
-    while listing is skipped, and one whose record is unreadable is skipped
-    with a warning (one broken domain must not hide the others).
-    """
-    try:
-        domains = conn.listAllDomains(0)
-    except libvirt.libvirtError as exc:
-        raise connection.to_vtpm_error(exc, "list domains") from exc
-    found = []
-    for dom in domains:
-        try:
-            record = domain.record_from_domain(dom)
-        except exception.InstanceNotFound:
-            continue
-        except exception.VirtError as exc:
-            LOG.warning("Skipping %s: %s", _label(dom), exc)
-            continue
-        if record is not None:
-            found.append((dom, record))
-    return sorted(found, key=lambda pair: (pair[1].name, pair[1].uuid))

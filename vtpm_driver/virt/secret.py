@@ -7,7 +7,8 @@ libvirt keeps unique: one vTPM secret per server.
 
 * ``user``/``deployment`` mode: ``ephemeral='yes' private='yes'``: never written
   to disk, never readable back through the API, and undefined as soon as the
-  guest has started (or failed to) - see :func:`vtpm_secret_for_start`.
+  guest has started (or failed to) - :func:`vtpm_driver.ops.secrets.secret_for_start`
+  orders that, over :class:`LibvirtSecretStore`.
 * ``host`` mode: ``ephemeral='no' private='no'``: persists so the guest can be
   restarted without the owner's credentials.
 
@@ -17,8 +18,6 @@ XML, a log line or an exception message.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import libvirt
@@ -26,8 +25,8 @@ from lxml import etree
 from oslo_log import log as logging
 
 from vtpm_driver import exception
+from vtpm_driver.objects import require_uuid
 from vtpm_driver.virt import connection
-from vtpm_driver.virt._validate import canonical_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -45,11 +44,11 @@ class VTPMSecretInfo(NamedTuple):
 
 
 def _secret_uuid(value: object) -> str:
-    return canonical_uuid(value, "vtpm_secret_uuid", exception.InvalidVTPMConfig)
+    return require_uuid(value, "vtpm_secret_uuid", exception.InvalidVTPMConfig)
 
 
 def _instance_uuid(value: object) -> str:
-    return canonical_uuid(value, "instance uuid", exception.InvalidVTPMConfig)
+    return require_uuid(value, "instance uuid", exception.InvalidVTPMConfig)
 
 
 def _yes_no(flag: bool) -> str:
@@ -219,44 +218,6 @@ def list_vtpm_secrets(conn: libvirt.virConnect) -> list[VTPMSecretInfo]:
         if info is not None:
             found.append(info)
     return sorted(found)
-
-
-@contextlib.contextmanager
-def vtpm_secret_for_start(
-    conn: libvirt.virConnect,
-    secret_uuid: str,
-    instance_uuid: str,
-    passphrase: str | bytes,
-    *,
-    persistent: bool,
-) -> Iterator[libvirt.virSecret]:
-    """Define the secret for the duration of a guest start (SPEC E3).
-
-    Wrap the domain start in this. When not ``persistent`` the secret is
-    undefined on exit whether the start worked or not: swtpm has read the key
-    by then, and a failed start must not leave an orphan. A persistent
-    (``host`` mode) secret stays, as it must for later restarts.
-
-    :raises VirtError: the secret could not be undefined after a successful
-        body (an orphan would remain: the caller must know).
-    """
-    secret = define_vtpm_secret(
-        conn, secret_uuid, instance_uuid, passphrase, persistent=persistent
-    )
-    try:
-        yield secret
-    except BaseException:
-        if not persistent:
-            try:
-                undefine_vtpm_secret(conn, secret_uuid)
-            except exception.VTPMError as cleanup_error:
-                LOG.error(
-                    "Could not undefine libvirt vTPM secret %s after a failed start: %s",
-                    secret_uuid, cleanup_error,
-                )
-        raise
-    if not persistent:
-        undefine_vtpm_secret(conn, secret_uuid)
 
 
 class LibvirtSecretStore:

@@ -18,7 +18,7 @@ A vTPM started with ``<encryption secret=...>`` under libvirt 9 / swtpm 0.7
 writes flags ``0x0009`` (encrypted with an AES-256 key).
 
 Every path here is built from a UUID that went through
-:func:`~vtpm_driver.virt._validate.canonical_uuid`, so a hostile value can
+:func:`~vtpm_driver.objects.require_uuid`, so a hostile value can
 never make :func:`remove_state` delete anything outside ``base``.
 """
 
@@ -36,7 +36,8 @@ from typing import NamedTuple
 from oslo_log import log as logging
 
 from vtpm_driver import exception, spec
-from vtpm_driver.virt._validate import canonical_uuid, show
+from vtpm_driver.objects import canonical_uuid, require_uuid
+from vtpm_driver.spec import show
 
 LOG = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class BlobHeader(NamedTuple):
 
 def state_dir(base: str | os.PathLike[str], domain_uuid: str) -> Path:
     """``<base>/<domain-uuid>``: where libvirt keeps this guest's TPM state."""
-    return Path(base) / canonical_uuid(domain_uuid, "domain uuid")
+    return Path(base) / require_uuid(domain_uuid, "domain uuid")
 
 
 def state_file(base: str | os.PathLike[str], domain_uuid: str, version: str) -> Path:
@@ -161,11 +162,8 @@ def list_state_dirs(base: str | os.PathLike[str]) -> list[str]:
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue
-        try:
-            canonical = canonical_uuid(entry.name, "state directory")
-        except exception.VirtError:
-            continue  # not one of libvirt's per-domain directories
-        if canonical == entry.name:
+        # Only libvirt's per-domain directories, named by the canonical UUID.
+        if canonical_uuid(entry.name) == entry.name:
             found.append(entry.name)
     return sorted(found)
 

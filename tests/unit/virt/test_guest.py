@@ -5,103 +5,15 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from tests.unit.virt_fakes import libvirt_error
+from tests.fakes.libvirt import ScriptedConn, ScriptedDomain, libvirt_error
 from vtpm_driver import exception
-from vtpm_driver.virt import connection, domain, guest
+from vtpm_driver.virt import connection, guest
 
 UUID = "0b7e6f0e-3a8a-4f51-8c1f-1d2a3b4c5d6e"
 
 
-class FakeDomain:
-    def __init__(self, name: str = "vm1", state: int = libvirt.VIR_DOMAIN_SHUTOFF) -> None:
-        self._name = name
-        self._state = state
-        self.calls: list[tuple[str, object]] = []
-        self.fail: dict[str, libvirt.libvirtError] = {}
-        self.metadata_xml: str | None = None
-        self.shutdown_works = True
-        self.presses_needed = 1
-
-    def _maybe_fail(self, method: str) -> None:
-        if method in self.fail:
-            raise self.fail[method]
-
-    def name(self) -> str:
-        return self._name
-
-    def state(self) -> list[int]:
-        self._maybe_fail("state")
-        return [self._state, 0]
-
-    def isActive(self) -> int:
-        self._maybe_fail("isActive")
-        return int(self._state != libvirt.VIR_DOMAIN_SHUTOFF)
-
-    def createWithFlags(self, flags: int) -> int:
-        self.calls.append(("create", flags))
-        self._maybe_fail("create")
-        self._state = libvirt.VIR_DOMAIN_RUNNING
-        return 0
-
-    def shutdown(self) -> int:
-        self.calls.append(("shutdown", None))
-        self._maybe_fail("shutdown")
-        self.presses_needed -= 1
-        if self.shutdown_works and self.presses_needed <= 0:
-            self._state = libvirt.VIR_DOMAIN_SHUTOFF
-        return 0
-
-    def destroy(self) -> int:
-        self.calls.append(("destroy", None))
-        self._maybe_fail("destroy")
-        self._state = libvirt.VIR_DOMAIN_SHUTOFF
-        return 0
-
-    def undefineFlags(self, flags: int) -> int:
-        self.calls.append(("undefine", flags))
-        self._maybe_fail("undefine")
-        return 0
-
-    def metadata(self, kind: int, uri: str, flags: int) -> str:
-        if self.metadata_xml is None:
-            raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_FROM_DOMAIN)
-        assert (kind, uri) == (libvirt.VIR_DOMAIN_METADATA_ELEMENT, domain.NS)
-        return self.metadata_xml
-
-
-class FakeConn:
-    def __init__(self, domains: list[FakeDomain]) -> None:
-        self.domains = domains
-        self.by_uuid: dict[str, FakeDomain] = {}
-        self.defined: list[str] = []
-        self.define_error: libvirt.libvirtError | None = None
-
-    def lookupByName(self, name: str) -> FakeDomain:
-        for dom in self.domains:
-            if dom.name() == name:
-                return dom
-        raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "no domain")
-
-    def lookupByUUIDString(self, uuid: str) -> FakeDomain:
-        try:
-            return self.by_uuid[uuid]
-        except KeyError:
-            raise libvirt_error(
-                libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "no domain"
-            ) from None
-
-    def listAllDomains(self, flags: int = 0) -> list[FakeDomain]:
-        return list(self.domains)
-
-    def defineXML(self, xml: str) -> FakeDomain:
-        if self.define_error is not None:
-            raise self.define_error
-        self.defined.append(xml)
-        return FakeDomain()
-
-
 def test_start_maps_failure_with_message_and_code() -> None:
-    dom = FakeDomain()
+    dom = ScriptedDomain()
     dom.fail["create"] = libvirt_error(
         libvirt.VIR_ERR_NO_SECRET, libvirt.VIR_FROM_SECRET, "no secret with matching uuid"
     )
@@ -115,7 +27,7 @@ def test_start_maps_failure_with_message_and_code() -> None:
 
 
 def test_start_when_libvirtd_is_gone() -> None:
-    dom = FakeDomain()
+    dom = ScriptedDomain()
     dom.fail["create"] = libvirt_error(
         libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, "Cannot write data: Broken pipe"
     )
@@ -136,7 +48,7 @@ def test_undefine_flags() -> None:
 
 
 def test_undefine_passes_flags_and_is_idempotent() -> None:
-    dom = FakeDomain()
+    dom = ScriptedDomain()
     assert guest.undefine(dom, keep_tpm=True) is True
     assert dom.calls == [("undefine", guest.undefine_flags(True))]
     dom.fail["undefine"] = libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU)
@@ -147,14 +59,14 @@ def test_undefine_passes_flags_and_is_idempotent() -> None:
 
 
 def test_lookup_by_uuid_then_name() -> None:
-    named = FakeDomain("vm1")
-    by_uuid = FakeDomain("other")
-    conn = FakeConn([named, by_uuid])
+    named = ScriptedDomain("vm1")
+    by_uuid = ScriptedDomain("other")
+    conn = ScriptedConn([named, by_uuid])
     conn.by_uuid[UUID] = by_uuid
     assert guest.lookup(conn, "vm1") is named
     assert guest.lookup(conn, UUID.upper()) is by_uuid
     # A UUID-shaped *name* still resolves when no domain has that UUID.
-    uuid_named = FakeDomain("11111111-2222-4333-8444-555555555555")
+    uuid_named = ScriptedDomain("11111111-2222-4333-8444-555555555555")
     conn.domains.append(uuid_named)
     assert guest.lookup(conn, "11111111-2222-4333-8444-555555555555") is uuid_named
 
@@ -162,11 +74,11 @@ def test_lookup_by_uuid_then_name() -> None:
 @pytest.mark.parametrize("missing", ["nope", UUID, "", None])
 def test_lookup_missing_is_instance_not_found(missing: object) -> None:
     with pytest.raises(exception.InstanceNotFound):
-        guest.lookup(FakeConn([]), missing)  # type: ignore[arg-type]
+        guest.lookup(ScriptedConn([]), missing)  # type: ignore[arg-type]
 
 
 def test_define_maps_name_clash_to_instance_exists() -> None:
-    conn = FakeConn([])
+    conn = ScriptedConn([])
     conn.define_error = libvirt_error(
         libvirt.VIR_ERR_OPERATION_FAILED,
         libvirt.VIR_FROM_DOMAIN,
@@ -180,7 +92,7 @@ def test_define_maps_name_clash_to_instance_exists() -> None:
 
 
 def test_wait_for_state_returns_or_names_current_state() -> None:
-    dom = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     assert guest.wait_for_state(dom, {libvirt.VIR_DOMAIN_RUNNING}, 0) == libvirt.VIR_DOMAIN_RUNNING
     with pytest.raises(exception.VirtError, match=r"did not become shut off .*it is running"):
         guest.wait_for_state(dom, {libvirt.VIR_DOMAIN_SHUTOFF}, 0)
@@ -192,19 +104,19 @@ def test_wait_for_state_returns_or_names_current_state() -> None:
 
 
 def test_power_off_paths() -> None:
-    off = FakeDomain()
+    off = ScriptedDomain()
     guest.power_off(off, graceful=True, timeout=0)
     assert off.calls == []
 
-    hard = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    hard = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     guest.power_off(hard, graceful=False, timeout=0)
     assert hard.calls == [("destroy", None)]
 
-    polite = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    polite = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     guest.power_off(polite, graceful=True, timeout=5)
     assert polite.calls == [("shutdown", None)]
 
-    stubborn = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    stubborn = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     stubborn.shutdown_works = False
     guest.power_off(stubborn, graceful=True, timeout=0)
     assert stubborn.calls == [("shutdown", None), ("destroy", None)]
@@ -213,7 +125,7 @@ def test_power_off_paths() -> None:
 
 def test_power_off_presses_the_button_again() -> None:
     # A guest still booting misses the first ACPI press (Nova resends too).
-    late = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    late = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     late.presses_needed = 3
     guest.power_off(late, graceful=True, timeout=60, retry_interval=0)
     assert late.calls == [("shutdown", None)] * 3
@@ -221,7 +133,7 @@ def test_power_off_presses_the_button_again() -> None:
 
 
 def test_power_off_shutdown_error_is_mapped() -> None:
-    dom = FakeDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
     dom.fail["shutdown"] = libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_QEMU)
     with pytest.raises(exception.VirtError, match="shut down domain 'vm1'"):
         guest.power_off(dom, graceful=True, timeout=1)
@@ -231,27 +143,30 @@ def test_power_off_shutdown_error_is_mapped() -> None:
 
 
 def test_destroy_of_a_stopped_domain_is_a_no_op() -> None:
-    dom = FakeDomain(state=libvirt.VIR_DOMAIN_SHUTOFF)
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_SHUTOFF)
     dom.fail["destroy"] = libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU)
     assert guest.destroy(dom) is False
-
-
-def test_list_domains_with_record_skips_foreign_and_broken() -> None:
-    record = domain.ServerRecord(name="b-server", uuid=UUID, user_id="u", project_id="p")
-    ours = FakeDomain("ours")
-    ours.metadata_xml = domain.record_xml(record, qualified=False)
-    foreign = FakeDomain("foreign")
-    broken = FakeDomain("broken")
-    broken.metadata_xml = "<server><name>x</name></server>"
-    gone = FakeDomain("gone")
-    gone.metadata_xml = "<server/>"
-    gone.metadata = lambda *a: (_ for _ in ()).throw(  # type: ignore[method-assign]
-        libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU)
-    )
-    listed = guest.list_domains_with_record(FakeConn([foreign, broken, gone, ours]))
-    assert listed == [(ours, record)]
 
 
 def test_state_name() -> None:
     assert guest.state_name(libvirt.VIR_DOMAIN_RUNNING) == "running"
     assert guest.state_name(99) == "state 99"
+
+
+def test_power_state_names_follow_nova() -> None:
+    assert guest.power_state(ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)) == "running"
+    assert guest.power_state(ScriptedDomain(state=libvirt.VIR_DOMAIN_SHUTDOWN)) == "running"
+    assert guest.power_state(ScriptedDomain(state=libvirt.VIR_DOMAIN_PAUSED)) == "paused"
+    assert guest.power_state(ScriptedDomain(state=libvirt.VIR_DOMAIN_SHUTOFF)) == "shutdown"
+    assert guest.power_state(ScriptedDomain(state=99)) == "pending"
+    saved = ScriptedDomain(state=libvirt.VIR_DOMAIN_SHUTOFF)
+    saved.managed_save = True
+    assert guest.power_state(saved) == "suspended"
+
+
+def test_reboot_failure_is_a_virt_error_naming_the_domain() -> None:
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    dom.fail["reboot"] = libvirt_error(libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_QEMU,
+                                       "no ACPI")
+    with pytest.raises(exception.VirtError, match="reboot domain 'vm1' failed: no ACPI"):
+        guest.reboot(dom)

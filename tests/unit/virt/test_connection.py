@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from tests.unit.virt_fakes import libvirt_error
+from tests.fakes.libvirt import libvirt_error
 from vtpm_driver import exception
 from vtpm_driver.virt import connection
 

@@ -1,4 +1,4 @@
-"""The libvirt vTPM secret: XML (E1), define/undefine, and the start-time lifetime (E3)."""
+"""The libvirt vTPM secret: XML (E1), define/undefine/list, LibvirtSecretStore."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import libvirt
 import pytest
 from lxml import etree
 
-from tests.unit.virt_fakes import FakeConn
+from tests.fakes.libvirt import FakeConn
 from vtpm_driver import exception
 from vtpm_driver.virt import connection, secret
 
@@ -130,60 +130,24 @@ def test_list_only_vtpm_secrets_with_flags() -> None:
     }
 
 
-def test_start_context_undefines_after_success() -> None:
-    conn = FakeConn()
-    with secret.vtpm_secret_for_start(
-        conn, SECRET, INSTANCE, PASSPHRASE, persistent=False
-    ) as defined:
-        assert conn.secrets == {SECRET: defined}
-    assert conn.secrets == {}
-
-
-def test_start_context_undefines_after_failure_and_reraises() -> None:
-    conn = FakeConn()
-    with pytest.raises(exception.VirtError, match="start failed"):
-        with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False):
-            raise exception.VirtError("start failed")
-    assert conn.secrets == {}
-    with pytest.raises(KeyboardInterrupt):
-        with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False):
-            raise KeyboardInterrupt
-    assert conn.secrets == {}
-
-
-def test_start_context_keeps_host_mode_secret() -> None:
-    conn = FakeConn()
-    with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=True):
-        pass
-    assert set(conn.secrets) == {SECRET}
-    with pytest.raises(RuntimeError):
-        with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=True):
-            raise RuntimeError("boom")
-    assert set(conn.secrets) == {SECRET}
-
-
-def test_start_context_reports_cleanup_failure_after_success() -> None:
-    conn = FakeConn()
-    with pytest.raises(exception.VirtError, match=f"undefine libvirt secret {SECRET}"):
-        with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False):
-            conn.fail_undefine = True
-
-
-def test_start_context_keeps_original_error_when_cleanup_fails() -> None:
-    conn = FakeConn()
-    with pytest.raises(RuntimeError, match="original"):
-        with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False):
-            conn.fail_undefine = True
-            raise RuntimeError("original")
-
-
 def test_passphrase_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     conn = FakeConn()
-    with secret.vtpm_secret_for_start(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False):
-        pass
+    store = secret.LibvirtSecretStore(conn)
+    store.define(SECRET, INSTANCE, PASSPHRASE, persistent=False)
+    assert store.find(INSTANCE) == SECRET
+    assert store.undefine(SECRET) is True and store.undefine(SECRET) is False
     conn.fail_set_value = True
     with pytest.raises(exception.VirtError):
         secret.define_vtpm_secret(conn, SECRET, INSTANCE, PASSPHRASE, persistent=False)
     assert caplog.records, "expected debug records to check"
     assert PASSPHRASE[:16] not in caplog.text
+
+
+def test_secret_store_over_a_connection_factory() -> None:
+    conn = FakeConn()
+    store = secret.LibvirtSecretStore(lambda: conn)
+    assert store.find(INSTANCE) is None
+    store.define(SECRET, INSTANCE, PASSPHRASE, persistent=True)
+    assert store.find(INSTANCE.upper()) == SECRET
+    assert PASSPHRASE not in repr(store)

@@ -1,0 +1,75 @@
+"""The one fake key manager (:class:`vtpm_driver.keymgr.KeyManagerAPI`), for unit tests."""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+
+from vtpm_driver import exception, spec
+from vtpm_driver.context import RequestContext
+
+
+class FakeKeyManager:
+    """Barbican as the core sees it (:class:`vtpm_driver.keymgr.KeyManagerAPI`).
+
+    Owner-only in user/host mode; ``fail[op]`` makes ``create``/``get``/
+    ``delete`` raise; every call is appended to ``events`` (shared with
+    :class:`tests.fakes.libvirt.FakeLibvirt` so tests can assert the ORDER of
+    Barbican and libvirt calls). ``listed`` is what the audit's listing sees.
+    """
+
+    def __init__(self, events: list[tuple[str, str]] | None = None) -> None:
+        self.events = events if events is not None else []
+        self.passphrases: dict[str, str] = {}
+        self.owners: dict[str, str] = {}
+        self.fail: dict[str, exception.VTPMError] = {}
+        self.listed: dict[str, list[dict]] = {"user": [], "deployment": []}
+        self.list_calls: list = []
+
+    def _maybe_fail(self, op: str) -> None:
+        if op in self.fail:
+            raise self.fail[op]
+
+    def _check_access(self, context: RequestContext, secret_uuid: str, mode: str) -> None:
+        if mode != spec.SECRET_DEPLOYMENT and context.user_id != self.owners[secret_uuid]:
+            raise exception.VTPMSecretForbidden(
+                f"Barbican refused to read vTPM secret {secret_uuid} (HTTP 403)")
+
+    def create_vtpm_secret(self, context, instance, secret_security):
+        self.events.append(("barbican.create", instance.uuid))
+        self._maybe_fail("create")
+        secret_uuid = str(uuid.uuid4())
+        passphrase = base64.b64encode(os.urandom(384)).decode()
+        self.passphrases[secret_uuid] = passphrase
+        self.owners[secret_uuid] = context.user_id
+        instance.system_metadata["vtpm_secret_uuid"] = secret_uuid
+        return secret_uuid, passphrase
+
+    def ensure_vtpm_secret(self, context, instance, secret_security):
+        secret_uuid = instance.system_metadata.get("vtpm_secret_uuid")
+        if secret_uuid:
+            return secret_uuid, self.get_vtpm_secret(context, instance, secret_security)
+        return self.create_vtpm_secret(context, instance, secret_security)
+
+    def get_vtpm_secret(self, context, instance, secret_security=None):
+        secret_uuid = instance.system_metadata["vtpm_secret_uuid"]
+        self.events.append(("barbican.get", secret_uuid))
+        self._maybe_fail("get")
+        if secret_uuid not in self.passphrases:
+            raise exception.VTPMSecretNotFound(f"vTPM secret {secret_uuid} does not exist")
+        self._check_access(context, secret_uuid, secret_security)
+        return self.passphrases[secret_uuid]
+
+    def delete_vtpm_secret(self, context, instance, secret_security=None):
+        secret_uuid = instance.system_metadata.get("vtpm_secret_uuid")
+        self.events.append(("barbican.delete", str(secret_uuid)))
+        self._maybe_fail("delete")
+        if secret_uuid in self.passphrases:
+            self._check_access(context, secret_uuid, secret_security)
+            del self.passphrases[secret_uuid]
+        instance.system_metadata.pop("vtpm_secret_uuid", None)
+
+    def list_vtpm_secrets(self, context, secret_security="user"):
+        self.list_calls.append((context, secret_security))
+        return self.listed[secret_security]

@@ -1,0 +1,52 @@
+"""The one fake host probe (:class:`vtpm_driver.host.HostProbe`), for unit tests.
+
+Every fact is settable; a value that is an exception is raised instead (e.g.
+``version_info=HypervisorUnavailable(...)`` for an unreachable libvirt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "unit" / "data"
+SWTPM_BINARIES = frozenset({"swtpm", "swtpm_setup", "swtpm_ioctl"})
+
+
+def domcaps(name: str = "domcaps-qemu-host.xml") -> str:
+    """A captured ``virsh domcapabilities`` document from ``tests/unit/data``."""
+    return (DATA / name).read_text()
+
+
+@dataclasses.dataclass
+class FakeProbe:
+    """A sound qemu host (every trait) unless told otherwise; records what was asked."""
+
+    xml: str | Exception = dataclasses.field(default_factory=domcaps)
+    binaries: set[str] = dataclasses.field(default_factory=lambda: set(SWTPM_BINARIES))
+    users: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
+    groups: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
+    version_info: dict[str, str] | Exception = dataclasses.field(
+        default_factory=lambda: {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
+    )
+    asked_virt_types: list[str] = dataclasses.field(default_factory=list)
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        self.asked_virt_types.append(virt_type)
+        if isinstance(self.xml, Exception):
+            raise self.xml
+        return self.xml
+
+    def which(self, name: str) -> str | None:
+        return f"/usr/bin/{name}" if name in self.binaries else None
+
+    def user_exists(self, name: str) -> bool:
+        return name in self.users
+
+    def group_exists(self, name: str) -> bool:
+        return name in self.groups
+
+    def versions(self) -> dict[str, str]:
+        if isinstance(self.version_info, Exception):
+            raise self.version_info
+        return dict(self.version_info)

@@ -1,0 +1,191 @@
+"""ops.secrets: the passphrase's path from Barbican to swtpm (SPEC D6, E1, E3, F2, F5)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.fakes.keymgr import FakeKeyManager
+from tests.fakes.libvirt import FakeConn
+from vtpm_driver import exception, objects, policy, spec
+from vtpm_driver.context import RequestContext
+from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt import secret
+
+OWNER = RequestContext(user_id="owner-id", project_id="proj-a", auth_token="tok-owner")
+MEMBER = RequestContext(user_id="member-id", project_id="proj-a", auth_token="tok-member")
+NO_TOKEN = RequestContext(user_id="owner-id", project_id="proj-a")
+SECRET = "6f1c2a7e-0d1b-4c53-9a44-6a0b7b1f5d10"
+PASSPHRASE = "c2VjcmV0LXBhc3NwaHJhc2U=" * 20
+
+
+def _server(mode: str = "user") -> objects.Instance:
+    return objects.Instance(name="vm1", user_id=OWNER.user_id, project_id=OWNER.project_id,
+                            flavor=objects.Flavor(extra_specs={
+                                "hw:tpm_version": "2.0", "hw:tpm_secret_security": mode}))
+
+
+@pytest.fixture
+def world():
+    conn = FakeConn()
+    return conn, secret.LibvirtSecretStore(conn), FakeKeyManager()
+
+
+def _start(persistent: bool = False) -> ops_secrets.StartSecret:
+    return ops_secrets.StartSecret(SECRET, PASSPHRASE, persistent)
+
+
+# -- secret_for_start (E3) --------------------------------------------------------------
+
+
+def test_start_context_undefines_after_success(world) -> None:
+    conn, store, _km = world
+    inst = _server()
+    with ops_secrets.secret_for_start(store, inst, _start()):
+        assert set(conn.secrets) == {SECRET}
+        assert conn.secrets[SECRET].private
+    assert conn.secrets == {}
+
+
+def test_start_context_undefines_after_failure_and_reraises(world) -> None:
+    conn, store, _km = world
+    inst = _server()
+    with pytest.raises(exception.VirtError, match="start failed"):
+        with ops_secrets.secret_for_start(store, inst, _start()):
+            raise exception.VirtError("start failed")
+    assert conn.secrets == {}
+    with pytest.raises(KeyboardInterrupt):
+        with ops_secrets.secret_for_start(store, inst, _start()):
+            raise KeyboardInterrupt
+    assert conn.secrets == {}
+
+
+def test_start_context_keeps_host_mode_secret(world) -> None:
+    conn, store, _km = world
+    inst = _server("host")
+    with ops_secrets.secret_for_start(store, inst, _start(persistent=True)):
+        pass
+    assert set(conn.secrets) == {SECRET} and not conn.secrets[SECRET].private
+    with pytest.raises(RuntimeError):
+        with ops_secrets.secret_for_start(store, inst, _start(persistent=True)):
+            raise RuntimeError("boom")
+    assert set(conn.secrets) == {SECRET}
+
+
+def test_start_context_reports_cleanup_failure_after_success(world) -> None:
+    conn, store, _km = world
+    with pytest.raises(exception.VirtError, match=f"undefine libvirt secret {SECRET}"):
+        with ops_secrets.secret_for_start(store, _server(), _start()):
+            conn.fail_undefine = True
+
+
+def test_start_context_keeps_original_error_when_cleanup_fails(world) -> None:
+    conn, store, _km = world
+    with pytest.raises(RuntimeError, match="original"):
+        with ops_secrets.secret_for_start(store, _server(), _start()):
+            conn.fail_undefine = True
+            raise RuntimeError("original")
+
+
+def test_start_context_replaces_a_leftover_secret_of_the_same_server(world) -> None:
+    conn, store, _km = world
+    inst = _server()
+    leftover = "11111111-2222-4333-8444-555555555555"
+    store.define(leftover, inst.uuid, PASSPHRASE, persistent=True)  # e.g. host mode before
+    with ops_secrets.secret_for_start(store, inst, _start()):
+        assert set(conn.secrets) == {SECRET}
+    assert conn.secrets == {}
+
+
+def test_no_vtpm_or_libvirt_already_holds_it_defines_nothing(world) -> None:
+    conn, store, _km = world
+    with ops_secrets.secret_for_start(store, _server(), None):
+        pass
+    with ops_secrets.secret_for_start(store, _server("host"),
+                                      ops_secrets.StartSecret(SECRET, None, True)):
+        pass
+    assert conn.calls == []
+
+
+# -- prepare_start (F2, F5) ---------------------------------------------------------------
+
+
+def test_prepare_start_reads_barbican_first_and_refuses_others(world) -> None:
+    _conn, store, km = world
+    inst = _server()
+    cfg = policy.vtpm_of(inst)
+    created = ops_secrets.prepare_start(OWNER, inst, cfg, km, store, create=True)
+    assert created.created and created.passphrase == km.passphrases[created.secret_uuid]
+    again = ops_secrets.prepare_start(OWNER, inst, cfg, km, store)
+    assert (again.secret_uuid, again.created) == (created.secret_uuid, False)
+    with pytest.raises(exception.VTPMSecretForbidden):
+        ops_secrets.prepare_start(MEMBER, inst, cfg, km, store)
+    assert ops_secrets.prepare_start(OWNER, inst, None, km, store) is None
+
+
+def test_prepare_start_without_a_recorded_secret_is_not_found(world) -> None:
+    _conn, store, km = world
+    inst = _server()
+    with pytest.raises(exception.VTPMSecretNotFound, match="no vTPM secret recorded"):
+        ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store)
+    assert km.events == []
+
+
+def test_prepare_start_host_mode_uses_the_persistent_secret(world) -> None:
+    _conn, store, km = world
+    inst = _server(spec.SECRET_HOST)
+    cfg = policy.vtpm_of(inst)
+    start = ops_secrets.prepare_start(OWNER, inst, cfg, km, store, create=True)
+    with ops_secrets.secret_for_start(store, inst, start):
+        pass
+    km.events.clear()
+    reuse = ops_secrets.prepare_start(MEMBER, inst, cfg, km, store)
+    assert (reuse.passphrase, reuse.persistent) == (None, True)
+    assert km.events == []  # no Barbican call
+
+
+def test_start_secret_repr_hides_the_passphrase() -> None:
+    shown = repr(_start())
+    assert PASSPHRASE not in shown and PASSPHRASE[:8] not in shown and "***" in shown
+
+
+# -- delete (D6) and cleanup ------------------------------------------------------------------
+
+
+def test_delete_barbican_secret_is_idempotent(world) -> None:
+    _conn, store, km = world
+    inst = _server()
+    ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
+    assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is True
+    assert policy.SYSMETA_KEY not in inst.system_metadata and km.passphrases == {}
+    assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is False
+
+
+@pytest.mark.parametrize(("mode", "deleted"), [("user", False), ("host", False),
+                                               ("deployment", True)])
+def test_delete_without_a_token(world, caplog, mode: str, deleted: bool) -> None:
+    _conn, store, km = world
+    inst = _server(mode)
+    start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
+    caplog.set_level(logging.WARNING)
+    assert ops_secrets.delete_barbican_secret(NO_TOKEN, inst, inst.flavor, km) is deleted
+    assert policy.SYSMETA_KEY not in inst.system_metadata
+    assert (start.secret_uuid in km.passphrases) is not deleted
+    if not deleted:
+        assert f"Cannot delete vTPM secret {start.secret_uuid}" in caplog.text
+
+
+def test_remove_libvirt_secrets_by_record_and_usage(world) -> None:
+    conn, store, _km = world
+    inst = _server("host")
+    inst.system_metadata[policy.SYSMETA_KEY] = SECRET
+    store.define(SECRET, inst.uuid, PASSPHRASE, persistent=True)
+    ops_secrets.remove_libvirt_secrets(store, inst)
+    assert conn.secrets == {}
+    other = "11111111-2222-4333-8444-555555555555"
+    store.define(other, inst.uuid, PASSPHRASE, persistent=False)
+    inst.system_metadata.clear()
+    ops_secrets.remove_libvirt_secrets(store, inst, recorded=SECRET)
+    assert conn.secrets == {}
+    ops_secrets.remove_libvirt_secrets(store, inst)  # idempotent

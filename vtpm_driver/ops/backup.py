@@ -1,0 +1,122 @@
+"""Resize backups of a server's TPM state and record, so a revert gets them back (SPEC F4).
+
+Backups live in ``<backup_root>/<uuid>/`` (default ``/var/lib/vtpm-driver/resize``,
+root-only 0700): ``swtpm/`` is a copy of ``<swtpm_state_dir>/<uuid>`` keeping
+owner, group and modes, ``record.xml`` the old server record (UUIDs only,
+never a passphrase). They are outside libvirt's swtpm directory on purpose, so
+``vtpm-driver audit`` never mistakes them for orphaned TPM state; confirm,
+revert and delete remove them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, objects, policy
+from vtpm_driver.virt import record, state
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_BACKUP_ROOT = "/var/lib/vtpm-driver/resize"
+STATE_BACKUP = "swtpm"
+RECORD_STASH = "record.xml"
+
+
+def copy_tree_preserving(src: Path, dst: Path) -> None:
+    """Copy a directory keeping modes, times, owners and groups (swtpm's files
+    belong to the swtpm user; a plain copy would make them root's)."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
+    for src_dir, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(src_dir, src)
+        for name in [".", *dirnames, *filenames]:
+            source = Path(src_dir, name)
+            target = Path(dst, rel, name)
+            st = source.lstat()
+            os.lchown(target, st.st_uid, st.st_gid)
+    shutil.copystat(src, dst)
+
+
+class ResizeBackups:
+    """The resize backups under ``backup_root`` for TPM state under ``state_base``."""
+
+    def __init__(self, backup_root: str | os.PathLike[str], state_base: str | os.PathLike[str]
+                 ) -> None:
+        self.backup_root = Path(backup_root)
+        self.state_base = state_base
+
+    def __repr__(self) -> str:
+        return f"ResizeBackups(backup_root={str(self.backup_root)!r})"
+
+    def backup_dir(self, instance_uuid: str) -> Path:
+        """``<backup_root>/<uuid>``. :raises VTPMError: not a UUID."""
+        return self.backup_root / objects.require_uuid(instance_uuid, "instance uuid")
+
+    def has_backup(self, instance_uuid: str) -> bool:
+        """True while a resize of the server awaits confirm or revert."""
+        return self.backup_dir(instance_uuid).exists()
+
+    def discard(self, instance_uuid: str) -> bool:
+        """Remove a resize backup; True if there was one. Idempotent."""
+        path = self.backup_dir(instance_uuid)
+        if not path.exists():
+            return False
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise exception.VTPMError(
+                f"cannot remove resize backup {str(path)!r}: {exc.strerror}"
+            ) from None
+        LOG.debug("Removed resize backup %s", path, instance_uuid=instance_uuid)
+        return True
+
+    def make(self, instance: Any, stored: Any, keep_state: bool) -> None:
+        """Back up ``stored`` (the server as recorded) and, with ``keep_state``, its TPM state.
+
+        :raises VTPMError: the backup could not be written (nothing is left half-made).
+        """
+        path = self.backup_dir(instance.uuid)
+        live = state.state_dir(self.state_base, instance.uuid)
+        try:
+            os.makedirs(self.backup_root, mode=0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
+            (path / RECORD_STASH).write_text(record.record_xml(stored))
+            if keep_state and live.exists():
+                copy_tree_preserving(live, path / STATE_BACKUP)
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            raise exception.VTPMError(
+                f"cannot back up the vTPM state of server {policy.server_label(instance)} to "
+                f"{str(path)!r}: {exc.strerror or exc}"
+            ) from None
+
+    def stashed(self, instance_uuid: str) -> objects.Instance | None:
+        """The server as it was before the resize, or None without a backup."""
+        path = self.backup_dir(instance_uuid) / RECORD_STASH
+        try:
+            return record.parse_record_xml(path.read_text())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise exception.VTPMError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+    def restore_state(self, instance: Any) -> bool:
+        """Put the backed-up state back in place; False if there is none."""
+        backup = self.backup_dir(instance.uuid) / STATE_BACKUP
+        if not backup.exists():
+            return False
+        state.remove_state(self.state_base, instance.uuid)
+        live = state.state_dir(self.state_base, instance.uuid)
+        try:
+            os.makedirs(live.parent, mode=0o711, exist_ok=True)
+            copy_tree_preserving(backup, live)
+        except OSError as exc:
+            raise exception.VTPMError(
+                f"cannot restore the vTPM state of server {policy.server_label(instance)} "
+                f"from {str(backup)!r}: {exc.strerror or exc}"
+            ) from None
+        return True

@@ -1,0 +1,205 @@
+"""What every operation needs on one host: the guest, its XML and record, the secret store.
+
+:class:`Guests` is shared by :mod:`~vtpm_driver.ops.lifecycle`,
+:mod:`~vtpm_driver.ops.power` and :mod:`~vtpm_driver.ops.resize`. It holds the
+configuration, the libvirt connection (through
+:class:`~vtpm_driver.virt.connection.Hypervisor`), the key manager and the
+libvirt secret store, and does the steps they all take: find the domain, build
+its XML with the ``<tpm>`` and the server record, and start it with the
+passphrase in libvirt only for the moment swtpm reads it
+(:func:`vtpm_driver.ops.secrets.secret_for_start`).
+
+It makes no decision: what a flavor asks for is :mod:`vtpm_driver.policy`,
+what a host offers is :func:`vtpm_driver.host.check_host`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import exception, policy
+from vtpm_driver.host import HostReport
+from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.spec import VTPMConfig
+from vtpm_driver.virt import domain, guest, record, secret
+
+LOG = logging.getLogger(__name__)
+
+#: Nova's ``[DEFAULT] shutdown_retry_interval``: press the power button again this often.
+DEFAULT_RETRY_INTERVAL = 10.0
+
+
+class Guests:
+    """This host's guests as the operations see them.
+
+    ``hypervisor`` has a ``conn`` attribute (a libvirt connection, reopened
+    when lost); ``host_report`` returns what this host offers (cached by the
+    driver); ``secrets`` defaults to the libvirt secrets of that connection.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, hypervisor: Any, key_manager: KeyManagerAPI,
+                 host_report: Callable[[], HostReport],
+                 secrets: ops_secrets.SecretStore | None = None) -> None:
+        self.conf = conf
+        self.hypervisor = hypervisor
+        self.keymgr = key_manager
+        self._host_report = host_report
+        self.secrets = secrets or secret.LibvirtSecretStore(lambda: self.hypervisor.conn)
+
+    def __repr__(self) -> str:
+        return f"Guests(hypervisor={self.hypervisor!r})"
+
+    @property
+    def conn(self) -> Any:
+        return self.hypervisor.conn
+
+    @property
+    def state_base(self) -> str:
+        return self.conf.vtpm.swtpm_state_dir
+
+    # -- checks -------------------------------------------------------------
+
+    def check_host_offers(self, cfg: VTPMConfig, instance: Any) -> None:
+        """Refuse a vTPM whose traits this host lacks (the scheduler's job in Nova).
+
+        :raises InvalidConfiguration: names the missing traits and the host's problems.
+        """
+        report = self._host_report()
+        offered = {trait for trait, ok in report.traits.items() if ok}
+        missing = sorted(cfg.traits - offered)
+        if not missing:
+            return
+        why = f" ({'; '.join(report.problems)})" if report.problems else ""
+        raise exception.InvalidConfiguration(
+            f"server {policy.server_label(instance)} asks for a vTPM (version {cfg.version}, "
+            f"model {cfg.model}, secret security {cfg.secret_security}) that this host does "
+            f"not offer: missing trait(s) {', '.join(missing)}{why}"
+        )
+
+    def lookup(self, instance: Any) -> Any:
+        """The server's domain (by UUID). :raises InstanceNotFound:"""
+        return guest.lookup(self.conn, instance.uuid)
+
+    def find(self, instance: Any) -> Any | None:
+        """The server's domain, or None when it is gone."""
+        try:
+            return self.lookup(instance)
+        except exception.InstanceNotFound:
+            return None
+
+    # -- XML and record -----------------------------------------------------
+
+    def base_xml(self, instance: Any) -> str:
+        """The guest without ``<tpm>`` or record; checks name, sizes and boot files.
+
+        :raises VirtError: bad name, sizes or boot files.
+        """
+        image = instance.image_meta
+        virt_type = self.conf.libvirt.virt_type
+        return domain.guest_xml(
+            instance.name, instance.uuid, instance.flavor.vcpus, instance.flavor.memory_mb,
+            console_log=instance.console_log, kernel=getattr(image, "kernel", None),
+            initrd=getattr(image, "initrd", None), cmdline=getattr(image, "cmdline", None),
+            disk=getattr(image, "disk", None),
+            virt_type=virt_type if virt_type in domain.VIRT_TYPES else "kvm",
+        )
+
+    def domain_xml(self, instance: Any, cfg: VTPMConfig | None, base: str | None = None) -> str:
+        """The full domain XML: guest, ``<tpm>`` (when asked for), server record.
+
+        :raises VirtError: bad name, sizes or boot files.
+        :raises InvalidVTPMConfig: a vTPM without a recorded secret UUID.
+        """
+        xml = base if base is not None else self.base_xml(instance)
+        if cfg is not None:
+            xml = domain.add_tpm(xml, cfg.version, cfg.model, policy.recorded_secret(instance))
+        return record.set_server_record(xml, instance)
+
+    def define(self, instance: Any, cfg: VTPMConfig | None) -> Any:
+        """(Re)define the server's domain with its current flavor and record; idempotent."""
+        return guest.define(self.conn, self.domain_xml(instance, cfg))
+
+    def update_record(self, dom: Any, instance: Any) -> None:
+        """Store the instance's current flavor and system metadata in its domain."""
+        record.update_domain_record(dom, instance)
+
+    # -- console log --------------------------------------------------------
+
+    def ensure_console_log(self, instance: Any) -> None:
+        """Default ``console_log`` to ``[vtpm] console_log_dir/<uuid>.log``.
+
+        :raises InvalidConfiguration: the directory cannot be created.
+        """
+        if getattr(instance, "console_log", None):
+            return
+        directory = self.conf.vtpm.console_log_dir
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise exception.InvalidConfiguration(
+                f"cannot create [vtpm] console_log_dir {directory!r}: {exc.strerror}"
+            ) from None
+        instance.console_log = os.path.join(directory, f"{instance.uuid}.log")
+
+    def _reset_console(self, instance: Any) -> None:
+        """libvirt appends to the console file: start each boot with an empty one."""
+        path = getattr(instance, "console_log", None)
+        if not path:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise exception.VirtError(
+                f"cannot remove old console log {path!r} of server "
+                f"{policy.server_label(instance)}: {exc.strerror}"
+            ) from None
+
+    def remove_own_console_log(self, instance: Any) -> None:
+        """Delete the console log if it is in ``[vtpm] console_log_dir`` (ours); idempotent."""
+        path = getattr(instance, "console_log", None)
+        if not path:
+            return
+        directory = os.path.realpath(self.conf.vtpm.console_log_dir)
+        if os.path.dirname(os.path.realpath(path)) != directory:
+            return  # a file the user chose: theirs to keep
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            LOG.warning("Could not remove console log %s: %s", path, exc.strerror,
+                        instance_uuid=instance.uuid)
+
+    # -- starting -------------------------------------------------------------
+
+    def prepare_start(self, context: Any, instance: Any, cfg: VTPMConfig | None, *,
+                      create: bool = False) -> ops_secrets.StartSecret | None:
+        """:func:`vtpm_driver.ops.secrets.prepare_start` on this host (F2, F5).
+
+        Call it BEFORE the guest is touched.
+        """
+        return ops_secrets.prepare_start(context, instance, cfg, self.keymgr, self.secrets,
+                                         create=create)
+
+    def launch(self, dom: Any, instance: Any, start: ops_secrets.StartSecret | None, *,
+               fresh_boot: bool = True) -> None:
+        """Start a defined domain, with the libvirt secret only around the start (E3).
+
+        ``fresh_boot`` empties the console log first (not for a resume, which
+        continues the same boot).
+
+        :raises VirtError: the start failed or the guest did not run in time.
+        """
+        if fresh_boot:
+            self._reset_console(instance)
+        with ops_secrets.secret_for_start(self.secrets, instance, start):
+            guest.start(dom)
+        guest.wait_until_running(dom, float(self.conf.vtpm.guest_start_timeout))
