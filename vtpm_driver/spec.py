@@ -118,10 +118,15 @@ def _as_mapping(value: object, what: str) -> Mapping:
 
 
 def _lookup(mapping: Mapping, key: str) -> object | None:
+    """The value of ``key``; an empty string counts as unset (SPEC A2, as in Nova,
+    which takes ``flavor_value or image_value``)."""
     try:
-        return mapping.get(key)
+        value = mapping.get(key)
     except Exception as exc:  # a hostile Mapping; never let it escape untyped
         raise exception.InvalidVTPMConfig(f"cannot read {key!r}: {type(exc).__name__}") from None
+    if isinstance(value, str) and value == "":
+        return None
+    return value
 
 
 def _check_string(key: str, value: object, allowed: tuple[str, ...]) -> str:

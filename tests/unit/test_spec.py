@@ -103,7 +103,7 @@ def test_a2_version_conflict_names_both_keys_and_values(flavor, image, message):
 
 @pytest.mark.parametrize(
     "value",
-    ["3.0", "2", "1", "2.00", " 2.0", "2.0 ", "v2.0", "", "1.2,2.0",
+    ["3.0", "2", "1", "2.00", " 2.0", "2.0 ", "v2.0", "1.2,2.0",
      "\uff12.\uff10",  # fullwidth digits
      2.0, 2, b"2.0"],
 )
@@ -177,7 +177,7 @@ def test_a4_model_conflict_names_both_keys_and_values(flavor, image, message):
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("value", ["tpm-spapr", "TPM-TIS", "tis", "crb", "", 1, ["tpm-tis"]])
+@pytest.mark.parametrize("value", ["tpm-spapr", "TPM-TIS", "tis", "crb", 1, ["tpm-tis"]])
 @pytest.mark.parametrize(("side", "key"), [("flavor", M), ("image", IM)])
 def test_a4_invalid_model_names_key_value_and_allowed(value, side, key):
     flavor, image = ({V: "2.0"}, {}) if side == "flavor" else ({}, {IV: "2.0"})
@@ -226,7 +226,7 @@ def test_a5_secret_security_from_flavor_only(flavor, image, mode):
     assert get_vtpm_config(flavor, image).secret_security == mode
 
 
-@pytest.mark.parametrize("value", ["USER", "admin", "", " user", "users", 1, True, ["user"]])
+@pytest.mark.parametrize("value", ["USER", "admin", " user", "users", 1, True, ["user"]])
 def test_a5_invalid_secret_security(value):
     with pytest.raises(exception.InvalidVTPMConfig) as err:
         get_vtpm_config({V: "2.0", S: value}, {})
@@ -474,3 +474,25 @@ def test_vtpm_config_built_directly_refuses_invalid_values():
         VTPMConfig(version="3.0").traits  # noqa: B018
     with pytest.raises(exception.InvalidVTPMConfig):
         VTPMConfig(version="1.2", model="tpm-crb").traits  # noqa: B018
+
+
+# -- A2: an empty string counts as unset, for every key --------------------
+
+@pytest.mark.parametrize(
+    ("flavor", "image", "expected"),
+    [
+        ({V: ""}, {IV: "2.0"}, ("2.0", "tpm-tis", "user")),  # not a conflict (issue 13)
+        ({V: "2.0"}, {IV: ""}, ("2.0", "tpm-tis", "user")),
+        ({V: "", M: ""}, {IV: "2.0", IM: "tpm-crb"}, ("2.0", "tpm-crb", "user")),
+        ({V: "2.0", M: "", S: ""}, {}, ("2.0", "tpm-tis", "user")),
+        ({V: "2.0", M: "tpm-crb"}, {IM: ""}, ("2.0", "tpm-crb", "user")),
+    ],
+)
+def test_a2_empty_string_is_unset(flavor, image, expected):
+    cfg = get_vtpm_config(flavor, image)
+    assert (cfg.version, cfg.model, cfg.secret_security) == expected
+
+
+@pytest.mark.parametrize(("flavor", "image"), [({V: ""}, {}), ({}, {IV: ""}), ({V: ""}, {IV: ""})])
+def test_a2_only_empty_versions_mean_no_vtpm(flavor, image):
+    assert get_vtpm_config(flavor, image) is None
