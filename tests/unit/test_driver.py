@@ -1,24 +1,26 @@
-"""VTPMDriver.init_host / get_traits (SPEC C1, C2, C4) over a fake host probe."""
+"""VTPMDriver: init_host / get_traits (SPEC C1, C2, C4) and refused operations (F6)."""
 
 from __future__ import annotations
 
 import types
+import uuid
 
 import pytest
 from oslo_config import cfg
 
 from tests.fakes.libvirt import FakeLibvirt
 from tests.fakes.probe import FakeProbe
+from tests.unit.conftest import KERNEL, OWNER, Env
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
-from vtpm_driver import exception, host, spec
+from vtpm_driver import exception, host, servers, spec
 
 
 def fake_hypervisor(*domains: tuple[str, str]) -> types.SimpleNamespace:
     """A hypervisor whose fake libvirt holds ``(uuid, devices)`` domains (never the host's)."""
     conn = FakeLibvirt()
-    for uuid, devices in domains:
-        conn.defineXML(f"<domain><name>d-{uuid[-2:]}</name><uuid>{uuid}</uuid>"
+    for dom_uuid, devices in domains:
+        conn.defineXML(f"<domain><name>d-{dom_uuid[-2:]}</name><uuid>{dom_uuid}</uuid>"
                        f"<devices>{devices}</devices></domain>")
     return types.SimpleNamespace(conn=conn)
 
@@ -130,3 +132,45 @@ def test_default_probe_is_libvirt_at_the_configured_uri(make_conf):
     drv = vtpm_driver.VTPMDriver(make_conf(connection_uri="qemu:///session"))
     assert isinstance(drv.probe, host.LibvirtHostProbe)
     assert drv.probe.uri == "qemu:///session"
+
+
+# --------------------------------------------------------------------------- refused ops
+
+
+@pytest.mark.parametrize(("call", "operation"), [
+    (lambda d, i: d.rebuild(OWNER, i, None, [], None, {}, [], None, None), "rebuild"),
+    (lambda d, i: d.rescue(OWNER, i, None, None, None, None, None), "rescue"),
+    (lambda d, i: d.shelve(OWNER, i), "shelve"),
+    (lambda d, i: d.evacuate(OWNER, i), "evacuate"),
+    (lambda d, i: d.live_migration(OWNER, i, "h2", None, None), "live-migration"),
+])
+def test_f6_unsupported_operations(env: Env, call, operation: str) -> None:
+    inst = env.instance()
+    with pytest.raises(exception.OperationNotSupportedForVTPM) as err:
+        call(env.drv, inst)
+    assert str(err.value).startswith(
+        f"operation '{operation}' is not supported for vTPM-enabled server 'vm1'")
+    assert "Nova" in str(err.value)
+    plain = servers.new_instance("plain", OWNER, kernel=KERNEL)
+    with pytest.raises(exception.VTPMError, match="not implemented") as err:
+        call(env.drv, plain)
+    assert not isinstance(err.value, exception.OperationNotSupportedForVTPM)
+
+
+def test_live_migration_reason_depends_on_the_mode(env: Env) -> None:
+    with pytest.raises(exception.OperationNotSupportedForVTPM, match="not implemented"):
+        env.drv.live_migration(OWNER, env.instance("host"), "h2", None, None)
+    with pytest.raises(exception.OperationNotSupportedForVTPM, match="without the owner"):
+        env.drv.live_migration(OWNER, env.instance("user"), "h2", None, None)
+
+
+def test_c4_lists_domains_with_an_emulated_tpm(env: Env) -> None:
+    with_tpm = env.spawn(env.instance(name="a"))
+    env.spawn(servers.new_instance("b", OWNER, kernel=KERNEL))
+    env.conn.defineXML(
+        f"<domain><name>foreign</name><uuid>{uuid.uuid4()}</uuid><devices><tpm model='tpm-tis'>"
+        "<backend type='passthrough'/></tpm></devices></domain>")
+    assert env.drv._vtpm_servers_on_host() == [with_tpm.uuid]
+    env.drv.conf.set_override("swtpm_enabled", False, group="libvirt")
+    with pytest.raises(exception.InvalidConfiguration, match=with_tpm.uuid):
+        env.drv.init_host()

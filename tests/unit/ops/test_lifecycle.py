@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.ops.conftest import (
+from tests.unit.conftest import (
     KERNEL,
     MEMBER,
     OWNER,
@@ -77,14 +77,6 @@ def test_spawn_power_on_false_defines_only(env: Env) -> None:
     env.drv.power_on(OWNER, inst, None)
     assert env.names()[:1] == ["barbican.get"]
     assert env.drv.get_info(inst) == "running"
-
-
-def test_new_instance_refuses_a_bad_request_at_once() -> None:
-    with pytest.raises(exception.FlavorImageConflict):
-        servers.new_instance("x", OWNER, flavor_extra_specs={"hw:tpm_version": "2.0"},
-                             image_properties={"hw_tpm_version": "1.2"})
-    with pytest.raises(exception.InvalidVTPMConfig, match="flavor extra specs entry"):
-        servers.new_instance("x", OWNER, flavor_extra_specs={"hw:tpm_version": 2})
 
 
 @pytest.mark.parametrize(("change", "error", "needle"), [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.ops.conftest import (
+from tests.unit.conftest import (
     MEMBER,
     OWNER,
     Env,

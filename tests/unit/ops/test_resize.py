@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.ops.conftest import (
+from tests.unit.conftest import (
     KERNEL,
     MEMBER,
     OWNER,
