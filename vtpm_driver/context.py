@@ -4,7 +4,8 @@ The context carries what Nova's ``RequestContext`` carries (user, project,
 token, roles, service catalog). :meth:`RequestContext.barbican_auth` turns it
 into a keystoneauth1 plugin that sends the caller's token straight to Barbican,
 so reaching the key manager costs no Keystone round trip once the token and the
-Barbican endpoint are known (SPEC D7).
+Barbican endpoint are known (SPEC D7). Catalog lookups go through keystoneauth1's
+``ServiceCatalogV3``/``ServiceCatalogV2`` (:func:`find_catalog_endpoint`).
 """
 
 from __future__ import annotations

@@ -15,13 +15,11 @@ module logs secret and server UUIDs only.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import os
 import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from keystoneauth1 import session as ks_session
 from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import uuidutils
@@ -30,7 +28,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, policy, spec
 from vtpm_driver import keymgr_client as client_mod
-from vtpm_driver.keymgr_errors import barbican_errors, error_for_status, keystone_errors
+from vtpm_driver.keymgr_errors import error_for_status, keystone_errors
 
 __all__ = ["SYSMETA_KEY", "KeyManager", "KeyManagerAPI", "error_for_status",
            "secret_security_of"]
@@ -144,28 +142,6 @@ def check_payload(content_type: str | None, body: bytes, secret_uuid: str) -> st
     return text
 
 
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """One Barbican client: where Barbican is, as whom, in which mode."""
-
-    client: client_mod.Client
-    session: ks_session.Session
-    root: str
-    mode: str
-    user_id: str | None  # the creator of the secrets made through this target
-    timeout: float
-
-    def __repr__(self) -> str:  # the client's auth plugin holds a token
-        return f"_Target(root={self.root!r}, mode={self.mode!r})"
-
-    def errors(self, operation: str, secret_uuid: str | None = None,
-               instance_uuid: str | None = None) -> Any:
-        """:func:`~vtpm_driver.keymgr_errors.barbican_errors` for this target."""
-        return barbican_errors(endpoint=self.root, mode=self.mode, operation=operation,
-                               timeout=self.timeout, secret_uuid=secret_uuid,
-                               instance_uuid=instance_uuid)
-
-
 class KeyManager:
     """Barbican operations for vTPM passphrases.
 
@@ -185,7 +161,7 @@ class KeyManager:
         self._session = client_mod.BarbicanSession(
             timeout=self._timeout, barbican_timeout=self._timeout,
             app_name=client_mod.APP_NAME)
-        self._service: _Target | None = None
+        self._service: client_mod.Target | None = None
 
     def __repr__(self) -> str:
         return f"KeyManager(timeout={self._timeout})"
@@ -346,7 +322,7 @@ class KeyManager:
         return secret_uuid
 
     @staticmethod
-    def _delete(target: _Target, secret_uuid: str, instance_uuid: str | None) -> bool:
+    def _delete(target: client_mod.Target, secret_uuid: str, instance_uuid: str | None) -> bool:
         """One DELETE; False if Barbican no longer has the secret.
 
         ``Secret.delete`` rather than ``SecretManager.delete``: below
@@ -360,7 +336,8 @@ class KeyManager:
         return True
 
     @staticmethod
-    def _list_page(target: _Target, name: str, offset: int, limit: int) -> Mapping[str, Any]:
+    def _list_page(target: client_mod.Target, name: str, offset: int,
+                   limit: int) -> Mapping[str, Any]:
         params = {"limit": limit, "offset": offset, "name": name}
         with target.errors("list"):
             try:
@@ -369,7 +346,7 @@ class KeyManager:
                 return {}
         return body if isinstance(body, Mapping) else {}
 
-    def _set_owner_only_acl(self, target: _Target, secret_uuid: str, instance: Any,
+    def _set_owner_only_acl(self, target: client_mod.Target, secret_uuid: str, instance: Any,
                             context: vtpm_context.RequestContext) -> None:
         """Read ACL: no project-wide access; only the owner (and the creator) (D3).
 
@@ -393,7 +370,7 @@ class KeyManager:
             self._rollback(target, secret_uuid, instance.uuid)
             raise
 
-    def _rollback(self, target: _Target, secret_uuid: str, instance_uuid: str) -> None:
+    def _rollback(self, target: client_mod.Target, secret_uuid: str, instance_uuid: str) -> None:
         """Delete a secret whose creation could not be completed; never raises."""
         try:
             self._delete(target, secret_uuid, instance_uuid)
@@ -404,7 +381,7 @@ class KeyManager:
             LOG.warning("Deleted half-created vTPM secret %s", secret_uuid,
                         instance_uuid=instance_uuid)
 
-    def _delete_unreferenced(self, target: _Target, instance_uuid: str) -> None:
+    def _delete_unreferenced(self, target: client_mod.Target, instance_uuid: str) -> None:
         """Find and delete the secret a POST created but did not name; never raises.
 
         Looked up by its exact name, and only secrets created by the same user
@@ -431,7 +408,7 @@ class KeyManager:
             if secret_uuid is not None:
                 self._rollback(target, secret_uuid, instance_uuid)
 
-    def _target(self, context: vtpm_context.RequestContext, mode: str) -> _Target:
+    def _target(self, context: vtpm_context.RequestContext, mode: str) -> client_mod.Target:
         if mode == spec.SECRET_DEPLOYMENT:
             target = self._service_target()
             with keystone_errors():  # a Keystone failure is not blamed on Barbican
@@ -439,10 +416,10 @@ class KeyManager:
             return target
         auth = context.barbican_auth(self._conf)
         root = api_root(str(auth.endpoint))
-        return _Target(client_mod.new_client(self._session, root, auth), self._session,
+        return client_mod.Target(client_mod.new_client(self._session, root, auth), self._session,
                        root, mode, context.user_id, self._timeout)
 
-    def _service_target(self) -> _Target:
+    def _service_target(self) -> client_mod.Target:
         """The ``[service_user]`` client (built once; authenticates at first use)."""
         if self._service is not None:
             return self._service
@@ -452,8 +429,9 @@ class KeyManager:
                         or client_mod.catalog_endpoint(session, self._conf))
             user_id = session.get_user_id()
         root = api_root(str(endpoint))
-        self._service = _Target(client_mod.new_client(session, root, None), session, root,
-                                spec.SECRET_DEPLOYMENT, user_id, self._timeout)
+        self._service = client_mod.Target(
+            client_mod.new_client(session, root, None), session, root,
+            spec.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
 
 

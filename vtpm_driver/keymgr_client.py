@@ -19,6 +19,7 @@ minimum number of round trips (SPEC D7) without leaking secrets:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.parse
 from typing import Any
@@ -34,6 +35,7 @@ from oslo_log import log as logging
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, spec
 from vtpm_driver.context import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr_errors import barbican_errors
 
 LOG = logging.getLogger(__name__)
 
@@ -164,3 +166,28 @@ def http(client: Client) -> Any:
     listing (``total`` and ``next`` drive the paging).
     """
     return client.client
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One Barbican client: where Barbican is, as whom, in which mode.
+
+    :meth:`errors` wraps each call so failures are mapped in one place.
+    """
+
+    client: Client
+    session: ks_session.Session
+    root: str
+    mode: str
+    user_id: str | None  # the creator of the secrets made through this target
+    timeout: float
+
+    def __repr__(self) -> str:  # the client's auth plugin holds a token
+        return f"Target(root={self.root!r}, mode={self.mode!r})"
+
+    def errors(self, operation: str, secret_uuid: str | None = None,
+               instance_uuid: str | None = None) -> Any:
+        """:func:`~vtpm_driver.keymgr_errors.barbican_errors` for this target."""
+        return barbican_errors(endpoint=self.root, mode=self.mode, operation=operation,
+                               timeout=self.timeout, secret_uuid=secret_uuid,
+                               instance_uuid=instance_uuid)

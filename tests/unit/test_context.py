@@ -153,3 +153,21 @@ def test_catalog_v2_form() -> None:
 ])
 def test_malformed_catalogs_find_nothing(catalog: object) -> None:
     assert ctx_mod.find_catalog_endpoint(catalog, "key-manager", "public") is None
+
+
+def test_catalog_mixed_forms_and_region_spellings() -> None:
+    """keystoneauth1's catalog helpers: v3 ``region`` or ``region_id``, v2 next to v3."""
+    catalog = [
+        {"type": "identity", "endpoints": [{"interface": "public", "url": "http://k"}]},
+        {"type": "key-manager", "endpoints": [
+            {"interface": "public", "region": "R1", "url": "http://v3-r1"},
+            {"interface": "public", "region_id": "R2", "url": "http://v3-r2"},
+            {"region": "R3", "publicURL": "http://v2-r3", "adminURL": 7}]},
+    ]
+    find = ctx_mod.find_catalog_endpoint
+    assert find(catalog, "key-manager", "public", "R1") == "http://v3-r1"
+    assert find(catalog, "key-manager", "public", "R2") == "http://v3-r2"
+    assert find(catalog, "key-manager", "public", "R3") == "http://v2-r3"
+    assert find(catalog, "key-manager", "admin", "R3") is None  # not a string URL
+    assert find(catalog, "key-manager", "internal") is None
+    assert find(catalog, "identity", "public") == "http://k"
