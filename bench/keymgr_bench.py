@@ -1,6 +1,7 @@
 """Key manager: create, unlock (get) and delete a vTPM passphrase, four ways.
 
-* ``ours``: :class:`vtpm_driver.keymgr.KeyManager` with the owner's
+* ``ours``: :class:`vtpm_driver.keymgr.KeyManager` (python-barbicanclient on a
+  keystoneauth1 session) with the owner's
   :class:`~vtpm_driver.context.RequestContext` (token and catalog known).
 * ``castellan_nova_context``: castellan's Barbican key manager (what Nova
   calls) with a context whose ``get_auth_plugin()`` hands out the token and
