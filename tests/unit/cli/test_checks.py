@@ -103,8 +103,8 @@ def test_request_check_value_may_contain_equals(capsys):
     [
         (["--flavor-property", "hw:tpm_version=3.0"],
          "vtpm-driver: error: invalid hw:tpm_version='3.0': allowed values are 1.2, 2.0"),
-        (["--image-property", "hw_tpm_version="],
-         "vtpm-driver: error: invalid hw_tpm_version='': allowed values are 1.2, 2.0"),
+        (["--image-property", "hw_tpm_version=v2"],
+         "vtpm-driver: error: invalid hw_tpm_version='v2': allowed values are 1.2, 2.0"),
         (["--flavor-property", "hw:tpm_version=1.2", "--flavor-property",
           "hw:tpm_model=tpm-crb"],
          "vtpm-driver: error: invalid hw:tpm_model='tpm-crb' with hw:tpm_version='1.2': "
