@@ -99,6 +99,13 @@ class FakeConn:
         if self.fail_secret_define:
             raise libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, message="cannot define secret")
         secret = FakeSecret(self, xml)
+        same_uuid = self.secrets.get(secret.uuid)
+        if same_uuid is not None and same_uuid.usage_type != secret.usage_type:
+            raise libvirt_error(
+                libvirt.VIR_ERR_INTERNAL_ERROR,
+                message=f"a secret with UUID {secret.uuid} is already defined for use with "
+                f"{same_uuid.usage_id}",
+            )
         for other in self.secrets.values():
             if other.uuid != secret.uuid and (other.usage_type, other.usage_id) == (
                 secret.usage_type,

@@ -26,6 +26,7 @@ from tests.functional.fixtures_server import (
 from vtpm_driver import exception, objects, servers
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.virt import domain, state
+from vtpm_driver.virt import secret as virt_secret
 
 pytestmark = pytest.mark.functional
 
@@ -265,23 +266,44 @@ def test_spawn_failing_at_the_libvirt_secret_leaves_nothing(
         servers_on_stack: ServersOnStack) -> None:
     env = servers_on_stack
     inst = env.new_server({"hw:tpm_version": "2.0"})
-    # libvirt allows one vtpm secret per usage: a foreign one makes our define fail.
-    foreign = env.conn.secretDefineXML(
-        f"<secret ephemeral='yes' private='yes'><uuid>{uuid.uuid4()}</uuid>"
-        f"<usage type='vtpm'><name>{inst.uuid}</name></usage></secret>")
+    # The Barbican secret exists already (recorded), and libvirt holds a secret of
+    # another kind with its UUID: libvirt refuses to define our vtpm secret.
+    secret_uuid, _ = env.driver.key_manager.ensure_vtpm_secret(env.owner, inst, "user")
+    blocker = env.conn.secretDefineXML(
+        f"<secret ephemeral='yes' private='yes'><uuid>{secret_uuid}</uuid>"
+        f"<usage type='volume'><volume>/nonexistent/{inst.uuid}.img</volume></usage></secret>")
     try:
         with pytest.raises(exception.VirtError) as err:
             env.spawn(inst)
         assert "define libvirt vTPM secret" in str(err.value)
+        assert str(err.value).endswith("(everything it had created was removed)")
         with pytest.raises(libvirt.libvirtError):
             env.domain(inst)
         assert not (SWTPM_STATE_ROOT / inst.uuid).exists()
-        assert env.barbican_secrets_of(inst) == []
-        assert [s.uuid for s in env.libvirt_secrets_of(inst)] == [foreign.UUIDString()]
+        assert env.libvirt_secrets_of(inst) == []
+        # Not created by this spawn: the recorded Barbican secret is kept.
+        assert env.barbican_secrets_of(inst) == [secret_uuid]
+        assert inst.system_metadata["vtpm_secret_uuid"] == secret_uuid
     finally:
-        foreign.undefine()
+        blocker.undefine()
     console = env.spawn(inst)
     check_result(console.wait_new(), "2.0", "tpm_tis")
+    assert env.libvirt_secrets_of(inst) == []
+
+
+def test_g5_spawn_replaces_a_leftover_libvirt_secret_of_the_server(
+        servers_on_stack: ServersOnStack) -> None:
+    env = servers_on_stack
+    inst = env.new_server({"hw:tpm_version": "2.0"})
+    # e.g. an operation killed between define and undefine left it behind.
+    leftover = env.conn.secretDefineXML(
+        f"<secret ephemeral='yes' private='yes'><uuid>{uuid.uuid4()}</uuid>"
+        f"<usage type='vtpm'><name>{inst.uuid}</name></usage></secret>")
+    leftover_uuid = leftover.UUIDString()
+    console = env.spawn(inst)
+    check_result(console.wait_new(), "2.0", "tpm_tis")
+    assert env.libvirt_secrets_of(inst) == []
+    assert leftover_uuid not in [s.uuid for s in virt_secret.list_vtpm_secrets(env.conn)]
 
 
 def test_spawn_failing_to_start_leaves_nothing_and_retry_works(

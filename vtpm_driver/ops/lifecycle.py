@@ -138,10 +138,14 @@ class LifecycleOps:
                 problems.append(str(exc))
         start = progress.start
         if progress.launched and start is not None:
+            # By usage: only a vtpm secret serving this server is ours to remove
+            # (a host-mode one stays defined after a failed start).
             try:
-                self.guests.secrets.undefine(start.secret_uuid)
+                leftover = self.guests.secrets.find(instance.uuid)
+                if leftover is not None:
+                    self.guests.secrets.undefine(leftover)
             except exception.VTPMError as exc:
-                problems.append(f"libvirt secret {start.secret_uuid}: {exc}")
+                problems.append(f"libvirt secret of server {instance.uuid}: {exc}")
         if start is not None and start.created:
             try:
                 ops_secrets.delete_barbican_secret(context, instance, instance.flavor,

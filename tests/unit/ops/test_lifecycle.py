@@ -200,6 +200,20 @@ def test_g5_leftover_libvirt_secret_of_the_server_is_replaced(env: Env, mode: st
     assert env.drv.get_info(inst) == "running"
 
 
+def test_failed_spawn_never_removes_a_secret_that_is_not_its_own(env: Env) -> None:
+    inst = env.instance()
+    secret_uuid, _ = env.km.ensure_vtpm_secret(OWNER, inst, "user")  # recorded before
+    env.conn.secretDefineXML(
+        f"<secret><uuid>{secret_uuid}</uuid><usage type='volume'><volume>/x.img</volume>"
+        "</usage></secret>")
+    with pytest.raises(exception.VirtError, match="define libvirt vTPM secret") as err:
+        env.spawn(inst)
+    assert str(err.value).endswith("(everything it had created was removed)")
+    assert env.conn.secrets[secret_uuid].usage_type == "volume"  # not ours: kept
+    assert secret_uuid in env.km.passphrases  # not created by this spawn: kept
+    assert inst.uuid not in env.conn.domains
+
+
 def test_failed_cleanup_is_reported(env: Env) -> None:
     inst = env.instance()
     env.conn.fail_start = True
