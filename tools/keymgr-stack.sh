@@ -260,11 +260,7 @@ cmd_provision() {
 }
 
 # One start/stop/provision at a time (tests, CI and people may call this together).
-lock() {
-    mkdir -p "$STACK_DIR"
-    exec 9>"$STACK_DIR/.lock"
-    flock -w 900 9 || die "another keymgr-stack.sh holds $STACK_DIR/.lock"
-}
+lock() { lock_dir "$STACK_DIR" 900; }
 
 [ $# -eq 1 ] || usage
 umask 077

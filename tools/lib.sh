@@ -87,3 +87,12 @@ stop_service() {
     wait_gone "$pid" "$name"
     rm -f "$RUN/$name.pid"
 }
+
+# lock_dir DIR SECONDS: hold DIR/.lock on fd 9 for the rest of the script (one run of a
+# tools script per state directory at a time); fail after SECONDS. Daemons started
+# afterwards must be given 9>&- so they do not keep the lock.
+lock_dir() {
+    mkdir -p "$1"
+    exec 9>"$1/.lock"
+    flock -w "$2" 9 || die "another $(basename "$0") holds $1/.lock"
+}

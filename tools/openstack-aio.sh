@@ -575,11 +575,7 @@ cmd_status() {
     return "$rc"
 }
 
-lock() {
-    mkdir -p "$AIO_DIR"
-    exec 9>"$AIO_DIR/.lock"
-    flock -w 1200 9 || die "another openstack-aio.sh holds $AIO_DIR/.lock"
-}
+lock() { lock_dir "$AIO_DIR" 1200; }
 
 [ $# -eq 1 ] || usage
 umask 022

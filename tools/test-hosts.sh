@@ -187,11 +187,7 @@ cmd_status() {
     return "$rc"
 }
 
-lock() {
-    mkdir -p "$HOSTS_DIR"
-    exec 9>"$HOSTS_DIR/.lock"
-    flock -w 120 9 || die "another test-hosts.sh holds $HOSTS_DIR/.lock"
-}
+lock() { lock_dir "$HOSTS_DIR" 120; }
 
 [ $# -eq 1 ] || usage
 case "$1" in
