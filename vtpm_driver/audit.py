@@ -22,11 +22,12 @@ listed as that server's problems instead: nothing there is orphaned.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os.path
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from vtpm_driver import exception, objects, policy, spec
+from vtpm_driver import exception, policy, spec
 from vtpm_driver.objects import canonical_uuid
 
 LIBVIRT_SECRET = "libvirt_secret"
@@ -47,11 +48,21 @@ class LibvirtSecret:
 
 @dataclasses.dataclass(frozen=True)
 class BarbicanSecret:
-    """A Barbican secret named ``vTPM secret for instance <uuid>`` (metadata only)."""
+    """A Barbican secret named ``vTPM secret for instance <uuid>`` (metadata only).
+
+    ``mode`` is the secret security mode it was listed in (``user``: with the
+    caller's token, ``deployment``: as the service user); ``project_access``
+    is its read ACL's project-access flag (None: not read); ``created`` is
+    Barbican's ISO 8601 creation time, ``creator`` the creating user.
+    """
 
     uuid: str | None
     name: str
     instance_uuid: str | None
+    mode: str = spec.SECRET_USER
+    project_access: bool | None = None
+    created: str | None = None
+    creator: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +81,7 @@ class ServerFinding:
     secret_security: str | None = None
     secret_uuid: str | None = None
     config_error: str | None = None
+    defined_secret: str | None = None
 
     @property
     def name(self) -> str:
@@ -78,11 +90,6 @@ class ServerFinding:
     @property
     def uuid(self) -> str:
         return self.instance.uuid
-
-    @property
-    def server(self) -> ServerFinding:
-        """The finding itself (name, uuid, version...): the CLI's older spelling."""
-        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,38 +113,22 @@ class AuditReport:
     servers: tuple[ServerFinding, ...]
     orphans: tuple[Orphan, ...]
     barbican_checked: bool
+    readable: tuple[BarbicanSecret, ...] = ()
+    half_done: tuple[Any, ...] = ()
+    barbican_secrets: tuple[BarbicanSecret, ...] = ()
 
     def orphans_of(self, kind: str) -> tuple[Orphan, ...]:
         return tuple(orphan for orphan in self.orphans if orphan.kind == kind)
 
     @property
     def clean(self) -> bool:
-        """No orphan and no server problem."""
-        return not self.orphans and not any(finding.problems for finding in self.servers)
+        """No orphan, no project-readable secret, no half-done operation, no server problem."""
+        return not (self.orphans or self.readable or self.half_done
+                    or any(finding.problems for finding in self.servers))
 
 
 def _canonical(value: object) -> str | None:
     return canonical_uuid(value)
-
-
-def server_from_request(
-    name: str,
-    uuid: str,
-    flavor_extra_specs: Mapping[str, object],
-    image_properties: Mapping[str, object],
-    system_metadata: Mapping[str, object],
-) -> objects.Instance:
-    """The :class:`~vtpm_driver.objects.Instance` of a server's recorded request.
-
-    Never raises and never validates: a bad request is a finding of
-    :func:`audit`, not a crash.
-    """
-    return objects.Instance(
-        name=name, uuid=uuid, user_id="", project_id="",
-        flavor=objects.Flavor(extra_specs=dict(flavor_extra_specs or {})),
-        image_meta=objects.ImageMeta(properties=dict(image_properties or {})),
-        system_metadata=dict(system_metadata or {}),
-    )
 
 
 def _finding(instance: Any) -> ServerFinding:
@@ -245,8 +236,149 @@ def audit(
             orphans.append(Orphan(BARBICAN_SECRET, secret_uuid, instance_uuid, reason))
 
     findings = tuple(
-        dataclasses.replace(server, problems=_server_problems(server, libvirt_by_usage))
+        dataclasses.replace(
+            server, problems=_server_problems(server, libvirt_by_usage),
+            defined_secret=getattr(libvirt_by_usage.get(_canonical(server.uuid) or server.uuid),
+                                   "uuid", None))
         for server in server_list if _asks_for_vtpm(server)
     )
+    readable = tuple(
+        item for item in sorted(barbican_secrets or (), key=lambda b: (b.name, b.uuid or ""))
+        if item.project_access)
     return AuditReport(servers=findings, orphans=tuple(orphans),
-                       barbican_checked=barbican_secrets is not None)
+                       barbican_checked=barbican_secrets is not None, readable=readable,
+                       barbican_secrets=tuple(barbican_secrets or ()))
+
+
+# --------------------------------------------------------------------------- repair
+
+UNDEFINE_SECRET = "undefine_libvirt_secret"
+REMOVE_STATE = "remove_state_dir"
+DELETE_BARBICAN = "delete_barbican_secret"
+FIX_ACL = "set_owner_only_acl"
+#: Barbican orphans younger than this (seconds) are left alone by default: a
+#: create in another process may have made the secret and not yet its domain.
+DEFAULT_MIN_AGE = 600.0
+_EPHEMERAL_MODES = (spec.SECRET_USER, spec.SECRET_DEPLOYMENT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """One thing ``audit --repair`` does.
+
+    ``target`` is a secret UUID (libvirt, Barbican) or a state directory path;
+    ``mode`` the secret security mode a Barbican secret was listed in;
+    ``user_id`` the one user an owner-only ACL names (None: nobody but the creator).
+    """
+
+    kind: str
+    target: str
+    instance_uuid: str | None
+    reason: str
+    mode: str | None = None
+    user_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Something the audit reported that the repair leaves alone, and why."""
+
+    target: str
+    instance_uuid: str | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairPlan:
+    actions: tuple[Action, ...]
+    skipped: tuple[Skipped, ...]
+
+
+def age_seconds(created: str | None, now: float) -> float | None:
+    """Seconds since Barbican's ``created`` (ISO 8601, naive = UTC); None if unreadable."""
+    if not created:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return now - when.timestamp()
+
+
+def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
+                     min_age: float, hosts_unchecked: Sequence[str]) -> Action | Skipped:
+    """Delete a Barbican orphan only if it is ours by name, its server is gone, and it is old."""
+    def skip(why: str) -> Skipped:
+        return Skipped(orphan.id, orphan.instance_uuid, why)
+
+    if item is None or orphan.instance_uuid is None:
+        return skip("not named 'vTPM secret for instance <uuid>': not created by vtpm-driver")
+    if not orphan.reason.startswith("no server "):
+        return skip(f"kept: {orphan.reason} (its server exists; check its record by hand)")
+    if hosts_unchecked:
+        return skip("kept: its server may live on a host that could not be checked "
+                    f"({', '.join(hosts_unchecked)})")
+    if min_age > 0:
+        age = age_seconds(item.created, now)
+        if age is None:
+            return skip("kept: Barbican gave no readable creation time")
+        if age < min_age:
+            return skip(f"kept: created {age:.0f} s ago (less than --min-age {min_age:.0f} s); "
+                        "a create may still be under way")
+    return Action(DELETE_BARBICAN, orphan.id, orphan.instance_uuid,
+                  f"delete Barbican secret: {orphan.reason}", mode=item.mode)
+
+
+def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
+         hosts_unchecked: Sequence[str] = ()) -> RepairPlan:
+    """What ``audit --repair`` does about ``report``: a pure function of the findings.
+
+    * orphaned libvirt vtpm secrets, and ``user``/``deployment`` secrets left
+      defined after a start: undefined (no starting guest needs them);
+    * orphaned state directories (only ``<base>/<uuid>`` with no domain): removed;
+    * Barbican secrets named for a server that exists nowhere checked, older
+      than ``min_age`` seconds: deleted; any other Barbican orphan is kept;
+    * project-readable vTPM secrets that are not being deleted: owner-only ACL.
+
+    ``hosts_unchecked`` names other hosts whose servers could not be listed
+    (then no Barbican secret is deleted). Nothing else is ever planned.
+    """
+    actions: list[Action] = []
+    skipped: list[Skipped] = []
+    for orphan in report.orphans_of(LIBVIRT_SECRET):
+        actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
+                              f"undefine libvirt secret: {orphan.reason}"))
+    for finding in report.servers:
+        if (finding.secret_security in _EPHEMERAL_MODES and finding.defined_secret
+                and finding.defined_secret == _canonical(finding.secret_uuid)):
+            actions.append(Action(
+                UNDEFINE_SECRET, finding.defined_secret, _canonical(finding.uuid),
+                f"undefine libvirt secret: {finding.secret_security}-mode secret of server "
+                f"{finding.name!r} left defined after its start"))
+    for orphan in report.orphans_of(STATE_DIR):
+        actions.append(Action(REMOVE_STATE, orphan.id, orphan.instance_uuid,
+                              f"remove state directory: {orphan.reason}"))
+    by_uuid = {_canonical(b.uuid): b for b in report.barbican_secrets if b.uuid}
+    deleted = set()
+    for orphan in report.orphans_of(BARBICAN_SECRET):
+        decided = _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age,
+                                   hosts_unchecked=hosts_unchecked)
+        if isinstance(decided, Action):
+            actions.append(decided)
+            deleted.add(decided.target)
+        else:
+            skipped.append(decided)
+    servers = {_canonical(f.uuid): f for f in report.servers}
+    for item in report.readable:
+        secret_uuid = _canonical(item.uuid)
+        if secret_uuid is None or secret_uuid in deleted:
+            continue
+        server = servers.get(_canonical(item.instance_uuid))
+        owner = getattr(server.instance, "user_id", None) if server is not None else None
+        user = None if item.mode == spec.SECRET_DEPLOYMENT else (owner or item.creator)
+        actions.append(Action(FIX_ACL, secret_uuid, _canonical(item.instance_uuid),
+                              "set an owner-only ACL: the project can read it",
+                              mode=item.mode, user_id=user))
+    return RepairPlan(tuple(actions), tuple(skipped))

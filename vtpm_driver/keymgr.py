@@ -434,6 +434,52 @@ class KeyManager:
             spec.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
 
+    # -- repair (``vtpm-driver audit --repair``): by secret UUID ------------------------
+
+    def secret_project_access(self, context: vtpm_context.RequestContext, secret_uuid: str,
+                              secret_security: str = spec.SECRET_USER) -> bool:
+        """Whether the secret's read ACL lets the whole project read it (one GET).
+
+        :raises VTPMSecretNotFound, VTPMSecretForbidden, KeyManagerUnavailable:
+        """
+        target = self._target(context, policy.check_mode(secret_security))
+        with target.errors("read the ACL of", secret_uuid):
+            try:
+                body = client_mod.http(target.client).get(f"secrets/{secret_uuid}/acl")
+            except ValueError:  # not JSON
+                body = None
+        read = body.get("read") if isinstance(body, Mapping) else None
+        if not isinstance(read, Mapping):
+            return True  # no read ACL: Barbican's default is project access
+        return read.get("project-access", True) is not False
+
+    def set_owner_only_acl(self, context: vtpm_context.RequestContext, secret_uuid: str,
+                           user_id: str | None,
+                           secret_security: str = spec.SECRET_USER) -> None:
+        """Read ACL: no project-wide access, only ``user_id`` (and the creator); one PUT.
+
+        Idempotent. Unlike the ACL set at create, a failure deletes nothing.
+        """
+        target = self._target(context, policy.check_mode(secret_security))
+        acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
+                                        users=[user_id] if user_id else [],
+                                        project_access=False)
+        with target.errors("set the ACL of", secret_uuid):
+            try:
+                acl.submit()
+            except (ValueError, TypeError, AttributeError):  # 2xx, unreadable body
+                pass
+        LOG.info("Set an owner-only ACL on vTPM secret %s", secret_uuid)
+
+    def delete_secret(self, context: vtpm_context.RequestContext, secret_uuid: str,
+                      secret_security: str = spec.SECRET_USER) -> bool:
+        """Delete a vTPM secret by UUID (an orphan); False if it was already gone."""
+        target = self._target(context, policy.check_mode(secret_security))
+        deleted = self._delete(target, secret_uuid, None)
+        if deleted:
+            LOG.info("Deleted orphaned vTPM secret %s", secret_uuid)
+        return deleted
+
 
 def _is_vtpm_secret(item: object) -> bool:
     return isinstance(item, Mapping) and str(item.get("name") or "").startswith(

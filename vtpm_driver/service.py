@@ -16,7 +16,9 @@ and the reason; nothing here prints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +31,7 @@ from vtpm_driver import exception, policy, servers, spec
 from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.objects import Flavor, Instance
-from vtpm_driver.virt import connection, secret, state
+from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
 
 LOG = logging.getLogger(__name__)
@@ -174,6 +176,17 @@ def _abspath(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
+def _configured_hosts(conf: cfg.ConfigOpts) -> list[tuple[str, str]]:
+    """``[vtpm] hosts`` (``name=uri`` items) when that option exists, else []."""
+    try:
+        value = conf.vtpm.hosts
+    except (cfg.NoSuchOptError, AttributeError):
+        return []
+    items = value.items() if isinstance(value, Mapping) else (
+        str(item).partition("=")[::2] for item in value or ())
+    return [(str(name), str(uri)) for name, uri in items if uri]
+
+
 # --------------------------------------------------------------------------- where servers live
 
 
@@ -221,16 +234,40 @@ class ServerBackend:
         return bool(self.driver.resize_ops.has_backup(instance.uuid))
 
     def domain_uuids(self) -> list[str]:
-        """UUIDs of every libvirt domain, ours or not (for the audit).
+        """UUIDs of every libvirt domain, ours or not (for the audit)."""
+        return domains.domain_uuids(self.hypervisor.conn)
 
-        :raises VTPMError: libvirt failed (mapped by :mod:`vtpm_driver.virt.connection`).
-        """
+    def domain_exists(self, domain_uuid: str) -> bool:
+        """Whether this host has a domain of that UUID now (a repair checks again)."""
         try:
-            return [dom.UUIDString() for dom in self.hypervisor.conn.listAllDomains(0)]
-        except Exception as exc:
-            if connection.libvirt_error_code(exc) is None:
-                raise
-            raise connection.to_vtpm_error(exc, "list domains") from exc
+            guest.lookup(self.hypervisor.conn, domain_uuid)
+        except exception.InstanceNotFound:
+            return False
+        return True
+
+    def other_host_domains(self) -> tuple[list[str], list[str]]:
+        """Domain UUIDs of the other configured hosts (``[vtpm] hosts``) and the hosts
+        that could not be listed; a server moved there keeps its Barbican secret."""
+        found: list[str] = []
+        unchecked: list[str] = []
+        for name, uri in _configured_hosts(self.conf):
+            if uri == self.uri:
+                continue
+            other = Hypervisor(uri)
+            try:
+                found.extend(domains.domain_uuids(other.conn))
+            except exception.VTPMError as exc:
+                LOG.warning("Cannot list the servers of host %s: %s", name, exc)
+                unchecked.append(name)
+            finally:
+                other.close()
+        return found, unchecked
+
+    def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
+        return secret.undefine_vtpm_secret(self.hypervisor.conn, secret_uuid)
+
+    def remove_state_dir(self, domain_uuid: str) -> bool:
+        return state.remove_state(self.conf.vtpm.swtpm_state_dir, domain_uuid)
 
     def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
         """Every libvirt vTPM secret (for the audit)."""
@@ -451,7 +488,26 @@ class ServerService:
             self.backend.driver.finish_revert_migration(context, instance, None, None, None,
                                                         True)
 
-    # -- audit -------------------------------------------------------------------------
+    # -- audit ------------------------------------------------------------------------
+
+    def list_barbican(self, keymgr: Any, scopes: Sequence[tuple[RequestContext, str]]
+                      ) -> list[vtpm_audit.BarbicanSecret]:
+        """The vTPM secrets each ``(context, mode)`` can list, with their read ACL.
+
+        One listing per scope and one ACL GET per secret (metadata only).
+        :raises VTPMError: Barbican or Keystone failed.
+        """
+        found: dict[str, vtpm_audit.BarbicanSecret] = {}
+        for context, mode in scopes:
+            for item in keymgr.list_vtpm_secrets(context, mode):
+                uuid = item.get("uuid")
+                access = keymgr.secret_project_access(context, uuid, mode) if uuid else None
+                found.setdefault(str(uuid), vtpm_audit.BarbicanSecret(
+                    uuid=uuid, name=str(item.get("name")),
+                    instance_uuid=item.get("instance_uuid"), mode=mode,
+                    project_access=access, created=item.get("created"),
+                    creator=item.get("creator")))
+        return list(found.values())
 
     def audit(self, barbican: Sequence[vtpm_audit.BarbicanSecret] | None
               ) -> vtpm_audit.AuditReport:
@@ -461,17 +517,57 @@ class ServerService:
         Barbican was not checked (then no Barbican orphan is reported).
         """
         backend = self.backend
-        found = [
-            vtpm_audit.server_from_request(
-                instance.name, instance.uuid, dict(policy.flavor_extra_specs(instance.flavor)),
-                dict(policy.image_properties(instance.image_meta)),
-                dict(getattr(instance, "system_metadata", None) or {}))
-            for instance in backend.list()
-        ]
-        domain_uuids = backend.domain_uuids()
-        secrets = [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
-                   for s in backend.libvirt_vtpm_secrets()]
         base = str(self.conf.vtpm.swtpm_state_dir)
-        return vtpm_audit.audit(found, domain_uuids, secrets, state.list_state_dirs(base),
-                                None if barbican is None else list(barbican),
-                                state_dir_base=base)
+        return vtpm_audit.audit(
+            backend.list(), backend.domain_uuids(),
+            [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
+             for s in backend.libvirt_vtpm_secrets()],
+            state.list_state_dirs(base), None if barbican is None else list(barbican),
+            state_dir_base=base)
+
+    def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float
+                    ) -> vtpm_audit.RepairPlan:
+        """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
+        elsewhere, unchecked = self.backend.other_host_domains()
+        if elsewhere:
+            kept = {vtpm_audit.canonical_uuid(u) for u in elsewhere}
+            report = dataclasses.replace(report, orphans=tuple(
+                o for o in report.orphans
+                if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
+        return vtpm_audit.plan(report, now=time.time(), min_age=min_age,
+                               hosts_unchecked=unchecked)
+
+    def repair(self, plan: vtpm_audit.RepairPlan, keymgr: Any,
+               contexts: Mapping[str, RequestContext]) -> list[tuple[vtpm_audit.Action, str]]:
+        """Do each action of ``plan``; returns (action, outcome) for each, never raises.
+
+        A state directory or Barbican secret is only removed if no domain of
+        its UUID has appeared since the audit. ``contexts`` maps a secret
+        security mode to the context its Barbican secrets were listed with.
+        """
+        done = []
+        for action in plan.actions:
+            try:
+                outcome = self._do(action, keymgr, contexts)
+            except exception.VTPMError as exc:
+                outcome = f"failed: {exc}"
+            done.append((action, outcome))
+        return done
+
+    def _do(self, action: vtpm_audit.Action, keymgr: Any,
+            contexts: Mapping[str, RequestContext]) -> str:
+        backend = self.backend
+        if action.kind == vtpm_audit.UNDEFINE_SECRET:
+            return "done" if backend.undefine_libvirt_secret(action.target) else "already gone"
+        if action.kind in (vtpm_audit.REMOVE_STATE, vtpm_audit.DELETE_BARBICAN) and (
+                action.instance_uuid and backend.domain_exists(action.instance_uuid)):
+            return "skipped: a domain of that UUID exists now"
+        if action.kind == vtpm_audit.REMOVE_STATE:
+            gone = backend.remove_state_dir(action.instance_uuid)
+            return "done" if gone else "already gone"
+        context = contexts[action.mode or spec.SECRET_USER]
+        if action.kind == vtpm_audit.DELETE_BARBICAN:
+            gone = keymgr.delete_secret(context, action.target, action.mode)
+            return "done" if gone else "already gone"
+        keymgr.set_owner_only_acl(context, action.target, action.user_id, action.mode)
+        return "done"

@@ -26,6 +26,8 @@ class FakeKeyManager:
         self.fail: dict[str, exception.VTPMError] = {}
         self.listed: dict[str, list[dict]] = {"user": [], "deployment": []}
         self.list_calls: list = []
+        self.project_readable: set[str] = set()
+        self.repairs: list[tuple] = []
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail:
@@ -73,3 +75,21 @@ class FakeKeyManager:
     def list_vtpm_secrets(self, context, secret_security="user"):
         self.list_calls.append((context, secret_security))
         return self.listed[secret_security]
+
+    def secret_project_access(self, context, secret_uuid, secret_security="user"):
+        self._maybe_fail("acl")
+        return secret_uuid in self.project_readable
+
+    def set_owner_only_acl(self, context, secret_uuid, user_id, secret_security="user"):
+        self._maybe_fail("acl")
+        self.repairs.append(("acl", secret_uuid, user_id, secret_security))
+        self.project_readable.discard(secret_uuid)
+
+    def delete_secret(self, context, secret_uuid, secret_security="user"):
+        self._maybe_fail("delete")
+        self.repairs.append(("delete", secret_uuid, secret_security))
+        listed = self.listed[secret_security]
+        before = len(listed)
+        listed[:] = [item for item in listed if item.get("uuid") != secret_uuid]
+        self.passphrases.pop(secret_uuid, None)
+        return len(listed) < before

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from tests.unit.cli.fakes import OWNER, FakeBackend
+from tests.fakes.keymgr import FakeKeyManager
+from tests.fakes.service import OWNER, FakeBackend
 from vtpm_driver import audit, objects, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
@@ -129,51 +130,28 @@ def _finding(server) -> audit.ServerFinding | None:
     return found[0] if found else None
 
 
-def test_server_from_request_never_raises():
-    good = _finding(audit.server_from_request("a", _uuid(), {"hw:tpm_version": "2.0"},
-                                              {"hw_tpm_model": "tpm-crb"},
-                                              {"vtpm_secret_uuid": "s"}))
+def _instance(specs, sysmeta, props=None) -> objects.Instance:
+    return objects.Instance(name="a", uuid=_uuid(), user_id="", project_id="",
+                            flavor=objects.Flavor(extra_specs=specs),
+                            image_meta=objects.ImageMeta(properties=props or {}),
+                            system_metadata=sysmeta)
+
+
+def test_audit_never_raises_on_a_bad_record():
+    good = _finding(_instance({"hw:tpm_version": "2.0"}, {"vtpm_secret_uuid": "s"},
+                              {"hw_tpm_model": "tpm-crb"}))
     assert (good.version, good.model, good.secret_security, good.secret_uuid) == (
         "2.0", "tpm-crb", "user", "s")
-    bad = _finding(audit.server_from_request("b", _uuid(), {"hw:tpm_version": "9"}, {}, {}))
+    bad = _finding(_instance({"hw:tpm_version": "9"}, {}))
     assert bad.version is None
     assert bad.config_error.startswith("invalid vTPM request: ")
     assert bad.problems[0] == bad.config_error
-    assert _finding(audit.server_from_request("c", _uuid(), {}, {}, {})) is None
-    odd = _finding(audit.server_from_request("d", _uuid(), {"hw:tpm_version": 2.0}, {},
-                                             {"vtpm_secret_uuid": 1}))
+    assert _finding(_instance({}, {})) is None
+    odd = _finding(_instance({"hw:tpm_version": 2.0}, {"vtpm_secret_uuid": 1}))
     assert odd.secret_uuid is None and odd.config_error
 
 
-def test_findings_keep_the_cli_spelling():
-    finding = _finding(_server(secret=_uuid()))
-    assert finding.server is finding and finding.server.name == "vm1"
-
-
 # -- the command ----------------------------------------------------------------------
-
-
-class AuditBackend(FakeBackend):
-    def __init__(self) -> None:
-        super().__init__()
-        self.foreign_domains: list[str] = []
-        self.secrets: list = []
-
-    def domain_uuids(self) -> list[str]:
-        return [i.uuid for i in self.instances] + self.foreign_domains
-
-    def libvirt_vtpm_secrets(self) -> list:
-        return list(self.secrets)
-
-
-class FakeKeyManager:
-    def __init__(self) -> None:
-        self.items: dict[str, list[dict]] = {"user": [], "deployment": []}
-        self.calls: list = []
-
-    def list_vtpm_secrets(self, context, secret_security="user"):
-        self.calls.append((context, secret_security))
-        return self.items[secret_security]
 
 
 @pytest.fixture(autouse=True)
@@ -186,10 +164,11 @@ def _isolated(monkeypatch, tmp_path):
 
 @pytest.fixture
 def env(monkeypatch, tmp_path):
-    backend, keymgr = AuditBackend(), FakeKeyManager()
+    backend, keymgr = FakeBackend(), FakeKeyManager()
     monkeypatch.setattr(audit_cli, "keymgr_factory", lambda conf: keymgr)
     state = tmp_path / "swtpm"
     state.mkdir()
+    backend.state_base = str(state)
     conf = tmp_path / "vtpm.conf"
     conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\n")
     return backend, keymgr, state, str(conf)
@@ -215,7 +194,7 @@ def test_audit_json_clean(capsys, env):
     backend, keymgr, state, _conf = env
     vm = _add(backend, "vm1")
     (state / vm.uuid).mkdir()
-    keymgr.items["user"] = [{"uuid": vm.system_metadata["vtpm_secret_uuid"],
+    keymgr.listed["user"] = [{"uuid": vm.system_metadata["vtpm_secret_uuid"],
                              "name": f"vTPM secret for instance {vm.uuid}",
                              "instance_uuid": vm.uuid}]
     rc, out, err = _run(capsys, env, "-f", "json", "--os-username", "alice")
@@ -227,10 +206,11 @@ def test_audit_json_clean(capsys, env):
                      "vtpm_secret_uuid": vm.system_metadata["vtpm_secret_uuid"],
                      "problems": []}],
         "orphan_libvirt_secrets": [], "orphan_state_dirs": [], "orphan_barbican_secrets": [],
+        "project_readable_secrets": [], "half_done_operations": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
         "clean": True,
     }
-    assert keymgr.calls == [(OWNER, "user")]
+    assert keymgr.list_calls == [(OWNER, "user")]
 
 
 def test_audit_finds_each_kind_of_orphan(capsys, env):
@@ -240,7 +220,7 @@ def test_audit_finds_each_kind_of_orphan(capsys, env):
     (state / dead_dir).mkdir()
     (state / "not-a-uuid").mkdir()
     backend.secrets = [audit.LibvirtSecret(dead_secret, dead_instance)]
-    keymgr.items["user"] = [{"uuid": barbican_secret, "name": "x",
+    keymgr.listed["user"] = [{"uuid": barbican_secret, "name": "x",
                              "instance_uuid": dead_instance}]
     rc, out, _ = _run(capsys, env, "-f", "json", "--os-username", "alice")
     assert rc == 0
@@ -261,7 +241,7 @@ def test_audit_without_credentials_skips_barbican_with_a_warning(capsys, env):
     assert rc == 0
     report = json.loads(out)
     assert report["barbican_checked"] is False and report["barbican_scope"] == []
-    assert keymgr.calls == []
+    assert keymgr.list_calls == []
     assert err.startswith("vtpm-driver: warning: Barbican not checked")
 
 
@@ -269,7 +249,7 @@ def test_audit_no_barbican_option(capsys, env):
     _, keymgr, _, _conf = env
     rc, out, err = _run(capsys, env, "-f", "json", "--os-username", "alice", "--no-barbican")
     assert (rc, err) == (0, "")
-    assert json.loads(out)["barbican_checked"] is False and keymgr.calls == []
+    assert json.loads(out)["barbican_checked"] is False and keymgr.list_calls == []
 
 
 def test_audit_table_is_readable(capsys, env):
@@ -280,3 +260,196 @@ def test_audit_table_is_readable(capsys, env):
     assert rc == 0
     assert "name=vm1" in out and "secret_security=host" in out and "problems=host-mode" in out
     assert "reason=no domain with UUID" in out
+
+
+# -- repair: the pure plan ------------------------------------------------------------
+
+NOW = 1_800_000_000.0
+OLD = "2020-01-01T00:00:00"
+
+
+def _kinds(plan) -> list[tuple[str, str]]:
+    return [(a.kind, a.target) for a in plan.actions]
+
+
+def test_plan_removes_each_orphan_kind_and_nothing_else():
+    server = _server(mode="host", secret=_uuid())
+    gone_secret, gone_usage, dead_dir, dead_instance, dead_barbican = (
+        _uuid() for _ in range(5))
+    report = audit.audit(
+        [server], [server.uuid],
+        [audit.LibvirtSecret(server.vtpm_secret_uuid, server.uuid, False, False),
+         audit.LibvirtSecret(gone_secret, gone_usage)],
+        [server.uuid, dead_dir],
+        [audit.BarbicanSecret(server.vtpm_secret_uuid, "n", server.uuid, created=OLD),
+         audit.BarbicanSecret(dead_barbican, "n", dead_instance, created=OLD)],
+        state_dir_base="/srv/swtpm")
+    plan = audit.plan(report, now=NOW)
+    assert _kinds(plan) == [
+        (audit.UNDEFINE_SECRET, gone_secret),
+        (audit.REMOVE_STATE, f"/srv/swtpm/{dead_dir}"),
+        (audit.DELETE_BARBICAN, dead_barbican),
+    ]
+    assert plan.skipped == ()
+
+
+@pytest.mark.parametrize("mode", ["user", "deployment"])
+def test_plan_undefines_an_ephemeral_secret_left_defined(mode):
+    server = _server(mode=mode, secret=_uuid())
+    report = audit.audit([server], [server.uuid],
+                         [audit.LibvirtSecret(server.vtpm_secret_uuid, server.uuid)], [], None)
+    (action,) = audit.plan(report, now=NOW).actions
+    assert (action.kind, action.target, action.instance_uuid) == (
+        audit.UNDEFINE_SECRET, server.vtpm_secret_uuid, server.uuid)
+    assert "left defined" in action.reason
+
+
+def test_plan_keeps_a_host_mode_secret():
+    server = _server(mode="host", secret=_uuid())
+    report = audit.audit([server], [server.uuid], [audit.LibvirtSecret(
+        server.vtpm_secret_uuid, server.uuid, False, False)], [], None)
+    assert audit.plan(report, now=NOW).actions == ()
+
+
+def test_plan_deletes_only_old_barbican_orphans_named_for_a_gone_server():
+    server = _server(secret=_uuid())
+    young, old, unnamed, other, undated = (_uuid() for _ in range(5))
+    gone = _uuid()
+    report = audit.audit([server], [server.uuid], [], [], [
+        audit.BarbicanSecret(young, "y", gone, created="2027-01-15T07:59:00"),
+        audit.BarbicanSecret(old, "o", gone, created=OLD),
+        audit.BarbicanSecret(unnamed, "vTPM secret for instance x", None, created=OLD),
+        audit.BarbicanSecret(other, "b", server.uuid, created=OLD),
+        audit.BarbicanSecret(undated, "u", gone),
+    ])
+    plan = audit.plan(report, now=NOW)
+    assert _kinds(plan) == [(audit.DELETE_BARBICAN, old)]
+    reasons = {s.target: s.reason for s in plan.skipped}
+    assert set(reasons) == {young, unnamed, other, undated}
+    assert "less than --min-age" in reasons[young]
+    assert "not created by vtpm-driver" in reasons[unnamed]
+    assert "its server exists" in reasons[other]
+    assert "no readable creation time" in reasons[undated]
+    assert sorted(_kinds(audit.plan(report, now=NOW, min_age=0))) == sorted([
+        (audit.DELETE_BARBICAN, young), (audit.DELETE_BARBICAN, old),
+        (audit.DELETE_BARBICAN, undated)])
+
+
+def test_plan_deletes_no_barbican_secret_while_another_host_is_unchecked():
+    report = audit.audit([], [], [], [], [audit.BarbicanSecret(_uuid(), "o", _uuid(),
+                                                               created=OLD)])
+    plan = audit.plan(report, now=NOW, hosts_unchecked=["host-b"])
+    assert plan.actions == () and "host-b" in plan.skipped[0].reason
+
+
+def test_plan_sets_owner_only_acl_on_project_readable_secrets():
+    server = _server(secret=_uuid())
+    service_secret = _uuid()
+    report = audit.audit([server], [server.uuid], [], [], [
+        audit.BarbicanSecret(server.vtpm_secret_uuid, "a", server.uuid, project_access=True),
+        audit.BarbicanSecret(service_secret, "b", server.uuid, mode="deployment",
+                             project_access=True, created=OLD),
+    ])
+    assert [s.uuid for s in report.readable] == [server.vtpm_secret_uuid, service_secret]
+    assert not report.clean
+    acls = [a for a in audit.plan(report, now=NOW).actions if a.kind == audit.FIX_ACL]
+    assert [(a.target, a.user_id, a.mode) for a in acls] == [
+        (server.vtpm_secret_uuid, "u", "user"), (service_secret, None, "deployment")]
+
+
+def test_plan_does_not_fix_the_acl_of_a_secret_it_deletes():
+    gone = _uuid()
+    report = audit.audit([], [], [], [], [audit.BarbicanSecret(
+        gone, "o", _uuid(), project_access=True, created=OLD)])
+    assert _kinds(audit.plan(report, now=NOW)) == [(audit.DELETE_BARBICAN, gone)]
+
+
+# -- repair: the command --------------------------------------------------------------
+
+
+def _orphans(env):
+    backend, keymgr, state, _conf = env
+    _add(backend, "vm1")
+    dead_dir, dead_secret, dead_instance, barbican_secret = (_uuid() for _ in range(4))
+    (state / dead_dir / "tpm2").mkdir(parents=True)
+    (state / "not-a-uuid").mkdir()
+    backend.secrets = [audit.LibvirtSecret(dead_secret, dead_instance)]
+    keymgr.listed["user"] = [{"uuid": barbican_secret, "name": "x",
+                              "instance_uuid": dead_instance, "created": OLD}]
+    return dead_dir, dead_secret, barbican_secret
+
+
+def test_repair_dry_run_shows_the_plan_and_changes_nothing(capsys, env):
+    backend, keymgr, state, _conf = env
+    dead_dir, dead_secret, barbican_secret = _orphans(env)
+    rc, out, err = _run(capsys, env, "--repair", "--dry-run", "-f", "json",
+                        "--os-username", "alice")
+    assert (rc, err) == (0, "")
+    report = json.loads(out)
+    assert report["dry_run"] is True
+    assert [(r["action"], r["target"], r["result"]) for r in report["repair"]] == [
+        (audit.UNDEFINE_SECRET, dead_secret, "planned"),
+        (audit.REMOVE_STATE, str(state / dead_dir), "planned"),
+        (audit.DELETE_BARBICAN, barbican_secret, "planned"),
+    ]
+    assert backend.removed == [] and keymgr.repairs == []
+    assert (state / dead_dir).is_dir() and backend.secrets
+
+
+def test_repair_removes_the_orphans_and_then_audit_is_clean(capsys, env):
+    backend, keymgr, state, _conf = env
+    dead_dir, _dead_secret, barbican_secret = _orphans(env)
+    rc, out, err = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert (rc, err) == (0, "")
+    assert [r["result"] for r in json.loads(out)["repair"]] == ["done"] * 3
+    assert not (state / dead_dir).exists() and (state / "not-a-uuid").is_dir()
+    assert backend.secrets == []
+    assert keymgr.repairs == [("delete", barbican_secret, "user")]
+    rc, out, _ = _run(capsys, env, "-f", "json", "--os-username", "alice")
+    assert json.loads(out)["clean"] is True
+
+
+def test_repair_keeps_a_state_dir_whose_domain_appeared(capsys, env, monkeypatch):
+    backend, _keymgr, state, _conf = env
+    dead_dir = _uuid()
+    (state / dead_dir).mkdir()
+    monkeypatch.setattr(backend, "domain_exists", lambda uuid: True)
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
+    assert rc == 0
+    (row,) = json.loads(out)["repair"]
+    assert row["result"] == "skipped: a domain of that UUID exists now"
+    assert (state / dead_dir).is_dir()
+
+
+def test_repair_fixes_project_readable_acls(capsys, env):
+    backend, keymgr, _state, _conf = env
+    vm = _add(backend, "vm1")
+    secret = vm.system_metadata["vtpm_secret_uuid"]
+    keymgr.listed["user"] = [{"uuid": secret, "name": "n", "instance_uuid": vm.uuid}]
+    keymgr.project_readable.add(secret)
+    rc, out, _ = _run(capsys, env, "-f", "json", "--os-username", "alice")
+    assert json.loads(out)["project_readable_secrets"] == [
+        {"secret_uuid": secret, "instance_uuid": vm.uuid, "mode": "user"}]
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert rc == 0
+    assert keymgr.repairs == [("acl", secret, vm.user_id, "user")]
+    rc, out, _ = _run(capsys, env, "-f", "json", "--os-username", "alice")
+    assert json.loads(out)["clean"] is True
+
+
+def test_repair_failure_exits_1_and_goes_on(capsys, env):
+    from vtpm_driver import exception
+
+    _backend, keymgr, state, _conf = env
+    dead_dir, _dead_secret, _barbican = _orphans(env)
+    keymgr.fail["delete"] = exception.KeyManagerUnavailable("Barbican down")
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert rc == 1
+    results = [r["result"] for r in json.loads(out)["repair"]]
+    assert results[:2] == ["done", "done"] and results[2] == "failed: Barbican down"
+    assert not (state / dead_dir).exists()
+
+
+def test_dry_run_needs_repair(capsys, env):
+    rc, _out, err = _run(capsys, env, "--dry-run")
+    assert rc == 1 and "--dry-run only goes with --repair" in err

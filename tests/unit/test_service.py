@@ -80,3 +80,18 @@ def test_summary_fields_show_owner_name_or_id():
         "alice", "proj-a", "1.2")
     instance.user_name = None
     assert service.summary_fields(instance, "shutdown")["owner"] == "u-owner"
+
+
+def test_configured_hosts_read_name_uri_items_and_tolerate_no_option():
+    from oslo_config import cfg
+
+    conf = cfg.ConfigOpts()
+    conf.register_opts([cfg.ListOpt("hosts", default=[])], group="vtpm")
+    conf([], default_config_files=[])
+    assert service._configured_hosts(conf) == []
+    conf.set_override("hosts", ["a=qemu+tcp://h:1/system", "b=", "c"], group="vtpm")
+    assert service._configured_hosts(conf) == [("a", "qemu+tcp://h:1/system")]
+    bare = cfg.ConfigOpts()
+    bare.register_group(cfg.OptGroup("vtpm"))
+    bare([], default_config_files=[])
+    assert service._configured_hosts(bare) == []

@@ -27,8 +27,10 @@ keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
 
 COLUMNS = (
     "servers", "orphan_libvirt_secrets", "orphan_state_dirs", "orphan_barbican_secrets",
+    "project_readable_secrets", "half_done_operations",
     "barbican_checked", "barbican_scope", "clean",
 )
+REPAIR_COLUMNS = ("repair", "repair_skipped", "dry_run")
 
 
 class RecordsColumn(FormattableColumn[list]):
@@ -49,16 +51,29 @@ class RecordsColumn(FormattableColumn[list]):
 
 
 def _server_record(finding: vtpm_audit.ServerFinding) -> dict[str, object]:
-    server = finding.server
     return {
-        "name": server.name,
-        "uuid": server.uuid,
-        "vtpm_version": server.version,
-        "vtpm_model": server.model,
-        "secret_security": server.secret_security,
-        "vtpm_secret_uuid": server.secret_uuid,
+        "name": finding.name,
+        "uuid": finding.uuid,
+        "vtpm_version": finding.version,
+        "vtpm_model": finding.model,
+        "secret_security": finding.secret_security,
+        "vtpm_secret_uuid": finding.secret_uuid,
         "problems": list(finding.problems),
     }
+
+
+def _readable_record(item: vtpm_audit.BarbicanSecret) -> dict[str, object]:
+    return {"secret_uuid": item.uuid, "instance_uuid": item.instance_uuid, "mode": item.mode}
+
+
+def _repair_records(done: Sequence[tuple[vtpm_audit.Action, str]]) -> list[dict[str, object]]:
+    return [{"action": a.kind, "target": a.target, "instance_uuid": a.instance_uuid,
+             "result": outcome, "reason": a.reason} for a, outcome in done]
+
+
+def _skipped_records(skipped: Sequence[vtpm_audit.Skipped]) -> list[dict[str, object]]:
+    return [{"target": s.target, "instance_uuid": s.instance_uuid, "reason": s.reason}
+            for s in skipped]
 
 
 def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
@@ -77,19 +92,13 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
         orphans(vtpm_audit.LIBVIRT_SECRET),
         orphans(vtpm_audit.STATE_DIR),
         orphans(vtpm_audit.BARBICAN_SECRET),
+        RecordsColumn([_readable_record(item) for item in report.readable]),
+        RecordsColumn([dict(vars(entry)) if hasattr(entry, "__dict__") else {"entry": entry}
+                       for entry in report.half_done]),
         report.barbican_checked,
         ListColumn(list(scope)),
         report.clean,
     )
-
-
-def _barbican_entries(items: Sequence[Mapping[str, Any]]) -> list[vtpm_audit.BarbicanSecret]:
-    return [
-        vtpm_audit.BarbicanSecret(
-            uuid=item.get("uuid"), name=str(item.get("name")),
-            instance_uuid=item.get("instance_uuid"))
-        for item in items
-    ]
 
 
 def _service_user_configured(conf: cfg.ConfigOpts) -> bool:
@@ -123,48 +132,85 @@ class Audit(CommandMixin, ShowOne):
         parser = super().get_parser(prog_name)
         parser.add_argument("--no-barbican", action="store_true",
                             help="Do not list Barbican secrets, even with credentials")
+        parser.add_argument("--repair", action="store_true",
+                            help="Remove what is reported as orphaned (libvirt vtpm secrets "
+                                 "no starting guest needs, state directories of no server, "
+                                 "Barbican vTPM secrets of no server) and set an owner-only "
+                                 "ACL on project-readable vTPM secrets; nothing else")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="With --repair: show the plan, change nothing")
+        parser.add_argument("--min-age", type=float, default=vtpm_audit.DEFAULT_MIN_AGE,
+                            metavar="SECONDS",
+                            help="With --repair: keep Barbican orphans younger than this "
+                                 "(a create elsewhere may not have defined its server yet; "
+                                 "default %(default).0f)")
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
-        barbican: list[vtpm_audit.BarbicanSecret] | None = None
-        scope: list[str] = []
+        if parsed_args.dry_run and not parsed_args.repair:
+            raise exception.VTPMError("--dry-run only goes with --repair")
+        scopes: list[tuple[RequestContext, str]] = []
+        self._labels: list[tuple[RequestContext, str, str]] = []
         if not parsed_args.no_barbican:
-            barbican, scope = self._list_barbican(self.app.conf)
-        return report_columns(self.app.service.audit(barbican), scope)
+            scopes = self._scopes(self.app.conf)
+        keymgr = keymgr_factory(self.app.conf) if scopes else None
+        barbican = self._list_barbican(keymgr, scopes) if scopes else None
+        service = self.app.service
+        report = service.audit(barbican)
+        names = [label for _ctx, _mode, label in self._labels]
+        columns, values = report_columns(report, names)
+        if not parsed_args.repair:
+            return columns, values
+        plan = service.repair_plan(report, min_age=parsed_args.min_age)
+        if parsed_args.dry_run:
+            done = [(action, "planned") for action in plan.actions]
+        else:
+            with self.app.progress("Repairing"):
+                done = service.repair(plan, keymgr, {mode: ctx for ctx, mode in scopes})
+        self.failed = any(outcome.startswith("failed") for _a, outcome in done)
+        return (*columns, *REPAIR_COLUMNS), (
+            *values, RecordsColumn(_repair_records(done)),
+            RecordsColumn(_skipped_records(plan.skipped)), parsed_args.dry_run)
 
-    def _list_barbican(self, conf: cfg.ConfigOpts
-                       ) -> tuple[list[vtpm_audit.BarbicanSecret] | None, list[str]]:
-        """The vTPM secrets the caller (and the service user) can list, and whose they are."""
+    def run(self, parsed_args: argparse.Namespace) -> int:
+        self.failed = False
+        rc = super().run(parsed_args)
+        return rc or (1 if self.failed else 0)
+
+    def _scopes(self, conf: cfg.ConfigOpts) -> list[tuple[RequestContext, str]]:
+        """Whose vTPM secrets to list: the caller's, and the service user's when configured."""
         with_user = self.app.credentials_given()
         with_service = _service_user_configured(conf)
         if not with_user and not with_service:
             LOG.warning("Barbican not checked: no credentials (OS_* or --os-*) and no "
                         "[service_user]; orphaned Barbican secrets cannot be listed")
-            return None, []
-        keymgr = keymgr_factory(conf)
-        found: dict[str, dict[str, Any]] = {}
-        scope = []
+            return []
         context: RequestContext | None = None
         if with_user:
             context = self.app.context
-            with self.app.progress("Listing vTPM secrets in Barbican"):
-                items = keymgr.list_vtpm_secrets(context, spec.SECRET_USER)
-            found.update((str(item.get("uuid")), item) for item in items)
-            scope.append(f"user {context.user_name or context.user_id} in project "
-                         f"{context.project_name or context.project_id}")
+            self._labels.append((context, spec.SECRET_USER,
+                                 f"user {context.user_name or context.user_id} in project "
+                                 f"{context.project_name or context.project_id}"))
         if with_service:
-            service_context = context or RequestContext(user_id="", project_id="")
+            self._labels.append((context or RequestContext(user_id="", project_id=""),
+                                 spec.SECRET_DEPLOYMENT, "[service_user] (deployment mode)"))
+        return [(ctx, mode) for ctx, mode, _label in self._labels]
+
+    def _list_barbican(self, keymgr: Any, scopes: list[tuple[RequestContext, str]]
+                       ) -> list[vtpm_audit.BarbicanSecret]:
+        """The vTPM secrets of each scope; the service user's may fail if the caller's worked."""
+        found: list[vtpm_audit.BarbicanSecret] = []
+        for context, mode in list(scopes):
             try:
-                with self.app.progress("Listing the service user's vTPM secrets in Barbican"):
-                    items = keymgr.list_vtpm_secrets(service_context, spec.SECRET_DEPLOYMENT)
+                with self.app.progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):
+                    found.extend(self.app.service.list_barbican(keymgr, [(context, mode)]))
             except exception.VTPMError as exc:
-                if not with_user:
+                if mode != spec.SECRET_DEPLOYMENT or len(scopes) == 1:
                     raise
                 LOG.warning("Barbican secrets of [service_user] not checked: %s", exc)
-            else:
-                found.update((str(item.get("uuid")), item) for item in items)
-                scope.append("[service_user] (deployment mode)")
-        return _barbican_entries(list(found.values())), scope
+                scopes.remove((context, mode))
+                self._labels = [x for x in self._labels if x[1] != mode]
+        return found
 
 
 COMMANDS = {

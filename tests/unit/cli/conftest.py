@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.cli.fakes import OWNER, FakeBackend
+from tests.fakes.service import OWNER, FakeBackend
 from vtpm_driver.cli import main as cli_main
 
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.unit.cli.fakes import add_server
+from tests.fakes.service import add_server
 from vtpm_driver.cli import auth
 
 KERNEL_ARGS = ["--kernel", "/boot/vmlinuz", "--initrd", "/boot/initrd.img"]

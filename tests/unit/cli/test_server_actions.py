@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.cli.fakes import OWNER, add_server
+from tests.fakes.service import OWNER, add_server
 from vtpm_driver import exception
 
 # -- actions --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.unit.cli.fakes import OWNER, add_server
+from tests.fakes.service import OWNER, add_server
 from vtpm_driver import exception, servers
 
 KERNEL_ARGS = ["--kernel", "/boot/vmlinuz", "--initrd", "/boot/initrd.img"]

@@ -7,6 +7,8 @@ command tests check the commands and the service rules, not libvirt.
 
 from __future__ import annotations
 
+import os
+import shutil
 import types
 import uuid
 
@@ -107,7 +109,12 @@ class FakeDriver:
 
 
 class FakeBackend:
-    """Servers in a list; the real ``servers.new_instance`` builds new ones."""
+    """Servers in a list; the real ``servers.new_instance`` builds new ones.
+
+    For the audit: ``foreign_domains`` (domains that are not our servers),
+    ``secrets`` (libvirt vTPM secrets, ``audit.LibvirtSecret``); what a repair
+    removes is recorded in ``removed``.
+    """
 
     uri = "qemu:///fake"
 
@@ -116,6 +123,12 @@ class FakeBackend:
         self.pending: set[str] = set()
         self.driver = FakeDriver(self)
         self.closed = 0
+        self.foreign_domains: list[str] = []
+        self.secrets: list = []
+        self.removed: list[tuple[str, str]] = []
+        self.elsewhere: list[str] = []
+        self.unreachable: list[str] = []
+        self.state_base: str | None = None
 
     def connect(self) -> None:
         pass
@@ -139,6 +152,31 @@ class FakeBackend:
     def close(self) -> None:
         self.closed += 1
 
+    def domain_uuids(self) -> list[str]:
+        return [i.uuid for i in self.instances] + self.foreign_domains
+
+    def libvirt_vtpm_secrets(self) -> list:
+        return list(self.secrets)
+
+    def domain_exists(self, domain_uuid: str) -> bool:
+        return domain_uuid in self.domain_uuids()
+
+    def other_host_domains(self) -> tuple[list[str], list[str]]:
+        return list(self.elsewhere), list(self.unreachable)
+
+    def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
+        self.removed.append(("libvirt_secret", secret_uuid))
+        before = len(self.secrets)
+        self.secrets = [s for s in self.secrets if s.uuid != secret_uuid]
+        return len(self.secrets) < before
+
+    def remove_state_dir(self, domain_uuid: str) -> bool:
+        self.removed.append(("state_dir", domain_uuid))
+        path = os.path.join(self.state_base, domain_uuid) if self.state_base else None
+        if path and os.path.isdir(path):
+            shutil.rmtree(path)
+            return True
+        return False
 
 
 def add_server(backend: FakeBackend, name: str = "vm1", **specs: str):
