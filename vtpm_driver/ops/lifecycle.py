@@ -22,7 +22,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import exception, faults, policy
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.spec import VTPMConfig
@@ -105,8 +105,10 @@ class LifecycleOps:
         progress = _SpawnProgress()
         try:
             progress.start = self.guests.prepare_start(context, instance, cfg, create=True)
+            faults.point("spawn.after_barbican")
             progress.dom = guest.define(self.guests.conn,
                                         self.guests.domain_xml(instance, cfg, base))
+            faults.point("spawn.after_define")
             if power_on:
                 progress.launched = True
                 self.guests.launch(progress.dom, instance, progress.start)
@@ -175,12 +177,15 @@ class LifecycleOps:
         if destroy_disks and destroy_secrets:
             ops_secrets.delete_barbican_secret(context, instance, instance.flavor,
                                                self.guests.keymgr)
+            faults.point("delete.after_barbican")
         if dom is not None:
             guest.destroy(dom)
             guest.undefine(dom, keep_tpm=not destroy_disks)
+            faults.point("delete.after_undefine")
         if not destroy_disks:
             return
         state.remove_state(self.guests.state_base, instance.uuid)
+        faults.point("delete.after_state")
         ops_secrets.remove_libvirt_secrets(self.guests.secrets, instance, recorded=recorded)
         self.guests.remove_own_console_log(instance)
         if dom is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception, faults, policy, spec
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
 from vtpm_driver.virt import domains, guest
 
@@ -74,10 +74,13 @@ class PowerOps:
         cfg = policy.vtpm_of(instance)
         dom = dom if dom is not None else self.guests.lookup(instance)
         start = self.guests.prepare_start(context, instance, cfg)
+        faults.point("reboot.after_secret_fetch")
         xml = self.guests.domain_xml(instance, cfg)
         guest.destroy(dom)
+        faults.point("reboot.after_destroy")
         guest.discard_managed_save(dom)
         dom = guest.define(self.guests.conn, xml)
+        faults.point("reboot.after_define")
         self.guests.launch(dom, instance, start)
         LOG.info("Hard rebooted", instance_uuid=instance.uuid)
 
@@ -122,6 +125,7 @@ class PowerOps:
             LOG.info("Already running", instance_uuid=instance.uuid)
             return
         start = self.guests.prepare_start(context, instance, cfg)
+        faults.point("resume.after_secret_fetch")
         self.guests.launch(dom, instance, start, fresh_boot=not guest.has_managed_save(dom))
         LOG.info("Resumed", instance_uuid=instance.uuid)
 

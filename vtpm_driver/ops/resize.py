@@ -33,7 +33,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception, faults, policy, spec
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
@@ -132,7 +132,9 @@ class ResizeOps:
         stored = record.record_from_domain(dom) or instance
         guest.power_off(dom, graceful=timeout > 0, timeout=float(timeout),
                         retry_interval=float(retry_interval or DEFAULT_RETRY_INTERVAL))
+        faults.point("resize.after_power_off")
         self.backups.make(instance, stored, keep_state=old_cfg is not None)
+        faults.point("resize.after_backup")
         LOG.info("Stopped for resize; vTPM state backed up in %s",
                  self.backups.backup_dir(instance.uuid), instance_uuid=instance.uuid)
         return json.dumps([])
@@ -154,11 +156,13 @@ class ResizeOps:
             needs_secret = new_cfg is not None and policy.recorded_secret(instance) is None
             if power_on or needs_secret:
                 start = self.guests.prepare_start(context, instance, new_cfg, create=True)
+            faults.point("finish.after_secret")
             if change.drops_old_state:
                 LOG.info("vTPM changed or removed by the resize; starting from a fresh TPM",
                          instance_uuid=instance.uuid)
                 state.remove_state(self.guests.state_base, instance.uuid)
             dom = self.guests.define(instance, new_cfg)
+            faults.point("finish.after_define")
             if power_on:
                 self.guests.launch(dom, instance, start)
         except BaseException:
@@ -180,10 +184,12 @@ class ResizeOps:
         if change is Change.REMOVED and secret_uuid:
             ops_secrets.delete_barbican_secret(context, instance, old_flavor,
                                                self.guests.keymgr)
+            faults.point("confirm.after_barbican")
             self.guests.secrets.undefine(secret_uuid)
             dom = self.guests.find(instance)
             if dom is not None:
                 self.guests.update_record(dom, instance)
+        faults.point("confirm.before_discard")
         self.backups.discard(instance.uuid)
         LOG.info("Resize confirmed", instance_uuid=instance.uuid)
 
@@ -209,15 +215,19 @@ class ResizeOps:
             self.guests.secrets.undefine(secret_uuid)
         instance.flavor = old_flavor
         start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
+        faults.point("revert.after_secret_fetch")
         guest.destroy(dom)
         guest.discard_managed_save(dom)
         restored = old_cfg is not None and self.backups.restore_state(instance)
+        faults.point("revert.after_restore")
         if not restored and change not in (Change.NONE, Change.KEPT):
             # No saved state to go back to: whatever is there belongs to the new TPM.
             state.remove_state(self.guests.state_base, instance.uuid)
         dom = self.guests.define(instance, old_cfg)
+        faults.point("revert.after_define")
         if power_on:
             self.guests.launch(dom, instance, start)
+        faults.point("revert.before_discard")
         self.backups.discard(instance.uuid)
         LOG.info("Resize reverted", instance_uuid=instance.uuid)
 
