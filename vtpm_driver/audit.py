@@ -332,7 +332,8 @@ def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
 
 
 def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
-         hosts_unchecked: Sequence[str] = ()) -> RepairPlan:
+         hosts_unchecked: Sequence[str] = (), only: Iterable[str] | None = None
+         ) -> RepairPlan:
     """What ``audit --repair`` does about ``report``: a pure function of the findings.
 
     * orphaned libvirt vtpm secrets, and ``user``/``deployment`` secrets left
@@ -343,8 +344,12 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     * project-readable vTPM secrets that are not being deleted: owner-only ACL.
 
     ``hosts_unchecked`` names other hosts whose servers could not be listed
-    (then no Barbican secret is deleted). Nothing else is ever planned.
+    (then no Barbican secret is deleted); ``only`` limits the plan to what
+    names these instance UUIDs. Nothing else is ever planned.
     """
+    if only is not None:
+        return _limited(plan(report, now=now, min_age=min_age,
+                             hosts_unchecked=hosts_unchecked), only)
     actions: list[Action] = []
     skipped: list[Skipped] = []
     for orphan in report.orphans_of(LIBVIRT_SECRET):
@@ -382,3 +387,9 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
                               "set an owner-only ACL: the project can read it",
                               mode=item.mode, user_id=user))
     return RepairPlan(tuple(actions), tuple(skipped))
+
+
+def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
+    wanted = {_canonical(u) or u for u in only}
+    return RepairPlan(tuple(a for a in full.actions if a.instance_uuid in wanted),
+                      tuple(s for s in full.skipped if s.instance_uuid in wanted))

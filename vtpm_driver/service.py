@@ -525,8 +525,8 @@ class ServerService:
             state.list_state_dirs(base), None if barbican is None else list(barbican),
             state_dir_base=base)
 
-    def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float
-                    ) -> vtpm_audit.RepairPlan:
+    def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float,
+                    only: Sequence[str] | None = None) -> vtpm_audit.RepairPlan:
         """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
         elsewhere, unchecked = self.backend.other_host_domains()
         if elsewhere:
@@ -535,7 +535,7 @@ class ServerService:
                 o for o in report.orphans
                 if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
         return vtpm_audit.plan(report, now=time.time(), min_age=min_age,
-                               hosts_unchecked=unchecked)
+                               hosts_unchecked=unchecked, only=only)
 
     def repair(self, plan: vtpm_audit.RepairPlan, keymgr: Any,
                contexts: Mapping[str, RequestContext]) -> list[tuple[vtpm_audit.Action, str]]:

@@ -453,3 +453,16 @@ def test_repair_failure_exits_1_and_goes_on(capsys, env):
 def test_dry_run_needs_repair(capsys, env):
     rc, _out, err = _run(capsys, env, "--dry-run")
     assert rc == 1 and "--dry-run only goes with --repair" in err
+
+
+def test_repair_limited_to_one_instance(capsys, env):
+    backend, _keymgr, state, _conf = env
+    mine, other = _uuid(), _uuid()
+    (state / mine).mkdir()
+    (state / other).mkdir()
+    rc, out, _ = _run(capsys, env, "--repair", "--no-barbican", "--instance", mine.upper(),
+                      "-f", "json")
+    assert rc == 0
+    assert [r["instance_uuid"] for r in json.loads(out)["repair"]] == [mine]
+    assert not (state / mine).exists() and (state / other).is_dir()
+    assert backend.removed == [("state_dir", mine)]

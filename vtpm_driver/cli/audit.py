@@ -144,6 +144,9 @@ class Audit(CommandMixin, ShowOne):
                             help="With --repair: keep Barbican orphans younger than this "
                                  "(a create elsewhere may not have defined its server yet; "
                                  "default %(default).0f)")
+        parser.add_argument("--instance", action="append", metavar="UUID", default=None,
+                            help="With --repair: only what names this instance UUID "
+                                 "(repeatable); default: everything reported")
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
@@ -161,7 +164,8 @@ class Audit(CommandMixin, ShowOne):
         columns, values = report_columns(report, names)
         if not parsed_args.repair:
             return columns, values
-        plan = service.repair_plan(report, min_age=parsed_args.min_age)
+        plan = service.repair_plan(report, min_age=parsed_args.min_age,
+                                   only=parsed_args.instance)
         if parsed_args.dry_run:
             done = [(action, "planned") for action in plan.actions]
         else:
