@@ -221,3 +221,106 @@ def require_recorded_secret(instance: Any) -> str:
 def server_label(instance: Any) -> str:
     """``'name' (uuid)`` for messages."""
     return f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"
+
+
+def may_live_migrate(cfg: VTPMConfig | None) -> bool:
+    """Whether a server may be live-migrated (Nova's rule, kept).
+
+    Without a vTPM: yes. With one, only ``host`` secret security: its libvirt
+    secret holds the passphrase on the host, so the destination can be given it
+    without the owner; the other modes would need the owner at the destination.
+    """
+    return cfg is None or cfg.secret_security == spec.SECRET_HOST
+
+
+def secret_created_before_start(change: Change) -> bool:
+    """Whether a resize's Barbican secret is made before the guest is touched.
+
+    A vTPM gained by a resize (:attr:`Change.ADDED`) gets its secret when the
+    resized server is about to start (with the passphrase-first rule), so the
+    step that would create it after the guest exists has nothing to do.
+    """
+    return change is Change.ADDED
+
+
+# -- moving a server between hosts (cold and live migration) ------------------------
+
+#: ``system_metadata`` key on the destination's copy of a cold-migrated server:
+#: the source host, until the migration is confirmed or reverted.
+MIGRATED_FROM_KEY = "vtpm_migrated_from"
+#: ``system_metadata`` key on the source's (stopped) copy during that time.
+MIGRATING_TO_KEY = "vtpm_migrating_to"
+
+
+class SecretSource(enum.Enum):
+    """Where a migration gets the passphrase the destination's swtpm needs."""
+
+    NONE = "none"          # no vTPM: nothing to hand over
+    HOST = "host"          # host mode: the source host's persistent libvirt secret
+    OWNER = "owner"        # user mode: Barbican, with the owner's credentials
+    SERVICE = "service"    # deployment mode: Barbican, with the service user's
+
+
+def migration_secret_source(cfg: VTPMConfig | None) -> SecretSource:
+    """Where the passphrase of a moving server comes from (every mode may move).
+
+    ``host`` mode keeps a libvirt secret on the host, so the host (an operator)
+    can hand it over without the owner, as Nova does; ``user`` mode needs the
+    owner, who alone may read the Barbican secret; ``deployment`` mode reads it
+    with the service user's credentials from the configuration.
+    """
+    if cfg is None:
+        return SecretSource.NONE
+    return {
+        spec.SECRET_HOST: SecretSource.HOST,
+        spec.SECRET_USER: SecretSource.OWNER,
+        spec.SECRET_DEPLOYMENT: SecretSource.SERVICE,
+    }[cfg.secret_security]
+
+
+def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,
+                      live: bool) -> SecretSource:
+    """Refuse a move the caller cannot hand the passphrase over for; where it comes from.
+
+    Checked before anything is touched, so a refused server does not move.
+    The key manager's ACL is the real guard (an owner-only secret cannot be
+    read by anyone else); this refuses early with a clear message.
+
+    :raises VTPMSecretForbidden: ``user`` mode and the caller is not the owner.
+    """
+    source = migration_secret_source(cfg)
+    if source is SecretSource.OWNER and getattr(context, "user_id", None) != getattr(
+            instance, "user_id", None):
+        kind = "live-migrate" if live else "migrate"
+        caller = getattr(context, "user_name", None) or getattr(context, "user_id", "?")
+        raise exception.VTPMSecretForbidden(
+            f"cannot {kind} server {server_label(instance)}: its vTPM secret has 'user' "
+            "secret security, so only its owner can hand the passphrase to the destination "
+            f"host (caller {caller} is not the owner)")
+    return source
+
+
+def check_migration_hosts(source: str, dest: str, hosts: Any) -> None:
+    """Refuse a move to the same host or to a host that is not configured.
+
+    :raises VTPMError: ``dest`` is ``source`` or not one of ``hosts``.
+    """
+    known = list(hosts)
+    if dest not in known:
+        raise exception.VTPMError(
+            f"unknown destination host {dest!r}: [vtpm] hosts names "
+            f"{', '.join(known) or 'none'}")
+    if dest == source:
+        raise exception.VTPMError(f"the server is already on host {dest!r}")
+
+
+def migrated_from(instance: Any) -> str | None:
+    """The source host of a cold migration awaiting confirm or revert, or None."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return sysmeta.get(MIGRATED_FROM_KEY) or None
+
+
+def migrating_to(instance: Any) -> str | None:
+    """On the source's copy: the host a pending cold migration moved it to, or None."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return sysmeta.get(MIGRATING_TO_KEY) or None

@@ -185,11 +185,28 @@ def delete_barbican_secret(context: Any, instance: Any, flavor: Any,
     :raises VTPMSecretForbidden: a token was given but may not delete it.
     :raises KeyManagerUnavailable: Barbican is down (the key stays; retry).
     """
+    return delete_secret(context, instance, flavor, keymgr, token_required=True)
+
+
+def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAPI, *,
+                  token_required: bool) -> bool:
+    """:func:`delete_barbican_secret` for any key manager.
+
+    ``token_required``: the key manager acts with the request's token (our
+    Barbican client), so a request without one cannot delete a ``user``/``host``
+    secret and the rule above applies. A key manager that finds its own
+    credentials (castellan's, configured by the operator) is always asked.
+
+    :returns: True if the key manager was asked to delete it.
+    :raises VTPMSecretForbidden: the caller may not delete it.
+    :raises KeyManagerUnavailable: the key manager is down (the key stays; retry).
+    """
     secret_uuid = policy.recorded_secret(instance)
     if secret_uuid is None:
         return False
     mode = policy.secret_security(flavor, strict=False)
-    if not policy.may_delete_without_token(mode) and not getattr(context, "auth_token", None):
+    if (token_required and not policy.may_delete_without_token(mode)
+            and not getattr(context, "auth_token", None)):
         LOG.warning("Cannot delete vTPM secret %s from Barbican without the owner's token "
                     "(this request carries none); delete it by hand", secret_uuid,
                     instance_uuid=instance.uuid)

@@ -4,15 +4,15 @@ Nova hands the driver its own ``RequestContext``, ``Flavor``, ``ImageMeta``
 (whose ``properties`` is an ``ImageMetaProps`` object, not a mapping) and
 expects its own exception types back. Everything here is a pure mapping:
 no decision about vTPMs is taken in this module, they are all taken by
-:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.host`, :mod:`vtpm_driver.keymgr`
-and :mod:`vtpm_driver.virt`.
+:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`,
+:mod:`vtpm_driver.ops` and :mod:`vtpm_driver.virt`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from lxml import etree
@@ -21,7 +21,7 @@ from nova.virt import hardware
 from nova.virt.libvirt import config as vconfig
 
 from vtpm_driver import context as vtpm_context
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, policy, spec
 from vtpm_driver.virt import domain
 
 # A domain document just big enough for domain.add_tpm to build the <tpm> in.
@@ -42,37 +42,6 @@ def request_context(context: Any) -> vtpm_context.RequestContext:
     )
 
 
-def flavor_extra_specs(flavor: Any) -> Mapping[str, Any]:
-    """A Nova ``Flavor``'s (or a flavor dict's) extra specs; empty when it has none."""
-    if flavor is None:
-        return {}
-    if isinstance(flavor, Mapping):
-        return flavor.get("extra_specs") or {}
-    return getattr(flavor, "extra_specs", None) or {}
-
-
-def image_properties(image_meta: Any) -> dict[str, Any]:
-    """The vTPM image properties of a Nova ``ImageMeta`` (or image dict) as a mapping.
-
-    ``ImageMetaProps`` is not a ``Mapping``; only the keys :mod:`vtpm_driver.spec`
-    reads are copied, and only when set.
-    """
-    if image_meta is None:
-        return {}
-    if isinstance(image_meta, Mapping):
-        props: Any = image_meta.get("properties") or {}
-    else:
-        props = getattr(image_meta, "properties", None)
-    if props is None:
-        return {}
-    found = {}
-    for key in (spec.IMAGE_VERSION_KEY, spec.IMAGE_MODEL_KEY):
-        value = props.get(key)
-        if value is not None:
-            found[key] = value
-    return found
-
-
 def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
     """What the flavor and image ask for, decided by :func:`vtpm_driver.spec.get_vtpm_config`.
 
@@ -80,7 +49,8 @@ def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
     :raises nova.exception.Invalid: an invalid value or combination.
     """
     with nova_errors():
-        return spec.get_vtpm_config(flavor_extra_specs(flavor), image_properties(image_meta))
+        return spec.get_vtpm_config(policy.flavor_extra_specs(flavor),
+                                    policy.image_properties(image_meta))
 
 
 def nova_vtpm_constraint(flavor: Any, image_meta: Any) -> hardware.VTPMConfig | None:
@@ -91,19 +61,6 @@ def nova_vtpm_constraint(flavor: Any, image_meta: Any) -> hardware.VTPMConfig | 
     """
     config = vtpm_config(flavor, image_meta)
     return None if config is None else hardware.VTPMConfig(config.version, config.model)
-
-
-def flavor_secret_security(flavor: Any) -> str:
-    """The flavor's ``hw:tpm_secret_security`` (default ``user``), checked by our spec.
-
-    Used where only the flavor is known (the old or new flavor of a resize);
-    an unreadable value falls back to ``user`` so that a cleanup is never
-    blocked by it.
-    """
-    value = flavor_extra_specs(flavor).get(spec.FLAVOR_SECRET_SECURITY_KEY)
-    if isinstance(value, str) and value in spec.SECRET_SECURITY_MODES:
-        return value
-    return spec.DEFAULT_SECRET_SECURITY
 
 
 def tpm_element(config: spec.VTPMConfig, secret_uuid: str | None) -> etree._Element:

@@ -1,0 +1,175 @@
+"""libvirt for the vTPM core, through Nova's ``Host`` object (never a connection of our own).
+
+Two adapters of the core's interfaces:
+
+* :class:`NovaSecretStore` (:class:`vtpm_driver.ops.secrets.SecretStore`) over
+  ``Host.find_secret`` / ``create_secret`` / ``delete_secret``;
+* :class:`NovaHostProbe` (:class:`vtpm_driver.host.HostProbe`): libvirt's
+  domain capabilities and versions through ``Host`` (so Nova's fakelibvirt
+  answers in Nova's tests), and the host's swtpm binaries and accounts from an
+  :class:`OSFacts` the driver picks (see README.rst, "Host checks").
+
+libvirt errors are mapped once, here, to :mod:`vtpm_driver.exception`; the
+``libvirt`` module is the one Nova's ``host`` module uses, looked up at call
+time (Nova's tests replace it with fakelibvirt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from nova import exception as nova_exception
+from nova.virt.libvirt import host as nova_host
+
+from vtpm_driver import exception
+
+USAGE_TYPE = "vtpm"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def libvirt_errors(what: str) -> Iterator[None]:
+    """Map libvirt's and Nova's ``Host`` errors to ours.
+
+    :raises vtpm_driver.exception.HypervisorUnavailable: libvirt cannot be reached.
+    :raises vtpm_driver.exception.VirtError: libvirt refused ``what``.
+    """
+    libvirt_error = nova_host.libvirt.libvirtError
+    try:
+        yield
+    except nova_exception.HypervisorUnavailable as exc:
+        raise exception.HypervisorUnavailable(
+            f"cannot reach libvirt to {what}: {_one_line(exc)}") from None
+    except libvirt_error as exc:
+        raise exception.VirtError(
+            f"libvirt refused to {what}: {_one_line(exc.get_error_message())}") from None
+
+
+class NovaSecretStore:
+    """The host's libvirt ``vtpm`` secrets through Nova's ``Host`` (usage = instance UUID).
+
+    ``Host`` finds secrets by usage only; the store remembers which instance
+    each secret it found or defined serves, so :meth:`undefine` (by secret
+    UUID, the core's interface) can find it again. Values never leave
+    :meth:`define` (``Host.create_secret`` sets them with ``setValue``).
+    """
+
+    def __init__(self, nova_host_obj: Any) -> None:
+        self._host = nova_host_obj
+        self._served: dict[str, str] = {}  # secret UUID -> instance UUID
+
+    def __repr__(self) -> str:
+        return f"NovaSecretStore(known={len(self._served)})"
+
+    def find(self, instance_uuid: str) -> str | None:
+        """UUID of the libvirt secret serving ``instance_uuid``, or None."""
+        with libvirt_errors(f"look up the vTPM secret of server {instance_uuid}"):
+            found = self._host.find_secret(USAGE_TYPE, instance_uuid)
+        if found is None:
+            return None
+        secret_uuid = str(found.UUIDString())
+        self._served[secret_uuid] = instance_uuid
+        return secret_uuid
+
+    def define(self, secret_uuid: str, instance_uuid: str, passphrase: str, *,
+               persistent: bool) -> None:
+        """Define it (private + ephemeral unless ``persistent``) with its value set."""
+        with libvirt_errors(f"define the vTPM secret of server {instance_uuid}"):
+            self._host.create_secret(
+                USAGE_TYPE, instance_uuid, password=passphrase.encode("ascii"),
+                uuid=secret_uuid, ephemeral=not persistent, private=not persistent)
+        self._served[secret_uuid] = instance_uuid
+
+    def undefine(self, secret_uuid: str) -> bool:
+        """Undefine it; True if it existed. Idempotent."""
+        instance_uuid = self._served.pop(secret_uuid, None)
+        if instance_uuid is None:
+            return False
+        with libvirt_errors(f"undefine vTPM secret {secret_uuid}"):
+            found = self._host.find_secret(USAGE_TYPE, instance_uuid)
+            if found is None or str(found.UUIDString()) != secret_uuid:
+                return False
+            found.undefine()
+        return True
+
+
+class OSFacts(Protocol):
+    """The host facts :func:`vtpm_driver.host.check_host` reads besides libvirt."""
+
+    def which(self, name: str) -> str | None: ...
+
+    def user_exists(self, name: str) -> bool: ...
+
+    def group_exists(self, name: str) -> bool: ...
+
+    def swtpm_version(self) -> str | None: ...
+
+
+class VouchedOSFacts:
+    """Facts vouched for by a replaced ``LibvirtDriver._check_vtpm_support``.
+
+    Nova's tests (and any operator who overrides Nova's check) replace that
+    method to say "this host's swtpm binaries and accounts are fine"; then
+    they are taken as present, exactly as Nova's own driver does.
+    """
+
+    def which(self, name: str) -> str | None:
+        return name
+
+    def user_exists(self, name: str) -> bool:
+        return True
+
+    def group_exists(self, name: str) -> bool:
+        return True
+
+    def swtpm_version(self) -> str | None:
+        return None
+
+
+class NovaHostProbe:
+    """:class:`vtpm_driver.host.HostProbe` reading libvirt through Nova's ``Host``."""
+
+    def __init__(self, nova_host_obj: Any, os_facts: OSFacts) -> None:
+        self._host = nova_host_obj
+        self.os_facts = os_facts
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        """Domain capabilities XML for the host's architecture (as ``Host`` asks for it)."""
+        with libvirt_errors("report domain capabilities"):
+            arch = self._host.get_capabilities().host.cpu.arch
+            return str(self._host.get_connection().getDomainCapabilities(
+                None, arch, None, virt_type, 0))
+
+    def which(self, name: str) -> str | None:
+        return self.os_facts.which(name)
+
+    def user_exists(self, name: str) -> bool:
+        return self.os_facts.user_exists(name)
+
+    def group_exists(self, name: str) -> bool:
+        return self.os_facts.group_exists(name)
+
+    def versions(self) -> dict[str, str]:
+        """libvirt and hypervisor versions from ``Host``; swtpm's from the OS facts."""
+        with libvirt_errors("report its version"):
+            conn = self._host.get_connection()
+            versions = {"libvirt": _version_string(conn.getLibVersion())}
+            hv_version = self._host.get_version()
+            if hv_version:
+                versions[str(self._host.get_driver_type()).lower()] = _version_string(
+                    hv_version)
+        swtpm = self.os_facts.swtpm_version()
+        if swtpm:
+            versions["swtpm"] = swtpm
+        return versions
+
+
+def _version_string(number: int) -> str:
+    """libvirt's packed version (major * 1e6 + minor * 1e3 + micro) as text."""
+    number = int(number)
+    return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"

@@ -1,0 +1,183 @@
+"""pytest plugin: run Nova's own vTPM tests (from the installed nova wheel) on our shim.
+
+Loaded with ``-p nova_suite_plugin`` by ``tools/nova-vtpm-suite.sh``. It changes
+exactly one thing in Nova's tests, the compute driver:
+
+* functional tests: Nova's ``ServersTestBase._setup_compute_service`` sets
+  ``compute_driver = libvirt.LibvirtDriver``; the wrapper below calls it and
+  then sets ``vtpm.VTPMLibvirtDriver`` (the only line an operator changes);
+* unit tests (``nova.tests.unit.virt.libvirt.test_driver``, the ones about
+  vTPM): they build ``libvirt_driver.LibvirtDriver(...)``; for each of them that
+  name in ``nova.virt.libvirt.driver`` is our class while the test runs.
+
+Plus what running from an installed wheel (instead of Nova's source tree) needs:
+Nova's test configuration looks for ``$pybasedir/etc/nova/api-paste.ini``; the
+wheel installs that file under ``<venv>/etc/nova``, so ``pybasedir`` points there.
+
+``VTPM_NOVA_SUITE_DRIVER=libvirt.LibvirtDriver`` runs the same tests on Nova's
+own driver (the baseline). Deliberate differences are expected failures
+(``xfail(strict=True)``: they still run, and CI fails if one starts passing),
+each listed with its reason in ``nova/virt/vtpm/README.rst``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SHIM_DRIVER = "vtpm.VTPMLibvirtDriver"
+DRIVER = os.environ.get("VTPM_NOVA_SUITE_DRIVER", SHIM_DRIVER)
+
+#: test node id suffix -> why our behaviour deliberately differs from Nova's.
+_HARD_REBOOT_AS_ADMIN = (
+    "deliberate: the passphrase is read before the running guest is destroyed, so an "
+    "admin who may not read a user-mode secret gets VTPMSecretForbidden and the server "
+    "stays ACTIVE and running (Nova destroys the guest first and leaves it in ERROR)"
+)
+DELIBERATE_DIFFERENCES: dict[str, str] = {
+    "::test_hard_reboot_server_as_admin_1_None": _HARD_REBOOT_AS_ADMIN,
+    "::test_hard_reboot_server_as_admin_2_user": _HARD_REBOOT_AS_ADMIN,
+}
+
+
+def _swap_compute_driver() -> None:
+    from nova.tests.functional.libvirt import base
+
+    original = base.ServersTestBase._setup_compute_service
+    if getattr(original, "_vtpm_swapped", False):
+        return
+
+    def _setup_compute_service(self):  # type: ignore[no-untyped-def]
+        result = original(self)
+        self.flags(compute_driver=DRIVER)
+        return result
+
+    _setup_compute_service._vtpm_swapped = True  # type: ignore[attr-defined]
+    base.ServersTestBase._setup_compute_service = _setup_compute_service
+
+
+def _point_at_wheel_data() -> None:
+    from nova.tests.fixtures import conf as conf_fixture
+
+    if not os.path.exists(os.path.join(sys.prefix, "etc", "nova", "api-paste.ini")):
+        return
+    original = conf_fixture.ConfFixture.setUp
+    if getattr(original, "_vtpm_wrapped", False):
+        return
+
+    def setUp(self):  # type: ignore[no-untyped-def]
+        original(self)
+        self.conf.set_default("pybasedir", sys.prefix)
+
+    setUp._vtpm_wrapped = True  # type: ignore[attr-defined]
+    conf_fixture.ConfFixture.setUp = setUp
+
+
+def _tolerate_newer_sqlalchemy() -> None:
+    """Nova's WarningsFixture turns SQLAlchemy deprecations raised in nova's DB code
+    into errors, to catch them early against the SQLAlchemy of Nova's upper
+    constraints (2.0). The all-in-one venv has a newer SQLAlchemy whose new
+    deprecations (e.g. ``noload``) then fail every test, with either driver: keep
+    them warnings. Other SQLAlchemy warnings still fail the tests.
+    """
+    import importlib
+    import warnings
+
+    import sqlalchemy
+    from sqlalchemy import exc as sa_exc
+
+    # (the package re-exports a name 'nova' that hides this submodule)
+    nova_fixtures = importlib.import_module("nova.tests.fixtures.nova")
+
+    if tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2]) < (2, 1):
+        return
+    original = nova_fixtures.WarningsFixture.setUp
+    if getattr(original, "_vtpm_wrapped", False):
+        return
+
+    def setUp(self):  # type: ignore[no-untyped-def]
+        original(self)
+        warnings.filterwarnings("default", category=sa_exc.SADeprecationWarning)
+
+    setUp._vtpm_wrapped = True  # type: ignore[attr-defined]
+    nova_fixtures.WarningsFixture.setUp = setUp
+
+
+def _run_under_pytest() -> None:
+    """Nova runs its tests with stestr; under pytest one cleanup clashes.
+
+    pytest sets the test method as an attribute of the TestCase instance and
+    deletes it afterwards; Nova's ``TestCase._clear_attrs`` cleanup deletes every
+    public attribute first, so pytest's own delete fails. Keep that one attribute.
+    """
+    from nova import test as nova_test
+
+    original = nova_test.TestCase._clear_attrs
+    if getattr(original, "_vtpm_wrapped", False):
+        return
+
+    def _clear_attrs(self):  # type: ignore[no-untyped-def]
+        method = self.__dict__.pop(self._testMethodName, None)
+        original(self)
+        if method is not None:
+            self.__dict__[self._testMethodName] = method
+
+    _clear_attrs._vtpm_wrapped = True  # type: ignore[attr-defined]
+    nova_test.TestCase._clear_attrs = _clear_attrs
+
+
+def _use_this_checkout() -> None:
+    """Test the shim and package of the checkout this plugin lives in.
+
+    The venv may have another checkout installed editable; this one's
+    ``vtpm_driver`` and ``nova/virt/vtpm`` come first.
+    """
+    import nova.virt
+
+    sys.path.insert(0, str(REPO))
+    virt_dir = str(REPO / "nova" / "virt")
+    if virt_dir not in nova.virt.__path__:
+        nova.virt.__path__.insert(0, virt_dir)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _use_this_checkout()
+    _point_at_wheel_data()
+    _run_under_pytest()
+    _tolerate_newer_sqlalchemy()
+    _swap_compute_driver()
+
+
+UNIT_MODULE = "nova.tests.unit.virt.libvirt.test_driver"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
+    """Nova's unit tests construct ``LibvirtDriver`` by name: make it ours for the test."""
+    module = getattr(getattr(item, "module", None), "__name__", "")
+    if module != UNIT_MODULE or DRIVER != SHIM_DRIVER:
+        yield
+        return
+    from nova.virt.libvirt import driver as libvirt_driver
+
+    from nova.virt.vtpm import VTPMLibvirtDriver
+
+    original = libvirt_driver.LibvirtDriver
+    libvirt_driver.LibvirtDriver = VTPMLibvirtDriver
+    try:
+        yield
+    finally:
+        libvirt_driver.LibvirtDriver = original
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if DRIVER != SHIM_DRIVER:
+        return
+    for item in items:
+        for suffix, reason in DELIBERATE_DIFFERENCES.items():
+            if item.nodeid.endswith(suffix):
+                item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
