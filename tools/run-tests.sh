@@ -15,6 +15,7 @@ step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.
 step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
 step "lint (ruff)";                                     .venv/bin/ruff check .
 step "Nova shim tests (in-process, real nova wheel)";   bash tools/nova-shim-tests.sh
+step "Nova's own vTPM tests on the shim";               bash tools/nova-vtpm-suite.sh
 step "tests (unit + functional)"
 .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
 printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
