@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from keystoneauth1 import loading as ks_loading
-from oslo_config import cfg
+from oslo_config import cfg, types
+
+from vtpm_driver import exception
 
 SECRET_SECURITY_MODES = ("user", "host", "deployment")
 
@@ -208,6 +210,22 @@ Directory where a resize keeps the old swtpm state and server record
 ``swtpm_state_dir`` so ``vtpm-driver audit`` does not report it as an orphan.
 """,
     ),
+    cfg.Opt(
+        "hosts",
+        type=types.Dict(key_value_separator="=", type_name="NAME=URI pairs"),
+        default={},
+        help="""
+The compute hosts this vtpm-driver manages, as ``NAME=URI`` pairs, e.g.
+``host-a=qemu+tcp://10.0.0.11/system,host-b=qemu+tcp://10.0.0.12/system``.
+
+The first one is the default host of a command (``vtpm-driver --host NAME``
+picks another); a server is found on whichever host has it, and ``server
+migrate`` / ``server live-migrate`` move servers between them. Migration
+traffic goes to the address in the destination's URI (QEMU listens on that
+address only). Unset: the one host of ``[libvirt] connection_uri``, named
+``default``.
+""",
+    ),
     cfg.IntOpt(
         "guest_start_timeout",
         default=60,
@@ -298,3 +316,22 @@ def new_conf(args: list[str] | None = None, config_files: list[str] | None = Non
     register_opts(conf)
     conf(args or [], project="vtpm-driver", default_config_files=config_files or [])
     return conf
+#: Name of the one host when ``[vtpm] hosts`` is unset.
+DEFAULT_HOST = "default"
+
+
+def host_uris(conf: cfg.ConfigOpts) -> dict[str, str]:
+    """``[vtpm] hosts`` in order (the first is the default host); unset: the one host.
+
+    :raises InvalidConfiguration: a host without a URI.
+    """
+    hosts = dict(conf.vtpm.hosts or {})
+    if not hosts:
+        return {DEFAULT_HOST: libvirt_uri(conf)}
+    empty = sorted(name for name, uri in hosts.items() if not uri)
+    if empty:
+        raise exception.InvalidConfiguration(
+            f"[vtpm] hosts: no URI for {', '.join(empty)} (expected NAME=URI pairs)")
+    return hosts
+
+

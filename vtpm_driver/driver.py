@@ -16,21 +16,25 @@ are accepted and ignored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, policy, spec
+from vtpm_driver import exception, keymgr, policy
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.lifecycle import LifecycleOps
+from vtpm_driver.ops.migrate import ColdMigration, HostSide, LiveMigration
 from vtpm_driver.ops.power import PowerOps
 from vtpm_driver.ops.resize import ResizeOps
 from vtpm_driver.virt import connection, domains
+from vtpm_driver.virt import migrate as virt_migrate
+from vtpm_driver.virt.migrate import HostSecretReader
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +55,9 @@ class VTPMDriver:
         self._lifecycle: LifecycleOps | None = None
         self._power: PowerOps | None = None
         self._resize: ResizeOps | None = None
+        #: This host's name in ``[vtpm] hosts``; ``peers(name)`` gives another host's side.
+        self.host_name: str = vtpm_conf.DEFAULT_HOST
+        self.peers: Callable[[str], HostSide] | None = None
 
     @property
     def probe(self) -> HostProbe:
@@ -271,16 +278,79 @@ class VTPMDriver:
                      "evacuation rebuilds the server on another host, where its TPM state "
                      "does not exist (Nova refuses it as well)")
 
+    # -- Moving between hosts (issue 14) --------------------------------------
+
+    def migration_side(self, name: str | None = None) -> HostSide:
+        """This host as one side of a move (``name``: how ``[vtpm] hosts`` calls it)."""
+        return HostSide(name or self.host_name, self.hypervisor.uri, self.guests,
+                        HostSecretReader(lambda: self.hypervisor.conn))
+
+    def _peer(self, dest: Any) -> HostSide:
+        if isinstance(dest, HostSide):
+            return dest
+        if self.peers is not None:
+            return self.peers(dest)
+        raise exception.VTPMError(
+            f"unknown destination host {dest!r}: this driver knows no other host "
+            "(configure [vtpm] hosts)")
+
+    def check_can_live_migrate_destination(self, context: Any, instance: Any,
+                                           src_compute_info: Any = None,
+                                           dst_compute_info: Any = None,
+                                           block_migration: bool = False,
+                                           disk_over_commit: bool = False) -> dict[str, Any]:
+        """On the destination: it offers the vTPM and has no such domain yet.
+
+        :raises InvalidConfiguration, InstanceExists: it cannot take the server.
+        """
+        self.migration_side().check_destination(instance, policy.vtpm_of(instance))
+        return {"dest_host": self.host_name, "dest_uri": self.hypervisor.uri}
+
+    def check_can_live_migrate_source(self, context: Any, instance: Any,
+                                      dest_check_data: Any, block_device_info: Any = None
+                                      ) -> Any:
+        """On the source: the caller can hand the passphrase over (every mode may move).
+
+        :raises VTPMSecretForbidden: ``user`` mode and the caller is not the owner.
+        """
+        policy.check_may_migrate(policy.vtpm_of(instance), instance, context, live=True)
+        return dest_check_data
+
     def live_migration(self, context: Any, instance: Any, dest: Any, post_method: Any,
                        recover_method: Any, block_migration: bool = False,
                        migrate_data: Any = None) -> None:
-        """Refused for vTPM servers (Nova allows it only with ``host`` secret security)."""
-        mode = policy.secret_security(getattr(instance, "flavor", None), strict=False)
-        if mode == spec.SECRET_HOST:
-            why = ("live migration of vTPM servers is not implemented by the standalone "
-                   "driver (Nova supports it with 'host' secret security only)")
-        else:
-            why = (f"with {mode!r} secret security the destination host would need the "
-                   "passphrase without the owner (Nova allows it only with 'host' secret "
-                   "security)")
-        self._refuse("live-migration", instance, why)
+        """Live-migrate to ``dest`` (a peer's name or :class:`HostSide`), same boot, same TPM.
+
+        Nova's contract: ``post_method(context, instance, dest, block_migration,
+        migrate_data)`` after success, ``recover_method(context, instance,
+        dest, migrate_data)`` after a failure (then the error is raised).
+
+        :raises VTPMSecretForbidden: the caller cannot hand the passphrase over.
+        :raises VTPMError: the move failed; the guest runs on this host.
+        """
+        target = self._peer(dest)
+        try:
+            LiveMigration(self.migration_side(), target).run(context, instance)
+        except exception.VTPMError:
+            if recover_method is not None:
+                recover_method(context, instance, target.name, migrate_data)
+            raise
+        if post_method is not None:
+            post_method(context, instance, target.name, block_migration, migrate_data)
+
+    def live_migration_abort(self, instance: Any) -> bool:
+        """Cancel a running live migration of ``instance``; False if none runs."""
+        return virt_migrate.abort(self.guests.lookup(instance))
+
+    def migrate_to(self, context: Any, instance: Any, dest: Any, timeout: float = 0) -> None:
+        """Cold-migrate to ``dest``; awaits :meth:`confirm_migration_to` or a revert."""
+        ColdMigration(self.migration_side(), self._peer(dest)).migrate(
+            context, instance, timeout=timeout)
+
+    def confirm_migration_to(self, context: Any, instance: Any, dest: Any) -> None:
+        """Keep a cold-migrated server on ``dest``: this (source) host drops its copy."""
+        ColdMigration(self.migration_side(), self._peer(dest)).confirm(context, instance)
+
+    def revert_migration_to(self, context: Any, instance: Any, dest: Any) -> None:
+        """Bring a cold-migrated server back from ``dest`` with its old TPM state."""
+        ColdMigration(self.migration_side(), self._peer(dest)).revert(context, instance)

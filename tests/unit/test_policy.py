@@ -1,0 +1,63 @@
+"""policy: the pure rules of moving a server between hosts (issue 14)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from vtpm_driver import exception, policy, spec
+from vtpm_driver.policy import SecretSource
+
+
+def cfg(mode: str) -> spec.VTPMConfig:
+    return spec.get_vtpm_config({"hw:tpm_version": "2.0", "hw:tpm_secret_security": mode}, {})
+
+
+OWNER = types.SimpleNamespace(user_id="u-owner", user_name="alice")
+MEMBER = types.SimpleNamespace(user_id="u-member", user_name="bob")
+SERVER = types.SimpleNamespace(name="vm1", uuid="c0ffee00-0000-4000-8000-000000000001",
+                               user_id="u-owner")
+
+
+@pytest.mark.parametrize(("mode", "source"), [
+    ("host", SecretSource.HOST), ("user", SecretSource.OWNER),
+    ("deployment", SecretSource.SERVICE)])
+def test_every_mode_may_move_with_its_own_credentials(mode, source):
+    assert policy.migration_secret_source(cfg(mode)) is source
+    assert policy.check_may_migrate(cfg(mode), SERVER, OWNER, live=True) is source
+
+
+def test_no_vtpm_needs_no_secret():
+    assert policy.migration_secret_source(None) is SecretSource.NONE
+    assert policy.check_may_migrate(None, SERVER, MEMBER, live=True) is SecretSource.NONE
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_user_mode_moves_only_with_the_owner(live):
+    with pytest.raises(exception.VTPMSecretForbidden, match="only its owner") as err:
+        policy.check_may_migrate(cfg("user"), SERVER, MEMBER, live=live)
+    assert ("live-migrate" if live else "cannot migrate") in str(err.value)
+    assert "bob" in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+def test_host_and_deployment_modes_do_not_need_the_owner(mode):
+    assert policy.check_may_migrate(cfg(mode), SERVER, MEMBER, live=True) is not None
+
+
+def test_migration_hosts_must_be_known_and_different():
+    policy.check_migration_hosts("a", "b", ["a", "b"])
+    with pytest.raises(exception.VTPMError, match="unknown destination host 'c'"):
+        policy.check_migration_hosts("a", "c", ["a", "b"])
+    with pytest.raises(exception.VTPMError, match="already on host 'a'"):
+        policy.check_migration_hosts("a", "a", ["a", "b"])
+
+
+def test_pending_cold_migration_markers():
+    server = types.SimpleNamespace(system_metadata={})
+    assert policy.migrated_from(server) is None and policy.migrating_to(server) is None
+    server.system_metadata[policy.MIGRATED_FROM_KEY] = "host-a"
+    server.system_metadata[policy.MIGRATING_TO_KEY] = "host-b"
+    assert policy.migrated_from(server) == "host-a"
+    assert policy.migrating_to(server) == "host-b"
