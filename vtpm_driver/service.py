@@ -30,6 +30,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, policy, servers, spec
 from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.host import LibvirtHostProbe
 from vtpm_driver.objects import Flavor, Instance
 from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
@@ -51,7 +52,7 @@ SHOW_FIELDS = (
     "kernel", "initrd", "cmdline", "disk", "console_log",
 )
 #: Operations refused for vTPM servers (SPEC F6) -> how the driver is asked.
-REFUSED_OPERATIONS = ("rebuild", "rescue", "shelve", "evacuate", "live-migrate")
+REFUSED_OPERATIONS = ("rebuild", "rescue", "shelve", "evacuate")
 
 Progress = Callable[[str], contextlib.AbstractContextManager[None]]
 
@@ -157,7 +158,8 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False
     return fields
 
 
-def summary_fields(instance: Any, power_state: str) -> dict[str, Any]:
+def summary_fields(instance: Any, power_state: str, host: str | None = None
+                   ) -> dict[str, Any]:
     """What ``server list`` says about ``instance`` ('invalid' for a bad vTPM request)."""
     config, error = vtpm_or_error(instance)
     return {
@@ -169,6 +171,7 @@ def summary_fields(instance: Any, power_state: str) -> dict[str, Any]:
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
         "power_state": power_state,
+        "host": host,
     }
 
 
@@ -193,9 +196,13 @@ def _configured_hosts(conf: cfg.ConfigOpts) -> list[tuple[str, str]]:
 class ServerBackend:
     """The driver and the record store, over one libvirt connection (opened on first use)."""
 
-    def __init__(self, conf: cfg.ConfigOpts) -> None:
+    def __init__(self, conf: cfg.ConfigOpts, uri: str | None = None,
+                 name: str = vtpm_conf.DEFAULT_HOST,
+                 peers: Callable[[str], Any] | None = None) -> None:
         self.conf = conf
-        self.hypervisor = Hypervisor(vtpm_conf.libvirt_uri(conf))
+        self.name = name
+        self.hypervisor = Hypervisor(uri or vtpm_conf.libvirt_uri(conf))
+        self._peers = peers
         self._driver: VTPMDriver | None = None
 
     @property
@@ -212,7 +219,10 @@ class ServerBackend:
     @property
     def driver(self) -> VTPMDriver:
         if self._driver is None:
-            self._driver = VTPMDriver(self.conf, hypervisor=self.hypervisor)
+            self._driver = VTPMDriver(self.conf, probe=LibvirtHostProbe(self.uri),
+                                      hypervisor=self.hypervisor)
+            self._driver.host_name = self.name
+            self._driver.peers = self._peers
         return self._driver
 
     def find(self, name_or_uuid: str) -> Instance:
@@ -277,6 +287,60 @@ class ServerBackend:
         self.hypervisor.close()
 
 
+class HostSet:
+    """The hosts of ``[vtpm] hosts`` (or the one host), one backend each, made on first use.
+
+    ``factory(conf)`` makes the backend of the single default host;
+    ``factory(conf, uri=..., name=..., peers=...)`` one of several named hosts,
+    whose driver reaches the others through ``peers(name)`` (for migrations).
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, factory: Callable[..., Any] = ServerBackend
+                 ) -> None:
+        self.conf = conf
+        self.uris = vtpm_conf.host_uris(conf)
+        self._factory = factory
+        self._backends: dict[str, Any] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.uris)
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    @property
+    def several(self) -> bool:
+        return len(self.uris) > 1
+
+    def check(self, name: str) -> str:
+        """:raises InvalidConfiguration: ``name`` is not a configured host."""
+        if name not in self.uris:
+            raise exception.InvalidConfiguration(
+                f"unknown host {name!r}: [vtpm] hosts names {', '.join(self.names)}")
+        return name
+
+    def backend(self, name: str) -> Any:
+        """The backend of host ``name`` (not connected yet)."""
+        self.check(name)
+        if name not in self._backends:
+            if self.several or name != vtpm_conf.DEFAULT_HOST:
+                self._backends[name] = self._factory(self.conf, uri=self.uris[name],
+                                                     name=name, peers=self.side)
+            else:
+                self._backends[name] = self._factory(self.conf)
+        return self._backends[name]
+
+    def side(self, name: str) -> Any:
+        """Host ``name`` as one side of a move (what a driver's ``peers`` returns)."""
+        return self.backend(name).driver.migration_side(name)
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -291,24 +355,84 @@ class ServerService:
 
     def __init__(self, conf: cfg.ConfigOpts, backend: Any,
                  context: Callable[[], RequestContext],
-                 progress: Progress = _no_progress) -> None:
+                 progress: Progress = _no_progress, hosts: HostSet | None = None,
+                 host: str | None = None) -> None:
+        """``hosts`` (several hosts): ``backend`` may be None and ``host`` (None: the
+        first) is the host commands act on; with an explicit ``host`` servers are
+        looked up there only, otherwise on whichever host has them."""
         self.conf = conf
+        self._hosts = hosts
+        self._explicit_host = host is not None
+        if hosts is not None:
+            self._host = hosts.check(host) if host is not None else hosts.default
+            backend = hosts.backend(self._host)
+        else:
+            self._host = getattr(backend, "name", None)
         self._backend = backend
         self._context = context
         self._progress = progress
-        self._connected = False
+        self._connected: set[int] = set()
+
+    def _connect(self, backend: Any) -> Any:
+        if id(backend) not in self._connected:
+            with self._progress(f"Connecting to libvirt at {backend.uri}"):
+                backend.connect()
+            self._connected.add(id(backend))
+        return backend
 
     @property
     def backend(self) -> Any:
-        """The backend, connected."""
-        if not self._connected:
-            with self._progress(f"Connecting to libvirt at {self._backend.uri}"):
-                self._backend.connect()
-            self._connected = True
-        return self._backend
+        """The backend of the host this command acts on, connected."""
+        return self._connect(self._backend)
+
+    @property
+    def host(self) -> str | None:
+        """The name of the host this command acts on (None: the one unnamed host)."""
+        return self._host
+
+    def _hosts_to_search(self) -> list[str]:
+        if self._hosts is None or self._explicit_host:
+            return [self._host] if self._host else []
+        return [self._host, *[n for n in self._hosts.names if n != self._host]]
+
+    def _use(self, name: str) -> Any:
+        """Act on host ``name`` from now on (the server was found there)."""
+        if self._hosts is not None and name != self._host:
+            self._host, self._backend = name, self._hosts.backend(name)
+        return self.backend
+
+    def locate(self, name_or_uuid: str) -> Any:
+        """The server, on whichever host has it (the command then acts on that host).
+
+        A cold migration awaiting confirm or revert leaves a stopped copy on
+        the source: the destination's copy is the server.
+
+        :raises InstanceNotFound: no host has it.
+        """
+        if self._hosts is None or self._explicit_host or not self._hosts.several:
+            return self.backend.find(name_or_uuid)
+        found = []
+        for name in self._hosts_to_search():
+            try:
+                found.append((name, self._connect(self._hosts.backend(name)).find(
+                    name_or_uuid)))
+            except exception.InstanceNotFound:
+                continue
+            except exception.HypervisorUnavailable as exc:
+                LOG.warning("Host %s is unreachable, not searched: %s", name, exc)
+        if not found:
+            raise exception.InstanceNotFound(
+                f"no server with name or UUID {name_or_uuid!r} on any host "
+                f"({', '.join(self._hosts.names)})")
+        name, instance = next(((n, i) for n, i in found if policy.migrated_from(i)), found[0])
+        self._use(name)
+        return instance
 
     def close(self) -> None:
-        self._backend.close()
+        if self._hosts is not None:
+            self._hosts.close()
+        else:
+            self._backend.close()
 
     # -- reading ---------------------------------------------------------------
 
@@ -325,17 +449,38 @@ class ServerService:
 
     def describe(self, instance: Any) -> dict[str, Any]:
         """:func:`server_fields` with the live power state and resize status."""
-        return server_fields(instance, self.power_state(instance),
-                             self.backend.resize_pending(instance))
+        fields = server_fields(instance, self.power_state(instance),
+                               self.backend.resize_pending(instance)
+                               or bool(policy.migrated_from(instance)))
+        if self._hosts is not None and self._hosts.several:
+            fields["host"] = self._host
+        return fields
 
     def show(self, name_or_uuid: str) -> dict[str, Any]:
         """:raises InstanceNotFound: no such server."""
-        return self.describe(self.backend.find(name_or_uuid))
+        return self.describe(self.locate(name_or_uuid))
 
     def list(self) -> list[dict[str, Any]]:
-        """Every server of this host, sorted by name (no credentials needed)."""
-        return [summary_fields(instance, self.power_state(instance))
-                for instance in self.backend.list()]
+        """Every server, sorted by name, with its host (no credentials needed).
+
+        Every configured host unless one was chosen; an unreachable host is
+        skipped with a warning. The stopped source copy of a cold migration
+        awaiting confirm or revert is not listed (the server is on the destination).
+        """
+        if self._hosts is None or self._explicit_host or not self._hosts.several:
+            return [summary_fields(instance, self.power_state(instance), self._host)
+                    for instance in self.backend.list()]
+        rows = []
+        for name in self._hosts.names:
+            try:
+                instances = self._use(name).list()
+            except exception.HypervisorUnavailable as exc:
+                LOG.warning("Host %s is unreachable, its servers are not listed: %s",
+                            name, exc)
+                continue
+            rows += [summary_fields(instance, self.power_state(instance), name)
+                     for instance in instances if not policy.migrating_to(instance)]
+        return sorted(rows, key=lambda row: (str(row["name"]), str(row["host"])))
 
     # -- creating ----------------------------------------------------------------
 
@@ -376,7 +521,7 @@ class ServerService:
     def _target(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
         """The caller (logged in first) and the server, which the caller may act on."""
         context = self._context()
-        instance = self.backend.find(name_or_uuid)
+        instance = self.locate(name_or_uuid)
         check_project(context, instance, verb)
         return context, instance
 
@@ -425,9 +570,7 @@ class ServerService:
         """
         context, instance = self._target(name_or_uuid, operation)
         drv = self.backend.driver
-        if operation == "live-migrate":
-            drv.live_migration(context, instance, None, None, None)
-        elif operation == "rebuild":
+        if operation == "rebuild":
             drv.rebuild(context, instance, instance.image_meta, None, None, None, None,
                         None, None)
         elif operation == "rescue":
@@ -469,7 +612,7 @@ class ServerService:
 
     def _pending(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
         context, instance = self._target(name_or_uuid, verb)
-        if not self.backend.resize_pending(instance):
+        if not self.backend.resize_pending(instance) and not policy.migrated_from(instance):
             raise exception.VTPMError(
                 f"cannot {verb} server {instance.name!r}: it has no resize awaiting confirm "
                 "or revert")
@@ -478,15 +621,84 @@ class ServerService:
     def confirm_resize(self, name_or_uuid: str) -> None:
         """Keep the new flavor (drops the old vTPM state)."""
         context, instance = self._pending(name_or_uuid, "confirm the resize of")
+        if policy.migrated_from(instance):
+            self._finish_migration(context, instance, confirm=True)
+            return
         with self._progress(f"Confirming the resize of server {instance.name}"):
             self.backend.driver.confirm_migration(context, None, instance, None)
 
     def revert_resize(self, name_or_uuid: str) -> None:
         """Back to the old flavor and its vTPM state."""
         context, instance = self._pending(name_or_uuid, "revert the resize of")
+        if policy.migrated_from(instance):
+            self._finish_migration(context, instance, confirm=False)
+            return
         with self._progress(f"Reverting the resize of server {instance.name}"):
             self.backend.driver.finish_revert_migration(context, instance, None, None, None,
                                                         True)
+
+    # -- moving between hosts ------------------------------------------------------------
+
+    def migrate(self, name_or_uuid: str, dest: str, *, live: bool,
+                bandwidth_mib: int | None = None) -> dict[str, Any]:
+        """Move the server to host ``dest``; cold: then confirm or revert (as a resize).
+
+        :raises InvalidConfiguration: ``dest`` is not a configured host.
+        :raises VTPMSecretForbidden: the caller cannot hand the passphrase over
+            (``user`` mode, not the owner): nothing moved.
+        :raises VTPMError: the move failed; the server is on its host as it was.
+        """
+        verb = "live-migrate" if live else "migrate"
+        context, instance = self._target(name_or_uuid, verb)
+        if self._hosts is None:
+            raise exception.InvalidConfiguration(
+                f"cannot {verb} server {instance.name}: only one host is configured "
+                "(set [vtpm] hosts)")
+        source = self._host
+        if not live and self.backend.resize_pending(instance):
+            raise exception.VTPMError(
+                f"cannot migrate server {instance.name!r}: a resize is awaiting confirm or "
+                "revert")
+        if policy.migrated_from(instance):
+            raise exception.VTPMError(
+                f"cannot {verb} server {instance.name!r}: its migration from "
+                f"{policy.migrated_from(instance)} awaits confirm or revert")
+        policy.check_migration_hosts(source, dest, self._hosts.names)
+        self._connect(self._hosts.backend(dest))
+        drv = self.backend.driver
+        with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
+                            f"{instance.name} from {source} to {dest}"):
+            if live:
+                target = self._hosts.side(dest)
+                drv.live_migration(context, instance, target, None, None)
+            else:
+                drv.migrate_to(context, instance, dest)
+        self._use(dest)
+        return self.describe(instance)
+
+    def live_migration_abort(self, name_or_uuid: str) -> bool:
+        """Cancel the server's running live migration; False when none runs."""
+        _context, instance = self._target(name_or_uuid, "abort the live migration of")
+        return bool(self.backend.driver.live_migration_abort(instance))
+
+    def _finish_migration(self, context: RequestContext, instance: Any, *,
+                          confirm: bool) -> None:
+        """Confirm or revert a cold migration (this command acts on its destination)."""
+        dest, source = self._host, policy.migrated_from(instance)
+        if self._hosts is None or dest is None or source not in self._hosts.names:
+            raise exception.VTPMError(
+                f"server {instance.name!r} was migrated from host {source!r}, which is not "
+                "configured in [vtpm] hosts")
+        src_backend = self._connect(self._hosts.backend(source))
+        drv = src_backend.driver
+        verb = "Confirming" if confirm else "Reverting"
+        with self._progress(f"{verb} the migration of server {instance.name} from {source} "
+                            f"to {dest}"):
+            if confirm:
+                drv.confirm_migration_to(context, instance, dest)
+            else:
+                drv.revert_migration_to(context, instance, dest)
+                self._use(source)
 
     # -- audit ------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Lifecycle of one existing server: reboot, stop, start, suspend, resume, delete.
 
 Also the operations refused for servers with a vTPM (rebuild, rescue, shelve,
-evacuate, live-migrate), which exit 1 saying why. Every command logs in with
+evacuate), which exit 1 saying why. Every command logs in with
 the global ``--os-*`` options (the caller must be in the server's project, and
 in 'user' mode only the owner can unlock the vTPM), makes one call to the
 application's :class:`~vtpm_driver.service.ServerService` and prints nothing
@@ -164,15 +164,6 @@ class ServerEvacuate(RefusedForVTPM):
     verb = "evacuate"
 
 
-class ServerLiveMigrate(RefusedForVTPM):
-    """Live-migrate a server: refused for servers with a vTPM.
-
-    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
-    """
-
-    verb = "live-migrate"
-
-
 COMMANDS = {
     "server reboot": ServerReboot,
     "server stop": ServerStop,
@@ -184,5 +175,4 @@ COMMANDS = {
     "server rescue": ServerRescue,
     "server shelve": ServerShelve,
     "server evacuate": ServerEvacuate,
-    "server live-migrate": ServerLiveMigrate,
 }

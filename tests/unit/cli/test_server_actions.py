@@ -75,8 +75,7 @@ def test_action_without_a_server_argument_is_usage_error(cli, backend, logins):
 
 
 
-@pytest.mark.parametrize("operation", ["rebuild", "rescue", "shelve", "evacuate",
-                                       "live-migrate"])
+@pytest.mark.parametrize("operation", ["rebuild", "rescue", "shelve", "evacuate"])
 def test_refused_operations_exit_1_naming_why(cli, backend, logins, operation):
     add_server(backend)
     rc, out, err = cli("server", operation, "vm1")
