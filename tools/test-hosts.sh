@@ -3,7 +3,7 @@
 # everything that moves between hosts (cold and live migration, evacuate, unshelve).
 #
 #   tools/test-hosts.sh start     start host-a and host-b (idempotent)
-#   tools/test-hosts.sh stop      stop both (their guests go with them)
+#   tools/test-hosts.sh stop [HOST]  stop both, or only HOST (their guests go with them)
 #   tools/test-hosts.sh status    exit 0 when both answer, 3 when not
 #
 # Each host runs its own virtlogd + libvirtd in its own mount and PID namespace, with
@@ -34,7 +34,7 @@ declare -A MOUNTS=([/etc/libvirt]=etc [/run/libvirt]=run [/var/lib/libvirt]=lib
 START_TIMEOUT="${VTPM_HOSTS_START_TIMEOUT:-60}"
 
 usage() {
-    echo "usage: $0 {start|stop|status}" >&2
+    echo "usage: $0 {start|stop [HOST]|status}" >&2
     exit 2
 }
 
@@ -169,7 +169,8 @@ cmd_start() {
 
 cmd_stop() {
     local name
-    for name in "${HOSTS[@]}"; do
+    for name in "${@:-${HOSTS[@]}}"; do
+        [ -n "${PORT[$name]:-}" ] || die "unknown host $name (hosts: ${HOSTS[*]})"
         stop_host "$name"
     done
 }
@@ -189,10 +190,10 @@ cmd_status() {
 
 lock() { lock_dir "$HOSTS_DIR" 120; }
 
-[ $# -eq 1 ] || usage
+[ $# -ge 1 ] || usage
 case "$1" in
-    start) lock; cmd_start ;;
-    stop) lock; cmd_stop ;;
+    start) [ $# -eq 1 ] || usage; lock; cmd_start ;;
+    stop) [ $# -le 2 ] || usage; lock; shift; cmd_stop "$@" ;;
     status) cmd_status ;;
     *) usage ;;
 esac
