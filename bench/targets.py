@@ -46,6 +46,8 @@ def _throughput_keeps_up(report: dict) -> float | None:
 
 
 TARGETS: list[Target] = [
+    ("migrate.live.ratio", "<= 1.10 x a live migration without vTPM",
+     lambda r: _get(r, "migrate", "live", "ratio"), lambda v: v <= 1.10),
     ("keymgr.ours.create.barbican_requests", "== 2 (POST + owner-only ACL PUT)",
      _ours_requests("create", "barbican"), lambda v: v == 2),
     ("keymgr.ours.unlock.barbican_requests", "== 1 (payload GET)",
