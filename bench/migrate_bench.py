@@ -52,7 +52,8 @@ def _median(values: list[float]) -> float | None:
 def run(ctx: Any, runs: int = 3) -> dict:
     """Times of live and cold migrations with and without a vTPM (seconds)."""
     from vtpm_driver import conf as vtpm_conf
-    from vtpm_driver.service import HostSet, ServerService
+    from vtpm_driver.hosts import HostSet
+    from vtpm_driver.service import ServerService
 
     conf = vtpm_conf.new_conf()
     conf.set_override("virt_type", "qemu", group="libvirt")

@@ -22,10 +22,10 @@ Everything here is idempotent and side-effect free.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, objects, spec
 from vtpm_driver.spec import VTPMConfig
 
 #: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
@@ -324,3 +324,44 @@ def migrating_to(instance: Any) -> str | None:
     """On the source's copy: the host a pending cold migration moved it to, or None."""
     sysmeta = getattr(instance, "system_metadata", None) or {}
     return sysmeta.get(MIGRATING_TO_KEY) or None
+
+
+def check_project(context: Any, instance: Any, verb: str) -> None:
+    """Nova's default policy: members of the server's project, or an admin.
+
+    Operations that need the vTPM passphrase are further limited to the owner
+    by Barbican's ACL in ``user`` mode; this check keeps other projects from
+    even stopping or rebooting a server they do not own.
+
+    :raises NotAuthorized: the caller is neither.
+    """
+    if context.project_id == instance.project_id or "admin" in context.roles:
+        return
+    raise exception.NotAuthorized(
+        f"cannot {verb} server {instance.name}: it belongs to project {instance.project_id} "
+        f"and {context.user_name or context.user_id} is not a member of it (or an admin)"
+    )
+
+
+def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
+               vcpus: int | None, memory_mb: int | None) -> objects.Flavor:
+    """The flavor a resize moves to: ``old`` with the requested changes.
+
+    :raises InvalidVTPMConfig: ``unset`` names an extra spec the flavor lacks.
+    """
+    extra_specs = dict(flavor_extra_specs(old))
+    unknown = [key for key in unset if key not in extra_specs and key not in set_specs]
+    if unknown:
+        raise exception.InvalidVTPMConfig(
+            f"--unset-flavor-property {', '.join(map(repr, unknown))}: the server's flavor "
+            f"has no such extra spec (it has: {', '.join(sorted(extra_specs)) or 'none'})"
+        )
+    for key in unset:
+        extra_specs.pop(key, None)
+    extra_specs.update(set_specs)
+    return objects.Flavor(
+        name=str(getattr(old, "name", "standalone")),
+        vcpus=vcpus if vcpus is not None else int(getattr(old, "vcpus", 1)),
+        memory_mb=memory_mb if memory_mb is not None else int(getattr(old, "memory_mb", 256)),
+        extra_specs=extra_specs,
+    )

@@ -1,13 +1,13 @@
 """Standalone servers as a service: what the ``server`` commands (and the demo) call.
 
-:class:`ServerBackend` is where servers live: one libvirt connection shared by
-the :class:`~vtpm_driver.driver.VTPMDriver` (Nova ``ComputeDriver``-shaped
-lifecycle) and the server records of :mod:`vtpm_driver.servers` (kept in each
-domain's ``<metadata>``). :class:`ServerService` adds what Nova's API and
-compute manager add around the driver: find the server, check the caller's
-project, validate a request before anything is created, compute a resize's new
-flavor, and describe a server as plain fields. Command-line modules only parse
-options, call one method here and format the result.
+:class:`ServerService` adds what Nova's API and compute manager add around the
+driver of each host (:mod:`vtpm_driver.hosts`): find the server on whichever
+host has it, check the caller's project (:func:`vtpm_driver.policy.check_project`),
+validate a request before anything is created, compute a resize's new flavor
+(:func:`vtpm_driver.policy.new_flavor`), move servers between hosts, audit and
+repair, and describe a server as plain fields (:mod:`vtpm_driver.view`).
+Command-line modules only parse options, call one method here and format the
+result.
 
 Every error is a :class:`~vtpm_driver.exception.VTPMError` naming the server
 and the reason; nothing here prints.
@@ -26,31 +26,15 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, policy, servers, spec
+from vtpm_driver import exception, policy, spec, view
 from vtpm_driver.context import RequestContext
-from vtpm_driver.driver import VTPMDriver
-from vtpm_driver.host import LibvirtHostProbe
-from vtpm_driver.objects import Flavor, Instance
-from vtpm_driver.virt import domains, guest, secret, state
-from vtpm_driver.virt.connection import Hypervisor
+from vtpm_driver.hosts import HostSet
+from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
 
-#: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
-POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
-                7: "suspended"}
-RESIZE_PENDING = "awaiting confirm or revert"
-SHUTDOWN_RETRY_INTERVAL = 10
+SHUTDOWN_RETRY_INTERVAL = 10  # seconds between ACPI power-button presses
 
-#: ``server show`` fields, in order (``vtpm_error`` follows when the request is invalid).
-SHOW_FIELDS = (
-    "name", "uuid", "power_state", "resize_status",
-    "user_id", "user_name", "project_id", "project_name",
-    "vtpm", "vtpm_version", "vtpm_model", "secret_security", "vtpm_secret_uuid",
-    "flavor_extra_specs", "image_properties", "vcpus", "memory_mb",
-    "kernel", "initrd", "cmdline", "disk", "console_log",
-)
 #: Operations refused for vTPM servers (SPEC F6) -> how the driver is asked.
 REFUSED_OPERATIONS = ("rebuild", "rescue", "shelve", "evacuate")
 
@@ -61,284 +45,8 @@ def _no_progress(_message: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-# --------------------------------------------------------------------------- pure rules
-
-
-def power_state_name(info: object) -> str:
-    """Nova's name for ``driver.get_info(instance)`` (or its ``state``)."""
-    state = getattr(info, "state", info)
-    if isinstance(state, str):
-        return state
-    if isinstance(state, int) and not isinstance(state, bool):
-        return POWER_STATES.get(state, f"state {state}")
-    return "unknown"
-
-
-def vtpm_or_error(instance: Any) -> tuple[spec.VTPMConfig | None, str | None]:
-    """(config, None), (None, None) without a vTPM, or (None, reason) if invalid."""
-    try:
-        return policy.vtpm_of(instance), None
-    except exception.VTPMError as exc:
-        return None, str(exc)
-
-
-def check_project(context: RequestContext, instance: Any, verb: str) -> None:
-    """Nova's default policy: members of the server's project, or an admin.
-
-    Operations that need the vTPM passphrase are further limited to the owner
-    by Barbican's ACL in ``user`` mode; this check keeps other projects from
-    even stopping or rebooting a server they do not own.
-
-    :raises NotAuthorized: the caller is neither.
-    """
-    if context.project_id == instance.project_id or "admin" in context.roles:
-        return
-    raise exception.NotAuthorized(
-        f"cannot {verb} server {instance.name}: it belongs to project {instance.project_id} "
-        f"and {context.user_name or context.user_id} is not a member of it (or an admin)"
-    )
-
-
-def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
-               vcpus: int | None, memory_mb: int | None) -> Flavor:
-    """The flavor a resize moves to: ``old`` with the requested changes.
-
-    :raises InvalidVTPMConfig: ``unset`` names an extra spec the flavor lacks.
-    """
-    extra_specs = dict(policy.flavor_extra_specs(old))
-    unknown = [key for key in unset if key not in extra_specs and key not in set_specs]
-    if unknown:
-        raise exception.InvalidVTPMConfig(
-            f"--unset-flavor-property {', '.join(map(repr, unknown))}: the server's flavor "
-            f"has no such extra spec (it has: {', '.join(sorted(extra_specs)) or 'none'})"
-        )
-    for key in unset:
-        extra_specs.pop(key, None)
-    extra_specs.update(set_specs)
-    return Flavor(
-        name=str(getattr(old, "name", "standalone")),
-        vcpus=vcpus if vcpus is not None else int(getattr(old, "vcpus", 1)),
-        memory_mb=memory_mb if memory_mb is not None else int(getattr(old, "memory_mb", 256)),
-        extra_specs=extra_specs,
-    )
-
-
-def server_fields(instance: Any, power_state: str, resize_pending: bool = False
-                  ) -> dict[str, Any]:
-    """What ``server show`` says about ``instance``, as plain values (no secret)."""
-    config, error = vtpm_or_error(instance)
-    flavor = getattr(instance, "flavor", None)
-    image_meta = getattr(instance, "image_meta", None)
-    fields = {
-        "name": getattr(instance, "name", None),
-        "uuid": getattr(instance, "uuid", None),
-        "power_state": power_state,
-        "resize_status": RESIZE_PENDING if resize_pending else None,
-        "user_id": getattr(instance, "user_id", None),
-        "user_name": getattr(instance, "user_name", None),
-        "project_id": getattr(instance, "project_id", None),
-        "project_name": getattr(instance, "project_name", None),
-        "vtpm": config is not None,
-        "vtpm_version": config.version if config else None,
-        "vtpm_model": config.model if config else None,
-        "secret_security": config.secret_security if config else None,
-        "vtpm_secret_uuid": policy.recorded_secret(instance),
-        "flavor_extra_specs": dict(policy.flavor_extra_specs(flavor)),
-        "image_properties": dict(policy.image_properties(image_meta)),
-        "vcpus": getattr(flavor, "vcpus", None),
-        "memory_mb": getattr(flavor, "memory_mb", None),
-        "kernel": getattr(image_meta, "kernel", None),
-        "initrd": getattr(image_meta, "initrd", None),
-        "cmdline": getattr(image_meta, "cmdline", None),
-        "disk": getattr(image_meta, "disk", None),
-        "console_log": getattr(instance, "console_log", None),
-    }
-    if error is not None:
-        fields["vtpm_error"] = error
-    return fields
-
-
-def summary_fields(instance: Any, power_state: str, host: str | None = None
-                   ) -> dict[str, Any]:
-    """What ``server list`` says about ``instance`` ('invalid' for a bad vTPM request)."""
-    config, error = vtpm_or_error(instance)
-    return {
-        "name": instance.name,
-        "uuid": instance.uuid,
-        "owner": str(getattr(instance, "user_name", None) or instance.user_id),
-        "project": getattr(instance, "project_name", None) or instance.project_id,
-        "vtpm_version": config.version if config else ("invalid" if error else None),
-        "vtpm_model": config.model if config else None,
-        "secret_security": config.secret_security if config else None,
-        "power_state": power_state,
-        "host": host,
-    }
-
-
 def _abspath(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
-
-
-def _configured_hosts(conf: cfg.ConfigOpts) -> list[tuple[str, str]]:
-    """``[vtpm] hosts`` (``name=uri`` items) when that option exists, else []."""
-    try:
-        value = conf.vtpm.hosts
-    except (cfg.NoSuchOptError, AttributeError):
-        return []
-    items = value.items() if isinstance(value, Mapping) else (
-        str(item).partition("=")[::2] for item in value or ())
-    return [(str(name), str(uri)) for name, uri in items if uri]
-
-
-# --------------------------------------------------------------------------- where servers live
-
-
-class ServerBackend:
-    """The driver and the record store, over one libvirt connection (opened on first use)."""
-
-    def __init__(self, conf: cfg.ConfigOpts, uri: str | None = None,
-                 name: str = vtpm_conf.DEFAULT_HOST,
-                 peers: Callable[[str], Any] | None = None) -> None:
-        self.conf = conf
-        self.name = name
-        self.hypervisor = Hypervisor(uri or vtpm_conf.libvirt_uri(conf))
-        self._peers = peers
-        self._driver: VTPMDriver | None = None
-
-    @property
-    def uri(self) -> str:
-        return self.hypervisor.uri
-
-    def connect(self) -> None:
-        """Open the libvirt connection now (the first one can take seconds).
-
-        :raises HypervisorUnavailable: libvirt cannot be reached.
-        """
-        self.hypervisor.conn  # noqa: B018 - opening the connection is the point
-
-    @property
-    def driver(self) -> VTPMDriver:
-        if self._driver is None:
-            self._driver = VTPMDriver(self.conf, probe=LibvirtHostProbe(self.uri),
-                                      hypervisor=self.hypervisor)
-            self._driver.host_name = self.name
-            self._driver.peers = self._peers
-        return self._driver
-
-    def find(self, name_or_uuid: str) -> Instance:
-        """:raises InstanceNotFound: no server has this name or UUID."""
-        return servers.find(self.hypervisor.conn, name_or_uuid)
-
-    def list(self) -> list[Instance]:
-        return list(servers.list_all(self.hypervisor.conn))
-
-    def new_instance(self, name: str, context: RequestContext, **kwargs: Any) -> Instance:
-        return servers.new_instance(name, context, **kwargs)
-
-    def resize_pending(self, instance: Any) -> bool:
-        """True while a resize of ``instance`` awaits confirm or revert.
-
-        Adapter: the driver has no public "resize pending?" question yet, so
-        this asks its resize operations whether they keep a backup.
-        """
-        return bool(self.driver.resize_ops.has_backup(instance.uuid))
-
-    def domain_uuids(self) -> list[str]:
-        """UUIDs of every libvirt domain, ours or not (for the audit)."""
-        return domains.domain_uuids(self.hypervisor.conn)
-
-    def domain_exists(self, domain_uuid: str) -> bool:
-        """Whether this host has a domain of that UUID now (a repair checks again)."""
-        try:
-            guest.lookup(self.hypervisor.conn, domain_uuid)
-        except exception.InstanceNotFound:
-            return False
-        return True
-
-    def other_host_domains(self) -> tuple[list[str], list[str]]:
-        """Domain UUIDs of the other configured hosts (``[vtpm] hosts``) and the hosts
-        that could not be listed; a server moved there keeps its Barbican secret."""
-        found: list[str] = []
-        unchecked: list[str] = []
-        for name, uri in _configured_hosts(self.conf):
-            if uri == self.uri:
-                continue
-            other = Hypervisor(uri)
-            try:
-                found.extend(domains.domain_uuids(other.conn))
-            except exception.VTPMError as exc:
-                LOG.warning("Cannot list the servers of host %s: %s", name, exc)
-                unchecked.append(name)
-            finally:
-                other.close()
-        return found, unchecked
-
-    def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
-        return secret.undefine_vtpm_secret(self.hypervisor.conn, secret_uuid)
-
-    def remove_state_dir(self, domain_uuid: str) -> bool:
-        return state.remove_state(self.conf.vtpm.swtpm_state_dir, domain_uuid)
-
-    def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
-        """Every libvirt vTPM secret (for the audit)."""
-        return secret.list_vtpm_secrets(self.hypervisor.conn)
-
-    def close(self) -> None:
-        self.hypervisor.close()
-
-
-class HostSet:
-    """The hosts of ``[vtpm] hosts`` (or the one host), one backend each, made on first use.
-
-    ``factory(conf)`` makes the backend of the single default host;
-    ``factory(conf, uri=..., name=..., peers=...)`` one of several named hosts,
-    whose driver reaches the others through ``peers(name)`` (for migrations).
-    """
-
-    def __init__(self, conf: cfg.ConfigOpts, factory: Callable[..., Any] = ServerBackend
-                 ) -> None:
-        self.conf = conf
-        self.uris = vtpm_conf.host_uris(conf)
-        self._factory = factory
-        self._backends: dict[str, Any] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.uris)
-
-    @property
-    def default(self) -> str:
-        return self.names[0]
-
-    @property
-    def several(self) -> bool:
-        return len(self.uris) > 1
-
-    def check(self, name: str) -> str:
-        """:raises InvalidConfiguration: ``name`` is not a configured host."""
-        if name not in self.uris:
-            raise exception.InvalidConfiguration(
-                f"unknown host {name!r}: [vtpm] hosts names {', '.join(self.names)}")
-        return name
-
-    def backend(self, name: str) -> Any:
-        """The backend of host ``name`` (not connected yet)."""
-        self.check(name)
-        if name not in self._backends:
-            if self.several or name != vtpm_conf.DEFAULT_HOST:
-                self._backends[name] = self._factory(self.conf, uri=self.uris[name],
-                                                     name=name, peers=self.side)
-            else:
-                self._backends[name] = self._factory(self.conf)
-        return self._backends[name]
-
-    def side(self, name: str) -> Any:
-        """Host ``name`` as one side of a move (what a driver's ``peers`` returns)."""
-        return self.backend(name).driver.migration_side(name)
-
-    def close(self) -> None:
-        for backend in self._backends.values():
-            backend.close()
 
 
 # --------------------------------------------------------------------------- the service
@@ -439,7 +147,7 @@ class ServerService:
     def power_state(self, instance: Any) -> str:
         """Nova's power state name; 'deleted' or 'unknown' rather than an error."""
         try:
-            return power_state_name(self.backend.driver.get_info(instance))
+            return view.power_state_name(self.backend.driver.get_info(instance))
         except exception.InstanceNotFound:
             return "deleted"
         except exception.VTPMError as exc:
@@ -448,8 +156,8 @@ class ServerService:
             return "unknown"
 
     def describe(self, instance: Any) -> dict[str, Any]:
-        """:func:`server_fields` with the live power state and resize status."""
-        fields = server_fields(instance, self.power_state(instance),
+        """:func:`vtpm_driver.view.server_fields` with the live power state and resize status."""
+        fields = view.server_fields(instance, self.power_state(instance),
                                self.backend.resize_pending(instance)
                                or bool(policy.migrated_from(instance)))
         if self._hosts is not None and self._hosts.several:
@@ -468,7 +176,7 @@ class ServerService:
         awaiting confirm or revert is not listed (the server is on the destination).
         """
         if self._hosts is None or self._explicit_host or not self._hosts.several:
-            return [summary_fields(instance, self.power_state(instance), self._host)
+            return [view.summary_fields(instance, self.power_state(instance), self._host)
                     for instance in self.backend.list()]
         rows = []
         for name in self._hosts.names:
@@ -478,7 +186,7 @@ class ServerService:
                 LOG.warning("Host %s is unreachable, its servers are not listed: %s",
                             name, exc)
                 continue
-            rows += [summary_fields(instance, self.power_state(instance), name)
+            rows += [view.summary_fields(instance, self.power_state(instance), name)
                      for instance in instances if not policy.migrating_to(instance)]
         return sorted(rows, key=lambda row: (str(row["name"]), str(row["host"])))
 
@@ -522,7 +230,7 @@ class ServerService:
         """The caller (logged in first) and the server, which the caller may act on."""
         context = self._context()
         instance = self.locate(name_or_uuid)
-        check_project(context, instance, verb)
+        policy.check_project(context, instance, verb)
         return context, instance
 
     def reboot(self, name_or_uuid: str, hard: bool = False) -> None:
@@ -598,7 +306,7 @@ class ServerService:
                 f"cannot resize server {instance.name!r}: a resize is awaiting confirm or "
                 "revert; run 'vtpm-driver server resize confirm|revert "
                 f"{instance.name}' first")
-        flavor = new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
+        flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
         policy.vtpm_of(instance, flavor=flavor)
         with self._progress(f"Resizing server {instance.name}"):
             # What Nova's compute manager does between the driver's two steps.

@@ -1,6 +1,6 @@
 """Fakes under the ``server`` commands: the driver and the libvirt side of the servers.
 
-``FakeBackend`` stands in for :class:`vtpm_driver.service.ServerBackend`; the
+``FakeBackend`` stands in for :class:`vtpm_driver.hosts.ServerBackend`; the
 real :class:`~vtpm_driver.service.ServerService` runs on top of it, so the
 command tests check the commands and the service rules, not libvirt.
 """

@@ -39,8 +39,9 @@ from tests.functional.support import run_tool_script, unavailable
 from vtpm_driver import exception, keymgr
 from vtpm_driver.context import RequestContext
 from vtpm_driver.guestreport import parse_vtpm_results
+from vtpm_driver.hosts import HostSet
 from vtpm_driver.ops import migrate as ops_migrate
-from vtpm_driver.service import HostSet, ServerService
+from vtpm_driver.service import ServerService
 from vtpm_driver.virt import migrate as virt_migrate
 from vtpm_driver.virt import secret as virt_secret
 from vtpm_driver.virt import state as virt_state

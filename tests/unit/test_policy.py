@@ -7,6 +7,8 @@ import types
 import pytest
 
 from vtpm_driver import exception, policy, spec
+from vtpm_driver.context import RequestContext
+from vtpm_driver.objects import Flavor, Instance
 from vtpm_driver.policy import SecretSource
 
 
@@ -61,3 +63,44 @@ def test_pending_cold_migration_markers():
     server.system_metadata[policy.MIGRATING_TO_KEY] = "host-b"
     assert policy.migrated_from(server) == "host-a"
     assert policy.migrating_to(server) == "host-b"
+
+
+# -- who may act on a server (Nova's owner-project-or-admin rule) ---------------
+
+
+def _ctx(project_id: str, roles: tuple[str, ...] = ("member",)):
+    return RequestContext(user_id="u-1", project_id=project_id, auth_token="t",
+                          roles=roles, user_name="alice")
+
+
+def test_check_project_allows_project_members_and_admins():
+
+    inst = Instance(name="vm", user_id="owner", project_id="proj-a")
+    policy.check_project(_ctx("proj-a"), inst, "reboot")
+    policy.check_project(_ctx("proj-x", roles=("admin",)), inst, "reboot")
+
+
+def test_check_project_refuses_other_projects_naming_server_and_project():
+
+    inst = Instance(name="vm", user_id="owner", project_id="proj-a")
+    with pytest.raises(exception.NotAuthorized,
+                       match=r"cannot stop server vm: it belongs to project proj-a and alice"):
+        policy.check_project(_ctx("proj-b"), inst, "stop")
+
+
+
+
+def test_new_flavor_sets_unsets_and_resizes():
+    old = Flavor(vcpus=1, memory_mb=256, extra_specs={"hw:tpm_version": "2.0", "x": "1"})
+    new = policy.new_flavor(old, {"hw:tpm_model": "tpm-crb"}, ["x"], None, 512)
+    assert new.extra_specs == {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}
+    assert (new.vcpus, new.memory_mb) == (1, 512)
+    assert old.extra_specs == {"hw:tpm_version": "2.0", "x": "1"}  # the old one is untouched
+
+
+def test_new_flavor_refuses_to_unset_what_is_not_there():
+    old = Flavor(vcpus=1, memory_mb=256, extra_specs={"hw:tpm_version": "2.0"})
+    with pytest.raises(exception.InvalidVTPMConfig,
+                       match=r"'hw:nope': the server's flavor has no such extra spec "
+                             r"\(it has: hw:tpm_version\)"):
+        policy.new_flavor(old, {}, ["hw:nope"], None, None)

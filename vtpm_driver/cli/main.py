@@ -38,7 +38,8 @@ from vtpm_driver.cli import auth
 from vtpm_driver.cli.common import progress
 from vtpm_driver.context import RequestContext
 from vtpm_driver.host import HostProbe, LibvirtHostProbe
-from vtpm_driver.service import HostSet, ServerBackend, ServerService
+from vtpm_driver.hosts import HostSet, ServerBackend
+from vtpm_driver.service import ServerService
 
 PROG = "vtpm-driver"
 

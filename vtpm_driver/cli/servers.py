@@ -81,7 +81,7 @@ class ServerList(CommandMixin, Lister):
     vTPM request is invalid show 'invalid' as their vTPM version.
     """
 
-    # (column heading, field of vtpm_driver.service.summary_fields)
+    # (column heading, field of vtpm_driver.view.summary_fields)
     COLUMNS = (("Name", "name"), ("UUID", "uuid"), ("Owner", "owner"),
                ("Project", "project"), ("vTPM Version", "vtpm_version"),
                ("vTPM Model", "vtpm_model"), ("Secret Security", "secret_security"),

@@ -1,0 +1,177 @@
+"""Where standalone servers live: one backend per configured host.
+
+:class:`ServerBackend` is one host: the :class:`~vtpm_driver.driver.VTPMDriver`
+and the server records of :mod:`vtpm_driver.servers` (kept in each domain's
+``<metadata>``) over one libvirt connection, opened on first use.
+:class:`HostSet` holds the hosts of ``[vtpm] hosts`` (or the one host of
+``[libvirt] connection_uri``), one backend each, made on first use; a driver
+reaches the other hosts through it for migrations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, servers
+from vtpm_driver.context import RequestContext
+from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.host import LibvirtHostProbe
+from vtpm_driver.objects import Instance
+from vtpm_driver.virt import domains, guest, secret, state
+from vtpm_driver.virt.connection import Hypervisor
+
+LOG = logging.getLogger(__name__)
+
+
+class ServerBackend:
+    """The driver and the record store, over one libvirt connection (opened on first use)."""
+
+    def __init__(self, conf: cfg.ConfigOpts, uri: str | None = None,
+                 name: str = vtpm_conf.DEFAULT_HOST,
+                 peers: Callable[[str], Any] | None = None) -> None:
+        self.conf = conf
+        self.name = name
+        self.hypervisor = Hypervisor(uri or vtpm_conf.libvirt_uri(conf))
+        self._peers = peers
+        self._driver: VTPMDriver | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.hypervisor.uri
+
+    def connect(self) -> None:
+        """Open the libvirt connection now (the first one can take seconds).
+
+        :raises HypervisorUnavailable: libvirt cannot be reached.
+        """
+        self.hypervisor.conn  # noqa: B018 - opening the connection is the point
+
+    @property
+    def driver(self) -> VTPMDriver:
+        if self._driver is None:
+            self._driver = VTPMDriver(self.conf, probe=LibvirtHostProbe(self.uri),
+                                      hypervisor=self.hypervisor)
+            self._driver.host_name = self.name
+            self._driver.peers = self._peers
+        return self._driver
+
+    def find(self, name_or_uuid: str) -> Instance:
+        """:raises InstanceNotFound: no server has this name or UUID."""
+        return servers.find(self.hypervisor.conn, name_or_uuid)
+
+    def list(self) -> list[Instance]:
+        return list(servers.list_all(self.hypervisor.conn))
+
+    def new_instance(self, name: str, context: RequestContext, **kwargs: Any) -> Instance:
+        return servers.new_instance(name, context, **kwargs)
+
+    def resize_pending(self, instance: Any) -> bool:
+        """True while a resize of ``instance`` awaits confirm or revert.
+
+        Adapter: the driver has no public "resize pending?" question yet, so
+        this asks its resize operations whether they keep a backup.
+        """
+        return bool(self.driver.resize_ops.has_backup(instance.uuid))
+
+    def domain_uuids(self) -> list[str]:
+        """UUIDs of every libvirt domain, ours or not (for the audit)."""
+        return domains.domain_uuids(self.hypervisor.conn)
+
+    def domain_exists(self, domain_uuid: str) -> bool:
+        """Whether this host has a domain of that UUID now (a repair checks again)."""
+        try:
+            guest.lookup(self.hypervisor.conn, domain_uuid)
+        except exception.InstanceNotFound:
+            return False
+        return True
+
+    def other_host_domains(self) -> tuple[list[str], list[str]]:
+        """Domain UUIDs of the other configured hosts (``[vtpm] hosts``) and the hosts
+        that could not be listed; a server moved there keeps its Barbican secret."""
+        found: list[str] = []
+        unchecked: list[str] = []
+        hosts = vtpm_conf.host_uris(self.conf) if self.conf.vtpm.hosts else {}
+        for name, uri in hosts.items():
+            if uri == self.uri:
+                continue
+            other = Hypervisor(uri)
+            try:
+                found.extend(domains.domain_uuids(other.conn))
+            except exception.VTPMError as exc:
+                LOG.warning("Cannot list the servers of host %s: %s", name, exc)
+                unchecked.append(name)
+            finally:
+                other.close()
+        return found, unchecked
+
+    def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
+        return secret.undefine_vtpm_secret(self.hypervisor.conn, secret_uuid)
+
+    def remove_state_dir(self, domain_uuid: str) -> bool:
+        return state.remove_state(self.conf.vtpm.swtpm_state_dir, domain_uuid)
+
+    def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
+        """Every libvirt vTPM secret (for the audit)."""
+        return secret.list_vtpm_secrets(self.hypervisor.conn)
+
+    def close(self) -> None:
+        self.hypervisor.close()
+
+
+class HostSet:
+    """The hosts of ``[vtpm] hosts`` (or the one host), one backend each, made on first use.
+
+    ``factory(conf)`` makes the backend of the single default host;
+    ``factory(conf, uri=..., name=..., peers=...)`` one of several named hosts,
+    whose driver reaches the others through ``peers(name)`` (for migrations).
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, factory: Callable[..., Any] = ServerBackend
+                 ) -> None:
+        self.conf = conf
+        self.uris = vtpm_conf.host_uris(conf)
+        self._factory = factory
+        self._backends: dict[str, Any] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.uris)
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    @property
+    def several(self) -> bool:
+        return len(self.uris) > 1
+
+    def check(self, name: str) -> str:
+        """:raises InvalidConfiguration: ``name`` is not a configured host."""
+        if name not in self.uris:
+            raise exception.InvalidConfiguration(
+                f"unknown host {name!r}: [vtpm] hosts names {', '.join(self.names)}")
+        return name
+
+    def backend(self, name: str) -> Any:
+        """The backend of host ``name`` (not connected yet)."""
+        self.check(name)
+        if name not in self._backends:
+            if self.several or name != vtpm_conf.DEFAULT_HOST:
+                self._backends[name] = self._factory(self.conf, uri=self.uris[name],
+                                                     name=name, peers=self.side)
+            else:
+                self._backends[name] = self._factory(self.conf)
+        return self._backends[name]
+
+    def side(self, name: str) -> Any:
+        """Host ``name`` as one side of a move (what a driver's ``peers`` returns)."""
+        return self.backend(name).driver.migration_side(name)
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
