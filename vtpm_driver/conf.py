@@ -232,6 +232,27 @@ address only). Unset: the one host of ``[libvirt] connection_uri``, named
         min=1,
         help="Seconds to wait for a guest to reach the running state after start.",
     ),
+    cfg.StrOpt(
+        "lock_path",
+        default="/var/lib/vtpm-driver/locks",
+        help="""
+Directory of the per-server lock files (oslo.concurrency external locks, one
+``vtpm-<uuid>`` file per server, with a ``.holder`` file naming the operation
+and process that holds it). Every command and process acting on this host's
+servers must use the same directory.
+""",
+    ),
+    cfg.FloatOpt(
+        "lock_timeout",
+        default=60.0,
+        min=0,
+        help="""
+Seconds an operation waits for another operation on the same server to
+finish. When it is still running after that, the operation is refused
+(``ServerLocked``, naming the operation that holds the server); 0 refuses at
+once.
+""",
+    ),
 ]
 
 SERVICE_USER_GROUP = "service_user"
@@ -309,13 +330,6 @@ def libvirt_uri(conf: cfg.ConfigOpts) -> str:
     }[conf.libvirt.virt_type]
 
 
-def new_conf(args: list[str] | None = None, config_files: list[str] | None = None
-             ) -> cfg.ConfigOpts:
-    """A fresh ``ConfigOpts`` with our options registered and parsed."""
-    conf = cfg.ConfigOpts()
-    register_opts(conf)
-    conf(args or [], project="vtpm-driver", default_config_files=config_files or [])
-    return conf
 #: Name of the one host when ``[vtpm] hosts`` is unset.
 DEFAULT_HOST = "default"
 
@@ -335,3 +349,10 @@ def host_uris(conf: cfg.ConfigOpts) -> dict[str, str]:
     return hosts
 
 
+def new_conf(args: list[str] | None = None, config_files: list[str] | None = None
+             ) -> cfg.ConfigOpts:
+    """A fresh ``ConfigOpts`` with our options registered and parsed."""
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf(args or [], project="vtpm-driver", default_config_files=config_files or [])
+    return conf

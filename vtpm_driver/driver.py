@@ -16,7 +16,8 @@ are accepted and ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from oslo_config import cfg
@@ -26,11 +27,13 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr, policy
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.ops import journal, locks
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.lifecycle import LifecycleOps
 from vtpm_driver.ops.migrate import ColdMigration, HostSide, LiveMigration
 from vtpm_driver.ops.power import PowerOps
+from vtpm_driver.ops.recovery import Recovery
 from vtpm_driver.ops.resize import ResizeOps
 from vtpm_driver.virt import connection, domains
 from vtpm_driver.virt import migrate as virt_migrate
@@ -55,6 +58,7 @@ class VTPMDriver:
         self._lifecycle: LifecycleOps | None = None
         self._power: PowerOps | None = None
         self._resize: ResizeOps | None = None
+        self._recovery: Recovery | None = None
         #: This host's name in ``[vtpm] hosts``; ``peers(name)`` gives another host's side.
         self.host_name: str = vtpm_conf.DEFAULT_HOST
         self.peers: Callable[[str], HostSide] | None = None
@@ -108,6 +112,28 @@ class VTPMDriver:
             self._resize = ResizeOps(self.guests, backups)
         return self._resize
 
+    @property
+    def recovery(self) -> Recovery:
+        """Finishes or rolls back interrupted operations (the journal)."""
+        if self._recovery is None:
+            self._recovery = Recovery(self.guests, self.resize_ops)
+        return self._recovery
+
+    @contextlib.contextmanager
+    def server_operation(self, context: Any, instance: Any, operation: str
+                         ) -> Iterator[journal.Decision | None]:
+        """Hold the server's lock for ``operation``; first finish or roll back an
+        operation the server's journal says was interrupted (yields that decision).
+
+        :raises ServerLocked: another operation holds the server past ``[vtpm] lock_timeout``.
+        :raises VTPMError: the interrupted operation could not be finished or rolled back.
+        """
+        with locks.server_lock(self.conf, instance.uuid, operation):
+            decision = None
+            if self.guests.find(instance) is not None:
+                decision = self.recovery.recover(context, instance)
+            yield decision
+
     def _host_report(self) -> HostReport:
         """What this host offers, computed once (spawn and resize check it)."""
         if self._host_report_cache is None:
@@ -150,11 +176,13 @@ class VTPMDriver:
         return dict(check_host(self.conf, self.probe).traits)
 
     def _vtpm_servers_on_host(self) -> list[str]:
-        """UUIDs of the domains on this host that have an emulated TPM (SPEC C4).
+        """UUIDs of this driver's servers on this host that have an emulated TPM (SPEC C4).
 
-        Every domain counts, not only ours: any of them would lose its TPM.
+        Only the domains the driver manages (those carrying its server record)
+        count: a domain another tool defined is not the driver's to protect, and
+        must not keep it from starting (issue 13 item 8).
         """
-        return domains.tpm_emulator_domains(self.hypervisor.conn)
+        return domains.managed_tpm_emulator_domains(self.hypervisor.conn)
 
     # -- Lifecycle ------------------------------------------------------------
 
@@ -163,41 +191,55 @@ class VTPMDriver:
               block_device_info: Any = None, power_on: bool = True,
               accel_info: Any = None) -> None:
         """Create and (with ``power_on``) start the server (F1, G3)."""
-        self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
+        with locks.server_lock(self.conf, instance.uuid, "create"):
+            self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
 
     def destroy(self, context: Any, instance: Any, network_info: Any = None,
                 block_device_info: Any = None, destroy_disks: bool = True,
                 destroy_secrets: bool = True) -> None:
-        """Delete the server, its TPM state and secrets (F3); idempotent."""
-        self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
-                         destroy_secrets=destroy_secrets)
-        if destroy_disks:
-            self.resize_ops.discard_backup(instance.uuid)
+        """Delete the server, its TPM state and secrets (F3); idempotent.
+
+        Waits for (or is refused by, :class:`~vtpm_driver.exception.ServerLocked`)
+        another operation on the server. An interrupted one is not finished
+        first: everything it left goes with the server.
+        """
+        with locks.server_lock(self.conf, instance.uuid, "delete"):
+            self.recovery.current_entry(instance)
+            self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
+                                   destroy_secrets=destroy_secrets)
+            if destroy_disks:
+                self.recovery.remove_leftovers(instance)
+                self.resize_ops.discard_backup(instance.uuid)
 
     def reboot(self, context: Any, instance: Any, network_info: Any, reboot_type: str,
                block_device_info: Any = None, bad_volumes_callback: Any = None,
                accel_info: Any = None, share_info: Any = None) -> None:
         """``SOFT`` (ACPI, falls back to hard) or ``HARD`` reboot (F2)."""
-        self.power.reboot(context, instance, reboot_type)
+        with self.server_operation(context, instance, f"{reboot_type.lower()} reboot"):
+            self.power.reboot(context, instance, reboot_type)
 
     def power_off(self, instance: Any, timeout: float = 0, retry_interval: float = 0) -> None:
         """Stop the guest (ACPI for up to ``timeout`` seconds, then hard)."""
-        self.power.power_off(instance, timeout, retry_interval)
+        with self.server_operation(None, instance, "stop"):
+            self.power.power_off(instance, timeout, retry_interval)
 
     def power_on(self, context: Any, instance: Any, network_info: Any,
                  block_device_info: Any = None, accel_info: Any = None,
                  share_info: Any = None) -> None:
         """Start a stopped server (the passphrase is fetched first, F2/F5)."""
-        self.power.power_on(context, instance)
+        with self.server_operation(context, instance, "start"):
+            self.power.power_on(context, instance)
 
     def suspend(self, context: Any, instance: Any) -> None:
         """Save the guest's memory and TPM state to disk (libvirt managed save)."""
-        self.power.suspend(instance)
+        with self.server_operation(context, instance, "suspend"):
+            self.power.suspend(instance)
 
     def resume(self, context: Any, instance: Any, network_info: Any,
                block_device_info: Any = None, share_info: Any = None) -> None:
         """Restore a suspended guest (needs the passphrase, F2)."""
-        self.power.resume(context, instance)
+        with self.server_operation(context, instance, "resume"):
+            self.power.resume(context, instance)
 
     def get_info(self, instance: Any, use_cache: bool = True) -> str:
         """Power state: ``running``, ``paused``, ``shutdown``, ``suspended``, ``crashed``
@@ -213,26 +255,37 @@ class VTPMDriver:
                                    block_device_info: Any = None, timeout: float = 0,
                                    retry_interval: float = 0) -> str:
         """Resize step 1 (``flavor`` is the new one): check, stop, back up TPM state."""
-        return self.resize_ops.migrate_disk_and_power_off(context, instance, dest, flavor,
-                                                      timeout, retry_interval)
+        with self.server_operation(context, instance, "resize"):
+            return self.resize_ops.migrate_disk_and_power_off(context, instance, dest, flavor,
+                                                              timeout, retry_interval)
 
     def finish_migration(self, context: Any, migration: Any, instance: Any, disk_info: Any,
                          network_info: Any, image_meta: Any, resize_instance: bool,
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True) -> None:
         """Resize step 2 (``instance.flavor`` is the new one): redefine and start."""
-        self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
+        with self.server_operation(context, instance, "resize"):
+            self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
 
     def confirm_migration(self, context: Any, migration: Any, instance: Any,
                           network_info: Any) -> None:
         """Resize step 3a: keep the new flavor, drop the backup (and a removed vTPM's secret)."""
-        self.resize_ops.confirm_migration(context, instance)
+        with self.server_operation(context, instance, "confirm resize") as recovered:
+            if recovered is not None and recovered.redo == journal.RESIZE_CONFIRM:
+                return  # the interrupted confirm was just finished
+            self.resize_ops.confirm_migration(context, instance)
 
     def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
                                 migration: Any, block_device_info: Any = None,
                                 power_on: bool = True) -> None:
         """Resize step 3b: old flavor, old TPM state, old secret."""
-        self.resize_ops.finish_revert_migration(context, instance, power_on=power_on)
+        with self.server_operation(context, instance, "revert resize") as recovered:
+            if recovered is not None and (recovered.revert_resize
+                                          or recovered.redo == journal.RESIZE_REVERT):
+                if power_on:  # the recovery reverted without a start
+                    self.power.power_on(context, instance)
+                return
+            self.resize_ops.finish_revert_migration(context, instance, power_on=power_on)
 
     # -- Operations refused (SPEC F6) ----------------------------------------
 

@@ -66,3 +66,7 @@ class InstanceExists(VTPMError):
 
 class VirtError(VTPMError):
     """libvirt refused an operation (define, start, secret handling, ...)."""
+
+
+class ServerLocked(VTPMError):
+    """Another operation holds the server's lock and did not finish in time."""

@@ -16,6 +16,7 @@ secret) and can be told to fail a given call.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,9 @@ class FakeSecret:
 
     def undefine(self) -> int:
         self.conn.calls.append(("undefine", self.uuid))
+        hook = getattr(self.conn, "on_event", None)
+        if hook is not None:  # not an event of the list, but a test can stop here
+            hook("virt.secret.undefine", self.uuid)
         if self.conn.fail_undefine:
             raise libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, message="cannot undefine")
         if self.conn.secrets.pop(self.uuid, None) is None:
@@ -146,6 +150,7 @@ class FakeDomain:
         self.active = False
         self.managed_save = False
         self.stuck = False  # start "works" but the guest never runs
+        self.paused = False  # libvirt has it paused (e.g. a start whose caller died)
 
     def _check(self) -> None:
         if self.conn.domains.get(self._uuid) is not self:
@@ -170,6 +175,8 @@ class FakeDomain:
 
     def state(self) -> list[int]:
         self._check()
+        if self.active and self.paused:
+            return [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP]
         if self.active and not self.stuck:
             return [libvirt.VIR_DOMAIN_RUNNING, 1]
         return [libvirt.VIR_DOMAIN_SHUTOFF, 0]
@@ -273,9 +280,14 @@ class FakeLibvirt(FakeConn):
         self.fail_reboot = False
         self.stuck_after_start = False
         self.keymgr: FakeKeyManager | None = None  # checks the value a start is given
+        #: Called as ``on_event(what, detail)`` after each logged step: a test can block
+        #: there (races) or raise a BaseException there (a process killed mid-way).
+        self.on_event: Callable[[str, str], None] | None = None
 
     def log(self, what: str, detail: str) -> None:
         self.events.append((what, detail))
+        if self.on_event is not None:
+            self.on_event(what, detail)
 
     def isAlive(self) -> int:
         return 1

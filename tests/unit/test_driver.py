@@ -30,6 +30,13 @@ PASSTHROUGH_DEVICES = ("<tpm model='tpm-tis'><backend type='passthrough'/></tpm>
 
 
 @pytest.fixture
+def env(env: Env) -> Env:
+    """The shared harness, with lock files under tmp_path."""
+    env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
+    return env
+
+
+@pytest.fixture
 def make_conf(tmp_path):
     """Config from a real file, as an operator would write it (no shared overrides)."""
 
@@ -106,16 +113,30 @@ def test_c4_disabled_swtpm_with_vtpm_servers_refuses(make_conf):
     )
 
 
-def test_c4_only_emulator_tpm_domains_count(make_conf):
-    a, b = "2e1b6e8a-0000-4000-8000-00000000000a", "2e1b6e8a-0000-4000-8000-00000000000b"
-    drv = vtpm_driver.VTPMDriver(
-        make_conf(swtpm_enabled=False), FakeProbe(),
-        hypervisor=fake_hypervisor((b, VTPM_DEVICES), (a, ""),
-                                   ("2e1b6e8a-0000-4000-8000-00000000000c",
-                                    PASSTHROUGH_DEVICES)))
-    assert drv._vtpm_servers_on_host() == [b]
-    with pytest.raises(exception.InvalidConfiguration, match=b):
-        drv.init_host()
+def test_c4_only_emulator_tpm_domains_count(env: Env) -> None:
+    with_tpm = env.spawn(env.instance(name="a"))
+    env.conn.defineXML(
+        f"<domain><name>passthrough</name><uuid>{uuid.uuid4()}</uuid><devices>"
+        "<tpm model='tpm-tis'><backend type='passthrough'/></tpm></devices></domain>")
+    assert env.drv._vtpm_servers_on_host() == [with_tpm.uuid]
+
+
+def test_c4_counts_only_the_servers_the_driver_manages(env: Env) -> None:
+    # Issue 13 item 8: a domain another tool defined, with its own emulated TPM, is
+    # not the driver's; it must neither be counted nor block start-up.
+    foreign = str(uuid.uuid4())
+    env.conn.defineXML(
+        f"<domain><name>foreign</name><uuid>{foreign}</uuid><devices><tpm model='tpm-crb'>"
+        "<backend type='emulator' version='2.0'/></tpm></devices></domain>")
+    env.drv.conf.set_override("swtpm_enabled", False, group="libvirt")
+    assert env.drv._vtpm_servers_on_host() == []
+    env.drv.init_host()  # no server of ours would lose its TPM
+    env.drv.conf.set_override("swtpm_enabled", True, group="libvirt")
+    ours = env.spawn(env.instance(name="ours"))
+    env.drv.conf.set_override("swtpm_enabled", False, group="libvirt")
+    with pytest.raises(exception.InvalidConfiguration, match=ours.uuid) as err:
+        env.drv.init_host()
+    assert foreign not in str(err.value)
 
 
 def test_unreachable_libvirt_propagates(make_conf):

@@ -5,12 +5,17 @@ root-only 0700): ``swtpm/`` is a copy of ``<swtpm_state_dir>/<uuid>`` keeping
 owner, group and modes, ``record.xml`` the old server record (UUIDs only,
 never a passphrase). They are outside libvirt's swtpm directory on purpose, so
 ``vtpm-driver audit`` never mistakes them for orphaned TPM state; confirm,
-revert and delete remove them.
+revert and delete remove them. A backup is written in a temporary
+``.<uuid>.<random>.tmp`` directory and renamed into place, so it is complete or
+absent; nothing here removes a directory that the same call did not create
+(issue 13: a second resize's failed ``mkdir`` used to remove the first's backup).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ LOG = logging.getLogger(__name__)
 DEFAULT_BACKUP_ROOT = "/var/lib/vtpm-driver/resize"
 STATE_BACKUP = "swtpm"
 RECORD_STASH = "record.xml"
+TMP_SUFFIX = ".tmp"
 
 
 def copy_tree_preserving(src: Path, dst: Path) -> None:
@@ -74,21 +80,74 @@ class ResizeBackups:
         LOG.debug("Removed resize backup %s", path, instance_uuid=instance_uuid)
         return True
 
-    def make(self, instance: Any, stored: Any, keep_state: bool) -> None:
+    def tmp_path(self, instance_uuid: str) -> Path:
+        """A new, unused name for a temporary backup directory of this server.
+
+        ``<backup_root>/.<uuid>.<random>.tmp``: the caller journals it, then
+        :meth:`make` creates it (exclusively) and renames it into place.
+        """
+        uuid = objects.require_uuid(instance_uuid, "instance uuid")
+        return self.backup_root / f".{uuid}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+
+    def is_tmp_of(self, path: str | os.PathLike[str], instance_uuid: str) -> bool:
+        """Whether ``path`` is a temporary backup directory name of this server. Pure."""
+        path = Path(path)
+        uuid = objects.require_uuid(instance_uuid, "instance uuid")
+        return (path.parent == self.backup_root and path.name.startswith(f".{uuid}.")
+                and path.name.endswith(TMP_SUFFIX))
+
+    def remove_tmp(self, path: str | os.PathLike[str], instance_uuid: str) -> bool:
+        """Remove a temporary backup directory an interrupted resize of this server
+        created (named in its journal entry); True if it was there. Refuses any
+        other path. Idempotent.
+
+        :raises VTPMError: not such a directory, or it cannot be removed.
+        """
+        if not self.is_tmp_of(path, instance_uuid):
+            raise exception.VTPMError(
+                f"refusing to remove {str(path)!r}: not a temporary resize backup of server "
+                f"{instance_uuid}")
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise exception.VTPMError(
+                f"cannot remove temporary resize backup {str(path)!r}: {exc.strerror}"
+            ) from None
+        return True
+
+    def make(self, instance: Any, stored: Any, keep_state: bool,
+             tmp: Path | None = None) -> None:
         """Back up ``stored`` (the server as recorded) and, with ``keep_state``, its TPM state.
 
-        :raises VTPMError: the backup could not be written (nothing is left half-made).
+        Written in ``tmp`` (default: a new :meth:`tmp_path`), created here with
+        an exclusive ``mkdir``, then renamed to :meth:`backup_dir`: a backup is
+        either complete or absent. On failure only ``tmp`` (which this call
+        created) is removed; an existing backup of another resize is never
+        touched.
+
+        :raises VTPMError: a backup is already in place, or it could not be
+            written (nothing is left half-made).
         """
         path = self.backup_dir(instance.uuid)
+        tmp = tmp if tmp is not None else self.tmp_path(instance.uuid)
         live = state.state_dir(self.state_base, instance.uuid)
+        created = False
         try:
             os.makedirs(self.backup_root, mode=0o700, exist_ok=True)
-            os.mkdir(path, 0o700)
-            (path / RECORD_STASH).write_text(record.record_xml(stored))
+            os.mkdir(tmp, 0o700)
+            created = True
+            (tmp / RECORD_STASH).write_text(record.record_xml(stored))
             if keep_state and live.exists():
-                copy_tree_preserving(live, path / STATE_BACKUP)
+                copy_tree_preserving(live, tmp / STATE_BACKUP)
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "a resize backup is already in place",
+                                      str(path))
+            os.rename(tmp, path)  # a complete backup, or none (non-empty target: fails)
         except OSError as exc:
-            shutil.rmtree(path, ignore_errors=True)
+            if created:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise exception.VTPMError(
                 f"cannot back up the vTPM state of server {policy.server_label(instance)} to "
                 f"{str(path)!r}: {exc.strerror or exc}"

@@ -25,6 +25,7 @@ from oslo_log import log as logging
 from vtpm_driver import exception, policy
 from vtpm_driver.host import HostReport
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.spec import VTPMConfig
 from vtpm_driver.virt import domain, guest, record, secret
@@ -102,13 +103,14 @@ class Guests:
         """
         image = instance.image_meta
         virt_type = self.conf.libvirt.virt_type
-        return domain.guest_xml(
+        xml = domain.guest_xml(
             instance.name, instance.uuid, instance.flavor.vcpus, instance.flavor.memory_mb,
             console_log=instance.console_log, kernel=getattr(image, "kernel", None),
             initrd=getattr(image, "initrd", None), cmdline=getattr(image, "cmdline", None),
             disk=getattr(image, "disk", None),
             virt_type=virt_type if virt_type in domain.VIRT_TYPES else "kvm",
         )
+        return _append_console(xml)
 
     def domain_xml(self, instance: Any, cfg: VTPMConfig | None, base: str | None = None) -> str:
         """The full domain XML: guest, ``<tpm>`` (when asked for), server record.
@@ -129,6 +131,22 @@ class Guests:
         """Store the instance's current flavor and system metadata in its domain."""
         record.update_domain_record(dom, instance)
 
+    def journal(self, dom: Any, instance: Any, intent: journal.Intent | None) -> None:
+        """Write (``intent``) or clear (None) the server's journal entry, in its record.
+
+        Written BEFORE the step it announces (:mod:`vtpm_driver.ops.journal`).
+        ``dom`` None (no domain yet or any more): only the instance changes.
+
+        :raises VirtError: the record could not be stored.
+        """
+        if intent is None:
+            if not journal.clear(instance.system_metadata):
+                return
+        else:
+            journal.write(instance.system_metadata, intent)
+        if dom is not None:
+            self.update_record(dom, instance)
+
     # -- console log --------------------------------------------------------
 
     def ensure_console_log(self, instance: Any) -> None:
@@ -147,11 +165,24 @@ class Guests:
             ) from None
         instance.console_log = os.path.join(directory, f"{instance.uuid}.log")
 
-    def _reset_console(self, instance: Any) -> None:
-        """libvirt appends to the console file: start each boot with an empty one."""
+    def owns_console_log(self, instance: Any) -> bool:
+        """Whether the console log is ours (in ``[vtpm] console_log_dir``), not a file the
+        user chose with ``--console-log`` (which is only ever appended to)."""
         path = getattr(instance, "console_log", None)
         if not path:
+            return False
+        directory = os.path.realpath(self.conf.vtpm.console_log_dir)
+        return os.path.dirname(os.path.realpath(path)) == directory
+
+    def _reset_console(self, instance: Any) -> None:
+        """Start each boot with an empty console log, if the log is ours.
+
+        A file the user chose is never removed or truncated (issue 13 item 4):
+        the console is appended to it (``append='on'``).
+        """
+        if not self.owns_console_log(instance):
             return
+        path = instance.console_log
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -164,12 +195,9 @@ class Guests:
 
     def remove_own_console_log(self, instance: Any) -> None:
         """Delete the console log if it is in ``[vtpm] console_log_dir`` (ours); idempotent."""
-        path = getattr(instance, "console_log", None)
-        if not path:
-            return
-        directory = os.path.realpath(self.conf.vtpm.console_log_dir)
-        if os.path.dirname(os.path.realpath(path)) != directory:
+        if not self.owns_console_log(instance):
             return  # a file the user chose: theirs to keep
+        path = instance.console_log
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -200,6 +228,39 @@ class Guests:
         """
         if fresh_boot:
             self._reset_console(instance)
-        with ops_secrets.secret_for_start(self.secrets, instance, start):
-            guest.start(dom)
-        guest.wait_until_running(dom, float(self.conf.vtpm.guest_start_timeout))
+        # A start that defines a secret announces it: if this process dies before the
+        # secret is undefined again, the next operation (or audit) removes it.
+        announce = (start is not None and start.passphrase is not None
+                    and journal.read(instance.system_metadata) is None)
+        if announce:
+            self.journal(dom, instance, journal.begin(journal.START))
+        try:
+            with ops_secrets.secret_for_start(self.secrets, instance, start):
+                guest.start(dom)
+            guest.wait_until_running(dom, float(self.conf.vtpm.guest_start_timeout))
+        except Exception:
+            if announce:
+                self._clear_start_journal(dom, instance, start)
+            raise
+        if announce:
+            self.journal(dom, instance, None)
+
+    def _clear_start_journal(self, dom: Any, instance: Any,
+                             start: ops_secrets.StartSecret | None) -> None:
+        """After a failed start: clear its entry once no secret of it is left defined."""
+        try:
+            if start is not None and not start.persistent and self.secrets.find(instance.uuid):
+                return  # the next operation removes it
+            self.journal(dom, instance, None)
+        except exception.VTPMError as exc:
+            LOG.warning("Could not clear the journal entry of a failed start: %s", exc,
+                        instance_uuid=instance.uuid)
+
+
+def _append_console(xml: str) -> str:
+    """The console's file sources with ``append='on'``: libvirt (QEMU) would otherwise
+    truncate the file at every start. (Belongs in :func:`vtpm_driver.virt.domain.guest_xml`.)"""
+    root = domain.parse_xml(xml)
+    for source in root.findall("devices/serial/source") + root.findall("devices/console/source"):
+        source.set("append", "on")
+    return domain.to_text(root)

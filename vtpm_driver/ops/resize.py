@@ -23,6 +23,20 @@ a new TPM at the next start, with the same Barbican secret, as in Nova),
 deleted on confirm). A revert brings back the old flavor, state and secret and
 deletes a secret created for an added vTPM. Resizing between ``deployment``
 and another mode is refused (:func:`vtpm_driver.policy.check_mode_change`).
+
+Never lose a TPM (issue 13):
+
+* Everything a later step will need from Barbican is asked for before the
+  guest is touched: the passphrase is read (a caller who may not read it
+  leaves the server running and unchanged), and a vTPM added by a caller
+  from another project is refused (its secret would be created in the
+  caller's project, where the owner could not delete it).
+* Each step journals what it is about to do (:mod:`vtpm_driver.ops.journal`)
+  in the server record first; an interrupted step is finished or rolled back
+  by the next operation on the server.
+* A failed ``finish_migration`` rolls the resize back (old flavor, old TPM
+  state, the secret it created deleted and no longer recorded), so no
+  record ever names a deleted secret.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from typing import Any
 from oslo_log import log as logging
 
 from vtpm_driver import exception, faults, policy, spec
+from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
@@ -102,6 +117,22 @@ class ResizeOps:
         policy.check_mode_change(old_cfg, new_cfg, policy.server_label(instance))
         return old_cfg, new_cfg, policy.resize_change(old_cfg, new_cfg)
 
+    def _check_barbican_first(self, context: Any, instance: Any,
+                              new_cfg: spec.VTPMConfig | None, change: Change) -> None:
+        """Ask Barbican now for what the resized server's start will need (issue 13 item 3).
+
+        Reads the passphrase (and forgets it) when the resized server keeps
+        its secret; refuses a vTPM added from another project (item 8).
+
+        :raises VTPMSecretForbidden, VTPMSecretNotFound, KeyManagerUnavailable:
+            the start would fail: nothing was touched.
+        """
+        check_creator(context, instance, new_cfg, change)
+        if new_cfg is None or change is Change.ADDED:
+            return
+        if policy.recorded_secret(instance) is not None:
+            self.guests.prepare_start(context, instance, new_cfg)
+
     # -- the four steps -------------------------------------------------------
 
     def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: str | None,
@@ -109,14 +140,17 @@ class ResizeOps:
                                    retry_interval: float = 0) -> str:
         """Check the new flavor, stop the guest, back up its TPM state.
 
-        Everything is checked before the guest is stopped. Returns Nova's
-        ``disk_info`` (a JSON list; empty: no disk is copied on the same host).
+        Everything is checked before the guest is stopped, Barbican included
+        (:meth:`_check_barbican_first`). Returns Nova's ``disk_info`` (a JSON
+        list; empty: no disk is copied on the same host).
 
         :raises InvalidVTPMConfig, InvalidConfiguration, OperationNotSupportedForVTPM:
             the new flavor cannot be honoured here.
+        :raises VTPMSecretForbidden: the caller may not read the passphrase the
+            resized server needs, or would create its secret in another project.
         """
         self._check_local(dest, instance)
-        old_cfg, _new_cfg, _change = self._checked_change(instance, instance.flavor, flavor)
+        old_cfg, new_cfg, change = self._checked_change(instance, instance.flavor, flavor)
         dom = self.guests.lookup(instance)
         if self.backups.has_backup(instance.uuid):
             raise exception.VTPMError(
@@ -129,11 +163,18 @@ class ResizeOps:
                 f"cannot resize server {policy.server_label(instance)} while it is suspended: "
                 "resume it first"
             )
+        self._check_barbican_first(context, instance, new_cfg, change)
         stored = record.record_from_domain(dom) or instance
+        tmp = self.backups.tmp_path(instance.uuid)
+        self.guests.journal(dom, instance, journal.begin(journal.RESIZE_PREPARE,
+                                                         tmp_backup=str(tmp)))
         guest.power_off(dom, graceful=timeout > 0, timeout=float(timeout),
                         retry_interval=float(retry_interval or DEFAULT_RETRY_INTERVAL))
         faults.point("resize.after_power_off")
-        self.backups.make(instance, stored, keep_state=old_cfg is not None)
+        try:
+            self.backups.make(instance, stored, keep_state=old_cfg is not None, tmp=tmp)
+        finally:  # made, or nothing left of it (make removes its own tmp)
+            self.guests.journal(dom, instance, None)
         faults.point("resize.after_backup")
         LOG.info("Stopped for resize; vTPM state backed up in %s",
                  self.backups.backup_dir(instance.uuid), instance_uuid=instance.uuid)
@@ -143,20 +184,34 @@ class ResizeOps:
                          power_on: bool = True) -> None:
         """Redefine the server with the new flavor and start it (F4).
 
-        A secret created here (vTPM added) is deleted again if this step
-        fails; the backup stays, so a revert is always possible.
+        Barbican first (create or read), journalled. If this step fails, a
+        secret created here (vTPM added) is deleted and no longer recorded,
+        and the resize is rolled back (:meth:`finish_revert_migration` without
+        a start): the server is stopped with its old flavor and TPM state and
+        no record names a deleted secret (issue 13 item 2).
+
+        :raises VTPMSecretForbidden: a vTPM added by a caller of another project.
+        :raises VTPMError: (same type as the cause) a step failed; the message
+            says whether the rollback worked.
         """
         if image_meta is not None:
             instance.image_meta = image_meta
-        _old_cfg, new_cfg, change = self._checked_change(
-            instance, self._old_flavor(instance), instance.flavor)
+        old_flavor = self._old_flavor(instance)
+        _old_cfg, new_cfg, change = self._checked_change(instance, old_flavor, instance.flavor)
+        check_creator(context, instance, new_cfg, change)
         dom = self.guests.lookup(instance)
+        intent = journal.begin(journal.RESIZE_FINISH)
+        self.guests.journal(dom, instance, intent)
         start: ops_secrets.StartSecret | None = None
         try:
             needs_secret = new_cfg is not None and policy.recorded_secret(instance) is None
             if power_on or needs_secret:
                 start = self.guests.prepare_start(context, instance, new_cfg, create=True)
             faults.point("finish.after_secret")
+            if start is not None and start.created:
+                # Recorded at once: a revert (or the next operation) deletes it.
+                self.guests.journal(dom, instance, intent.with_step(
+                    "secret created", new_secret=start.secret_uuid))
             if change.drops_old_state:
                 LOG.info("vTPM changed or removed by the resize; starting from a fresh TPM",
                          instance_uuid=instance.uuid)
@@ -165,11 +220,36 @@ class ResizeOps:
             faults.point("finish.after_define")
             if power_on:
                 self.guests.launch(dom, instance, start)
-        except BaseException:
-            if start is not None and start.created:
-                self._delete_quietly(context, instance)
-            raise
+        except Exception as exc:
+            outcome = self._roll_back_finish(context, instance, old_flavor, start)
+            raise _with_outcome(exc, f"cannot finish the resize of server "
+                                f"{policy.server_label(instance)}", outcome) from exc
+        self.guests.journal(dom, instance, None)
         LOG.info("Resize finished", instance_uuid=instance.uuid)
+
+    def _roll_back_finish(self, context: Any, instance: Any, old_flavor: Any,
+                          start: ops_secrets.StartSecret | None) -> str:
+        """Undo a failed ``finish_migration``: the secret it created, then a revert
+        without a start. Returns what happened, for the error message."""
+        new_flavor = instance.flavor
+        if start is not None and start.created:
+            self._delete_quietly(context, instance)
+            try:
+                ops_secrets.remove_libvirt_secrets(self.guests.secrets, instance,
+                                                   recorded=start.secret_uuid)
+            except exception.VTPMError as exc:
+                LOG.error("Could not undefine the libvirt secret of a failed resize: %s", exc,
+                          instance_uuid=instance.uuid)
+        instance.new_flavor = new_flavor
+        instance.flavor = old_flavor
+        try:
+            self.finish_revert_migration(context, instance, power_on=False)
+        except exception.VTPMError as exc:
+            LOG.error("Could not roll back the failed resize: %s", exc,
+                      instance_uuid=instance.uuid)
+            return (f"rolling it back failed too ({exc}); the next operation on the server "
+                    "retries the rollback")
+        return "the resize was rolled back: the server has its old flavor and TPM, stopped"
 
     def confirm_migration(self, context: Any, instance: Any) -> None:
         """Drop the backup; delete the secret when the vTPM was removed (F4).
@@ -181,16 +261,18 @@ class ResizeOps:
         change = policy.resize_change(policy.vtpm_of(instance, flavor=old_flavor),
                                       policy.vtpm_of(instance))
         secret_uuid = policy.recorded_secret(instance)
+        dom = self.guests.find(instance)
+        self.guests.journal(dom, instance, journal.begin(journal.RESIZE_CONFIRM))
         if change is Change.REMOVED and secret_uuid:
             ops_secrets.delete_barbican_secret(context, instance, old_flavor,
                                                self.guests.keymgr)
             faults.point("confirm.after_barbican")
             self.guests.secrets.undefine(secret_uuid)
-            dom = self.guests.find(instance)
-            if dom is not None:
-                self.guests.update_record(dom, instance)
+        if dom is not None:
+            self.guests.update_record(dom, instance)
         faults.point("confirm.before_discard")
         self.backups.discard(instance.uuid)
+        self.guests.journal(dom, instance, None)
         LOG.info("Resize confirmed", instance_uuid=instance.uuid)
 
     def finish_revert_migration(self, context: Any, instance: Any,
@@ -209,12 +291,15 @@ class ResizeOps:
         new_cfg = policy.vtpm_of(instance, flavor=new_flavor) if new_flavor else None
         change = policy.resize_change(old_cfg, new_cfg)
         secret_uuid = policy.recorded_secret(instance)
+        # The passphrase first (read only; an added vTPM's old config has none) ...
+        start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
+        # ... then every change, journalled.
+        self.guests.journal(dom, instance, journal.begin(journal.RESIZE_REVERT))
         if change is Change.ADDED and secret_uuid:
             ops_secrets.delete_barbican_secret(context, instance, new_flavor,
                                                self.guests.keymgr)
             self.guests.secrets.undefine(secret_uuid)
         instance.flavor = old_flavor
-        start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
         faults.point("revert.after_secret_fetch")
         guest.destroy(dom)
         guest.discard_managed_save(dom)
@@ -229,6 +314,7 @@ class ResizeOps:
             self.guests.launch(dom, instance, start)
         faults.point("revert.before_discard")
         self.backups.discard(instance.uuid)
+        self.guests.journal(dom, instance, None)
         LOG.info("Resize reverted", instance_uuid=instance.uuid)
 
     def _delete_quietly(self, context: Any, instance: Any) -> None:
@@ -238,3 +324,34 @@ class ResizeOps:
         except exception.VTPMError as exc:
             LOG.error("Could not delete the vTPM secret created by a failed resize, delete "
                       "it by hand: %s", exc, instance_uuid=instance.uuid)
+
+
+def check_creator(context: Any, instance: Any, cfg: spec.VTPMConfig | None,
+                  change: Change) -> None:
+    """Refuse a vTPM added by a caller of another project (issue 13 item 8). Pure.
+
+    ``user``/``host`` secrets are created with the caller's token, so in the
+    caller's project: an admin of another project would leave a secret the
+    owner's project cannot delete. ``deployment`` secrets belong to the
+    service user whoever asks.
+
+    :raises VTPMSecretForbidden: naming both projects.
+    """
+    if change is not Change.ADDED or cfg is None or cfg.secret_security == spec.SECRET_DEPLOYMENT:
+        return
+    caller = getattr(context, "project_id", None)
+    if caller is None or caller == getattr(instance, "project_id", None):
+        return
+    raise exception.VTPMSecretForbidden(
+        f"cannot add a vTPM to server {policy.server_label(instance)} as a member of project "
+        f"{caller}: its {cfg.secret_security!r} secret would be created in that project, "
+        f"where the owner's project {instance.project_id} could not delete it; a member of "
+        f"{instance.project_id} must do this resize"
+    )
+
+
+def _with_outcome(exc: Exception, what: str, outcome: str) -> exception.VTPMError:
+    """``exc`` as the same VTPMError type, saying what failed and how it ended."""
+    if isinstance(exc, exception.VTPMError):
+        return type(exc)(f"{what}: {exc} ({outcome})")
+    return exception.VTPMError(f"{what}: unexpected {type(exc).__name__}: {exc} ({outcome})")

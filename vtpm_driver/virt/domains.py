@@ -100,3 +100,11 @@ def tpm_emulator_domains(conn: libvirt.virConnect) -> list[str]:
         if root.find("devices/tpm/backend[@type='emulator']") is not None:
             found.append(uuid)
     return sorted(found)
+
+
+def managed_tpm_emulator_domains(conn: libvirt.virConnect) -> list[str]:
+    """UUIDs of this driver's servers (domains with our record) that have an emulator
+    ``<tpm>`` (SPEC C4: the servers the driver manages; another tool's domains are
+    not its to protect or to block start-up for)."""
+    ours = {server.uuid for _dom, server in list_servers(conn)}
+    return [uuid for uuid in tpm_emulator_domains(conn) if uuid in ours]

@@ -138,19 +138,26 @@ def test_resize_refusals(env: Env) -> None:
 
 
 def test_failed_finish_deletes_the_secret_it_created(env: Env) -> None:
+    # Issue 13 item 2: the failed step used to delete the new secret but leave the
+    # domain naming it, with the resize pending (confirm offered, every start failing).
     inst = servers.new_instance("plain", OWNER, kernel=KERNEL)
     env.spawn(inst)
     new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     env.conn.fail_start = True
-    with pytest.raises(exception.VirtError):
+    with pytest.raises(exception.VirtError, match="the resize was rolled back"):
         env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
     assert env.km.passphrases == {} and env.conn.secrets == {}
+    stored = record.get_server_record(env.dom(inst).xml)
+    assert stored.system_metadata == {}, "no record names the deleted secret"
+    assert stored.flavor.extra_specs == {}
+    assert domain.get_tpm(env.dom(inst).xml) is None
+    assert not env.drv.resize_ops.has_backup(inst.uuid), "no confirm to offer"
     env.conn.fail_start = False
-    inst.flavor = inst.old_flavor
-    env.drv.finish_revert_migration(OWNER, inst, None, None)
-    assert domain.get_tpm(env.dom(inst).xml) is None and env.dom(inst).active
+    found = servers.find(env.conn, "plain")
+    env.drv.power_on(OWNER, found, None)
+    assert env.dom(inst).active
 
 
 def test_standalone_revert_without_old_flavor_uses_the_stash(env: Env) -> None:

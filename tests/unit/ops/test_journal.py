@@ -1,0 +1,60 @@
+"""ops.journal: the intent entry and the pure finish-or-roll-back decision (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtpm_driver.ops import journal
+from vtpm_driver.ops.journal import Action
+
+
+def test_entry_round_trips_through_system_metadata() -> None:
+    sysmeta = {"vtpm_secret_uuid": "s"}
+    intent = journal.begin(journal.RESIZE_FINISH).with_step("secret created", new_secret="n")
+    journal.write(sysmeta, intent)
+    assert journal.read(sysmeta) == intent
+    assert sysmeta["vtpm_secret_uuid"] == "s"
+    assert journal.clear(sysmeta) and not journal.clear(sysmeta)
+    assert journal.read(sysmeta) is None
+
+
+@pytest.mark.parametrize("raw", ["{", "[1]", '{"operation": 3, "pid": []}', '{"step": "x"}'])
+def test_malformed_entry_reads_as_unknown_and_is_cleared(raw: str) -> None:
+    intent = journal.read({journal.KEY: raw})
+    assert intent is not None
+    decision = journal.decide(intent, domain_exists=True, backup_exists=False,
+                              tmp_backup_exists=False)
+    assert decision.action is Action.CLEAR
+
+
+def decide(op: str, **facts: bool) -> journal.Decision:
+    intent = journal.Intent(op, tmp_backup="/b/.u.x.tmp")
+    return journal.decide(intent, **{"domain_exists": True, "backup_exists": False,
+                                     "tmp_backup_exists": False, **facts})
+
+
+def test_interrupted_start_drops_the_ephemeral_secret_and_keeps_the_server() -> None:
+    decision = decide(journal.START)
+    assert (decision.action, decision.drop_ephemeral_secret) == (Action.FINISH, True)
+    assert decide(journal.START, domain_exists=False).action is Action.CLEAR
+
+
+def test_interrupted_backup_is_rolled_back_removing_only_its_own_tmp() -> None:
+    decision = decide(journal.RESIZE_PREPARE, tmp_backup_exists=True)
+    assert decision.action is Action.ROLL_BACK
+    assert decision.remove_tmp_backup == "/b/.u.x.tmp"
+    assert decide(journal.RESIZE_PREPARE).remove_tmp_backup is None
+    done = decide(journal.RESIZE_PREPARE, backup_exists=True)
+    assert done.action is Action.FINISH and not done.revert_resize
+
+
+def test_interrupted_finish_is_reverted() -> None:
+    decision = decide(journal.RESIZE_FINISH, backup_exists=True)
+    assert (decision.action, decision.revert_resize) == (Action.ROLL_BACK, True)
+    assert decide(journal.RESIZE_FINISH).action is Action.CLEAR
+
+
+@pytest.mark.parametrize("op", [journal.RESIZE_REVERT, journal.RESIZE_CONFIRM])
+def test_interrupted_revert_or_confirm_is_run_again(op: str) -> None:
+    assert decide(op, backup_exists=True).redo == op
+    assert decide(op).action is Action.CLEAR

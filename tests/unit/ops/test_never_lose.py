@@ -1,0 +1,276 @@
+"""Never lose a TPM (issue 13): races, interrupted operations, Barbican first, console log.
+
+Races are forced with the fake's ``on_event`` hook (a step blocks until the
+test lets it go); a process killed mid-way is a BaseException raised there
+(no ``except Exception`` undo runs, as with ``kill -9``).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
+from vtpm_driver import exception, objects, servers
+from vtpm_driver.context import RequestContext
+from vtpm_driver.ops import journal
+from vtpm_driver.virt import domain, record
+
+ADMIN = RequestContext(user_id="admin-id", project_id="proj-admin", auth_token="tok-admin",
+                       roles=("admin",))
+
+
+class Killed(BaseException):
+    """The process died here (kill -9): no undo runs."""
+
+
+def kill_at(env: Env, event: str) -> None:
+    """The process dies at ``event``: that call and every later libvirt call raise
+    :class:`Killed` (an undo that would run on Ctrl-C gets nowhere)."""
+    dead = []
+
+    def hook(what: str, _detail: str) -> None:
+        if what == event or dead:
+            dead.append(what)
+            raise Killed(what)
+    env.conn.on_event = hook
+
+
+def revive(env: Env) -> None:
+    """A new process: libvirt answers again."""
+    env.conn.on_event = None
+
+
+class Pause:
+    """Block the thread that reaches ``event`` until :meth:`go`."""
+
+    def __init__(self, env: Env, event: str) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.event = event
+        self.env = env
+        env.conn.on_event = self.hook
+
+    def hook(self, what: str, _detail: str) -> None:
+        if what == self.event and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(timeout=600)  # a failing test must not hang the run
+
+    def go(self) -> None:
+        self.env.conn.on_event = None
+        self.release.set()
+
+
+def in_thread(fn) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def reread(env: Env, inst: objects.Instance) -> objects.Instance:
+    """The server as a new command finds it."""
+    return servers.find(env.conn, inst.uuid)
+
+
+NEW_FLAVOR = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}
+
+
+# --------------------------------------------------------------------------- item 1: races
+
+
+def test_item1_second_resize_never_removes_the_first_ones_backup(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    ek = env.state_file(inst).read_bytes()
+    backups = env.drv.resize_ops.backups
+    backups.make(inst, inst, keep_state=True)
+    backup = backups.backup_dir(inst.uuid)
+    with pytest.raises(exception.VTPMError, match="already in place"):
+        backups.make(inst, inst, keep_state=True)
+    assert (backup / "swtpm" / "tpm2" / "tpm2-00.permall").read_bytes() == ek
+    assert sorted(p.name for p in backup.parent.iterdir()) == [inst.uuid], "no tmp left"
+
+
+def test_item1_concurrent_resize_is_refused_while_the_first_runs(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    ek = env.state_file(inst).read_bytes()
+    env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
+    new = objects.Flavor(extra_specs=NEW_FLAVOR)
+    pause = Pause(env, "virt.destroy")  # the first resize is stopping the guest
+    first, errors = in_thread(
+        lambda: env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None))
+    pause.reached.wait()
+    second = reread(env, inst)
+    try:
+        with pytest.raises(exception.ServerLocked, match="operation 'resize'"):
+            env.drv.migrate_disk_and_power_off(OWNER, second, None, new, None)
+    finally:
+        pause.go()
+    first.join()
+    assert errors == []
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    inst.flavor = inst.old_flavor
+    env.drv.finish_revert_migration(OWNER, inst, None, None)
+    assert env.state_file(inst).read_bytes() == ek, "the old TPM came back"
+
+
+def test_item1_delete_during_hard_reboot_waits_and_nothing_is_redefined(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
+    pause = Pause(env, "virt.define")  # destroyed, about to be defined again
+    reboot, errors = in_thread(lambda: env.drv.reboot(OWNER, inst, None, "HARD"))
+    pause.reached.wait()
+    try:
+        with pytest.raises(exception.ServerLocked, match="operation 'hard reboot'"):
+            env.drv.destroy(OWNER, reread(env, inst))
+        assert env.km.passphrases, "the delete touched nothing"
+    finally:
+        pause.go()
+    reboot.join()
+    assert errors == [] and env.dom(inst).active
+    env.drv.destroy(OWNER, reread(env, inst))
+    assert inst.uuid not in env.conn.domains and env.km.passphrases == {}
+
+
+# --------------------------------------------------------------------------- item 3 and 8
+
+
+def test_item3_non_owner_resize_is_refused_before_the_guest_is_touched(env: Env) -> None:
+    inst = env.spawn(env.instance("user"))
+    env.reset()
+    new = objects.Flavor(vcpus=2, extra_specs={"hw:tpm_version": "2.0",
+                                               "hw:tpm_secret_security": "user"})
+    with pytest.raises(exception.VTPMSecretForbidden):
+        env.drv.migrate_disk_and_power_off(MEMBER, inst, None, new, None)
+    assert env.dom(inst).active, "still running"
+    assert not env.drv.resize_ops.has_backup(inst.uuid), "no resize pending"
+    assert [e for e in env.names() if e != "barbican.get"] == []
+
+
+def test_item8_admin_of_another_project_cannot_add_a_vtpm(env: Env) -> None:
+    inst = env.spawn(servers.new_instance("plain", OWNER, kernel=KERNEL))
+    env.reset()
+    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    with pytest.raises(exception.VTPMSecretForbidden, match=r"proj-admin.*proj-a"):
+        env.drv.migrate_disk_and_power_off(ADMIN, inst, None, new, None)
+    assert env.events == [] and env.dom(inst).active
+    deployment = objects.Flavor(extra_specs={"hw:tpm_version": "2.0",
+                                             "hw:tpm_secret_security": "deployment"})
+    env.drv.migrate_disk_and_power_off(ADMIN, inst, None, deployment, None)
+
+
+# --------------------------------------------------------------------------- interrupted ops
+
+
+def test_item7_killed_start_leaves_no_passphrase_after_the_next_operation(env: Env) -> None:
+    inst = env.instance("user")
+    kill_at(env, "virt.start")
+    with pytest.raises(Killed):
+        env.spawn(inst)
+    revive(env)
+    env.dom(inst).active = env.dom(inst).paused = True  # libvirt kept it, paused
+    assert len(env.conn.secrets) == 1, "the passphrase is still in libvirt"
+    found = reread(env, inst)
+    assert journal.read(found.system_metadata).operation == journal.START
+    assert env.drv.get_info(found) == "paused", "never shown as running"
+    env.drv.power_off(found)
+    assert env.conn.secrets == {}
+    assert journal.KEY not in record.record_from_domain(env.dom(inst)).system_metadata
+    env.dom(inst).paused = False
+    env.drv.power_on(OWNER, reread(env, inst), None)
+    assert env.dom(inst).active and env.conn.secrets == {}
+
+
+def test_killed_backup_is_rolled_back_by_the_next_operation(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    root = env.tmp / "resize"
+    root.mkdir()
+    foreign = root / f".{inst.uuid}.not-ours"
+    foreign.mkdir()
+    new = objects.Flavor(extra_specs=NEW_FLAVOR)
+    backups = env.drv.resize_ops.backups
+    make = backups.make
+
+    def dying_make(*args, **kwargs):
+        tmp = kwargs["tmp"]
+        tmp.mkdir()
+        (tmp / "record.xml").write_text("half")
+        kill_at(env, "virt.setmetadata")  # the journal is never cleared
+        raise Killed("make")
+
+    backups.make = dying_make
+    with pytest.raises(Killed):
+        env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    backups.make = make
+    revive(env)
+    found = reread(env, inst)
+    tmp = Path(journal.read(found.system_metadata).tmp_backup)
+    assert tmp.exists()
+    env.drv.power_on(OWNER, found, None)
+    assert not tmp.exists() and foreign.exists(), "only its own tmp was removed"
+    assert env.dom(inst).active and not backups.has_backup(inst.uuid)
+
+
+def test_killed_finish_is_reverted_by_the_next_operation(env: Env) -> None:
+    inst = servers.new_instance("plain", OWNER, kernel=KERNEL)
+    env.spawn(inst)
+    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    kill_at(env, "virt.define")
+    with pytest.raises(Killed):
+        env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    revive(env)
+    assert len(env.km.passphrases) == 1, "a new secret, recorded in the journal"
+    found = reread(env, inst)
+    assert journal.read(found.system_metadata).new_secret in env.km.passphrases
+    env.drv.power_on(OWNER, found, None)
+    assert env.km.passphrases == {} and env.conn.secrets == {}
+    assert domain.get_tpm(env.dom(inst).xml) is None and env.dom(inst).active
+    assert record.record_from_domain(env.dom(inst)).system_metadata == {}
+    assert not env.drv.resize_ops.has_backup(inst.uuid)
+
+
+def test_killed_revert_is_finished_by_the_revert_run_again(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    ek = env.state_file(inst).read_bytes()
+    new = objects.Flavor(extra_specs={"hw:tpm_version": "1.2"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    kill_at(env, "virt.define")
+    with pytest.raises(Killed):
+        env.drv.finish_revert_migration(OWNER, reread(env, inst), None, None)
+    revive(env)
+    env.drv.finish_revert_migration(OWNER, reread(env, inst), None, None)
+    assert env.state_file(inst).read_bytes() == ek
+    assert domain.get_tpm(env.dom(inst).xml)[0] == "2.0" and env.dom(inst).active
+    assert not env.drv.resize_ops.has_backup(inst.uuid)
+
+
+# --------------------------------------------------------------------------- item 4
+
+
+def test_item4_user_console_log_is_appended_to_never_truncated(env: Env) -> None:
+    chosen = env.tmp / "mine.log"
+    chosen.write_text("precious line\n")
+    inst = servers.new_instance("vm1", OWNER, kernel=KERNEL, console_log=str(chosen),
+                                flavor_extra_specs={"hw:tpm_version": "2.0"})
+    env.spawn(inst)
+    env.drv.reboot(OWNER, inst, None, "HARD")
+    assert chosen.read_text() == "precious line\n"
+    xml = domain.parse_xml(env.dom(inst).xml)
+    assert {s.get("append") for s in xml.iter("source") if s.get("path") == str(chosen)} == {
+        "on"}
+    env.drv.destroy(OWNER, inst)
+    assert chosen.read_text() == "precious line\n"

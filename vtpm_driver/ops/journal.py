@@ -1,0 +1,169 @@
+"""The intent journal: what a multi-step operation is about to do, written down first.
+
+Before a multi-step operation changes anything it records an :class:`Intent`
+in the server's ``system_metadata`` under :data:`KEY` (so in the domain's
+server record, :mod:`vtpm_driver.virt.record`): the operation, the step it is
+at, the temporary backup directory it is about to create, the Barbican secret
+it created. It clears the entry when it is done. An entry found later means
+the operation was interrupted (``kill -9``, a crash, a lost host): the next
+operation on that server (under the server lock) or ``vtpm-driver audit``
+asks :func:`decide` what to do about it and carries that out.
+
+Everything above :func:`decide` (included) is pure: it reads and writes a
+mapping and returns a :class:`Decision`; the I/O that carries a decision out
+lives in the operations (:mod:`vtpm_driver.driver`, ``recover``).
+
+Operations and what an interrupted one needs (see :func:`decide`):
+
+``start`` (every start that defines a libvirt secret: create, hard reboot,
+power on, resume, resize)
+    The start may not have finished: the server exists; an ephemeral libvirt
+    secret may still hold the passphrase. FINISH: undefine that secret, keep
+    the server in whatever state libvirt has it (``server show`` tells the
+    truth, e.g. ``paused``). A create killed before its domain was defined
+    leaves no record to journal in: its Barbican secret is an orphan that
+    ``vtpm-driver audit`` reports.
+``resize_prepare`` (``migrate_disk_and_power_off``)
+    The guest may be stopped, the backup half-written in its temporary
+    directory. Backup in place: FINISH (the resize awaits its next step).
+    Otherwise ROLL_BACK: remove the temporary directory this operation
+    created (named in the entry) and nothing else.
+``resize_finish`` (``finish_migration``)
+    The domain may be half-way to the new flavor, a new secret may exist.
+    ROLL_BACK: a revert (old flavor, state from the backup, the new secret
+    deleted). Without a backup (should not happen) only CLEAR.
+``resize_revert`` / ``resize_confirm``
+    FINISH: run the same step again (both are idempotent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+KEY = "vtpm_intent"
+
+START = "start"
+RESIZE_PREPARE = "resize_prepare"
+RESIZE_FINISH = "resize_finish"
+RESIZE_REVERT = "resize_revert"
+RESIZE_CONFIRM = "resize_confirm"
+OPERATIONS = (START, RESIZE_PREPARE, RESIZE_FINISH, RESIZE_REVERT, RESIZE_CONFIRM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intent:
+    """One journal entry. ``tmp_backup``: a directory this operation creates
+    (and only it may remove); ``new_secret``: a Barbican secret it created."""
+
+    operation: str
+    step: str = "begin"
+    tmp_backup: str | None = None
+    new_secret: str | None = None
+    pid: int = 0
+    started: float = 0.0
+
+    def with_step(self, step: str, **changes: Any) -> Intent:
+        """The same entry, one step further (pure)."""
+        return dataclasses.replace(self, step=step, **changes)
+
+    def describe(self) -> str:
+        """``resize_finish at step 'define' (pid 123)`` for messages and the audit."""
+        return f"{self.operation} at step {self.step!r} (pid {self.pid})"
+
+
+def begin(operation: str, **fields: Any) -> Intent:
+    """A new entry for ``operation`` by this process."""
+    return Intent(operation, pid=os.getpid(), started=time.time(), **fields)
+
+
+def read(system_metadata: Mapping[str, str] | None) -> Intent | None:
+    """The entry in ``system_metadata``, or None. A malformed one reads as an
+    unknown operation (so it is reported and cleared, never a crash). Pure."""
+    raw = (system_metadata or {}).get(KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(raw)
+        fields = {f.name for f in dataclasses.fields(Intent)}
+        return Intent(**{k: v for k, v in data.items() if k in fields})
+    except (TypeError, ValueError):
+        return Intent("unknown", step="malformed entry")
+
+
+def write(system_metadata: MutableMapping[str, str], intent: Intent) -> None:
+    """Put ``intent`` in ``system_metadata`` (the caller stores the record). Pure."""
+    data = {k: v for k, v in dataclasses.asdict(intent).items() if v is not None}
+    system_metadata[KEY] = json.dumps(data, sort_keys=True)
+
+
+def clear(system_metadata: MutableMapping[str, str]) -> bool:
+    """Remove the entry; True if there was one. Pure."""
+    return system_metadata.pop(KEY, None) is not None
+
+
+class Action(enum.Enum):
+    """What to do about an interrupted operation."""
+
+    CLEAR = "clear"  # nothing to undo or finish: drop the entry
+    FINISH = "finish"  # carry the operation to its end
+    ROLL_BACK = "roll back"  # undo what it did
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """:func:`decide`'s answer: the action and what it involves."""
+
+    action: Action
+    reason: str
+    remove_tmp_backup: str | None = None  # a directory the interrupted operation created
+    drop_ephemeral_secret: bool = False  # a start may have left the passphrase in libvirt
+    revert_resize: bool = False  # ROLL_BACK of resize_finish
+    redo: str | None = None  # FINISH by running this step again (resize_revert/confirm)
+
+
+def decide(intent: Intent, *, domain_exists: bool, backup_exists: bool,
+           tmp_backup_exists: bool) -> Decision:
+    """What to do about ``intent``, found on a server with these facts. Pure.
+
+    ``backup_exists``: the server's resize backup is in place (renamed from
+    its temporary directory); ``tmp_backup_exists``: the entry's temporary
+    directory is still there.
+    """
+    op = intent.operation
+    tmp = intent.tmp_backup if tmp_backup_exists else None
+    if op == START:
+        if not domain_exists:
+            return Decision(Action.CLEAR, f"interrupted {op}: the server is gone")
+        return Decision(Action.FINISH,
+                        f"interrupted {op}: the server exists; remove a libvirt secret the "
+                        "start may have left defined", drop_ephemeral_secret=True)
+    if op == RESIZE_PREPARE:
+        if backup_exists:
+            return Decision(Action.FINISH, "interrupted resize: the backup is in place, "
+                            "the resize awaits confirm or revert", remove_tmp_backup=tmp)
+        return Decision(Action.ROLL_BACK, "interrupted resize before its backup was in "
+                        "place: remove the half-made backup; the server keeps its flavor",
+                        remove_tmp_backup=tmp)
+    if op == RESIZE_FINISH:
+        if backup_exists and domain_exists:
+            return Decision(Action.ROLL_BACK, "interrupted resize: revert to the old flavor "
+                            "and TPM state", revert_resize=True, drop_ephemeral_secret=True,
+                            remove_tmp_backup=tmp)
+        return Decision(Action.CLEAR, "interrupted resize with nothing to revert to",
+                        remove_tmp_backup=tmp)
+    if op in (RESIZE_REVERT, RESIZE_CONFIRM):
+        if backup_exists and domain_exists:
+            return Decision(Action.FINISH, f"interrupted {op}: run it again", redo=op,
+                            drop_ephemeral_secret=True, remove_tmp_backup=tmp)
+        return Decision(Action.CLEAR, f"interrupted {op}: already complete",
+                        remove_tmp_backup=tmp)
+    return Decision(Action.CLEAR, f"unknown journal entry {intent.describe()}",
+                    remove_tmp_backup=tmp)

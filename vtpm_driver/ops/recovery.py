@@ -1,0 +1,112 @@
+"""Finish or roll back an interrupted operation found in a server's journal.
+
+The decision is :func:`vtpm_driver.ops.journal.decide` (pure); this module
+gathers its facts (domain, backups) and carries it out. The driver calls
+:meth:`Recovery.recover` under the server lock before every operation on an
+existing server, so a half-done operation never meets a new one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, policy
+from vtpm_driver.ops import journal
+from vtpm_driver.ops.guests import Guests
+from vtpm_driver.ops.resize import ResizeOps
+from vtpm_driver.virt import record
+
+LOG = logging.getLogger(__name__)
+
+
+class Recovery:
+    """Carry out :func:`~vtpm_driver.ops.journal.decide` for one server."""
+
+    def __init__(self, guests: Guests, resize: ResizeOps) -> None:
+        self.guests = guests
+        self.resize = resize
+
+    def __repr__(self) -> str:
+        return f"Recovery({self.guests!r})"
+
+    def current_entry(self, instance: Any) -> journal.Intent | None:
+        """The journal entry as the domain's record has it now (standalone: the
+        record is the authority, the caller's copy may predate the lock), copied
+        into ``instance.system_metadata``; without a record, the instance's own."""
+        sysmeta = instance.system_metadata
+        dom = self.guests.find(instance)
+        try:
+            stored = record.record_from_domain(dom) if dom is not None else None
+        except exception.VirtError as exc:
+            LOG.warning("Cannot read the server record: %s", exc, instance_uuid=instance.uuid)
+            stored = None
+        if stored is not None:
+            raw = stored.system_metadata.get(journal.KEY)
+            if raw:
+                sysmeta[journal.KEY] = raw
+            else:
+                sysmeta.pop(journal.KEY, None)
+        return journal.read(sysmeta)
+
+    def remove_leftovers(self, instance: Any) -> None:
+        """On delete: remove the temporary backup an interrupted resize named; the
+        rest (domain, state, secrets, backup) goes with the server. Idempotent."""
+        intent = journal.read(getattr(instance, "system_metadata", None))
+        if intent is not None and intent.tmp_backup:
+            self.resize.backups.remove_tmp(intent.tmp_backup, instance.uuid)
+
+    def facts(self, instance: Any, intent: journal.Intent) -> dict[str, bool]:
+        """What :func:`~vtpm_driver.ops.journal.decide` needs to know about the server."""
+        return {
+            "domain_exists": self.guests.find(instance) is not None,
+            "backup_exists": self.resize.has_backup(instance.uuid),
+            "tmp_backup_exists": bool(intent.tmp_backup) and os.path.exists(intent.tmp_backup),
+        }
+
+    def recover(self, context: Any, instance: Any) -> journal.Decision | None:
+        """Finish or roll back the operation the server's journal names; None if none.
+
+        Call it holding the server lock (no other operation is running, so an
+        entry is from one that was interrupted). Idempotent: each action can
+        be repeated, and the entry is cleared only when all of them worked.
+
+        :raises VTPMError: an action failed (the entry stays; the next
+            operation tries again).
+        """
+        intent = self.current_entry(instance)
+        if intent is None:
+            return None
+        decision = journal.decide(intent, **self.facts(instance, intent))
+        LOG.warning("Found an interrupted operation on server %s: %s; %s (%s)",
+                    policy.server_label(instance), intent.describe(), decision.action.value,
+                    decision.reason, instance_uuid=instance.uuid)
+        if decision.remove_tmp_backup:
+            self.resize.backups.remove_tmp(decision.remove_tmp_backup, instance.uuid)
+        if decision.drop_ephemeral_secret:
+            self._drop_ephemeral_secret(instance)
+        if decision.revert_resize or decision.redo == journal.RESIZE_REVERT:
+            self.resize.finish_revert_migration(context, instance, power_on=False)
+        elif decision.redo == journal.RESIZE_CONFIRM:
+            self.resize.confirm_migration(context, instance)
+        self.guests.journal(self.guests.find(instance), instance, None)
+        return decision
+
+    def _drop_ephemeral_secret(self, instance: Any) -> None:
+        """Undefine a libvirt secret of the server that only a start should hold.
+
+        ``host`` mode keeps its persistent secret: that one is meant to stay.
+        """
+        try:
+            cfg = policy.vtpm_of(instance)
+        except exception.VTPMError:
+            cfg = None
+        if cfg is not None and policy.uses_persistent_secret(cfg.secret_security):
+            return
+        leftover = self.guests.secrets.find(instance.uuid)
+        if leftover is not None:
+            self.guests.secrets.undefine(leftover)
+            LOG.warning("Removed libvirt vTPM secret %s left defined by an interrupted start",
+                        leftover, instance_uuid=instance.uuid)
