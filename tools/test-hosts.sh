@@ -9,7 +9,9 @@
 # Each host runs its own virtlogd + libvirtd in its own mount and PID namespace, with
 # its own /etc/libvirt, /run/libvirt, /var/lib/libvirt (incl. swtpm/), /var/cache/libvirt,
 # /var/log/libvirt, /var/log/swtpm and /var/lib/swtpm-localca bind-mounted from
-# $VTPM_HOSTS_DIR/<host>/, and its own host UUID and migration port range. It answers on
+# $VTPM_HOSTS_DIR/<host>/, and its own host UUID and migration port range, and its own UTS
+# namespace whose host name is the host's name (libvirt's getHostname, so a nova-compute on
+# it reports node "host-a" / "host-b", not the machine's name). It answers on
 # loopback only:
 #   host-a  qemu+tcp://127.0.0.1:16611/system   migration ports 49152-49215
 #   host-b  qemu+tcp://127.0.0.1:16612/system   migration ports 49216-49279
@@ -42,6 +44,9 @@ uri() { echo "qemu+tcp://127.0.0.1:${PORT[$1]}/system"; }
 
 # pid of the host's namespace init (the unshare child holding its daemons), or nothing.
 host_pid() { pid_if_matches "$HOSTS_DIR/$1/init.pid" "vtpm-test-host $1"; }
+
+# true when the running host has its own UTS namespace named after it (older starts did not).
+own_hostname() { [ "$(nsenter -t "$1" -u hostname 2>/dev/null)" = "$2" ]; }
 
 answers() { virsh -q -c "$(uri "$1")" uri >/dev/null 2>&1; }
 
@@ -90,9 +95,13 @@ EOF
 
 start_host() {
     local name="$1" dir="$HOSTS_DIR/$1" binds="" target deadline
-    if host_pid "$name" >/dev/null && answers "$name"; then
-        say "$name: already running at $(uri "$name")"
-        return 0
+    local pid
+    if pid="$(host_pid "$name")" && answers "$name"; then
+        if own_hostname "$pid" "$name"; then
+            say "$name: already running at $(uri "$name")"
+            return 0
+        fi
+        say "$name: started by an older version of this script (no own host name); restarting it"
     fi
     host_pid "$name" >/dev/null && stop_host "$name"
     port_in_use "127.0.0.1:${PORT[$name]}" \
@@ -105,9 +114,9 @@ start_host() {
     # The namespace's init (pid 1 there) mounts the host's directories, starts the two
     # daemons and then only reaps children; killing it ends the host and its guests.
     # shellcheck disable=SC2016
-    setsid unshare --mount --propagation private --pid --fork --mount-proc \
+    setsid unshare --mount --propagation private --pid --uts --fork --mount-proc \
         bash -c "exec -a 'vtpm-test-host $name' bash -c '
-            ${binds}
+            hostname $name && ${binds}
             rm -f /run/libvirt/*.pid /run/libvirt/*-sock*
             virtlogd -d -p /run/libvirt/virtlogd.pid &&
             libvirtd -d --listen -p /run/libvirt/libvirtd.pid || exit 1
