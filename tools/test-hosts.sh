@@ -160,6 +160,8 @@ write_conf() {
 # Written by tools/test-hosts.sh: the two private test hosts.
 [vtpm]
 hosts = host-a=$(uri host-a),host-b=$(uri host-b)
+# Each host's swtpm directory as seen from here (off-host copies of TPM state).
+host_state_dirs = host-a=$HOSTS_DIR/host-a/lib/swtpm,host-b=$HOSTS_DIR/host-b/lib/swtpm
 EOF
     chmod 0644 "$conf"
 }

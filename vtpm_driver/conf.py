@@ -255,6 +255,71 @@ once.
     ),
 ]
 
+#: Off-host copies of the TPM state (issue 15): :mod:`vtpm_driver.statestore`.
+STATE_BACKUP_MODES = ("off", "on-stop", "periodic")
+
+vtpm_opts.extend([
+    cfg.StrOpt(
+        "state_backup_dir",
+        default="/var/lib/vtpm-driver/state-store",
+        help="""
+Where off-host copies of servers' TPM state are kept (one ``<uuid>/``
+directory per server: the swtpm state as swtpm wrote it, encrypted with the
+server's passphrase, its server record and ``meta.json``). It stands in for
+object storage: it must be reachable from every host of ``[vtpm] hosts`` and
+survive any one of them (shared or replicated storage, not a host's local
+disk). Root-only (0700/0600). Used by shelve/unshelve, evacuate and
+``state_backup``.
+""",
+    ),
+    cfg.StrOpt(
+        "state_backup",
+        default="off",
+        choices=STATE_BACKUP_MODES,
+        help="""
+When a server's TPM state is copied to ``state_backup_dir`` (shelve always
+copies it). ``off``: never otherwise, so ``server evacuate`` is refused.
+``on-stop``: at every clean stop and suspend. ``periodic``: as on-stop, and
+``vtpm-driver state backup`` (run it from cron) refreshes copies older than
+``state_backup_interval``, running servers included.
+""",
+    ),
+    cfg.IntOpt(
+        "state_backup_interval",
+        default=3600,
+        min=60,
+        help="""
+With ``state_backup = periodic``: seconds after which ``vtpm-driver state
+backup`` refreshes a server's copy; ``vtpm-driver audit`` reports older
+copies as stale.
+""",
+    ),
+    cfg.Opt(
+        "host_state_dirs",
+        type=types.Dict(key_value_separator="=", type_name="NAME=PATH pairs"),
+        default={},
+        help="""
+Each host's swtpm state directory as seen from where vtpm-driver runs, as
+``NAME=PATH`` pairs (names of ``[vtpm] hosts``), e.g. an NFS export of each
+host's ``/var/lib/libvirt/swtpm``. Off-host copies are read from and
+restored to these. Unset: ``swtpm_state_dir`` for the one host.
+""",
+    ),
+    cfg.BoolOpt(
+        "allow_stale_tpm_state",
+        default=False,
+        help="""
+Let ``server evacuate`` restore a copy of the TPM state that may be older
+than the TPM the server last ran with (taken while it ran, or before it was
+started again). SECURITY: the TPM goes back in time: NV counters and indices,
+dictionary-attack lockout, sealed data and keys created since come back as
+they were or are lost, so rollback protections built on the TPM are
+defeated. False (the default) refuses such an evacuation, naming this option
+and the copy's age.
+""",
+    ),
+])
+
 SERVICE_USER_GROUP = "service_user"
 
 service_user_group = cfg.OptGroup(

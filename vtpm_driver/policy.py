@@ -365,3 +365,126 @@ def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
         memory_mb=memory_mb if memory_mb is not None else int(getattr(old, "memory_mb", 256)),
         extra_specs=extra_specs,
     )
+
+
+# -- a TPM that outlives its host: off-host copies, shelve, evacuate, rescue (issue 15) -----
+
+#: What ``server list`` shows for a shelved server (Nova's vm_state name, no host).
+SHELVED_OFFLOADED = "shelved_offloaded"
+#: ``system_metadata`` key of an evacuated server: the host it was evacuated from.
+EVACUATED_FROM_KEY = "vtpm_evacuated_from"
+#: ``system_metadata`` key of a server booted in rescue mode.
+RESCUE_KEY = "vtpm_rescued"
+#: The rescue boot's default marker on the kernel command line.
+RESCUE_CMDLINE = "vtpm_rescue=1"
+#: Events after which ``[vtpm] state_backup`` takes a copy.
+BACKUP_EVENTS = {"off": frozenset(), "on-stop": frozenset({"stop", "suspend"}),
+                 "periodic": frozenset({"stop", "suspend", "periodic"})}
+
+
+def check_may_offload(cfg: VTPMConfig | None, instance: Any, context: Any,
+                      operation: str) -> None:
+    """Shelve, unshelve and evacuate need whoever can later unlock the TPM state.
+
+    ``user`` mode: only the owner can read the passphrase, so anyone else is
+    refused before anything is touched (a shelved server someone else cannot
+    unshelve would be stuck). Other modes: the project check is enough.
+
+    :raises VTPMSecretForbidden: ``user`` mode and the caller is not the owner.
+    """
+    if cfg is None or cfg.secret_security != spec.SECRET_USER:
+        return
+    if getattr(context, "user_id", None) == getattr(instance, "user_id", None):
+        return
+    caller = getattr(context, "user_name", None) or getattr(context, "user_id", "?")
+    raise exception.VTPMSecretForbidden(
+        f"cannot {operation} server {server_label(instance)}: its vTPM secret has 'user' "
+        f"secret security, so only its owner can unlock its TPM state (caller {caller} is "
+        "not the owner)")
+
+
+def wants_backup(mode: str, event: str) -> bool:
+    """Whether ``[vtpm] state_backup = mode`` copies the state after ``event``."""
+    return event in BACKUP_EVENTS.get(mode, frozenset())
+
+
+def backup_due(taken_at: float | None, now: float, interval: float) -> bool:
+    """A periodic copy is due: none yet, or older than ``interval`` seconds."""
+    return taken_at is None or now - taken_at >= interval
+
+
+def copy_is_current(meta: Any) -> bool:
+    """A copy is the TPM's latest state: taken from a stopped server that has not run since."""
+    return not getattr(meta, "server_running", False) and getattr(
+        meta, "started_after", None) is None
+
+
+def describe_age(seconds: float) -> str:
+    """``'42 s'``, ``'3 min 5 s'``, ``'2 h 1 min'``, ``'3 d 4 h'``."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
+def describe_copy(meta: Any, now: float) -> str:
+    """How old a copy is and whether it is current, for output and logs."""
+    age = describe_age(now - meta.taken_at)
+    when = f"taken {age} ago on host {meta.source_host} ({meta.reason})"
+    if copy_is_current(meta):
+        return f"{when}; current: the server has not run since"
+    why = ("it was taken while the server ran" if getattr(meta, "server_running", False)
+           else f"the server started {describe_age(now - meta.started_after)} ago, after it")
+    return f"{when}; STALE: {why}"
+
+
+def check_restore(meta: Any, *, allow_stale: bool, now: float, label: str) -> str:
+    """Refuse restoring a stale copy unless the operator allows it; describes the copy.
+
+    :raises OperationNotSupportedForVTPM: the copy may be older than the TPM
+        the server last ran with and ``[vtpm] allow_stale_tpm_state`` is False.
+    """
+    described = describe_copy(meta, now)
+    if not copy_is_current(meta) and not allow_stale:
+        raise exception.OperationNotSupportedForVTPM(
+            f"cannot evacuate server {label}: its only off-host TPM state copy was {described}"
+            "; restoring it would roll the TPM back (NV counters, lockout, keys made since). "
+            "Set [vtpm] allow_stale_tpm_state = True to accept that")
+    return described
+
+
+def check_copy_exists(meta: Any, label: str, host: str | None, mode: str) -> Any:
+    """The copy an evacuation needs.
+
+    :raises OperationNotSupportedForVTPM: none, naming ``[vtpm] state_backup``.
+    """
+    if meta is None:
+        raise exception.OperationNotSupportedForVTPM(
+            f"cannot evacuate server {label} from host {host or '?'}: no off-host copy of its "
+            f"TPM state exists ([vtpm] state_backup = {mode}); its TPM lives only on that host. "
+            "Set [vtpm] state_backup = on-stop or periodic to keep copies")
+    return meta
+
+
+def rescue_boot(image_meta: Any, kernel: str | None, initrd: str | None,
+                cmdline: str | None) -> tuple[str | None, str | None, str | None]:
+    """The rescue boot: given files, else the server's own with :data:`RESCUE_CMDLINE` added."""
+    if kernel is None and initrd is None and cmdline is None:
+        base = getattr(image_meta, "cmdline", None) or "console=ttyS0"
+        return (getattr(image_meta, "kernel", None), getattr(image_meta, "initrd", None),
+                f"{base} {RESCUE_CMDLINE}")
+    return (kernel or getattr(image_meta, "kernel", None),
+            initrd if initrd is not None else getattr(image_meta, "initrd", None),
+            cmdline if cmdline is not None else RESCUE_CMDLINE)
+
+
+def is_rescued(instance: Any) -> bool:
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return bool(sysmeta.get(RESCUE_KEY))

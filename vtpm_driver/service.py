@@ -29,14 +29,16 @@ from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, policy, spec, view
 from vtpm_driver.context import RequestContext
 from vtpm_driver.hosts import HostSet
+from vtpm_driver.service_offhost import OffHostActions
 from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
 
 SHUTDOWN_RETRY_INTERVAL = 10  # seconds between ACPI power-button presses
 
-#: Operations refused for vTPM servers (SPEC F6) -> how the driver is asked.
-REFUSED_OPERATIONS = ("rebuild", "rescue", "shelve", "evacuate")
+#: Operations still refused for vTPM servers (SPEC F6): none since issue 15 (shelve,
+#: evacuate, rescue and rebuild are :class:`~vtpm_driver.service_offhost.OffHostActions`).
+REFUSED_OPERATIONS: tuple[str, ...] = ()
 
 Progress = Callable[[str], contextlib.AbstractContextManager[None]]
 
@@ -52,7 +54,7 @@ def _abspath(path: str | None) -> str | None:
 # --------------------------------------------------------------------------- the service
 
 
-class ServerService:
+class ServerService(OffHostActions):
     """Create, inspect and drive servers as the caller of ``context``.
 
     ``context`` is called when an operation first needs the caller (so
@@ -165,8 +167,14 @@ class ServerService:
         return fields
 
     def show(self, name_or_uuid: str) -> dict[str, Any]:
-        """:raises InstanceNotFound: no such server."""
-        return self.describe(self.locate(name_or_uuid))
+        """A server on a host, or a shelved one. :raises InstanceNotFound: no such server."""
+        try:
+            return self.describe(self.locate(name_or_uuid))
+        except exception.InstanceNotFound:
+            shelved = self.show_shelved(name_or_uuid)
+            if shelved is None:
+                raise
+            return shelved
 
     def list(self) -> list[dict[str, Any]]:
         """Every server, sorted by name, with its host (no credentials needed).
@@ -176,8 +184,9 @@ class ServerService:
         awaiting confirm or revert is not listed (the server is on the destination).
         """
         if self._hosts is None or self._explicit_host or not self._hosts.several:
-            return [view.summary_fields(instance, self.power_state(instance), self._host)
+            rows = [view.summary_fields(instance, self.power_state(instance), self._host)
                     for instance in self.backend.list()]
+            return rows + self.shelved_rows([str(r["uuid"]) for r in rows])
         rows = []
         for name in self._hosts.names:
             try:
@@ -188,6 +197,7 @@ class ServerService:
                 continue
             rows += [view.summary_fields(instance, self.power_state(instance), name)
                      for instance in instances if not policy.migrating_to(instance)]
+        rows += self.shelved_rows([str(r["uuid"]) for r in rows])
         return sorted(rows, key=lambda row: (str(row["name"]), str(row["host"])))
 
     # -- creating ----------------------------------------------------------------
@@ -239,6 +249,7 @@ class ServerService:
         kind = "HARD" if hard else "SOFT"
         with self._progress(f"Rebooting server {instance.name} ({kind.lower()})"):
             self.backend.driver.reboot(context, instance, None, kind)
+        self.after_start(instance)
 
     def stop(self, name_or_uuid: str, timeout: int) -> None:
         """Ask the guest to shut down, power off after ``timeout`` s (0: at once)."""
@@ -246,47 +257,42 @@ class ServerService:
         retry = SHUTDOWN_RETRY_INTERVAL if timeout else 0
         with self._progress(f"Stopping server {instance.name}"):
             self.backend.driver.power_off(instance, timeout=timeout, retry_interval=retry)
+        self.after_event(instance, "stop")
 
     def start(self, name_or_uuid: str) -> None:
         context, instance = self._target(name_or_uuid, "start")
         with self._progress(f"Starting server {instance.name}"):
             self.backend.driver.power_on(context, instance, None)
+        self.after_start(instance)
 
     def suspend(self, name_or_uuid: str) -> None:
         context, instance = self._target(name_or_uuid, "suspend")
         with self._progress(f"Suspending server {instance.name}"):
             self.backend.driver.suspend(context, instance)
+        self.after_event(instance, "suspend")
 
     def resume(self, name_or_uuid: str) -> None:
         context, instance = self._target(name_or_uuid, "resume")
         with self._progress(f"Resuming server {instance.name}"):
             self.backend.driver.resume(context, instance, None)
+        self.after_start(instance)
 
     def delete(self, name_or_uuid: str) -> None:
-        """Domain, swtpm state, libvirt secret and Barbican secret.
+        """Domain, swtpm state, libvirt secret, Barbican secret and off-host copy.
+
+        A shelved server: its Barbican secret and its off-host copy.
 
         :raises InstanceNotFound: the server does not exist (a second delete).
         """
-        context, instance = self._target(name_or_uuid, "delete")
+        try:
+            context, instance = self._target(name_or_uuid, "delete")
+        except exception.InstanceNotFound:
+            if self.delete_shelved(name_or_uuid):
+                return
+            raise
         with self._progress(f"Deleting server {instance.name}"):
             self.backend.driver.destroy(context, instance, None, None, True, True)
-
-    def refuse(self, name_or_uuid: str, operation: str) -> None:
-        """Ask the driver for an operation it refuses for vTPM servers (SPEC F6).
-
-        :raises OperationNotSupportedForVTPM: the server has a vTPM.
-        """
-        context, instance = self._target(name_or_uuid, operation)
-        drv = self.backend.driver
-        if operation == "rebuild":
-            drv.rebuild(context, instance, instance.image_meta, None, None, None, None,
-                        None, None)
-        elif operation == "rescue":
-            drv.rescue(context, instance, None, instance.image_meta, None, None)
-        elif operation in ("shelve", "evacuate"):
-            getattr(drv, operation)(context, instance)
-        else:
-            raise exception.VTPMError(f"unknown operation {operation!r}")
+            self.store.delete(instance.uuid)
 
     # -- resize ------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ PROG = "vtpm-driver"
 COMMAND_MODULES: tuple[str, ...] = (
     "vtpm_driver.cli.checks",
     "vtpm_driver.cli.servers", "vtpm_driver.cli.server_actions", "vtpm_driver.cli.resize",
-    "vtpm_driver.cli.migrate",
+    "vtpm_driver.cli.migrate", "vtpm_driver.cli.offhost",
     "vtpm_driver.cli.audit",
     "vtpm_driver.cli.demo",
 )

@@ -1,7 +1,7 @@
 """Lifecycle of one existing server: reboot, stop, start, suspend, resume, delete.
 
-Also the operations refused for servers with a vTPM (rebuild, rescue, shelve,
-evacuate), which exit 1 saying why. Every command logs in with
+Rebuild, rescue, shelve and evacuate are in :mod:`vtpm_driver.cli.offhost`.
+Every command logs in with
 the global ``--os-*`` options (the caller must be in the server's project, and
 in 'user' mode only the owner can unlock the vTPM), makes one call to the
 application's :class:`~vtpm_driver.service.ServerService` and prints nothing
@@ -120,50 +120,6 @@ class ServerDelete(ServerAction):
         return 0
 
 
-class RefusedForVTPM(ServerAction):
-    """An operation the driver refuses for vTPM servers (SPEC F6); exits 1 saying why."""
-
-    def take_action(self, parsed_args: argparse.Namespace) -> int:
-        self.app.service.refuse(parsed_args.server, self.verb)
-        return 0
-
-
-class ServerRebuild(RefusedForVTPM):
-    """Rebuild a server: refused for servers with a vTPM.
-
-    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
-    """
-
-    verb = "rebuild"
-
-
-class ServerRescue(RefusedForVTPM):
-    """Rescue a server: refused for servers with a vTPM.
-
-    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
-    """
-
-    verb = "rescue"
-
-
-class ServerShelve(RefusedForVTPM):
-    """Shelve a server: refused for servers with a vTPM.
-
-    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
-    """
-
-    verb = "shelve"
-
-
-class ServerEvacuate(RefusedForVTPM):
-    """Evacuate a server: refused for servers with a vTPM.
-
-    Their TPM state cannot follow the operation safely yet; exits 1 saying why.
-    """
-
-    verb = "evacuate"
-
-
 COMMANDS = {
     "server reboot": ServerReboot,
     "server stop": ServerStop,
@@ -171,8 +127,4 @@ COMMANDS = {
     "server suspend": ServerSuspend,
     "server resume": ServerResume,
     "server delete": ServerDelete,
-    "server rebuild": ServerRebuild,
-    "server rescue": ServerRescue,
-    "server shelve": ServerShelve,
-    "server evacuate": ServerEvacuate,
 }

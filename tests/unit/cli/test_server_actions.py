@@ -75,16 +75,6 @@ def test_action_without_a_server_argument_is_usage_error(cli, backend, logins):
 
 
 
-@pytest.mark.parametrize("operation", ["rebuild", "rescue", "shelve", "evacuate"])
-def test_refused_operations_exit_1_naming_why(cli, backend, logins, operation):
-    add_server(backend)
-    rc, out, err = cli("server", operation, "vm1")
-    assert (rc, out) == (1, "")
-    assert err == (f"vtpm-driver: error: {operation} is not supported for vTPM-enabled "
-                   "server vm1\n")
-    assert backend.driver.calls == [("refused", operation, OWNER, "vm1")]
-
-
 def test_other_projects_may_not_act(cli, backend, logins):
     instance = add_server(backend)
     instance.project_id = "p-other"

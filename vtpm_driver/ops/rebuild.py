@@ -1,0 +1,129 @@
+"""Rescue, unrescue and rebuild of a server with a vTPM (issue 15 items 4, 5).
+
+* rescue: the server boots another kernel/initrd/command line (default: its
+  own with ``vtpm_rescue=1``) with the SAME vTPM. Under another boot chain the
+  PCRs differ, so secrets sealed to the normal boot stay sealed. The record
+  keeps the normal boot and marks the server rescued
+  (``system_metadata['vtpm_rescued']``).
+* unrescue: back to the normal boot, TPM state kept.
+* rebuild: a new image (kernel/initrd/command line) keeps the TPM, as
+  reinstalling a physical machine keeps its TPM. ``reset_tpm`` manufactures
+  a fresh one instead (new EK): libvirt removes the old state when the domain
+  is undefined with its TPM and runs ``swtpm_setup`` at the next start. The
+  Barbican secret stays: the same passphrase encrypts the new state.
+
+Each is a restart: the passphrase is fetched BEFORE the guest is touched
+(a ``user`` mode server needs its owner), then the guest is powered off,
+redefined and started with the secret only around the start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, policy
+from vtpm_driver.ops.guests import Guests
+from vtpm_driver.virt import guest, state
+
+LOG = logging.getLogger(__name__)
+
+
+class RebuildOps:
+    """rescue, unrescue, rebuild over one host's :class:`Guests`."""
+
+    def __init__(self, guests: Guests, state_base: str | None = None) -> None:
+        self.guests = guests
+        self.state_base = state_base or guests.state_base
+
+    def __repr__(self) -> str:
+        return f"RebuildOps({self.guests!r})"
+
+    def _restart(self, context: Any, instance: Any, xml_of: Any, *,
+                 reset_tpm: bool = False) -> None:
+        cfg = policy.vtpm_of(instance)
+        dom = self.guests.lookup(instance)
+        if guest.has_managed_save(dom):
+            raise exception.VTPMError(
+                f"server {policy.server_label(instance)} is suspended: resume it first")
+        start = self.guests.prepare_start(context, instance, cfg)
+        xml = xml_of(cfg)
+        guest.destroy(dom)
+        if reset_tpm and cfg is not None:
+            # libvirt removes the TPM state with the definition; defined again at once.
+            guest.undefine(dom, keep_tpm=False)
+            state.remove_state(self.state_base, instance.uuid)
+        dom = guest.define(self.guests.conn, xml)
+        self.guests.launch(dom, instance, start)
+
+    def rescue(self, context: Any, instance: Any, *, kernel: str | None = None,
+               initrd: str | None = None, cmdline: str | None = None) -> None:
+        """Boot the rescue image with the server's own vTPM.
+
+        :raises VTPMError: already rescued, or suspended.
+        :raises VTPMSecretForbidden: ``user`` mode, not the owner (nothing touched).
+        """
+        label = policy.server_label(instance)
+        if policy.is_rescued(instance):
+            raise exception.VTPMError(f"server {label} is in rescue mode already")
+        boot = policy.rescue_boot(instance.image_meta, kernel, initrd, cmdline)
+
+        def rescue_xml(cfg: Any) -> str:
+            normal = instance.image_meta
+            saved = (normal.kernel, normal.initrd, normal.cmdline)
+            normal.kernel, normal.initrd, normal.cmdline = boot
+            try:
+                base = self.guests.base_xml(instance)
+            finally:
+                normal.kernel, normal.initrd, normal.cmdline = saved
+            instance.system_metadata[policy.RESCUE_KEY] = "1"
+            return self.guests.domain_xml(instance, cfg, base)
+
+        try:
+            self._restart(context, instance, rescue_xml)
+        except BaseException:
+            instance.system_metadata.pop(policy.RESCUE_KEY, None)
+            raise
+        LOG.info("Rescued server %s (same vTPM)", instance.name, instance_uuid=instance.uuid)
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """Back to the normal boot, TPM state kept. :raises VTPMError: not rescued."""
+        if not policy.is_rescued(instance):
+            raise exception.VTPMError(
+                f"server {policy.server_label(instance)} is not in rescue mode")
+
+        def normal_xml(cfg: Any) -> str:
+            instance.system_metadata.pop(policy.RESCUE_KEY, None)
+            return self.guests.domain_xml(instance, cfg)
+
+        self._restart(context, instance, normal_xml)
+        LOG.info("Unrescued server %s", instance.name, instance_uuid=instance.uuid)
+
+    def rebuild(self, context: Any, instance: Any, *, kernel: str | None = None,
+                initrd: str | None = None, cmdline: str | None = None,
+                reset_tpm: bool = False) -> bool:
+        """Boot a new image; the TPM is kept unless ``reset_tpm``. Returns whether it was reset.
+
+        :raises VTPMError: rescued (unrescue first) or suspended; bad boot files
+            (checked before the guest is touched).
+        """
+        label = policy.server_label(instance)
+        if policy.is_rescued(instance):
+            raise exception.VTPMError(f"server {label} is in rescue mode: unrescue it first")
+        image = instance.image_meta
+        old = (image.kernel, image.initrd, image.cmdline)
+        image.kernel = kernel or image.kernel
+        image.initrd = initrd if initrd is not None else image.initrd
+        image.cmdline = cmdline if cmdline is not None else image.cmdline
+        try:
+            self._restart(context, instance, lambda cfg: self.guests.domain_xml(instance, cfg),
+                          reset_tpm=reset_tpm)
+        except BaseException:
+            image.kernel, image.initrd, image.cmdline = old
+            raise
+        reset = reset_tpm and policy.has_vtpm(instance)
+        LOG.info("Rebuilt server %s (%s)", instance.name,
+                 "fresh TPM: new endorsement key" if reset else "TPM kept",
+                 instance_uuid=instance.uuid)
+        return reset

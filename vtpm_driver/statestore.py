@@ -1,0 +1,309 @@
+"""Off-host copies of servers' TPM state (issue 15): shelve, evacuate, state backups.
+
+Where a copy lives
+    :class:`DirectoryStateStore` keeps one directory per server under
+    ``[vtpm] state_backup_dir`` (default ``/var/lib/vtpm-driver/state-store``)::
+
+        <root>/<uuid>/meta.json    what the copy is (below), 0600
+        <root>/<uuid>/record.xml   the server record (:mod:`vtpm_driver.virt.record`), 0600
+        <root>/<uuid>/swtpm/       the host's ``swtpm/<uuid>/`` as swtpm wrote it
+                                   (owners and modes kept: tss, 0700/0600)
+
+    The root is root-only (0700). It stands in for object storage: it must be
+    reachable from every host (here: a path on the machine running
+    vtpm-driver, outside every host's own directories) and survive any host.
+    Nova's shim can plug in Glance or Swift behind the same :class:`StateStore`
+    protocol.
+
+Who can read it
+    The swtpm state is stored exactly as swtpm wrote it: encrypted with the
+    server's passphrase (:meth:`DirectoryStateStore.put` refuses a state file
+    whose swtpm blob header lacks the encrypted flag, and ``meta.json`` records
+    that header). A copy reveals nothing without the passphrase, which only
+    the owner (``user``/``host`` modes) or the service user (``deployment``)
+    can read from Barbican. Root on the machine holding the store can copy the
+    files, as root on a host can; neither can decrypt them.
+
+When it is refreshed (``[vtpm] state_backup``)
+    Shelve always stores a copy (the server then lives only there).
+    ``on-stop``: every clean stop and suspend also refreshes it. ``periodic``:
+    as ``on-stop``, and ``vtpm-driver state backup`` (an operator runs it from
+    cron) refreshes copies older than ``[vtpm] state_backup_interval``, running
+    servers included. ``off``: no other copy, so evacuation is refused.
+
+A copy is current only if it was taken from a stopped server that has not
+run since (:func:`vtpm_driver.policy.copy_is_current`); every start of the
+server marks its copy as overtaken (``started_after``).
+
+Writes are atomic: a new copy is built in ``<root>/.<uuid>.<random>.tmp`` and
+renamed into place; ``meta.json`` is replaced with ``os.replace``. A reader
+sees a complete copy or the previous one, never half of one.
+
+Where each host's state is, seen from here: :func:`host_state_dir`
+(``[vtpm] host_state_dirs``, default ``swtpm_state_dir`` for the one host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from oslo_log import log as logging
+
+from vtpm_driver import exception, objects
+from vtpm_driver.virt import state
+
+LOG = logging.getLogger(__name__)
+
+META = "meta.json"
+RECORD = "record.xml"
+STATE = "swtpm"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyMeta:
+    """What an off-host copy is (``meta.json``); never a passphrase."""
+
+    uuid: str
+    name: str
+    taken_at: float                 # seconds since the epoch
+    source_host: str | None
+    reason: str                     # shelve | stop | suspend | periodic | manual
+    server_running: bool = False    # taken while the guest ran (already behind)
+    shelved: bool = False           # the server lives only here
+    started_after: float | None = None  # the server started after the copy was taken
+    tpm_version: str | None = None
+    secret_security: str | None = None
+    project_id: str | None = None
+    header_flags: int | None = None
+    encrypted: bool | None = None
+    size: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CopyMeta:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class StateStore(Protocol):
+    """Off-host copies, one per server. Implementations raise only VTPMError."""
+
+    def put(self, meta: CopyMeta, record: str, state_dir: Path | None) -> CopyMeta:
+        """Store a complete copy (replacing the previous one atomically)."""
+
+    def get(self, instance_uuid: str) -> CopyMeta | None:
+        """The copy's metadata, or None."""
+
+    def record(self, instance_uuid: str) -> str:
+        """The stored server record. :raises VTPMError: no copy."""
+
+    def restore(self, instance_uuid: str, dest: Path) -> bool:
+        """Write the stored TPM state to ``dest`` (a host's ``swtpm/<uuid>``); False: none."""
+
+    def update(self, instance_uuid: str, **changes: Any) -> CopyMeta | None:
+        """Change metadata fields (e.g. ``started_after``); None without a copy."""
+
+    def delete(self, instance_uuid: str) -> bool:
+        """Remove the copy; True if there was one. Idempotent."""
+
+    def list(self) -> list[CopyMeta]:
+        """Every copy (unreadable ones skipped with a warning)."""
+
+
+def host_state_dir(conf: Any, host: str | None, several: bool = False) -> str:
+    """A host's swtpm state directory as seen from here.
+
+    :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
+        does not name this one.
+    """
+    dirs = dict(conf.vtpm.host_state_dirs or {})
+    if dirs.get(host):
+        return str(dirs[host])
+    if not several:
+        return str(conf.vtpm.swtpm_state_dir)
+    raise exception.InvalidConfiguration(
+        f"[vtpm] host_state_dirs does not say where host {host!r} keeps its swtpm state "
+        "(NAME=PATH as seen from here): its TPM state cannot be copied off the host")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory keeping modes, times, owners and groups (swtpm's files are tss's)."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
+    for src_dir, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(src_dir, src)
+        for name in [".", *dirnames, *filenames]:
+            st = Path(src_dir, name).lstat()
+            os.lchown(Path(dst, rel, name), st.st_uid, st.st_gid)
+    shutil.copystat(src, dst)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class DirectoryStateStore:
+    """:class:`StateStore` in a root-only directory (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"DirectoryStateStore({str(self.root)!r})"
+
+    def path(self, instance_uuid: str) -> Path:
+        """``<root>/<uuid>``. :raises VTPMError: not a UUID."""
+        return self.root / objects.require_uuid(instance_uuid, "instance uuid")
+
+    def _fail(self, what: str, exc: OSError) -> exception.VTPMError:
+        return exception.VTPMError(f"off-host TPM state store {str(self.root)!r}: cannot {what}: "
+                                   f"{exc.strerror or exc}")
+
+    def put(self, meta: CopyMeta, record: str, state_dir: Path | None) -> CopyMeta:
+        """Copy ``state_dir`` (a host's ``swtpm/<uuid>``) and the record in, atomically.
+
+        :raises VTPMError: the state is not encrypted (never stored off-host),
+            or it could not be written (the previous copy, if any, is kept).
+        """
+        uuid = objects.require_uuid(meta.uuid, "instance uuid")
+        final = self.path(uuid)
+        tmp = self.root / f".{uuid}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        if state_dir is not None and meta.tpm_version is not None:
+            header = state.read_blob_header(
+                state.state_file(Path(state_dir).parent, uuid, meta.tpm_version))
+            if header is None or not header.encrypted:
+                raise exception.VTPMError(
+                    f"refusing to copy the TPM state of server {meta.name!r} ({uuid}) off the "
+                    "host: swtpm's header does not say it is encrypted")
+            meta = dataclasses.replace(meta, header_flags=header.flags, encrypted=True)
+        created = False
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            os.mkdir(tmp, 0o700)
+            created = True
+            if state_dir is not None:
+                _copy_tree(Path(state_dir), tmp / STATE)
+                meta = dataclasses.replace(meta, size=_tree_size(tmp / STATE))
+            _write(tmp / RECORD, record)
+            _write(tmp / META, meta.to_json())
+            old = None
+            if final.exists():
+                old = self.root / f".{uuid}.{secrets.token_hex(6)}.old{TMP_SUFFIX}"
+                os.rename(final, old)
+            os.rename(tmp, final)
+            created = False
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            if created:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._fail(f"store the copy of server {meta.name!r} ({uuid})", exc) from None
+        LOG.info("Stored an off-host copy of the TPM state (%s, %d bytes, from %s) in %s",
+                 meta.reason, meta.size, meta.source_host, final, instance_uuid=uuid)
+        return meta
+
+    def get(self, instance_uuid: str) -> CopyMeta | None:
+        try:
+            return CopyMeta.from_json((self.path(instance_uuid) / META).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise exception.VTPMError(
+                f"off-host TPM state store: unreadable copy of {instance_uuid}: {exc}") from None
+
+    def record(self, instance_uuid: str) -> str:
+        try:
+            return (self.path(instance_uuid) / RECORD).read_text()
+        except OSError as exc:
+            raise self._fail(f"read the record of {instance_uuid}", exc) from None
+
+    def restore(self, instance_uuid: str, dest: Path) -> bool:
+        """:raises VTPMError: ``dest`` exists already (never overwritten) or the copy failed."""
+        src = self.path(instance_uuid) / STATE
+        if not src.is_dir():
+            return False
+        dest = Path(dest)
+        try:
+            os.makedirs(dest.parent, mode=0o711, exist_ok=True)
+            _copy_tree(src, dest)
+        except FileExistsError:
+            raise exception.VTPMError(
+                f"cannot restore the TPM state of {instance_uuid}: {dest} exists already"
+            ) from None
+        except OSError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise self._fail(f"restore the state of {instance_uuid} to {dest}", exc) from None
+        return True
+
+    def update(self, instance_uuid: str, **changes: Any) -> CopyMeta | None:
+        meta = self.get(instance_uuid)
+        if meta is None:
+            return None
+        meta = dataclasses.replace(meta, **changes)
+        target = self.path(instance_uuid) / META
+        tmp = target.with_name(f".{META}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            _write(tmp, meta.to_json())
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._fail(f"update the copy of {instance_uuid}", exc) from None
+        return meta
+
+    def delete(self, instance_uuid: str) -> bool:
+        path = self.path(instance_uuid)
+        if not path.exists():
+            return False
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._fail(f"remove the copy of {instance_uuid}", exc) from None
+        LOG.info("Removed the off-host copy of the TPM state", instance_uuid=instance_uuid)
+        return True
+
+    def list(self) -> list[CopyMeta]:
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._fail("list copies", exc) from None
+        found = []
+        for name in entries:
+            if objects.canonical_uuid(name) != name:
+                continue  # temporary or foreign entries
+            try:
+                meta = self.get(name)
+            except exception.VTPMError as exc:
+                LOG.warning("%s", exc)
+                continue
+            if meta is not None:
+                found.append(meta)
+        return found
+
+    def temporaries(self) -> list[str]:
+        """Names of leftover temporary entries (an interrupted put), for the audit."""
+        try:
+            return sorted(n for n in os.listdir(self.root) if n.endswith(TMP_SUFFIX))
+        except FileNotFoundError:
+            return []
