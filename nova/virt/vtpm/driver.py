@@ -27,7 +27,11 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``cleanup``                                   ``ops.secrets.remove_libvirt_secrets``
 ``rebuild``, ``rescue``, ``power_off`` and    ``policy.has_vtpm`` -> Nova's
 ``destroy`` while shelving,                   ``OperationNotSupportedForVTPM``
-``check_can_live_migrate_source``             ``policy.may_live_migrate``
+``check_can_live_migrate_source``,           :mod:`.migrate` (every secret mode;
+``_add_vtpm_secret_to_live_migrate_data``,    ``ops.migrate`` secret steps)
+``pre_live_migration``,
+``post_live_migration`` (``_at_destination``),
+``rollback_live_migration_at_destination``
 ============================================  =========================================
 """
 
@@ -46,6 +50,7 @@ from oslo_log import log as logging
 
 from nova.virt.vtpm import host as nova_host
 from nova.virt.vtpm import keymgr as nova_keymgr
+from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import release, seams, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import policy
@@ -132,6 +137,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         # instance uuid -> passphrase read (or created) before the guest was
         # touched, for the one operation in progress; StartSecret hides it in repr.
         self._vtpm_starts: dict[str, ops_secrets.StartSecret] = {}
+        # instance uuid -> the secret defined for an incoming live migration, until
+        # the guest runs here (post_live_migration_at_destination) or the move fails.
+        self._vtpm_incoming: dict[str, ops_secrets.StartSecret] = {}
 
     # -- our adapters ------------------------------------------------------------
 
@@ -384,11 +392,51 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._refuse_for_task(instance)
         super().power_off(instance, *args, **kwargs)
 
+    # -- live migration, every secret mode (nova/virt/vtpm/migrate.py) --------------
+
     def check_can_live_migrate_source(self, context: Any, instance: Any, *args: Any,
                                       **kwargs: Any) -> Any:
-        """Live migration keeps Nova's rule (:func:`vtpm_driver.policy.may_live_migrate`)."""
-        config = translate.vtpm_config(instance.flavor, instance.image_meta)
-        if not policy.may_live_migrate(config):
-            raise nova_exception.OperationNotSupportedForVTPM(
-                instance_uuid=instance.uuid, operation=instance_actions.LIVE_MIGRATION)
+        """A caller who cannot hand the passphrase over is refused here (user mode: owner only).
+
+        Nova's API lets only ``host`` mode through; the driver moves every mode.
+        """
+        vtpm_migrate.check_source(context, instance)
         return super().check_can_live_migrate_source(context, instance, *args, **kwargs)
+
+    def _add_vtpm_secret_to_live_migrate_data(self, instance: Any, dest_check_data: Any) -> None:
+        """Host mode: the source's libvirt secret into the migrate data; else its UUID only."""
+        vtpm_migrate.add_to_migrate_data(instance, dest_check_data, self._host,
+                                         self.vtpm_key_manager)
+
+    def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any,
+                           network_info: Any, disk_info: Any, migrate_data: Any) -> Any:
+        """Destination: the vTPM secret is defined before the guest arrives, then Nova's."""
+        start = vtpm_migrate.give_destination(context, instance, migrate_data,
+                                              self.vtpm_secrets, self.vtpm_key_manager)
+        if start is not None:
+            self._vtpm_incoming[instance.uuid] = start
+        return super().pre_live_migration(context, instance, block_device_info,
+                                          network_info, disk_info, migrate_data)
+
+    def post_live_migration_at_destination(self, context: Any, instance: Any,
+                                           *args: Any, **kwargs: Any) -> None:
+        """Destination, guest running: an ephemeral secret is undefined."""
+        super().post_live_migration_at_destination(context, instance, *args, **kwargs)
+        vtpm_migrate.incoming_running(instance, self.vtpm_secrets,
+                                      self._vtpm_incoming.pop(instance.uuid, None))
+
+    def post_live_migration(self, context: Any, instance: Any, *args: Any,
+                            **kwargs: Any) -> Any:
+        """Source, after the move: Nova's, then no vTPM secret of the server stays here."""
+        result = super().post_live_migration(context, instance, *args, **kwargs)
+        vtpm_migrate.forget_source(instance, self.vtpm_secrets)
+        return result
+
+    def rollback_live_migration_at_destination(self, context: Any, instance: Any,
+                                               *args: Any, **kwargs: Any) -> None:
+        """Destination, failed move: Nova's cleanup, then no vTPM secret stays here."""
+        self._vtpm_incoming.pop(instance.uuid, None)
+        try:
+            super().rollback_live_migration_at_destination(context, instance, *args, **kwargs)
+        finally:
+            vtpm_migrate.forget_destination(instance, self.vtpm_secrets)
