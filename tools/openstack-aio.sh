@@ -10,7 +10,11 @@
 #     database: sqlite's "database is locked" made overlapping creates hang in BUILD)
 #   RabbitMQ :5672 (Debian package, own node "vtpm-aio", vhost "nova")
 #   placement-api :8778, nova-api :8774, glance-api :9292 (file store)   under gunicorn
-#   nova-conductor, nova-scheduler, nova-compute (libvirt qemu:///system, QEMU TCG, swtpm)
+#   nova-conductor, nova-scheduler, nova-compute (host "vtpm-aio": libvirt qemu:///system,
+#     QEMU TCG, swtpm; availability zone "vtpm-aio", the default for new servers)
+#   nova-compute-host-a, nova-compute-host-b (hosts "host-a", "host-b": one per private
+#     libvirt test host of tools/test-hosts.sh, which 'start' starts first; each runs in its
+#     host's mount namespace; availability zone "vtpm-multihost"; they migrate to each other)
 #   neutron stand-in :9696 (answers "no ports"; see tools/aio/neutron_stub.py)
 # Keystone and Barbican are the keymgr stack's (tools/keymgr-stack.sh): this script starts
 # it when needed and registers users, services and endpoints in it.
@@ -53,7 +57,11 @@ declare -A WSGI=([placement-api]=placement.wsgi.api:application
                  [nova-api]=nova_api_wsgi:application
                  [neutron-stub]=neutron_stub:application)
 GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api)
-NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute)
+NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute nova-compute-host-a nova-compute-host-b)
+# nova-compute services on the test hosts (tools/test-hosts.sh): service -> host
+declare -A TEST_HOST=([nova-compute-host-a]=host-a [nova-compute-host-b]=host-b)
+HOSTS_DIR="${VTPM_HOSTS_DIR:-/var/lib/vtpm-driver/hosts}"
+COMPUTE_HOSTS=(vtpm-aio host-a host-b)
 
 TAG=openstack-aio
 # shellcheck source=tools/lib.sh
@@ -331,7 +339,8 @@ sync_databases() {
 service_pid() {
     local name="$1" pattern
     case "$name" in
-        nova-conductor | nova-scheduler | nova-compute) pattern="bin/$name .*$ETC/nova/nova.conf" ;;
+        nova-conductor | nova-scheduler | nova-compute) pattern="bin/$name .*$ETC/nova/nova.conf( |$)" ;;
+        nova-compute-*) pattern="bin/nova-compute .*$ETC/nova/compute-${TEST_HOST[$name]}.conf" ;;
         *) pattern="gunicorn: master \[vtpm-aio-$name\]|gunicorn.*${WSGI[$name]}" ;;
     esac
     pid_if_matches "$RUN/$name.pid" "$pattern"
@@ -341,7 +350,7 @@ healthy() {
     local name="$1" code
     service_pid "$name" >/dev/null || return 1
     case "$name" in
-        nova-conductor | nova-scheduler | nova-compute) return 0 ;;
+        nova-conductor | nova-scheduler | nova-compute*) return 0 ;;
     esac
     code="$(http_code "http://${BIND[$name]}/")"
     case "$code" in 200 | 300) return 0 ;; *) return 1 ;; esac
@@ -357,6 +366,14 @@ inputs_hash() {
         nova-compute)
             mapfile -t files < <(echo "$ETC/nova/nova.conf"
                 find "$REPO/vtpm_driver" "$REPO/nova" -name '*.py' 2>/dev/null | sort) ;;
+        nova-compute-*)
+            # ... and the mount namespace of its test host: a restarted host is a new one.
+            mapfile -t files < <(echo "$ETC/nova/nova.conf"
+                echo "$ETC/nova/compute-${TEST_HOST[$name]}.conf"
+                find "$REPO/vtpm_driver" "$REPO/nova" -name '*.py' 2>/dev/null | sort)
+            { cat "${files[@]}" 2>/dev/null; test_host_mntns "${TEST_HOST[$name]}"; } \
+                | sha256sum | cut -d' ' -f1
+            return ;;
         placement-api) files=("$ETC/placement/placement.conf") ;;
         glance-api) files=("$ETC/glance/glance-api.conf" "$ETC/glance/glance-api-paste.ini") ;;
         neutron-stub) files=("$HELPERS/neutron_stub.py") ;;
@@ -427,14 +444,37 @@ start_gunicorn() {
     inputs_hash "$name" >"$RUN/$name.inputs"
 }
 
+# The namespace init of a test host (tools/test-hosts.sh), or nothing.
+test_host_pid() {
+    pid_if_matches "$HOSTS_DIR/$1/init.pid" "vtpm-test-host $1"
+}
+
+# The mount namespace of a test host ("none" when it is down).
+test_host_mntns() {
+    local pid
+    pid="$(test_host_pid "$1")" && readlink "/proc/$pid/ns/mnt" || echo none
+}
+
 start_nova_service() {
-    local name="$1"
+    local name="$1" host pid cmd=()
     restart_if_changed "$name"
     if service_pid "$name" >/dev/null; then
         return 0
     fi
     say "starting $name"
-    setsid "$VENV/bin/$name" --config-file "$ETC/nova/nova.conf" --log-file "$LOGS/$name.log" \
+    cmd=("$VENV/bin/$name" --config-file "$ETC/nova/nova.conf")
+    host="${TEST_HOST[$name]:-}"
+    if [ -n "$host" ]; then
+        # Inside the test host's mount namespace: qemu:///system is that host's libvirtd,
+        # and what Nova does to /var/lib/libvirt/swtpm (cold migration moves the TPM
+        # state there through privsep) happens to that host's files.
+        pid="$(test_host_pid "$host")" \
+            || die "test host $host is not running (tools/test-hosts.sh start)"
+        cmd=(nsenter --target "$pid" --mount -- "$VENV/bin/nova-compute"
+             --config-file "$ETC/nova/nova.conf" --config-file "$ETC/nova/compute-$host.conf")
+    fi
+    # nsenter (mount namespace only) and setsid exec: $! is nova-compute itself.
+    setsid "${cmd[@]}" --log-file "$LOGS/$name.log" \
         >"$LOGS/$name.out" 2>&1 </dev/null 9>&- &
     echo $! >"$RUN/$name.pid"
     inputs_hash "$name" >"$RUN/$name.inputs"
@@ -446,19 +486,24 @@ start_nova_service() {
 # true while pid runs (a zombie, which nobody may reap here, counts as gone).
 # --- Nova cells ---------------------------------------------------------------------------
 
-discover_host() {
-    local deadline=$((SECONDS + START_TIMEOUT)) log="$LOGS/discover-hosts.log"
+compute_service() { case "$1" in vtpm-aio) echo nova-compute ;; *) echo "nova-compute-$1" ;; esac; }
+
+discover_hosts() {
+    local deadline=$((SECONDS + START_TIMEOUT)) log="$LOGS/discover-hosts.log" host svc hosts
     local nm=("$VENV/bin/nova-manage" --config-file "$ETC/nova/nova.conf")
-    until "${nm[@]}" cell_v2 list_hosts 2>>"$log" | grep -q ' vtpm-aio '; do
-        "${nm[@]}" cell_v2 discover_hosts --verbose >>"$log" 2>&1 || true
-        if ! service_pid nova-compute >/dev/null; then
-            die_with_log "nova-compute exited during start-up" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            die_with_log "nova-compute's host was not discovered within ${START_TIMEOUT}s" \
-                "$LOGS/nova-compute.log" "$log"
-        fi
-        sleep 2
+    for host in "${COMPUTE_HOSTS[@]}"; do
+        svc="$(compute_service "$host")"
+        until hosts="$("${nm[@]}" cell_v2 list_hosts 2>>"$log")" && grep -q " $host " <<<"$hosts"; do
+            "${nm[@]}" cell_v2 discover_hosts --verbose >>"$log" 2>&1 || true
+            if ! service_pid "$svc" >/dev/null; then
+                die_with_log "$svc exited during start-up" "$LOGS/$svc.log" "$LOGS/$svc.out"
+            fi
+            if [ "$SECONDS" -ge "$deadline" ]; then
+                die_with_log "$svc's host $host was not discovered within ${START_TIMEOUT}s" \
+                    "$LOGS/$svc.log" "$log"
+            fi
+            sleep 2
+        done
     done
 }
 
@@ -485,6 +530,8 @@ cmd_start() {
         return 0
     fi
     ensure_prereqs
+    bash "$REPO/tools/test-hosts.sh" start | sed 's/^/  /' \
+        || die "the libvirt test hosts did not start (tools/test-hosts.sh start)"
     ensure_venv
     COMPUTE_DRIVER="$(compute_driver)"
     render_args
@@ -503,14 +550,18 @@ cmd_start() {
     for name in "${NOVA_SERVICES[@]}"; do
         start_nova_service "$name"
     done
-    say "waiting for nova-compute to register and its host to be discovered"
-    discover_host
-    local pid
-    pid="$(service_pid nova-compute)" \
-        || die_with_log "nova-compute exited during start-up" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
-    helper cloud.py wait-compute --timeout "$START_TIMEOUT" --traits --pid "$pid" \
-        --since "$(stat -c %Y "$RUN/nova-compute.pid")" \
-        || die_with_log "the compute node is not ready" "$LOGS/nova-compute.log" "$LOGS/nova-compute.out"
+    say "waiting for the nova-compute services to register and their hosts to be discovered"
+    discover_hosts
+    local pid host svc
+    for host in "${COMPUTE_HOSTS[@]}"; do
+        svc="$(compute_service "$host")"
+        pid="$(service_pid "$svc")" \
+            || die_with_log "$svc exited during start-up" "$LOGS/$svc.log" "$LOGS/$svc.out"
+        helper cloud.py wait-compute --host "$host" --timeout "$START_TIMEOUT" --traits \
+            --pid "$pid" --since "$(stat -c %Y "$RUN/$svc.pid")" \
+            || die_with_log "the compute node of $host is not ready" "$LOGS/$svc.log" "$LOGS/$svc.out"
+    done
+    helper cloud.py zones || die "setting up the availability zones failed"
     helper cloud.py images --guest-dir "$GUEST_DIR" || die "uploading the test guest to Glance failed"
     say "up in $((SECONDS - t0)) s; credentials: $AIO_DIR/clouds.yaml (clouds owner, member, other, admin)"
     say "try: OS_CLIENT_CONFIG_FILE=$AIO_DIR/clouds.yaml $VENV/bin/openstack --os-cloud owner server list"

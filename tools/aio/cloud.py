@@ -3,12 +3,16 @@
 Run with the AIO virtualenv (keystoneauth1 + PyYAML), with the admin cloud of
 the AIO's clouds.yaml:
 
-    cloud.py wait-compute [--timeout S] [--traits]
-        wait until nova-compute is up, its hypervisor is listed and (with
+    cloud.py wait-compute [--host HOST] [--timeout S] [--traits]
+        wait until HOST's nova-compute is up, its hypervisor is listed and (with
         --traits) its placement resource provider carries the TPM traits
+    cloud.py zones
+        host aggregates and availability zones: "vtpm-aio" (the first compute,
+        the default zone) and "vtpm-multihost" (host-a, host-b); idempotent
     cloud.py images
         upload the test guest (kernel as aki, initramfs as ari, a tiny raw
-        root disk that points at both) as public images; idempotent
+        root disk that points at both) as public images, and the same guest
+        re-reporting its TPM every few seconds (vtpm-guest-reporting); idempotent
     cloud.py status
         one line per compute service and the compute node's TPM traits
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 from keystoneauth1 import adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
-from render import aio_dir
+from render import DEFAULT_ZONE, MULTIHOST, MULTIHOST_ZONE, aio_dir
 from stacklib import cloud_session
 
 GUEST_KERNEL = "vtpm-guest-kernel"
@@ -34,6 +38,10 @@ GUEST_IMAGE = "vtpm-guest"
 # The guest prints its VTPM_RESULT line on ttyS0 and then stays up (so tests
 # can reboot it); Nova's libvirt driver passes this as the kernel command line.
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
+# The same guest re-printing VTPM_RESULT (with boot id and counter) every few seconds,
+# so migration tests see the TPM after a live migration without a reboot.
+REPORTING_IMAGE = "vtpm-guest-reporting"
+REPORTING_CMDLINE = "console=ttyS0 vtpm_test=stay vtpm_report_every=3"
 ROOT_DISK_BYTES = 1024 * 1024
 TPM_TRAITS = ("COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB", "COMPUTE_SECURITY_TPM_TIS")
 
@@ -56,10 +64,16 @@ def api(sess: ks_session.Session, service_type: str, microversion: str | None = 
     )
 
 
-def compute_state(sess: ks_session.Session) -> tuple[list[dict], list[dict]]:
+def compute_state(
+    sess: ks_session.Session, host: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """nova-compute services and hypervisors (of ``host`` only, when given)."""
     compute = api(sess, "compute", "2.53")
-    services = compute.get("/os-services", params={"binary": "nova-compute"}).json()["services"]
-    hypervisors = compute.get("/os-hypervisors").json()["hypervisors"]
+    params = {"binary": "nova-compute", **({"host": host} if host else {})}
+    services = compute.get("/os-services", params=params).json()["services"]
+    hypervisors = compute.get("/os-hypervisors/detail").json()["hypervisors"]
+    if host:
+        hypervisors = [h for h in hypervisors if h.get("service", {}).get("host") == host]
     return services, hypervisors
 
 
@@ -89,7 +103,11 @@ def heartbeat_after(service: dict, since: datetime.datetime | None) -> bool:
 
 
 def wait_compute(
-    timeout: float, want_traits: bool, pid: int | None = None, since: float | None = None
+    timeout: float,
+    want_traits: bool,
+    pid: int | None = None,
+    since: float | None = None,
+    host: str | None = None,
 ) -> None:
     """Wait for an enabled, up nova-compute (with a heartbeat newer than ``since``, from
     the process ``pid`` that must stay alive), its hypervisor and, with ``want_traits``,
@@ -102,7 +120,7 @@ def wait_compute(
         if pid is not None and not alive(pid):
             raise CloudError(f"nova-compute (pid {pid}) exited")
         try:
-            services, hypervisors = compute_state(sess)
+            services, hypervisors = compute_state(sess, host)
             up = [
                 s
                 for s in services
@@ -190,6 +208,31 @@ def ensure_image(
     return image["id"]
 
 
+def ensure_zone(compute: adapter.Adapter, name: str, hosts: list[str]) -> None:
+    """Host aggregate ``name`` whose availability zone is ``name``, holding ``hosts``."""
+    aggregates = compute.get("/os-aggregates").json()["aggregates"]
+    agg = next((a for a in aggregates if a["name"] == name), None)
+    if agg is None:
+        body = {"aggregate": {"name": name, "availability_zone": name}}
+        agg = compute.post("/os-aggregates", json=body).json()["aggregate"]
+        print(f"[openstack-aio] created host aggregate and availability zone {name}")
+    for host in hosts:
+        if host not in agg["hosts"]:
+            action = {"add_host": {"host": host}}
+            agg = compute.post(f"/os-aggregates/{agg['id']}/action", json=action).json()[
+                "aggregate"
+            ]
+            print(f"[openstack-aio] added {host} to availability zone {name}")
+
+
+def setup_zones() -> None:
+    """Servers created without a zone land on vtpm-aio (nova.conf default_schedule_zone);
+    host-a and host-b form their own zone, so a migration's only choice is the other."""
+    compute = api(session(), "compute", "2.53")
+    ensure_zone(compute, DEFAULT_ZONE, ["vtpm-aio"])
+    ensure_zone(compute, MULTIHOST_ZONE, list(MULTIHOST))
+
+
 def upload_images(guest_dir: Path) -> None:
     kernel, initrd = guest_dir / "vmlinuz", guest_dir / "initrd.img"
     for f in (kernel, initrd):
@@ -210,6 +253,15 @@ def upload_images(guest_dir: Path) -> None:
         {"kernel_id": kernel_id, "ramdisk_id": ramdisk_id, "os_command_line": GUEST_CMDLINE},
     )
     print(f"[openstack-aio] guest image {GUEST_IMAGE} = {image_id}")
+    image_id = ensure_image(
+        glance,
+        REPORTING_IMAGE,
+        root_disk,
+        "raw",
+        "bare",
+        {"kernel_id": kernel_id, "ramdisk_id": ramdisk_id, "os_command_line": REPORTING_CMDLINE},
+    )
+    print(f"[openstack-aio] guest image {REPORTING_IMAGE} = {image_id}")
 
 
 def status() -> int:
@@ -217,7 +269,8 @@ def status() -> int:
     services, hypervisors = compute_state(sess)
     for s in services:
         print(f"[openstack-aio] {s['binary']} on {s['host']}: {s['status']}, {s['state']}")
-    rc = 0 if any(s["state"] == "up" for s in services) else 3
+    up = {s["host"] for s in services if s["state"] == "up"}
+    rc = 0 if {"vtpm-aio", *MULTIHOST} <= up else 3
     for hyp in hypervisors:
         traits = sorted(t for t in provider_traits(sess, hyp["id"]) if "TPM" in t)
         print(f"[openstack-aio] compute node {hyp['hypervisor_hostname']}: {' '.join(traits)}")
@@ -235,13 +288,17 @@ def main(argv: list[str]) -> int:
     wait.add_argument("--traits", action="store_true")
     wait.add_argument("--pid", type=int, help="nova-compute's pid: fail as soon as it exits")
     wait.add_argument("--since", type=float, help="epoch seconds: a heartbeat must be newer")
+    wait.add_argument("--host", help="this compute host only (default: any)")
+    sub.add_parser("zones")
     images = sub.add_parser("images")
     images.add_argument("--guest-dir", type=Path, required=True)
     sub.add_parser("status")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "wait-compute":
-            wait_compute(args.timeout, args.traits, args.pid, args.since)
+            wait_compute(args.timeout, args.traits, args.pid, args.since, args.host)
+        elif args.cmd == "zones":
+            setup_zones()
         elif args.cmd == "images":
             upload_images(args.guest_dir)
         else:

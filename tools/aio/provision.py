@@ -23,6 +23,9 @@ USERS = {
     "glance": ("service",),
 }
 
+# The keymgr stack's server owner (user, project): gets role "manager" in its project.
+OWNER = ("vtpm-owner", "vtpm-a")
+
 
 def provision(passwords: dict[str, str]) -> None:
     ks = Keystone(cloud_session(stack_dir() / "clouds.yaml", "admin"))
@@ -52,6 +55,19 @@ def provision(passwords: dict[str, str]) -> None:
             ks.set_password(user["id"], passwords[name])
         for role in role_names:
             ks.grant(project["id"], user["id"], roles[role]["id"])
+
+    # The servers' owner may move its own servers: Nova's default policy lets a project
+    # manager (or an admin) cold- and live-migrate (without choosing the host), and
+    # only the owner may read a 'user' or 'host' mode vTPM secret (owner-only ACL),
+    # which the destination of a cold migration needs.
+    owner = ks.find("users", name=OWNER[0], domain_id=DOMAIN_ID)
+    owner_project = ks.find("projects", name=OWNER[1], domain_id=DOMAIN_ID)
+    manager = ks.find("roles", name="manager")
+    if owner is None or owner_project is None or manager is None:
+        raise ProvisionError(
+            f"user {OWNER[0]}, project {OWNER[1]} or role manager is missing: "
+            "run tools/keymgr-stack.sh provision")
+    ks.grant(owner_project["id"], owner["id"], manager["id"])
 
     for stype, (sname, url) in ENDPOINTS.items():
         service, created = ks.ensure("services", {"name": sname, "type": stype}, type=stype)

@@ -41,6 +41,16 @@ ENDPOINTS = {
 PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit", "mariadb")
 # Clouds copied from the keymgr stack's clouds.yaml (same Keystone, same users).
 CLOUDS = ("owner", "member", "other", "admin")
+# The first compute ("vtpm-aio") drives the system libvirtd; these drive the private
+# test hosts of tools/test-hosts.sh, one each: name -> (its libvirtd's TCP port, the
+# port of the other one, where its live migrations go). Each runs inside its host's
+# mount namespace (its /var/lib/libvirt, /run/libvirt), so [libvirt] connection_uri
+# stays qemu:///system.
+MULTIHOST = {"host-a": (16611, 16612), "host-b": (16612, 16611)}
+# Availability zones: servers created without one land on "vtpm-aio" (what the
+# single-host tests expect); the two test hosts form "vtpm-multihost".
+DEFAULT_ZONE = "vtpm-aio"
+MULTIHOST_ZONE = "vtpm-multihost"
 
 
 def aio_dir() -> Path:
@@ -112,6 +122,7 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
                 "instance_build_timeout": 600,
                 "resume_guests_state_on_host_boot": False,
                 "update_resources_interval": 60,
+                "default_schedule_zone": DEFAULT_ZONE,
             },
             "api": {"auth_strategy": "keystone"},
             "api_database": {"connection": db_url(pw, "nova_api")},
@@ -160,6 +171,39 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
             "vif_plug_linux_bridge_privileged": {"helper_command": helper},
             "vif_plug_ovs_privileged": {"helper_command": helper},
             "wsgi": {"api_paste_config": root / "etc" / "nova" / "api-paste.ini"},
+        }
+    )
+
+
+def compute_host_conf(root: Path, host: str) -> str:
+    """What a test host's nova-compute changes in nova.conf (read after it).
+
+    * its own ``host`` and ``state_path`` (Nova keeps the compute node's UUID in
+      ``state_path/compute_id``; two services sharing it would be one node);
+    * live migration on loopback, with both hosts on 127.0.0.1: the destination's
+      libvirtd is named by port (``live_migration_uri``, as ``%s`` is the
+      destination's ``live_migration_inbound_addr``, 127.0.0.1) and the data goes
+      through that libvirtd connection (``live_migration_tunnelled``). Nova's
+      native transport would give QEMU ``tcp://127.0.0.1`` but no listen address,
+      so the destination QEMU would listen on every address (and libvirt refuses
+      a loopback ``migration_address``): see
+      ../shared/notes/two-hosts-on-one-machine.md. Both options are deprecated
+      in Nova; this pairing only works for two hosts, which is all this is for.
+
+    ``instances_path`` is the shared one of nova.conf: Nova takes a destination
+    with the same ``my_ip`` for shared storage (cold migration copies locally,
+    live migration needs no block migration), so it must be.
+    """
+    _port, peer = MULTIHOST[host]
+    return ini(
+        {
+            "DEFAULT": {"host": host, "state_path": root / f"nova-{host}"},
+            "libvirt": {
+                "connection_uri": "qemu:///system",
+                "live_migration_inbound_addr": "127.0.0.1",
+                "live_migration_uri": f"qemu+tcp://%s:{peer}/system",
+                "live_migration_tunnelled": True,
+            },
         }
     )
 
@@ -247,6 +291,7 @@ def config_files(root: Path, compute_driver: str, debug: bool) -> dict[Path, str
     venv_etc = root / "venv" / "etc"
     files = {
         etc / "nova" / "nova.conf": nova_conf(root, pw, compute_driver, debug),
+        **{etc / "nova" / f"compute-{h}.conf": compute_host_conf(root, h) for h in MULTIHOST},
         etc / "placement" / "placement.conf": placement_conf(root, pw, debug),
         etc / "glance" / "glance-api.conf": glance_conf(root, pw, debug),
         root / "rabbitmq" / "rabbitmq.conf": rabbitmq_conf(),
@@ -281,6 +326,7 @@ def render(root: Path, compute_driver: str, debug: bool) -> None:
         "data/glance/tasks",
         "data/glance/cache",
         "nova/locks",
+        *(f"nova-{h}" for h in MULTIHOST),
         "placement/locks",
         "glance/locks",
         "logs",
