@@ -1,0 +1,72 @@
+"""The pure rules of issue 15 (off-host copies, evacuate, rescue) in vtpm_driver.policy."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from vtpm_driver import exception, policy, spec
+
+USER = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="user")
+HOST = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="host")
+
+
+def meta(**kw):
+    base = {"taken_at": 100.0, "source_host": "a", "reason": "stop", "server_running": False,
+            "started_after": None}
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_offload_needs_the_owner_in_user_mode_only() -> None:
+    inst = types.SimpleNamespace(name="vm", uuid="u", user_id="alice")
+    policy.check_may_offload(USER, inst, types.SimpleNamespace(user_id="alice"), "shelve")
+    policy.check_may_offload(HOST, inst, types.SimpleNamespace(user_id="bob"), "shelve")
+    policy.check_may_offload(None, inst, types.SimpleNamespace(user_id="bob"), "shelve")
+    with pytest.raises(exception.VTPMSecretForbidden, match="cannot unshelve"):
+        policy.check_may_offload(USER, inst, types.SimpleNamespace(user_id="bob"), "unshelve")
+
+
+@pytest.mark.parametrize(("mode", "event", "wanted"), [
+    ("off", "stop", False), ("on-stop", "stop", True), ("on-stop", "suspend", True),
+    ("on-stop", "periodic", False), ("periodic", "periodic", True), ("bogus", "stop", False)])
+def test_wants_backup(mode: str, event: str, wanted: bool) -> None:
+    assert policy.wants_backup(mode, event) is wanted
+
+
+def test_backup_due() -> None:
+    assert policy.backup_due(None, 10, 60)
+    assert not policy.backup_due(100, 159, 60)
+    assert policy.backup_due(100, 160, 60)
+
+
+def test_current_and_stale_copies() -> None:
+    assert policy.copy_is_current(meta())
+    assert not policy.copy_is_current(meta(server_running=True))
+    assert not policy.copy_is_current(meta(started_after=150.0))
+    assert "current" in policy.check_restore(meta(), allow_stale=False, now=190, label="x")
+    with pytest.raises(exception.OperationNotSupportedForVTPM,
+                       match=r"taken 1 min 30 s ago.*allow_stale_tpm_state"):
+        policy.check_restore(meta(started_after=150.0), allow_stale=False, now=190, label="x")
+    assert "STALE" in policy.check_restore(meta(server_running=True), allow_stale=True,
+                                           now=190, label="x")
+
+
+def test_no_copy_names_the_setting() -> None:
+    with pytest.raises(exception.OperationNotSupportedForVTPM,
+                       match=r"\[vtpm\] state_backup = off"):
+        policy.check_copy_exists(None, "x", "a", "off")
+    assert policy.check_copy_exists("m", "x", "a", "off") == "m"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (5, "5 s"), (65, "1 min 5 s"), (3720, "1 h 2 min"), (90000, "1 d 1 h"), (-3, "0 s")])
+def test_describe_age(seconds: float, text: str) -> None:
+    assert policy.describe_age(seconds) == text
+
+
+def test_rescue_boot_defaults_to_own_files_with_the_marker() -> None:
+    image = types.SimpleNamespace(kernel="/k", initrd="/i", cmdline="console=ttyS0")
+    assert policy.rescue_boot(image, None, None, None) == (
+        "/k", "/i", "console=ttyS0 vtpm_rescue=1")
+    assert policy.rescue_boot(image, "/k2", None, "x") == ("/k2", "/i", "x")
