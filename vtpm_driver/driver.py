@@ -120,9 +120,11 @@ class VTPMDriver:
         return self._recovery
 
     @contextlib.contextmanager
-    def server_operation(self, context: Any, instance: Any, operation: str
-                         ) -> Iterator[journal.Decision | None]:
-        """Hold the server's lock for ``operation``; first finish or roll back an
+    def server_operation(self, context: Any, instance: Any, operation: str, *,
+                         refresh: bool = True) -> Iterator[journal.Decision | None]:
+        """Hold the server's lock for ``operation``; first bring ``instance`` up to date
+        with its record (``refresh``: all of it; else only the journal entry, for
+        the resize steps whose caller sets the flavors) and finish or roll back an
         operation the server's journal says was interrupted (yields that decision).
 
         :raises ServerLocked: another operation holds the server past ``[vtpm] lock_timeout``.
@@ -131,7 +133,7 @@ class VTPMDriver:
         with locks.server_lock(self.conf, instance.uuid, operation):
             decision = None
             if self.guests.find(instance) is not None:
-                decision = self.recovery.recover(context, instance)
+                decision = self.recovery.recover(context, instance, refresh_whole=refresh)
             yield decision
 
     def _host_report(self) -> HostReport:
@@ -204,7 +206,7 @@ class VTPMDriver:
         first: everything it left goes with the server.
         """
         with locks.server_lock(self.conf, instance.uuid, "delete"):
-            self.recovery.current_entry(instance)
+            self.recovery.refresh(instance)
             self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
                                    destroy_secrets=destroy_secrets)
             if destroy_disks:
@@ -264,13 +266,14 @@ class VTPMDriver:
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True) -> None:
         """Resize step 2 (``instance.flavor`` is the new one): redefine and start."""
-        with self.server_operation(context, instance, "resize"):
+        with self.server_operation(context, instance, "resize", refresh=False):
             self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
 
     def confirm_migration(self, context: Any, migration: Any, instance: Any,
                           network_info: Any) -> None:
         """Resize step 3a: keep the new flavor, drop the backup (and a removed vTPM's secret)."""
-        with self.server_operation(context, instance, "confirm resize") as recovered:
+        with self.server_operation(context, instance, "confirm resize",
+                                   refresh=False) as recovered:
             if recovered is not None and recovered.redo == journal.RESIZE_CONFIRM:
                 return  # the interrupted confirm was just finished
             self.resize_ops.confirm_migration(context, instance)
@@ -279,7 +282,8 @@ class VTPMDriver:
                                 migration: Any, block_device_info: Any = None,
                                 power_on: bool = True) -> None:
         """Resize step 3b: old flavor, old TPM state, old secret."""
-        with self.server_operation(context, instance, "revert resize") as recovered:
+        with self.server_operation(context, instance, "revert resize",
+                                   refresh=False) as recovered:
             if recovered is not None and (recovered.revert_resize
                                           or recovered.redo == journal.RESIZE_REVERT):
                 if power_on:  # the recovery reverted without a start

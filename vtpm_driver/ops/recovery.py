@@ -32,10 +32,18 @@ class Recovery:
     def __repr__(self) -> str:
         return f"Recovery({self.guests!r})"
 
-    def current_entry(self, instance: Any) -> journal.Intent | None:
-        """The journal entry as the domain's record has it now (standalone: the
-        record is the authority, the caller's copy may predate the lock), copied
-        into ``instance.system_metadata``; without a record, the instance's own."""
+    def refresh(self, instance: Any, *, whole: bool = True) -> journal.Intent | None:
+        """Bring ``instance`` up to date with its domain's record; its journal entry.
+
+        Called under the server lock: the caller read the server before it had
+        the lock, and the operation that held it may have changed it (a resize
+        that added a vTPM: a hard reboot with the old copy would define the
+        domain without it). ``whole``: flavor, image, system metadata and
+        console log come from the record (standalone, where the record is the
+        only store); otherwise only the journal entry (Nova-shaped resize steps,
+        whose caller sets the flavors on purpose). Without a record (not a
+        standalone server) the instance is left as it is.
+        """
         sysmeta = instance.system_metadata
         dom = self.guests.find(instance)
         try:
@@ -43,7 +51,13 @@ class Recovery:
         except exception.VirtError as exc:
             LOG.warning("Cannot read the server record: %s", exc, instance_uuid=instance.uuid)
             stored = None
-        if stored is not None:
+        if stored is not None and whole:
+            instance.flavor = stored.flavor
+            instance.image_meta = stored.image_meta
+            sysmeta.clear()
+            sysmeta.update(stored.system_metadata)
+            instance.console_log = stored.console_log
+        elif stored is not None:
             raw = stored.system_metadata.get(journal.KEY)
             if raw:
                 sysmeta[journal.KEY] = raw
@@ -66,17 +80,19 @@ class Recovery:
             "tmp_backup_exists": bool(intent.tmp_backup) and os.path.exists(intent.tmp_backup),
         }
 
-    def recover(self, context: Any, instance: Any) -> journal.Decision | None:
+    def recover(self, context: Any, instance: Any, *, refresh_whole: bool = True
+                ) -> journal.Decision | None:
         """Finish or roll back the operation the server's journal names; None if none.
 
         Call it holding the server lock (no other operation is running, so an
-        entry is from one that was interrupted). Idempotent: each action can
+        entry is from one that was interrupted). ``instance`` is refreshed
+        first (:meth:`refresh`, ``whole=refresh_whole``). Idempotent: each action can
         be repeated, and the entry is cleared only when all of them worked.
 
         :raises VTPMError: an action failed (the entry stays; the next
             operation tries again).
         """
-        intent = self.current_entry(instance)
+        intent = self.refresh(instance, whole=refresh_whole)
         if intent is None:
             return None
         decision = journal.decide(intent, **self.facts(instance, intent))

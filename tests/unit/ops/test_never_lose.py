@@ -7,6 +7,7 @@ test lets it go); a process killed mid-way is a BaseException raised there
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -140,6 +141,25 @@ def test_item1_delete_during_hard_reboot_waits_and_nothing_is_redefined(env: Env
     assert errors == [] and env.dom(inst).active
     env.drv.destroy(OWNER, reread(env, inst))
     assert inst.uuid not in env.conn.domains and env.km.passphrases == {}
+
+
+def test_item1_a_command_that_waited_acts_on_the_server_as_it_is_now(env: Env) -> None:
+    # A hard reboot read the server before a resize added its vTPM, and got the lock
+    # after: with its old copy it would define the domain without the TPM.
+    inst = env.spawn(servers.new_instance("plain", OWNER, kernel=KERNEL))
+    stale = reread(env, inst)
+    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    env.drv.confirm_migration(OWNER, None, inst, None)
+    secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
+    env.drv.reboot(OWNER, stale, None, "HARD")
+    assert domain.get_tpm(env.dom(inst).xml) == ("2.0", "tpm-tis", secret_uuid)
+    assert record.record_from_domain(env.dom(inst)).system_metadata == {
+        "vtpm_secret_uuid": secret_uuid}
+    env.drv.destroy(OWNER, dataclasses.replace(stale, system_metadata={}))  # an old copy
+    assert env.km.passphrases == {}, "the secret recorded now was deleted"
 
 
 # --------------------------------------------------------------------------- item 3 and 8
