@@ -33,7 +33,8 @@ from vtpm_driver.objects import canonical_uuid
 LIBVIRT_SECRET = "libvirt_secret"
 STATE_DIR = "state_dir"
 BARBICAN_SECRET = "barbican_secret"
-ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET)
+OFFHOST_COPY = "offhost_copy"
+ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,8 @@ class AuditReport:
     readable: tuple[BarbicanSecret, ...] = ()
     half_done: tuple[Any, ...] = ()
     barbican_secrets: tuple[BarbicanSecret, ...] = ()
+    #: Off-host copies older than ``[vtpm] state_backup_interval`` (periodic) or overtaken.
+    stale_copies: tuple[Orphan, ...] = ()
 
     def orphans_of(self, kind: str) -> tuple[Orphan, ...]:
         return tuple(orphan for orphan in self.orphans if orphan.kind == kind)
@@ -393,3 +396,54 @@ def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
     wanted = {_canonical(u) or u for u in only}
     return RepairPlan(tuple(a for a in full.actions if a.instance_uuid in wanted),
                       tuple(s for s in full.skipped if s.instance_uuid in wanted))
+
+
+# --------------------------------------------------------------------------- off-host copies
+
+
+def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Iterable[str],
+                   *, now: float, interval: float | None) -> AuditReport:
+    """``report`` with the off-host copies of no server (orphans) and the stale ones.
+
+    ``copies`` are :class:`~vtpm_driver.statestore.CopyMeta`; ``server_uuids``
+    every server on every host checked. A shelved copy IS its server, never an
+    orphan. Stale: overtaken by a start, or (``interval``, periodic mode)
+    older than it. Pure.
+    """
+    known = {_canonical(u) or u for u in server_uuids}
+    orphans, stale = [], []
+    for copy in sorted(copies, key=lambda c: (c.name, c.uuid)):
+        if copy.shelved:
+            continue
+        if copy.uuid not in known:
+            orphans.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
+                                  f"copy of server {copy.name!r}, which is on no host"))
+        elif copy.started_after is not None or copy.server_running:
+            stale.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
+                                "the server ran after this copy was taken"))
+        elif interval is not None and now - copy.taken_at > interval:
+            stale.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
+                                f"older than {int(interval)} s"))
+    return dataclasses.replace(report, orphans=report.orphans + tuple(orphans),
+                               stale_copies=tuple(stale))
+
+
+REMOVE_COPY = "remove_offhost_copy"
+
+
+def plan_copies(repair: RepairPlan, report: AuditReport, hosts_unchecked: Sequence[str],
+                only: Iterable[str] | None = None) -> RepairPlan:
+    """``repair`` plus removing orphaned off-host copies, only when every host was checked."""
+    wanted = None if only is None else {_canonical(u) or u for u in only}
+    actions = list(repair.actions)
+    skipped = list(repair.skipped)
+    for orphan in report.orphans_of(OFFHOST_COPY):
+        if wanted is not None and orphan.instance_uuid not in wanted:
+            continue
+        if hosts_unchecked:
+            skipped.append(Skipped(orphan.id, orphan.instance_uuid,
+                                   f"kept: host(s) {', '.join(hosts_unchecked)} not checked"))
+            continue
+        actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
+                              f"remove off-host copy: {orphan.reason}"))
+    return RepairPlan(tuple(actions), tuple(skipped))

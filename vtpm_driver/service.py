@@ -444,24 +444,32 @@ class ServerService(OffHostActions):
         """
         backend = self.backend
         base = str(self.conf.vtpm.swtpm_state_dir)
-        return vtpm_audit.audit(
+        report = vtpm_audit.audit(
             backend.list(), backend.domain_uuids(),
             [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
              for s in backend.libvirt_vtpm_secrets()],
             state.list_state_dirs(base), None if barbican is None else list(barbican),
             state_dir_base=base)
+        elsewhere, _unchecked = backend.other_host_domains()
+        periodic = self.conf.vtpm.state_backup == "periodic"
+        return vtpm_audit.offhost_copies(
+            report, self.store.list(), [*backend.domain_uuids(), *elsewhere], now=time.time(),
+            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
 
     def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float,
                     only: Sequence[str] | None = None) -> vtpm_audit.RepairPlan:
         """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
         elsewhere, unchecked = self.backend.other_host_domains()
+        # A shelved (or evacuable) server lives in the state store: its secret is kept.
+        elsewhere = [*elsewhere, *(copy.uuid for copy in self.store.list())]
         if elsewhere:
             kept = {vtpm_audit.canonical_uuid(u) for u in elsewhere}
             report = dataclasses.replace(report, orphans=tuple(
                 o for o in report.orphans
                 if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
-        return vtpm_audit.plan(report, now=time.time(), min_age=min_age,
+        full = vtpm_audit.plan(report, now=time.time(), min_age=min_age,
                                hosts_unchecked=unchecked, only=only)
+        return vtpm_audit.plan_copies(full, report, unchecked, only)
 
     def repair(self, plan: vtpm_audit.RepairPlan, keymgr: Any,
                contexts: Mapping[str, RequestContext]) -> list[tuple[vtpm_audit.Action, str]]:
@@ -483,6 +491,8 @@ class ServerService(OffHostActions):
     def _do(self, action: vtpm_audit.Action, keymgr: Any,
             contexts: Mapping[str, RequestContext]) -> str:
         backend = self.backend
+        if action.kind == vtpm_audit.REMOVE_COPY:
+            return "done" if self.store.delete(action.target) else "already gone"
         if action.kind == vtpm_audit.UNDEFINE_SECRET:
             return "done" if backend.undefine_libvirt_secret(action.target) else "already gone"
         if action.kind in (vtpm_audit.REMOVE_STATE, vtpm_audit.DELETE_BARBICAN) and (

@@ -207,6 +207,7 @@ def test_audit_json_clean(capsys, env):
                      "problems": []}],
         "orphan_libvirt_secrets": [], "orphan_state_dirs": [], "orphan_barbican_secrets": [],
         "project_readable_secrets": [], "half_done_operations": [],
+        "orphan_offhost_copies": [], "stale_offhost_copies": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
         "clean": True,
     }

@@ -70,3 +70,26 @@ def test_rescue_boot_defaults_to_own_files_with_the_marker() -> None:
     assert policy.rescue_boot(image, None, None, None) == (
         "/k", "/i", "console=ttyS0 vtpm_rescue=1")
     assert policy.rescue_boot(image, "/k2", None, "x") == ("/k2", "/i", "x")
+
+
+def _copy(uuid: str, **kw):
+    base = {"uuid": uuid, "name": f"vm-{uuid[:4]}", "taken_at": 100.0, "shelved": False,
+            "started_after": None, "server_running": False}
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_audit_reports_orphan_and_stale_copies_and_plans_removing_orphans_only() -> None:
+    from vtpm_driver import audit
+
+    a, b, c, d = (f"{n}0000000-0000-4000-8000-000000000000" for n in "abcd")
+    report = audit.AuditReport(servers=(), orphans=(), barbican_checked=False)
+    report = audit.offhost_copies(
+        report, [_copy(a), _copy(b, shelved=True), _copy(c, started_after=150.0), _copy(d)],
+        [c, d], now=5000, interval=3600)
+    assert [o.id for o in report.orphans_of(audit.OFFHOST_COPY)] == [a]  # b is shelved
+    assert sorted(o.id for o in report.stale_copies) == [c, d]
+    empty = audit.RepairPlan((), ())
+    planned = audit.plan_copies(empty, report, [])
+    assert [(x.kind, x.target) for x in planned.actions] == [(audit.REMOVE_COPY, a)]
+    assert audit.plan_copies(empty, report, ["host-b"]).actions == ()
+    assert audit.plan_copies(empty, report, [], only=[b]).actions == ()

@@ -28,6 +28,7 @@ keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
 COLUMNS = (
     "servers", "orphan_libvirt_secrets", "orphan_state_dirs", "orphan_barbican_secrets",
     "project_readable_secrets", "half_done_operations",
+    "orphan_offhost_copies", "stale_offhost_copies",
     "barbican_checked", "barbican_scope", "clean",
 )
 REPAIR_COLUMNS = ("repair", "repair_skipped", "dry_run")
@@ -77,7 +78,8 @@ def _skipped_records(skipped: Sequence[vtpm_audit.Skipped]) -> list[dict[str, ob
 
 
 def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
-    key = "path" if orphan.kind == vtpm_audit.STATE_DIR else "secret_uuid"
+    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy"}.get(
+        orphan.kind, "secret_uuid")
     return {key: orphan.id, "instance_uuid": orphan.instance_uuid, "reason": orphan.reason}
 
 
@@ -95,6 +97,8 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
         RecordsColumn([_readable_record(item) for item in report.readable]),
         RecordsColumn([dict(vars(entry)) if hasattr(entry, "__dict__") else {"entry": entry}
                        for entry in report.half_done]),
+        orphans(vtpm_audit.OFFHOST_COPY),
+        RecordsColumn([_orphan_record(o) for o in report.stale_copies]),
         report.barbican_checked,
         ListColumn(list(scope)),
         report.clean,
