@@ -136,6 +136,18 @@ class VTPMDriver:
                 decision = self.recovery.recover(context, instance, refresh_whole=refresh)
             yield decision
 
+    def recover(self, context: Any, instance: Any) -> journal.Decision | None:
+        """Finish or roll back an operation the server's journal says was interrupted,
+        under the server lock (what ``vtpm-driver audit --repair`` and the next
+        operation do); None when there was none. Idempotent.
+
+        :raises ServerLocked: an operation is running on the server (then it is
+            not interrupted).
+        :raises VTPMError: it could not be finished or rolled back (the entry stays).
+        """
+        with self.server_operation(context, instance, "repair") as decision:
+            return decision
+
     def _host_report(self) -> HostReport:
         """What this host offers, computed once (spawn and resize check it)."""
         if self._host_report_cache is None:

@@ -294,3 +294,16 @@ def test_item4_user_console_log_is_appended_to_never_truncated(env: Env) -> None
         "on"}
     env.drv.destroy(OWNER, inst)
     assert chosen.read_text() == "precious line\n"
+
+
+def test_repair_path_finishes_an_interrupted_start(env: Env) -> None:
+    inst = env.instance("deployment")
+    kill_at(env, "virt.start")
+    with pytest.raises(Killed):
+        env.spawn(inst)
+    revive(env)
+    found = reread(env, inst)
+    decision = env.drv.recover(None, found)
+    assert decision is not None and decision.action is journal.Action.FINISH
+    assert env.conn.secrets == {}
+    assert env.drv.recover(None, reread(env, inst)) is None, "idempotent"

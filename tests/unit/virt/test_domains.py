@@ -54,3 +54,14 @@ def test_find_server_refuses_a_domain_that_is_not_ours() -> None:
         conn.domains[UUID].xml,
         objects.Instance(name="n", uuid=UUID, user_id="u", project_id="p"))
     assert domains.find_server(conn, UUID).name == "n"
+
+
+def test_managed_tpm_emulator_domains_are_only_ours() -> None:
+    conn = FakeLibvirt()
+    ours, foreign = (str(objects.canonical_uuid(f"{n}" * 32)) for n in "45")
+    tpm = "<tpm model='tpm-tis'><backend type='emulator'/></tpm>"
+    conn.defineXML(record.set_server_record(
+        _xml(ours, tpm), objects.Instance(name="n", uuid=ours, user_id="u", project_id="p")))
+    conn.defineXML(_xml(foreign, tpm))
+    assert domains.tpm_emulator_domains(conn) == sorted([ours, foreign])
+    assert domains.managed_tpm_emulator_domains(conn) == [ours]
