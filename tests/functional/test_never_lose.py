@@ -104,12 +104,14 @@ def test_item7_kill_9_of_create_leaves_no_passphrase_after_the_next_operation(
     made.created({"uuid": uuid, "vtpm_secret_uuid": stored.system_metadata["vtpm_secret_uuid"]})
     assert journal.read(stored.system_metadata).operation == journal.START
 
-    shown = cli("server", "show", name, "-f", "json").json()
-    state, reason = dom.state()
-    print(f"after kill -9: libvirt state {state} reason {reason}, shown {shown['power_state']}")
-    truth = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_RUNNING: "running",
-             libvirt.VIR_DOMAIN_SHUTOFF: "shutdown"}[state]
-    assert shown["power_state"] == truth  # whatever libvirt has: never "running" if paused
+    # libvirtd goes on with the start the dead command asked for: paused while QEMU
+    # starts up, then running. `server show` says what libvirt has at that moment.
+    names = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_RUNNING: "running",
+             libvirt.VIR_DOMAIN_SHUTOFF: "shutdown"}
+    before = names[dom.state()[0]]
+    shown = cli("server", "show", name, "-f", "json").json()["power_state"]
+    after = names[dom.state()[0]]
+    assert shown in (before, after), (before, shown, after)
 
     stop = cli("server", "stop", name)
     assert stop.rc == 0, stop.err
