@@ -340,7 +340,7 @@ service_pid() {
     local name="$1" pattern
     case "$name" in
         nova-conductor | nova-scheduler | nova-compute) pattern="bin/$name .*$ETC/nova/nova.conf( |$)" ;;
-        nova-compute-*) pattern="bin/nova-compute .*$ETC/nova/compute-${TEST_HOST[$name]}.conf" ;;
+        nova-compute-*) pattern="nova_compute_multihost.py .*$ETC/nova/compute-${TEST_HOST[$name]}.conf" ;;
         *) pattern="gunicorn: master \[vtpm-aio-$name\]|gunicorn.*${WSGI[$name]}" ;;
     esac
     pid_if_matches "$RUN/$name.pid" "$pattern"
@@ -370,6 +370,7 @@ inputs_hash() {
             # ... and the mount namespace of its test host: a restarted host is a new one.
             mapfile -t files < <(echo "$ETC/nova/nova.conf"
                 echo "$ETC/nova/compute-${TEST_HOST[$name]}.conf"
+                echo "$HELPERS/nova_compute_multihost.py"
                 find "$REPO/vtpm_driver" "$REPO/nova" -name '*.py' 2>/dev/null | sort)
             { cat "${files[@]}" 2>/dev/null; test_host_mntns "${TEST_HOST[$name]}"; } \
                 | sha256sum | cut -d' ' -f1
@@ -470,7 +471,9 @@ start_nova_service() {
         # state there through privsep) happens to that host's files.
         pid="$(test_host_pid "$host")" \
             || die "test host $host is not running (tools/test-hosts.sh start)"
-        cmd=(nsenter --target "$pid" --mount -- "$VENV/bin/nova-compute"
+        # tools/aio/nova_compute_multihost.py: nova-compute + libvirt's VIR_MIGRATE_UNSAFE
+        # (the shared instances directory is a local one; see that file).
+        cmd=(nsenter --target "$pid" --mount -- "$VENV/bin/python" "$HELPERS/nova_compute_multihost.py"
              --config-file "$ETC/nova/nova.conf" --config-file "$ETC/nova/compute-$host.conf")
     fi
     # nsenter (mount namespace only) and setsid exec: $! is nova-compute itself.
