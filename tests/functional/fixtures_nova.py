@@ -36,6 +36,16 @@ GUEST_IMAGE = "vtpm-guest"
 GUEST_KERNEL = "vtpm-guest-kernel"
 GUEST_RAMDISK = "vtpm-guest-ramdisk"
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
+# The same guest re-printing its VTPM_RESULT (boot id, counter) every 3 s.
+REPORTING_IMAGE = "vtpm-guest-reporting"
+# The nova-compute services on the libvirt test hosts (tools/test-hosts.sh): host name
+# (= Nova node name) -> the host's libvirt URI; their availability zone.
+TEST_HOSTS = {
+    "host-a": "qemu+tcp://127.0.0.1:16611/system",
+    "host-b": "qemu+tcp://127.0.0.1:16612/system",
+}
+MULTIHOST_ZONE = "vtpm-multihost"
+HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
 # One OSC call is ~3-5 s of Python start-up; a TCG guest boots in a few seconds.
 CLI_TIMEOUT = 180
 SERVER_TIMEOUT = 300
@@ -154,9 +164,14 @@ class AioCloud:
         name = f"vTPM secret for instance {server_id}"
         return self.json(cloud, "secret", "list", "--name", name)
 
-    def compute_provider(self) -> dict[str, Any]:
-        """The placement resource provider of the (only) compute node."""
+    def compute_provider(self, node: str | None = None) -> dict[str, Any]:
+        """The placement resource provider of compute node ``node`` (default: the
+        first compute's, on the system libvirtd; not one of the test hosts')."""
         providers = self.json("admin", "resource", "provider", "list")
+        if node is None:
+            providers = [p for p in providers if p["name"] not in TEST_HOSTS]
+        else:
+            providers = [p for p in providers if p["name"] == node]
         assert len(providers) == 1, f"expected one resource provider, got {providers}"
         return providers[0]
 
@@ -227,14 +242,22 @@ class ResourceTracker:
         return name
 
     def server_create(
-        self, cloud: str, flavor: str, image: str = GUEST_IMAGE, wait: bool = False
+        self,
+        cloud: str,
+        flavor: str,
+        image: str = GUEST_IMAGE,
+        wait: bool = False,
+        zone: str | None = None,
     ) -> str:
-        """``openstack server create --nic none [--wait]``; returns the server id.
+        """``openstack server create --nic none [--wait] [--availability-zone Z]``;
+        returns the server id.
 
         With ``wait`` the command itself polls until ACTIVE (and fails on ERROR).
         """
         name = self.unique("vtpm-aio-test")
         args = ["server", "create", "--flavor", flavor, "--image", image, "--nic", "none"]
+        if zone:
+            args += ["--availability-zone", zone]
         if wait:
             args.append("--wait")
         proc = self.cloud.run(cloud, *args, name, "-f", "json", timeout=SERVER_TIMEOUT)

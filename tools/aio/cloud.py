@@ -217,7 +217,7 @@ def ensure_zone(compute: adapter.Adapter, name: str, hosts: list[str]) -> None:
         agg = compute.post("/os-aggregates", json=body).json()["aggregate"]
         print(f"[openstack-aio] created host aggregate and availability zone {name}")
     for host in hosts:
-        if host not in agg["hosts"]:
+        if host not in (agg.get("hosts") or []):
             action = {"add_host": {"host": host}}
             agg = compute.post(f"/os-aggregates/{agg['id']}/action", json=action).json()[
                 "aggregate"

@@ -1,0 +1,189 @@
+"""Moving vTPM servers between two nova-compute services through Nova (issue 14 item 5).
+
+The all-in-one cloud (``tools/openstack-aio.sh``) runs nova-compute ``host-a``
+and ``host-b``, one per libvirt test host (``tools/test-hosts.sh``), in the
+availability zone ``vtpm-multihost``: a migration without a target host can
+only go to the other one. The servers' owner (a project manager, which Nova's
+default policy lets migrate) runs ``openstack server migrate [--live-migration]``.
+The TPM is compared from inside the guest: its serial console (``console.log``
+in the shared ``instances_path``) shows ``VTPM_RESULT ... ek=... boot=... seq=``
+every 3 s (image ``vtpm-guest-reporting``); a live migration keeps the boot id,
+a cold one boots again. The source keeps nothing: no libvirt secret, no
+``swtpm/<uuid>`` state directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.functional.fixtures_nova import (
+    HOSTS_DIR,
+    MULTIHOST_ZONE,
+    REPORTING_IMAGE,
+    SERVER_TIMEOUT,
+    TEST_HOSTS,
+    AioCloud,
+    ResourceTracker,
+    aio_cloud,  # noqa: F401  (fixture)
+    aio_resources,  # noqa: F401  (fixture)
+)
+from vtpm_driver.guestreport import parse_vtpm_results
+
+pytestmark = pytest.mark.functional
+
+HOST_ATTR = "OS-EXT-SRV-ATTR:host"
+REPORT_TIMEOUT = 120
+
+
+def console_log(cloud: AioCloud, server_id: str) -> Path:
+    return cloud.aio_dir / "instances" / server_id / "console.log"
+
+
+def latest_report(cloud: AioCloud, server_id: str, after_seq: int = -1,
+                  boot: str | None = None) -> dict[str, str]:
+    """The newest VTPM_RESULT (of ``boot`` if given, else any new boot, with seq > after_seq)."""
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while True:
+        try:
+            results = parse_vtpm_results(console_log(cloud, server_id).read_text(errors="replace"))
+        except FileNotFoundError:
+            results = []
+        fresh = [r for r in results if r.get("seq") is not None and (
+            (boot is None or r.get("boot") == boot) and int(r["seq"]) > after_seq)]
+        if fresh:
+            return fresh[-1]
+        assert time.monotonic() < deadline, (
+            f"no new VTPM_RESULT from {server_id} in {REPORT_TIMEOUT} s; last: {results[-1:]}")
+        time.sleep(2)
+
+
+def next_boot_report(cloud: AioCloud, server_id: str, old_boot: str) -> dict[str, str]:
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while True:
+        report = latest_report(cloud, server_id)
+        if report.get("boot") != old_boot:
+            return report
+        assert time.monotonic() < deadline, f"{server_id} did not boot again"
+        time.sleep(2)
+
+
+def virsh(host: str, *args: str) -> str:
+    return subprocess.run(["virsh", "-q", "-c", TEST_HOSTS[host], *args], capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+
+
+def assert_nothing_on(host: str, server_id: str) -> None:
+    """No domain, no vTPM libvirt secret, no TPM state of the server on ``host``."""
+    assert server_id not in virsh(host, "list", "--all", "--uuid")
+    assert server_id not in virsh(host, "secret-list")
+    assert not (HOSTS_DIR / host / "lib" / "swtpm" / server_id).exists()
+
+
+def assert_runs_on(host: str, server_id: str) -> None:
+    assert server_id in virsh(host, "list", "--uuid")
+    assert (HOSTS_DIR / host / "lib" / "swtpm" / server_id).is_dir()
+
+
+def other(host: str) -> str:
+    (name,) = [h for h in TEST_HOSTS if h != host]
+    return name
+
+
+def flavor_for(res: ResourceTracker, mode: str) -> str:
+    return res.flavor({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb",
+                       "hw:tpm_secret_security": mode})
+
+
+def create_on_test_host(res: ResourceTracker, mode: str) -> tuple[str, str]:
+    server_id = res.server_create("owner", flavor_for(res, mode), image=REPORTING_IMAGE,
+                                  wait=True, zone=MULTIHOST_ZONE)
+    host = res.cloud.server("admin", server_id)[HOST_ATTR]
+    assert host in TEST_HOSTS
+    return server_id, host
+
+
+def test_live_migration_host_mode_keeps_the_running_tpm(aio_cloud: AioCloud,  # noqa: F811
+                                                        aio_resources: ResourceTracker  # noqa: F811
+                                                        ) -> None:
+    server_id, source = create_on_test_host(aio_resources, "host")
+    before = latest_report(aio_cloud, server_id)
+    assert_runs_on(source, server_id)
+
+    aio_cloud.cli("owner", "server", "migrate", "--live-migration", "--wait", server_id,
+                  timeout=SERVER_TIMEOUT)
+
+    server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    dest = server.get(HOST_ATTR) or aio_cloud.server("admin", server_id)[HOST_ATTR]
+    assert dest == other(source)
+    after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
+                          boot=before["boot"])
+    assert after["ek"] == before["ek"]          # same TPM
+    assert after["boot"] == before["boot"]      # same boot: no reboot
+    assert_runs_on(dest, server_id)
+    assert_nothing_on(source, server_id)
+    # host mode: the persistent secret moved with the server.
+    assert server_id in virsh(dest, "secret-list")
+
+
+@pytest.mark.parametrize("mode", ["host", "user", "deployment"])
+def test_cold_migration_and_confirm_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
+                                                 aio_resources: ResourceTracker,  # noqa: F811
+                                                 mode: str) -> None:
+    server_id, source = create_on_test_host(aio_resources, mode)
+    before = latest_report(aio_cloud, server_id)
+
+    aio_cloud.cli("owner", "server", "migrate", "--wait", server_id, timeout=SERVER_TIMEOUT)
+    aio_cloud.wait_server("owner", server_id, "VERIFY_RESIZE")
+    aio_cloud.cli("owner", "server", "resize", "confirm", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+
+    dest = aio_cloud.server("admin", server_id)[HOST_ATTR]
+    assert dest == other(source)
+    after = next_boot_report(aio_cloud, server_id, before["boot"])
+    assert after["ek"] == before["ek"]
+    assert_runs_on(dest, server_id)
+    assert_nothing_on(source, server_id)
+    secrets_on_dest = virsh(dest, "secret-list")
+    assert (server_id in secrets_on_dest) == (mode == "host")  # ephemeral unless host
+
+
+def test_ten_overlapping_creates_and_deletes(aio_cloud: AioCloud,  # noqa: F811
+                                             aio_resources: ResourceTracker  # noqa: F811
+                                             ) -> None:
+    """Ten creates at once on both hosts, half deleted while others still build."""
+    flavor = flavor_for(aio_resources, "host")
+    ids: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        try:
+            server_id = aio_resources.server_create("owner", flavor, zone=MULTIHOST_ZONE)
+            with lock:
+                ids.append(server_id)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SERVER_TIMEOUT)
+    assert not errors, errors
+    doomed = ids[::2]
+    for server_id in doomed:  # while the others are still building
+        aio_cloud.cli("owner", "server", "delete", server_id)
+    for server_id in ids:
+        if server_id in doomed:
+            proc = aio_cloud.run("owner", "server", "delete", "--wait", server_id,
+                                 timeout=SERVER_TIMEOUT)
+            assert proc.returncode == 0 or "No Server found" in proc.stderr, proc.stderr
+            assert aio_cloud.run("owner", "server", "show", server_id).returncode != 0
+        else:
+            server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
+            assert server["status"] == "ACTIVE"
