@@ -20,7 +20,7 @@ from nova import objects
 from nova.compute import vm_states
 from nova.virt.libvirt import config as vconfig
 
-from tests.unit.virt_fakes import FakeConn
+from tests.fakes.libvirt import FakeConn
 
 CONF = nova.conf.CONF
 DATA = pathlib.Path(__file__).parent.parent / "unit" / "data"

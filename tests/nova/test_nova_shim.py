@@ -3,7 +3,7 @@
 Nova's own code runs wherever it can: its driver loader, ``_create_guest``,
 ``power_on``, the compute manager's ``nova.vtpm.delete_secret`` and the API's
 error translation. libvirt is a fake connection with libvirt's secret rules
-(``tests/unit/virt_fakes.py``), Barbican a fake KeyManager, and castellan is
+(``tests/fakes/libvirt.py``), Barbican a fake KeyManager, and castellan is
 booby-trapped (conftest.py) so that any use of it fails the test.
 """
 
@@ -308,8 +308,8 @@ def test_secret_security_is_validated_by_our_spec(drv):
 
 def test_the_seam_is_confined_to_the_libvirt_driver_module(drv):
     assert seams.installed()
-    assert libvirt_driver.hardware.get_vtpm_constraint is translate.nova_vtpm_constraint
-    assert hardware.get_vtpm_constraint is not translate.nova_vtpm_constraint
+    assert libvirt_driver.hardware.get_vtpm_constraint is seams.get_vtpm_constraint
+    assert hardware.get_vtpm_constraint is seams.NOVAS_GET_VTPM_CONSTRAINT
     assert compute_api.hardware is hardware
     # Every other hardware function is Nova's own.
     assert libvirt_driver.hardware.get_mem_encryption_constraint is (
@@ -385,7 +385,7 @@ def test_create_guest_defines_our_secret_around_the_start_never_castellan(
     secret_uuid = instance.system_metadata["vtpm_secret_uuid"]
     assert instance.saved == 1
     # libvirt held the passphrase, private, while the guest started ...
-    assert conn.secrets_at_start == {secret_uuid: (PASSPHRASE.encode(), True)}
+    assert conn.secrets_at_start == {secret_uuid: (PASSPHRASE, True)}
     xml = conn.defined_xml[0]
     assert secret.parse_secret_xml(xml) == secret.VTPMSecretInfo(
         secret_uuid, instance.uuid, ephemeral=True, private=True)
@@ -656,7 +656,7 @@ def test_resize_that_adds_a_vtpm_creates_one_secret_before_the_start(
                                evacuate=True),
      "evacuate"),
     (lambda d, c, i: d.rescue(c, i, [], make_image(), "pw", None, None), "rescue"),
-    (lambda d, c, i: d.check_can_live_migrate_source(c, i, None), "live-migration"),
+    # (live migration is no longer refused: nova/virt/vtpm/migrate.py)
 ])
 def test_operations_refused_for_vtpm_servers_with_novas_exception(drv, ctx, call, operation):
     instance = make_instance(secret_uuid=str(uuid.uuid4()))

@@ -6,9 +6,10 @@ exactly one thing in Nova's tests, the compute driver:
 * functional tests: Nova's ``ServersTestBase._setup_compute_service`` sets
   ``compute_driver = libvirt.LibvirtDriver``; the wrapper below calls it and
   then sets ``vtpm.VTPMLibvirtDriver`` (the only line an operator changes);
-* unit tests (``nova.tests.unit.virt.libvirt.test_driver``, the ones about
-  vTPM): they build ``libvirt_driver.LibvirtDriver(...)``; for each of them that
-  name in ``nova.virt.libvirt.driver`` is our class while the test runs.
+* unit tests (``nova.tests.unit.virt.libvirt.test_driver``, the vTPM ones:
+  ``tpm`` in the test's name; the others are deselected): they build
+  ``libvirt_driver.LibvirtDriver(...)``; for each of them that name in
+  ``nova.virt.libvirt.driver`` is our class while the test runs.
 
 Plus what running from an installed wheel (instead of Nova's source tree) needs:
 Nova's test configuration looks for ``$pybasedir/etc/nova/api-paste.ini``; the
@@ -32,15 +33,45 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SHIM_DRIVER = "vtpm.VTPMLibvirtDriver"
 DRIVER = os.environ.get("VTPM_NOVA_SUITE_DRIVER", SHIM_DRIVER)
 
-#: test node id suffix -> why our behaviour deliberately differs from Nova's.
+#: test node id suffix -> why our behaviour deliberately differs from Nova's
+#: (each also listed in nova/virt/vtpm/README.rst, "Deliberate differences").
 _HARD_REBOOT_AS_ADMIN = (
     "deliberate: the passphrase is read before the running guest is destroyed, so an "
     "admin who may not read a user-mode secret gets VTPMSecretForbidden and the server "
     "stays ACTIVE and running (Nova destroys the guest first and leaves it in ERROR)"
 )
+_RECORDED_HOST_SECRET = (
+    "deliberate: a host-mode libvirt secret is used only when it is the one recorded in "
+    "the server's vtpm_secret_uuid (the test records none); an unrecorded one is not "
+    "backed by the key manager, so the TPM state could not survive a lost host or move"
+)
+_OWNER_MOVES_USER_SECRET = (
+    "deliberate (migration): a user-mode vTPM server is live-migrated by its owner only, "
+    "refused at the source precheck (MigrationPreCheckError, server untouched); Nova's "
+    "test migrates it as an admin who could not read the passphrase"
+)
 DELIBERATE_DIFFERENCES: dict[str, str] = {
     "::test_hard_reboot_server_as_admin_1_None": _HARD_REBOOT_AS_ADMIN,
     "::test_hard_reboot_server_as_admin_2_user": _HARD_REBOOT_AS_ADMIN,
+    # unit tests (nova/tests/unit/virt/libvirt/test_driver.py)
+    "::TestUpdateProviderTree::test_update_provider_tree_with_tpm_secret_security_traits": (
+        "deliberate: a host whose libvirt cannot run a vTPM (fakelibvirt's default) reports "
+        "every TPM trait False, secret-security ones included, so no vTPM server is "
+        "scheduled to it; Nova reports the secret-security traits from the config alone"
+    ),
+    "::LibvirtConnTestCase::test_get_or_create_secret_for_vtpm_host_security_found": (
+        _RECORDED_HOST_SECRET),
+    "::LibvirtConnTestCase::test_check_can_live_migrate_source_vtpm_2_host": (
+        _RECORDED_HOST_SECRET),
+    "::LibvirtDriverTestCase::test_finish_revert_migration_vtpm__vtpm_back_to_no_vtpm": (
+        "deliberate: the server has no vtpm_secret_uuid, so there is nothing to delete and "
+        "the key manager layer is not called (decided once in ops.secrets.delete_secret for "
+        "every backend); Nova calls nova.crypto.delete_vtpm_secret, which then does nothing"
+    ),
+    "::LibvirtConnTestCase::test_check_can_live_migrate_source_vtpm_1_user": (
+        _OWNER_MOVES_USER_SECRET),
+    "::LibvirtConnTestCase::test_check_can_live_migrate_source_vtpm_legacy": (
+        _OWNER_MOVES_USER_SECRET),
 }
 
 
@@ -174,7 +205,19 @@ def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
         libvirt_driver.LibvirtDriver = original
 
 
+def _unit_test_about_tpm(item: pytest.Item) -> bool:
+    return "tpm" in item.name.lower()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep only the vTPM tests of Nova's unit module; mark deliberate differences."""
+    unit = [item for item in items
+            if getattr(getattr(item, "module", None), "__name__", "") == UNIT_MODULE]
+    others = [item for item in unit if not _unit_test_about_tpm(item)]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        dropped = {id(item) for item in others}
+        items[:] = [item for item in items if id(item) not in dropped]
     if DRIVER != SHIM_DRIVER:
         return
     for item in items:

@@ -89,7 +89,19 @@ def prepare_start(context: Any, instance: Any, cfg: VTPMConfig | None,
     """
     if cfg is None:
         return None
-    persistent = policy.uses_persistent_secret(cfg.secret_security)
+    return prepare_start_in_mode(context, instance, cfg.secret_security, keymgr, secrets,
+                                 create=create)
+
+
+def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyManagerAPI,
+                          secrets: SecretStore, *, create: bool = False) -> StartSecret:
+    """:func:`prepare_start` for a server known to have a vTPM, by its secret ``mode``.
+
+    For callers told "this guest has a vTPM" by their framework (Nova's
+    ``_get_or_create_secret_for_vtpm``), which need only the secret mode.
+    Same steps, errors and idempotency as :func:`prepare_start`.
+    """
+    persistent = policy.uses_persistent_secret(mode)
     recorded = policy.recorded_secret(instance)
     if persistent and recorded:
         existing = secrets.find(instance.uuid)
@@ -99,7 +111,7 @@ def prepare_start(context: Any, instance: Any, cfg: VTPMConfig | None,
             return StartSecret(existing, None, persistent=True)
     if recorded is None and not create:
         policy.require_recorded_secret(instance)  # raises VTPMSecretNotFound
-    secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, cfg.secret_security)
+    secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, mode)
     return StartSecret(secret_uuid, passphrase, persistent, created=recorded is None)
 
 

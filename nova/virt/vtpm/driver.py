@@ -111,6 +111,7 @@ def _being_deleted(instance: Any) -> bool:
     return getattr(instance, "vm_state", None) in _DELETING_VM_STATES
 
 
+@seams.own_static_methods
 class VTPMLibvirtDriver(_NOVA_DRIVER):
     """Nova's libvirt driver whose vTPM handling is vtpm-driver's."""
 
@@ -151,7 +152,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         return self._vtpm_keymgr
 
     @property
-    def vtpm_secrets(self) -> ops_secrets.SecretStore:
+    def vtpm_secrets(self) -> nova_host.NovaSecretStore:
         """libvirt secrets through Nova's ``Host``."""
         return self._vtpm_secrets
 
@@ -192,10 +193,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             return
         if report.problems:
             raise nova_exception.InvalidConfiguration(
-                message="[libvirt] swtpm_enabled is True but this host cannot provide "
-                f"emulated TPMs: {'; '.join(report.problems)}. Fix the above, or set "
-                "[libvirt] swtpm_enabled = False"
-            )
+                message=translate.startup_refusal(report.problems, CONF))
         LOG.info("Emulated TPM support enabled: %s",
                  ", ".join(sorted(t for t, ok in report.traits.items() if ok)))
 
@@ -217,33 +215,38 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _vtpm_prepare(self, context: Any, instance: Any, config: Any, *,
                       create: bool) -> ops_secrets.StartSecret | None:
-        """:func:`vtpm_driver.ops.secrets.prepare_start`; saves a newly recorded secret."""
+        """:func:`vtpm_driver.ops.secrets.prepare_start`; the key manager saves a new secret."""
         with translate.nova_errors():
             start = ops_secrets.prepare_start(context, instance, config,
                                               self.vtpm_key_manager, self.vtpm_secrets,
                                               create=create)
-        if start is not None and start.created:
-            instance.save()  # the new vtpm_secret_uuid, as nova.crypto does
         return start
 
     def _get_or_create_secret_for_vtpm(self, context: Any,
                                        instance: Any) -> tuple[Any, str | None]:
         """Define the libvirt secret for a guest start; returns ``(secret, mode)``.
 
-        The passphrase is the one read before the operation touched the guest,
-        else it is read (or created) now. Nova's ``_create_guest`` calls the
-        returned object's ``undefine()`` after the start unless the mode is
-        ``host``.
+        Nova calls it once its ``get_vtpm_constraint`` said the guest has a
+        vTPM; the secret mode is the flavor's. The passphrase is the one read
+        before the operation touched the guest, else it is read (or created)
+        now (:func:`vtpm_driver.ops.secrets.prepare_start_in_mode`). Returned
+        as Nova's driver does: ``host`` mode gets the persistent libvirt
+        secret from Nova's ``Host``; the others a :class:`StartedSecret`,
+        whose ``undefine()`` Nova's ``_create_guest`` calls after the start.
         """
-        config = translate.vtpm_config(instance.flavor, instance.image_meta)
+        with translate.nova_errors():
+            mode = policy.secret_security(instance.flavor)
         start = self._vtpm_starts.get(instance.uuid)
         if start is None:
-            start = self._vtpm_prepare(context, instance, config, create=True)
-        if start is None:  # the flavor asks for no vTPM
-            return None, None
+            with translate.nova_errors():
+                start = ops_secrets.prepare_start_in_mode(
+                    context, instance, mode, self.vtpm_key_manager, self.vtpm_secrets,
+                    create=True)
         with translate.nova_errors():
             ops_secrets.define_for_start(self.vtpm_secrets, instance, start)
-        return StartedSecret(self.vtpm_secrets, instance, start), config.secret_security
+        if start.persistent:
+            return self.vtpm_secrets.libvirt_secret(start.secret_uuid), mode
+        return StartedSecret(self.vtpm_secrets, instance, start), mode
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
@@ -431,6 +434,17 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         result = super().post_live_migration(context, instance, *args, **kwargs)
         vtpm_migrate.forget_source(instance, self.vtpm_secrets)
         return result
+
+    def confirm_migration(self, context: Any, migration: Any, instance: Any,
+                          network_info: Any) -> None:
+        """Source, cold migration confirmed: Nova's, then no vTPM secret stays here.
+
+        Nova keeps a ``host`` mode persistent secret on the source; a resize on
+        the same host keeps it (the server is still here).
+        """
+        super().confirm_migration(context, migration, instance, network_info)
+        if migration.source_compute != migration.dest_compute:
+            vtpm_migrate.forget_source(instance, self.vtpm_secrets)
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
                                                *args: Any, **kwargs: Any) -> None:

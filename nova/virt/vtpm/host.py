@@ -53,48 +53,62 @@ def libvirt_errors(what: str) -> Iterator[None]:
 class NovaSecretStore:
     """The host's libvirt ``vtpm`` secrets through Nova's ``Host`` (usage = instance UUID).
 
-    ``Host`` finds secrets by usage only; the store remembers which instance
-    each secret it found or defined serves, so :meth:`undefine` (by secret
-    UUID, the core's interface) can find it again. Values never leave
+    ``Host`` finds secrets by usage only; the store remembers the secret
+    object it found or defined for each secret UUID, so :meth:`undefine` (by
+    secret UUID, the core's interface) acts on that very object, and
+    :meth:`libvirt_secret` can hand it to Nova. Secrets are defined exactly as
+    Nova's driver defines them (``Host.create_secret``: private and ephemeral
+    by default for ``vtpm``, neither when ``persistent``); values never leave
     :meth:`define` (``Host.create_secret`` sets them with ``setValue``).
     """
 
     def __init__(self, nova_host_obj: Any) -> None:
         self._host = nova_host_obj
-        self._served: dict[str, str] = {}  # secret UUID -> instance UUID
+        self._known: dict[str, tuple[str, Any]] = {}  # secret UUID -> (instance, object)
 
     def __repr__(self) -> str:
-        return f"NovaSecretStore(known={len(self._served)})"
+        return f"NovaSecretStore(known={len(self._known)})"
 
     def find(self, instance_uuid: str) -> str | None:
         """UUID of the libvirt secret serving ``instance_uuid``, or None."""
         with libvirt_errors(f"look up the vTPM secret of server {instance_uuid}"):
             found = self._host.find_secret(USAGE_TYPE, instance_uuid)
-        if found is None:
-            return None
-        secret_uuid = str(found.UUIDString())
-        self._served[secret_uuid] = instance_uuid
+            if found is None:
+                return None
+            secret_uuid = str(found.UUIDString())
+        self._known[secret_uuid] = (instance_uuid, found)
         return secret_uuid
 
     def define(self, secret_uuid: str, instance_uuid: str, passphrase: str, *,
                persistent: bool) -> None:
-        """Define it (private + ephemeral unless ``persistent``) with its value set."""
+        """Define it (private + ephemeral unless ``persistent``) with its value set.
+
+        The passphrase goes to ``Host.create_secret`` as the key manager gave it.
+        """
+        kwargs = {"ephemeral": False, "private": False} if persistent else {}
         with libvirt_errors(f"define the vTPM secret of server {instance_uuid}"):
-            self._host.create_secret(
-                USAGE_TYPE, instance_uuid, password=passphrase.encode("ascii"),
-                uuid=secret_uuid, ephemeral=not persistent, private=not persistent)
-        self._served[secret_uuid] = instance_uuid
+            created = self._host.create_secret(
+                USAGE_TYPE, instance_uuid, password=passphrase, uuid=secret_uuid, **kwargs)
+        self._known[secret_uuid] = (instance_uuid, created)
+
+    def libvirt_secret(self, secret_uuid: str) -> Any:
+        """The libvirt secret object last found or defined under ``secret_uuid``, or None."""
+        known = self._known.get(secret_uuid)
+        return None if known is None else known[1]
 
     def undefine(self, secret_uuid: str) -> bool:
         """Undefine it; True if it existed. Idempotent."""
-        instance_uuid = self._served.pop(secret_uuid, None)
-        if instance_uuid is None:
+        known = self._known.pop(secret_uuid, None)
+        if known is None:
             return False
+        secret = known[1]
         with libvirt_errors(f"undefine vTPM secret {secret_uuid}"):
-            found = self._host.find_secret(USAGE_TYPE, instance_uuid)
-            if found is None or str(found.UUIDString()) != secret_uuid:
-                return False
-            found.undefine()
+            try:
+                secret.undefine()
+            except nova_host.libvirt.libvirtError as exc:
+                if exc.get_error_code() == nova_host.libvirt.VIR_ERR_NO_SECRET:
+                    return False  # already gone (undefined elsewhere)
+                raise
         return True
 
 

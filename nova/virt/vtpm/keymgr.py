@@ -57,7 +57,10 @@ def build(conf: cfg.ConfigOpts) -> OwnerOnlyBarbican | CastellanKeyManager:
 
 
 class OwnerOnlyBarbican:
-    """:class:`vtpm_driver.keymgr.KeyManager` taking Nova's request context."""
+    """:class:`vtpm_driver.keymgr.KeyManager` taking Nova's request context.
+
+    Like ``nova.crypto``, it saves the instance when it records a new secret.
+    """
 
     token_required = True
 
@@ -69,13 +72,21 @@ class OwnerOnlyBarbican:
 
     def create_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
-        return self.barbican.create_vtpm_secret(
+        """Create it; the new ``vtpm_secret_uuid`` is saved, as ``nova.crypto`` does."""
+        created = self.barbican.create_vtpm_secret(
             translate.request_context(context), instance, secret_security)
+        instance.save()
+        return created
 
     def ensure_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
-        return self.barbican.ensure_vtpm_secret(
+        """The recorded secret, else a new one whose UUID is saved, as ``nova.crypto`` does."""
+        recorded = policy.recorded_secret(instance)
+        found = self.barbican.ensure_vtpm_secret(
             translate.request_context(context), instance, secret_security)
+        if policy.recorded_secret(instance) != recorded:
+            instance.save()
+        return found
 
     def get_vtpm_secret(self, context: Any, instance: Any,
                         secret_security: str | None = None) -> str:

@@ -90,6 +90,41 @@ class GuestVTPM(vconfig.LibvirtConfigGuestVTPM):
         return copy.deepcopy(self._element)
 
 
+# Nova's own start-up refusals (nova.virt.libvirt.driver._check_vtpm_support),
+# in Nova's order, each with a mark of the problem of ours it stands for.
+_NOVA_REFUSALS = (
+    (("[libvirt] virt_type is ",),
+     "vTPM support requires '[libvirt] virt_type' of 'qemu' or 'kvm'; found '{virt_type}'."),
+    (("does not support TPM devices", "TPM backend", "cannot report domain capabilities"),
+     "vTPM support is configured but it's not supported by libvirt."),
+    (("[libvirt] swtpm_user ",),
+     "The user configured in '[libvirt] swtpm_user' does not exist on this host; "
+     "expected '{swtpm_user}'."),
+    (("[libvirt] swtpm_group ",),
+     "The group configured in '[libvirt] swtpm_group' does not exist on this host; "
+     "expected '{swtpm_group}'."),
+)
+
+
+def startup_refusal(problems: list[str], conf: Any) -> str:
+    """nova-compute's refusal to start: Nova's own sentence first, then every problem.
+
+    Nova stops at the first failed check; :func:`vtpm_driver.host.check_host`
+    lists them all. The message starts with the sentence Nova's driver would
+    have logged (for operators' log searches and Nova's tests), when one of
+    the problems is one Nova checks, then lists ours.
+    """
+    first = ""
+    for marks, sentence in _NOVA_REFUSALS:
+        if any(mark in problem for problem in problems for mark in marks):
+            opts = conf.libvirt
+            first = sentence.format(virt_type=opts.virt_type, swtpm_user=opts.swtpm_user,
+                                    swtpm_group=opts.swtpm_group) + " "
+            break
+    return (f"{first}[libvirt] swtpm_enabled is True but this host cannot provide emulated "
+            f"TPMs: {'; '.join(problems)}. Fix the above, or set [libvirt] swtpm_enabled = False")
+
+
 def to_nova_exception(exc: exception.VTPMError) -> Exception:
     """The Nova exception that Nova's own code raises in the same situation.
 

@@ -1,0 +1,213 @@
+"""Where Nova's own unit tests reach into the driver, the shim answers as Nova's driver does.
+
+Each test here pins one seam that Nova's ``test_driver.py`` (run by
+``tools/nova-vtpm-suite.sh``) relies on: Nova's start-up sentences, a replaced
+``hardware.get_vtpm_constraint``, static methods patched by name, how secrets
+are handed to ``Host.create_secret``, and ``nova.crypto``'s save of a new secret.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from unittest import mock
+
+import fixtures
+import pytest
+from nova import exception as nova_exception
+from nova.tests import fixtures as nova_fixtures  # noqa: F401 - registers Nova's test opts
+from nova.virt import fake as fake_virt
+from nova.virt import hardware
+from nova.virt.libvirt import driver as libvirt_driver
+
+from nova.virt.vtpm import host as shim_host
+from nova.virt.vtpm import keymgr as shim_keymgr
+from nova.virt.vtpm import seams, translate
+from nova.virt.vtpm.driver import VTPMLibvirtDriver
+from tests.nova.nova_fakes import (
+    CONF,
+    PASSPHRASE,
+    FakeKeyManager,
+    FakeLibvirt,
+    FakeProbe,
+    Flags,
+    make_flavor,
+    make_image,
+    make_instance,
+    nova_ctx,
+)
+from vtpm_driver import spec
+
+
+@pytest.fixture
+def flags():
+    overrides = Flags()
+    overrides.config(group="libvirt", virt_type="qemu", swtpm_enabled=True)
+    yield overrides
+    overrides.clear()
+
+
+@pytest.fixture
+def drv(flags, monkeypatch):
+    conn = FakeLibvirt()
+    driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), host_probe=FakeProbe(),
+                               key_manager=FakeKeyManager([]))
+    monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
+    driver.conn = conn
+    yield driver
+    seams.uninstall()
+
+
+# ------------------------------------------------------------ start-up refusal
+
+
+@pytest.mark.parametrize(("probe", "options", "novas"), [
+    (FakeProbe(), {"virt_type": "lxc"},
+     "vTPM support requires '[libvirt] virt_type' of 'qemu' or 'kvm'; found 'lxc'."),
+    (FakeProbe(domcaps="domcaps-no-tpm.xml"), {},
+     "vTPM support is configured but it's not supported by libvirt."),
+    (FakeProbe(), {"swtpm_user": "lionel", "swtpm_group": "admins"},
+     "The user configured in '[libvirt] swtpm_user' does not exist on this host; "
+     "expected 'lionel'."),
+    (FakeProbe(), {"swtpm_group": "admins"},
+     "The group configured in '[libvirt] swtpm_group' does not exist on this host; "
+     "expected 'admins'."),
+])
+def test_refusal_starts_with_novas_sentence_then_lists_every_problem(
+        flags, monkeypatch, probe, options, novas):
+    flags.config(group="libvirt", **options)
+    monkeypatch.setattr(probe, "binaries", ())  # a problem Nova does not check, listed too
+    driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), host_probe=probe)
+    monkeypatch.setattr(driver._host, "get_connection", lambda: FakeLibvirt())
+    with pytest.raises(nova_exception.InvalidConfiguration) as info:
+        driver._check_vtpm_support()
+    message = str(info.value)
+    assert message.startswith(novas + " [libvirt] swtpm_enabled is True")
+    assert "swtpm not found in PATH" in message
+    seams.uninstall()
+
+
+def test_refusal_without_a_problem_nova_checks_has_no_nova_sentence():
+    conf = mock.Mock()
+    message = translate.startup_refusal(["swtpm not found in PATH: install it"], conf)
+    assert message.startswith("[libvirt] swtpm_enabled is True but this host cannot")
+
+
+# ------------------------------------------------- hardware.get_vtpm_constraint
+
+
+def test_the_libvirt_driver_asks_our_spec_not_novas_function(drv, monkeypatch):
+    flavor = make_flavor(**{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"})
+    assert libvirt_driver.hardware.get_vtpm_constraint(flavor, make_image()) == (
+        hardware.VTPMConfig("2.0", "tpm-crb"))
+    with pytest.raises(nova_exception.Invalid, match="tpm-crb"):
+        libvirt_driver.hardware.get_vtpm_constraint(
+            make_flavor(**{"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-crb"}), make_image())
+
+
+def test_a_replaced_get_vtpm_constraint_answers_instead(drv):
+    flavor, image = make_flavor(**{"hw:tpm_version": "2.0"}), make_image()
+    assert seams.installed()
+    with mock.patch.object(hardware, "get_vtpm_constraint", return_value=None) as replaced:
+        assert libvirt_driver.hardware.get_vtpm_constraint(flavor, image) is None
+    replaced.assert_called_once_with(flavor, image)
+    assert libvirt_driver.hardware.get_vtpm_constraint(flavor, image) == (
+        hardware.VTPMConfig("2.0", "tpm-tis"))
+
+
+# ------------------------------------------------------------- patched by name
+
+
+def test_an_inherited_static_method_patched_by_name_stays_static(drv):
+    calls: list[dict[str, Any]] = []
+
+    def fake_create_ephemeral(target, ephemeral_size, fs_label, os_type, **kwargs):
+        calls.append({"target": target, "size": ephemeral_size})
+
+    name = "nova.virt.vtpm.driver.VTPMLibvirtDriver._create_ephemeral"
+    with fixtures.MonkeyPatch(name, fake_create_ephemeral):
+        drv._create_ephemeral(target="/x", ephemeral_size=1, fs_label="l", os_type="linux")
+    assert calls == [{"target": "/x", "size": 1}]
+    assert isinstance(vars(VTPMLibvirtDriver)["_create_ephemeral"], staticmethod)
+    assert vars(VTPMLibvirtDriver)["_create_ephemeral"] is (
+        vars(libvirt_driver.LibvirtDriver)["_create_ephemeral"])
+
+
+# ----------------------------------------------------- secrets through Host
+
+
+class _RecordingHost:
+    def __init__(self) -> None:
+        self.created: list[tuple[tuple, dict]] = []
+        self.secret = mock.Mock()
+        self.secret.UUIDString.return_value = "unused"
+
+    def create_secret(self, *args: Any, **kwargs: Any) -> Any:
+        self.created.append((args, kwargs))
+        return self.secret
+
+    def find_secret(self, usage_type: str, usage_id: str) -> Any:
+        return None
+
+
+@pytest.mark.parametrize(("persistent", "extra"), [
+    (False, {}), (True, {"ephemeral": False, "private": False})])
+def test_secrets_are_defined_as_novas_driver_defines_them(persistent, extra):
+    host = _RecordingHost()
+    store = shim_host.NovaSecretStore(host)
+    secret_uuid, instance_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    store.define(secret_uuid, instance_uuid, PASSPHRASE, persistent=persistent)
+    assert host.created == [(("vtpm", instance_uuid),
+                             {"password": PASSPHRASE, "uuid": secret_uuid, **extra})]
+    assert store.libvirt_secret(secret_uuid) is host.secret
+    assert store.undefine(secret_uuid) is True  # the very object Host created
+    host.secret.undefine.assert_called_once_with()
+    assert store.undefine(secret_uuid) is False
+    assert store.libvirt_secret(secret_uuid) is None
+
+
+def test_undefining_a_secret_gone_elsewhere_is_not_an_error(drv):
+    instance = make_instance()
+    secret_uuid = str(uuid.uuid4())
+    drv.vtpm_secrets.define(secret_uuid, instance.uuid, PASSPHRASE, persistent=False)
+    drv.conn.secrets.clear()  # undefined behind the store's back
+    assert drv.vtpm_secrets.undefine(secret_uuid) is False
+
+
+def test_host_mode_hands_nova_the_libvirt_secret_other_modes_our_handle(drv):
+    host_mode = make_instance(make_flavor(**{"hw:tpm_version": "2.0",
+                                             "hw:tpm_secret_security": "host"}))
+    handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), host_mode)
+    assert mode == spec.SECRET_HOST
+    assert handle is drv.vtpm_secrets.libvirt_secret(
+        host_mode.system_metadata["vtpm_secret_uuid"])
+    user_mode = make_instance()
+    handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), user_mode)
+    assert mode == spec.SECRET_USER
+    handle.undefine()  # Nova's _create_guest after the start: the core's after_start
+    assert user_mode.system_metadata["vtpm_secret_uuid"] not in drv.conn.secrets
+
+
+def test_nova_asking_for_a_secret_gets_one_in_the_flavors_mode(drv):
+    """Nova calls it once its get_vtpm_constraint said "vTPM"; only the mode matters here."""
+    instance = make_instance(make_flavor(**{"hw:tpm_secret_security": "host"}))
+    handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), instance)
+    assert mode == spec.SECRET_HOST
+    assert handle is not None
+
+
+# ------------------------------------------------------ saving a new secret
+
+
+def test_our_barbican_saves_the_instance_when_it_records_a_new_secret():
+    km = shim_keymgr.OwnerOnlyBarbican(FakeKeyManager([]))
+    instance = make_instance()
+    km.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)
+    assert instance.saved == 1
+    km.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)  # read: nothing new
+    assert instance.saved == 1
+    km.create_vtpm_secret(nova_ctx(), make_instance(), spec.SECRET_USER)
+
+
+def test_conf_is_novas():
+    assert CONF is libvirt_driver.CONF
