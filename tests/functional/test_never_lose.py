@@ -5,7 +5,8 @@
   passphrase in a libvirt secret; ``server show`` tells the domain's real
   state, and the next operation on the server removes the secret;
 * item 1: a second command on a server another command holds exits 1 with one
-  line naming the holder.
+  line naming the holder; two resizes of one server at once: one runs, the
+  other is refused, and the revert brings back the TPM (same EK).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import pytest
 from keystoneauth1 import session as ks_session
 
 from tests.functional import test_cli_servers
-from tests.functional.fixtures_libvirt import Cleanup, TestGuest, wait_for_shutoff
+from tests.functional.fixtures_libvirt import (
+    Cleanup,
+    TestGuest,
+    parse_vtpm_results,
+    read_console,
+    wait_for_shutoff,
+)
 from tests.functional.test_cli_servers import CliRunner, Servers, create_args
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver.ops import journal
@@ -151,4 +158,33 @@ def test_item1_command_on_a_locked_server_exits_1_naming_the_holder(
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert json.loads(cli("server", "show", name, "-f", "json").out)["uuid"] == shown["uuid"]
+    assert cli("server", "delete", name).rc == 0
+
+
+def results_on(console_log: Path, count: int) -> list[dict[str, str]]:
+    """Wait until the console holds ``count`` VTPM_RESULT lines (one per boot)."""
+    return wait_until(f"{count} VTPM_RESULT lines", lambda: (
+        found if len(found := parse_vtpm_results(read_console(console_log))) >= count
+        else None), interval=0.2)
+
+
+def test_item1_two_resizes_at_once_never_lose_the_tpm(
+    cli: CliRunner, made: Servers, test_guest: TestGuest, tmp_path: Path,
+) -> None:
+    console_log = tmp_path / "console.log"
+    name = made.name()
+    made.created(cli(*create_args(test_guest, name, console_log, "--flavor-property",
+                                  "hw:tpm_version=2.0",
+                                  cmdline=f"{test_guest.cmdline} {STAY}")).json())
+    ek = results_on(console_log, 1)[0]["ek"]
+    # A model change starts a fresh TPM: only the backup keeps the old one.
+    resize = ("server", "resize", name, "--flavor-property", "hw:tpm_model=tpm-crb")
+    both = [cli.popen(*resize), cli.popen(*resize)]
+    results = sorted((cli.finish(proc) for proc in both), key=lambda r: r.rc)
+    assert [r.rc for r in results] == [0, 1], [r.err for r in results]
+    line = results[1].one_error_line()
+    assert "in progress" in line or "awaiting confirm or revert" in line, line
+    assert results_on(console_log, 2)[1]["ek"] != ek, "the resized server has a fresh TPM"
+    assert cli("server", "resize", "revert", name).rc == 0
+    assert results_on(console_log, 3)[2]["ek"] == ek, "the old TPM came back"
     assert cli("server", "delete", name).rc == 0
