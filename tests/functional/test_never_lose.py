@@ -30,7 +30,13 @@ from tests.functional.fixtures_libvirt import (
     read_console,
     wait_for_shutoff,
 )
-from tests.functional.test_cli_servers import CliRunner, Servers, create_args
+from tests.functional.test_cli_servers import (
+    BARBICAN_URL,
+    SECRET_NAME_PREFIX,
+    CliRunner,
+    Servers,
+    create_args,
+)
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import record
@@ -188,3 +194,51 @@ def test_item1_two_resizes_at_once_never_lose_the_tpm(
     assert cli("server", "resize", "revert", name).rc == 0
     assert results_on(console_log, 3)[2]["ek"] == ek, "the old TPM came back"
     assert cli("server", "delete", name).rc == 0
+
+
+def test_item3_non_owner_resize_leaves_the_server_running_and_unchanged(
+    cli: CliRunner, made: Servers, test_guest: TestGuest, libvirt_conn: libvirt.virConnect,
+    tmp_path: Path,
+) -> None:
+    console_log = tmp_path / "console.log"
+    name = made.name()
+    shown = made.created(cli(*create_args(test_guest, name, console_log, "--flavor-property",
+                                          "hw:tpm_version=2.0",
+                                          cmdline=f"{test_guest.cmdline} {STAY}")).json())
+    results_on(console_log, 1)
+    dom = libvirt_conn.lookupByUUIDString(shown["uuid"])
+    before = dom.ID()
+    line = cli("server", "resize", name, "--vcpus", "2", cloud="member").one_error_line()
+    assert "403" in line or "refused" in line, line
+    assert dom.isActive() and dom.ID() == before, "never stopped"
+    again = cli("server", "show", name, "-f", "json").json()
+    assert again["resize_status"] is None and again["vcpus"] == 1
+
+
+def test_item2_failed_resize_that_added_a_vtpm_is_rolled_back(
+    cli: CliRunner, made: Servers, test_guest: TestGuest, libvirt_conn: libvirt.virConnect,
+    owner_session: ks_session.Session, tmp_path: Path,
+) -> None:
+    console_log = tmp_path / "console.log"
+    name = made.name()
+    shown = made.created(cli(*create_args(test_guest, name, console_log)).json())
+    assert shown["vtpm"] is False
+    # The new flavor's memory cannot be had: the resized guest fails to start.
+    line = cli("server", "resize", name, "--flavor-property", "hw:tpm_version=2.0",
+               "--memory", str(64 * 1024 * 1024)).one_error_line()
+    assert "the resize was rolled back" in line, line
+    again = cli("server", "show", name, "-f", "json").json()
+    assert (again["vtpm"], again["vtpm_secret_uuid"], again["resize_status"]) == (
+        False, None, None)
+    assert again["memory_mb"] == 256
+    dom = libvirt_conn.lookupByUUIDString(shown["uuid"])
+    assert "<tpm" not in dom.XMLDesc(0)
+    # No record names the created secret, and Barbican does not keep it either.
+    created = [s for s in virt_secret.list_vtpm_secrets(libvirt_conn)
+               if s.usage_id == shown["uuid"]]
+    assert created == []
+    listed = owner_session.get(
+        f"{BARBICAN_URL}/v1/secrets", params={"name": SECRET_NAME_PREFIX + shown["uuid"]},
+        headers={"Accept": "application/json"}).json()
+    assert listed["total"] == 0, listed
+    assert cli("server", "start", name).rc == 0
