@@ -38,6 +38,7 @@ pytestmark = pytest.mark.functional
 
 HOST_ATTR = "OS-EXT-SRV-ATTR:host"
 REPORT_TIMEOUT = 120
+OWNER_PROJECT = "vtpm-a"  # the keymgr stack's project of cloud "owner"
 
 
 def console_log(cloud: AioCloud, server_id: str) -> Path:
@@ -157,6 +158,9 @@ def test_ten_overlapping_creates_and_deletes(aio_cloud: AioCloud,  # noqa: F811
                                              ) -> None:
     """Ten creates at once on both hosts, half deleted while others still build."""
     flavor = flavor_for(aio_resources, "host")
+    # Room for ten more next to other tests' servers (Nova's default quota is 10).
+    aio_cloud.cli("admin", "quota", "set", "--instances", "100", "--cores", "100",
+                  "--ram", "102400", OWNER_PROJECT)
     ids: list[str] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
