@@ -242,3 +242,16 @@ def test_item2_failed_resize_that_added_a_vtpm_is_rolled_back(
         headers={"Accept": "application/json"}).json()
     assert listed["total"] == 0, listed
     assert cli("server", "start", name).rc == 0
+
+
+def test_item8_admin_of_another_project_cannot_add_a_vtpm(
+    cli: CliRunner, made: Servers, test_guest: TestGuest, tmp_path: Path,
+) -> None:
+    name = made.name()
+    made.created(cli(*create_args(test_guest, name, tmp_path / "console.log")).json())
+    line = cli("server", "resize", name, "--flavor-property", "hw:tpm_version=2.0",
+               cloud="admin").one_error_line()
+    assert "a member of" in line and "must do this resize" in line, line
+    again = cli("server", "show", name, "-f", "json").json()
+    assert (again["vtpm"], again["vtpm_secret_uuid"], again["resize_status"]) == (
+        False, None, None)
