@@ -22,7 +22,7 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import exception, faults, policy
 from vtpm_driver.host import HostReport
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.ops import journal
@@ -236,7 +236,9 @@ class Guests:
             self.journal(dom, instance, journal.begin(journal.START))
         try:
             with ops_secrets.secret_for_start(self.secrets, instance, start):
+                faults.point("launch.secret_defined")
                 guest.start(dom)
+                faults.point("launch.started")
             guest.wait_until_running(dom, float(self.conf.vtpm.guest_start_timeout))
         except Exception:
             if announce:
