@@ -17,6 +17,12 @@ server:
 Things that are wrong with an existing server (a ``user``-mode secret still
 defined after start, a ``host``-mode secret missing, no secret recorded) are
 listed as that server's problems instead: nothing there is orphaned.
+
+A server whose record still holds an intent journal entry
+(:mod:`vtpm_driver.ops.journal`) is in a half-done operation: :func:`half_done`
+says what :func:`vtpm_driver.ops.journal.decide` would do about it, and
+``audit --repair`` has the driver carry that out (``VTPMDriver.recover``,
+under the server lock) before anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 from vtpm_driver import exception, policy, spec
 from vtpm_driver.objects import canonical_uuid
+from vtpm_driver.ops import journal
 
 LIBVIRT_SECRET = "libvirt_secret"
 STATE_DIR = "state_dir"
@@ -108,6 +115,26 @@ class Orphan:
 
 
 @dataclasses.dataclass(frozen=True)
+class HalfDone:
+    """An operation a server's journal says was started and not finished.
+
+    ``action``/``reason``: what :func:`vtpm_driver.ops.journal.decide` would do
+    about it (``finish``, ``roll back``, ``clear``); ``holder_pid``: a live
+    process that holds the server's lock now (then the operation may simply
+    be running, and a repair waits for it).
+    """
+
+    instance_uuid: str
+    name: str
+    operation: str
+    step: str
+    pid: int
+    action: str
+    reason: str
+    holder_pid: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditReport:
     """The audit's result; ``barbican_checked`` is False when Barbican was not listed."""
 
@@ -115,7 +142,7 @@ class AuditReport:
     orphans: tuple[Orphan, ...]
     barbican_checked: bool
     readable: tuple[BarbicanSecret, ...] = ()
-    half_done: tuple[Any, ...] = ()
+    half_done: tuple[HalfDone, ...] = ()
     barbican_secrets: tuple[BarbicanSecret, ...] = ()
     #: Off-host copies older than ``[vtpm] state_backup_interval`` (periodic) or overtaken.
     stale_copies: tuple[Orphan, ...] = ()
@@ -253,12 +280,37 @@ def audit(
                        barbican_secrets=tuple(barbican_secrets or ()))
 
 
+def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
+              holders: Mapping[str, int] | None = None) -> tuple[HalfDone, ...]:
+    """The half-done operations of ``servers`` (each as recorded), sorted by name. Pure.
+
+    ``facts`` maps an instance UUID to the facts :func:`journal.decide` needs
+    (``domain_exists``, ``backup_exists``, ``tmp_backup_exists``; a listed
+    server's domain exists, the rest default to False); ``holders`` maps an
+    instance UUID to the live pid holding its lock, if any.
+    """
+    found = []
+    for instance in servers:
+        intent = journal.read(getattr(instance, "system_metadata", None))
+        if intent is None:
+            continue
+        uuid = _canonical(instance.uuid) or instance.uuid
+        known = {"domain_exists": True, "backup_exists": False, "tmp_backup_exists": False}
+        known.update(facts.get(uuid, {}))
+        decision = journal.decide(intent, **known)
+        found.append(HalfDone(uuid, instance.name, intent.operation, intent.step, intent.pid,
+                              decision.action.value, decision.reason,
+                              (holders or {}).get(uuid)))
+    return tuple(sorted(found, key=lambda h: (h.name, h.instance_uuid)))
+
+
 # --------------------------------------------------------------------------- repair
 
 UNDEFINE_SECRET = "undefine_libvirt_secret"
 REMOVE_STATE = "remove_state_dir"
 DELETE_BARBICAN = "delete_barbican_secret"
 FIX_ACL = "set_owner_only_acl"
+RECOVER = "finish_or_roll_back"
 #: Barbican orphans younger than this (seconds) are left alone by default: a
 #: create in another process may have made the secret and not yet its domain.
 DEFAULT_MIN_AGE = 600.0
@@ -344,7 +396,10 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     * orphaned state directories (only ``<base>/<uuid>`` with no domain): removed;
     * Barbican secrets named for a server that exists nowhere checked, older
       than ``min_age`` seconds: deleted; any other Barbican orphan is kept;
-    * project-readable vTPM secrets that are not being deleted: owner-only ACL.
+    * project-readable vTPM secrets that are not being deleted: owner-only ACL;
+    * first of all, half-done operations: finished or rolled back by the
+      driver (``VTPMDriver.recover``, which takes the server lock: one still
+      running is waited for, then has nothing left to do).
 
     ``hosts_unchecked`` names other hosts whose servers could not be listed
     (then no Barbican secret is deleted); ``only`` limits the plan to what
@@ -353,7 +408,11 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     if only is not None:
         return _limited(plan(report, now=now, min_age=min_age,
                              hosts_unchecked=hosts_unchecked), only)
-    actions: list[Action] = []
+    actions: list[Action] = [
+        Action(RECOVER, entry.instance_uuid, entry.instance_uuid,
+               f"{entry.action} the interrupted {entry.operation} (at step {entry.step!r}, "
+               f"pid {entry.pid}): {entry.reason}")
+        for entry in report.half_done]
     skipped: list[Skipped] = []
     for orphan in report.orphans_of(LIBVIRT_SECRET):
         actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,

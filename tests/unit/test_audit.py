@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import threading
+import types
 import uuid
 
 import pytest
 
 from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.service import OWNER, FakeBackend
-from vtpm_driver import audit, objects, servers
+from vtpm_driver import audit, exception, objects, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
+from vtpm_driver.ops import journal, locks
 
 
 def _uuid() -> str:
@@ -170,7 +175,8 @@ def env(monkeypatch, tmp_path):
     state.mkdir()
     backend.state_base = str(state)
     conf = tmp_path / "vtpm.conf"
-    conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\n")
+    conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\nlock_path = {tmp_path / 'locks'}\n"
+                    "lock_timeout = 0\n")
     return backend, keymgr, state, str(conf)
 
 
@@ -467,3 +473,167 @@ def test_repair_limited_to_one_instance(capsys, env):
     assert [r["instance_uuid"] for r in json.loads(out)["repair"]] == [mine]
     assert not (state / mine).exists() and (state / other).is_dir()
     assert backend.removed == [("state_dir", mine)]
+
+
+# -- half-done operations (the intent journal) ------------------------------------------
+
+
+def _journalled(server, operation, **fields):
+    journal.write(server.system_metadata, journal.begin(operation, **fields))
+    return server
+
+
+def test_half_done_reports_what_decide_would_do():
+    prepared = _journalled(_server("a"), journal.RESIZE_PREPARE, tmp_backup="/x/tmp")
+    finishing = _journalled(_server("b"), journal.RESIZE_FINISH)
+    started = _journalled(_server("c"), journal.START)
+    quiet = _server("d")
+    found = audit.half_done(
+        [quiet, started, finishing, prepared],
+        {prepared.uuid: {"backup_exists": False, "tmp_backup_exists": True},
+         finishing.uuid: {"backup_exists": True}},
+        holders={started.uuid: 4242})
+    assert [(h.name, h.operation, h.action, h.holder_pid) for h in found] == [
+        ("a", journal.RESIZE_PREPARE, "roll back", None),
+        ("b", journal.RESIZE_FINISH, "roll back", None),
+        ("c", journal.START, "finish", 4242),
+    ]
+    assert found[0].instance_uuid == prepared.uuid and found[0].step == "begin"
+
+
+def test_half_done_resize_prepare_with_its_backup_in_place_is_finished():
+    server = _journalled(_server(), journal.RESIZE_PREPARE)
+    (entry,) = audit.half_done([server], {server.uuid.upper(): {"backup_exists": True}})
+    # Facts keyed by a non-canonical UUID do not count: the default (no backup) applies.
+    assert entry.action == "roll back"
+    (entry,) = audit.half_done([server], {server.uuid: {"backup_exists": True}})
+    assert entry.action == "finish" and "awaits confirm or revert" in entry.reason
+
+
+def test_report_with_a_half_done_operation_is_not_clean():
+    server = _journalled(_server(secret=_uuid()), journal.START)
+    report = audit.audit([server], [server.uuid], [], [], None)
+    assert report.clean
+    report = dataclasses.replace(report, half_done=audit.half_done([server], {}))
+    assert not report.clean
+
+
+def test_plan_recovers_half_done_operations_first():
+    server = _journalled(_server(mode="user", secret=_uuid()), journal.START)
+    secret = server.system_metadata["vtpm_secret_uuid"]
+    report = audit.audit([server], [server.uuid], [audit.LibvirtSecret(secret, server.uuid)],
+                         [], None)
+    report = dataclasses.replace(report, half_done=audit.half_done([server], {}))
+    actions = audit.plan(report, now=0, min_age=0).actions
+    assert [(a.kind, a.target) for a in actions] == [
+        (audit.RECOVER, server.uuid), (audit.UNDEFINE_SECRET, secret)]
+    assert "finish the interrupted start" in actions[0].reason
+    assert audit.plan(report, now=0, min_age=0, only=[_uuid()]).actions == ()
+
+
+def _recorder(backend, conf_lock_path, decision):
+    calls = []
+
+    def recover(context, instance):
+        calls.append((context.user_id, instance.uuid, locks.held_operation(instance.uuid)))
+        journal.clear(instance.system_metadata)
+        return decision
+
+    backend.driver.recover = recover
+    return calls
+
+
+def test_audit_lists_half_done_and_repair_recovers_under_the_lock(capsys, env):
+    backend, _keymgr, _state, _conf = env
+    vm = _journalled(_add(backend, "vm1"), journal.RESIZE_FINISH)
+    backend.pending.add(vm.uuid)
+    rc, out, _ = _run(capsys, env, "-f", "json", "--no-barbican")
+    report = json.loads(out)
+    assert rc == 0 and report["clean"] is False
+    (row,) = report["half_done_operations"]
+    assert (row["name"], row["operation"], row["repair"], row["instance_uuid"]) == (
+        "vm1", journal.RESIZE_FINISH, "roll back", vm.uuid)
+    decision = journal.Decision(journal.Action.ROLL_BACK, "revert")
+    calls = _recorder(backend, None, decision)
+    rc, out, _ = _run(capsys, env, "--repair", "--dry-run", "-f", "json", "--no-barbican")
+    assert rc == 0 and calls == []
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican",
+                      "--os-username", "alice")
+    assert rc == 0
+    (done,) = json.loads(out)["repair"]
+    assert (done["action"], done["result"]) == (audit.RECOVER, "done: roll back")
+    assert calls == [("u-owner", vm.uuid, "repair")]
+    rc, out, _ = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert json.loads(out)["half_done_operations"] == []
+
+
+def test_repair_of_a_half_done_operation_already_finished_says_so(capsys, env):
+    backend, _keymgr, _state, _conf = env
+    _journalled(_add(backend, "vm1"), journal.START)
+    _recorder(backend, None, None)
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
+    (done,) = json.loads(out)["repair"]
+    assert rc == 0 and done["result"] == "already done: no interrupted operation now"
+
+
+def test_repair_skips_a_server_whose_lock_is_held(capsys, env, tmp_path):
+    backend, _keymgr, state, _conf = env
+    vm = _journalled(_add(backend, "vm1"), journal.START)
+    dead = _uuid()
+    (state / dead).mkdir()
+    calls = _recorder(backend, None, None)
+    conf = types.SimpleNamespace(vtpm=types.SimpleNamespace(lock_path=str(tmp_path / "locks"),
+                                                            lock_timeout=0))
+    got, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locks.server_lock(conf, vm.uuid, "resize"):
+            got.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert got.wait(30)
+        rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
+        rows = json.loads(out)
+        (half,) = rows["half_done_operations"]
+        assert half["locked_by_pid"] == os.getpid()
+    finally:
+        release.set()
+        holder.join(30)
+    recovered, removed = rows["repair"]
+    assert rc == 0 and calls == []
+    assert recovered["result"].startswith("skipped: cannot repair server")
+    assert "operation 'resize'" in recovered["result"]
+    assert removed["result"] == "done" and not (state / dead).exists()
+
+
+def test_repair_of_an_orphan_takes_its_server_lock(capsys, env, monkeypatch):
+    backend, _keymgr, state, _conf = env
+    dead = _uuid()
+    (state / dead).mkdir()
+    seen = []
+    real = backend.remove_state_dir
+
+    def remove(uuid_):
+        seen.append(locks.held_operation(uuid_))
+        return real(uuid_)
+
+    monkeypatch.setattr(backend, "remove_state_dir", remove)
+    rc, _out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
+    assert rc == 0 and seen == ["repair"]
+    assert locks.held_operation(dead) is None
+
+
+def test_repair_failure_of_a_recovery_exits_1(capsys, env):
+    backend, _keymgr, _state, _conf = env
+    _journalled(_add(backend, "vm1"), journal.RESIZE_REVERT)
+
+    def recover(context, instance):
+        raise exception.VirtError("libvirt went away")
+
+    backend.driver.recover = recover
+    rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
+    (done,) = json.loads(out)["repair"]
+    assert rc == 1 and done["result"] == "failed: libvirt went away"

@@ -77,6 +77,13 @@ def _skipped_records(skipped: Sequence[vtpm_audit.Skipped]) -> list[dict[str, ob
             for s in skipped]
 
 
+def _half_done_record(entry: vtpm_audit.HalfDone) -> dict[str, object]:
+    return {"name": entry.name, "instance_uuid": entry.instance_uuid,
+            "operation": entry.operation, "step": entry.step, "pid": entry.pid,
+            "repair": entry.action, "reason": entry.reason,
+            "locked_by_pid": entry.holder_pid}
+
+
 def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
     key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy"}.get(
         orphan.kind, "secret_uuid")
@@ -95,8 +102,7 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
         orphans(vtpm_audit.STATE_DIR),
         orphans(vtpm_audit.BARBICAN_SECRET),
         RecordsColumn([_readable_record(item) for item in report.readable]),
-        RecordsColumn([dict(vars(entry)) if hasattr(entry, "__dict__") else {"entry": entry}
-                       for entry in report.half_done]),
+        RecordsColumn([_half_done_record(entry) for entry in report.half_done]),
         orphans(vtpm_audit.OFFHOST_COPY),
         RecordsColumn([_orphan_record(o) for o in report.stale_copies]),
         report.barbican_checked,
@@ -128,6 +134,10 @@ class Audit(CommandMixin, ShowOne):
       A project whose servers run on several hosts sees the other hosts'
       secrets as orphans here: audit each host, and compare.
 
+    It also lists half-done operations: servers whose record still names an
+    operation that was interrupted (kill -9, a crash), with what a repair
+    would do about it (finish or roll back).
+
     Nothing is changed. Exit status: 0 the report was produced, whatever it
     says (read "clean"); 1 libvirt, Keystone or Barbican failed.
     """
@@ -137,7 +147,9 @@ class Audit(CommandMixin, ShowOne):
         parser.add_argument("--no-barbican", action="store_true",
                             help="Do not list Barbican secrets, even with credentials")
         parser.add_argument("--repair", action="store_true",
-                            help="Remove what is reported as orphaned (libvirt vtpm secrets "
+                            help="Finish or roll back half-done operations (under each "
+                                 "server's lock), then remove what is reported as orphaned "
+                                 "(libvirt vtpm secrets "
                                  "no starting guest needs, state directories of no server, "
                                  "Barbican vTPM secrets of no server) and set an owner-only "
                                  "ACL on project-readable vTPM secrets; nothing else")
@@ -173,8 +185,12 @@ class Audit(CommandMixin, ShowOne):
         if parsed_args.dry_run:
             done = [(action, "planned") for action in plan.actions]
         else:
+            contexts = {mode: ctx for ctx, mode in scopes}
+            if spec.SECRET_USER not in contexts and self.app.credentials_given():
+                # Finishing an interrupted resize may delete the secret it created.
+                contexts[spec.SECRET_USER] = self.app.context
             with self.app.progress("Repairing"):
-                done = service.repair(plan, keymgr, {mode: ctx for ctx, mode in scopes})
+                done = service.repair(plan, keymgr, contexts)
         self.failed = any(outcome.startswith("failed") for _a, outcome in done)
         return (*columns, *REPAIR_COLUMNS), (
             *values, RecordsColumn(_repair_records(done)),
