@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
+import uuid
+from pathlib import Path
 
+import libvirt
 import pytest
 
-from vtpm_driver import exception, policy, spec
+from tests.fakes.keymgr import FakeKeyManager
+from tests.fakes.libvirt import FakeLibvirt, join_hosts, libvirt_error
+from tests.fakes.probe import FakeProbe
+from tests.unit.conftest import MEMBER as CTX_MEMBER
+from tests.unit.conftest import OWNER as CTX_OWNER
+from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception, policy, servers, spec
+from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.ops import migrate
 from vtpm_driver.ops.secrets import StartSecret
 
@@ -132,3 +143,203 @@ def test_no_vtpm_moves_without_secret_steps():
     migrate.incoming_running(dest, inst, None)
     assert dest.held == {}
     assert spec.SECRET_HOST == "host"
+
+
+# --------------------------------------------------------------------------- two fake hosts
+# The domain steps (LiveMigration, ColdMigration) on two drivers over two fake
+# libvirt hosts that migrate to each other (tests.fakes.libvirt.join_hosts).
+
+URIS = {"host-a": "qemu+tcp://127.0.0.1:16611/system",
+        "host-b": "qemu+tcp://127.0.0.1:16612/system"}
+
+
+@dataclasses.dataclass
+class TwoHosts:
+    drivers: dict
+    conns: dict
+    km: FakeKeyManager
+    events: list
+    tmp: Path
+
+    def side(self, name):
+        return self.drivers[name].migration_side(name)
+
+    def live(self, src="host-a", dest="host-b"):
+        return migrate.LiveMigration(self.side(src), self.side(dest))
+
+    def cold(self, src="host-a", dest="host-b"):
+        return migrate.ColdMigration(self.side(src), self.side(dest))
+
+    def spawn(self, mode="user", host="host-a", context=CTX_OWNER):
+        inst = servers.new_instance(
+            "vm1", CTX_OWNER, flavor_extra_specs={"hw:tpm_version": "2.0",
+                                              "hw:tpm_secret_security": mode},
+            kernel="/boot/k", initrd="/boot/i")
+        self.drivers[host].spawn(context, inst, inst.image_meta, [], None, {})
+        return inst
+
+    def state(self, host, inst):
+        return Path(self.conns[host].state_base, inst.uuid, "tpm2", "tpm2-00.permall")
+
+    def dom(self, host, inst):
+        return self.conns[host].domains.get(inst.uuid)
+
+    def secrets(self, host):
+        return {u: s.private for u, s in self.conns[host].secrets.items()}
+
+    def assert_only_on(self, host, inst, ek):
+        other = next(h for h in URIS if h != host)
+        assert self.dom(host, inst) is not None and self.dom(host, inst).active
+        assert self.state(host, inst).read_bytes() == ek  # same TPM (same EK)
+        assert self.dom(other, inst) is None
+        assert not self.state(other, inst).parent.parent.exists()
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> TwoHosts:
+    events: list = []
+    km = FakeKeyManager(events)
+    drivers, conns = {}, {}
+    for name, uri in URIS.items():
+        conf = vtpm_conf.new_conf()
+        conf.set_override("virt_type", "qemu", group="libvirt")
+        conf.set_override("swtpm_enabled", True, group="libvirt")
+        for opt in ("swtpm_state_dir", "console_log_dir", "resize_backup_dir"):
+            conf.set_override(opt, str(tmp_path / name / opt), group="vtpm")
+        conf.set_override("lock_path", str(tmp_path / "locks"), group="vtpm")
+        conf.set_override("guest_start_timeout", 1, group="vtpm")
+        state_base = tmp_path / name / "swtpm_state_dir"
+        state_base.mkdir(parents=True)
+        conn = FakeLibvirt(events, state_base)
+        conn.keymgr = km
+        drv = VTPMDriver(conf, probe=FakeProbe(),
+                         hypervisor=types.SimpleNamespace(conn=conn, uri=uri), keymgr=km)
+        drv.host_name = name
+        drivers[name], conns[name] = drv, conn
+    join_hosts({URIS[n]: c for n, c in conns.items()})
+    for drv in drivers.values():
+        drv.peers = lambda n: drivers[n].migration_side(n)
+    return TwoHosts(drivers, conns, km, events, tmp_path)
+
+
+def _after(events, what, since):
+    return [i for i, (w, _) in enumerate(events) if w == what and i >= since]
+
+
+@pytest.mark.parametrize("mode", ["user", "deployment"])
+def test_live_user_and_deployment_modes_hand_over_an_ephemeral_secret(two, mode):
+    inst = two.spawn(mode)
+    ek = two.state("host-a", inst).read_bytes()
+    two.events.clear()
+    two.live().run(CTX_OWNER, inst)
+    two.assert_only_on("host-b", inst, ek)
+    # Passphrase read first, secret defined on B before the move, none left anywhere.
+    names = [w for w, _ in two.events]
+    assert names.index("barbican.get") < names.index("virt.secret.define") < names.index(
+        "virt.migrate")
+    assert two.conns["host-b"].started_with[-1] == (policy.recorded_secret(inst), True)
+    assert two.secrets("host-a") == {} and two.secrets("host-b") == {}
+    (_name, uri, params, flags), = two.conns["host-a"].migrations
+    assert uri == URIS["host-b"]
+    assert params == {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1",
+                      libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: "127.0.0.1"}
+    assert flags & libvirt.VIR_MIGRATE_LIVE and flags & libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+
+
+def test_live_host_mode_moves_the_persistent_secret_without_the_owner(two):
+    inst = two.spawn("host")
+    secret_uuid = policy.recorded_secret(inst)
+    ek = two.state("host-a", inst).read_bytes()
+    two.events.clear()
+    two.live().run(CTX_MEMBER, inst)
+    two.assert_only_on("host-b", inst, ek)
+    assert "barbican.get" not in [w for w, _ in two.events]  # read from host-a's libvirt
+    assert two.secrets("host-b") == {secret_uuid: False} and two.secrets("host-a") == {}
+
+
+def test_live_user_mode_by_another_user_is_refused_before_anything_moves(two):
+    inst = two.spawn("user")
+    ek = two.state("host-a", inst).read_bytes()
+    with pytest.raises(exception.VTPMSecretForbidden):
+        two.live().run(CTX_MEMBER, inst)
+    two.assert_only_on("host-a", inst, ek)
+    assert two.conns["host-a"].migrations == [] and two.secrets("host-b") == {}
+
+
+@pytest.mark.parametrize("fault", ["cancelled", "unreachable", "wrong_secret"])
+def test_failed_live_migration_leaves_the_guest_on_the_source_and_nothing_there(two, fault):
+    inst = two.spawn("user")
+    ek = two.state("host-a", inst).read_bytes()
+    if fault == "cancelled":
+        two.conns["host-a"].fail_migrate = libvirt_error(
+            libvirt.VIR_ERR_OPERATION_ABORTED, message="migration job: canceled by client")
+    elif fault == "unreachable":
+        two.conns["host-a"].peers = {}
+    else:
+        two.km.get_vtpm_secret = lambda *args, **kwargs: "not-the-state-key"
+    with pytest.raises(exception.VTPMError, match="stays on the source"):
+        two.live().run(CTX_OWNER, inst)
+    two.assert_only_on("host-a", inst, ek)
+    assert two.secrets("host-b") == {}
+
+
+def test_live_migration_of_a_stopped_server_is_refused(two):
+    inst = two.spawn("user")
+    two.drivers["host-a"].power_off(inst)
+    with pytest.raises(exception.VTPMError, match="not running"):
+        two.live().run(CTX_OWNER, inst)
+    assert two.conns["host-a"].migrations == [] and two.secrets("host-b") == {}
+
+
+def test_a_same_named_domain_on_the_destination_refuses_before_barbican(two):
+    inst = two.spawn("user")
+    two.conns["host-b"].defineXML(two.dom("host-a", inst).xml.replace(inst.uuid, str(
+        uuid.uuid4())))
+    two.events.clear()
+    with pytest.raises(exception.InstanceExists):
+        two.live().run(CTX_OWNER, inst)
+    assert "barbican.get" not in [w for w, _ in two.events]
+    assert two.dom("host-a", inst).active
+
+
+def test_abort_without_a_running_migration_says_so(two):
+    inst = two.spawn("user")
+    assert two.live().abort(inst) is False
+
+
+def test_cold_migration_then_confirm_keeps_the_tpm_and_drops_the_source(two):
+    inst = two.spawn("user")
+    ek = two.state("host-a", inst).read_bytes()
+    two.cold().migrate(CTX_OWNER, inst)
+    moved = two.dom("host-b", inst)
+    assert moved.active and not moved.paused
+    assert two.state("host-b", inst).read_bytes() == ek
+    source = two.dom("host-a", inst)  # kept, stopped, for a revert
+    assert source is not None and not source.active and two.state("host-a", inst).exists()
+    assert inst.system_metadata[policy.MIGRATED_FROM_KEY] == "host-a"
+    assert two.secrets("host-a") == {} and two.secrets("host-b") == {}
+    two.cold().confirm(CTX_OWNER, inst)
+    two.assert_only_on("host-b", inst, ek)
+    assert policy.MIGRATED_FROM_KEY not in inst.system_metadata
+    two.cold().confirm(CTX_OWNER, inst)  # idempotent
+
+
+def test_cold_migration_revert_brings_the_old_state_back(two):
+    inst = two.spawn("host")
+    ek = two.state("host-a", inst).read_bytes()
+    two.cold().migrate(CTX_OWNER, inst)
+    two.cold().revert(CTX_OWNER, inst)
+    two.assert_only_on("host-a", inst, ek)
+    assert two.secrets("host-b") == {}
+    assert policy.MIGRATED_FROM_KEY not in inst.system_metadata
+
+
+def test_failed_cold_migration_restarts_the_guest_on_the_source(two):
+    inst = two.spawn("user")
+    ek = two.state("host-a", inst).read_bytes()
+    two.conns["host-a"].fail_migrate = libvirt_error(libvirt.VIR_ERR_OPERATION_FAILED)
+    with pytest.raises(exception.VTPMError, match="stays on the source"):
+        two.cold().migrate(CTX_OWNER, inst)
+    two.assert_only_on("host-a", inst, ek)
+    assert not two.dom("host-a", inst).paused
+    assert two.secrets("host-a") == {} and two.secrets("host-b") == {}
