@@ -308,22 +308,25 @@ class ServerService(OffHostActions):
         """
         context, instance = self._target(name_or_uuid, "resize")
         backend = self.backend
-        if backend.resize_pending(instance):
-            raise exception.VTPMError(
-                f"cannot resize server {instance.name!r}: a resize is awaiting confirm or "
-                "revert; run 'vtpm-driver server resize confirm|revert "
-                f"{instance.name}' first")
-        flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
-        policy.vtpm_of(instance, flavor=flavor)
-        with self._progress(f"Resizing server {instance.name}"):
-            # What Nova's compute manager does between the driver's two steps.
-            disk_info = backend.driver.migrate_disk_and_power_off(
-                context, instance, None, flavor, None)
-            instance.old_flavor, instance.new_flavor = instance.flavor, flavor
-            instance.flavor = flavor
-            backend.driver.finish_migration(
-                context, None, instance, disk_info, None, instance.image_meta, True, {},
-                None, True)
+        # One hold of the server's lock across both steps (each re-enters it), the
+        # server re-read from its record first: nothing runs between the steps.
+        with backend.driver.server_operation(context, instance, "resize"):
+            if backend.resize_pending(instance):
+                raise exception.VTPMError(
+                    f"cannot resize server {instance.name!r}: a resize is awaiting confirm "
+                    "or revert; run 'vtpm-driver server resize confirm|revert "
+                    f"{instance.name}' first")
+            flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
+            policy.vtpm_of(instance, flavor=flavor)
+            with self._progress(f"Resizing server {instance.name}"):
+                # What Nova's compute manager does between the driver's two steps.
+                disk_info = backend.driver.migrate_disk_and_power_off(
+                    context, instance, None, flavor, None)
+                instance.old_flavor, instance.new_flavor = instance.flavor, flavor
+                instance.flavor = flavor
+                backend.driver.finish_migration(
+                    context, None, instance, disk_info, None, instance.image_meta, True, {},
+                    None, True)
 
     def _pending(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
         context, instance = self._target(name_or_uuid, verb)
@@ -381,8 +384,9 @@ class ServerService(OffHostActions):
         policy.check_migration_hosts(source, dest, self._hosts.names)
         self._connect(self._hosts.backend(dest))
         drv = self.backend.driver
-        with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
-                            f"{instance.name} from {source} to {dest}"):
+        with drv.server_operation(context, instance, verb), self._progress(
+                f"{'Live-migrating' if live else 'Migrating'} server {instance.name} from "
+                f"{source} to {dest}"):
             if live:
                 target = self._hosts.side(dest)
                 drv.live_migration(context, instance, target, None, None)
@@ -407,8 +411,10 @@ class ServerService(OffHostActions):
         src_backend = self._connect(self._hosts.backend(source))
         drv = src_backend.driver
         verb = "Confirming" if confirm else "Reverting"
-        with self._progress(f"{verb} the migration of server {instance.name} from {source} "
-                            f"to {dest}"):
+        with locks.server_lock(self.conf, instance.uuid,
+                               f"{'confirm' if confirm else 'revert'} the migration of"), \
+                self._progress(f"{verb} the migration of server {instance.name} from "
+                               f"{source} to {dest}"):
             if confirm:
                 drv.confirm_migration_to(context, instance, dest)
             else:

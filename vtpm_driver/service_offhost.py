@@ -87,12 +87,14 @@ class OffHostActions:
     def after_event(self, instance: Any, event: str) -> None:
         """A copy after a clean stop or suspend when ``[vtpm] state_backup`` wants one.
 
-        Never fails the operation that just succeeded: a failed copy is logged.
+        Never fails the operation that just succeeded: a failed copy (or a server
+        another operation holds past ``[vtpm] lock_timeout``) is logged.
         """
         if not policy.wants_backup(self._backup_mode(), event) or not policy.has_vtpm(instance):
             return
         try:
-            self.offhost.backup(self.site(), instance, event)
+            with self._locked(instance, f"state backup after {event}"):
+                self.offhost.backup(self.site(), instance, event)
         except exception.VTPMError as exc:
             LOG.error("Could not copy the TPM state off the host after %s: %s", event, exc,
                       instance_uuid=instance.uuid)

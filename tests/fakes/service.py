@@ -7,6 +7,7 @@ command tests check the commands and the service rules, not libvirt.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import types
@@ -27,6 +28,11 @@ class FakeDriver:
         self.calls: list[tuple] = []
         self.fail: dict[str, Exception] = {}
         self.state = 1
+
+    @contextlib.contextmanager
+    def server_operation(self, context, instance, operation, *, refresh=True):
+        """The real driver's per-server lock + recovery; here nothing to hold or recover."""
+        yield None
 
     def _call(self, name: str, *args: object) -> None:
         self.calls.append((name, *args))
