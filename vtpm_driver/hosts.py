@@ -6,12 +6,19 @@ and the server records of :mod:`vtpm_driver.servers` (kept in each domain's
 :class:`HostSet` holds the hosts of ``[vtpm] hosts`` (or the one host of
 ``[libvirt] connection_uri``), one backend each, made on first use; a driver
 reaches the other hosts through it for migrations.
+
+A backend's host probe (what its libvirt offers for a vTPM: domain
+capabilities, versions) borrows the backend's own connection and keeps the
+answers for the life of the process (:class:`CachedHostProbe`): they are facts
+of the host's libvirt and QEMU, so a migration's destination check costs no
+new connection and, after the first, no libvirt call.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -26,6 +33,75 @@ from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
 
 LOG = logging.getLogger(__name__)
+
+
+class _BorrowedConnection:
+    """The backend's libvirt connection lent to its probe; the backend closes it."""
+
+    def __init__(self, hypervisor: Hypervisor) -> None:
+        self._hypervisor = hypervisor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hypervisor.conn, name)
+
+    def close(self) -> None:
+        """Not the probe's to close (:meth:`ServerBackend.close` does)."""
+
+
+class CachedHostProbe:
+    """A :class:`~vtpm_driver.host.HostProbe` whose libvirt answers are kept per URI
+    for the process (domain capabilities, versions: static while it runs).
+
+    Only successful answers are kept (an unreachable host is asked again); the
+    decision (:func:`vtpm_driver.host.check_host`) is still made by each driver
+    with its own configuration. ``PATH`` and user lookups are local and cheap,
+    so they are passed through. Thread-safe.
+    """
+
+    _facts: ClassVar[dict[tuple[str, ...], Any]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, uri: str, probe: Any) -> None:
+        self.uri = uri
+        self._probe = probe
+
+    def __repr__(self) -> str:
+        return f"CachedHostProbe({self.uri!r})"
+
+    @classmethod
+    def forget(cls) -> None:
+        """Drop every kept answer (tests; a host whose libvirt was upgraded)."""
+        with cls._lock:
+            cls._facts.clear()
+
+    def _kept(self, key: tuple[str, ...], fetch: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._facts:
+                return self._facts[key]
+        value = fetch()  # outside the lock: a slow host must not block the others
+        with self._lock:
+            return self._facts.setdefault(key, value)
+
+    def domain_capabilities(self, virt_type: str) -> str:
+        """:raises HypervisorUnavailable, VirtError: as the wrapped probe (nothing kept)."""
+        return self._kept((self.uri, "domcaps", virt_type),
+                          lambda: self._probe.domain_capabilities(virt_type))
+
+    def versions(self) -> dict[str, str]:
+        """:raises HypervisorUnavailable: as the wrapped probe (nothing kept)."""
+        return dict(self._kept((self.uri, "versions"), self._probe.versions))
+
+    def which(self, name: str) -> str | None:
+        return self._probe.which(name)
+
+    def user_exists(self, name: str) -> bool:
+        return self._probe.user_exists(name)
+
+    def group_exists(self, name: str) -> bool:
+        return self._probe.group_exists(name)
+
+    def close(self) -> None:
+        self._probe.close()
 
 
 class ServerBackend:
@@ -54,7 +130,9 @@ class ServerBackend:
     @property
     def driver(self) -> VTPMDriver:
         if self._driver is None:
-            self._driver = VTPMDriver(self.conf, probe=LibvirtHostProbe(self.uri),
+            probe = LibvirtHostProbe(
+                self.uri, open_connection=lambda _uri: _BorrowedConnection(self.hypervisor))
+            self._driver = VTPMDriver(self.conf, probe=CachedHostProbe(self.uri, probe),
                                       hypervisor=self.hypervisor)
             self._driver.host_name = self.name
             self._driver.peers = self._peers
