@@ -1,8 +1,8 @@
 """Soak run (issue 13): ``python -m bench.soak [--seconds S] [--workers N] [--servers M]``.
 
 Runs tests/functional/test_soak.py on the real stack with the long bounds
-(default 300 s, 3 workers, 3 servers; CI runs the test itself at 60 s) and
-prints its figures as JSON: operations run, failures by kind, invariant
+(default 300 s, 3 workers, 3 servers; CI runs the test itself at 75 s) and
+prints its figures as JSON: operations run, failures and refusals by kind, invariant
 violations. Exit status: pytest's (0 when every invariant held).
 """
 

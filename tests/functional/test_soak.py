@@ -1,8 +1,13 @@
 """Soak (issue 13): N workers, M servers, random operations at once; then every invariant.
 
 Workers run random ``vtpm-driver`` commands (create, hard reboot, stop/start,
-suspend/resume, resize + confirm/revert, delete; as the owner and as others)
-against a small pool of servers for a bounded time, loopback only. At the end:
+suspend/resume, shelve/unshelve, resize + confirm/revert, delete; as the owner
+and as others) against a small pool of servers for a bounded time, loopback
+only. Several workers hit the SAME server at once: the driver's per-server lock
+serialises them; an answer that is the expected result of that (the server
+locked past ``[vtpm] lock_timeout``, deleted or shelved by another worker, its
+resize already confirmed) is counted as a refusal by kind, anything else as a
+failure. At the end:
 
 * every live server boots with its own EK, unchanged since it was created
   (none of these operations resets a TPM);
@@ -11,7 +16,7 @@ against a small pool of servers for a bounded time, loopback only. At the end:
 * no passphrase of a soak server appears in any command output, console log or
   QEMU/swtpm log written during the run.
 
-Bounds: ``VTPM_SOAK_SECONDS`` (default 60 here; ``python -m bench.soak`` runs
+Bounds: ``VTPM_SOAK_SECONDS`` (default 75 here; ``python -m bench.soak`` runs
 300), ``VTPM_SOAK_WORKERS`` (3), ``VTPM_SOAK_SERVERS`` (3). The figures are
 printed (``-s``) and written as JSON to ``VTPM_SOAK_REPORT`` when set.
 """
@@ -46,21 +51,38 @@ pytestmark = pytest.mark.functional
 cli = _servers.cli
 owner_session = _servers.owner_session
 
-SECONDS = float(os.environ.get("VTPM_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("VTPM_SOAK_SECONDS", "75"))
 WORKERS = int(os.environ.get("VTPM_SOAK_WORKERS", "3"))
 SERVERS = int(os.environ.get("VTPM_SOAK_SERVERS", "3"))
 BOOT_TIMEOUT = 180.0  # a bound for a hung guest, not a speed check
 LOG_DIRS = (Path("/var/log/libvirt/qemu"), Path("/var/log/swtpm/libvirt/qemu"))
 OPS = ("create", "delete", "hard_reboot", "stop_start", "suspend_resume", "resize",
-       "other_reboot", "member_reboot")
+       "shelve_unshelve", "other_reboot", "member_reboot")
+
+
+#: Answers that are the expected outcome of workers hitting the same server at once
+#: (refusals, counted by kind), not failures: (kind, phrase in the error).
+REFUSALS = (
+    ("locked (ServerLocked)", "is in progress on it"),
+    ("server gone (deleted or shelved by another worker)", "no server with name or uuid"),
+    ("server gone (deleted or shelved by another worker)", "no shelved server"),
+    ("state changed by another worker", "no resize in progress"),
+    ("state changed by another worker", "is already in progress"),
+    ("state changed by another worker", "while it is suspended"),
+    ("state changed by another worker", "awaits confirm or revert"),
+    ("state changed by another worker", "cannot suspend server"),
+)
 
 
 class Slot:
-    """One server of the pool; ``lock`` keeps the test's own bookkeeping consistent."""
+    """One server of the pool. ``lock`` guards only the test's bookkeeping (name, EK):
+    the operations themselves run at once on the same server (the driver's per-server
+    lock is what is being soaked)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.lock = threading.Lock()
+        self.creating = False
         self.name: str | None = None
         self.uuid: str | None = None
         self.ek: str | None = None
@@ -75,52 +97,76 @@ class Soak:
         self.slots = [Slot(i) for i in range(SERVERS)]
         self.ops: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()
+        self.refusals: collections.Counter[str] = collections.Counter()
         self.passphrases: set[str] = set()
         self.ever: set[str] = set()
         self.names: set[str] = set()
         self.guard = threading.Lock()
 
-    def note(self, op: str, result: object) -> None:
+    def note(self, op: str, result: object) -> bool:
+        """Count ``result``; True when it worked."""
         with self.guard:
             self.ops[op] += 1
-            if result.rc != 0:
+            if result.rc == 0:
+                return True
+            err = result.err.lower()
+            kind = next((k for k, phrase in REFUSALS if phrase in err), None)
+            if kind is not None:
+                self.refusals[kind] += 1
+            else:
                 words = " ".join(result.err.strip().split()[:7]) or f"rc={result.rc}"
                 self.failures[f"{op}: {words}"] += 1
+            return False
 
     def worker(self, seed: int, deadline: float) -> None:
         rnd = random.Random(seed)
         while time.monotonic() < deadline:
             slot = rnd.choice(self.slots)
             with slot.lock:
-                op = "create" if slot.name is None else rnd.choice(OPS[1:])
-                self.run(slot, op, rnd)
+                if slot.name is None and slot.creating:
+                    name, op = None, None
+                elif slot.name is None:
+                    slot.creating, name, op = True, None, "create"
+                else:
+                    name, op = slot.name, rnd.choice(OPS[1:])
+            if op is None:
+                time.sleep(0.2)
+            elif op == "create":
+                try:
+                    self.create(slot)
+                finally:
+                    with slot.lock:
+                        slot.creating = False
+            else:
+                self.run(slot, name, op, rnd)
 
-    def run(self, slot: Slot, op: str, rnd: random.Random) -> None:
-        cli = self.cli
-        if op == "create":
-            name = f"soak-{uuid.uuid4().hex[:8]}"
-            console = self.tmp / f"{name}.log"
-            result = cli(*create_args(self.guest, name, console, "--flavor-property",
-                                      "hw:tpm_version=2.0",
-                                      cmdline=f"{self.guest.cmdline} vtpm_test=stay"))
-            self.note(op, result)
-            with self.guard:
-                self.names.add(name)
-            if result.rc == 0:
-                shown = json.loads(result.out)
-                self.cleanup.domain(shown["uuid"])
-                self.cleanup.secret(shown["vtpm_secret_uuid"])
-                with self.guard:
-                    self.ever.add(shown["uuid"])
-                    self.passphrases.add(barbican_passphrase(self.session,
-                                                             shown["vtpm_secret_uuid"]))
-                slot.name, slot.uuid, slot.console = name, shown["uuid"], console
-                slot.ek = wait_ek(console)
+    def create(self, slot: Slot) -> None:
+        name = f"soak-{uuid.uuid4().hex[:8]}"
+        console = self.tmp / f"{name}.log"
+        with self.guard:
+            self.names.add(name)
+        result = self.cli(*create_args(self.guest, name, console, "--flavor-property",
+                                       "hw:tpm_version=2.0",
+                                       cmdline=f"{self.guest.cmdline} vtpm_test=stay"))
+        if not self.note("create", result):
             return
-        name = slot.name
+        shown = json.loads(result.out)
+        self.cleanup.domain(shown["uuid"])
+        self.cleanup.secret(shown["vtpm_secret_uuid"])
+        with self.guard:
+            self.ever.add(shown["uuid"])
+            self.passphrases.add(barbican_passphrase(self.session, shown["vtpm_secret_uuid"]))
+        ek = wait_ek(console)
+        with slot.lock:
+            slot.name, slot.uuid, slot.console, slot.ek = name, shown["uuid"], console, ek
+
+    def run(self, slot: Slot, name: str, op: str, rnd: random.Random) -> None:
+        cli = self.cli
         if op == "delete":
-            self.note(op, cli("server", "delete", name))
-            slot.name = slot.uuid = slot.ek = None
+            if self.note(op, cli("server", "delete", name)):
+                with slot.lock:
+                    if slot.name == name:
+                        slot.name = slot.uuid = slot.ek = None
         elif op == "hard_reboot":
             self.note(op, cli("server", "reboot", "--hard", name))
         elif op == "stop_start":
@@ -129,6 +175,9 @@ class Soak:
         elif op == "suspend_resume":
             self.note("suspend", cli("server", "suspend", name))
             self.note("resume", cli("server", "resume", name))
+        elif op == "shelve_unshelve":
+            self.note("shelve", cli("server", "shelve", name))
+            self.note("unshelve", cli("server", "unshelve", name))
         elif op == "resize":
             self.note("resize", cli("server", "resize", name, "--memory",
                                     rnd.choice(("256", "320"))))
@@ -161,7 +210,8 @@ def wait_ek(console: Path) -> str:
 
 def orphans_of(report: dict, uuids: set[str]) -> list[dict]:
     return [o for kind in ("orphan_libvirt_secrets", "orphan_state_dirs",
-                           "orphan_barbican_secrets")
+                           "orphan_barbican_secrets", "orphan_offhost_copies",
+                           "half_done_operations")
             for o in report[kind] if o["instance_uuid"] in uuids]
 
 
@@ -182,6 +232,9 @@ def test_soak(cli: CliRunner, test_guest: TestGuest, libvirt_conn: libvirt.virCo
     for slot in soak.slots:
         if slot.name is None:
             continue
+        if not domain_exists(libvirt_conn, slot.uuid):
+            # Left shelved (its unshelve was refused while another worker held it)?
+            soak.note("unshelve", cli("server", "unshelve", slot.name))
         if not domain_exists(libvirt_conn, slot.uuid):
             violations.append(f"{slot.name}: its domain is gone")
             continue
@@ -218,6 +271,7 @@ def test_soak(cli: CliRunner, test_guest: TestGuest, libvirt_conn: libvirt.virCo
     figures = {"seconds": SECONDS, "workers": WORKERS, "servers": SERVERS,
                "operations": dict(soak.ops), "operations_total": sum(soak.ops.values()),
                "servers_created": len(soak.ever), "failures": dict(soak.failures),
+               "refusals": dict(soak.refusals),
                "invariant_violations": violations}
     print("\nsoak:", json.dumps(figures, indent=1, sort_keys=True))
     if os.environ.get("VTPM_SOAK_REPORT"):
