@@ -385,7 +385,7 @@ def test_create_guest_defines_our_secret_around_the_start_never_castellan(
     secret_uuid = instance.system_metadata["vtpm_secret_uuid"]
     assert instance.saved == 1
     # libvirt held the passphrase, private, while the guest started ...
-    assert conn.secrets_at_start == {secret_uuid: (PASSPHRASE, True)}
+    assert conn.secrets_at_start == {secret_uuid: (PASSPHRASE.encode(), True)}
     xml = conn.defined_xml[0]
     assert secret.parse_secret_xml(xml) == secret.VTPMSecretInfo(
         secret_uuid, instance.uuid, ephemeral=True, private=True)

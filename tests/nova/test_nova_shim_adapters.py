@@ -145,7 +145,7 @@ def test_secret_store_defines_finds_and_undefines_through_novas_host(drv):
     instance = make_instance()
     secret_uuid = "0f1c5b8e-4a1e-4c1e-9b1e-2f1e4a1e4c1e"
     store.define(secret_uuid, instance.uuid, PASSPHRASE, persistent=False)
-    assert conn.secrets[secret_uuid].stored == PASSPHRASE  # as the key manager gave it
+    assert conn.secrets[secret_uuid].stored == PASSPHRASE.encode()
     assert store.find(instance.uuid) == secret_uuid
     assert store.undefine(secret_uuid) is True
     assert store.undefine(secret_uuid) is False  # idempotent

@@ -86,7 +86,7 @@ def test_owner_only_secret_from_spawn_to_delete(drv, clouds, monkeypatch):
         assert private and len(stored) == 512
         assert drv.fake_conn.secrets == {}
         assert drv.vtpm_key_manager.get_vtpm_secret(
-            translate.request_context(owner), instance) == stored
+            translate.request_context(owner), instance).encode() == stored
 
         # Another member of the project may not start it: refused before Nova's reboot.
         monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot",

@@ -83,12 +83,15 @@ class NovaSecretStore:
                persistent: bool) -> None:
         """Define it (private + ephemeral unless ``persistent``) with its value set.
 
-        The passphrase goes to ``Host.create_secret`` as the key manager gave it.
+        The passphrase goes to ``Host.create_secret`` as bytes, as Nova passes it
+        (``nova.crypto``'s passphrase, ``vtpm_secret_value_bytes``) and as libvirt
+        hands it back; our key managers give text.
         """
         kwargs = {"ephemeral": False, "private": False} if persistent else {}
+        password = passphrase.encode("ascii") if isinstance(passphrase, str) else passphrase
         with libvirt_errors(f"define the vTPM secret of server {instance_uuid}"):
             created = self._host.create_secret(
-                USAGE_TYPE, instance_uuid, password=passphrase, uuid=secret_uuid, **kwargs)
+                USAGE_TYPE, instance_uuid, password=password, uuid=secret_uuid, **kwargs)
         self._known[secret_uuid] = (instance_uuid, created)
 
     def libvirt_secret(self, secret_uuid: str) -> Any:

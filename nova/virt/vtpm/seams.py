@@ -24,6 +24,7 @@ Scope and safety:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any
@@ -77,23 +78,33 @@ def install() -> None:
 
 
 def own_static_methods(cls: type) -> type:
-    """Class decorator: ``cls`` gets its own copy of every static/class method it inherits.
+    """Class decorator: ``cls`` gets its own ``staticmethod`` for each one it inherits.
 
     Tools that patch a method by name (``fixtures.MonkeyPatch``, used by Nova's
     test fixtures on ``LibvirtDriver``) look for a ``staticmethod`` in the
     patched class's own ``__dict__``; on a subclass they find a plain
     function, install the replacement as an instance method, and the call
     gets ``self`` as its first argument (``TypeError: multiple values for
-    argument 'target'`` from ``_create_ephemeral``). With the descriptors
-    copied, the subclass is patched exactly like Nova's class. Methods the
-    subclass overrides are left alone.
+    argument 'target'`` from ``_create_ephemeral``). Each copy looks the
+    parent's method up at call time, so inheritance is unchanged (a patch of
+    Nova's class is seen through ours, as before); methods ``cls`` overrides
+    are left alone.
     """
+    parent = cls.__mro__[1]
     for klass in reversed(cls.__mro__[1:]):
         for name, attr in vars(klass).items():
-            if (isinstance(attr, (staticmethod, classmethod)) and name not in vars(cls)
+            if (isinstance(attr, staticmethod) and name not in vars(cls)
                     and inspect.getattr_static(cls, name) is attr):
-                setattr(cls, name, attr)
+                setattr(cls, name, staticmethod(_inherited(parent, name, attr.__func__)))
     return cls
+
+
+def _inherited(parent: type, name: str, original: Any) -> Any:
+    @functools.wraps(original)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(parent, name)(*args, **kwargs)
+
+    return call
 
 
 def uninstall() -> None:
