@@ -1,7 +1,8 @@
-"""VTPMDriver: init_host / get_traits (SPEC C1, C2, C4) and refused operations (F6)."""
+"""VTPMDriver: init_host / get_traits (SPEC C1, C2, C4); rebuild, rescue, shelve, evacuate."""
 
 from __future__ import annotations
 
+import shutil
 import types
 import uuid
 
@@ -10,10 +11,11 @@ from oslo_config import cfg
 
 from tests.fakes.libvirt import FakeLibvirt
 from tests.fakes.probe import FakeProbe
-from tests.unit.conftest import KERNEL, OWNER, Env
+from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
-from vtpm_driver import exception, host, servers, spec
+from vtpm_driver import exception, host, objects, policy, servers, spec
+from vtpm_driver.statestore import DirectoryStateStore
 
 
 def fake_hypervisor(*domains: tuple[str, str]) -> types.SimpleNamespace:
@@ -155,26 +157,93 @@ def test_default_probe_is_libvirt_at_the_configured_uri(make_conf):
     assert drv.probe.uri == "qemu:///session"
 
 
-# --------------------------------------------------------------------------- refused ops
+# --------------------------------------------------------------------------- issue 15 ops
 
 
-@pytest.mark.parametrize(("call", "operation"), [
-    (lambda d, i: d.rebuild(OWNER, i, None, [], None, {}, [], None, None), "rebuild"),
-    (lambda d, i: d.rescue(OWNER, i, None, None, None, None, None), "rescue"),
-    (lambda d, i: d.shelve(OWNER, i), "shelve"),
-    (lambda d, i: d.evacuate(OWNER, i), "evacuate"),
-])
-def test_f6_unsupported_operations(env: Env, call, operation: str) -> None:
-    inst = env.instance()
-    with pytest.raises(exception.OperationNotSupportedForVTPM) as err:
-        call(env.drv, inst)
-    assert str(err.value).startswith(
-        f"operation '{operation}' is not supported for vTPM-enabled server 'vm1'")
-    assert "Nova" in str(err.value)
-    plain = servers.new_instance("plain", OWNER, kernel=KERNEL)
-    with pytest.raises(exception.VTPMError, match="not implemented") as err:
-        call(env.drv, plain)
-    assert not isinstance(err.value, exception.OperationNotSupportedForVTPM)
+@pytest.fixture
+def offhost_env(env: Env) -> Env:
+    env.drv.conf.set_override("state_backup_dir", str(env.tmp / "store"), group="vtpm")
+    env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
+    return env
+
+
+def test_rebuild_hands_off_and_keeps_the_tpm_or_resets_it(offhost_env: Env) -> None:
+    env = offhost_env
+    inst = env.spawn(env.instance("host"))
+    ek = env.state_file(inst).read_bytes()
+    new_image = objects.ImageMeta(kernel="/boot/other-vmlinuz", cmdline="console=ttyS0 new")
+    env.drv.rebuild(OWNER, inst, new_image, [], None, {}, [], None, None)
+    assert env.dom(inst).active and "/boot/other-vmlinuz" in env.dom(inst).xml
+    assert env.state_file(inst).read_bytes() == ek, "same TPM"
+    env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, reset_tpm=True)
+    assert env.dom(inst).active and env.state_file(inst).read_bytes() != ek, "a new TPM"
+
+
+def test_rescue_and_unrescue_hand_off_with_the_same_tpm(offhost_env: Env) -> None:
+    env = offhost_env
+    inst = env.spawn(env.instance("deployment"))
+    ek = env.state_file(inst).read_bytes()
+    env.drv.rescue(OWNER, inst, None, None, None, None)
+    assert policy.is_rescued(inst) and f"{policy.RESCUE_CMDLINE}" in env.dom(inst).xml
+    assert env.state_file(inst).read_bytes() == ek
+    env.drv.unrescue(OWNER, inst)
+    assert not policy.is_rescued(inst) and policy.RESCUE_CMDLINE not in env.dom(inst).xml
+    assert env.dom(inst).active and env.state_file(inst).read_bytes() == ek
+
+
+def test_a_members_rescue_of_a_user_mode_server_touches_nothing(offhost_env: Env) -> None:
+    env = offhost_env
+    inst = env.spawn(env.instance("user"))
+    xml = env.dom(inst).xml
+    env.reset()
+    with pytest.raises(exception.VTPMSecretForbidden):
+        env.drv.rescue(MEMBER, inst, None, None, None, None)
+    assert env.dom(inst).active and env.dom(inst).xml == xml
+    assert not policy.is_rescued(inst)
+
+
+def test_shelve_then_evacuate_hand_off_to_the_state_store(offhost_env: Env) -> None:
+    env = offhost_env
+    store = DirectoryStateStore(env.tmp / "store")
+    inst = env.spawn(env.instance("deployment"))
+    ek = env.state_file(inst).read_bytes()
+    env.drv.shelve(OWNER, inst)
+    assert inst.uuid not in env.conn.domains and not (env.state_base / inst.uuid).exists()
+    assert store.get(inst.uuid).shelved
+    # A server with a current (not shelved) copy whose host is gone comes back here.
+    store.update(inst.uuid, shelved=False)
+    env.drv.evacuate(OWNER, inst)
+    assert env.dom(inst).active and env.state_file(inst).read_bytes() == ek
+    assert inst.system_metadata[policy.EVACUATED_FROM_KEY] == env.drv.host_name
+    # Its host is lost again (domain, TPM state and libvirt secrets; Barbican keeps its).
+    del env.conn.domains[inst.uuid]
+    shutil.rmtree(env.state_base / inst.uuid)
+    env.conn.secrets.clear()
+    # The copy is stale now (the server ran after it): only with allow_stale_tpm_state.
+    with pytest.raises(exception.OperationNotSupportedForVTPM, match="allow_stale_tpm_state"):
+        env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, evacuate=True)
+    env.drv.conf.set_override("allow_stale_tpm_state", True, group="vtpm")
+    env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, evacuate=True)
+    assert env.dom(inst).active, "rebuild(evacuate=True) is an evacuation"
+
+
+def test_evacuate_without_a_copy_names_the_option(offhost_env: Env) -> None:
+    env = offhost_env
+    inst = env.instance("host")
+    with pytest.raises(exception.OperationNotSupportedForVTPM, match=r"\[vtpm\] state_backup"):
+        env.drv.evacuate(OWNER, inst)
+    assert inst.uuid not in env.conn.domains
+
+
+def test_shelve_with_a_resize_pending_is_refused(offhost_env: Env) -> None:
+    env = offhost_env
+    inst = env.spawn(env.instance("host"))
+    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs=dict(inst.flavor.extra_specs))
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    with pytest.raises(exception.VTPMError, match="awaits confirm or revert"):
+        env.drv.shelve(OWNER, inst)
+    assert inst.uuid in env.conn.domains
+    assert DirectoryStateStore(env.tmp / "store").list() == []
 
 
 def test_live_migration_to_an_unknown_host_is_refused(env: Env) -> None:
