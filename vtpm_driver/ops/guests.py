@@ -103,14 +103,13 @@ class Guests:
         """
         image = instance.image_meta
         virt_type = self.conf.libvirt.virt_type
-        xml = domain.guest_xml(
+        return domain.guest_xml(
             instance.name, instance.uuid, instance.flavor.vcpus, instance.flavor.memory_mb,
             console_log=instance.console_log, kernel=getattr(image, "kernel", None),
             initrd=getattr(image, "initrd", None), cmdline=getattr(image, "cmdline", None),
             disk=getattr(image, "disk", None),
             virt_type=virt_type if virt_type in domain.VIRT_TYPES else "kvm",
         )
-        return _append_console(xml)
 
     def domain_xml(self, instance: Any, cfg: VTPMConfig | None, base: str | None = None) -> str:
         """The full domain XML: guest, ``<tpm>`` (when asked for), server record.
@@ -178,7 +177,8 @@ class Guests:
         """Start each boot with an empty console log, if the log is ours.
 
         A file the user chose is never removed or truncated (issue 13 item 4):
-        the console is appended to it (``append='on'``).
+        the console is appended to it (``append='on'``,
+        :func:`vtpm_driver.virt.domain.guest_xml`).
         """
         if not self.owns_console_log(instance):
             return
@@ -257,12 +257,3 @@ class Guests:
         except exception.VTPMError as exc:
             LOG.warning("Could not clear the journal entry of a failed start: %s", exc,
                         instance_uuid=instance.uuid)
-
-
-def _append_console(xml: str) -> str:
-    """The console's file sources with ``append='on'``: libvirt (QEMU) would otherwise
-    truncate the file at every start. (Belongs in :func:`vtpm_driver.virt.domain.guest_xml`.)"""
-    root = domain.parse_xml(xml)
-    for source in root.findall("devices/serial/source") + root.findall("devices/console/source"):
-        source.set("append", "on")
-    return domain.to_text(root)

@@ -200,8 +200,11 @@ def guest_xml(
     """A minimal q35 guest booting a kernel (+ initrd) or a virtio disk.
 
     No network, no graphics, ACPI on (the TPM is found through ACPI), serial
-    console appended to ``console_log``; ``on_poweroff`` destroys it. Paths
-    are not checked for existence: libvirt reports that when it starts.
+    console appended to ``console_log`` (``append='on'``: QEMU would otherwise
+    truncate the file at every start, and a file the user chose is only ever
+    appended to; the driver empties its own logs itself); ``on_poweroff``
+    destroys it. Paths are not checked for existence: libvirt reports that
+    when it starts.
 
     :raises VirtError: a missing, contradictory or malformed argument.
     """
@@ -254,10 +257,10 @@ def guest_xml(
         etree.SubElement(disk_el, "source", file=disk)
         etree.SubElement(disk_el, "target", dev="vda", bus="virtio")
     serial = etree.SubElement(devices, "serial", type="file")
-    etree.SubElement(serial, "source", path=console_log)
+    etree.SubElement(serial, "source", path=console_log, append="on")
     etree.SubElement(serial, "target", port="0")
     console = etree.SubElement(devices, "console", type="file")
-    etree.SubElement(console, "source", path=console_log)
+    etree.SubElement(console, "source", path=console_log, append="on")
     etree.SubElement(console, "target", type="serial", port="0")
     etree.SubElement(devices, "memballoon", model="none")
     return to_text(root)

@@ -147,6 +147,9 @@ def test_guest_xml_kernel_boot() -> None:
     assert root.find("devices/serial").get("type") == "file"
     assert root.find("devices/serial/source").get("path") == LOG
     assert root.find("devices/console/source").get("path") == LOG
+    # Appended to, never truncated by QEMU at a start (issue 13 item 4).
+    assert root.find("devices/serial/source").get("append") == "on"
+    assert root.find("devices/console/source").get("append") == "on"
     assert root.find("devices/interface") is None
     assert root.find("devices/disk") is None
 
