@@ -1,0 +1,186 @@
+"""The service's audit and repair (SPEC F7, issue 13), mixed into :class:`ServerService`.
+
+What ``vtpm-driver audit [--repair]`` calls: list the vTPM secrets Barbican
+shows each scope, compare them with this host's servers, libvirt secrets,
+swtpm state directories, journal entries and off-host copies
+(:mod:`vtpm_driver.audit`, pure), and carry out a repair plan, each action
+naming a server under that server's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vtpm_driver import audit as vtpm_audit
+from vtpm_driver import exception, spec
+from vtpm_driver.context import RequestContext
+from vtpm_driver.ops import journal, locks
+from vtpm_driver.virt import state
+
+
+class AuditActions:
+    """list_barbican, audit, repair_plan, repair (over ``backend``, ``conf``, ``store``)."""
+
+    conf: Any
+    backend: Any
+    store: Any
+
+    def list_barbican(self, keymgr: Any, scopes: Sequence[tuple[RequestContext, str]]
+                      ) -> list[vtpm_audit.BarbicanSecret]:
+        """The vTPM secrets each ``(context, mode)`` can list, with their read ACL.
+
+        One listing per scope and one ACL GET per secret (metadata only).
+        :raises VTPMError: Barbican or Keystone failed.
+        """
+        found: dict[str, vtpm_audit.BarbicanSecret] = {}
+        for context, mode in scopes:
+            for item in keymgr.list_vtpm_secrets(context, mode):
+                uuid = item.get("uuid")
+                access = keymgr.secret_project_access(context, uuid, mode) if uuid else None
+                found.setdefault(str(uuid), vtpm_audit.BarbicanSecret(
+                    uuid=uuid, name=str(item.get("name")),
+                    instance_uuid=item.get("instance_uuid"), mode=mode,
+                    project_access=access, created=item.get("created"),
+                    creator=item.get("creator")))
+        return list(found.values())
+
+    def audit(self, barbican: Sequence[vtpm_audit.BarbicanSecret] | None
+              ) -> vtpm_audit.AuditReport:
+        """This host's vTPM servers and orphans (SPEC F7); changes nothing.
+
+        ``barbican``: the vTPM secrets the caller could list, or None when
+        Barbican was not checked (then no Barbican orphan is reported).
+        """
+        backend = self.backend
+        base = str(self.conf.vtpm.swtpm_state_dir)
+        report = vtpm_audit.audit(
+            backend.list(), backend.domain_uuids(),
+            [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)
+             for s in backend.libvirt_vtpm_secrets()],
+            state.list_state_dirs(base), None if barbican is None else list(barbican),
+            state_dir_base=base)
+        report = dataclasses.replace(report, half_done=self._half_done(backend))
+        elsewhere, _unchecked = backend.other_host_domains()
+        periodic = self.conf.vtpm.state_backup == "periodic"
+        return vtpm_audit.offhost_copies(
+            report, self.store.list(), [*backend.domain_uuids(), *elsewhere], now=time.time(),
+            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
+
+    def _half_done(self, backend: Any) -> tuple[vtpm_audit.HalfDone, ...]:
+        """The servers whose journal names an interrupted operation, with the facts
+        :func:`vtpm_driver.ops.journal.decide` needs and a live lock holder, if any."""
+        servers = backend.list()
+        facts: dict[str, dict[str, bool]] = {}
+        holders: dict[str, int] = {}
+        for instance in servers:
+            intent = journal.read(instance.system_metadata)
+            if intent is None:
+                continue
+            facts[instance.uuid] = {
+                "backup_exists": bool(backend.resize_pending(instance)),
+                "tmp_backup_exists": bool(intent.tmp_backup)
+                and os.path.exists(intent.tmp_backup)}
+            pid = (locks.read_holder(self.conf.vtpm.lock_path, instance.uuid) or {}).get("pid")
+            if isinstance(pid, int) and _alive(pid):
+                holders[instance.uuid] = pid
+        return vtpm_audit.half_done(servers, facts, holders)
+
+    def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float,
+                    only: Sequence[str] | None = None) -> vtpm_audit.RepairPlan:
+        """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
+        elsewhere, unchecked = self.backend.other_host_domains()
+        # A shelved (or evacuable) server lives in the state store: its secret is kept.
+        elsewhere = [*elsewhere, *(copy.uuid for copy in self.store.list())]
+        if elsewhere:
+            kept = {vtpm_audit.canonical_uuid(u) for u in elsewhere}
+            report = dataclasses.replace(report, orphans=tuple(
+                o for o in report.orphans
+                if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
+        full = vtpm_audit.plan(report, now=time.time(), min_age=min_age,
+                               hosts_unchecked=unchecked, only=only)
+        return vtpm_audit.plan_copies(full, report, unchecked, only)
+
+    def repair(self, plan: vtpm_audit.RepairPlan, keymgr: Any,
+               contexts: Mapping[str, RequestContext]) -> list[tuple[vtpm_audit.Action, str]]:
+        """Do each action of ``plan``; returns (action, outcome) for each, never raises.
+
+        Each action that names a server runs under that server's lock
+        (:func:`vtpm_driver.ops.locks.server_lock`), so it never meets an
+        operation in progress; a server still locked after ``[vtpm]
+        lock_timeout`` is skipped. A state directory or Barbican secret is
+        only removed if no domain of its UUID has appeared since the audit.
+        A half-done operation is finished or rolled back by the driver
+        (``VTPMDriver.recover``). ``contexts`` maps a secret security mode to
+        the context its Barbican secrets were listed with.
+        """
+        done = []
+        for action in plan.actions:
+            try:
+                with self._repair_lock(action):
+                    outcome = self._do(action, keymgr, contexts)
+            except exception.ServerLocked as exc:
+                outcome = f"skipped: {exc}"
+            except exception.VTPMError as exc:
+                outcome = f"failed: {exc}"
+            done.append((action, outcome))
+        return done
+
+    def _repair_lock(self, action: vtpm_audit.Action) -> contextlib.AbstractContextManager[None]:
+        """The lock of the server ``action`` names (none for a name that is no UUID)."""
+        instance_uuid = vtpm_audit.canonical_uuid(action.instance_uuid)
+        if instance_uuid is None:
+            return contextlib.nullcontext()
+        return locks.server_lock(self.conf, instance_uuid, "repair")
+
+    def _recover(self, action: vtpm_audit.Action,
+                 contexts: Mapping[str, RequestContext]) -> str:
+        """Finish or roll back the server's interrupted operation (under its lock)."""
+        backend = self.backend
+        try:
+            instance = backend.find(action.target)
+        except exception.InstanceNotFound:
+            return "already gone: no such server now"
+        context = (contexts.get(spec.SECRET_USER) or contexts.get(spec.SECRET_DEPLOYMENT)
+                   or RequestContext(user_id="", project_id=""))
+        decision = backend.driver.recover(context, instance)
+        if decision is None:
+            return "already done: no interrupted operation now"
+        return f"done: {decision.action.value}"
+
+    def _do(self, action: vtpm_audit.Action, keymgr: Any,
+            contexts: Mapping[str, RequestContext]) -> str:
+        backend = self.backend
+        if action.kind == vtpm_audit.RECOVER:
+            return self._recover(action, contexts)
+        if action.kind == vtpm_audit.REMOVE_COPY:
+            return "done" if self.store.delete(action.target) else "already gone"
+        if action.kind == vtpm_audit.UNDEFINE_SECRET:
+            return "done" if backend.undefine_libvirt_secret(action.target) else "already gone"
+        if action.kind in (vtpm_audit.REMOVE_STATE, vtpm_audit.DELETE_BARBICAN) and (
+                action.instance_uuid and backend.domain_exists(action.instance_uuid)):
+            return "skipped: a domain of that UUID exists now"
+        if action.kind == vtpm_audit.REMOVE_STATE:
+            gone = backend.remove_state_dir(action.instance_uuid)
+            return "done" if gone else "already gone"
+        context = contexts[action.mode or spec.SECRET_USER]
+        if action.kind == vtpm_audit.DELETE_BARBICAN:
+            gone = keymgr.delete_secret(context, action.target, action.mode)
+            return "done" if gone else "already gone"
+        keymgr.set_owner_only_acl(context, action.target, action.user_id, action.mode)
+        return "done"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a lock holder file outlives a killed holder)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
