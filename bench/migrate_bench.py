@@ -2,14 +2,17 @@
 
 In ONE run, on host-a and host-b of ``tools/test-hosts.sh``: a running server
 with a vTPM (``user`` mode, the owner's credentials: the passphrase is read
-from Barbican once per move) and the same server without one are each
-live-migrated A->B->A ``runs`` times, and cold-migrated A->B (then reverted)
-``runs`` times. Each time is the whole ``ServerService.migrate`` call (checks,
-passphrase, libvirt's migration, secret clean-up). The ratio vTPM / no vTPM
-and the vTPM's share ((vTPM - plain) / vTPM) come from the medians of the same
-run, so they hold on a slow machine. Targets: :mod:`bench.targets`.
+from Barbican once per move) and the same server without one are live-migrated
+A->B->A ``runs`` times through ``ServerService.migrate`` (one shared, warm
+``HostSet``), interleaved with raw-libvirt copies of the same guest (with and
+without ``<tpm>``) moved by a bare ``migrateToURI3`` with the same flags: the
+floor no driver code can beat. Then ``runs`` cold migrations (+ revert) each.
+Reported: medians, vTPM/no-TPM ratios and the vTPM's share, the driver's own
+time outside libvirt's migration, and ours against the floor. Targets:
+:mod:`bench.targets`; reading it: ``bench/README.md``.
 
-``python -m bench.migrate_bench [RUNS]`` prints the section as JSON.
+``python -m bench.migrate_bench [RUNS] [--fresh-hosts]`` prints the section as
+JSON (``--fresh-hosts``: a new ``HostSet`` per call, as one CLI command each).
 """
 
 from __future__ import annotations
