@@ -244,39 +244,43 @@ class ServerService(OffHostActions, AuditActions):
         policy.check_project(context, instance, verb)
         return context, instance
 
+    def _power(self, name_or_uuid: str, verb: str, doing: str,
+               call: Callable[[Any, RequestContext, Any], None], detail: str = "") -> None:
+        """One power action: the server (the caller may act on it), ``call(driver,
+        context, instance)`` under a progress line, then its off-host copy kept in
+        step: a stop or suspend may refresh it, anything that starts it makes it stale."""
+        context, instance = self._target(name_or_uuid, verb)
+        with self._progress(f"{doing} server {instance.name}{detail}"):
+            call(self.backend.driver, context, instance)
+        if verb in ("stop", "suspend"):
+            self.after_event(instance, verb)
+        else:
+            self.after_start(instance)
+
     def reboot(self, name_or_uuid: str, hard: bool = False) -> None:
         """Soft (guest) or hard (power cycle; unlocks the vTPM again) reboot."""
-        context, instance = self._target(name_or_uuid, "reboot")
         kind = "HARD" if hard else "SOFT"
-        with self._progress(f"Rebooting server {instance.name} ({kind.lower()})"):
-            self.backend.driver.reboot(context, instance, None, kind)
-        self.after_start(instance)
+        self._power(name_or_uuid, "reboot", "Rebooting",
+                    lambda drv, ctx, inst: drv.reboot(ctx, inst, None, kind),
+                    f" ({kind.lower()})")
 
     def stop(self, name_or_uuid: str, timeout: int) -> None:
         """Ask the guest to shut down, power off after ``timeout`` s (0: at once)."""
-        _context, instance = self._target(name_or_uuid, "stop")
         retry = SHUTDOWN_RETRY_INTERVAL if timeout else 0
-        with self._progress(f"Stopping server {instance.name}"):
-            self.backend.driver.power_off(instance, timeout=timeout, retry_interval=retry)
-        self.after_event(instance, "stop")
+        self._power(name_or_uuid, "stop", "Stopping", lambda drv, _ctx, inst: drv.power_off(
+            inst, timeout=timeout, retry_interval=retry))
 
     def start(self, name_or_uuid: str) -> None:
-        context, instance = self._target(name_or_uuid, "start")
-        with self._progress(f"Starting server {instance.name}"):
-            self.backend.driver.power_on(context, instance, None)
-        self.after_start(instance)
+        self._power(name_or_uuid, "start", "Starting",
+                    lambda drv, ctx, inst: drv.power_on(ctx, inst, None))
 
     def suspend(self, name_or_uuid: str) -> None:
-        context, instance = self._target(name_or_uuid, "suspend")
-        with self._progress(f"Suspending server {instance.name}"):
-            self.backend.driver.suspend(context, instance)
-        self.after_event(instance, "suspend")
+        self._power(name_or_uuid, "suspend", "Suspending",
+                    lambda drv, ctx, inst: drv.suspend(ctx, inst))
 
     def resume(self, name_or_uuid: str) -> None:
-        context, instance = self._target(name_or_uuid, "resume")
-        with self._progress(f"Resuming server {instance.name}"):
-            self.backend.driver.resume(context, instance, None)
-        self.after_start(instance)
+        self._power(name_or_uuid, "resume", "Resuming",
+                    lambda drv, ctx, inst: drv.resume(ctx, inst, None))
 
     def delete(self, name_or_uuid: str) -> None:
         """Domain, swtpm state, libvirt secret, Barbican secret and off-host copy.

@@ -173,38 +173,54 @@ class Guests:
         directory = os.path.realpath(self.conf.vtpm.console_log_dir)
         return os.path.dirname(os.path.realpath(path)) == directory
 
+    def _unlink_own_console_log(self, instance: Any) -> OSError | None:
+        """Remove the console log if it is ours; the error that kept it, else None."""
+        if not self.owns_console_log(instance):
+            return None  # a file the user chose: theirs to keep
+        try:
+            os.unlink(instance.console_log)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return exc
+        return None
+
     def _reset_console(self, instance: Any) -> None:
         """Start each boot with an empty console log, if the log is ours.
 
         A file the user chose is never removed or truncated (issue 13 item 4):
         the console is appended to it (``append='on'``,
         :func:`vtpm_driver.virt.domain.guest_xml`).
+
+        :raises VirtError: our log exists and cannot be removed.
         """
-        if not self.owns_console_log(instance):
-            return
-        path = instance.console_log
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
+        exc = self._unlink_own_console_log(instance)
+        if exc is not None:
             raise exception.VirtError(
-                f"cannot remove old console log {path!r} of server "
+                f"cannot remove old console log {instance.console_log!r} of server "
                 f"{policy.server_label(instance)}: {exc.strerror}"
             ) from None
 
     def remove_own_console_log(self, instance: Any) -> None:
         """Delete the console log if it is in ``[vtpm] console_log_dir`` (ours); idempotent."""
-        if not self.owns_console_log(instance):
-            return  # a file the user chose: theirs to keep
-        path = instance.console_log
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            LOG.warning("Could not remove console log %s: %s", path, exc.strerror,
-                        instance_uuid=instance.uuid)
+        exc = self._unlink_own_console_log(instance)
+        if exc is not None:
+            LOG.warning("Could not remove console log %s: %s", instance.console_log,
+                        exc.strerror, instance_uuid=instance.uuid)
+
+    def check_no_domain(self, instance: Any, refused: str) -> None:
+        """Refuse to bring ``instance`` here while a domain of its UUID or name is here.
+
+        :raises InstanceExists: ``refused`` (e.g. "cannot move server X to host
+            'h2'") and the clashing name or UUID.
+        """
+        for key in (instance.uuid, instance.name):
+            try:
+                guest.lookup(self.conn, key)
+            except exception.InstanceNotFound:
+                continue
+            raise exception.InstanceExists(
+                f"{refused}: a domain named or numbered {key!r} is there already")
 
     # -- starting -------------------------------------------------------------
 

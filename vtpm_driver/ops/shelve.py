@@ -131,14 +131,9 @@ class OffHostOps:
     # -- restore on a host (unshelve, evacuate) ----------------------------------------
 
     def _check_free(self, site: Site, instance: Any) -> None:
-        for key in (instance.uuid, instance.name):
-            try:
-                guest.lookup(site.guests.conn, key)
-            except exception.InstanceNotFound:
-                continue
-            raise exception.InstanceExists(
-                f"cannot bring server {policy.server_label(instance)} to host {site.name!r}: "
-                f"a domain named or numbered {key!r} is there already")
+        site.guests.check_no_domain(
+            instance, f"cannot bring server {policy.server_label(instance)} to host "
+            f"{site.name!r}")
         if site.state_dir(instance.uuid).exists():
             raise exception.VTPMError(
                 f"cannot bring server {policy.server_label(instance)} to host {site.name!r}: "
