@@ -31,6 +31,8 @@ from vtpm_driver.guestreport import parse_vtpm_results, results_since
 
 AIO_DIR = Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
 AIO_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "openstack-aio.sh"
+# Live migration through Nova below its API's vTPM secret-mode check (see that script).
+BELOW_API_SCRIPT = AIO_SCRIPT.parent / "aio" / "live_migrate_below_api.py"
 # What tools/aio/cloud.py uploads.
 GUEST_IMAGE = "vtpm-guest"
 GUEST_KERNEL = "vtpm-guest-kernel"
@@ -112,6 +114,22 @@ class AioCloud:
     def json(self, cloud: str, *args: str, timeout: float = CLI_TIMEOUT) -> Any:
         """``-f json`` output of a command that must succeed."""
         return json.loads(self.cli(cloud, *args, "-f", "json", timeout=timeout))
+
+    def live_migrate_below_api(
+        self, cloud: str, server_id: str, host: str | None = None,
+        timeout: float = SERVER_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        """``tools/aio/live_migrate_below_api.py`` as ``cloud`` (any exit code): Nova's
+        ``API().live_migrate`` with only the vTPM secret-mode check of Nova's API lifted;
+        returns once the conductor has started the migration (or refused it)."""
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("OS_") and k != "PYTHONPATH"
+        }
+        env.update(VTPM_AIO_DIR=str(self.aio_dir), PYTHONWARNINGS="ignore")
+        args = [str(self.aio_dir / "venv" / "bin" / "python"), str(BELOW_API_SCRIPT),
+                "--cloud", cloud, *(["--host", host] if host else []), server_id]
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
+                              check=False)
 
     # --- servers ------------------------------------------------------------------------
 

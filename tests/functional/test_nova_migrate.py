@@ -10,6 +10,13 @@ in the shared ``instances_path``) shows ``VTPM_RESULT ... ek=... boot=... seq=``
 every 3 s (image ``vtpm-guest-reporting``); a live migration keeps the boot id,
 a cold one boots again. The source keeps nothing: no libvirt secret, no
 ``swtpm/<uuid>`` state directory.
+
+Live migration of ``user`` and ``deployment`` mode servers: Nova's API refuses
+it (``reject_legacy_vtpm_live_migration``, HTTP 400) before any compute is
+asked, so those tests go through ``tools/aio/live_migrate_below_api.py``: Nova's
+``API().live_migrate`` with the owner's (or a non-owner's) real token and ONLY
+that API check's secret-mode read patched; conductor, scheduler, both
+nova-computes and the shim run for real (see that script's docstring).
 """
 
 from __future__ import annotations
@@ -191,3 +198,63 @@ def test_ten_overlapping_creates_and_deletes(aio_cloud: AioCloud,  # noqa: F811
         else:
             server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
             assert server["status"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("mode", ["user", "deployment"])
+def test_live_migration_below_the_api_check_keeps_the_running_tpm(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker,  # noqa: F811
+        mode: str) -> None:
+    """The owner live-migrates a user/deployment-mode server once Nova's API check allows it.
+
+    The destination reads the passphrase from Barbican (owner's token in user
+    mode, Nova's service user in deployment mode), gives swtpm an ephemeral
+    secret and removes it once the guest runs: no libvirt secret on either host.
+    """
+    server_id, source = create_on_test_host(aio_resources, mode)
+    before = latest_report(aio_cloud, server_id)
+    # Through the REST API Nova refuses it before any compute is asked.
+    refused = aio_cloud.run("owner", "server", "migrate", "--live-migration", server_id)
+    assert refused.returncode != 0
+    assert "vTPM" in refused.stderr, refused.stderr
+    assert aio_cloud.wait_server("owner", server_id, "ACTIVE")
+
+    proc = aio_cloud.live_migrate_below_api("owner", server_id)
+    assert proc.returncode == 0, proc.stderr
+
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    dest = aio_cloud.server("admin", server_id)[HOST_ATTR]
+    assert dest == other(source)
+    after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
+                          boot=before["boot"])
+    assert after["ek"] == before["ek"]          # same TPM
+    assert after["boot"] == before["boot"]      # same boot: no reboot
+    assert_runs_on(dest, server_id)
+    assert_nothing_on(source, server_id)
+    assert server_id not in virsh(dest, "secret-list")  # the ephemeral secret is gone
+
+
+def test_live_migration_of_a_user_mode_server_by_a_non_owner_is_refused(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
+        ) -> None:
+    """An admin (allowed by Nova's policy, not the owner) cannot move a user-mode server.
+
+    The source's pre-check refuses it (only the owner can hand over the
+    passphrase): the server stays ACTIVE on its host, the guest keeps running
+    the same boot, nothing reaches the destination.
+    """
+    server_id, source = create_on_test_host(aio_resources, "user")
+    before = latest_report(aio_cloud, server_id)
+
+    proc = aio_cloud.live_migrate_below_api("admin", server_id, host=other(source))
+
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "MigrationPreCheckError" in proc.stderr, proc.stderr
+    assert "only its owner" in proc.stderr, proc.stderr
+    server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    assert server["status"] == "ACTIVE"
+    assert aio_cloud.server("admin", server_id)[HOST_ATTR] == source
+    after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
+                          boot=before["boot"])
+    assert after["ek"] == before["ek"]
+    assert_runs_on(source, server_id)
+    assert_nothing_on(other(source), server_id)
