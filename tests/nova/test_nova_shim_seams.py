@@ -146,14 +146,13 @@ class _RecordingHost:
     def __init__(self) -> None:
         self.created: list[tuple[tuple, dict]] = []
         self.secret = mock.Mock()
-        self.secret.UUIDString.return_value = "unused"
 
     def create_secret(self, *args: Any, **kwargs: Any) -> Any:
         self.created.append((args, kwargs))
         return self.secret
 
     def find_secret(self, usage_type: str, usage_id: str) -> Any:
-        return None
+        return self.secret if self.created and not self.secret.undefine.called else None
 
 
 @pytest.mark.parametrize(("persistent", "extra"), [
@@ -162,22 +161,27 @@ def test_secrets_are_defined_as_novas_driver_defines_them(persistent, extra):
     host = _RecordingHost()
     store = shim_host.NovaSecretStore(host)
     secret_uuid, instance_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+    host.secret.UUIDString.return_value = secret_uuid
     store.define(secret_uuid, instance_uuid, PASSPHRASE, persistent=persistent)
     assert host.created == [(("vtpm", instance_uuid),
                              {"password": PASSPHRASE.encode(), "uuid": secret_uuid, **extra})]
     assert store.libvirt_secret(secret_uuid) is host.secret
-    assert store.undefine(secret_uuid) is True  # the very object Host created
+    assert store.undefine(secret_uuid) is True
     host.secret.undefine.assert_called_once_with()
     assert store.undefine(secret_uuid) is False
     assert store.libvirt_secret(secret_uuid) is None
 
 
-def test_undefining_a_secret_gone_elsewhere_is_not_an_error(drv):
+def test_undefining_a_secret_gone_or_replaced_elsewhere_leaves_it_alone(drv):
     instance = make_instance()
-    secret_uuid = str(uuid.uuid4())
+    secret_uuid, other = str(uuid.uuid4()), str(uuid.uuid4())
     drv.vtpm_secrets.define(secret_uuid, instance.uuid, PASSPHRASE, persistent=False)
-    drv.conn.secrets.clear()  # undefined behind the store's back
+    drv.conn.secrets.clear()  # undefined behind the store's back ...
+    drv.conn.secretDefineXML(  # ... and another one defined for the same server
+        f"<secret ephemeral='yes' private='yes'><uuid>{other}</uuid>"
+        f"<usage type='vtpm'><name>{instance.uuid}</name></usage></secret>")
     assert drv.vtpm_secrets.undefine(secret_uuid) is False
+    assert list(drv.conn.secrets) == [other]
 
 
 def test_host_mode_hands_nova_the_libvirt_secret_other_modes_our_handle(drv):

@@ -53,10 +53,10 @@ def libvirt_errors(what: str) -> Iterator[None]:
 class NovaSecretStore:
     """The host's libvirt ``vtpm`` secrets through Nova's ``Host`` (usage = instance UUID).
 
-    ``Host`` finds secrets by usage only; the store remembers the secret
-    object it found or defined for each secret UUID, so :meth:`undefine` (by
-    secret UUID, the core's interface) acts on that very object, and
-    :meth:`libvirt_secret` can hand it to Nova. Secrets are defined exactly as
+    ``Host`` finds secrets by usage only; the store remembers which instance
+    each secret it found or defined serves, so :meth:`undefine` (by secret
+    UUID, the core's interface) can find it again, and the object
+    ``Host`` returned, which :meth:`libvirt_secret` hands to Nova. Secrets are defined exactly as
     Nova's driver defines them (``Host.create_secret``: private and ephemeral
     by default for ``vtpm``, neither when ``persistent``); values never leave
     :meth:`define` (``Host.create_secret`` sets them with ``setValue``).
@@ -100,18 +100,19 @@ class NovaSecretStore:
         return None if known is None else known[1]
 
     def undefine(self, secret_uuid: str) -> bool:
-        """Undefine it; True if it existed. Idempotent."""
+        """Undefine it; True if it existed. Idempotent.
+
+        Looked up again by usage first (a remembered object may be stale: Nova
+        or another host's service may have undefined or replaced it).
+        """
         known = self._known.pop(secret_uuid, None)
         if known is None:
             return False
-        secret = known[1]
         with libvirt_errors(f"undefine vTPM secret {secret_uuid}"):
-            try:
-                secret.undefine()
-            except nova_host.libvirt.libvirtError as exc:
-                if exc.get_error_code() == nova_host.libvirt.VIR_ERR_NO_SECRET:
-                    return False  # already gone (undefined elsewhere)
-                raise
+            found = self._host.find_secret(USAGE_TYPE, known[0])
+            if found is None or str(found.UUIDString()) != secret_uuid:
+                return False
+            found.undefine()
         return True
 
 
