@@ -314,14 +314,23 @@ def _domain_label(dom: libvirt.virDomain) -> str:
 def record_from_domain(dom: libvirt.virDomain) -> objects.Instance | None:
     """The server a defined domain records, or None when it has no record (not ours).
 
-    Reads the live record of a running domain and the persistent one otherwise
-    (``VIR_DOMAIN_AFFECT_CURRENT``).
+    Reads the persistent record (``VIR_DOMAIN_AFFECT_CONFIG``): every write
+    (:func:`update_domain_record`) goes there, while a running guest's live
+    record can be older — a guest resumed from a managed save carries the XML
+    of its save image, without the journal entry written just before the
+    resume. A transient domain (no persistent config) is read live.
 
     :raises InstanceNotFound: the domain is gone.
     :raises VirtError: the record is malformed or libvirt refused.
     """
     try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, 0)
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS,
+                               libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, 0)  # transient
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             return None

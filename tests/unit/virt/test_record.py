@@ -230,3 +230,50 @@ def test_record_round_trips_any_strings(
     xml = record.set_server_record(_guest(), server)
     assert record.get_server_record(xml) == server
     assert record.parse_record_xml(record.record_xml(server, qualified=False)) == server
+
+
+class _ResumedDomain:
+    """A running guest resumed from a managed save: its live record is the save
+    image's (older), its persistent record the latest write."""
+
+    def __init__(self, live: str, config: str | None, transient: bool = False) -> None:
+        self.live, self.config, self.transient = live, config, transient
+        self.asked: list[int] = []
+
+    def name(self) -> str:
+        return "vm"
+
+    def metadata(self, kind: int, uri: str, flags: int) -> str:
+        import libvirt
+
+        self.asked.append(flags)
+        if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
+            if self.transient:
+                err = libvirt.libvirtError("transient domain has no persistent config")
+                err.err = (libvirt.VIR_ERR_OPERATION_INVALID, 0, "", 0, "", None, None, 0, 0)
+                raise err
+            return self.config
+        return self.live
+
+
+def _with_intent(intent: str | None) -> str:
+    inst = objects.Instance(name="vm", uuid="0b5c1f7e-9a61-4c6d-9d8e-6a1f0c1d2e3f",
+                            user_id="u", project_id="p")
+    if intent:
+        inst.system_metadata["vtpm_intent"] = intent
+    return record.record_xml(inst)
+
+
+def test_record_is_read_from_the_persistent_config_not_a_resumed_live_one():
+    """A journal entry written just before a resume is seen by the next operation
+    (issue 13 fault row resume@launch.started: the live XML of a guest restored
+    from its save image lacks it)."""
+    dom = _ResumedDomain(live=_with_intent(None), config=_with_intent('{"op": "start"}'))
+    server = record.record_from_domain(dom)
+    assert server.system_metadata.get("vtpm_intent") == '{"op": "start"}'
+
+
+def test_record_of_a_transient_domain_is_read_live():
+    dom = _ResumedDomain(live=_with_intent('{"op": "x"}'), config=None, transient=True)
+    assert record.record_from_domain(dom).system_metadata["vtpm_intent"] == '{"op": "x"}'
+    assert len(dom.asked) == 2
