@@ -131,6 +131,23 @@ def test_an_inherited_static_method_patched_by_name_stays_static(drv):
     assert isinstance(vars(VTPMLibvirtDriver)["_create_ephemeral"], staticmethod)
 
 
+def test_copies_made_while_the_parent_is_patched_do_not_keep_the_patch():
+    class Parent:
+        @staticmethod
+        def make(target, size):
+            return ("real", target, size)
+
+    with mock.patch.object(Parent, "make", autospec=True) as patched:
+        @seams.own_static_methods
+        class Child(Parent):
+            pass
+
+        Child.make(target="t", size=1)
+        patched.assert_called_once_with(target="t", size=1)
+    assert Child.make("t", 2) == ("real", "t", 2)
+    mock.create_autospec(Child.make)  # as Nova's LibvirtImageBackendFixture does
+
+
 def test_a_patch_of_novas_static_method_is_still_seen_through_ours(drv):
     """Patched on Nova's class (Nova's fixtures when the name is Nova's): inherited as before."""
     name = "nova.virt.libvirt.driver.LibvirtDriver._get_fs_label_ephemeral"

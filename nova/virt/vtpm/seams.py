@@ -24,7 +24,6 @@ Scope and safety:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 from typing import Any
@@ -100,10 +99,19 @@ def own_static_methods(cls: type) -> type:
 
 
 def _inherited(parent: type, name: str, original: Any) -> Any:
-    @functools.wraps(original)
+    """A function calling ``parent.<name>`` with ``original``'s name and signature.
+
+    Only the signature is copied (not ``functools.wraps``' ``__wrapped__`` and
+    ``__dict__``): ``original`` may itself be a test's autospec mock when the
+    shim is imported while Nova's method is patched.
+    """
+
     def call(*args: Any, **kwargs: Any) -> Any:
         return getattr(parent, name)(*args, **kwargs)
 
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = getattr(original, "__doc__", None)
+    call.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
     return call
 
 
