@@ -30,8 +30,7 @@ from vtpm_driver import exception, policy, spec
 from vtpm_driver import keymgr_client as client_mod
 from vtpm_driver.keymgr_errors import error_for_status, keystone_errors
 
-__all__ = ["SYSMETA_KEY", "KeyManager", "KeyManagerAPI", "error_for_status",
-           "secret_security_of"]
+__all__ = ["SYSMETA_KEY", "KeyManager", "KeyManagerAPI", "error_for_status"]
 
 LOG = logging.getLogger(__name__)
 
@@ -99,17 +98,6 @@ def secret_uuid_from_ref(secret_ref: object) -> str | None:
     if not isinstance(secret_ref, str):
         return None
     return as_uuid(secret_ref.rstrip("/").rsplit("/", 1)[-1])
-
-
-def secret_security_of(instance: Any) -> str:
-    """The instance's secret security mode, from its flavor only (SPEC A5).
-
-    Thin alias of :func:`vtpm_driver.policy.secret_security` (strict), kept
-    for callers of this module.
-
-    :raises InvalidVTPMConfig: the flavor names an unknown mode.
-    """
-    return policy.secret_security(getattr(instance, "flavor", None), strict=True)
 
 
 def check_payload(content_type: str | None, body: bytes, secret_uuid: str) -> str:
@@ -306,7 +294,7 @@ class KeyManager:
     def _mode(secret_security: str | None, instance: Any) -> str:
         if secret_security:
             return policy.check_mode(secret_security)
-        return secret_security_of(instance)
+        return policy.secret_security(getattr(instance, "flavor", None), strict=True)
 
     @staticmethod
     def _recorded_uuid(instance: Any) -> str | None:

@@ -30,7 +30,7 @@ from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, keymgr_errors, objects
+from vtpm_driver import exception, keymgr, keymgr_errors, objects, policy
 from vtpm_driver.context import RequestContext
 
 OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
@@ -398,17 +398,17 @@ def test_bad_mode_is_typed(value: object) -> None:
     inst = server()
     inst.flavor.extra_specs["hw:tpm_secret_security"] = value
     with pytest.raises(exception.InvalidVTPMConfig, match="hw:tpm_secret_security"):
-        keymgr.secret_security_of(inst)
+        policy.secret_security(inst.flavor)
 
 
 def test_mode_defaults_to_user() -> None:
-    assert keymgr.secret_security_of(server()) == "user"
-    assert keymgr.secret_security_of(object()) == "user"
-    assert keymgr.secret_security_of(server("deployment")) == "deployment"
+    assert policy.secret_security(server().flavor) == "user"
+    assert policy.secret_security(getattr(object(), "flavor", None)) == "user"
+    assert policy.secret_security(server("deployment").flavor) == "deployment"
     # SPEC A2: an empty string counts as unset (policy.secret_security decides).
     blank = server()
     blank.flavor.extra_specs["hw:tpm_secret_security"] = ""
-    assert keymgr.secret_security_of(blank) == "user"
+    assert policy.secret_security(blank.flavor) == "user"
 
 
 # -- user mode over HTTP --------------------------------------------------------------
