@@ -439,6 +439,35 @@ def test_spawn_creates_the_secret_once_and_the_start_reuses_it(drv, ctx, log, mo
     assert drv._vtpm_starts == {}
 
 
+def test_failed_spawn_deletes_the_secret_it_created(drv, ctx, keymgr, log, monkeypatch):
+    """Issue 13 item 9: a spawn that fails after the secret was made leaves no
+    passphrase in the key manager and no UUID in system_metadata."""
+    instance = make_instance()
+
+    def nova_spawn(self, context, instance, image_meta, *args, **kwargs):
+        assert instance.system_metadata.get("vtpm_secret_uuid")
+        raise nova_exception.InstanceNotFound(instance_id=instance.uuid)
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", nova_spawn)
+    with pytest.raises(nova_exception.InstanceNotFound):
+        drv.spawn(ctx, instance, make_image(), [], None, {})
+    assert operations(log) == ["create", "delete"]
+    assert "vtpm_secret_uuid" not in instance.system_metadata
+    assert drv._vtpm_starts == {}
+
+
+def test_failed_start_of_a_recorded_secret_keeps_it(drv, ctx, keymgr, log, monkeypatch):
+    instance = make_instance()
+    keymgr.create_vtpm_secret(ctx, instance, "user")
+    log.clear()
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        drv._hard_reboot(ctx, instance, None, None)
+    assert "delete" not in operations(log)
+    assert instance.system_metadata.get("vtpm_secret_uuid")
+
+
 def test_spawn_refused_by_barbican_is_novas_forbidden_before_anything(
         drv, ctx, keymgr, conn, monkeypatch):
     keymgr.fail = exception.VTPMSecretForbidden("Barbican refused to create (HTTP 403)")

@@ -267,8 +267,35 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._vtpm_starts[instance.uuid] = start
         try:
             yield
+        except BaseException:
+            if start.created:
+                self._vtpm_undo_created(context, instance, start)
+            raise
         finally:
             self._vtpm_starts.pop(instance.uuid, None)
+
+    def _vtpm_undo_created(self, context: Any, instance: Any,
+                           start: ops_secrets.StartSecret) -> None:
+        """A spawn (or a resize adding a vTPM) that failed deletes the secret it made.
+
+        Nova may reschedule, put the server in ERROR or leave it in BUILD
+        until it is deleted; either way the next attempt creates its own
+        secret, and this one would be left in Barbican with no server
+        (issue 13 item 9). Best effort: a failure is logged with the secret's
+        UUID (``vtpm-driver audit`` lists it) and the original error wins.
+        """
+        try:
+            with translate.nova_errors():
+                ops_secrets.delete_barbican_secret(context, instance, instance.flavor,
+                                                   self.vtpm_key_manager)
+            instance.system_metadata.pop(policy.SYSMETA_KEY, None)
+            instance.save()
+        except Exception as exc:  # the operation's own error is the one to report
+            LOG.error("Could not delete vTPM secret %s created by the failed operation: %s",
+                      start.secret_uuid, exc, instance=instance)
+        else:
+            LOG.info("Deleted vTPM secret %s created by the failed operation",
+                     start.secret_uuid, instance=instance)
 
     def spawn(self, context: Any, instance: Any, image_meta: Any, *args: Any,
               **kwargs: Any) -> None:
