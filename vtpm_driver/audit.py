@@ -28,9 +28,8 @@ under the server lock) before anything else.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os.path
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vtpm_driver import exception, policy, spec
@@ -304,162 +303,6 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
     return tuple(sorted(found, key=lambda h: (h.name, h.instance_uuid)))
 
 
-# --------------------------------------------------------------------------- repair
-
-UNDEFINE_SECRET = "undefine_libvirt_secret"
-REMOVE_STATE = "remove_state_dir"
-DELETE_BARBICAN = "delete_barbican_secret"
-FIX_ACL = "set_owner_only_acl"
-RECOVER = "finish_or_roll_back"
-#: Barbican orphans younger than this (seconds) are left alone by default: a
-#: create in another process may have made the secret and not yet its domain.
-DEFAULT_MIN_AGE = 600.0
-_EPHEMERAL_MODES = (spec.SECRET_USER, spec.SECRET_DEPLOYMENT)
-
-
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """One thing ``audit --repair`` does.
-
-    ``target`` is a secret UUID (libvirt, Barbican) or a state directory path;
-    ``mode`` the secret security mode a Barbican secret was listed in;
-    ``user_id`` the one user an owner-only ACL names (None: nobody but the creator).
-    """
-
-    kind: str
-    target: str
-    instance_uuid: str | None
-    reason: str
-    mode: str | None = None
-    user_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-    """Something the audit reported that the repair leaves alone, and why."""
-
-    target: str
-    instance_uuid: str | None
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class RepairPlan:
-    actions: tuple[Action, ...]
-    skipped: tuple[Skipped, ...]
-
-
-def age_seconds(created: str | None, now: float) -> float | None:
-    """Seconds since Barbican's ``created`` (ISO 8601, naive = UTC); None if unreadable."""
-    if not created:
-        return None
-    try:
-        when = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return now - when.timestamp()
-
-
-def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
-                     min_age: float, hosts_unchecked: Sequence[str]) -> Action | Skipped:
-    """Delete a Barbican orphan only if it is ours by name, its server is gone, and it is old."""
-    def skip(why: str) -> Skipped:
-        return Skipped(orphan.id, orphan.instance_uuid, why)
-
-    if item is None or orphan.instance_uuid is None:
-        return skip("not named 'vTPM secret for instance <uuid>': not created by vtpm-driver")
-    if not orphan.reason.startswith("no server "):
-        return skip(f"kept: {orphan.reason} (its server exists; check its record by hand)")
-    if hosts_unchecked:
-        return skip("kept: its server may live on a host that could not be checked "
-                    f"({', '.join(hosts_unchecked)})")
-    if min_age > 0:
-        age = age_seconds(item.created, now)
-        if age is None:
-            return skip("kept: Barbican gave no readable creation time")
-        if age < min_age:
-            return skip(f"kept: created {age:.0f} s ago (less than --min-age {min_age:.0f} s); "
-                        "a create may still be under way")
-    return Action(DELETE_BARBICAN, orphan.id, orphan.instance_uuid,
-                  f"delete Barbican secret: {orphan.reason}", mode=item.mode)
-
-
-def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
-         hosts_unchecked: Sequence[str] = (), only: Iterable[str] | None = None
-         ) -> RepairPlan:
-    """What ``audit --repair`` does about ``report``: a pure function of the findings.
-
-    * orphaned libvirt vtpm secrets, and ``user``/``deployment`` secrets left
-      defined after a start: undefined (no starting guest needs them);
-    * orphaned state directories (only ``<base>/<uuid>`` with no domain): removed;
-    * Barbican secrets named for a server that exists nowhere checked, older
-      than ``min_age`` seconds: deleted; any other Barbican orphan is kept;
-    * project-readable vTPM secrets that are not being deleted: owner-only ACL;
-    * first of all, half-done operations: finished or rolled back by the
-      driver (``VTPMDriver.recover``, which takes the server lock: one still
-      running is waited for, then has nothing left to do).
-
-    ``hosts_unchecked`` names other hosts whose servers could not be listed
-    (then no Barbican secret is deleted); ``only`` limits the plan to what
-    names these instance UUIDs. Nothing else is ever planned.
-    """
-    if only is not None:
-        return _limited(plan(report, now=now, min_age=min_age,
-                             hosts_unchecked=hosts_unchecked), only)
-    actions: list[Action] = [
-        Action(RECOVER, entry.instance_uuid, entry.instance_uuid,
-               f"{entry.action} the interrupted {entry.operation} (at step {entry.step!r}, "
-               f"pid {entry.pid}): {entry.reason}")
-        for entry in report.half_done]
-    skipped: list[Skipped] = []
-    for orphan in report.orphans_of(LIBVIRT_SECRET):
-        actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
-                              f"undefine libvirt secret: {orphan.reason}"))
-    for finding in report.servers:
-        if (finding.secret_security in _EPHEMERAL_MODES and finding.defined_secret
-                and finding.defined_secret == _canonical(finding.secret_uuid)):
-            actions.append(Action(
-                UNDEFINE_SECRET, finding.defined_secret, _canonical(finding.uuid),
-                f"undefine libvirt secret: {finding.secret_security}-mode secret of server "
-                f"{finding.name!r} left defined after its start"))
-    for orphan in report.orphans_of(STATE_DIR):
-        actions.append(Action(REMOVE_STATE, orphan.id, orphan.instance_uuid,
-                              f"remove state directory: {orphan.reason}"))
-    by_uuid = {_canonical(b.uuid): b for b in report.barbican_secrets if b.uuid}
-    deleted = set()
-    for orphan in report.orphans_of(BARBICAN_SECRET):
-        decided = _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age,
-                                   hosts_unchecked=hosts_unchecked)
-        if isinstance(decided, Action):
-            actions.append(decided)
-            deleted.add(decided.target)
-        else:
-            skipped.append(decided)
-    servers = {_canonical(f.uuid): f for f in report.servers}
-    for item in report.readable:
-        secret_uuid = _canonical(item.uuid)
-        if secret_uuid is None or secret_uuid in deleted:
-            continue
-        server = servers.get(_canonical(item.instance_uuid))
-        owner = getattr(server.instance, "user_id", None) if server is not None else None
-        user = None if item.mode == spec.SECRET_DEPLOYMENT else (owner or item.creator)
-        actions.append(Action(FIX_ACL, secret_uuid, _canonical(item.instance_uuid),
-                              "set an owner-only ACL: the project can read it",
-                              mode=item.mode, user_id=user))
-    return RepairPlan(tuple(actions), tuple(skipped))
-
-
-def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
-    wanted = {_canonical(u) or u for u in only}
-    return RepairPlan(tuple(a for a in full.actions if a.instance_uuid in wanted),
-                      tuple(s for s in full.skipped if s.instance_uuid in wanted))
-
-
-# --------------------------------------------------------------------------- off-host copies
-
-
 def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Iterable[str],
                    *, now: float, interval: float | None) -> AuditReport:
     """``report`` with the off-host copies of no server (orphans) and the stale ones.
@@ -485,24 +328,3 @@ def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Ite
                                 f"older than {int(interval)} s"))
     return dataclasses.replace(report, orphans=report.orphans + tuple(orphans),
                                stale_copies=tuple(stale))
-
-
-REMOVE_COPY = "remove_offhost_copy"
-
-
-def plan_copies(repair: RepairPlan, report: AuditReport, hosts_unchecked: Sequence[str],
-                only: Iterable[str] | None = None) -> RepairPlan:
-    """``repair`` plus removing orphaned off-host copies, only when every host was checked."""
-    wanted = None if only is None else {_canonical(u) or u for u in only}
-    actions = list(repair.actions)
-    skipped = list(repair.skipped)
-    for orphan in report.orphans_of(OFFHOST_COPY):
-        if wanted is not None and orphan.instance_uuid not in wanted:
-            continue
-        if hosts_unchecked:
-            skipped.append(Skipped(orphan.id, orphan.instance_uuid,
-                                   f"kept: host(s) {', '.join(hosts_unchecked)} not checked"))
-            continue
-        actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
-                              f"remove off-host copy: {orphan.reason}"))
-    return RepairPlan(tuple(actions), tuple(skipped))

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, repair, spec
 from vtpm_driver.context import RequestContext
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
@@ -91,7 +91,7 @@ class AuditActions:
         return vtpm_audit.half_done(servers, facts, holders)
 
     def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float,
-                    only: Sequence[str] | None = None) -> vtpm_audit.RepairPlan:
+                    only: Sequence[str] | None = None) -> repair.RepairPlan:
         """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
         elsewhere, unchecked = self.backend.other_host_domains()
         # A shelved (or evacuable) server lives in the state store: its secret is kept.
@@ -101,12 +101,12 @@ class AuditActions:
             report = dataclasses.replace(report, orphans=tuple(
                 o for o in report.orphans
                 if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
-        full = vtpm_audit.plan(report, now=time.time(), min_age=min_age,
+        full = repair.plan(report, now=time.time(), min_age=min_age,
                                hosts_unchecked=unchecked, only=only)
-        return vtpm_audit.plan_copies(full, report, unchecked, only)
+        return repair.plan_copies(full, report, unchecked, only)
 
-    def repair(self, plan: vtpm_audit.RepairPlan, keymgr: Any,
-               contexts: Mapping[str, RequestContext]) -> list[tuple[vtpm_audit.Action, str]]:
+    def repair(self, plan: repair.RepairPlan, keymgr: Any,
+               contexts: Mapping[str, RequestContext]) -> list[tuple[repair.Action, str]]:
         """Do each action of ``plan``; returns (action, outcome) for each, never raises.
 
         Each action that names a server runs under that server's lock
@@ -130,14 +130,14 @@ class AuditActions:
             done.append((action, outcome))
         return done
 
-    def _repair_lock(self, action: vtpm_audit.Action) -> contextlib.AbstractContextManager[None]:
+    def _repair_lock(self, action: repair.Action) -> contextlib.AbstractContextManager[None]:
         """The lock of the server ``action`` names (none for a name that is no UUID)."""
         instance_uuid = vtpm_audit.canonical_uuid(action.instance_uuid)
         if instance_uuid is None:
             return contextlib.nullcontext()
         return locks.server_lock(self.conf, instance_uuid, "repair")
 
-    def _recover(self, action: vtpm_audit.Action,
+    def _recover(self, action: repair.Action,
                  contexts: Mapping[str, RequestContext]) -> str:
         """Finish or roll back the server's interrupted operation (under its lock)."""
         backend = self.backend
@@ -152,23 +152,23 @@ class AuditActions:
             return "already done: no interrupted operation now"
         return f"done: {decision.action.value}"
 
-    def _do(self, action: vtpm_audit.Action, keymgr: Any,
+    def _do(self, action: repair.Action, keymgr: Any,
             contexts: Mapping[str, RequestContext]) -> str:
         backend = self.backend
-        if action.kind == vtpm_audit.RECOVER:
+        if action.kind == repair.RECOVER:
             return self._recover(action, contexts)
-        if action.kind == vtpm_audit.REMOVE_COPY:
+        if action.kind == repair.REMOVE_COPY:
             return "done" if self.store.delete(action.target) else "already gone"
-        if action.kind == vtpm_audit.UNDEFINE_SECRET:
+        if action.kind == repair.UNDEFINE_SECRET:
             return "done" if backend.undefine_libvirt_secret(action.target) else "already gone"
-        if action.kind in (vtpm_audit.REMOVE_STATE, vtpm_audit.DELETE_BARBICAN) and (
+        if action.kind in (repair.REMOVE_STATE, repair.DELETE_BARBICAN) and (
                 action.instance_uuid and backend.domain_exists(action.instance_uuid)):
             return "skipped: a domain of that UUID exists now"
-        if action.kind == vtpm_audit.REMOVE_STATE:
+        if action.kind == repair.REMOVE_STATE:
             gone = backend.remove_state_dir(action.instance_uuid)
             return "done" if gone else "already gone"
         context = contexts[action.mode or spec.SECRET_USER]
-        if action.kind == vtpm_audit.DELETE_BARBICAN:
+        if action.kind == repair.DELETE_BARBICAN:
             gone = keymgr.delete_secret(context, action.target, action.mode)
             return "done" if gone else "already gone"
         keymgr.set_owner_only_acl(context, action.target, action.user_id, action.mode)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.service import OWNER, FakeBackend
-from vtpm_driver import audit, exception, objects, servers
+from vtpm_driver import audit, exception, objects, repair, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.ops import journal, locks
@@ -291,11 +291,11 @@ def test_plan_removes_each_orphan_kind_and_nothing_else():
         [audit.BarbicanSecret(server.vtpm_secret_uuid, "n", server.uuid, created=OLD),
          audit.BarbicanSecret(dead_barbican, "n", dead_instance, created=OLD)],
         state_dir_base="/srv/swtpm")
-    plan = audit.plan(report, now=NOW)
+    plan = repair.plan(report, now=NOW)
     assert _kinds(plan) == [
-        (audit.UNDEFINE_SECRET, gone_secret),
-        (audit.REMOVE_STATE, f"/srv/swtpm/{dead_dir}"),
-        (audit.DELETE_BARBICAN, dead_barbican),
+        (repair.UNDEFINE_SECRET, gone_secret),
+        (repair.REMOVE_STATE, f"/srv/swtpm/{dead_dir}"),
+        (repair.DELETE_BARBICAN, dead_barbican),
     ]
     assert plan.skipped == ()
 
@@ -305,9 +305,9 @@ def test_plan_undefines_an_ephemeral_secret_left_defined(mode):
     server = _server(mode=mode, secret=_uuid())
     report = audit.audit([server], [server.uuid],
                          [audit.LibvirtSecret(server.vtpm_secret_uuid, server.uuid)], [], None)
-    (action,) = audit.plan(report, now=NOW).actions
+    (action,) = repair.plan(report, now=NOW).actions
     assert (action.kind, action.target, action.instance_uuid) == (
-        audit.UNDEFINE_SECRET, server.vtpm_secret_uuid, server.uuid)
+        repair.UNDEFINE_SECRET, server.vtpm_secret_uuid, server.uuid)
     assert "left defined" in action.reason
 
 
@@ -315,7 +315,7 @@ def test_plan_keeps_a_host_mode_secret():
     server = _server(mode="host", secret=_uuid())
     report = audit.audit([server], [server.uuid], [audit.LibvirtSecret(
         server.vtpm_secret_uuid, server.uuid, False, False)], [], None)
-    assert audit.plan(report, now=NOW).actions == ()
+    assert repair.plan(report, now=NOW).actions == ()
 
 
 def test_plan_deletes_only_old_barbican_orphans_named_for_a_gone_server():
@@ -329,23 +329,23 @@ def test_plan_deletes_only_old_barbican_orphans_named_for_a_gone_server():
         audit.BarbicanSecret(other, "b", server.uuid, created=OLD),
         audit.BarbicanSecret(undated, "u", gone),
     ])
-    plan = audit.plan(report, now=NOW)
-    assert _kinds(plan) == [(audit.DELETE_BARBICAN, old)]
+    plan = repair.plan(report, now=NOW)
+    assert _kinds(plan) == [(repair.DELETE_BARBICAN, old)]
     reasons = {s.target: s.reason for s in plan.skipped}
     assert set(reasons) == {young, unnamed, other, undated}
     assert "less than --min-age" in reasons[young]
     assert "not created by vtpm-driver" in reasons[unnamed]
     assert "its server exists" in reasons[other]
     assert "no readable creation time" in reasons[undated]
-    assert sorted(_kinds(audit.plan(report, now=NOW, min_age=0))) == sorted([
-        (audit.DELETE_BARBICAN, young), (audit.DELETE_BARBICAN, old),
-        (audit.DELETE_BARBICAN, undated)])
+    assert sorted(_kinds(repair.plan(report, now=NOW, min_age=0))) == sorted([
+        (repair.DELETE_BARBICAN, young), (repair.DELETE_BARBICAN, old),
+        (repair.DELETE_BARBICAN, undated)])
 
 
 def test_plan_deletes_no_barbican_secret_while_another_host_is_unchecked():
     report = audit.audit([], [], [], [], [audit.BarbicanSecret(_uuid(), "o", _uuid(),
                                                                created=OLD)])
-    plan = audit.plan(report, now=NOW, hosts_unchecked=["host-b"])
+    plan = repair.plan(report, now=NOW, hosts_unchecked=["host-b"])
     assert plan.actions == () and "host-b" in plan.skipped[0].reason
 
 
@@ -359,7 +359,7 @@ def test_plan_sets_owner_only_acl_on_project_readable_secrets():
     ])
     assert [s.uuid for s in report.readable] == [server.vtpm_secret_uuid, service_secret]
     assert not report.clean
-    acls = [a for a in audit.plan(report, now=NOW).actions if a.kind == audit.FIX_ACL]
+    acls = [a for a in repair.plan(report, now=NOW).actions if a.kind == repair.FIX_ACL]
     assert [(a.target, a.user_id, a.mode) for a in acls] == [
         (server.vtpm_secret_uuid, "u", "user"), (service_secret, None, "deployment")]
 
@@ -368,7 +368,7 @@ def test_plan_does_not_fix_the_acl_of_a_secret_it_deletes():
     gone = _uuid()
     report = audit.audit([], [], [], [], [audit.BarbicanSecret(
         gone, "o", _uuid(), project_access=True, created=OLD)])
-    assert _kinds(audit.plan(report, now=NOW)) == [(audit.DELETE_BARBICAN, gone)]
+    assert _kinds(repair.plan(report, now=NOW)) == [(repair.DELETE_BARBICAN, gone)]
 
 
 # -- repair: the command --------------------------------------------------------------
@@ -395,9 +395,9 @@ def test_repair_dry_run_shows_the_plan_and_changes_nothing(capsys, env):
     report = json.loads(out)
     assert report["dry_run"] is True
     assert [(r["action"], r["target"], r["result"]) for r in report["repair"]] == [
-        (audit.UNDEFINE_SECRET, dead_secret, "planned"),
-        (audit.REMOVE_STATE, str(state / dead_dir), "planned"),
-        (audit.DELETE_BARBICAN, barbican_secret, "planned"),
+        (repair.UNDEFINE_SECRET, dead_secret, "planned"),
+        (repair.REMOVE_STATE, str(state / dead_dir), "planned"),
+        (repair.DELETE_BARBICAN, barbican_secret, "planned"),
     ]
     assert backend.removed == [] and keymgr.repairs == []
     assert (state / dead_dir).is_dir() and backend.secrets
@@ -524,11 +524,11 @@ def test_plan_recovers_half_done_operations_first():
     report = audit.audit([server], [server.uuid], [audit.LibvirtSecret(secret, server.uuid)],
                          [], None)
     report = dataclasses.replace(report, half_done=audit.half_done([server], {}))
-    actions = audit.plan(report, now=0, min_age=0).actions
+    actions = repair.plan(report, now=0, min_age=0).actions
     assert [(a.kind, a.target) for a in actions] == [
-        (audit.RECOVER, server.uuid), (audit.UNDEFINE_SECRET, secret)]
+        (repair.RECOVER, server.uuid), (repair.UNDEFINE_SECRET, secret)]
     assert "finish the interrupted start" in actions[0].reason
-    assert audit.plan(report, now=0, min_age=0, only=[_uuid()]).actions == ()
+    assert repair.plan(report, now=0, min_age=0, only=[_uuid()]).actions == ()
 
 
 def _recorder(backend, conf_lock_path, decision):
@@ -561,7 +561,7 @@ def test_audit_lists_half_done_and_repair_recovers_under_the_lock(capsys, env):
                       "--os-username", "alice")
     assert rc == 0
     (done,) = json.loads(out)["repair"]
-    assert (done["action"], done["result"]) == (audit.RECOVER, "done: roll back")
+    assert (done["action"], done["result"]) == (repair.RECOVER, "done: roll back")
     assert calls == [("u-owner", vm.uuid, "repair")]
     rc, out, _ = _run(capsys, env, "-f", "json", "--no-barbican")
     assert json.loads(out)["half_done_operations"] == []

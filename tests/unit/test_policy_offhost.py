@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception, policy, repair, spec
 
 USER = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="user")
 HOST = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="host")
@@ -88,8 +88,8 @@ def test_audit_reports_orphan_and_stale_copies_and_plans_removing_orphans_only()
         [c, d], now=5000, interval=3600)
     assert [o.id for o in report.orphans_of(audit.OFFHOST_COPY)] == [a]  # b is shelved
     assert sorted(o.id for o in report.stale_copies) == [c, d]
-    empty = audit.RepairPlan((), ())
-    planned = audit.plan_copies(empty, report, [])
-    assert [(x.kind, x.target) for x in planned.actions] == [(audit.REMOVE_COPY, a)]
-    assert audit.plan_copies(empty, report, ["host-b"]).actions == ()
-    assert audit.plan_copies(empty, report, [], only=[b]).actions == ()
+    empty = repair.RepairPlan((), ())
+    planned = repair.plan_copies(empty, report, [])
+    assert [(x.kind, x.target) for x in planned.actions] == [(repair.REMOVE_COPY, a)]
+    assert repair.plan_copies(empty, report, ["host-b"]).actions == ()
+    assert repair.plan_copies(empty, report, [], only=[b]).actions == ()

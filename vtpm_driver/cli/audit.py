@@ -16,7 +16,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import exception, spec
+from vtpm_driver import exception, repair, spec
 from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.context import RequestContext
 from vtpm_driver.keymgr import KeyManager
@@ -67,12 +67,12 @@ def _readable_record(item: vtpm_audit.BarbicanSecret) -> dict[str, object]:
     return {"secret_uuid": item.uuid, "instance_uuid": item.instance_uuid, "mode": item.mode}
 
 
-def _repair_records(done: Sequence[tuple[vtpm_audit.Action, str]]) -> list[dict[str, object]]:
+def _repair_records(done: Sequence[tuple[repair.Action, str]]) -> list[dict[str, object]]:
     return [{"action": a.kind, "target": a.target, "instance_uuid": a.instance_uuid,
              "result": outcome, "reason": a.reason} for a, outcome in done]
 
 
-def _skipped_records(skipped: Sequence[vtpm_audit.Skipped]) -> list[dict[str, object]]:
+def _skipped_records(skipped: Sequence[repair.Skipped]) -> list[dict[str, object]]:
     return [{"target": s.target, "instance_uuid": s.instance_uuid, "reason": s.reason}
             for s in skipped]
 
@@ -155,7 +155,7 @@ class Audit(CommandMixin, ShowOne):
                                  "ACL on project-readable vTPM secrets; nothing else")
         parser.add_argument("--dry-run", action="store_true",
                             help="With --repair: show the plan, change nothing")
-        parser.add_argument("--min-age", type=float, default=vtpm_audit.DEFAULT_MIN_AGE,
+        parser.add_argument("--min-age", type=float, default=repair.DEFAULT_MIN_AGE,
                             metavar="SECONDS",
                             help="With --repair: keep Barbican orphans younger than this "
                                  "(a create elsewhere may not have defined its server yet; "
