@@ -69,19 +69,45 @@ class OffHostOps:
 
         :raises VTPMError: the state is missing, not encrypted, or not stored.
         """
+        return self.store_state(instance, host=site.name, state_base=site.state_base,
+                                record_text=record.record_xml(instance), reason=reason,
+                                running=running, shelved=shelved)
+
+    def store_state(self, instance: Any, *, host: str | None, state_base: str,
+                    record_text: str, reason: str, running: bool,
+                    shelved: bool = False) -> CopyMeta:
+        """Store ``state_base/<uuid>`` and ``record_text`` off-host (replaces the copy).
+
+        The one place a copy is made: :meth:`take_copy` here, the Nova shim
+        with Nova's domain XML as the record.
+
+        :raises VTPMError: the state is missing, not encrypted, or not stored.
+        """
         cfg = policy.vtpm_of(instance)
-        source = site.state_dir(instance.uuid) if cfg is not None else None
+        source = state.state_dir(state_base, instance.uuid) if cfg is not None else None
         if source is not None and not source.is_dir():
             raise exception.VTPMError(
                 f"cannot copy the TPM state of server {policy.server_label(instance)}: "
-                f"{source} does not exist on host {site.name}")
+                f"{source} does not exist on host {host}")
         meta = CopyMeta(
             uuid=instance.uuid, name=instance.name, taken_at=self.now(),
-            source_host=site.name, reason=reason, server_running=running, shelved=shelved,
+            source_host=host, reason=reason, server_running=running, shelved=shelved,
             tpm_version=cfg.version if cfg else None,
             secret_security=cfg.secret_security if cfg else None,
             project_id=getattr(instance, "project_id", None))
-        return self.store.put(meta, record.record_xml(instance), source)
+        return self.store.put(meta, record_text, source)
+
+    def restored(self, instance_uuid: str, meta: CopyMeta, *, keep_copy: bool) -> None:
+        """The server runs again from ``meta``'s copy: what becomes of the copy.
+
+        A shelved copy is removed unless ``keep_copy`` (``[vtpm] state_backup``
+        is on), then it stays as the server's backup; any kept copy is marked
+        overtaken by this start. Idempotent.
+        """
+        if meta.shelved and not keep_copy:
+            self.store.delete(instance_uuid)
+        else:
+            self.store.update(instance_uuid, shelved=False, started_after=self.now())
 
     def backup(self, site: Site, instance: Any, reason: str) -> CopyMeta | None:
         """A copy of a (running or stopped) server with a vTPM; None without one."""
@@ -195,10 +221,7 @@ class OffHostOps:
             raise exception.VTPMError(f"server {instance_uuid} is not shelved")
         instance = self.stored_instance(instance_uuid)
         self.restore(context, site, instance, "unshelve")
-        if keep_copy:
-            self.store.update(instance_uuid, shelved=False, started_after=self.now())
-        else:
-            self.store.delete(instance_uuid)
+        self.restored(instance_uuid, meta, keep_copy=keep_copy)
         LOG.info("Unshelved server %s on host %s", instance.name, site.name,
                  instance_uuid=instance_uuid)
         return instance
