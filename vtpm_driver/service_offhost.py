@@ -113,8 +113,13 @@ class OffHostActions:
 
         Named servers are copied now; otherwise every vTPM server on every
         reachable host whose copy is older than ``[vtpm] state_backup_interval``.
+        Such a run (from cron) never stops at one server: a server deleted
+        meanwhile is skipped, and one whose copy fails (held past ``[vtpm]
+        lock_timeout``, its state unreadable) is logged and returned with
+        ``error`` set, the others still copied.
 
         :raises InvalidConfiguration: no server named and ``state_backup`` is not periodic.
+        :raises VTPMError: a named server could not be copied.
         """
         mode = self._backup_mode()
         if not names and mode != "periodic" and not force:
@@ -140,11 +145,24 @@ class OffHostActions:
                 if not names and not force and not policy.backup_due(
                         old.taken_at if old else None, now, interval):
                     continue
-                with self._locked(instance, "state backup"):
-                    meta = self.offhost.backup(self.site(host), instance,
-                                               "manual" if names else "periodic")
-                rows.append({"name": instance.name, "uuid": instance.uuid, "host": host,
-                             "running": meta.server_running, "size": meta.size})
+                row = {"name": instance.name, "uuid": instance.uuid, "host": host,
+                       "running": None, "size": None, "error": None}
+                try:
+                    with self._locked(instance, "state backup"):
+                        meta = self.offhost.backup(self.site(host), instance,
+                                                   "manual" if names else "periodic")
+                except exception.InstanceNotFound:
+                    if names:
+                        raise
+                    continue  # deleted since it was listed
+                except exception.VTPMError as exc:
+                    if names:
+                        raise
+                    LOG.error("Could not copy the TPM state of server %s off host %s: %s",
+                              instance.name, host, exc, instance_uuid=instance.uuid)
+                    rows.append({**row, "error": str(exc)})
+                    continue
+                rows.append({**row, "running": meta.server_running, "size": meta.size})
         return rows
 
     # -- shelve / unshelve ----------------------------------------------------------

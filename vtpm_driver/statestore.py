@@ -101,6 +101,18 @@ class StateStore(Protocol):
     def put(self, meta: CopyMeta, record: str, state_dir: Path | None) -> CopyMeta:
         """Store a complete copy (replacing the previous one atomically)."""
 
+    @staticmethod
+    def _check_encrypted(meta: CopyMeta, tmp: Path) -> CopyMeta:
+        """``meta`` with the copied state file's header. :raises VTPMError: not encrypted."""
+        inside = state.state_file("/", meta.uuid, str(meta.tpm_version)).relative_to(
+            state.state_dir("/", meta.uuid))
+        header = state.read_blob_header(tmp / STATE / inside)
+        if header is None or not header.encrypted:
+            raise exception.VTPMError(
+                f"refusing to copy the TPM state of server {meta.name!r} ({meta.uuid}) off the "
+                "host: swtpm's header does not say it is encrypted")
+        return dataclasses.replace(meta, header_flags=header.flags, encrypted=True)
+
     def get(self, instance_uuid: str) -> CopyMeta | None:
         """The copy's metadata, or None."""
 
@@ -179,20 +191,22 @@ class DirectoryStateStore:
     def put(self, meta: CopyMeta, record: str, state_dir: Path | None) -> CopyMeta:
         """Copy ``state_dir`` (a host's ``swtpm/<uuid>``) and the record in, atomically.
 
+        The encryption check reads the copied state file, not the source, so
+        what is stored is what was checked (a running swtpm may rewrite its
+        file meanwhile). A state without ``meta.tpm_version`` cannot be checked
+        and is refused too.
+
         :raises VTPMError: the state is not encrypted (never stored off-host),
             or it could not be written (the previous copy, if any, is kept).
         """
         uuid = objects.require_uuid(meta.uuid, "instance uuid")
+        meta = dataclasses.replace(meta, uuid=uuid)
         final = self.path(uuid)
         tmp = self.root / f".{uuid}.{secrets.token_hex(6)}{TMP_SUFFIX}"
-        if state_dir is not None and meta.tpm_version is not None:
-            header = state.read_blob_header(
-                state.state_file(Path(state_dir).parent, uuid, meta.tpm_version))
-            if header is None or not header.encrypted:
-                raise exception.VTPMError(
-                    f"refusing to copy the TPM state of server {meta.name!r} ({uuid}) off the "
-                    "host: swtpm's header does not say it is encrypted")
-            meta = dataclasses.replace(meta, header_flags=header.flags, encrypted=True)
+        if state_dir is not None and meta.tpm_version is None:
+            raise exception.VTPMError(
+                f"refusing to copy the TPM state of server {meta.name!r} ({uuid}) off the "
+                "host: no TPM version given, so its encryption cannot be checked")
         created = False
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -201,6 +215,7 @@ class DirectoryStateStore:
             created = True
             if state_dir is not None:
                 _copy_tree(Path(state_dir), tmp / STATE)
+                meta = self._check_encrypted(meta, tmp)
                 meta = dataclasses.replace(meta, size=_tree_size(tmp / STATE))
             _write(tmp / RECORD, record)
             _write(tmp / META, meta.to_json())
@@ -212,13 +227,27 @@ class DirectoryStateStore:
             created = False
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
+        except (OSError, exception.VTPMError) as exc:
             if created:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, exception.VTPMError):
+                raise
             raise self._fail(f"store the copy of server {meta.name!r} ({uuid})", exc) from None
         LOG.info("Stored an off-host copy of the TPM state (%s, %d bytes, from %s) in %s",
                  meta.reason, meta.size, meta.source_host, final, instance_uuid=uuid)
         return meta
+
+    @staticmethod
+    def _check_encrypted(meta: CopyMeta, tmp: Path) -> CopyMeta:
+        """``meta`` with the copied state file's header. :raises VTPMError: not encrypted."""
+        inside = state.state_file("/", meta.uuid, str(meta.tpm_version)).relative_to(
+            state.state_dir("/", meta.uuid))
+        header = state.read_blob_header(tmp / STATE / inside)
+        if header is None or not header.encrypted:
+            raise exception.VTPMError(
+                f"refusing to copy the TPM state of server {meta.name!r} ({meta.uuid}) off the "
+                "host: swtpm's header does not say it is encrypted")
+        return dataclasses.replace(meta, header_flags=header.flags, encrypted=True)
 
     def get(self, instance_uuid: str) -> CopyMeta | None:
         try:

@@ -185,7 +185,9 @@ class StateBackup(CommandMixin, Lister):
 
     With no server named ([vtpm] state_backup = periodic; run it from cron):
     every vTPM server on every reachable host whose copy is older than
-    [vtpm] state_backup_interval. Named servers are copied at once.
+    [vtpm] state_backup_interval. Named servers are copied at once. A server
+    whose copy fails is listed with its error (exit status 1); the others are
+    still copied.
     """
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
@@ -198,8 +200,14 @@ class StateBackup(CommandMixin, Lister):
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, list]:
         rows = self.app.service.backup_states(parsed_args.servers, force=parsed_args.all)
-        columns = ("name", "uuid", "host", "running", "size")
-        return columns, [tuple(row[c] for c in columns) for row in rows]
+        self.failed = any(row.get("error") for row in rows)
+        columns = ("name", "uuid", "host", "running", "size", "error")
+        return columns, [tuple(row.get(c) for c in columns) for row in rows]
+
+    def run(self, parsed_args: argparse.Namespace) -> int:
+        self.failed = False
+        rc = super().run(parsed_args)
+        return rc or (1 if self.failed else 0)
 
 
 COMMANDS = {
