@@ -36,15 +36,11 @@ from tests.nova.nova_fakes import (
     CONF,
     PASSPHRASE,
     TOKEN,
-    FakeKeyManager,
-    FakeLibvirt,
     FakeProbe,
-    Flags,
     make_flavor,
     make_image,
     make_instance,
     minimal_guest,
-    nova_ctx,
 )
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import context as vtpm_context
@@ -52,43 +48,6 @@ from vtpm_driver import exception, host, spec
 from vtpm_driver.virt import domain, secret
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def flags():
-    overrides = Flags()
-    overrides.config(group="libvirt", virt_type="qemu", swtpm_enabled=True)
-    yield overrides
-    overrides.clear()
-
-
-@pytest.fixture
-def log() -> list:
-    return []
-
-
-@pytest.fixture
-def keymgr(log) -> FakeKeyManager:
-    return FakeKeyManager(log)
-
-
-@pytest.fixture
-def conn() -> FakeLibvirt:
-    return FakeLibvirt()
-
-
-@pytest.fixture
-def drv(flags, keymgr, conn, monkeypatch):
-    driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), key_manager=keymgr,
-                               host_probe=FakeProbe())
-    monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
-    yield driver
-    seams.uninstall()
-
-
-@pytest.fixture
-def ctx():
-    return nova_ctx()
 
 
 def operations(log: list) -> list[str]:
@@ -674,43 +633,6 @@ def test_resize_that_adds_a_vtpm_creates_one_secret_before_the_start(
 # --------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize(("call", "operation"), [
-    (lambda d, c, i: d.rebuild(context=c, instance=i, image_meta=None, injected_files=[],
-                               admin_password=None, allocations={}, bdms=[],
-                               detach_block_devices=None, attach_block_devices=None),
-     "rebuild"),
-    (lambda d, c, i: d.rebuild(context=c, instance=i, image_meta=None, injected_files=[],
-                               admin_password=None, allocations={}, bdms=[],
-                               detach_block_devices=None, attach_block_devices=None,
-                               evacuate=True),
-     "evacuate"),
-    (lambda d, c, i: d.rescue(c, i, [], make_image(), "pw", None, None), "rescue"),
-    # (live migration is no longer refused: nova/virt/vtpm/migrate.py)
-])
-def test_operations_refused_for_vtpm_servers_with_novas_exception(drv, ctx, call, operation):
-    instance = make_instance(secret_uuid=str(uuid.uuid4()))
-    with pytest.raises(nova_exception.OperationNotSupportedForVTPM) as info:
-        call(drv, ctx, instance)
-    assert f"'{operation}'" in str(info.value)
-    assert instance.uuid in str(info.value)
-
-
-@pytest.mark.parametrize(("task_state", "operation"), [
-    (task_states.SHELVING, "shelve"),
-    (task_states.SHELVING_OFFLOADING, "shelveOffload"),
-])
-def test_shelving_a_vtpm_server_is_refused_before_the_guest_is_touched(
-        drv, ctx, monkeypatch, task_state, operation):
-    instance = make_instance(secret_uuid=str(uuid.uuid4()), task_state=task_state)
-    for name in ("power_off", "destroy"):
-        monkeypatch.setattr(libvirt_driver.LibvirtDriver, name,
-                            lambda *a, **k: pytest.fail("the guest was touched"))
-    call = (lambda: drv.power_off(instance)) if task_state == task_states.SHELVING else (
-        lambda: drv.destroy(ctx, instance, []))
-    with pytest.raises(nova_exception.OperationNotSupportedForVTPM, match=operation):
-        call()
-
-
 def test_operations_on_servers_without_vtpm_are_novas(drv, ctx, monkeypatch):
     instance = make_instance(make_flavor())
     with pytest.raises(NotImplementedError):  # the compute manager's default rebuild
@@ -732,8 +654,8 @@ def test_host_mode_live_migration_is_left_to_nova(drv, ctx, monkeypatch):
     assert drv.check_can_live_migrate_source(ctx, instance, None) == "nova's checks"
 
 
-def test_novas_api_turns_the_refusal_into_a_clean_400_not_a_500(drv, ctx):
-    """The same refusal raised under Nova's API error handling: HTTP 400, our message."""
+def test_novas_api_refuses_vtpm_operations_with_a_clean_400_not_a_500(ctx):
+    """Nova's API check, which the shim keeps (README.rst): HTTP 400 before any RPC."""
     import webob.exc
 
     instance = make_instance(secret_uuid=str(uuid.uuid4()))
@@ -741,7 +663,8 @@ def test_novas_api_turns_the_refusal_into_a_clean_400_not_a_500(drv, ctx):
     class Controller:
         @wsgi.expected_errors((404, 409))
         def action(self, req):
-            drv._refuse_for_vtpm(instance, "rescue")
+            compute_api.reject_vtpm_instances("rescue")(lambda self, c, i: None)(
+                None, ctx, instance)
 
     class Request:
         api_version_request = api_version_request.APIVersionRequest("2.1")
@@ -749,6 +672,3 @@ def test_novas_api_turns_the_refusal_into_a_clean_400_not_a_500(drv, ctx):
     with pytest.raises(webob.exc.HTTPBadRequest) as info:
         Controller().action(Request())
     assert instance.uuid in info.value.explanation
-    # And Nova's API refuses these operations itself before any RPC.
-    with pytest.raises(nova_exception.OperationNotSupportedForVTPM):
-        compute_api.reject_vtpm_instances("rescue")(lambda self, c, i: None)(None, ctx, instance)

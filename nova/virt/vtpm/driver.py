@@ -25,8 +25,9 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``_finish_migration_vtpm``                    Nova's state handling; an added vTPM's
                                               secret already exists
 ``cleanup``                                   ``ops.secrets.remove_libvirt_secrets``
-``rebuild``, ``rescue``, ``power_off`` and    ``policy.has_vtpm`` -> Nova's
-``destroy`` while shelving,                   ``OperationNotSupportedForVTPM``
+``power_off``, ``destroy`` while shelving,    :mod:`.offhost` (shelve, unshelve,
+``spawn`` unshelving, ``rebuild``,            evacuate, rebuild, rescue keep the
+``_undefine_domain``, ``rescue``, unrescue``  TPM; ``ops.shelve.OffHostOps``)
 ``check_can_live_migrate_source``,           :mod:`.migrate` (every secret mode;
 ``_add_vtpm_secret_to_live_migrate_data``,    ``ops.migrate`` secret steps)
 ``pre_live_migration``,
@@ -44,13 +45,14 @@ from typing import Any
 
 import nova.conf
 from nova import exception as nova_exception
-from nova.compute import instance_actions, task_states, vm_states
+from nova.compute import task_states, vm_states
 from nova.virt.libvirt import driver as libvirt_driver
 from oslo_log import log as logging
 
 from nova.virt.vtpm import host as nova_host
 from nova.virt.vtpm import keymgr as nova_keymgr
 from nova.virt.vtpm import migrate as vtpm_migrate
+from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, seams, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import policy
@@ -60,11 +62,6 @@ from vtpm_driver.ops import secrets as ops_secrets
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
 
-# What a power_off or destroy is part of, told by the task state Nova set.
-_REFUSED_TASKS = {
-    task_states.SHELVING: instance_actions.SHELVE,
-    task_states.SHELVING_OFFLOADING: instance_actions.SHELVE_OFFLOAD,
-}
 _DELETING_VM_STATES = (vm_states.DELETED, vm_states.SOFT_DELETED)
 _NOVA_DRIVER = libvirt_driver.LibvirtDriver  # the class we extend
 
@@ -79,29 +76,6 @@ def novas_check_replaced() -> bool:
     return not (inspect.isfunction(check)
                 and check.__module__ == libvirt_driver.__name__
                 and check.__qualname__ == "LibvirtDriver._check_vtpm_support")
-
-
-class StartedSecret:
-    """What Nova's ``_create_guest`` gets back: it calls ``undefine()`` after the start.
-
-    That is :func:`vtpm_driver.ops.secrets.after_start` (SPEC E3).
-    """
-
-    def __init__(self, store: ops_secrets.SecretStore, instance: Any,
-                 start: ops_secrets.StartSecret) -> None:
-        self._store = store
-        self._instance = instance
-        self._start = start
-
-    def __repr__(self) -> str:
-        return f"StartedSecret({self._start.secret_uuid!r})"
-
-    def UUIDString(self) -> str:
-        return self._start.secret_uuid
-
-    def undefine(self) -> None:
-        with translate.nova_errors():
-            ops_secrets.after_start(self._store, self._instance, self._start)
 
 
 def _being_deleted(instance: Any) -> bool:
@@ -141,6 +115,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         # instance uuid -> the secret defined for an incoming live migration, until
         # the guest runs here (post_live_migration_at_destination) or the move fails.
         self._vtpm_incoming: dict[str, ops_secrets.StartSecret] = {}
+        self._vtpm_offhost = vtpm_offhost.OffHost(CONF, CONF.host)
 
     # -- our adapters ------------------------------------------------------------
 
@@ -205,7 +180,12 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _add_vtpm_device(self, guest: Any, flavor: Any, instance: Any,
                          image_meta: Any) -> None:
-        """Add the ``<tpm>`` our package builds, when the flavor or image asks for one."""
+        """Add the ``<tpm>`` our package builds, when the flavor or image asks for one.
+
+        A rescue boot gets the server's own vTPM, whatever the rescue image says.
+        """
+        if getattr(instance, "task_state", None) == task_states.RESCUING:
+            image_meta = instance.image_meta
         config = translate.vtpm_config(flavor, image_meta)
         if config is None:
             return
@@ -231,7 +211,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         before the operation touched the guest, else it is read (or created)
         now (:func:`vtpm_driver.ops.secrets.prepare_start_in_mode`). Returned
         as Nova's driver does: ``host`` mode gets the persistent libvirt
-        secret from Nova's ``Host``; the others a :class:`StartedSecret`,
+        secret from Nova's ``Host``; the others a :class:`.host.StartedSecret`,
         whose ``undefine()`` Nova's ``_create_guest`` calls after the start.
         """
         with translate.nova_errors():
@@ -246,7 +226,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             ops_secrets.define_for_start(self.vtpm_secrets, instance, start)
         if start.persistent:
             return self.vtpm_secrets.libvirt_secret(start.secret_uuid), mode
-        return StartedSecret(self.vtpm_secrets, instance, start), mode
+        return nova_host.StartedSecret(self.vtpm_secrets, instance, start), mode
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
@@ -299,19 +279,31 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def spawn(self, context: Any, instance: Any, image_meta: Any, *args: Any,
               **kwargs: Any) -> None:
-        """Create the secret (owner-only ACL with Barbican) first, then Nova's spawn."""
-        with self._vtpm_passphrase_first(context, instance, image_meta, create=True):
+        """Secret first (created with an owner-only ACL if new), then Nova's spawn.
+
+        Unshelve and evacuation: the TPM state comes back from its off-host
+        copy before Nova defines the domain (:mod:`.offhost`); a failed spawn
+        removes it again, the copy stays.
+        """
+        unshelving = instance.vm_state == vm_states.SHELVED_OFFLOADED
+        if unshelving:
+            self._vtpm_offhost.check_caller(context, instance, "unshelve")
+        with (self._vtpm_passphrase_first(context, instance, image_meta, create=True),
+              self._vtpm_offhost.spawning(instance, unshelving)):
             super().spawn(context, instance, image_meta, *args, **kwargs)
 
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
         """Nova's hard reboot (also power on) with the passphrase read first."""
         with self._vtpm_passphrase_first(context, instance, create=False):
-            return super()._hard_reboot(context, instance, *args, **kwargs)
+            result = super()._hard_reboot(context, instance, *args, **kwargs)
+        self._vtpm_offhost.started(instance)
+        return result
 
     def resume(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
         """Nova's resume with the passphrase read before VIFs and guest are touched."""
         with self._vtpm_passphrase_first(context, instance, create=False):
             super().resume(context, instance, *args, **kwargs)
+        self._vtpm_offhost.started(instance)
 
     def finish_revert_migration(self, context: Any, instance: Any, *args: Any,
                                 **kwargs: Any) -> None:
@@ -372,13 +364,29 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         A caller who may not delete it leaves the server running as it was.
         The key is removed from ``system_metadata``, so the compute manager's
-        own ``nova.vtpm.delete_secret`` call afterwards has nothing to do.
+        own ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
+        server's off-host copy goes too. Shelve offload: the TPM state is
+        copied off-host before Nova removes it (a failed copy removes nothing).
         """
-        self._refuse_for_task(instance)
+        offloading = instance.task_state == task_states.SHELVING_OFFLOADING
+        if offloading and policy.has_vtpm(instance):
+            self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
+                                     reason="shelve", shelved=True)
         if destroy_disks and destroy_secrets and _being_deleted(instance):
             self._vtpm_delete_secret(context, instance, instance.flavor)
+            self._vtpm_offhost.forget(instance)
         super().destroy(context, instance, network_info, block_device_info,
                         destroy_disks, destroy_secrets)
+
+    def _vtpm_domain_xml(self, instance: Any) -> str:
+        """The guest's libvirt XML (the off-host copy's record: no passphrase in it)."""
+        return self._host.get_guest(instance).get_xml_desc()
+
+    def _undefine_domain(self, instance: Any, keep_vtpm: bool = False,
+                         keep_nvram: bool = False) -> None:
+        """Nova's; a rebuild keeps the TPM state, as reinstalling a machine keeps its TPM."""
+        keep_vtpm = keep_vtpm or instance.task_state == task_states.REBUILDING
+        super()._undefine_domain(instance, keep_vtpm=keep_vtpm, keep_nvram=keep_nvram)
 
     def cleanup(self, context: Any, instance: Any, network_info: Any,
                 block_device_info: Any = None, destroy_disks: bool = True,
@@ -391,36 +399,40 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         return super().cleanup(context, instance, network_info, block_device_info,
                                destroy_disks, migrate_data, destroy_vifs, destroy_secrets)
 
-    # -- operations refused for vTPM servers (SPEC F6) -----------------------------
-
-    def _refuse_for_vtpm(self, instance: Any, operation: str) -> None:
-        """Nova's ``OperationNotSupportedForVTPM`` (HTTP 400 at the API) for vTPM servers."""
-        if policy.has_vtpm(instance):
-            raise nova_exception.OperationNotSupportedForVTPM(
-                instance_uuid=instance.uuid, operation=operation)
-
-    def _refuse_for_task(self, instance: Any) -> None:
-        """Refuse a power off or destroy that is part of shelving a vTPM server."""
-        operation = _REFUSED_TASKS.get(getattr(instance, "task_state", None))
-        if operation is not None:
-            self._refuse_for_vtpm(instance, operation)
+    # -- the TPM outlives its host or its image (.offhost, issue 15) ------------------
 
     def rebuild(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
-        """Refused for vTPM servers (rebuild and evacuate); others get Nova's default."""
-        operation = instance_actions.EVACUATE if kwargs.get("evacuate") else (
-            instance_actions.REBUILD)
-        self._refuse_for_vtpm(instance, operation)
+        """Checks before Nova's default rebuild (destroy + spawn) touches anything.
+
+        Rebuild: the passphrase must be readable (the TPM is kept). Evacuate:
+        owner check (``user`` mode) and a usable off-host copy.
+        """
+        if policy.has_vtpm(instance):
+            if kwargs.get("evacuate"):
+                self._vtpm_offhost.check_caller(context, instance, "evacuate")
+                LOG.warning("Evacuating with the TPM state %s",
+                            self._vtpm_offhost.check_evacuation(instance), instance=instance)
+            else:
+                self._vtpm_prepare(context, instance, policy.vtpm_of(instance), create=False)
         super().rebuild(context, instance, *args, **kwargs)
 
     def rescue(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
-        """Refused for vTPM servers: the rescue image would get the server's TPM."""
-        self._refuse_for_vtpm(instance, instance_actions.RESCUE)
-        super().rescue(context, instance, *args, **kwargs)
+        """Nova's rescue, passphrase first; the rescue boot gets the same vTPM."""
+        with self._vtpm_passphrase_first(context, instance, create=False):
+            super().rescue(context, instance, *args, **kwargs)
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """Back to the normal boot with the TPM state kept, passphrase first."""
+        with self._vtpm_passphrase_first(context, instance, create=False):
+            super().unrescue(context, instance)
 
     def power_off(self, instance: Any, *args: Any, **kwargs: Any) -> None:
-        """Nova's power off, refused when it is the first step of shelving a vTPM server."""
-        self._refuse_for_task(instance)
+        """Nova's power off; shelving: owner check first; a stop: on-stop copy after."""
+        if instance.task_state == task_states.SHELVING:
+            self._vtpm_offhost.check_caller(None, instance, "shelve")
         super().power_off(instance, *args, **kwargs)
+        if instance.task_state == task_states.POWERING_OFF:
+            self._vtpm_offhost.stopped(instance, lambda: self._vtpm_domain_xml(instance))
 
     # -- live migration, every secret mode (nova/virt/vtpm/migrate.py) --------------
 

@@ -4,6 +4,7 @@ Two adapters of the core's interfaces:
 
 * :class:`NovaSecretStore` (:class:`vtpm_driver.ops.secrets.SecretStore`) over
   ``Host.find_secret`` / ``create_secret`` / ``delete_secret``;
+* :class:`StartedSecret`: what Nova's ``_create_guest`` undefines after a start;
 * :class:`NovaHostProbe` (:class:`vtpm_driver.host.HostProbe`): libvirt's
   domain capabilities and versions through ``Host`` (so Nova's fakelibvirt
   answers in Nova's tests), and the host's swtpm binaries and accounts from an
@@ -23,7 +24,9 @@ from typing import Any, Protocol
 from nova import exception as nova_exception
 from nova.virt.libvirt import host as nova_host
 
+from nova.virt.vtpm import translate
 from vtpm_driver import exception
+from vtpm_driver.ops import secrets as ops_secrets
 
 USAGE_TYPE = "vtpm"
 
@@ -191,3 +194,26 @@ def _version_string(number: int) -> str:
     """libvirt's packed version (major * 1e6 + minor * 1e3 + micro) as text."""
     number = int(number)
     return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
+
+
+class StartedSecret:
+    """What Nova's ``_create_guest`` gets back: it calls ``undefine()`` after the start.
+
+    That is :func:`vtpm_driver.ops.secrets.after_start` (SPEC E3).
+    """
+
+    def __init__(self, store: ops_secrets.SecretStore, instance: Any,
+                 start: ops_secrets.StartSecret) -> None:
+        self._store = store
+        self._instance = instance
+        self._start = start
+
+    def __repr__(self) -> str:
+        return f"StartedSecret({self._start.secret_uuid!r})"
+
+    def UUIDString(self) -> str:
+        return self._start.secret_uuid
+
+    def undefine(self) -> None:
+        with translate.nova_errors():
+            ops_secrets.after_start(self._store, self._instance, self._start)

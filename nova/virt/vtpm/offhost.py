@@ -1,0 +1,216 @@
+"""A TPM that outlives its host, through Nova: shelve, unshelve, evacuate, rebuild (issue 15).
+
+Nova's API refuses shelve, rebuild, rescue and evacuate of vTPM servers
+(``reject_vtpm_instances``) before any compute is asked; below that check the
+compute manager drives the driver as follows, and the shim keeps the TPM:
+
+================  ==========================================  ==========================
+operation         what the compute manager calls              what happens to the TPM
+================  ==========================================  ==========================
+shelve (offload)  ``power_off`` (task SHELVING), ``snapshot``,  owner check first (user
+                  ``destroy`` (task SHELVING_OFFLOADING)      mode); the state is copied
+                                                              off-host BEFORE Nova's
+                                                              destroy removes it
+unshelve          ``spawn`` (vm_state SHELVED_OFFLOADED)       owner check, passphrase,
+                                                              state restored, then spawn
+rebuild           ``rebuild`` (not implemented: Nova's         passphrase read first; the
+                  default), ``destroy`` (task REBUILDING),    domain is undefined KEEPING
+                  ``spawn``                                   its TPM state: same EK
+evacuate          ``rebuild(evacuate=True)``, ``spawn`` on     refused without a copy or
+                  the destination; the source's init_host     with a stale one (names the
+                  later ``destroy``\\ s what it had             option); else restored
+rescue/unrescue   ``rescue`` / ``unrescue``                   passphrase first; the rescue
+                                                              boot gets the server's vTPM
+================  ==========================================  ==========================
+
+The copies are :class:`vtpm_driver.statestore.DirectoryStateStore` under
+``[vtpm] state_backup_dir`` (shared storage every compute sees, as the
+standalone path's), made and retired by :class:`vtpm_driver.ops.shelve.OffHostOps`;
+the rules are :mod:`vtpm_driver.policy`'s. ``[vtpm] state_backup = on-stop``
+also copies at every power off (the copy an evacuation needs).
+
+Nova's API deletes a shelved-offloaded server without any compute
+(``API._local_delete``): neither the copy nor the Barbican secret can be
+removed by a driver then (see README.rst beside this file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from oslo_context import context as oslo_context
+from oslo_log import log as logging
+
+from nova.virt.vtpm import translate
+from vtpm_driver import exception, policy
+from vtpm_driver.ops.shelve import OffHostOps
+from vtpm_driver.statestore import CopyMeta, DirectoryStateStore, host_state_dir
+from vtpm_driver.virt import state
+
+LOG = logging.getLogger(__name__)
+
+
+class OffHost:
+    """The shim's off-host steps for one nova-compute (``conf`` is Nova's CONF)."""
+
+    def __init__(self, conf: Any, host: str) -> None:
+        self.conf = conf
+        self.host = host
+        # instance uuid -> the copy an evacuation to this host restores at spawn.
+        self._evacuating: dict[str, CopyMeta] = {}
+
+    def __repr__(self) -> str:
+        return f"OffHost({self.host!r}, {self.conf.vtpm.state_backup_dir!r})"
+
+    @property
+    def ops(self) -> OffHostOps:
+        """Copies in ``[vtpm] state_backup_dir`` (read at each use: cheap, follows config)."""
+        return OffHostOps(DirectoryStateStore(self.conf.vtpm.state_backup_dir))
+
+    @property
+    def state_base(self) -> str:
+        """This host's swtpm state directory (``[vtpm] swtpm_state_dir``)."""
+        return host_state_dir(self.conf, self.host)
+
+    def state_dir(self, instance_uuid: str) -> Path:
+        return state.state_dir(self.state_base, instance_uuid)
+
+    # -- checks before anything is touched -----------------------------------------
+
+    @staticmethod
+    def check_caller(context: Any, instance: Any, operation: str) -> None:
+        """``user`` mode: only the owner may shelve/unshelve (nothing touched otherwise).
+
+        ``context`` None (``power_off`` has no argument for it): the request
+        context oslo.context keeps for this thread, the one Nova's RPC layer
+        made for the call; without one (a periodic task) there is no caller
+        to check.
+
+        :raises nova.exception.Forbidden: the policy's refusal, translated.
+        """
+        context = context if context is not None else oslo_context.get_current()
+        if context is None or not policy.has_vtpm(instance):
+            return
+        with translate.nova_errors():
+            policy.check_may_offload(policy.vtpm_of(instance), instance, context, operation)
+
+    def check_evacuation(self, instance: Any) -> str:
+        """The copy an evacuation of ``instance`` to this host restores; its description.
+
+        :raises nova.exception.OperationNotSupportedForVTPM: no copy (names
+            ``[vtpm] state_backup``) or a stale one while ``[vtpm]
+            allow_stale_tpm_state`` is False.
+        """
+        label = policy.server_label(instance)
+        with translate.nova_errors():
+            meta = policy.check_copy_exists(self.ops.store.get(instance.uuid), label,
+                                            getattr(instance, "host", None),
+                                            self.conf.vtpm.state_backup)
+            described = policy.check_restore(
+                meta, allow_stale=self.conf.vtpm.allow_stale_tpm_state, now=time.time(),
+                label=label)
+        self._evacuating[instance.uuid] = meta
+        return described
+
+    # -- copies --------------------------------------------------------------------
+
+    def store(self, instance: Any, domain_xml: str, *, reason: str, shelved: bool) -> None:
+        """Copy the (stopped) server's TPM state off-host; Nova's domain XML is the record.
+
+        :raises nova.exception.NovaException: the copy failed (nothing removed).
+        """
+        with translate.nova_errors():
+            meta = self.ops.store_state(instance, host=self.host, state_base=self.state_base,
+                                        record_text=domain_xml, reason=reason, running=False,
+                                        shelved=shelved)
+        LOG.info("TPM state copied off-host (%s, %d bytes)", reason, meta.size,
+                 instance=instance)
+
+    def stopped(self, instance: Any, domain_xml: Callable[[], str]) -> None:
+        """A clean power off: ``[vtpm] state_backup`` on-stop/periodic refreshes the copy.
+
+        The stop has happened; a failed copy is logged, not raised (the
+        previous copy, if any, stays, and is stale).
+        """
+        if not (policy.has_vtpm(instance)
+                and policy.wants_backup(self.conf.vtpm.state_backup, "stop")):
+            return
+        try:
+            self.store(instance, domain_xml(), reason="stop", shelved=False)
+        except Exception as exc:  # the power off itself succeeded
+            LOG.error("Could not copy the TPM state off-host after the stop: %s", exc,
+                      instance=instance)
+
+    def forget(self, instance: Any) -> None:
+        """The server is being deleted: its off-host copy goes too. Idempotent."""
+        with translate.nova_errors():
+            self.ops.store.delete(instance.uuid)
+
+    def started(self, instance: Any) -> None:
+        """The guest runs again: its copy (if any) is overtaken. Idempotent."""
+        if policy.has_vtpm(instance):
+            with translate.nova_errors():
+                self.ops.mark_started(instance.uuid)
+
+    # -- bringing a server's TPM to this host ----------------------------------------
+
+    @contextlib.contextmanager
+    def spawning(self, instance: Any, unshelving: bool) -> Iterator[None]:
+        """Around Nova's spawn: the copy's state written first, retired once it runs.
+
+        A failed spawn removes the state written here; the copy stays.
+        """
+        copy = self.restore_for_spawn(instance, unshelving)
+        try:
+            yield
+        except BaseException:
+            if copy is not None:
+                self.spawn_failed(instance)
+            raise
+        if copy is not None:
+            self.spawned(instance, copy)
+
+    def restore_for_spawn(self, instance: Any, unshelving: bool) -> CopyMeta | None:
+        """Write the copy's TPM state here before Nova defines the domain; the copy used.
+
+        Unshelve: the shelved copy. Evacuation: the copy :meth:`check_evacuation`
+        chose. Anything else: None, nothing done.
+
+        :raises nova.exception.NovaException: no usable copy, or this host
+            already has a state for the server (never overwritten).
+        """
+        meta = self._evacuating.pop(instance.uuid, None)
+        if meta is None and unshelving and policy.has_vtpm(instance):
+            meta = self.ops.store.get(instance.uuid)
+            if meta is None or not meta.shelved:
+                with translate.nova_errors():
+                    raise exception.VTPMError(
+                        f"cannot unshelve server {policy.server_label(instance)}: no shelved "
+                        f"copy of its TPM state in {self.conf.vtpm.state_backup_dir}")
+        if meta is None:
+            return None
+        with translate.nova_errors():
+            if not self.ops.store.restore(instance.uuid, self.state_dir(instance.uuid)):
+                raise exception.VTPMError(
+                    f"the off-host copy of server {policy.server_label(instance)} holds no "
+                    "TPM state")
+        LOG.info("TPM state restored from the off-host copy %s",
+                 policy.describe_copy(meta, time.time()), instance=instance)
+        return meta
+
+    def spawn_failed(self, instance: Any) -> None:
+        """Remove the state :meth:`restore_for_spawn` wrote; the copy stays. Best effort."""
+        try:
+            state.remove_state(self.state_base, instance.uuid)
+        except exception.VTPMError as exc:
+            LOG.error("Could not remove the restored TPM state: %s", exc, instance=instance)
+
+    def spawned(self, instance: Any, meta: CopyMeta) -> None:
+        """The server runs here from ``meta``'s copy: retire or keep it (``state_backup``)."""
+        with translate.nova_errors():
+            self.ops.restored(instance.uuid, meta,
+                              keep_copy=self.conf.vtpm.state_backup != "off")

@@ -1,0 +1,25 @@
+"""swtpm's on-disk TPM state, as libvirt leaves it, for tests that copy or inspect it."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+ENCRYPTED = 0x09   # swtpm blob flags: encrypted (0x01) with a 256-bit key (0x08)
+PLAIN = 0x00
+
+
+def blob(flags: int, payload: bytes = b"state") -> bytes:
+    """A swtpm state file: header (version 2, min 1, 10 bytes, flags, total length) + data."""
+    return struct.pack(">BBHHI", 2, 1, 10, flags, 10 + len(payload)) + payload
+
+
+def make_state(base: Path, server_uuid: str, flags: int = ENCRYPTED,
+               payload: bytes = b"state") -> Path:
+    """``<base>/<uuid>`` of a TPM 2.0 as libvirt's swtpm leaves it (0700 dirs, 0600 file)."""
+    top = Path(base) / server_uuid
+    (top / "tpm2").mkdir(parents=True, mode=0o700)
+    state_file = top / "tpm2" / "tpm2-00.permall"
+    state_file.write_bytes(blob(flags, payload))
+    state_file.chmod(0o600)
+    return top
