@@ -12,57 +12,22 @@ Barbican, in the state store or on any host.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import libvirt
 import pytest
-from keystoneauth1 import session as ks_session
 
-from tests.functional.fixtures_keymgr import KeymgrStack
-from tests.functional.fixtures_libvirt import TestGuest
-from tests.functional.fixtures_server import driver_conf
+from tests.functional import fixtures_offhost
+from tests.functional.fixtures_offhost import store_dir
 from tests.functional.support import run_tool_script
-from tests.functional.test_migrate import (  # noqa: F401 - two_hosts is a fixture
-    HOSTS_DIR,
-    SCRIPT,
-    URIS,
-    Cloud,
-    state_dir,
-    two_hosts,
-)
+from tests.functional.test_migrate import SCRIPT, URIS, Cloud, state_dir
 from vtpm_driver import exception, policy
-from vtpm_driver.context import RequestContext
 from vtpm_driver.virt import state as virt_state
 
 pytestmark = pytest.mark.functional
 
-
-@pytest.fixture
-def cloud(two_hosts, keymgr_stack: KeymgrStack,  # noqa: F811 - the imported fixture
-          clouds: dict[str, dict[str, str]], stack_contexts: dict[str, RequestContext],
-          test_guest: TestGuest, keystone_session: Callable[..., ks_session.Session],
-          tmp_path: Path) -> Iterator[Cloud]:
-    os.chmod(tmp_path, 0o755)
-    conf = driver_conf(keymgr_stack, clouds["service"], tmp_path / "console")
-    conf.set_override("hosts", dict(URIS), group="vtpm")
-    conf.set_override("host_state_dirs", {h: str(HOSTS_DIR / h / "lib" / "swtpm")
-                                          for h in URIS}, group="vtpm")
-    conf.set_override("state_backup_dir", str(tmp_path / "store"), group="vtpm")
-    env = Cloud(conf=conf, contexts=stack_contexts, guest=test_guest, conns=two_hosts,
-                stack=keymgr_stack, admin=keystone_session("admin", project_name="vtpm-a"))
-    try:
-        yield env
-    finally:
-        leftovers = env.sweep()
-    if leftovers:
-        pytest.fail("cleanup had to sweep: " + "; ".join(leftovers), pytrace=False)
-
-
-def store_dir(cloud: Cloud, server: dict) -> Path:
-    return Path(cloud.conf.vtpm.state_backup_dir) / server["uuid"]
+cloud = fixtures_offhost.cloud
+two_hosts = fixtures_offhost.two_hosts
 
 
 def assert_nowhere(cloud: Cloud, server: dict) -> None:
