@@ -173,12 +173,14 @@ class OffHostActions:
         :raises VTPMSecretForbidden: ``user`` mode and not the owner: nothing changed.
         """
         context, instance = self._target(name_or_uuid, "shelve")
-        if self.backend.resize_pending(instance) or policy.migrated_from(instance):
-            raise exception.VTPMError(
-                f"cannot shelve server {instance.name!r}: a resize or migration awaits confirm "
-                "or revert")
-        with self._locked(instance, "shelve"), self._progress(
-                f"Shelving server {instance.name} (TPM state off-host)"):
+        # Checked under the lock, on the server re-read from its record: an operation
+        # this one waited for (a resize) may have changed it meanwhile.
+        with self.backend.driver.server_operation(context, instance, "shelve"), \
+                self._progress(f"Shelving server {instance.name} (TPM state off-host)"):
+            if self.backend.resize_pending(instance) or policy.migrated_from(instance):
+                raise exception.VTPMError(
+                    f"cannot shelve server {instance.name!r}: a resize or migration awaits "
+                    "confirm or revert")
             meta = self.offhost.shelve(context, self.site(), instance, timeout=timeout)
         return {"name": instance.name, "uuid": instance.uuid,
                 "status": policy.SHELVED_OFFLOADED, "host": None, "state_bytes": meta.size,

@@ -61,6 +61,8 @@ class Hosts:
 def service(env: Env) -> ServerService:
     env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
     env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
+    # never the host's real state store: a shelve here writes a copy
+    env.drv.conf.set_override("state_backup_dir", str(env.tmp / "store"), group="vtpm")
     return ServerService(env.drv.conf, Backend(env.drv), lambda: OWNER)
 
 
@@ -188,3 +190,36 @@ def test_confirm_or_revert_of_a_locked_migration_is_refused(env: Env, confirm: b
         action(inst.name)
     assert env.names() == []
     assert hosts.backends["h2"].driver.calls == []
+
+
+def test_shelve_sees_a_resize_that_finished_while_it_waited_for_the_lock(
+        env: Env, service: ServerService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak (issue 13): another worker's resize ends while this shelve waits for
+    the server's lock. The shelve must see it under the lock and refuse, not shelve a
+    server whose resize awaits confirm or revert (its copy would carry the record read
+    before the resize, its resize backup would be left behind)."""
+    env.drv.conf.set_override("lock_timeout", 60, group="vtpm")
+    inst = spawned(env, service)
+    real_lock = locks.server_lock
+    landed: list[str] = []
+
+    @contextlib.contextmanager
+    def lock_after_a_resize(conf: Any, instance_uuid: str, operation: str,
+                            **kwargs: Any) -> Iterator[None]:
+        if operation == "shelve" and not landed:
+            landed.append(operation)
+            other = ServerService(env.drv.conf, service.backend, lambda: OWNER)
+            worker = threading.Thread(target=other.resize, args=(inst.name,),
+                                      kwargs={"set_specs": {}, "vcpus": 2})
+            worker.start()
+            worker.join(WAIT)
+        with real_lock(conf, instance_uuid, operation, **kwargs):
+            yield
+
+    monkeypatch.setattr(locks, "server_lock", lock_after_a_resize)
+    with pytest.raises(exception.VTPMError, match="awaits confirm or revert"):
+        service.shelve(inst.name)
+    assert landed == ["shelve"]
+    assert service.backend.resize_pending(inst)  # the other worker's resize, untouched
+    assert env.dom(inst).active and inst.uuid in env.conn.domains
+    assert service.store.list() == []
