@@ -21,6 +21,7 @@ are accepted and ignored.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,10 +53,13 @@ class VTPMDriver:
     """vTPM support for libvirt guests, with Barbican-held passphrases."""
 
     def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None,
-                 hypervisor: Any = None, keymgr: KeyManagerAPI | None = None) -> None:
+                 hypervisor: Any = None, keymgr: KeyManagerAPI | None = None,
+                 state_base: Callable[[], str] | None = None) -> None:
         """``probe``, ``hypervisor`` (anything with a libvirt ``conn`` attribute) and
-        ``keymgr`` default to the real ones, created on first use; tests inject fakes."""
+        ``keymgr`` default to the real ones, created on first use; tests inject fakes.
+        ``state_base``: see :attr:`state_base`."""
         self.conf = conf
+        self._state_base = state_base
         self._probe = probe
         self._hypervisor = hypervisor
         self._keymgr = keymgr
@@ -91,11 +95,33 @@ class VTPMDriver:
         return self._keymgr
 
     @property
+    def state_base(self) -> str:
+        """This host's swtpm state directory as seen from here, for every operation of
+        this driver (guests, resize backups, rebuild, shelve).
+
+        What the driver's maker said (``state_base``: for a host of ``[vtpm] hosts``,
+        :attr:`vtpm_driver.hosts.ServerBackend.state_base`); a driver made alone is
+        the one host: :func:`vtpm_driver.statestore.host_state_dir` of its name.
+        Asked when an operation needs it, never cached.
+
+        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
+            does not name this one.
+        """
+        if self._state_base is not None:
+            return self._state_base()
+        return statestore.host_state_dir(self.conf, self.host_name)
+
+    def _check_state_base(self) -> None:
+        """Spawn, destroy and each resize step call this first: where the state
+        directory is cannot be said -> InvalidConfiguration, nothing touched."""
+        self.state_base  # noqa: B018 - asking is the check
+
+    @property
     def guests(self) -> Guests:
         """This host's guests, shared by every operation."""
         if self._guests is None:
             self._guests = Guests(self.conf, self.hypervisor, self.key_manager,
-                                  self._host_report)
+                                  self._host_report, state_base=lambda: self.state_base)
         return self._guests
 
     @property
@@ -113,8 +139,7 @@ class VTPMDriver:
     @property
     def resize_ops(self) -> ResizeOps:
         if self._resize is None:
-            backups = ResizeBackups(self.conf.vtpm.resize_backup_dir,
-                                    self.conf.vtpm.swtpm_state_dir)
+            backups = ResizeBackups(self.conf.vtpm.resize_backup_dir, _StateBase(self))
             self._resize = ResizeOps(self.guests, backups)
         return self._resize
 
@@ -211,6 +236,7 @@ class VTPMDriver:
               block_device_info: Any = None, power_on: bool = True,
               accel_info: Any = None) -> None:
         """Create and (with ``power_on``) start the server (F1, G3)."""
+        self._check_state_base()
         with locks.server_lock(self.conf, instance.uuid, "create"):
             self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
 
@@ -223,6 +249,8 @@ class VTPMDriver:
         another operation on the server. An interrupted one is not finished
         first: everything it left goes with the server.
         """
+        if destroy_disks:
+            self._check_state_base()
         with locks.server_lock(self.conf, instance.uuid, "delete"):
             self.recovery.refresh(instance)
             self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
@@ -275,6 +303,7 @@ class VTPMDriver:
                                    block_device_info: Any = None, timeout: float = 0,
                                    retry_interval: float = 0) -> str:
         """Resize step 1 (``flavor`` is the new one): check, stop, back up TPM state."""
+        self._check_state_base()
         with self.server_operation(context, instance, "resize"):
             return self.resize_ops.migrate_disk_and_power_off(context, instance, dest, flavor,
                                                               timeout, retry_interval)
@@ -284,12 +313,14 @@ class VTPMDriver:
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True) -> None:
         """Resize step 2 (``instance.flavor`` is the new one): redefine and start."""
+        self._check_state_base()
         with self.server_operation(context, instance, "resize", refresh=False):
             self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
 
     def confirm_migration(self, context: Any, migration: Any, instance: Any,
                           network_info: Any) -> None:
         """Resize step 3a: keep the new flavor, drop the backup (and a removed vTPM's secret)."""
+        self._check_state_base()
         with self.server_operation(context, instance, "confirm resize",
                                    refresh=False) as recovered:
             if recovered is not None and recovered.redo == journal.RESIZE_CONFIRM:
@@ -300,6 +331,7 @@ class VTPMDriver:
                                 migration: Any, block_device_info: Any = None,
                                 power_on: bool = True) -> None:
         """Resize step 3b: old flavor, old TPM state, old secret."""
+        self._check_state_base()
         with self.server_operation(context, instance, "revert resize",
                                    refresh=False) as recovered:
             if recovered is not None and (recovered.revert_resize
@@ -313,9 +345,8 @@ class VTPMDriver:
 
     def _site(self) -> Site:
         """This host for :mod:`vtpm_driver.ops.shelve`: its swtpm directory as seen from
-        here (``[vtpm] host_state_dirs`` when it names this host)."""
-        return Site(self.host_name, self.guests,
-                    statestore.host_state_dir(self.conf, self.host_name))
+        here (:attr:`state_base`). :raises InvalidConfiguration: it is unknown."""
+        return Site(self.host_name, self.guests, self.state_base)
 
     def _offhost(self) -> OffHostOps:
         return OffHostOps(statestore.DirectoryStateStore(self.conf.vtpm.state_backup_dir))
@@ -476,3 +507,22 @@ class VTPMDriver:
     def revert_migration_to(self, context: Any, instance: Any, dest: Any) -> None:
         """Bring a cold-migrated server back from ``dest`` with its old TPM state."""
         ColdMigration(self.migration_side(), self._peer(dest)).revert(context, instance)
+
+
+class _StateBase(os.PathLike):
+    """A driver's :attr:`~VTPMDriver.state_base` as a path for
+    :class:`~vtpm_driver.ops.backup.ResizeBackups`, asked each time a path is made
+    (the recovery of every operation holds the backups; only steps that need the
+    directory ask)."""
+
+    def __init__(self, driver: VTPMDriver) -> None:
+        self._driver = driver
+
+    def __fspath__(self) -> str:
+        return self._driver.state_base
+
+    def __str__(self) -> str:
+        return self._driver.state_base
+
+    def __repr__(self) -> str:
+        return f"_StateBase(host={self._driver.host_name!r})"

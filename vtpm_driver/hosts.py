@@ -7,6 +7,13 @@ and the server records of :mod:`vtpm_driver.servers` (kept in each domain's
 ``[libvirt] connection_uri``), one backend each, made on first use; a driver
 reaches the other hosts through it for migrations.
 
+Where a host keeps its swtpm state, as seen from here, is decided in one
+place: :attr:`ServerBackend.state_base` (``[vtpm] host_state_dirs``, or
+``swtpm_state_dir`` for the one host). The backend's driver (every operation,
+resize backups, rebuild, shelve), the audit and its repair all take it from
+there, so nothing acting on host-a ever reads, writes or removes another
+machine's swtpm directories.
+
 A backend's host probe (what its libvirt offers for a vTPM: domain
 capabilities, versions) borrows the backend's own connection and keeps the
 answers for the life of the process (:class:`CachedHostProbe`): they are facts
@@ -24,7 +31,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, servers
+from vtpm_driver import exception, servers, statestore
 from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.host import LibvirtHostProbe
@@ -128,12 +135,26 @@ class ServerBackend:
         self.hypervisor.conn  # noqa: B018 - opening the connection is the point
 
     @property
+    def state_base(self) -> str:
+        """This host's swtpm state directory as seen from here: THE place it is decided
+        (:func:`vtpm_driver.statestore.host_state_dir`); the driver, the audit and
+        the repair of this host take it from here. Asked each time (the
+        configuration may be reloaded), so a command that never touches the
+        state directory still works without it.
+
+        :raises InvalidConfiguration: several hosts are configured and ``[vtpm]
+            host_state_dirs`` does not name this one (nothing was touched).
+        """
+        return statestore.host_state_dir(self.conf, self.name, several_hosts(self.conf))
+
+    @property
     def driver(self) -> VTPMDriver:
         if self._driver is None:
             probe = LibvirtHostProbe(
                 self.uri, open_connection=lambda _uri: _BorrowedConnection(self.hypervisor))
             self._driver = VTPMDriver(self.conf, probe=CachedHostProbe(self.uri, probe),
-                                      hypervisor=self.hypervisor)
+                                      hypervisor=self.hypervisor,
+                                      state_base=lambda: self.state_base)
             self._driver.host_name = self.name
             self._driver.peers = self._peers
         return self._driver
@@ -191,7 +212,11 @@ class ServerBackend:
         return secret.undefine_vtpm_secret(self.hypervisor.conn, secret_uuid)
 
     def remove_state_dir(self, domain_uuid: str) -> bool:
-        return state.remove_state(self.conf.vtpm.swtpm_state_dir, domain_uuid)
+        """Remove this host's state directory of ``domain_uuid`` (under :attr:`state_base`).
+
+        :raises InvalidConfiguration: see :attr:`state_base` (nothing removed).
+        """
+        return state.remove_state(self.state_base, domain_uuid)
 
     def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
         """Every libvirt vTPM secret (for the audit)."""
@@ -199,6 +224,14 @@ class ServerBackend:
 
     def close(self) -> None:
         self.hypervisor.close()
+
+
+def several_hosts(conf: cfg.ConfigOpts) -> bool:
+    """Whether ``[vtpm] hosts`` names more than one host.
+
+    :raises InvalidConfiguration: a host without a URI.
+    """
+    return len(vtpm_conf.host_uris(conf)) > 1
 
 
 class HostSet:
@@ -226,7 +259,7 @@ class HostSet:
 
     @property
     def several(self) -> bool:
-        return len(self.uris) > 1
+        return several_hosts(self.conf)
 
     def check(self, name: str) -> str:
         """:raises InvalidConfiguration: ``name`` is not a configured host."""

@@ -5,6 +5,11 @@ shows each scope, compare them with this host's servers, libvirt secrets,
 swtpm state directories, journal entries and off-host copies
 (:mod:`vtpm_driver.audit`, pure), and carry out a repair plan, each action
 naming a server under that server's lock.
+
+The swtpm state directories are those of the host the command acts on, where
+its backend says they are (:attr:`vtpm_driver.hosts.ServerBackend.state_base`),
+never this machine's ``[vtpm] swtpm_state_dir`` for another host: a repair
+removes only what the audit listed there.
 """
 
 from __future__ import annotations
@@ -55,9 +60,12 @@ class AuditActions:
 
         ``barbican``: the vTPM secrets the caller could list, or None when
         Barbican was not checked (then no Barbican orphan is reported).
+
+        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
+            does not say where this host's state is (nothing listed).
         """
         backend = self.backend
-        base = str(self.conf.vtpm.swtpm_state_dir)
+        base = str(backend.state_base)
         report = vtpm_audit.audit(
             backend.list(), backend.domain_uuids(),
             [vtpm_audit.LibvirtSecret(s.uuid, s.usage_id, s.ephemeral, s.private)

@@ -15,7 +15,6 @@ from tests.fakes.probe import FakeProbe, domcaps
 from tests.unit.conftest import MEMBER, OWNER
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, policy
-from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.hosts import CachedHostProbe, HostSet, ServerBackend
 from vtpm_driver.service import ServerService
 
@@ -168,22 +167,20 @@ class World:
             self.conns[name].keymgr = self.km
         join_hosts({URIS[n]: c for n, c in self.conns.items()})
         self.conf = make_conf(tmp_path, URIS)
+        # Each host's swtpm directory as seen from here: what its fake libvirt writes.
+        self.conf.set_override("host_state_dirs", {n: str(tmp_path / n / "swtpm") for n in URIS},
+                               group="vtpm")
+        self.conf.set_override("state_backup_dir", str(tmp_path / "store"), group="vtpm")
+        #: THIS machine's swtpm directory ([vtpm] swtpm_state_dir): no host of the world's.
+        self.local = Path(self.conf.vtpm.swtpm_state_dir)
+        self.local.mkdir()
 
     def factory(self, conf, uri=None, name=vtpm_conf.DEFAULT_HOST, peers=None):
-        world = self
-
-        class Backend(ServerBackend):
-            @property
-            def driver(self):
-                if self._driver is None:
-                    self._driver = VTPMDriver(self.conf, probe=FakeProbe(),
-                                              hypervisor=self.hypervisor, keymgr=world.km)
-                    self._driver.host_name, self._driver.peers = self.name, self._peers
-                return self._driver
-
-        backend = Backend(conf, uri, name, peers)
+        backend = ServerBackend(conf, uri, name, peers)
         backend.hypervisor = types.SimpleNamespace(conn=self.conns[name], uri=uri,
                                                    close=lambda: None)
+        driver = backend.driver  # the real wiring: host name, peers, state base
+        driver._probe, driver._keymgr = FakeProbe(), self.km
         return backend
 
     def service(self, context=OWNER, host=None):
@@ -268,3 +265,89 @@ def test_a_single_host_service_cannot_move_servers(world):
     service = ServerService(world.conf, One(), context=lambda: OWNER)
     with pytest.raises(exception.InvalidConfiguration, match="only one host"):
         service.migrate("vm1", "host-b", live=True)
+
+
+# --------------------------------------------------------------------------- each host's state
+
+
+def _plant(base: Path, name: str) -> Path:
+    """A state directory ``base/name`` with one file (what a test creates and checks)."""
+    path = base / name / "tpm2"
+    path.mkdir(parents=True)
+    (path / "tpm2-00.permall").write_bytes(b"planted")
+    return base / name
+
+
+def test_a_hosts_state_base_is_its_own_directory_everywhere(world):
+    """One place says where host-b's swtpm state is; its driver and operations take it."""
+    backend = world.service(host="host-b").backend
+    expected = str(world.conns["host-b"].state_base)
+    driver = backend.driver
+    assert backend.state_base == expected
+    assert driver.state_base == expected
+    assert driver.guests.state_base == expected
+    assert str(driver.resize_ops.backups.state_base) == expected
+    assert driver._site().state_base == expected
+    assert expected != str(world.local)
+
+
+def test_operations_on_host_b_use_host_b_directory(world):
+    """Resize backs up host-b's state and delete removes host-b's, never this machine's
+    directory of the same UUID."""
+    created = world.service(host="host-b").create(
+        "vm1", flavor_extra_specs={"hw:tpm_version": "2.0"}, image_properties={},
+        kernel="/boot/k", initrd="/boot/i")
+    uuid = created["uuid"]
+    on_b = Path(world.conns["host-b"].state_base, uuid, "tpm2", "tpm2-00.permall")
+    ek = on_b.read_bytes()
+    local = _plant(world.local, uuid)  # same UUID on this machine: not host-b's
+    world.service().resize("vm1", set_specs={}, memory_mb=512)
+    backup = Path(world.conf.vtpm.resize_backup_dir, uuid)
+    assert [p.read_bytes() for p in backup.rglob("tpm2-00.permall")] == [ek]
+    world.service().revert_resize("vm1")
+    assert on_b.read_bytes() == ek
+    world.service().delete("vm1")
+    assert not on_b.parent.parent.exists()
+    assert (local / "tpm2" / "tpm2-00.permall").read_bytes() == b"planted"
+
+
+def test_remove_state_dir_of_host_a_never_touches_this_machines_directory(world):
+    backend = world.service(host="host-a").backend
+    uuid = "0b5a3c1e-2f4d-4e6a-8b7c-9d0e1f2a3b4c"
+    local = _plant(world.local, uuid)
+    on_a = _plant(Path(world.conns["host-a"].state_base), uuid)
+    assert backend.remove_state_dir(uuid) is True
+    assert not on_a.exists()
+    assert local.exists() and backend.remove_state_dir(uuid) is False
+
+
+def test_a_host_missing_from_host_state_dirs_is_refused_naming_the_option(world):
+    """Several hosts and no directory for host-b: a clear error, nothing touched."""
+    created = world.service(host="host-b").create(
+        "vm1", flavor_extra_specs={"hw:tpm_version": "2.0"}, image_properties={},
+        kernel="/boot/k", initrd="/boot/i")
+    uuid = created["uuid"]
+    local = _plant(world.local, uuid)
+    world.conf.set_override("host_state_dirs",
+                            {"host-a": str(world.conns["host-a"].state_base)}, group="vtpm")
+    service = world.service(host="host-b")
+    backend = service.backend
+    for what in (lambda: backend.state_base, lambda: backend.driver.state_base,
+                 lambda: backend.remove_state_dir(uuid), lambda: service.delete("vm1"),
+                 lambda: service.resize("vm1", set_specs={}, memory_mb=512),
+                 lambda: service.audit(None)):
+        with pytest.raises(exception.InvalidConfiguration,
+                           match=r"\[vtpm\] host_state_dirs .*'host-b'"):
+            what()
+    assert local.exists()
+    assert world.where(uuid) == ["host-b"]
+    assert world.conns["host-b"].domains[uuid].active
+    assert Path(world.conns["host-b"].state_base, uuid).exists()
+    assert not Path(world.conf.vtpm.resize_backup_dir, uuid).exists()
+
+
+def test_one_host_without_host_state_dirs_keeps_swtpm_state_dir(tmp_path):
+    conf = make_conf(tmp_path)
+    backend = ServerBackend(conf)
+    assert backend.state_base == conf.vtpm.swtpm_state_dir
+    assert backend.driver.state_base == conf.vtpm.swtpm_state_dir

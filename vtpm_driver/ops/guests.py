@@ -41,13 +41,19 @@ class Guests:
 
     ``hypervisor`` has a ``conn`` attribute (a libvirt connection, reopened
     when lost); ``host_report`` returns what this host offers (cached by the
-    driver); ``secrets`` defaults to the libvirt secrets of that connection.
+    driver); ``state_base`` answers where this host's swtpm state directories
+    are, as seen from here (the driver's
+    :attr:`~vtpm_driver.driver.VTPMDriver.state_base`; asked each time, so an
+    unknown directory fails only the step that needs it); ``secrets`` defaults
+    to the libvirt secrets of that connection.
     """
 
     def __init__(self, conf: cfg.ConfigOpts, hypervisor: Any, key_manager: KeyManagerAPI,
-                 host_report: Callable[[], HostReport],
+                 host_report: Callable[[], HostReport], *,
+                 state_base: Callable[[], str],
                  secrets: ops_secrets.SecretStore | None = None) -> None:
         self.conf = conf
+        self._state_base = state_base
         self.hypervisor = hypervisor
         self.keymgr = key_manager
         self._host_report = host_report
@@ -62,7 +68,13 @@ class Guests:
 
     @property
     def state_base(self) -> str:
-        return self.conf.vtpm.swtpm_state_dir
+        """This host's swtpm state directory as seen from here (NOT ``[vtpm]
+        swtpm_state_dir`` of this machine when the host is another one).
+
+        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
+            does not name this one.
+        """
+        return self._state_base()
 
     # -- checks -------------------------------------------------------------
 
