@@ -1,9 +1,13 @@
-"""Soak run (issue 13): ``python -m bench.soak [--seconds S] [--workers N] [--servers M]``.
+"""Soak run (issue 13): ``python -m bench.soak [--seconds S] [--workers N] [--servers M]
+[--calls FILE]``.
 
 Runs tests/functional/test_soak.py on the real stack with the long bounds
 (default 300 s, 3 workers, 3 servers; CI runs the test itself at 75 s) and
-prints its figures as JSON: operations run, failures and refusals by kind, invariant
-violations. Exit status: pytest's (0 when every invariant held).
+prints its figures as JSON: operations run, servers created, refusals by kind
+(each proven by the call log), failures by kind with their whole messages,
+invariant violations. ``--calls FILE`` keeps the whole call log (worker, server,
+operation, times, outcome). Exit status: pytest's (0 when there was no failure
+and every invariant held).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--calls", type=Path, default=None,
+                        help="write the whole call log (JSON) to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "soak.json"
@@ -31,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                             "VTPM_SOAK_WORKERS": str(args.workers),
                             "VTPM_SOAK_SERVERS": str(args.servers),
                             "VTPM_SOAK_REPORT": str(report)}
+        if args.calls is not None:
+            env["VTPM_SOAK_CALLS"] = str(args.calls.resolve())
         rc = subprocess.call([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                               "tests/functional/test_soak.py"], cwd=ROOT, env=env)
         if report.exists():
