@@ -43,12 +43,15 @@ class OffHostActions:
         return OffHostOps(self.store)
 
     def site(self, name: str | None = None) -> Site:
-        """Host ``name`` (default: the one this command acts on), connected."""
+        """Host ``name`` (default: the one this command acts on), connected, with its
+        swtpm directory as its backend says (:attr:`vtpm_driver.hosts.ServerBackend.state_base`).
+
+        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
+            does not name this one (nothing touched).
+        """
         name = name or self._host
         backend = self._connect(self._hosts.backend(name)) if self._hosts else self.backend
-        several = bool(self._hosts and self._hosts.several)
-        return Site(name, backend.driver.guests,
-                    statestore.host_state_dir(self.conf, name, several))
+        return Site(name, backend.driver.guests, backend.state_base)
 
     @contextlib.contextmanager
     def _locked(self, instance: Any, operation: str) -> Iterator[None]:

@@ -144,8 +144,8 @@ def host_state_dir(conf: Any, host: str | None, several: bool = False) -> str:
     if not several:
         return str(conf.vtpm.swtpm_state_dir)
     raise exception.InvalidConfiguration(
-        f"[vtpm] host_state_dirs does not say where host {host!r} keeps its swtpm state "
-        "(NAME=PATH as seen from here): its TPM state cannot be copied off the host")
+        f"[vtpm] host_state_dirs does not name host {host!r}: cannot tell where it keeps "
+        f"its swtpm state (add {host}=PATH, that directory as seen from here)")
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -281,6 +281,7 @@ def test_host_state_dir() -> None:
     conf.set_override("host_state_dirs", {"host-a": "/hosts/a/swtpm"}, group="vtpm")
     assert statestore.host_state_dir(conf, "host-a", several=True) == "/hosts/a/swtpm"
     with pytest.raises(exception.InvalidConfiguration,
-                       match=r"host_state_dirs does not say where host 'host-b'"):
+                       match=r"\[vtpm\] host_state_dirs does not name host 'host-b': "
+                             r"cannot tell where it keeps its swtpm state \(add host-b=PATH"):
         statestore.host_state_dir(conf, "host-b", several=True)
     assert statestore.host_state_dir(conf, "host-b") == "/srv/swtpm"

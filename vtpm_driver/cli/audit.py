@@ -127,7 +127,9 @@ class Audit(CommandMixin, ShowOne):
 
     - libvirt vtpm secrets whose usage name (an instance UUID) is no domain
       here, or whose domain records another secret;
-    - swtpm state directories under [vtpm] swtpm_state_dir with no domain;
+    - swtpm state directories of this host with no domain: under its entry
+      in [vtpm] host_state_dirs (the host's directory as seen from here;
+      required with several [vtpm] hosts), else [vtpm] swtpm_state_dir;
     - Barbican secrets named 'vTPM secret for instance <uuid>' whose UUID is
       no server here (only with credentials, OS_* or --os-*, which list the
       secrets that user can see; plus the [service_user]'s when configured).
