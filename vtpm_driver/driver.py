@@ -9,8 +9,9 @@ Lifecycle methods delegate to the orchestration in :mod:`vtpm_driver.ops`:
 :class:`~vtpm_driver.ops.lifecycle.LifecycleOps` (spawn, delete),
 :class:`~vtpm_driver.ops.power.PowerOps` (reboot, power, suspend/resume) and
 :class:`~vtpm_driver.ops.resize.ResizeOps` (resize on this host),
-:class:`~vtpm_driver.ops.rebuild.RebuildOps` (rebuild, rescue),
-:class:`~vtpm_driver.ops.shelve.OffHostOps` (shelve, evacuate) and
+:class:`~vtpm_driver.ops.rebuild.RebuildOps` (rebuild, rescue) and
+:class:`~vtpm_driver.ops.shelve.OffHostOps` (shelve, evacuate), those two
+through the mixin :class:`~vtpm_driver.driver_offhost.OffHostMethods`, and
 :mod:`vtpm_driver.ops.migrate` (moves between hosts), all over one
 :class:`~vtpm_driver.ops.guests.Guests`, each under the server's lock
 (:meth:`VTPMDriver.server_operation`). Arguments Nova passes that a
@@ -30,6 +31,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr, policy, statestore
+from vtpm_driver.driver_offhost import OffHostMethods
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.ops import journal, locks
@@ -38,10 +40,8 @@ from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.lifecycle import LifecycleOps
 from vtpm_driver.ops.migrate import ColdMigration, HostSide, LiveMigration
 from vtpm_driver.ops.power import PowerOps
-from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.recovery import Recovery
 from vtpm_driver.ops.resize import ResizeOps
-from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.virt import connection, domains
 from vtpm_driver.virt import migrate as virt_migrate
 from vtpm_driver.virt.migrate import HostSecretReader
@@ -49,7 +49,7 @@ from vtpm_driver.virt.migrate import HostSecretReader
 LOG = logging.getLogger(__name__)
 
 
-class VTPMDriver:
+class VTPMDriver(OffHostMethods):
     """vTPM support for libvirt guests, with Barbican-held passphrases."""
 
     def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None,
@@ -340,96 +340,6 @@ class VTPMDriver:
                     self.power.power_on(context, instance)
                 return
             self.resize_ops.finish_revert_migration(context, instance, power_on=power_on)
-
-    # -- Off-host, rescue and rebuild (issue 15) ------------------------------------
-
-    def _site(self) -> Site:
-        """This host for :mod:`vtpm_driver.ops.shelve`: its swtpm directory as seen from
-        here (:attr:`state_base`). :raises InvalidConfiguration: it is unknown."""
-        return Site(self.host_name, self.guests, self.state_base)
-
-    def _offhost(self) -> OffHostOps:
-        return OffHostOps(statestore.DirectoryStateStore(self.conf.vtpm.state_backup_dir))
-
-    def rebuild(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
-                admin_password: Any, allocations: Any, bdms: Any, detach_block_devices: Any,
-                attach_block_devices: Any, network_info: Any = None, evacuate: bool = False,
-                block_device_info: Any = None, preserve_ephemeral: bool = False,
-                accel_uuids: Any = None, reimage_boot_volume: bool = False, *,
-                reset_tpm: bool = False) -> None:
-        """Boot ``image_meta``'s kernel/initrd/command line (None: the server's own) with
-        the same TPM, as a reinstalled machine keeps its TPM (``reset_tpm``: a fresh
-        TPM, new EK). ``evacuate``: :meth:`evacuate` (Nova evacuates by a rebuild on
-        the destination). Volumes, injected files and passwords do not apply here.
-
-        :raises VTPMSecretForbidden: ``user`` mode and not the owner (nothing touched).
-        :raises VTPMError: rescued or suspended; bad boot files.
-        """
-        if evacuate:
-            self.evacuate(context, instance)
-            return
-        with self.server_operation(context, instance, "rebuild"):
-            RebuildOps(self.guests, self._site().state_base).rebuild(
-                context, instance, kernel=getattr(image_meta, "kernel", None),
-                initrd=getattr(image_meta, "initrd", None),
-                cmdline=getattr(image_meta, "cmdline", None), reset_tpm=reset_tpm)
-
-    def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
-               rescue_password: Any, block_device_info: Any, share_info: Any = None) -> None:
-        """Boot the rescue image (``image_meta``'s boot files; None: the server's own with
-        ``vtpm_rescue=1``) with the server's own vTPM; the PCRs differ, so secrets
-        sealed to the normal boot stay sealed. No guest agent: ``rescue_password``
-        is not used.
-
-        :raises VTPMSecretForbidden: ``user`` mode and not the owner (nothing touched).
-        :raises VTPMError: already rescued, or suspended.
-        """
-        with self.server_operation(context, instance, "rescue"):
-            RebuildOps(self.guests, self._site().state_base).rescue(
-                context, instance, kernel=getattr(image_meta, "kernel", None),
-                initrd=getattr(image_meta, "initrd", None),
-                cmdline=getattr(image_meta, "cmdline", None))
-
-    def unrescue(self, context: Any, instance: Any) -> None:
-        """Back to the normal boot, TPM state kept. :raises VTPMError: not rescued."""
-        with self.server_operation(context, instance, "unrescue"):
-            RebuildOps(self.guests, self._site().state_base).unrescue(context, instance)
-
-    def shelve(self, context: Any, instance: Any, timeout: float = 0) -> None:
-        """Stop the server, store its TPM state and record off-host (``[vtpm]
-        state_backup_dir``), free this host; what Nova's shelve + shelve_offload do.
-
-        :raises VTPMSecretForbidden: ``user`` mode and not the owner (nothing touched).
-        :raises VTPMError: a resize or migration awaits confirm or revert, the server
-            is suspended, or the copy failed (then it stays, stopped, on this host).
-        """
-        with self.server_operation(context, instance, "shelve"):
-            if self.resize_ops.has_backup(instance.uuid) or policy.migrated_from(instance):
-                raise exception.VTPMError(
-                    f"cannot shelve server {policy.server_label(instance)}: a resize or "
-                    "migration awaits confirm or revert")
-            self._offhost().shelve(context, self._site(), instance, timeout=timeout)
-
-    def evacuate(self, context: Any, instance: Any) -> None:
-        """Rebuild on THIS host, from its off-host copy, a server whose host failed.
-
-        The caller makes sure that host is down (Nova's API checks its compute
-        service; ``vtpm-driver server evacuate`` connects to it): this host cannot
-        tell a failed host from an unreachable one. ``instance`` gets the
-        restored server's system metadata (``vtpm_evacuated_from``).
-
-        :raises OperationNotSupportedForVTPM: no copy (names ``[vtpm]
-            state_backup``), or only a stale one and ``[vtpm] allow_stale_tpm_state``
-            is False.
-        :raises VTPMSecretForbidden, InstanceExists: nothing touched.
-        """
-        with self.server_operation(context, instance, "evacuate"):
-            restored, _age = self._offhost().evacuate(
-                context, self._site(), instance.uuid,
-                allow_stale=bool(self.conf.vtpm.allow_stale_tpm_state),
-                mode=str(self.conf.vtpm.state_backup), label=policy.server_label(instance))
-        instance.system_metadata.clear()
-        instance.system_metadata.update(restored.system_metadata)
 
     # -- Moving between hosts (issue 14) --------------------------------------
 
