@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from oslo_config import cfg
@@ -29,7 +29,6 @@ from oslo_log import log as logging
 from vtpm_driver import exception, policy, spec, view
 from vtpm_driver.context import RequestContext
 from vtpm_driver.hosts import HostSet
-from vtpm_driver.ops import locks
 from vtpm_driver.service_audit import AuditActions
 from vtpm_driver.service_offhost import OffHostActions
 
@@ -332,32 +331,65 @@ class ServerService(OffHostActions, AuditActions):
                     context, None, instance, disk_info, None, instance.image_meta, True, {},
                     None, True)
 
-    def _pending(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
+    @contextlib.contextmanager
+    def _held(self, context: RequestContext, instance: Any, operation: str) -> Iterator[None]:
+        """The server's lock for ``operation``, with ``instance`` re-read from its record
+        under it (and an interrupted operation finished), for checks that must see
+        what another command changed while this one waited (issue 13: the soak's
+        races); every driver call made inside re-enters the lock.
+
+        :raises ServerLocked: another operation holds it past ``[vtpm] lock_timeout``.
+        :raises InstanceNotFound: the server left this host meanwhile (deleted,
+            shelved, a move reverted or confirmed elsewhere).
+        """
+        with self.backend.driver.server_operation(context, instance, operation):
+            if not self.backend.domain_exists(instance.uuid):
+                raise exception.InstanceNotFound(
+                    f"no server with name or UUID {instance.name!r} on this host any more: "
+                    f"it was deleted, shelved or moved while this command waited to {operation} "
+                    "it")
+            yield
+
+    def _decide(self, name_or_uuid: str, confirm: bool) -> None:
+        """Confirm or revert the resize or cold migration pending on the server.
+
+        What is pending is asked under the server's lock, on the record re-read
+        there: checked before, a resize decided and another one started meanwhile
+        would be confirmed or reverted with the stale record (the new resize's
+        flavor overwritten, a removed or added vTPM's secret left in Barbican).
+
+        :raises VTPMError: nothing awaits confirm or revert.
+        """
+        verb = "confirm the resize of" if confirm else "revert the resize of"
         context, instance = self._target(name_or_uuid, verb)
-        if not self.backend.resize_pending(instance) and not policy.migrated_from(instance):
-            raise exception.VTPMError(
-                f"cannot {verb} server {instance.name!r}: it has no resize awaiting confirm "
-                "or revert")
-        return context, instance
+        # The lock's name, from the read before it (the decision is made on the re-read).
+        if policy.migrated_from(instance):
+            operation = f"{'confirm' if confirm else 'revert'} the migration of"
+        else:
+            operation = verb
+        with self._held(context, instance, operation):
+            if policy.migrated_from(instance):
+                self._finish_migration(context, instance, confirm=confirm)
+                return
+            if not self.backend.resize_pending(instance):
+                raise exception.VTPMError(
+                    f"cannot {verb} server {instance.name!r}: it has no resize awaiting "
+                    "confirm or revert")
+            drv = self.backend.driver
+            if confirm:
+                with self._progress(f"Confirming the resize of server {instance.name}"):
+                    drv.confirm_migration(context, None, instance, None)
+            else:
+                with self._progress(f"Reverting the resize of server {instance.name}"):
+                    drv.finish_revert_migration(context, instance, None, None, None, True)
 
     def confirm_resize(self, name_or_uuid: str) -> None:
-        """Keep the new flavor (drops the old vTPM state)."""
-        context, instance = self._pending(name_or_uuid, "confirm the resize of")
-        if policy.migrated_from(instance):
-            self._finish_migration(context, instance, confirm=True)
-            return
-        with self._progress(f"Confirming the resize of server {instance.name}"):
-            self.backend.driver.confirm_migration(context, None, instance, None)
+        """Keep the new flavor (drops the old vTPM state), or the migrated server's new host."""
+        self._decide(name_or_uuid, confirm=True)
 
     def revert_resize(self, name_or_uuid: str) -> None:
-        """Back to the old flavor and its vTPM state."""
-        context, instance = self._pending(name_or_uuid, "revert the resize of")
-        if policy.migrated_from(instance):
-            self._finish_migration(context, instance, confirm=False)
-            return
-        with self._progress(f"Reverting the resize of server {instance.name}"):
-            self.backend.driver.finish_revert_migration(context, instance, None, None, None,
-                                                        True)
+        """Back to the old flavor and its vTPM state, or to the migration's source host."""
+        self._decide(name_or_uuid, confirm=False)
 
     # -- moving between hosts ------------------------------------------------------------
 
@@ -368,7 +400,9 @@ class ServerService(OffHostActions, AuditActions):
         :raises InvalidConfiguration: ``dest`` is not a configured host.
         :raises VTPMSecretForbidden: the caller cannot hand the passphrase over
             (``user`` mode, not the owner): nothing moved.
-        :raises VTPMError: the move failed; the server is on its host as it was.
+        :raises VTPMError: a resize or another move awaits confirm or revert (asked
+            under the server's lock), or the move failed; the server is on its host
+            as it was.
         """
         verb = "live-migrate" if live else "migrate"
         context, instance = self._target(name_or_uuid, verb)
@@ -377,27 +411,42 @@ class ServerService(OffHostActions, AuditActions):
                 f"cannot {verb} server {instance.name}: only one host is configured "
                 "(set [vtpm] hosts)")
         source = self._host
-        if not live and self.backend.resize_pending(instance):
+        policy.check_migration_hosts(source, dest, self._hosts.names)
+        self._connect(self._hosts.backend(dest))
+        drv = self.backend.driver
+        # Checked under the lock, on the server re-read from its record: a resize or
+        # move that ended while this command waited has changed it.
+        with self._held(context, instance, verb):
+            self._check_may_move(instance, verb)
+            with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
+                                f"{instance.name} from {source} to {dest}"):
+                if live:
+                    target = self._hosts.side(dest)
+                    drv.live_migration(context, instance, target, None, None)
+                else:
+                    drv.migrate_to(context, instance, dest)
+        self._use(dest)
+        return self.describe(instance)
+
+    def _check_may_move(self, instance: Any, verb: str) -> None:
+        """Refuse a move while a resize or another move awaits confirm or revert
+        (call it under the server's lock, on the re-read record).
+
+        :raises VTPMError: naming what is pending.
+        """
+        if self.backend.resize_pending(instance):  # as Nova: not while VERIFY_RESIZE
             raise exception.VTPMError(
-                f"cannot migrate server {instance.name!r}: a resize is awaiting confirm or "
+                f"cannot {verb} server {instance.name!r}: a resize is awaiting confirm or "
                 "revert")
         if policy.migrated_from(instance):
             raise exception.VTPMError(
                 f"cannot {verb} server {instance.name!r}: its migration from "
                 f"{policy.migrated_from(instance)} awaits confirm or revert")
-        policy.check_migration_hosts(source, dest, self._hosts.names)
-        self._connect(self._hosts.backend(dest))
-        drv = self.backend.driver
-        with drv.server_operation(context, instance, verb), self._progress(
-                f"{'Live-migrating' if live else 'Migrating'} server {instance.name} from "
-                f"{source} to {dest}"):
-            if live:
-                target = self._hosts.side(dest)
-                drv.live_migration(context, instance, target, None, None)
-            else:
-                drv.migrate_to(context, instance, dest)
-        self._use(dest)
-        return self.describe(instance)
+        if policy.migrating_to(instance):
+            raise exception.VTPMError(
+                f"cannot {verb} server {instance.name!r}: its migration to "
+                f"{policy.migrating_to(instance)!r} awaits confirm or revert (the server is "
+                "there now)")
 
     def live_migration_abort(self, name_or_uuid: str) -> bool:
         """Cancel the server's running live migration; False when none runs."""
@@ -406,7 +455,11 @@ class ServerService(OffHostActions, AuditActions):
 
     def _finish_migration(self, context: RequestContext, instance: Any, *,
                           confirm: bool) -> None:
-        """Confirm or revert a cold migration (this command acts on its destination)."""
+        """Confirm or revert a cold migration (this command acts on its destination).
+
+        Call it holding the server's lock (:meth:`_held`): ``instance`` is the record
+        re-read under it, so the source it names is the move still pending.
+        """
         dest, source = self._host, policy.migrated_from(instance)
         if self._hosts is None or dest is None or source not in self._hosts.names:
             raise exception.VTPMError(
@@ -415,10 +468,8 @@ class ServerService(OffHostActions, AuditActions):
         src_backend = self._connect(self._hosts.backend(source))
         drv = src_backend.driver
         verb = "Confirming" if confirm else "Reverting"
-        with locks.server_lock(self.conf, instance.uuid,
-                               f"{'confirm' if confirm else 'revert'} the migration of"), \
-                self._progress(f"{verb} the migration of server {instance.name} from "
-                               f"{source} to {dest}"):
+        with self._progress(f"{verb} the migration of server {instance.name} from "
+                            f"{source} to {dest}"):
             if confirm:
                 drv.confirm_migration_to(context, instance, dest)
             else:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.fakes.service import FakeBackend
 from tests.unit.conftest import OWNER, Env
-from vtpm_driver import exception, policy
+from vtpm_driver import exception, policy, servers
 from vtpm_driver.ops import locks
 from vtpm_driver.service import ServerService
 
@@ -223,3 +223,240 @@ def test_shelve_sees_a_resize_that_finished_while_it_waited_for_the_lock(
     assert service.backend.resize_pending(inst)  # the other worker's resize, untouched
     assert env.dom(inst).active and inst.uuid in env.conn.domains
     assert service.store.list() == []
+
+
+# ------------------------------------------------------------ checks made under the lock
+
+
+class RecordBackend(Backend):
+    """Each find reads the server from its domain record into a new object, as the real
+    ServerBackend does: what one command read is its own, and goes stale when another
+    command changes the server."""
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env.drv)
+        self.conn = env.conn
+
+    def find(self, name_or_uuid: str) -> Any:
+        return servers.find(self.conn, name_or_uuid)
+
+    def domain_exists(self, domain_uuid: str) -> bool:
+        return domain_uuid in self.conn.domains
+
+
+def record_service(env: Env, hosts: Hosts | None = None) -> ServerService:
+    env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
+    env.drv.conf.set_override("lock_timeout", 60, group="vtpm")
+    env.drv.conf.set_override("state_backup_dir", str(env.tmp / "store"), group="vtpm")
+    if hosts is not None:
+        return ServerService(env.drv.conf, None, lambda: OWNER, hosts=hosts)
+    return ServerService(env.drv.conf, RecordBackend(env), lambda: OWNER)
+
+
+def meanwhile(monkeypatch: pytest.MonkeyPatch, others: Callable[[], None]) -> list[str]:
+    """When this thread first asks for a server's lock (its command has read the server
+    and made its checks), ``others`` runs to the end in another thread (other workers'
+    commands); then the lock is taken. Returns the operations that waited (one)."""
+    real_lock = locks.server_lock
+    me = threading.current_thread()
+    landed: list[str] = []
+
+    @contextlib.contextmanager
+    def lock_after_others(conf: Any, instance_uuid: str, operation: str,
+                          **kwargs: Any) -> Iterator[None]:
+        if threading.current_thread() is me and not landed:
+            landed.append(operation)
+            failed: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    others()
+                except BaseException as exc:  # reported in this thread
+                    failed.append(exc)
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            worker.join(WAIT)
+            assert not worker.is_alive() and failed == []
+        with real_lock(conf, instance_uuid, operation, **kwargs):
+            yield
+
+    monkeypatch.setattr(locks, "server_lock", lock_after_others)
+    return landed
+
+
+def other_worker(env: Env, service: ServerService) -> ServerService:
+    return ServerService(env.drv.conf, service.backend, lambda: OWNER)
+
+
+NO_VTPM = ("hw:tpm_version", "hw:tpm_secret_security")
+
+
+def test_confirm_acts_on_the_resize_pending_under_the_lock(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The soak (issue 13): A's confirm passes its check; B confirms that resize and C
+    starts another one that removes the vTPM; then A's confirm runs. It must confirm
+    what is pending under the lock (C's resize, as re-read from the record), not write
+    its stale flavor over it: the removed vTPM's secret is deleted and the record says
+    the server has no vTPM."""
+    service = record_service(env)
+    inst = env.spawn(env.instance("user"))
+    service.resize(inst.name, set_specs={}, vcpus=2)
+    secret = policy.recorded_secret(servers.find(env.conn, inst.uuid))
+    assert secret in env.km.passphrases
+
+    def confirm_then_remove_the_vtpm() -> None:
+        other = other_worker(env, service)
+        other.confirm_resize(inst.name)
+        other.resize(inst.name, set_specs={}, unset=NO_VTPM, vcpus=1)
+
+    landed = meanwhile(monkeypatch, confirm_then_remove_the_vtpm)
+    service.confirm_resize(inst.name)
+    assert len(landed) == 1
+    assert not service.backend.resize_pending(inst)
+    found = servers.find(env.conn, inst.uuid)
+    assert not policy.has_vtpm(found)
+    assert policy.recorded_secret(found) is None
+    assert found.flavor.vcpus == 1
+    assert env.km.passphrases == {}  # the removed vTPM's passphrase did not leak
+    assert env.conn.secrets == {}
+    assert env.dom(inst).active
+
+
+def test_revert_acts_on_the_resize_pending_under_the_lock(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's revert passes its check; B confirms that resize (the vTPM removed) and C
+    starts another one that adds a vTPM; then A's revert runs. Reverting C's resize
+    on the record re-read under the lock deletes the secret C created (A's stale
+    read does not name it: it would leak)."""
+    service = record_service(env)
+    inst = env.spawn(env.instance("user"))
+    service.resize(inst.name, set_specs={}, unset=NO_VTPM)
+
+    def confirm_then_add_a_vtpm() -> None:
+        other = other_worker(env, service)
+        other.confirm_resize(inst.name)
+        assert env.km.passphrases == {}
+        other.resize(inst.name, set_specs={"hw:tpm_version": "2.0",
+                                           "hw:tpm_secret_security": "user"}, vcpus=2)
+        assert len(env.km.passphrases) == 1
+
+    landed = meanwhile(monkeypatch, confirm_then_add_a_vtpm)
+    service.revert_resize(inst.name)
+    assert len(landed) == 1
+    assert not service.backend.resize_pending(inst)
+    found = servers.find(env.conn, inst.uuid)
+    assert not policy.has_vtpm(found)
+    assert policy.recorded_secret(found) is None
+    assert found.flavor.vcpus == 1
+    assert env.km.passphrases == {}  # the added vTPM's secret went with the revert
+    assert env.conn.secrets == {}
+    assert env.dom(inst).active
+
+
+@pytest.mark.parametrize("confirm", [True, False])
+def test_confirm_or_revert_of_a_resize_decided_meanwhile_is_refused(
+        env: Env, monkeypatch: pytest.MonkeyPatch, confirm: bool) -> None:
+    """B decides the resize while A's confirm or revert waits: A is refused with the
+    answer of its check, under the lock, and changes nothing."""
+    service = record_service(env)
+    inst = env.spawn(env.instance("user"))
+    service.resize(inst.name, set_specs={}, vcpus=2)
+    meanwhile(monkeypatch, lambda: other_worker(env, service).confirm_resize(inst.name))
+    action = service.confirm_resize if confirm else service.revert_resize
+    with pytest.raises(exception.VTPMError, match="has no resize awaiting confirm or revert"):
+        action(inst.name)
+    found = servers.find(env.conn, inst.uuid)
+    assert found.flavor.vcpus == 2 and policy.recorded_secret(found) in env.km.passphrases
+    assert env.dom(inst).active
+
+
+def _set_record(env: Env, inst: Any, **sysmeta: str | None) -> None:
+    """Change the server's record as another host's command would (a move decided)."""
+    found = servers.find(env.conn, inst.uuid)
+    for key, value in sysmeta.items():
+        if value is None:
+            found.system_metadata.pop(key, None)
+        else:
+            found.system_metadata[key] = value
+    env.drv.guests.update_record(env.dom(inst), found)
+
+
+class Peer(FakeBackend):
+    """Host h2, which must not be asked to confirm or revert anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.driver.confirm_migration_to = self._called("confirm_migration_to")
+        self.driver.revert_migration_to = self._called("revert_migration_to")
+
+    def _called(self, name: str) -> Callable[..., None]:
+        return lambda *args: self.driver.calls.append((name, *args))
+
+
+def two_hosts(env: Env) -> Hosts:
+    hosts = Hosts(RecordBackend(env))
+    hosts.backends["h2"] = Peer()
+    return hosts
+
+
+@pytest.mark.parametrize("confirm", [True, False])
+@pytest.mark.parametrize("how", ["decided", "left"])
+def test_confirm_or_revert_of_a_migration_decided_meanwhile_is_refused(
+        env: Env, monkeypatch: pytest.MonkeyPatch, confirm: bool, how: str) -> None:
+    """The server arrived on h1 from h2; while A's confirm or revert waits for the lock,
+    B confirms the move (the record no longer names h2) or reverts it (the server left
+    h1). A, under the lock, must see that and ask h2 for nothing (a confirm with the
+    stale read would remove h2's copy: after another move that is the server itself)."""
+    hosts = two_hosts(env)
+    service = record_service(env, hosts)
+    inst = env.spawn(env.instance("user"))
+    _set_record(env, inst, **{policy.MIGRATED_FROM_KEY: "h2"})
+
+    def decided() -> None:
+        if how == "decided":
+            _set_record(env, inst, **{policy.MIGRATED_FROM_KEY: None})
+        else:
+            env.conn.domains.pop(inst.uuid)
+
+    meanwhile(monkeypatch, decided)
+    action = service.confirm_resize if confirm else service.revert_resize
+    match = ("has no resize awaiting confirm or revert" if how == "decided"
+             else "no server with name or UUID")
+    with pytest.raises(exception.VTPMError, match=match):
+        action(inst.name)
+    assert hosts.backends["h2"].driver.calls == []
+
+
+@pytest.mark.parametrize("live", [True, False])
+@pytest.mark.parametrize("how", ["resized", "moved"])
+def test_migrate_sees_what_changed_while_it_waited_for_the_lock(
+        env: Env, monkeypatch: pytest.MonkeyPatch, live: bool, how: str) -> None:
+    """While A's migrate waits for the lock, B resizes the server (a resize awaits
+    confirm or revert) or moves it to h2 (h1 keeps only the stopped source copy):
+    A must refuse under the lock, on the re-read record, before any host is asked."""
+    hosts = two_hosts(env)
+    service = record_service(env, hosts)
+    inst = env.spawn(env.instance("user"))
+
+    def peer(_name: str) -> Any:
+        raise AssertionError("the move must be refused before a peer is asked for")
+
+    env.drv.peers = peer
+
+    def changed() -> None:
+        if how == "resized":
+            other = ServerService(env.drv.conf, hosts.backends["h1"], lambda: OWNER)
+            other.resize(inst.name, set_specs={}, vcpus=2)
+        else:
+            _set_record(env, inst, **{policy.MIGRATING_TO_KEY: "h2"})
+
+    meanwhile(monkeypatch, changed)
+    match = ("a resize is awaiting confirm or revert" if how == "resized"
+             else "its migration to 'h2' awaits confirm or revert")
+    with pytest.raises(exception.VTPMError, match=match):
+        service.migrate(inst.name, "h2", live=live)
+    assert hosts.backends["h2"].driver.calls == []
+    assert env.dom(inst).active
+    if how == "resized":
+        assert hosts.backends["h1"].resize_pending(inst)
