@@ -1,7 +1,11 @@
 """Fixtures and helpers for functional tests against the real libvirtd (qemu:///system).
 
-Loaded by tests/functional/conftest.py through ``pytest_plugins``; the plain helpers can
+Loaded by tests/conftest.py through ``pytest_plugins``; the plain helpers can
 also be imported (``from tests.functional.fixtures_libvirt import wait_for_shutoff``).
+
+``two_hosts`` starts the two private test hosts of tools/test-hosts.sh (host-a,
+host-b) and :func:`configure_two_hosts` points a configuration at them: what every
+multi-host test uses.
 
 The test guest (tools/build-guest.sh) prints one line per boot on its serial console::
 
@@ -22,11 +26,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
-from tests.functional.support import unavailable
+from tests.functional.support import run_tool_script, unavailable
 from vtpm_driver.guestreport import parse_vtpm_results  # the guest's one-line protocol
 
 LIBVIRT_URI = os.environ.get("VTPM_LIBVIRT_URI", "qemu:///system")
@@ -43,6 +48,13 @@ SHUTOFF_TIMEOUT = 180.0
 SWTPM_BLOB_HEADER_LEN = 10
 SWTPM_BLOB_FLAG_ENCRYPTED = 0x01
 
+# The two private libvirt hosts of tools/test-hosts.sh (loopback only).
+HOSTS_SCRIPT = REPO_ROOT / "tools" / "test-hosts.sh"
+HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
+HOST_URIS = {
+    "host-a": "qemu+tcp://127.0.0.1:16611/system",
+    "host-b": "qemu+tcp://127.0.0.1:16612/system",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +109,40 @@ def test_guest() -> TestGuest:
         else:
             unavailable(f"cannot build the test guest in {GUEST_DIR}:\n{output[-2000:]}")
     return TestGuest(kernel=kernel, initrd=initrd)
+
+
+def host_swtpm_dir(host: str) -> Path:
+    """A test host's swtpm state directory as seen from here: its own
+    ``/var/lib/libvirt/swtpm``, bind-mounted from ``HOSTS_DIR/<host>/lib/swtpm``."""
+    return HOSTS_DIR / host / "lib" / "swtpm"
+
+
+def configure_two_hosts(conf: Any) -> None:
+    """Point ``conf`` at host-a and host-b: ``[vtpm] hosts`` and ``host_state_dirs``
+    (each host's swtpm directory as seen from here; without it the driver refuses
+    every command on a host). The same as tools/test-hosts.sh writes into
+    ``HOSTS_DIR/vtpm-driver.conf``."""
+    conf.set_override("hosts", dict(HOST_URIS), group="vtpm")
+    conf.set_override("host_state_dirs", {h: str(host_swtpm_dir(h)) for h in HOST_URIS},
+                      group="vtpm")
+
+
+@pytest.fixture(scope="module")
+def two_hosts() -> Iterator[dict[str, libvirt.virConnect]]:
+    """Both test hosts started (idempotently: tools/test-hosts.sh start) and a
+    connection to each, by name."""
+    rc, output = run_tool_script(HOSTS_SCRIPT, "start", timeout=180, env={})
+    if rc != 0:
+        unavailable(f"tools/test-hosts.sh start failed ({rc}):\n{output[-2000:]}")
+    conns = {name: libvirt.open(uri) for name, uri in HOST_URIS.items()}
+    try:
+        yield conns
+    finally:
+        for conn in conns.values():
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
 
 
 def wait_for_shutoff(dom: libvirt.virDomain, timeout: float = SHUTOFF_TIMEOUT) -> None:

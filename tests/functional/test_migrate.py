@@ -32,10 +32,16 @@ import libvirt
 import pytest
 from keystoneauth1 import session as ks_session
 
+from tests.functional import fixtures_libvirt
 from tests.functional.fixtures_keymgr import KeymgrStack
-from tests.functional.fixtures_libvirt import REPO_ROOT, TestGuest, read_console
+from tests.functional.fixtures_libvirt import (
+    TestGuest,
+    configure_two_hosts,
+    host_swtpm_dir,
+    read_console,
+)
 from tests.functional.fixtures_server import driver_conf
-from tests.functional.support import run_tool_script, unavailable
+from tests.functional.support import run_tool_script
 from vtpm_driver import exception, keymgr
 from vtpm_driver.context import RequestContext
 from vtpm_driver.guestreport import parse_vtpm_results
@@ -48,35 +54,19 @@ from vtpm_driver.virt import state as virt_state
 
 pytestmark = pytest.mark.functional
 
-SCRIPT = REPO_ROOT / "tools" / "test-hosts.sh"
-HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
-URIS = {
-    "host-a": "qemu+tcp://127.0.0.1:16611/system",
-    "host-b": "qemu+tcp://127.0.0.1:16612/system",
-}
+# Other multi-host modules import these from here (fixtures_offhost, test_offhost*,
+# test_multihost_state); they live in fixtures_libvirt.
+SCRIPT = fixtures_libvirt.HOSTS_SCRIPT
+HOSTS_DIR = fixtures_libvirt.HOSTS_DIR
+URIS = fixtures_libvirt.HOST_URIS
+two_hosts = fixtures_libvirt.two_hosts
 BOOT_TIMEOUT = 240.0  # bounds, not speed checks (2 cores, other helpers' guests)
 REPORT_EVERY = 2
 
 
 def state_dir(host: str, server_uuid: str) -> Path:
     """A host's swtpm state directory of a server, as seen from here."""
-    return HOSTS_DIR / host / "lib" / "swtpm" / server_uuid
-
-
-@pytest.fixture(scope="module")
-def two_hosts() -> Iterator[dict[str, libvirt.virConnect]]:
-    rc, output = run_tool_script(SCRIPT, "start", timeout=180, env={})
-    if rc != 0:
-        unavailable(f"tools/test-hosts.sh start failed ({rc}):\n{output[-2000:]}")
-    conns = {name: libvirt.open(uri) for name, uri in URIS.items()}
-    try:
-        yield conns
-    finally:
-        for conn in conns.values():
-            try:
-                conn.close()
-            except libvirt.libvirtError:
-                pass
+    return host_swtpm_dir(host) / server_uuid
 
 
 @dataclasses.dataclass
@@ -221,7 +211,7 @@ def cloud(two_hosts, keymgr_stack: KeymgrStack, clouds: dict[str, dict[str, str]
           tmp_path: Path) -> Iterator[Cloud]:
     os.chmod(tmp_path, 0o755)
     conf = driver_conf(keymgr_stack, clouds["service"], tmp_path / "console")
-    conf.set_override("hosts", dict(URIS), group="vtpm")
+    configure_two_hosts(conf)
     env = Cloud(conf=conf, contexts=stack_contexts, guest=test_guest, conns=two_hosts,
                 stack=keymgr_stack, admin=keystone_session("admin", project_name="vtpm-a"))
     try:

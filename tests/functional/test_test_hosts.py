@@ -3,7 +3,8 @@
 What later multi-host work relies on, checked on the real daemons: each host
 answers on its own loopback port with its own host UUID (libvirt refuses a
 migration to "the same host" by UUID), keeps its guests and its swtpm state to
-itself, and the script is idempotent and writes the configuration naming both.
+itself, and the script is idempotent and writes the configuration naming both
+(the hosts and their swtpm directories, as :func:`configure_two_hosts` does).
 """
 
 from __future__ import annotations
@@ -12,76 +13,77 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 from lxml import etree
 
-from tests.functional.fixtures_libvirt import REPO_ROOT, TestGuest, read_console
-from tests.functional.support import run_tool_script, unavailable
+from tests.functional.fixtures_libvirt import (
+    HOST_URIS,
+    HOSTS_DIR,
+    HOSTS_SCRIPT,
+    TestGuest,
+    configure_two_hosts,
+    host_swtpm_dir,
+    read_console,
+)
+from tests.functional.support import run_tool_script
+from vtpm_driver import conf as vtpm_conf
 from vtpm_driver.guestreport import parse_vtpm_results
 
-SCRIPT = REPO_ROOT / "tools" / "test-hosts.sh"
-HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
-URIS = {
-    "host-a": "qemu+tcp://127.0.0.1:16611/system",
-    "host-b": "qemu+tcp://127.0.0.1:16612/system",
-}
 BOOT_TIMEOUT = 120.0
 
-
-@pytest.fixture(scope="module")
-def test_hosts() -> Iterator[dict[str, libvirt.virConnect]]:
-    """Both hosts started (idempotently) and a connection to each."""
-    rc, output = run_tool_script(SCRIPT, "start", timeout=180, env={})
-    if rc != 0:
-        unavailable(f"tools/test-hosts.sh start failed ({rc}):\n{output[-2000:]}")
-    conns = {name: libvirt.open(uri) for name, uri in URIS.items()}
-    try:
-        yield conns
-    finally:
-        for conn in conns.values():
-            conn.close()
+# ``two_hosts`` (both hosts started, a connection to each) is fixtures_libvirt's.
 
 
 def _host_uuid(conn: libvirt.virConnect) -> str:
     return etree.fromstring(conn.getCapabilities().encode()).findtext("host/uuid")
 
 
-def test_each_host_has_its_own_identity_and_port(test_hosts, libvirt_conn):
-    ids = {name: _host_uuid(conn) for name, conn in test_hosts.items()}
+def test_each_host_has_its_own_identity_and_port(two_hosts, libvirt_conn):
+    ids = {name: _host_uuid(conn) for name, conn in two_hosts.items()}
     system = _host_uuid(libvirt_conn)
     assert len(set(ids.values()) | {system}) == 3, (ids, system)
-    for name, conn in test_hosts.items():
-        assert conn.getURI() == URIS[name]
+    for name, conn in two_hosts.items():
+        assert conn.getURI() == HOST_URIS[name]
 
 
-def test_start_is_idempotent_and_conf_names_both(test_hosts):
-    rc, output = run_tool_script(SCRIPT, "start", timeout=60, env={})
+def test_start_is_idempotent_and_conf_names_both(two_hosts):
+    rc, output = run_tool_script(HOSTS_SCRIPT, "start", timeout=60, env={})
     assert rc == 0, output
     assert "already running" in output
-    rc, output = run_tool_script(SCRIPT, "status", timeout=60, env={})
+    rc, output = run_tool_script(HOSTS_SCRIPT, "status", timeout=60, env={})
     assert rc == 0, output
     conf = (HOSTS_DIR / "vtpm-driver.conf").read_text()
-    assert f"host-a={URIS['host-a']}" in conf and f"host-b={URIS['host-b']}" in conf
+    assert f"host-a={HOST_URIS['host-a']}" in conf and f"host-b={HOST_URIS['host-b']}" in conf
+    # What the script writes is what configure_two_hosts gives the tests.
+    written = vtpm_conf.new_conf(config_files=[str(HOSTS_DIR / "vtpm-driver.conf")])
+    ours = vtpm_conf.new_conf()
+    configure_two_hosts(ours)
+    assert written.vtpm.hosts == ours.vtpm.hosts == HOST_URIS
+    assert written.vtpm.host_state_dirs == ours.vtpm.host_state_dirs
+    assert sorted(ours.vtpm.host_state_dirs) == sorted(HOST_URIS)
+    for name, path in ours.vtpm.host_state_dirs.items():
+        assert Path(path).is_dir(), name
 
 
 def _tpm_domain_xml(name: str, dom_uuid: str, guest: TestGuest, console: Path) -> str:
     return f"""<domain type='qemu'><name>{name}</name><uuid>{dom_uuid}</uuid>
 <memory unit='MiB'>256</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{guest.kernel}</kernel>
-<initrd>{guest.initrd}</initrd><cmdline>{guest.cmdline}</cmdline></os>
+<initrd>{guest.initrd}</initrd><cmdline>{guest.cmdline} vtpm_test=stay</cmdline></os>
 <features><acpi/></features><on_poweroff>destroy</on_poweroff>
 <devices><serial type='file'><source path='{console}'/></serial>
 <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>"""
 
 
-def test_vtpm_guest_stays_on_its_host(test_hosts, libvirt_conn, test_guest, tmp_path):
+def test_vtpm_guest_stays_on_its_host(two_hosts, libvirt_conn, test_guest, tmp_path):
     """A guest defined on host-a is seen only there, its swtpm state lives in
-    host-a's own directory, and undefining it there removes that state."""
-    conn = test_hosts["host-a"]
+    host-a's own directory, and undefining it there removes that state. The guest
+    stays up (``vtpm_test=stay``) until the test destroys it: one that powered
+    itself off between ``isActive`` and ``destroy`` failed the cleanup."""
+    conn = two_hosts["host-a"]
     dom_uuid = str(uuid.uuid4())
     name = f"vtpm-th-{dom_uuid[:8]}"
     console = tmp_path / "console.log"
@@ -96,20 +98,20 @@ def test_vtpm_guest_stays_on_its_host(test_hosts, libvirt_conn, test_guest, tmp_
             results = parse_vtpm_results(read_console(console))
         assert results, f"no VTPM_RESULT from the guest on host-a:\n{read_console(console)}"
         assert results[-1]["version"] == "2"
-        own_state = HOSTS_DIR / "host-a" / "lib" / "swtpm" / dom_uuid
+        own_state = host_swtpm_dir("host-a") / dom_uuid
         assert own_state.is_dir()
         assert not Path("/var/lib/libvirt/swtpm", dom_uuid).exists()
-        for other in (test_hosts["host-b"], libvirt_conn):
+        for other in (two_hosts["host-b"], libvirt_conn):
             with pytest.raises(libvirt.libvirtError):
                 other.lookupByUUIDString(dom_uuid)
     finally:
         if dom.isActive():
             dom.destroy()
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
-    assert not (HOSTS_DIR / "host-a" / "lib" / "swtpm" / dom_uuid).exists()
+    assert not (host_swtpm_dir("host-a") / dom_uuid).exists()
 
 
-def test_system_libvirtd_is_untouched(test_hosts):
+def test_system_libvirtd_is_untouched(two_hosts):
     """The system daemon still answers on its own socket after the hosts started."""
     out = subprocess.run(["virsh", "-c", "qemu:///system", "uri"], capture_output=True,
                          text=True, timeout=30, check=False)
