@@ -31,9 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HOSTS = {"host-a": "qemu+tcp://127.0.0.1:16611/system",
-         "host-b": "qemu+tcp://127.0.0.1:16612/system"}
 REPO = Path(__file__).resolve().parent.parent
+#: What ``tools/test-hosts.sh start`` writes: ``[vtpm] hosts`` (host-a, host-b) and
+#: ``host_state_dirs`` (each host's swtpm directory as seen from here).
+HOSTS_CONF = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"),
+                  "vtpm-driver.conf")
 GUEST_DIR = Path(os.environ.get("VTPM_GUEST_DIR", "/var/cache/vtpm-driver/guest"))
 VTPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}
 
@@ -47,6 +49,8 @@ def check_available() -> None:
                         capture_output=True, timeout=60, check=False).returncode
     if rc != 0:
         raise MigrateUnavailable("test hosts not running (tools/test-hosts.sh start)")
+    if not HOSTS_CONF.is_file():
+        raise MigrateUnavailable(f"no {HOSTS_CONF} (tools/test-hosts.sh start writes it)")
     if not (GUEST_DIR / "vmlinuz").exists():
         raise MigrateUnavailable(f"no test guest in {GUEST_DIR} (tools/build-guest.sh)")
 
@@ -57,16 +61,17 @@ SERVICE_KEYS = ("auth_url", "username", "password", "project_name", "user_domain
 
 def bench_conf(service: dict[str, str] | None = None) -> Any:
     """The driver configuration for both test hosts (``service``: the service user's
-    credentials, for ``deployment`` mode)."""
+    credentials, for ``deployment`` mode): :data:`HOSTS_CONF`, the hosts and their
+    swtpm directories as the script that made them says (with several hosts the
+    driver refuses a host whose directory it is not told)."""
     from keystoneauth1 import loading as ks_loading
 
     from vtpm_driver import conf as vtpm_conf
 
-    conf = vtpm_conf.new_conf()
+    conf = vtpm_conf.new_conf(config_files=[str(HOSTS_CONF)])
     conf.set_override("virt_type", "qemu", group="libvirt")
     conf.set_override("swtpm_enabled", True, group="libvirt")
     conf.set_override("guest_start_timeout", 240, group="vtpm")
-    conf.set_override("hosts", dict(HOSTS), group="vtpm")
     workdir = Path(tempfile.mkdtemp(prefix="vtpm-bench-migrate-"))
     os.chmod(workdir, 0o755)
     conf.set_override("console_log_dir", str(workdir), group="vtpm")
@@ -144,10 +149,11 @@ class RawGuests:
     exactly the guest our path moves, without any of our steps.
     """
 
-    def __init__(self, xml: str, workdir: Path) -> None:
+    def __init__(self, xml: str, workdir: Path, uris: dict[str, str]) -> None:
         import libvirt
 
-        self.conns = {name: libvirt.open(uri) for name, uri in HOSTS.items()}
+        self.uris = dict(uris)
+        self.conns = {name: libvirt.open(uri) for name, uri in self.uris.items()}
         self.where: dict[str, str] = {}
         self.secret_uuid = str(uuid.uuid4())
         self.passphrase = base64.b64encode(os.urandom(384))
@@ -194,7 +200,7 @@ class RawGuests:
         name = etree.fromstring(self._xml[kind]).find("name").text
         dom = self.conns[self.where[kind]].lookupByName(name)
         t0 = time.perf_counter()
-        dom.migrateToURI3(HOSTS[dest], _raw_params(), _raw_flags())
+        dom.migrateToURI3(self.uris[dest], _raw_params(), _raw_flags())
         elapsed = time.perf_counter() - t0
         self.where[kind] = dest
         assert self.conns[dest].lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -277,7 +283,7 @@ def run(ctx: Any, runs: int = 3, conf: Any = None, *, fresh_hosts: bool = False)
                  initrd=str(GUEST_DIR / "initrd.img"), cmdline="console=ttyS0 vtpm_test=stay")
         xml = virt_migrate.domain_xml(hosts.backend("host-a").hypervisor.conn.lookupByName(
             names["vtpm"]))
-        raw = RawGuests(xml, workdir)
+        raw = RawGuests(xml, workdir, dict(conf.vtpm.hosts))
         raw.start()
         with clock.installed():
             for kind in kinds:  # untimed warm-up: connections, host reports, token checks
