@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from keystoneauth1 import exceptions as ks_exc
+from keystoneauth1 import session as ks_session
+from keystoneauth1.identity import v3
 
 from tests.functional.support import run_tool_script, unavailable
 from vtpm_driver.guestreport import parse_vtpm_results, results_since
@@ -32,7 +36,7 @@ from vtpm_driver.guestreport import parse_vtpm_results, results_since
 AIO_DIR = Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
 AIO_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "openstack-aio.sh"
 # Live migration through Nova below its API's vTPM secret-mode check (see that script).
-BELOW_API_SCRIPT = AIO_SCRIPT.parent / "aio" / "live_migrate_below_api.py"
+BELOW_API_SCRIPT = AIO_SCRIPT.parent / "aio" / "below_api.py"
 # What tools/aio/cloud.py uploads.
 GUEST_IMAGE = "vtpm-guest"
 GUEST_KERNEL = "vtpm-guest-kernel"
@@ -51,6 +55,7 @@ HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
 # One OSC call is ~3-5 s of Python start-up; a TCG guest boots in a few seconds.
 CLI_TIMEOUT = 180
 SERVER_TIMEOUT = 300
+POLL = 1  # seconds between two REST polls of a server
 CONSOLE_TIMEOUT = 180
 START_TIMEOUT = 1500
 
@@ -71,6 +76,10 @@ class CommandFailed(AssertionError):
         super().__init__(
             f"`openstack {command}` exited {returncode}:\n{stderr.strip()}\n{stdout.strip()}"
         )
+
+
+# (clouds.yaml, cloud) -> session: a token per cloud for the whole run.
+_SESSIONS: dict[tuple[str, str], ks_session.Session] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,26 +124,53 @@ class AioCloud:
         """``-f json`` output of a command that must succeed."""
         return json.loads(self.cli(cloud, *args, "-f", "json", timeout=timeout))
 
-    def live_migrate_below_api(
-        self, cloud: str, server_id: str, host: str | None = None,
+    def below_api(
+        self, cloud: str, action: str, server_id: str, host: str | None = None,
         timeout: float = SERVER_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
-        """``tools/aio/live_migrate_below_api.py`` as ``cloud`` (any exit code): Nova's
-        ``API().live_migrate`` with only the vTPM secret-mode check of Nova's API lifted;
-        returns once the conductor has started the migration (or refused it)."""
+        """``tools/aio/below_api.py`` as ``cloud`` (any exit code): Nova's ``API()`` method
+        for ``action`` (live-migrate, shelve, rescue, rebuild, evacuate) with only the one
+        vTPM check of Nova's API that refuses it lifted; returns once Nova accepted the
+        request (or refused it)."""
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("OS_") and k != "PYTHONPATH"
         }
         env.update(VTPM_AIO_DIR=str(self.aio_dir), PYTHONWARNINGS="ignore")
         args = [str(self.aio_dir / "venv" / "bin" / "python"), str(BELOW_API_SCRIPT),
-                "--cloud", cloud, *(["--host", host] if host else []), server_id]
+                "--cloud", cloud, *(["--host", host] if host else []), action, server_id]
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
                               check=False)
 
     # --- servers ------------------------------------------------------------------------
 
+    def session(self, cloud: str) -> ks_session.Session:
+        """A keystoneauth session of ``cloud`` (clouds.yaml), one per cloud, reused."""
+        key = (str(self.clouds_file), cloud)
+        if key not in _SESSIONS:
+            auth = yaml.safe_load(self.clouds_file.read_text())["clouds"][cloud]["auth"]
+            _SESSIONS[key] = ks_session.Session(auth=v3.Password(
+                auth_url=auth["auth_url"], username=auth["username"],
+                password=auth["password"], project_name=auth["project_name"],
+                user_domain_name=auth["user_domain_name"],
+                project_domain_name=auth["project_domain_name"]))
+        return _SESSIONS[key]
+
+    def compute(self, cloud: str, method: str, path: str, body: Any = None) -> Any:
+        """Nova's REST API (latest microversion) as ``cloud``; the reply's JSON body.
+
+        Used for the polls (server status, console log): the same request
+        ``openstack server show`` makes, without its seconds of Python start-up
+        per call; every action a test is about still goes through ``openstack``.
+        """
+        resp = self.session(cloud).request(
+            path, method, json=body, raise_exc=True,
+            endpoint_filter={"service_type": "compute", "interface": "public"},
+            headers={"OpenStack-API-Version": "compute latest"})
+        return resp.json() if resp.content else None
+
     def server(self, cloud: str, server_id: str) -> dict[str, Any]:
-        return self.json(cloud, "server", "show", server_id)
+        """``GET /servers/{id}``: what ``openstack server show -f json`` shows."""
+        return self.compute(cloud, "GET", f"/servers/{server_id}")["server"]
 
     def wait_server(
         self, cloud: str, server_id: str, status: str, timeout: float = SERVER_TIMEOUT
@@ -153,10 +189,29 @@ class AioCloud:
                     f"server {server_id} is {server['status']} (task {task}) after "
                     f"{timeout:.0f} s, expected {status}"
                 )
-            time.sleep(2)
+            time.sleep(POLL)
+
+    def wait_gone(self, cloud: str, server_id: str, timeout: float = SERVER_TIMEOUT) -> None:
+        """Poll until ``GET /servers/{id}`` answers 404 (deleted); ERROR ends the wait."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                server = self.server(cloud, server_id)
+            except ks_exc.NotFound:
+                return
+            if server["status"] == "ERROR":
+                raise AssertionError(f"server {server_id} went to ERROR while being deleted: "
+                                     f"{server.get('fault')}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server {server_id} still exists after {timeout:.0f} s "
+                                     f"({server['status']})")
+            time.sleep(POLL)
 
     def console_log(self, cloud: str, server_id: str) -> str:
-        return self.cli(cloud, "console", "log", "show", server_id)
+        """``openstack console log show``: the os-getConsoleOutput action."""
+        reply = self.compute(cloud, "POST", f"/servers/{server_id}/action",
+                             {"os-getConsoleOutput": {"length": None}})
+        return reply["output"]
 
     def wait_vtpm_result(
         self, cloud: str, server_id: str, before: str = "", timeout: float = CONSOLE_TIMEOUT
@@ -267,34 +322,36 @@ class ResourceTracker:
         wait: bool = False,
         zone: str | None = None,
     ) -> str:
-        """``openstack server create --nic none [--wait] [--availability-zone Z]``;
+        """``openstack server create --nic none [--availability-zone Z]``;
         returns the server id.
 
-        With ``wait`` the command itself polls until ACTIVE (and fails on ERROR).
+        With ``wait``, polls until ACTIVE (and fails on ERROR).
         """
         name = self.unique("vtpm-aio-test")
         args = ["server", "create", "--flavor", flavor, "--image", image, "--nic", "none"]
         if zone:
             args += ["--availability-zone", zone]
-        if wait:
-            args.append("--wait")
-        proc = self.cloud.run(cloud, *args, name, "-f", "json", timeout=SERVER_TIMEOUT)
-        if proc.returncode != 0:
-            # Track it even so: --wait fails after the server exists.
-            found = self.cloud.run(cloud, "server", "show", name, "-f", "value", "-c", "id")
-            if found.returncode == 0 and found.stdout.strip():
-                self.servers.append((cloud, found.stdout.strip()))
-            raise CommandFailed(args, proc.returncode, proc.stdout, proc.stderr)
-        server = json.loads(proc.stdout)
+        server = json.loads(self.cloud.cli(cloud, *args, name, "-f", "json",
+                                           timeout=SERVER_TIMEOUT))
         self.servers.append((cloud, server["id"]))
+        if wait:
+            self.cloud.wait_server(cloud, server["id"], "ACTIVE")
         return server["id"]
 
     def cleanup(self) -> None:
         errors = []
-        for cloud, server_id in reversed(self.servers):
-            proc = self.cloud.run(cloud, "server", "delete", "--wait", server_id, timeout=300)
+        by_cloud: dict[str, list[str]] = {}
+        for cloud, server_id in self.servers:
+            by_cloud.setdefault(cloud, []).append(server_id)
+        for cloud, ids in by_cloud.items():  # one command per cloud, then wait for each
+            proc = self.cloud.run(cloud, "server", "delete", *ids, timeout=300)
             if proc.returncode != 0 and "No Server found" not in proc.stderr:
-                errors.append(f"server {server_id}: {proc.stderr.strip()}")
+                errors.append(f"servers {ids}: {proc.stderr.strip()}")
+        for cloud, server_id in self.servers:
+            try:
+                self.cloud.wait_gone(cloud, server_id)
+            except AssertionError as exc:
+                errors.append(str(exc))
         for image in self.images:
             proc = self.cloud.run("admin", "image", "delete", image)
             if proc.returncode != 0:
@@ -312,3 +369,79 @@ def aio_resources(aio_cloud: AioCloud) -> Iterator[ResourceTracker]:
     tracker = ResourceTracker(aio_cloud)
     yield tracker
     tracker.cleanup()
+
+
+# --- servers on the two test hosts (zone vtpm-multihost), seen from their guests ---------
+# The guest of image vtpm-guest-reporting prints ``VTPM_RESULT ... ek=... boot=... seq=``
+# every 3 s on its serial console (``console.log`` in the shared ``instances_path``).
+
+HOST_ATTR = "OS-EXT-SRV-ATTR:host"
+REPORT_TIMEOUT = 120
+
+
+def console_file(cloud: AioCloud, server_id: str) -> Path:
+    return cloud.aio_dir / "instances" / server_id / "console.log"
+
+
+def latest_report(cloud: AioCloud, server_id: str, after_seq: int = -1,
+                  boot: str | None = None) -> dict[str, str]:
+    """The newest VTPM_RESULT (of ``boot`` if given, else any new boot, with seq > after_seq)."""
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while True:
+        try:
+            text = console_file(cloud, server_id).read_text(errors="replace")
+            results = parse_vtpm_results(text)
+        except FileNotFoundError:
+            results = []
+        fresh = [r for r in results if r.get("seq") is not None and (
+            (boot is None or r.get("boot") == boot) and int(r["seq"]) > after_seq)]
+        if fresh:
+            return fresh[-1]
+        assert time.monotonic() < deadline, (
+            f"no new VTPM_RESULT from {server_id} in {REPORT_TIMEOUT} s; last: {results[-1:]}")
+        time.sleep(2)
+
+
+def next_boot_report(cloud: AioCloud, server_id: str, old_boot: str) -> dict[str, str]:
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while True:
+        report = latest_report(cloud, server_id)
+        if report.get("boot") != old_boot:
+            return report
+        assert time.monotonic() < deadline, f"{server_id} did not boot again"
+        time.sleep(2)
+
+
+def virsh(host: str, *args: str) -> str:
+    return subprocess.run(["virsh", "-q", "-c", TEST_HOSTS[host], *args], capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+
+
+def assert_nothing_on(host: str, server_id: str) -> None:
+    """No domain, no vTPM libvirt secret, no TPM state of the server on ``host``."""
+    assert server_id not in virsh(host, "list", "--all", "--uuid")
+    assert server_id not in virsh(host, "secret-list")
+    assert not (HOSTS_DIR / host / "lib" / "swtpm" / server_id).exists()
+
+
+def assert_runs_on(host: str, server_id: str) -> None:
+    assert server_id in virsh(host, "list", "--uuid")
+    assert (HOSTS_DIR / host / "lib" / "swtpm" / server_id).is_dir()
+
+
+def other(host: str) -> str:
+    (name,) = [h for h in TEST_HOSTS if h != host]
+    return name
+
+
+def flavor_for(res: ResourceTracker, mode: str) -> str:
+    return res.flavor({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb",
+                       "hw:tpm_secret_security": mode})
+
+
+def create_on_test_host(res: ResourceTracker, mode: str) -> tuple[str, str]:
+    server_id = res.server_create("owner", flavor_for(res, mode), image=REPORTING_IMAGE,
+                                  wait=True, zone=MULTIHOST_ZONE)
+    host = res.cloud.server("admin", server_id)[HOST_ATTR]
+    assert host in TEST_HOSTS
+    return server_id, host

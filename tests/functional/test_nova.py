@@ -84,14 +84,15 @@ def test_tpm_server_create_reboot_delete(
     assert "Forbidden" in refused.stderr, refused.stderr
     assert (SWTPM_STATE_ROOT / server_id).is_dir()
 
-    aio_cloud.cli("owner", "server", "reboot", "--hard", "--wait", server_id, timeout=300)
+    aio_cloud.cli("owner", "server", "reboot", "--hard", server_id)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
     second, _ = aio_cloud.wait_vtpm_result("owner", server_id, before=log)
     assert_tpm_2_crb(second)
     assert second["ek"] == first["ek"], "hard reboot gave the guest a new TPM"
     assert len(aio_cloud.vtpm_secrets("owner", server_id)) == 1
 
-    aio_cloud.cli("owner", "server", "delete", "--wait", server_id, timeout=300)
+    aio_cloud.cli("owner", "server", "delete", server_id)
+    aio_cloud.wait_gone("owner", server_id)
     gone = aio_cloud.run("owner", "server", "show", server_id)
     assert gone.returncode != 0 and "No Server found" in gone.stderr, gone.stderr
     assert aio_cloud.vtpm_secrets("owner", server_id) == []

@@ -13,7 +13,7 @@ a cold one boots again. The source keeps nothing: no libvirt secret, no
 
 Live migration of ``user`` and ``deployment`` mode servers: Nova's API refuses
 it (``reject_legacy_vtpm_live_migration``, HTTP 400) before any compute is
-asked, so those tests go through ``tools/aio/live_migrate_below_api.py``: Nova's
+asked, so those tests go through ``tools/aio/below_api.py live-migrate``: Nova's
 ``API().live_migrate`` with the owner's (or a non-owner's) real token and ONLY
 that API check's secret-mode read patched; conductor, scheduler, both
 nova-computes and the shim run for real (see that script's docstring).
@@ -21,99 +21,31 @@ nova-computes and the shim run for real (see that script's docstring).
 
 from __future__ import annotations
 
-import subprocess
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.functional.fixtures_nova import (
-    HOSTS_DIR,
+    HOST_ATTR,
     MULTIHOST_ZONE,
-    REPORTING_IMAGE,
     SERVER_TIMEOUT,
-    TEST_HOSTS,
     AioCloud,
     ResourceTracker,
     aio_cloud,  # noqa: F401  (fixture)
     aio_resources,  # noqa: F401  (fixture)
+    assert_nothing_on,
+    assert_runs_on,
+    create_on_test_host,
+    flavor_for,
+    latest_report,
+    next_boot_report,
+    other,
+    virsh,
 )
-from vtpm_driver.guestreport import parse_vtpm_results
 
 pytestmark = pytest.mark.functional
 
-HOST_ATTR = "OS-EXT-SRV-ATTR:host"
-REPORT_TIMEOUT = 120
 OWNER_PROJECT = "vtpm-a"  # the keymgr stack's project of cloud "owner"
-
-
-def console_log(cloud: AioCloud, server_id: str) -> Path:
-    return cloud.aio_dir / "instances" / server_id / "console.log"
-
-
-def latest_report(cloud: AioCloud, server_id: str, after_seq: int = -1,
-                  boot: str | None = None) -> dict[str, str]:
-    """The newest VTPM_RESULT (of ``boot`` if given, else any new boot, with seq > after_seq)."""
-    deadline = time.monotonic() + REPORT_TIMEOUT
-    while True:
-        try:
-            results = parse_vtpm_results(console_log(cloud, server_id).read_text(errors="replace"))
-        except FileNotFoundError:
-            results = []
-        fresh = [r for r in results if r.get("seq") is not None and (
-            (boot is None or r.get("boot") == boot) and int(r["seq"]) > after_seq)]
-        if fresh:
-            return fresh[-1]
-        assert time.monotonic() < deadline, (
-            f"no new VTPM_RESULT from {server_id} in {REPORT_TIMEOUT} s; last: {results[-1:]}")
-        time.sleep(2)
-
-
-def next_boot_report(cloud: AioCloud, server_id: str, old_boot: str) -> dict[str, str]:
-    deadline = time.monotonic() + REPORT_TIMEOUT
-    while True:
-        report = latest_report(cloud, server_id)
-        if report.get("boot") != old_boot:
-            return report
-        assert time.monotonic() < deadline, f"{server_id} did not boot again"
-        time.sleep(2)
-
-
-def virsh(host: str, *args: str) -> str:
-    return subprocess.run(["virsh", "-q", "-c", TEST_HOSTS[host], *args], capture_output=True,
-                          text=True, check=True, timeout=60).stdout
-
-
-def assert_nothing_on(host: str, server_id: str) -> None:
-    """No domain, no vTPM libvirt secret, no TPM state of the server on ``host``."""
-    assert server_id not in virsh(host, "list", "--all", "--uuid")
-    assert server_id not in virsh(host, "secret-list")
-    assert not (HOSTS_DIR / host / "lib" / "swtpm" / server_id).exists()
-
-
-def assert_runs_on(host: str, server_id: str) -> None:
-    assert server_id in virsh(host, "list", "--uuid")
-    assert (HOSTS_DIR / host / "lib" / "swtpm" / server_id).is_dir()
-
-
-def other(host: str) -> str:
-    (name,) = [h for h in TEST_HOSTS if h != host]
-    return name
-
-
-def flavor_for(res: ResourceTracker, mode: str) -> str:
-    return res.flavor({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb",
-                       "hw:tpm_secret_security": mode})
-
-
-def create_on_test_host(res: ResourceTracker, mode: str) -> tuple[str, str]:
-    server_id = res.server_create("owner", flavor_for(res, mode), image=REPORTING_IMAGE,
-                                  wait=True, zone=MULTIHOST_ZONE)
-    host = res.cloud.server("admin", server_id)[HOST_ATTR]
-    assert host in TEST_HOSTS
-    return server_id, host
-
 
 def test_live_migration_host_mode_keeps_the_running_tpm(aio_cloud: AioCloud,  # noqa: F811
                                                         aio_resources: ResourceTracker  # noqa: F811
@@ -122,8 +54,7 @@ def test_live_migration_host_mode_keeps_the_running_tpm(aio_cloud: AioCloud,  # 
     before = latest_report(aio_cloud, server_id)
     assert_runs_on(source, server_id)
 
-    aio_cloud.cli("owner", "server", "migrate", "--live-migration", "--wait", server_id,
-                  timeout=SERVER_TIMEOUT)
+    aio_cloud.cli("owner", "server", "migrate", "--live-migration", server_id)
 
     server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
     dest = server.get(HOST_ATTR) or aio_cloud.server("admin", server_id)[HOST_ATTR]
@@ -145,7 +76,7 @@ def test_cold_migration_and_confirm_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F
     server_id, source = create_on_test_host(aio_resources, mode)
     before = latest_report(aio_cloud, server_id)
 
-    aio_cloud.cli("owner", "server", "migrate", "--wait", server_id, timeout=SERVER_TIMEOUT)
+    aio_cloud.cli("owner", "server", "migrate", server_id)
     aio_cloud.wait_server("owner", server_id, "VERIFY_RESIZE")
     aio_cloud.cli("owner", "server", "resize", "confirm", server_id)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
@@ -191,10 +122,7 @@ def test_ten_overlapping_creates_and_deletes(aio_cloud: AioCloud,  # noqa: F811
         aio_cloud.cli("owner", "server", "delete", server_id)
     for server_id in ids:
         if server_id in doomed:
-            proc = aio_cloud.run("owner", "server", "delete", "--wait", server_id,
-                                 timeout=SERVER_TIMEOUT)
-            assert proc.returncode == 0 or "No Server found" in proc.stderr, proc.stderr
-            assert aio_cloud.run("owner", "server", "show", server_id).returncode != 0
+            aio_cloud.wait_gone("owner", server_id)
         else:
             server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
             assert server["status"] == "ACTIVE"
@@ -218,7 +146,7 @@ def test_live_migration_below_the_api_check_keeps_the_running_tpm(
     assert "vTPM" in refused.stderr, refused.stderr
     assert aio_cloud.wait_server("owner", server_id, "ACTIVE")
 
-    proc = aio_cloud.live_migrate_below_api("owner", server_id)
+    proc = aio_cloud.below_api("owner", "live-migrate", server_id)
     assert proc.returncode == 0, proc.stderr
 
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
@@ -245,7 +173,7 @@ def test_live_migration_of_a_user_mode_server_by_a_non_owner_is_refused(
     server_id, source = create_on_test_host(aio_resources, "user")
     before = latest_report(aio_cloud, server_id)
 
-    proc = aio_cloud.live_migrate_below_api("admin", server_id, host=other(source))
+    proc = aio_cloud.below_api("admin", "live-migrate", server_id, host=other(source))
 
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "MigrationPreCheckError" in proc.stderr, proc.stderr

@@ -158,6 +158,10 @@ def nova_conf(root: Path, pw: dict[str, str], compute_driver: str, debug: bool) 
                 "wait_soft_reboot_seconds": 10,
             },
             "compute": {"consecutive_build_service_disable_threshold": 0},
+            # The shim's off-host TPM state copies (nova/virt/vtpm/offhost.py): a
+            # directory every compute sees stands in for object storage; a copy at
+            # every stop, so that a server of a dead compute can be evacuated.
+            "vtpm": {"state_backup": "on-stop", "state_backup_dir": root / "state-store"},
             "conductor": {"workers": 1},
             "scheduler": {"workers": 1, "discover_hosts_in_cells_interval": -1},
             "filter_scheduler": {"track_instance_changes": False},

@@ -1,0 +1,248 @@
+"""Through Nova: shelve/unshelve, rescue/unrescue, rebuild and evacuate keep the TPM (issue 15).
+
+Nova's API refuses shelve, rescue, rebuild and evacuate of vTPM servers
+(``reject_vtpm_instances``, HTTP 400) before any compute is asked; these
+tests make the request through ``tools/aio/below_api.py``: Nova's ``API()``
+method with the owner's (or an admin's) real token and only that check
+lifted. The conductor, the scheduler, the nova-computes ``host-a`` and
+``host-b`` (one per libvirt test host) and the shim
+(``nova/virt/vtpm/offhost.py``) run for real. ``unshelve``, ``unrescue`` and
+``start`` go through ``openstack`` (Nova's API allows them).
+
+The AIO's computes run with ``[vtpm] state_backup = on-stop`` and
+``state_backup_dir = <aio>/state-store`` (tools/aio/render.py). Every TPM is
+compared from inside the guest (its EK on the serial console).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.functional.fixtures_nova import (
+    HOST_ATTR,
+    MULTIHOST_ZONE,
+    REPORT_TIMEOUT,
+    REPORTING_IMAGE,
+    SERVER_TIMEOUT,
+    AioCloud,
+    ResourceTracker,
+    _run_script,
+    aio_cloud,  # noqa: F401  (fixture)
+    aio_resources,  # noqa: F401  (fixture)
+    assert_nothing_on,
+    assert_runs_on,
+    console_file,
+    create_on_test_host,
+    flavor_for,
+    latest_report,
+    next_boot_report,
+    other,
+)
+from vtpm_driver.guestreport import results_since
+
+pytestmark = pytest.mark.functional
+
+START_TIMEOUT = 600
+
+
+def copy_meta(cloud: AioCloud, server_id: str) -> dict[str, Any] | None:
+    """The off-host copy's ``meta.json`` in the AIO's state store, or None."""
+    path = cloud.aio_dir / "state-store" / server_id / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def below_api_ok(cloud: AioCloud, who: str, action: str, server_id: str,
+                 host: str | None = None) -> None:
+    proc = cloud.below_api(who, action, server_id, host=host)
+    assert proc.returncode == 0, proc.stderr
+    assert "vTPM" not in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- shelve
+
+
+@pytest.mark.parametrize(("mode", "unshelver"), [("user", "owner"), ("deployment", "admin")])
+def test_shelve_offload_and_unshelve_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
+                                                  aio_resources: ResourceTracker,  # noqa: F811
+                                                  mode: str, unshelver: str) -> None:
+    """Shelve frees the host; unshelve (to the other host, when an admin may say so)
+    brings the same TPM back from the off-host copy."""
+    server_id, source = create_on_test_host(aio_resources, mode)
+    before = latest_report(aio_cloud, server_id)
+    refused = aio_cloud.run("owner", "server", "shelve", server_id)
+    assert refused.returncode != 0 and "vTPM" in refused.stderr, refused.stderr
+
+    below_api_ok(aio_cloud, "owner", "shelve", server_id)
+    aio_cloud.wait_server("owner", server_id, "SHELVED_OFFLOADED")
+    assert_nothing_on(source, server_id)
+    meta = copy_meta(aio_cloud, server_id)
+    assert meta is not None and meta["shelved"] and meta["encrypted"], meta
+    assert meta["source_host"] == source and meta["secret_security"] == mode
+
+    host_args = ["--host", other(source)] if unshelver == "admin" else []
+    aio_cloud.cli(unshelver, "--os-compute-api-version", "2.91", "server", "unshelve",
+                  *host_args, server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    dest = aio_cloud.server("admin", server_id)[HOST_ATTR]
+    if unshelver == "admin":
+        assert dest == other(source)
+    after = next_boot_report(aio_cloud, server_id, before["boot"])
+    assert after["ek"] == before["ek"]                 # the same TPM
+    assert_runs_on(dest, server_id)
+    meta = copy_meta(aio_cloud, server_id)            # on-stop: kept as the backup
+    assert meta is not None and not meta["shelved"] and meta["started_after"], meta
+
+
+def test_a_non_owner_shelve_of_a_user_mode_server_changes_nothing(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
+        ) -> None:
+    """An admin's shelve reaches the compute, which refuses it before the power off."""
+    server_id, source = create_on_test_host(aio_resources, "user")
+    before = latest_report(aio_cloud, server_id)
+
+    below_api_ok(aio_cloud, "admin", "shelve", server_id)
+    server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
+
+    assert server["status"] == "ACTIVE"
+    after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
+                          boot=before["boot"])                  # the same boot runs on
+    assert after["ek"] == before["ek"]
+    assert_runs_on(source, server_id)
+    assert copy_meta(aio_cloud, server_id) is None
+    actions = aio_cloud.json("admin", "server", "event", "list", server_id)
+    assert any(a["Action"] == "shelve" for a in actions), actions
+
+
+def test_deleting_a_stopped_server_removes_its_copy(aio_cloud: AioCloud,  # noqa: F811
+                                                    aio_resources: ResourceTracker  # noqa: F811
+                                                    ) -> None:
+    server_id, source = create_on_test_host(aio_resources, "deployment")
+    latest_report(aio_cloud, server_id)
+    aio_cloud.cli("owner", "server", "stop", server_id)
+    aio_cloud.wait_server("owner", server_id, "SHUTOFF")
+    meta = copy_meta(aio_cloud, server_id)
+    assert meta is not None and meta["reason"] == "stop" and not meta["server_running"]
+
+    aio_cloud.cli("owner", "server", "delete", server_id)
+    aio_cloud.wait_gone("owner", server_id)
+    assert copy_meta(aio_cloud, server_id) is None
+    assert aio_cloud.vtpm_secrets("owner", server_id) == []
+    assert_nothing_on(source, server_id)
+
+
+# ----------------------------------------------------------------------------- rescue, rebuild
+
+
+def report_since(cloud: AioCloud, server_id: str, before: str) -> dict[str, str]:
+    """The first VTPM_RESULT the guest printed after ``before`` (console.log read then)."""
+    found: list[dict[str, str]] = []
+
+    def check() -> None:
+        now = console_file(cloud, server_id).read_text(errors="replace")
+        found[:] = results_since(before, now)
+        assert found, f"no new VTPM_RESULT from {server_id}"
+
+    wait_until("the rescue boot's report", check, timeout=REPORT_TIMEOUT)
+    return found[0]
+
+
+def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
+                                                  aio_resources: ResourceTracker  # noqa: F811
+                                                  ) -> None:
+    """The rescue boot gets the server's own vTPM; unrescue and rebuild keep it.
+
+    Nova boots a rescue with its own command line (``root=... console=...``):
+    the guest prints its VTPM_RESULT once there (no boot id) and powers off.
+    """
+    server_id, source = create_on_test_host(aio_resources, "user")
+    first = latest_report(aio_cloud, server_id)
+    log = console_file(aio_cloud, server_id).read_text(errors="replace")
+
+    below_api_ok(aio_cloud, "owner", "rescue", server_id)
+    aio_cloud.wait_server("owner", server_id, "RESCUE")
+    rescued = report_since(aio_cloud, server_id, log)
+    assert "boot" not in rescued                      # the rescue boot's line
+    assert rescued["ek"] == first["ek"]
+
+    aio_cloud.cli("owner", "server", "unrescue", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    normal = next_boot_report(aio_cloud, server_id, first["boot"])
+    assert normal["ek"] == first["ek"]
+
+    below_api_ok(aio_cloud, "owner", "rebuild", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    rebuilt = next_boot_report(aio_cloud, server_id, normal["boot"])
+    assert rebuilt["ek"] == first["ek"]               # a new image keeps the TPM
+    assert_runs_on(source, server_id)
+    assert len(aio_cloud.vtpm_secrets("owner", server_id)) == 1
+
+
+# ----------------------------------------------------------------------------- evacuate
+
+
+def compute_pid(cloud: AioCloud, host: str) -> int:
+    return int((cloud.aio_dir / "run" / f"nova-compute-{host}.pid").read_text())
+
+
+def service_set(cloud: AioCloud, host: str, state: str) -> None:
+    cloud.cli("admin", "--os-compute-api-version", "2.11", "compute", "service", "set",
+              state, host, "nova-compute")
+
+
+def wait_until(what: str, check: Any, timeout: float = SERVER_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout:.0f} s") from None
+        time.sleep(2)
+
+
+def test_evacuate_from_a_dead_compute_uses_the_on_stop_copy(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
+        ) -> None:
+    """A stopped server of a dead compute comes back elsewhere with its TPM; a server
+    with no copy is refused, naming ``[vtpm] state_backup``, and nothing moves."""
+    kept, source = create_on_test_host(aio_resources, "deployment")
+    ek = latest_report(aio_cloud, kept)["ek"]
+    lost = aio_resources.server_create("admin", flavor_for(aio_resources, "deployment"),
+                                       image=REPORTING_IMAGE, wait=True,
+                                       zone=f"{MULTIHOST_ZONE}:{source}")
+    aio_cloud.cli("owner", "server", "stop", kept)          # on-stop: a current copy
+    aio_cloud.wait_server("owner", kept, "SHUTOFF")
+    assert copy_meta(aio_cloud, kept)["reason"] == "stop"
+    assert copy_meta(aio_cloud, lost) is None               # running: never copied
+    dest = other(source)
+
+    os.kill(compute_pid(aio_cloud, source), signal.SIGKILL)  # the host's compute dies
+    service_set(aio_cloud, source, "--down")
+    try:
+        below_api_ok(aio_cloud, "admin", "evacuate", lost, host=dest)
+        refused = aio_cloud.wait_server("admin", lost, "ERROR")
+        assert "[vtpm] state_backup" in (refused.get("fault") or {}).get("message", ""), refused
+        assert_nothing_on(dest, lost)
+
+        below_api_ok(aio_cloud, "admin", "evacuate", kept, host=dest)
+        aio_cloud.wait_server("owner", kept, "SHUTOFF")     # evacuated as it was: stopped
+        assert aio_cloud.server("admin", kept)[HOST_ATTR] == dest
+        aio_cloud.cli("owner", "server", "start", kept)
+        aio_cloud.wait_server("owner", kept, "ACTIVE")
+        assert latest_report(aio_cloud, kept)["ek"] == ek
+        assert_runs_on(dest, kept)
+        assert copy_meta(aio_cloud, kept)["started_after"]  # the copy is overtaken now
+    finally:
+        service_set(aio_cloud, source, "--up")  # then its heartbeat counts again
+        rc, out = _run_script("start", timeout=START_TIMEOUT)
+        assert rc == 0, out
+    # The compute back on the old host removes what it had of the evacuated server.
+    wait_until(f"{source} cleans up the evacuated server",
+               lambda: assert_nothing_on(source, kept))
