@@ -417,7 +417,7 @@ class ServerService(OffHostActions, AuditActions):
         # Checked under the lock, on the server re-read from its record: a resize or
         # move that ended while this command waited has changed it.
         with self._held(context, instance, verb):
-            self._check_may_move(instance, verb)
+            self._check_nothing_pending(instance, verb)
             with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
                                 f"{instance.name} from {source} to {dest}"):
                 if live:
@@ -428,25 +428,32 @@ class ServerService(OffHostActions, AuditActions):
         self._use(dest)
         return self.describe(instance)
 
-    def _check_may_move(self, instance: Any, verb: str) -> None:
-        """Refuse a move while a resize or another move awaits confirm or revert
-        (call it under the server's lock, on the re-read record).
+    def _check_nothing_pending(self, instance: Any, verb: str) -> None:
+        """Refuse ``verb`` while a resize or a move of the server awaits confirm or
+        revert: the one rule for a move, a shelve, a rescue, an unrescue and a
+        rebuild (as Nova, which allows none of them in VERIFY_RESIZE). On a stale
+        source copy (``migrating_to``) they would act on a server that is on another
+        host now. Call it under the server's lock (:meth:`_held`), on the re-read
+        record.
 
-        :raises VTPMError: naming what is pending.
+        :raises VTPMError: naming what is pending and the command that decides it.
         """
+        decide = f"run 'vtpm-driver server resize confirm|revert {instance.name}' first"
         if self.backend.resize_pending(instance):  # as Nova: not while VERIFY_RESIZE
             raise exception.VTPMError(
                 f"cannot {verb} server {instance.name!r}: a resize is awaiting confirm or "
-                "revert")
+                f"revert; {decide}")
         if policy.migrated_from(instance):
             raise exception.VTPMError(
                 f"cannot {verb} server {instance.name!r}: its migration from "
-                f"{policy.migrated_from(instance)} awaits confirm or revert")
+                f"{policy.migrated_from(instance)} awaits confirm or revert; {decide}")
         if policy.migrating_to(instance):
+            dest = policy.migrating_to(instance)
             raise exception.VTPMError(
-                f"cannot {verb} server {instance.name!r}: its migration to "
-                f"{policy.migrating_to(instance)!r} awaits confirm or revert (the server is "
-                "there now)")
+                f"cannot {verb} server {instance.name!r}: its migration to {dest!r} awaits "
+                f"confirm or revert (the server is there now; this is its stopped source "
+                f"copy); run 'vtpm-driver --host {dest} server resize confirm|revert "
+                f"{instance.name}' first")
 
     def live_migration_abort(self, name_or_uuid: str) -> bool:
         """Cancel the server's running live migration; False when none runs."""

@@ -174,17 +174,15 @@ class OffHostActions:
         """Stop the server, keep its TPM state and record off-host, free its host.
 
         :raises VTPMSecretForbidden: ``user`` mode and not the owner: nothing changed.
+        :raises VTPMError: a resize or move awaits confirm or revert, or this is the
+            stale source copy of a move (asked under the lock): nothing changed.
+        :raises InstanceNotFound: the server left this host while this command waited.
         """
         context, instance = self._target(name_or_uuid, "shelve")
-        # Checked under the lock, on the server re-read from its record: an operation
-        # this one waited for (a resize) may have changed it meanwhile.
-        with self.backend.driver.server_operation(context, instance, "shelve"), \
-                self._progress(f"Shelving server {instance.name} (TPM state off-host)"):
-            if self.backend.resize_pending(instance) or policy.migrated_from(instance):
-                raise exception.VTPMError(
-                    f"cannot shelve server {instance.name!r}: a resize or migration awaits "
-                    "confirm or revert")
-            meta = self.offhost.shelve(context, self.site(), instance, timeout=timeout)
+        with self._held(context, instance, "shelve"):
+            self._check_nothing_pending(instance, "shelve")
+            with self._progress(f"Shelving server {instance.name} (TPM state off-host)"):
+                meta = self.offhost.shelve(context, self.site(), instance, timeout=timeout)
         return {"name": instance.name, "uuid": instance.uuid,
                 "status": policy.SHELVED_OFFLOADED, "host": None, "state_bytes": meta.size,
                 "tpm_state_encrypted": meta.encrypted}
@@ -314,6 +312,10 @@ class OffHostActions:
         return removed
 
     # -- rescue / rebuild -------------------------------------------------------------
+    # Each holds the server's lock through :meth:`ServerService._held` (the record
+    # re-read there: a resize confirmed while the command waited changed the flavor,
+    # the image and the secret) and makes every check under it
+    # (:meth:`ServerService._check_nothing_pending`), as shelve and the moves do.
 
     def _rebuild_ops(self) -> RebuildOps:
         site = self.site()
@@ -321,30 +323,47 @@ class OffHostActions:
 
     def rescue(self, name_or_uuid: str, *, kernel: str | None = None,
                initrd: str | None = None, cmdline: str | None = None) -> None:
+        """Boot the rescue image with the server's own vTPM.
+
+        :raises VTPMError: already rescued, suspended, a resize or move awaits
+            confirm or revert, or this is the stale source copy of a move.
+        """
         context, instance = self._target(name_or_uuid, "rescue")
-        with self._locked(instance, "rescue"), self._progress(
-                f"Rescuing server {instance.name} (same vTPM)"):
-            self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
-                                       cmdline=cmdline)
+        with self._held(context, instance, "rescue"):
+            self._check_nothing_pending(instance, "rescue")
+            with self._progress(f"Rescuing server {instance.name} (same vTPM)"):
+                self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
+                                           cmdline=cmdline)
         self.after_start(instance)
 
     def unrescue(self, name_or_uuid: str) -> None:
+        """Back to the normal boot, TPM state kept.
+
+        :raises VTPMError: not rescued, a resize or move awaits confirm or revert,
+            or this is the stale source copy of a move.
+        """
         context, instance = self._target(name_or_uuid, "unrescue")
-        with self._locked(instance, "unrescue"), self._progress(
-                f"Unrescuing server {instance.name}"):
-            self._rebuild_ops().unrescue(context, instance)
+        with self._held(context, instance, "unrescue"):
+            self._check_nothing_pending(instance, "unrescue")
+            with self._progress(f"Unrescuing server {instance.name}"):
+                self._rebuild_ops().unrescue(context, instance)
         self.after_start(instance)
 
     def rebuild(self, name_or_uuid: str, *, kernel: str | None = None,
                 initrd: str | None = None, cmdline: str | None = None,
                 reset_tpm: bool = False) -> dict[str, Any]:
-        """Boot a new image, TPM kept (``reset_tpm``: a fresh TPM, new EK); describes it."""
+        """Boot a new image, TPM kept (``reset_tpm``: a fresh TPM, new EK); describes it.
+
+        :raises VTPMError: rescued, suspended, a resize or move awaits confirm or
+            revert, or this is the stale source copy of a move.
+        """
         context, instance = self._target(name_or_uuid, "rebuild")
-        with self._locked(instance, "rebuild"), self._progress(
-                f"Rebuilding server {instance.name}"):
-            reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
-                                                initrd=initrd, cmdline=cmdline,
-                                                reset_tpm=reset_tpm)
+        with self._held(context, instance, "rebuild"):
+            self._check_nothing_pending(instance, "rebuild")
+            with self._progress(f"Rebuilding server {instance.name}"):
+                reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
+                                                    initrd=initrd, cmdline=cmdline,
+                                                    reset_tpm=reset_tpm)
         self.after_start(instance)
         fields = self.describe(instance)
         fields["tpm"] = ("reset: a new TPM (new endorsement key)" if reset

@@ -217,7 +217,7 @@ def test_shelve_sees_a_resize_that_finished_while_it_waited_for_the_lock(
             yield
 
     monkeypatch.setattr(locks, "server_lock", lock_after_a_resize)
-    with pytest.raises(exception.VTPMError, match="awaits confirm or revert"):
+    with pytest.raises(exception.VTPMError, match="a resize is awaiting confirm or revert"):
         service.shelve(inst.name)
     assert landed == ["shelve"]
     assert service.backend.resize_pending(inst)  # the other worker's resize, untouched
@@ -236,6 +236,7 @@ class RecordBackend(Backend):
     def __init__(self, env: Env) -> None:
         super().__init__(env.drv)
         self.conn = env.conn
+        self.state_base = str(env.state_base)  # the site's swtpm directory (shelve)
 
     def find(self, name_or_uuid: str) -> Any:
         return servers.find(self.conn, name_or_uuid)
@@ -371,7 +372,7 @@ def test_confirm_or_revert_of_a_resize_decided_meanwhile_is_refused(
     assert env.dom(inst).active
 
 
-def _set_record(env: Env, inst: Any, **sysmeta: str | None) -> None:
+def set_record(env: Env, inst: Any, **sysmeta: str | None) -> None:
     """Change the server's record as another host's command would (a move decided)."""
     found = servers.find(env.conn, inst.uuid)
     for key, value in sysmeta.items():
@@ -411,11 +412,11 @@ def test_confirm_or_revert_of_a_migration_decided_meanwhile_is_refused(
     hosts = two_hosts(env)
     service = record_service(env, hosts)
     inst = env.spawn(env.instance("user"))
-    _set_record(env, inst, **{policy.MIGRATED_FROM_KEY: "h2"})
+    set_record(env, inst, **{policy.MIGRATED_FROM_KEY: "h2"})
 
     def decided() -> None:
         if how == "decided":
-            _set_record(env, inst, **{policy.MIGRATED_FROM_KEY: None})
+            set_record(env, inst, **{policy.MIGRATED_FROM_KEY: None})
         else:
             env.conn.domains.pop(inst.uuid)
 
@@ -449,7 +450,7 @@ def test_migrate_sees_what_changed_while_it_waited_for_the_lock(
             other = ServerService(env.drv.conf, hosts.backends["h1"], lambda: OWNER)
             other.resize(inst.name, set_specs={}, vcpus=2)
         else:
-            _set_record(env, inst, **{policy.MIGRATING_TO_KEY: "h2"})
+            set_record(env, inst, **{policy.MIGRATING_TO_KEY: "h2"})
 
     meanwhile(monkeypatch, changed)
     match = ("a resize is awaiting confirm or revert" if how == "resized"
