@@ -308,3 +308,15 @@ def test_rescue_and_unrescue_read_the_passphrase_first(tpm_instance, drv, ctx, c
     drv.unrescue(ctx, instance)
     assert [entry[0] for entry in log] == ["get", "get"]
     assert [c[0] for c in calls] == ["rescue", "unrescue"]
+
+
+@pytest.mark.parametrize(("lives_on", "kept"), [("elsewhere", False), ("here", True)])
+def test_nova_destroy_leaves_no_tpm_state_of_a_server_that_lives_elsewhere(
+        tpm_instance, drv, ctx, dirs, calls, lives_on, kept):
+    """An evacuation's source, back up, destroys its old copy of the server (shared disks)."""
+    instance = tpm_instance()
+    instance.host = "host-b" if lives_on == "elsewhere" else drv._vtpm_offhost.host
+    make_state(dirs / "swtpm", instance.uuid)
+    drv.destroy(ctx, instance, [], destroy_disks=False)
+    assert [c[0] for c in calls] == ["destroy"]
+    assert (dirs / "swtpm" / instance.uuid).is_dir() is kept

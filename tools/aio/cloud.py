@@ -121,10 +121,13 @@ def wait_compute(
             raise CloudError(f"nova-compute (pid {pid}) exited")
         try:
             services, hypervisors = compute_state(sess, host)
+            # A service an operator forced down (evacuation) reports "down" whatever
+            # its heartbeat; with a fresh heartbeat its process runs and is ready.
             up = [
                 s
                 for s in services
-                if s["state"] == "up" and s["status"] == "enabled" and heartbeat_after(s, after)
+                if (s["state"] == "up" or (s.get("forced_down") and after is not None))
+                and s["status"] == "enabled" and heartbeat_after(s, after)
             ]
             if not up:
                 seen = [(s["host"], s["state"], s.get("updated_at")) for s in services]

@@ -367,6 +367,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         own ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
         server's off-host copy goes too. Shelve offload: the TPM state is
         copied off-host before Nova removes it (a failed copy removes nothing).
+        A server that lives on another host now (evacuated) leaves no TPM state
+        here, even when Nova keeps its disks (shared storage).
         """
         offloading = instance.task_state == task_states.SHELVING_OFFLOADING
         if offloading and policy.has_vtpm(instance):
@@ -377,6 +379,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_offhost.forget(instance)
         super().destroy(context, instance, network_info, block_device_info,
                         destroy_disks, destroy_secrets)
+        self._vtpm_offhost.left(instance)
 
     def _vtpm_domain_xml(self, instance: Any) -> str:
         """The guest's libvirt XML (the off-host copy's record: no passphrase in it)."""

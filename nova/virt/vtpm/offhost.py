@@ -150,6 +150,21 @@ class OffHost:
         with translate.nova_errors():
             self.ops.store.delete(instance.uuid)
 
+    def left(self, instance: Any) -> None:
+        """After Nova's destroy: a server that lives on another host keeps no TPM state here.
+
+        The source of an evacuation, back up, destroys what it had (Nova's
+        ``_destroy_evacuated_instances``) but keeps the TPM state when the
+        disks are on shared storage, yet swtpm's state is host-local and
+        overtaken: the server runs elsewhere with its own.
+        """
+        elsewhere = getattr(instance, "host", None) not in (None, self.host)
+        if elsewhere and policy.has_vtpm(instance):
+            with translate.nova_errors():
+                if state.remove_state(self.state_base, instance.uuid):
+                    LOG.info("Removed the overtaken TPM state of a server now on %s",
+                             instance.host, instance=instance)
+
     def started(self, instance: Any) -> None:
         """The guest runs again: its copy (if any) is overtaken. Idempotent."""
         if policy.has_vtpm(instance):
