@@ -305,7 +305,7 @@ class ServerService(OffHostActions, AuditActions):
                memory_mb: int | None = None) -> None:
         """Move the server to its flavor with these changes; then confirm or revert.
 
-        :raises VTPMError: a resize is already pending.
+        :raises VTPMError: a resize or a move is pending (:meth:`_check_nothing_pending`).
         :raises InvalidVTPMConfig: the new flavor (with the image) is invalid;
             nothing is changed.
         """
@@ -313,12 +313,8 @@ class ServerService(OffHostActions, AuditActions):
         backend = self.backend
         # One hold of the server's lock across both steps (each re-enters it), the
         # server re-read from its record first: nothing runs between the steps.
-        with backend.driver.server_operation(context, instance, "resize"):
-            if backend.resize_pending(instance):
-                raise exception.VTPMError(
-                    f"cannot resize server {instance.name!r}: a resize is awaiting confirm "
-                    "or revert; run 'vtpm-driver server resize confirm|revert "
-                    f"{instance.name}' first")
+        with self._held(context, instance, "resize"):
+            self._check_nothing_pending(instance, "resize")
             flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
             policy.vtpm_of(instance, flavor=flavor)
             with self._progress(f"Resizing server {instance.name}"):
@@ -430,7 +426,7 @@ class ServerService(OffHostActions, AuditActions):
 
     def _check_nothing_pending(self, instance: Any, verb: str) -> None:
         """Refuse ``verb`` while a resize or a move of the server awaits confirm or
-        revert: the one rule for a move, a shelve, a rescue, an unrescue and a
+        revert: the one rule for a resize, a move, a shelve, a rescue, an unrescue and a
         rebuild (as Nova, which allows none of them in VERIFY_RESIZE). On a stale
         source copy (``migrating_to``) they would act on a server that is on another
         host now. Call it under the server's lock (:meth:`_held`), on the re-read
