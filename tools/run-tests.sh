@@ -5,8 +5,8 @@
 # functional tests against the real services. Safe to re-run; extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step() { printf '\n==> %s\n' "$*"; }
 t0=$SECONDS
+step() { printf '\n==> [%ss] %s\n' "$((SECONDS - t0))" "$*"; }
 NOVA_LOG="${VTPM_NOVA_SUITE_LOG:-/tmp/vtpm-nova-suite.log}"
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
@@ -23,7 +23,7 @@ bash tools/nova-vtpm-suite.sh >"$NOVA_LOG" 2>&1 &
 nova_pid=$!
 step "tests (unit + functional)"
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider -ra "$@" || rc=$?
+.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=25 "$@" || rc=$?
 step "Nova's own vTPM tests on the shim: result"
 nova_rc=0
 wait "$nova_pid" || nova_rc=$?
