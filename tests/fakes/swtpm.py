@@ -1,7 +1,12 @@
-"""swtpm's on-disk TPM state, as libvirt leaves it, for tests that copy or inspect it."""
+"""swtpm's on-disk TPM state, as libvirt leaves it, for tests that copy or inspect it.
+
+The one builder of swtpm state files in the tests: :func:`blob` (a state file with
+swtpm's blob header) and :func:`make_state` (a whole ``<base>/<uuid>`` directory).
+"""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -15,11 +20,23 @@ def blob(flags: int, payload: bytes = b"state") -> bytes:
 
 
 def make_state(base: Path, server_uuid: str, flags: int = ENCRYPTED,
-               payload: bytes = b"state") -> Path:
-    """``<base>/<uuid>`` of a TPM 2.0 as libvirt's swtpm leaves it (0700 dirs, 0600 file)."""
+               payload: bytes = b"state", *, lock: bool = False,
+               owner: int | None = None) -> Path:
+    """``<base>/<uuid>`` of a TPM 2.0 as libvirt's swtpm leaves it (0700 dirs, 0600 file).
+
+    ``lock`` adds swtpm's ``tpm2/.lock`` (0640); ``owner`` (uid, used as gid too)
+    chowns what swtpm would own, ``tpm2/`` and its files (needs root).
+    """
     top = Path(base) / server_uuid
     (top / "tpm2").mkdir(parents=True, mode=0o700)
     state_file = top / "tpm2" / "tpm2-00.permall"
     state_file.write_bytes(blob(flags, payload))
     state_file.chmod(0o600)
+    owned = [top / "tpm2", state_file]
+    if lock:
+        (top / "tpm2" / ".lock").touch(0o640)
+        owned.append(top / "tpm2" / ".lock")
+    if owner is not None:
+        for path in owned:
+            os.chown(path, owner, owner)
     return top

@@ -1,15 +1,15 @@
 """The two test hosts with an off-host state store, for the issue 15 tests.
 
 ``cloud`` is :class:`tests.functional.test_migrate.Cloud` (the service over
-host-a and host-b, the local Keymgr stack) with ``[vtpm] host_state_dirs``
-naming each host's swtpm directory as seen from here and ``[vtpm]
-state_backup_dir`` in the test's own directory. A test module uses it with::
+host-a and host-b as :func:`~tests.functional.fixtures_libvirt.configure_two_hosts`
+sets them, the local Keymgr stack) with ``[vtpm] state_backup_dir`` in the
+test's own directory. A test module uses it with::
 
     from tests.functional import fixtures_offhost
     cloud = fixtures_offhost.cloud
-    two_hosts = fixtures_offhost.two_hosts
 
-(both names: pytest looks ``two_hosts`` up in the requesting module).
+(pytest looks a fixture up in the requesting module; ``two_hosts``, which
+``cloud`` uses, is fixtures_libvirt's and registered for every module).
 """
 
 from __future__ import annotations
@@ -22,27 +22,21 @@ import pytest
 from keystoneauth1 import session as ks_session
 
 from tests.functional.fixtures_keymgr import KeymgrStack
-from tests.functional.fixtures_libvirt import TestGuest
+from tests.functional.fixtures_libvirt import TestGuest, configure_two_hosts
 from tests.functional.fixtures_server import driver_conf
-from tests.functional.test_migrate import (  # noqa: F401 - two_hosts is a fixture
-    HOSTS_DIR,
-    URIS,
-    Cloud,
-    two_hosts,
-)
+from tests.functional.test_migrate import Cloud
 from vtpm_driver.context import RequestContext
 
 
 @pytest.fixture
-def cloud(two_hosts, keymgr_stack: KeymgrStack,  # noqa: F811 - the imported fixture
+def cloud(two_hosts, keymgr_stack: KeymgrStack,
           clouds: dict[str, dict[str, str]], stack_contexts: dict[str, RequestContext],
           test_guest: TestGuest, keystone_session: Callable[..., ks_session.Session],
           tmp_path: Path) -> Iterator[Cloud]:
+    """host-a and host-b through the service, copies stored under ``tmp_path``."""
     os.chmod(tmp_path, 0o755)
     conf = driver_conf(keymgr_stack, clouds["service"], tmp_path / "console")
-    conf.set_override("hosts", dict(URIS), group="vtpm")
-    conf.set_override("host_state_dirs", {h: str(HOSTS_DIR / h / "lib" / "swtpm")
-                                          for h in URIS}, group="vtpm")
+    configure_two_hosts(conf)
     conf.set_override("state_backup_dir", str(tmp_path / "store"), group="vtpm")
     env = Cloud(conf=conf, contexts=stack_contexts, guest=test_guest, conns=two_hosts,
                 stack=keymgr_stack, admin=keystone_session("admin", project_name="vtpm-a"))

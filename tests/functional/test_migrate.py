@@ -32,9 +32,10 @@ import libvirt
 import pytest
 from keystoneauth1 import session as ks_session
 
-from tests.functional import fixtures_libvirt
 from tests.functional.fixtures_keymgr import KeymgrStack
 from tests.functional.fixtures_libvirt import (
+    HOST_URIS,
+    HOSTS_SCRIPT,
     TestGuest,
     configure_two_hosts,
     host_swtpm_dir,
@@ -54,12 +55,6 @@ from vtpm_driver.virt import state as virt_state
 
 pytestmark = pytest.mark.functional
 
-# Other multi-host modules import these from here (fixtures_offhost, test_offhost*,
-# test_multihost_state); they live in fixtures_libvirt.
-SCRIPT = fixtures_libvirt.HOSTS_SCRIPT
-HOSTS_DIR = fixtures_libvirt.HOSTS_DIR
-URIS = fixtures_libvirt.HOST_URIS
-two_hosts = fixtures_libvirt.two_hosts
 BOOT_TIMEOUT = 240.0  # bounds, not speed checks (2 cores, other helpers' guests)
 REPORT_EVERY = 2
 
@@ -138,7 +133,7 @@ class Cloud:
                 (server["vtpm_secret_uuid"], False)]
         else:
             assert persistent == []
-        for other in URIS:
+        for other in HOST_URIS:
             if other in (host, source_copy_on):
                 continue
             assert self.domain(other, sid) is None, f"{server['name']} left on {other}"
@@ -233,7 +228,7 @@ def test_cold_and_live_migration_keep_the_tpm(cloud: Cloud, mode: str) -> None:
     ek, secret_uuid = first["ek"], server["vtpm_secret_uuid"]
     assert len(ek) == 64 and first["version"] == "2"
     cloud.assert_only_on("host-a", server)
-    assert cloud.call("list")[0]["host"] in URIS
+    assert cloud.call("list")[0]["host"] in HOST_URIS
 
     # Cold A -> B: stopped, moved, a new boot on B with the same TPM; A keeps a stopped
     # copy (and its state) until the move is confirmed or reverted.
@@ -293,7 +288,7 @@ def test_migration_to_a_stopped_host_fails_with_the_guest_running(cloud: Cloud) 
     server = cloud.create("host")
     before = cloud.running_report(server)
     try:
-        stopped = subprocess.run(["bash", str(SCRIPT), "stop", "host-b"],
+        stopped = subprocess.run(["bash", str(HOSTS_SCRIPT), "stop", "host-b"],
                                  capture_output=True, text=True, timeout=120, check=False)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         for live in (True, False):
@@ -301,9 +296,9 @@ def test_migration_to_a_stopped_host_fails_with_the_guest_running(cloud: Cloud) 
                 cloud.call("migrate", server["name"], "host-b", live=live)
         assert cloud.domain("host-a", server["uuid"]).isActive()
     finally:
-        rc, output = run_tool_script(SCRIPT, "start", timeout=180, env={})
+        rc, output = run_tool_script(HOSTS_SCRIPT, "start", timeout=180, env={})
         assert rc == 0, output
-        cloud.conns["host-b"] = libvirt.open(URIS["host-b"])
+        cloud.conns["host-b"] = libvirt.open(HOST_URIS["host-b"])
     cloud.assert_only_on("host-a", server)
     assert cloud.later_report(server, before)["ek"] == before["ek"]
 

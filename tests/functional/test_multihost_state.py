@@ -23,14 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.functional.fixtures_libvirt import REPO_ROOT
+from tests.functional.fixtures_libvirt import HOSTS_DIR, REPO_ROOT, host_swtpm_dir
 from tests.functional.support import unavailable
-from tests.functional.test_migrate import (  # noqa: F401 - two_hosts is a fixture
-    HOSTS_DIR,
-    two_hosts,
-)
 from vtpm_driver import conf as vtpm_conf
 
+# two_hosts (both test hosts started) is fixtures_libvirt's, registered for every module.
 pytestmark = [pytest.mark.functional, pytest.mark.usefixtures("two_hosts")]
 
 HOSTS_CONF = HOSTS_DIR / "vtpm-driver.conf"
@@ -94,7 +91,7 @@ def test_a_host_without_host_state_dir_is_refused_before_anything(
         unavailable(f"{HOSTS_CONF} missing (tools/test-hosts.sh start writes it)")
     only_a = tmp_path / "only-a.conf"
     only_a.write_text("[vtpm]\nhost_state_dirs = "
-                      f"host-a={HOSTS_DIR / 'host-a' / 'lib' / 'swtpm'}\n")
+                      f"host-a={host_swtpm_dir('host-a')}\n")
     proc = vtpm_driver("--config-file", str(HOSTS_CONF), "--config-file", str(own_conf),
                        "--config-file", str(only_a), "--host", "host-b", "audit",
                        "--no-barbican", "--repair", "--instance", planted.name)

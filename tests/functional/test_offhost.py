@@ -18,23 +18,23 @@ import libvirt
 import pytest
 
 from tests.functional import fixtures_offhost
+from tests.functional.fixtures_libvirt import HOST_URIS, HOSTS_SCRIPT, host_swtpm_dir
 from tests.functional.fixtures_offhost import store_dir
 from tests.functional.support import run_tool_script
-from tests.functional.test_migrate import SCRIPT, URIS, Cloud, state_dir
+from tests.functional.test_migrate import Cloud
 from vtpm_driver import exception, policy
 from vtpm_driver.virt import state as virt_state
 
 pytestmark = pytest.mark.functional
 
 cloud = fixtures_offhost.cloud
-two_hosts = fixtures_offhost.two_hosts
 
 
 def assert_nowhere(cloud: Cloud, server: dict) -> None:
     """No domain, TPM state or libvirt secret of the server on any host."""
-    for host in URIS:
+    for host in HOST_URIS:
         assert cloud.domain(host, server["uuid"]) is None, f"domain left on {host}"
-        assert not state_dir(host, server["uuid"]).exists(), f"TPM state left on {host}"
+        assert not (host_swtpm_dir(host) / server["uuid"]).exists(), f"TPM state left on {host}"
         assert cloud.libvirt_secrets(host, server["uuid"]) == [], f"secret left on {host}"
 
 
@@ -110,7 +110,7 @@ def test_evacuate_from_a_stopped_host_uses_the_on_stop_copy(cloud: Cloud) -> Non
     assert (store_dir(cloud, kept) / "meta.json").exists()
     assert not store_dir(cloud, lost).exists()
     try:
-        stopped = subprocess.run(["bash", str(SCRIPT), "stop", "host-a"],
+        stopped = subprocess.run(["bash", str(HOSTS_SCRIPT), "stop", "host-a"],
                                  capture_output=True, text=True, timeout=120, check=False)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         with pytest.raises(exception.OperationNotSupportedForVTPM,
@@ -124,9 +124,9 @@ def test_evacuate_from_a_stopped_host_uses_the_on_stop_copy(cloud: Cloud) -> Non
         assert "taken" in moved["restored_tpm_state"]
         assert cloud.running_report(kept)["ek"] == ek
     finally:
-        rc, output = run_tool_script(SCRIPT, "start", timeout=180, env={})
+        rc, output = run_tool_script(HOSTS_SCRIPT, "start", timeout=180, env={})
         assert rc == 0, output
-        cloud.conns["host-a"] = libvirt.open(URIS["host-a"])
+        cloud.conns["host-a"] = libvirt.open(HOST_URIS["host-a"])
     # host-a is back with its stale definition of the evacuated server: reclaimed.
     assert cloud.domain("host-a", kept["uuid"]) is not None
     assert cloud.call("reclaim", "host-a") == [kept["name"]]

@@ -30,15 +30,15 @@ from pathlib import Path
 import pytest
 
 from tests.functional import fixtures_offhost
+from tests.functional.fixtures_libvirt import HOST_URIS, host_swtpm_dir
 from tests.functional.fixtures_offhost import store_dir
-from tests.functional.test_migrate import URIS, Cloud, state_dir
+from tests.functional.test_migrate import Cloud
 from vtpm_driver import audit, exception, repair
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 
 pytestmark = pytest.mark.functional
 
 cloud = fixtures_offhost.cloud
-two_hosts = fixtures_offhost.two_hosts
 
 _AGE = re.compile(r"taken ((?:\d+ (?:d|h|min|s) ?)+) ago on host (\S+) \((\w+)\)")
 _UNITS = {"d": 86400, "h": 3600, "min": 60, "s": 1}
@@ -92,7 +92,7 @@ def test_evacuate_with_a_stale_copy_needs_allow_stale_tpm_state(
 
     # host-a fails: the guest dies without a clean stop (no new copy), host-a is gone.
     cloud.domain("host-a", sid).destroy()
-    cloud.conf.set_override("hosts", {**URIS, "host-a": unreachable_uri()}, group="vtpm")
+    cloud.conf.set_override("hosts", {**HOST_URIS, "host-a": unreachable_uri()}, group="vtpm")
     try:
         assert cloud.conf.vtpm.allow_stale_tpm_state is False  # the default
         before = time.time()
@@ -103,7 +103,7 @@ def test_evacuate_with_a_stale_copy_needs_allow_stale_tpm_state(
         assert "STALE: it was taken while the server ran" in str(refused.value)
         assert_says_age(str(refused.value), meta, before, after)
         assert cloud.domain("host-b", sid) is None
-        assert not state_dir("host-b", sid).exists()
+        assert not (host_swtpm_dir("host-b") / sid).exists()
         assert cloud.libvirt_secrets("host-b", sid) == []
         assert copy_of(cloud, server) == meta  # the refusal changed nothing
 
@@ -126,7 +126,7 @@ def test_evacuate_with_a_stale_copy_needs_allow_stale_tpm_state(
         after_start = copy_of(cloud, server)
         assert after_start.started_after is not None and after_start.taken_at == meta.taken_at
     finally:
-        cloud.conf.set_override("hosts", dict(URIS), group="vtpm")
+        cloud.conf.set_override("hosts", dict(HOST_URIS), group="vtpm")
     # host-a answers again with its dead, stale definition: reclaimed.
     assert not cloud.domain("host-a", sid).isActive()
     assert cloud.call("reclaim", "host-a") == [name]

@@ -11,39 +11,25 @@ import dataclasses
 import json
 import logging
 import os
-import struct
 import uuid as uuid_mod
 from pathlib import Path
 
 import pytest
 
+from tests.fakes import swtpm
+from tests.fakes.swtpm import ENCRYPTED, PLAIN, blob
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, statestore
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 
-ENCRYPTED = 0x09   # swtpm: encrypted (0x01) with a 256-bit key (0x08)
-PLAIN = 0x00
 RECORD = "<server-record/>"
+# swtpm's files belong to its user, not to whoever copies them (chown needs root).
+SWTPM_OWNER = 65534 if os.geteuid() == 0 else None
 
 
-def blob(flags: int, payload: bytes = b"state") -> bytes:
-    """A swtpm state file: header (version 2, min 1, 10 bytes, flags, total length) + data."""
-    return struct.pack(">BBHHI", 2, 1, 10, flags, 10 + len(payload)) + payload
-
-
-def make_state(base: Path, server_uuid: str, flags: int = ENCRYPTED,
-               payload: bytes = b"state") -> Path:
-    """``<base>/<uuid>`` as libvirt's swtpm leaves it (0700 directories, 0600 files)."""
-    top = base / server_uuid
-    (top / "tpm2").mkdir(parents=True, mode=0o700)
-    state_file = top / "tpm2" / "tpm2-00.permall"
-    state_file.write_bytes(blob(flags, payload))
-    state_file.chmod(0o600)
-    (top / "tpm2" / ".lock").touch(0o640)
-    if os.geteuid() == 0:  # swtpm's files belong to its user, not to whoever copies them
-        for path in (top / "tpm2", state_file, top / "tpm2" / ".lock"):
-            os.chown(path, 65534, 65534)
-    return top
+def make_state(base: Path, server_uuid: str, **kwargs) -> Path:
+    """:func:`tests.fakes.swtpm.make_state` with swtpm's ``.lock`` and, as root, its owner."""
+    return swtpm.make_state(base, server_uuid, lock=True, owner=SWTPM_OWNER, **kwargs)
 
 
 def meta_for(server_uuid: str, **fields) -> CopyMeta:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.swtpm import ENCRYPTED, blob
 from vtpm_driver import exception
 from vtpm_driver.virt import state
 
@@ -17,11 +18,6 @@ UUID = "0b7e6f0e-3a8a-4f51-8c1f-1d2a3b4c5d6e"
 OTHER = "11111111-2222-4333-8444-555555555555"
 ME = pwd.getpwuid(os.getuid()).pw_name
 MY_GROUP = grp.getgrgid(os.getgid()).gr_name
-
-
-def _blob(flags: int, body: bytes = b"x" * 32) -> bytes:
-    # version 2, min version 1, header size 10, flags, total length.
-    return struct.pack(">BBHHI", 2, 1, 10, flags, 10 + len(body)) + body
 
 
 def test_paths() -> None:
@@ -50,7 +46,7 @@ def test_state_file_refuses_bad_version() -> None:
 )
 def test_is_encrypted_reads_flag(tmp_path: Path, flags: int, encrypted: bool) -> None:
     path = tmp_path / "tpm2-00.permall"
-    path.write_bytes(_blob(flags))
+    path.write_bytes(blob(flags))
     assert state.is_encrypted(path) is encrypted
     header = state.read_blob_header(path)
     assert header is not None and header.flags == flags and header.header_size == 10
@@ -80,7 +76,7 @@ def test_is_encrypted_missing_file_is_a_virt_error(tmp_path: Path) -> None:
 def test_remove_state_is_idempotent(tmp_path: Path) -> None:
     tpm_dir = tmp_path / UUID / "tpm2"
     tpm_dir.mkdir(parents=True)
-    (tpm_dir / "tpm2-00.permall").write_bytes(_blob(9))
+    (tpm_dir / "tpm2-00.permall").write_bytes(blob(ENCRYPTED))
     keep = tmp_path / OTHER
     keep.mkdir()
     assert state.remove_state(tmp_path, UUID) is True
@@ -124,7 +120,7 @@ def _good_tree(base: Path) -> Path:
     tpm.mkdir()
     os.chmod(tpm, 0o700)
     data = tpm / "tpm2-00.permall"
-    data.write_bytes(_blob(9))
+    data.write_bytes(blob(ENCRYPTED))
     os.chmod(data, 0o600)
     lock = tpm / ".lock"
     lock.touch()
