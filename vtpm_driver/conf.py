@@ -190,7 +190,9 @@ project member; set False to get Nova's behaviour.
         help="""
 Directory where libvirt keeps swtpm state, one ``<domain-uuid>`` subdirectory
 per guest. Used to clean up after deleted servers and by ``vtpm-driver audit``
-to find orphans. Must match libvirt's ``swtpm`` state location.
+to find orphans. Must match libvirt's ``swtpm`` state location. Only for the
+one host: with several ``[vtpm] hosts``, ``[vtpm] host_state_dirs`` says
+where each host's state is.
 """,
     ),
     cfg.StrOpt(
@@ -301,8 +303,16 @@ copies as stale.
         help="""
 Each host's swtpm state directory as seen from where vtpm-driver runs, as
 ``NAME=PATH`` pairs (names of ``[vtpm] hosts``), e.g. an NFS export of each
-host's ``/var/lib/libvirt/swtpm``. Off-host copies are read from and
-restored to these. Unset: ``swtpm_state_dir`` for the one host.
+host's ``/var/lib/libvirt/swtpm``. Everything that checks, removes or copies
+a host's TPM state uses it: server create and delete, resize, rebuild,
+shelve, ``audit`` and its repair, off-host copies (read from and restored to
+these).
+
+With several ``[vtpm] hosts`` every host needs an entry: a command that
+needs the state directory of a host not named here is refused
+(InvalidConfiguration) before anything is changed; ``swtpm_state_dir`` (this
+machine's directory) is never used for them. With one host, unset means
+``swtpm_state_dir``.
 """,
     ),
     cfg.BoolOpt(

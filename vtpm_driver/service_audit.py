@@ -61,8 +61,10 @@ class AuditActions:
         ``barbican``: the vTPM secrets the caller could list, or None when
         Barbican was not checked (then no Barbican orphan is reported).
 
-        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
-            does not say where this host's state is (nothing listed).
+        :raises InvalidConfiguration: several hosts are configured and ``[vtpm]
+            host_state_dirs`` names no directory for this host (this machine's
+            ``swtpm_state_dir`` is never assumed for it); raised before anything
+            is listed.
         """
         backend = self.backend
         base = str(backend.state_base)
