@@ -21,6 +21,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,8 @@ HOSTS_CONF = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts")
                   "vtpm-driver.conf")
 GUEST_DIR = Path(os.environ.get("VTPM_GUEST_DIR", "/var/cache/vtpm-driver/guest"))
 VTPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}
+#: :func:`bench_conf`'s temporary directory (console logs): ``<tmp>/<prefix>XXXXXXXX``.
+WORKDIR_PREFIX = "vtpm-bench-migrate-"
 
 
 class MigrateUnavailable(RuntimeError):
@@ -63,7 +66,11 @@ def bench_conf(service: dict[str, str] | None = None) -> Any:
     """The driver configuration for both test hosts (``service``: the service user's
     credentials, for ``deployment`` mode): :data:`HOSTS_CONF`, the hosts and their
     swtpm directories as the script that made them says (with several hosts the
-    driver refuses a host whose directory it is not told)."""
+    driver refuses a host whose directory it is not told).
+
+    The console logs go to a new temporary directory: the caller removes it with
+    :func:`remove_workdir` when done.
+    """
     from keystoneauth1 import loading as ks_loading
 
     from vtpm_driver import conf as vtpm_conf
@@ -72,7 +79,7 @@ def bench_conf(service: dict[str, str] | None = None) -> Any:
     conf.set_override("virt_type", "qemu", group="libvirt")
     conf.set_override("swtpm_enabled", True, group="libvirt")
     conf.set_override("guest_start_timeout", 240, group="vtpm")
-    workdir = Path(tempfile.mkdtemp(prefix="vtpm-bench-migrate-"))
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
     os.chmod(workdir, 0o755)
     conf.set_override("console_log_dir", str(workdir), group="vtpm")
     if service:
@@ -82,6 +89,18 @@ def bench_conf(service: dict[str, str] | None = None) -> Any:
         for key in SERVICE_KEYS:
             conf.set_override(key, service[key], group=group)
     return conf
+
+
+def remove_workdir(conf: Any) -> None:
+    """Remove the temporary directory :func:`bench_conf` made (``[vtpm]
+    console_log_dir``) and what is in it; idempotent. Anything else, a directory
+    not named ``WORKDIR_PREFIX*`` directly in the temporary directory or a
+    symlink, is left alone."""
+    path = Path(conf.vtpm.console_log_dir)
+    if (path.parent != Path(tempfile.gettempdir()) or path.is_symlink()
+            or not path.name.startswith(WORKDIR_PREFIX)):
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _median(values: list[float]) -> float | None:
@@ -245,13 +264,23 @@ def run(ctx: Any, runs: int = 3, conf: Any = None, *, fresh_hosts: bool = False)
     :class:`~vtpm_driver.hosts.HostSet` (warm connections, as a long-running
     service; both kinds alike) after one untimed move each way. ``fresh_hosts``:
     every call gets its own ``HostSet`` instead (new connections, as one CLI
-    command per process would, minus the process start).
+    command per process would, minus the process start). Without ``conf``, the
+    one of :func:`bench_conf`, its temporary directory removed at the end.
     """
+    if conf is not None:
+        return _run(ctx, runs, conf, fresh_hosts)
+    conf = bench_conf()
+    try:
+        return _run(ctx, runs, conf, fresh_hosts)
+    finally:
+        remove_workdir(conf)
+
+
+def _run(ctx: Any, runs: int, conf: Any, fresh_hosts: bool) -> dict:
     from vtpm_driver.hosts import HostSet
     from vtpm_driver.service import ServerService
     from vtpm_driver.virt import migrate as virt_migrate
 
-    conf = conf if conf is not None else bench_conf()
     workdir = Path(conf.vtpm.console_log_dir)
     hosts = HostSet(conf)
 

@@ -146,7 +146,10 @@ def main(argv: list[str]) -> int:
     clouds = services.load_clouds()
     ctx = keymgr_bench.owner_context(clouds["owner"])
     conf = migrate_bench.bench_conf(clouds.get("service"))
-    print(json.dumps(run({"owner": ctx}, conf, migrate_bench.GUEST_DIR), indent=2))
+    try:
+        print(json.dumps(run({"owner": ctx}, conf, migrate_bench.GUEST_DIR), indent=2))
+    finally:
+        migrate_bench.remove_workdir(conf)
     return 0
 
 
