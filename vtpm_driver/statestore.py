@@ -101,18 +101,6 @@ class StateStore(Protocol):
     def put(self, meta: CopyMeta, record: str, state_dir: Path | None) -> CopyMeta:
         """Store a complete copy (replacing the previous one atomically)."""
 
-    @staticmethod
-    def _check_encrypted(meta: CopyMeta, tmp: Path) -> CopyMeta:
-        """``meta`` with the copied state file's header. :raises VTPMError: not encrypted."""
-        inside = state.state_file("/", meta.uuid, str(meta.tpm_version)).relative_to(
-            state.state_dir("/", meta.uuid))
-        header = state.read_blob_header(tmp / STATE / inside)
-        if header is None or not header.encrypted:
-            raise exception.VTPMError(
-                f"refusing to copy the TPM state of server {meta.name!r} ({meta.uuid}) off the "
-                "host: swtpm's header does not say it is encrypted")
-        return dataclasses.replace(meta, header_flags=header.flags, encrypted=True)
-
     def get(self, instance_uuid: str) -> CopyMeta | None:
         """The copy's metadata, or None."""
 

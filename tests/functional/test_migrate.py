@@ -204,9 +204,11 @@ def cloud(two_hosts, keymgr_stack: KeymgrStack, clouds: dict[str, dict[str, str]
           stack_contexts: dict[str, RequestContext], test_guest: TestGuest,
           keystone_session: Callable[..., ks_session.Session],
           tmp_path: Path) -> Iterator[Cloud]:
+    """host-a and host-b through the service; off-host copies stored under ``tmp_path``."""
     os.chmod(tmp_path, 0o755)
     conf = driver_conf(keymgr_stack, clouds["service"], tmp_path / "console")
     configure_two_hosts(conf)
+    conf.set_override("state_backup_dir", str(tmp_path / "store"), group="vtpm")
     env = Cloud(conf=conf, contexts=stack_contexts, guest=test_guest, conns=two_hosts,
                 stack=keymgr_stack, admin=keystone_session("admin", project_name="vtpm-a"))
     try:

@@ -21,20 +21,11 @@ from tests.nova.nova_fakes import (
     PASSPHRASE,
     FakeLibvirt,
     FakeProbe,
-    Flags,
     make_flavor,
     make_instance,
     nova_ctx,
 )
 from vtpm_driver import exception, spec
-
-
-@pytest.fixture
-def flags():
-    overrides = Flags()
-    overrides.config(group="libvirt", virt_type="qemu", swtpm_enabled=True)
-    yield overrides
-    overrides.clear()
 
 
 @pytest.mark.parametrize("backend", [

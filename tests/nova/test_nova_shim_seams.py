@@ -30,21 +30,12 @@ from tests.nova.nova_fakes import (
     FakeKeyManager,
     FakeLibvirt,
     FakeProbe,
-    Flags,
     make_flavor,
     make_image,
     make_instance,
     nova_ctx,
 )
 from vtpm_driver import spec
-
-
-@pytest.fixture
-def flags():
-    overrides = Flags()
-    overrides.config(group="libvirt", virt_type="qemu", swtpm_enabled=True)
-    yield overrides
-    overrides.clear()
 
 
 @pytest.fixture
