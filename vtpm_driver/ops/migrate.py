@@ -130,14 +130,8 @@ class HostSide:
         """
         if cfg is not None:
             self.guests.check_host_offers(cfg, instance)
-        for key in (instance.uuid, instance.name):
-            try:
-                guest.lookup(self.guests.conn, key)
-            except exception.InstanceNotFound:
-                continue
-            raise exception.InstanceExists(
-                f"cannot move server {policy.server_label(instance)} to host {self.name!r}: "
-                f"a domain named or numbered {key!r} is there already")
+        self.guests.check_no_domain(
+            instance, f"cannot move server {policy.server_label(instance)} to host {self.name!r}")
 
     def fetch_secret(self, context: Any, instance: Any, cfg: VTPMConfig | None, *,
                      live: bool) -> StartSecret | None:
