@@ -16,18 +16,40 @@ step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.
 step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
 step "lint (ruff)";                                     .venv/bin/ruff check .
 step "Nova shim tests (in-process, real nova wheel)";   bash tools/nova-shim-tests.sh
-# Nova's own vTPM tests spend most of their minutes in Nova's polling loops: they run in
-# the background, next to our suite, and are reported (and gate the run) at the end.
-step "Nova's own vTPM tests on the shim (in the background, log: $NOVA_LOG)"
+# Three runs at once, each gating the result: Nova's own vTPM tests (in-process) and our
+# tests through the all-in-one OpenStack (marker "aio") spend most of their minutes in
+# Nova's polling loops, so they run in the background next to the unit and standalone
+# functional tests. Tests that stop a libvirt test host (marker "stops_test_hosts") would
+# pull it from under the AIO's computes there: they run last, alone.
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=15)
+if [ $# -gt 0 ]; then
+    step "tests: pytest $*"
+    rc=0
+    "${PYTEST[@]}" "$@" || rc=$?
+    printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
+    exit "$rc"
+fi
+AIO_LOG="${VTPM_AIO_TESTS_LOG:-/tmp/vtpm-aio-tests.log}"
+step "in the background: Nova's own vTPM tests on the shim (log: $NOVA_LOG)"
 bash tools/nova-vtpm-suite.sh >"$NOVA_LOG" 2>&1 &
 nova_pid=$!
-step "tests (unit + functional)"
+step "in the background: our tests through the all-in-one OpenStack (log: $AIO_LOG)"
+"${PYTEST[@]}" -m aio --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
+aio_pid=$!
+step "tests: unit + standalone functional"
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=25 "$@" || rc=$?
-step "Nova's own vTPM tests on the shim: result"
+"${PYTEST[@]}" -m "not aio and not stops_test_hosts" || rc=$?
+step "background runs: results"
 nova_rc=0
 wait "$nova_pid" || nova_rc=$?
-tail -n 40 "$NOVA_LOG"
+aio_rc=0
+wait "$aio_pid" || aio_rc=$?
+tail -n 30 "$NOVA_LOG"
 [ "$nova_rc" = 0 ] || echo "Nova's own vTPM tests failed (exit $nova_rc); full log: $NOVA_LOG"
+tail -n 30 "$AIO_LOG"
+[ "$aio_rc" = 0 ] || echo "tests through the all-in-one OpenStack failed (exit $aio_rc); full log: $AIO_LOG"
+step "tests that stop a libvirt test host (alone)"
+hosts_rc=0
+"${PYTEST[@]}" -m stops_test_hosts || hosts_rc=$?
 printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
-[ "$rc" = 0 ] && [ "$nova_rc" = 0 ]
+[ "$rc" = 0 ] && [ "$nova_rc" = 0 ] && [ "$aio_rc" = 0 ] && [ "$hosts_rc" = 0 ]

@@ -192,16 +192,20 @@ class AioCloud:
             time.sleep(POLL)
 
     def wait_gone(self, cloud: str, server_id: str, timeout: float = SERVER_TIMEOUT) -> None:
-        """Poll until ``GET /servers/{id}`` answers 404 (deleted); ERROR ends the wait."""
+        """Poll until ``GET /servers/{id}`` answers 404 (deleted); a NEW fault (ERROR
+        with another fault than at the first poll: the delete failed) ends the wait."""
         deadline = time.monotonic() + timeout
+        before: Any = ...
         while True:
             try:
                 server = self.server(cloud, server_id)
             except ks_exc.NotFound:
                 return
-            if server["status"] == "ERROR":
+            fault = server.get("fault")
+            before = fault if before is ... else before
+            if server["status"] == "ERROR" and fault != before:
                 raise AssertionError(f"server {server_id} went to ERROR while being deleted: "
-                                     f"{server.get('fault')}")
+                                     f"{fault}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"server {server_id} still exists after {timeout:.0f} s "
                                      f"({server['status']})")

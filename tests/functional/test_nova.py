@@ -16,7 +16,7 @@ import pytest
 
 from tests.functional.fixtures_nova import AioCloud, CommandFailed, ResourceTracker
 
-pytestmark = pytest.mark.functional
+pytestmark = [pytest.mark.functional, pytest.mark.aio]
 
 REPO = Path(__file__).resolve().parents[2]
 SWTPM_STATE_ROOT = Path("/var/lib/libvirt/swtpm")

@@ -46,7 +46,7 @@ from tests.functional.fixtures_nova import (
 )
 from vtpm_driver.guestreport import results_since
 
-pytestmark = pytest.mark.functional
+pytestmark = [pytest.mark.functional, pytest.mark.aio]
 
 START_TIMEOUT = 600
 
