@@ -19,8 +19,9 @@ step "Nova shim tests (in-process, real nova wheel)";   bash tools/nova-shim-tes
 # Three runs at once, each gating the result: Nova's own vTPM tests (in-process) and our
 # tests through the all-in-one OpenStack (marker "aio") spend most of their minutes in
 # Nova's polling loops, so they run in the background next to the unit and standalone
-# functional tests. Tests that stop a libvirt test host (marker "stops_test_hosts") would
-# pull it from under the AIO's computes there: they run last, alone.
+# functional tests. Tests marked "alone" would see the AIO's traffic (they count the
+# shared Keystone's and Barbican's requests or list every secret of the owner) or pull a
+# test host from under the AIO's computes (they stop one): they run last, by themselves.
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=15)
 if [ $# -gt 0 ]; then
     step "tests: pytest $*"
@@ -36,9 +37,9 @@ nova_pid=$!
 step "in the background: our tests through the all-in-one OpenStack (log: $AIO_LOG)"
 "${PYTEST[@]}" -m aio --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
 aio_pid=$!
-step "tests: unit + standalone functional"
+step "tests: unit + standalone functional (next to the background runs)"
 rc=0
-"${PYTEST[@]}" -m "not aio and not stops_test_hosts" || rc=$?
+"${PYTEST[@]}" -m "not aio and not alone" || rc=$?
 step "background runs: results"
 nova_rc=0
 wait "$nova_pid" || nova_rc=$?
@@ -48,8 +49,8 @@ tail -n 30 "$NOVA_LOG"
 [ "$nova_rc" = 0 ] || echo "Nova's own vTPM tests failed (exit $nova_rc); full log: $NOVA_LOG"
 tail -n 30 "$AIO_LOG"
 [ "$aio_rc" = 0 ] || echo "tests through the all-in-one OpenStack failed (exit $aio_rc); full log: $AIO_LOG"
-step "tests that stop a libvirt test host (alone)"
+step "tests that need the shared services to themselves"
 hosts_rc=0
-"${PYTEST[@]}" -m stops_test_hosts || hosts_rc=$?
+"${PYTEST[@]}" -m alone || hosts_rc=$?
 printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
 [ "$rc" = 0 ] && [ "$nova_rc" = 0 ] && [ "$aio_rc" = 0 ] && [ "$hosts_rc" = 0 ]

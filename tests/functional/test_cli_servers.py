@@ -47,7 +47,8 @@ from tests.functional.support import unavailable
 from vtpm_driver.virt import secret as virt_secret
 from vtpm_driver.virt import state as virt_state
 
-pytestmark = pytest.mark.functional
+# Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
+pytestmark = [pytest.mark.functional, pytest.mark.alone]
 
 CLI = Path(sys.executable).with_name("vtpm-driver")
 CLI_TIMEOUT = 300  # a bound for a hung command, not a speed check

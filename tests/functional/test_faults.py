@@ -59,7 +59,8 @@ from vtpm_driver import faults
 from vtpm_driver.virt import secret as virt_secret
 from vtpm_driver.virt import state as virt_state
 
-pytestmark = pytest.mark.functional
+# Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
+pytestmark = [pytest.mark.functional, pytest.mark.alone]
 
 # The command-line fixtures of test_cli_servers (a config for this host, the owner's session).
 cli = _servers.cli

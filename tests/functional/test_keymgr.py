@@ -35,7 +35,8 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr, objects
 from vtpm_driver.context import RequestContext
 
-pytestmark = pytest.mark.functional
+# Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
+pytestmark = [pytest.mark.functional, pytest.mark.alone]
 
 # Everything secret this module sees; every test checks its logs against all of it.
 SEEN_SECRETS: set[str] = set()

@@ -17,7 +17,8 @@ from barbicanclient import exceptions as barbican_exc
 
 from tests.functional.fixtures_keymgr import CLOUD_NAMES, AccessLogCounter
 
-pytestmark = pytest.mark.functional
+# Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
+pytestmark = [pytest.mark.functional, pytest.mark.alone]
 
 KEY_MANAGER = {"service_type": "key-manager", "interface": "public"}
 

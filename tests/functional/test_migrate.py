@@ -286,7 +286,7 @@ def test_non_owner_user_mode_live_migration_is_refused(cloud: Cloud) -> None:
     assert cloud.later_report(server, before)["ek"] == before["ek"]
 
 
-@pytest.mark.stops_test_hosts
+@pytest.mark.alone  # stops a test host the AIO's computes use
 def test_migration_to_a_stopped_host_fails_with_the_guest_running(cloud: Cloud) -> None:
     server = cloud.create("host")
     before = cloud.running_report(server)

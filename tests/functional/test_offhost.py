@@ -98,7 +98,7 @@ def test_non_owner_is_refused_and_deleting_a_shelved_server_leaves_nothing(
 # ----------------------------------------------------------------------------- evacuate
 
 
-@pytest.mark.stops_test_hosts
+@pytest.mark.alone  # stops a test host the AIO's computes use
 def test_evacuate_from_a_stopped_host_uses_the_on_stop_copy(cloud: Cloud) -> None:
     kept = cloud.create("deployment")
     lost = cloud.create("deployment")
