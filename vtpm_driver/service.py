@@ -314,7 +314,6 @@ class ServerService(OffHostActions, AuditActions):
         # One hold of the server's lock across both steps (each re-enters it), the
         # server re-read from its record first: nothing runs between the steps.
         with self._held(context, instance, "resize"):
-            self._check_nothing_pending(instance, "resize")
             flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
             policy.vtpm_of(instance, flavor=flavor)
             with self._progress(f"Resizing server {instance.name}"):
@@ -328,15 +327,19 @@ class ServerService(OffHostActions, AuditActions):
                     None, True)
 
     @contextlib.contextmanager
-    def _held(self, context: RequestContext, instance: Any, operation: str) -> Iterator[None]:
+    def _held(self, context: RequestContext, instance: Any, operation: str, *,
+              settled: bool = True) -> Iterator[None]:
         """The server's lock for ``operation``, with ``instance`` re-read from its record
         under it (and an interrupted operation finished), for checks that must see
         what another command changed while this one waited (issue 13: the soak's
-        races); every driver call made inside re-enters the lock.
+        races); every driver call made inside re-enters the lock. ``settled``
+        (all but confirm/revert, which decide what is pending): nothing may await
+        confirm or revert (:meth:`_check_nothing_pending`, asked under the lock).
 
         :raises ServerLocked: another operation holds it past ``[vtpm] lock_timeout``.
         :raises InstanceNotFound: the server left this host meanwhile (deleted,
             shelved, a move reverted or confirmed elsewhere).
+        :raises VTPMError: ``settled`` and a resize or move is pending.
         """
         with self.backend.driver.server_operation(context, instance, operation):
             if not self.backend.domain_exists(instance.uuid):
@@ -344,6 +347,8 @@ class ServerService(OffHostActions, AuditActions):
                     f"no server with name or UUID {instance.name!r} on this host any more: "
                     f"it was deleted, shelved or moved while this command waited to {operation} "
                     "it")
+            if settled:
+                self._check_nothing_pending(instance, operation)
             yield
 
     def _decide(self, name_or_uuid: str, confirm: bool) -> None:
@@ -363,7 +368,7 @@ class ServerService(OffHostActions, AuditActions):
             operation = f"{'confirm' if confirm else 'revert'} the migration of"
         else:
             operation = verb
-        with self._held(context, instance, operation):
+        with self._held(context, instance, operation, settled=False):
             if policy.migrated_from(instance):
                 self._finish_migration(context, instance, confirm=confirm)
                 return
@@ -413,7 +418,6 @@ class ServerService(OffHostActions, AuditActions):
         # Checked under the lock, on the server re-read from its record: a resize or
         # move that ended while this command waited has changed it.
         with self._held(context, instance, verb):
-            self._check_nothing_pending(instance, verb)
             with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
                                 f"{instance.name} from {source} to {dest}"):
                 if live:
@@ -429,7 +433,7 @@ class ServerService(OffHostActions, AuditActions):
         revert: the one rule for a resize, a move, a shelve, a rescue, an unrescue and a
         rebuild (as Nova, which allows none of them in VERIFY_RESIZE). On a stale
         source copy (``migrating_to``) they would act on a server that is on another
-        host now. Call it under the server's lock (:meth:`_held`), on the re-read
+        host now. :meth:`_held` asks it under the server's lock, on the re-read
         record.
 
         :raises VTPMError: naming what is pending and the command that decides it.

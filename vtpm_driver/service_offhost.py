@@ -180,7 +180,6 @@ class OffHostActions:
         """
         context, instance = self._target(name_or_uuid, "shelve")
         with self._held(context, instance, "shelve"):
-            self._check_nothing_pending(instance, "shelve")
             with self._progress(f"Shelving server {instance.name} (TPM state off-host)"):
                 meta = self.offhost.shelve(context, self.site(), instance, timeout=timeout)
         return {"name": instance.name, "uuid": instance.uuid,
@@ -315,7 +314,8 @@ class OffHostActions:
     # Each holds the server's lock through :meth:`ServerService._held` (the record
     # re-read there: a resize confirmed while the command waited changed the flavor,
     # the image and the secret) and makes every check under it
-    # (:meth:`ServerService._check_nothing_pending`), as shelve and the moves do.
+    # (:meth:`ServerService._check_nothing_pending`, made by ``_held``), as shelve and
+# the moves do.
 
     def _rebuild_ops(self) -> RebuildOps:
         site = self.site()
@@ -330,7 +330,6 @@ class OffHostActions:
         """
         context, instance = self._target(name_or_uuid, "rescue")
         with self._held(context, instance, "rescue"):
-            self._check_nothing_pending(instance, "rescue")
             with self._progress(f"Rescuing server {instance.name} (same vTPM)"):
                 self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
                                            cmdline=cmdline)
@@ -344,7 +343,6 @@ class OffHostActions:
         """
         context, instance = self._target(name_or_uuid, "unrescue")
         with self._held(context, instance, "unrescue"):
-            self._check_nothing_pending(instance, "unrescue")
             with self._progress(f"Unrescuing server {instance.name}"):
                 self._rebuild_ops().unrescue(context, instance)
         self.after_start(instance)
@@ -359,7 +357,6 @@ class OffHostActions:
         """
         context, instance = self._target(name_or_uuid, "rebuild")
         with self._held(context, instance, "rebuild"):
-            self._check_nothing_pending(instance, "rebuild")
             with self._progress(f"Rebuilding server {instance.name}"):
                 reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
                                                     initrd=initrd, cmdline=cmdline,
