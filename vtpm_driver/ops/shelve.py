@@ -226,6 +226,18 @@ class OffHostOps:
                  instance_uuid=instance_uuid)
         return instance
 
+    def evacuation_copy(self, instance_uuid: str, *, label: str, host: str | None, mode: str,
+                        allow_stale: bool) -> tuple[CopyMeta, str]:
+        """The copy an evacuation of the server restores, and how old it is (for the
+        output and the log); the standalone :meth:`evacuate` and Nova's shim ask here.
+
+        :raises OperationNotSupportedForVTPM: no copy (names ``[vtpm]
+            state_backup``), or a stale one and ``allow_stale`` is False.
+        """
+        meta = policy.check_copy_exists(self.store.get(instance_uuid), label, host, mode)
+        return meta, policy.check_restore(meta, allow_stale=allow_stale, now=self.now(),
+                                          label=label)
+
     def evacuate(self, context: Any, site: Site, instance_uuid: str, *, allow_stale: bool,
                  mode: str, label: str) -> tuple[Any, str]:
         """Rebuild a server whose host is gone from its copy; returns it and the copy's age.
@@ -233,9 +245,8 @@ class OffHostOps:
         :raises OperationNotSupportedForVTPM: no copy (names ``[vtpm]
             state_backup``), or a stale one and ``allow_stale`` is False.
         """
-        meta = policy.check_copy_exists(self.store.get(instance_uuid), label, None, mode)
-        described = policy.check_restore(meta, allow_stale=allow_stale, now=self.now(),
-                                         label=label)
+        meta, described = self.evacuation_copy(instance_uuid, label=label, host=None,
+                                               mode=mode, allow_stale=allow_stale)
         instance = self.stored_instance(instance_uuid)
         instance.system_metadata[policy.EVACUATED_FROM_KEY] = str(meta.source_host)
         instance.system_metadata.pop(policy.RESCUE_KEY, None)

@@ -105,14 +105,11 @@ class OffHost:
             ``[vtpm] state_backup``) or a stale one while ``[vtpm]
             allow_stale_tpm_state`` is False.
         """
-        label = policy.server_label(instance)
         with translate.nova_errors():
-            meta = policy.check_copy_exists(self.ops.store.get(instance.uuid), label,
-                                            getattr(instance, "host", None),
-                                            self.conf.vtpm.state_backup)
-            described = policy.check_restore(
-                meta, allow_stale=self.conf.vtpm.allow_stale_tpm_state, now=time.time(),
-                label=label)
+            meta, described = self.ops.evacuation_copy(
+                instance.uuid, label=policy.server_label(instance),
+                host=getattr(instance, "host", None), mode=self.conf.vtpm.state_backup,
+                allow_stale=self.conf.vtpm.allow_stale_tpm_state)
         self._evacuating[instance.uuid] = meta
         return described
 
