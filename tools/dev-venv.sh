@@ -1,26 +1,22 @@
 #!/bin/bash
-# Create or refresh the project's virtualenv (.venv) with the package and its
-# test dependencies. Idempotent: skips pip when pyproject.toml is unchanged.
+# The project's virtualenv (.venv): this checkout (editable) with the extras pyproject.toml
+# declares for tests and benchmarks (test, bench), and nothing else. Rebuilt from nothing
+# when pyproject.toml or the Python changed; reused, untouched, while they have not.
 set -euo pipefail
 TAG=dev-venv
 # shellcheck source=tools/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 VENV=${VTPM_VENV:-.venv}
+PY=$(find_python "${VTPM_PYTHON:-}") || die "no Python >= 3.11 with the venv module found; set VTPM_PYTHON"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    say "creating $VENV"
-    python3 -m venv "$VENV"
-fi
-stamp="$VENV/.vtpm-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import vtpm_driver' 2>/dev/null; then
-    say "up to date"
+digest=$(inputs_digest "$PY" pyproject.toml -- "$PWD")
+if venv_current "$VENV" "$digest"; then
+    say "up to date ($VENV, built from pyproject.toml [test,bench])"
     exit 0
 fi
-say "installing vtpm-driver and test dependencies (libvirt-python compiles, ~30 s)"
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 \
-    | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
-"$VENV/bin/python" -c 'import vtpm_driver, libvirt' || { say "install failed"; exit 1; }
-echo "$want" > "$stamp"
-say "done"
+t0=$SECONDS
+say "building $VENV from pyproject.toml [test,bench] (libvirt-python compiles, ~30-60 s)"
+build_venv "$VENV" "$PY" "$digest" "$VENV.pip.log" -e '.[test,bench]'
+"$VENV/bin/python" -c 'import vtpm_driver, libvirt' || die "the new $VENV cannot import vtpm_driver"
+say "done in $((SECONDS - t0)) s"

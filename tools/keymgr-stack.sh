@@ -26,8 +26,8 @@ BARBICAN_BIND=127.0.0.1:9311
 KEYSTONE_URL="http://$KEYSTONE_BIND/v3"
 BARBICAN_URL="http://$BARBICAN_BIND"
 START_TIMEOUT="${VTPM_STACK_START_TIMEOUT:-90}"
-# What the venv holds; changing this list reinstalls.
-PACKAGES=(keystone barbican python-barbicanclient keystoneauth1 gunicorn)
+# What the venv holds, declared in one file; a change rebuilds the venv.
+REQUIREMENTS="$HERE/../requirements/stack.txt"
 # One request per line with method and path: tests count requests from these logs.
 ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
@@ -43,25 +43,16 @@ usage() {
 # --- virtualenv --------------------------------------------------------------------------
 
 ensure_venv() {
-    local stamp="$VENV/.vtpm-stack-installed" want py
-    want="${PACKAGES[*]}"
-    if [ -x "$VENV/bin/gunicorn" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$VENV/bin/python" -c 'import barbican, barbicanclient, gunicorn, keystone' 2>/dev/null; then
-        return 0
-    fi
+    local py digest t0=$SECONDS
     py="$(find_python "${VTPM_STACK_PYTHON:-}")" || die "no Python >= 3.11 with the venv module found (Keystone 30 and Barbican 23 need it); set VTPM_STACK_PYTHON"
-    local t0=$SECONDS
-    say "creating virtualenv $VENV with: $want (about 30-60 s)"
-    rm -rf "$VENV"
-    mkdir -p "$LOGS"
-    "$py" -m venv "$VENV" || die "could not create $VENV with $py"
+    digest="$(inputs_digest "$py" "$REQUIREMENTS")"
+    venv_current "$VENV" "$digest" && return 0
+    # Services running from the old venv must not outlive it.
+    cmd_stop >/dev/null
+    say "building virtualenv $VENV from requirements/stack.txt (about 30-60 s)"
     # --no-compile: byte-compiling all ~115 packages costs ~20 s; the services write
     # .pyc files for the modules they really import on their first start instead.
-    if ! "$VENV/bin/pip" install -q --no-compile "${PACKAGES[@]}" >"$LOGS/pip-install.log" 2>&1; then
-        rm -f "$stamp"
-        die_with_log "pip install into $VENV failed" "$LOGS/pip-install.log"
-    fi
-    echo "$want" >"$stamp"
+    build_venv "$VENV" "$py" "$digest" "$LOGS/pip-install.log" --no-compile -r "$REQUIREMENTS"
     say "virtualenv ready in $((SECONDS - t0)) s ($("$VENV/bin/python" -c 'import importlib.metadata as m; print("keystone", m.version("keystone"), "barbican", m.version("barbican"), "gunicorn", m.version("gunicorn"))'))"
 }
 
@@ -198,7 +189,9 @@ verify() {
 }
 
 both_up() {
-    service_pid keystone >/dev/null && service_pid barbican >/dev/null \
+    local py
+    py="$(find_python "${VTPM_STACK_PYTHON:-}")" && venv_current "$VENV" "$(inputs_digest "$py" "$REQUIREMENTS")" \
+        && service_pid keystone >/dev/null && service_pid barbican >/dev/null \
         && keystone_healthy && barbican_healthy && [ -s "$STACK_DIR/clouds.yaml" ]
 }
 

@@ -96,3 +96,41 @@ lock_dir() {
     exec 9>"$1/.lock"
     flock -w "$2" 9 || die "another $(basename "$0") holds $1/.lock"
 }
+
+# --- virtualenvs -------------------------------------------------------------------------
+# Every virtualenv of the project is built by one script from one declared file (pyproject.toml
+# for .venv, requirements/stack.txt, requirements/aio.txt) and nothing installs into it later:
+# no test run adds a package. A venv is reused only while the hash of what it was built from is
+# unchanged; under CI=true tools/run-tests.sh first removes them all (tools/reset.sh).
+
+# pip's downloads in a cache of the project's own, which tools/reset.sh removes.
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-/var/cache/vtpm-driver/pip}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# inputs_digest PYTHON FILE... [-- WORD...]: sha256 of the files' contents, the Python's
+# version and any extra words (e.g. the path of a checkout installed editable).
+inputs_digest() {
+    local py="$1" files=() words=()
+    shift
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do files+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    words=("$@")
+    { cat "${files[@]}"; "$py" -VV; printf '%s\n' "${words[@]}"; } | sha256sum | cut -d' ' -f1
+}
+
+# venv_current VENV DIGEST: VENV was built, completely, from inputs whose digest is DIGEST.
+venv_current() { [ -x "$1/bin/python" ] && [ "$(cat "$1/.vtpm-inputs" 2>/dev/null)" = "$2" ]; }
+
+# build_venv VENV PYTHON DIGEST LOG PIP-INSTALL-ARGS...: VENV from nothing (whatever was there
+# is removed first), `pip install ARGS`, then `pip check` (a broken or conflicting set fails
+# here, by name, not in a test); DIGEST is written last, so an interrupted build is redone.
+build_venv() {
+    local venv="$1" py="$2" digest="$3" log="$4"
+    shift 4
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$log")"
+    "$py" -m venv "$venv" >"$log" 2>&1 || die_with_log "could not create $venv with $py" "$log"
+    "$venv/bin/pip" install -q "$@" >>"$log" 2>&1 || die_with_log "pip install into $venv failed" "$log"
+    "$venv/bin/pip" check >>"$log" 2>&1 || die_with_log "pip check found broken requirements in $venv" "$log"
+    echo "$digest" >"$venv/.vtpm-inputs"
+}

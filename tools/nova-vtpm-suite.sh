@@ -4,8 +4,9 @@
 # vTPM unit tests of nova/tests/unit/virt/libvirt/test_driver.py, with nothing
 # changed but the compute driver (tests/nova_suite/nova_suite_plugin.py).
 # Deliberate differences run as strict expected failures (nova/virt/vtpm/README.rst).
-# Runs in the all-in-one venv (which holds nova 34); installs Nova's test
-# requirements there (idempotent). Extra args go to pytest.
+# Runs in the all-in-one venv, which holds nova 34 and the test requirements
+# these tests import (requirements/aio.txt); nothing is installed here.
+# Extra args go to pytest.
 # VTPM_NOVA_SUITE_DRIVER=libvirt.LibvirtDriver runs the same tests on Nova's driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,15 +14,6 @@ REPO=$PWD
 VENV="${VTPM_AIO_DIR:-/var/lib/vtpm-driver/aio}/venv"
 PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "[nova-vtpm-suite] no $VENV: run tools/openstack-aio.sh start" >&2; exit 1; }
-
-# Nova's test-requirements that its vTPM tests import (pytest runs them here;
-# Nova itself uses stestr, which needs nothing the plugin does not cover).
-REQS=(pytest ddt fixtures testtools testscenarios testresources oslotest
-      requests-mock wsgi-intercept python-barbicanclient)
-if ! "$PY" -c 'import pytest, ddt, fixtures, testtools, testscenarios, testresources, oslotest, requests_mock, wsgi_intercept, barbicanclient' 2>/dev/null; then
-    echo "[nova-vtpm-suite] installing Nova's test requirements into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "${REQS[@]}"
-fi
 
 # One process (about 6 minutes, mostly Nova's own polling; the unit tests add
 # about 10 seconds): pytest-xdist workers hang at start-up under Nova's eventlet

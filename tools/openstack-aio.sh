@@ -43,9 +43,9 @@ DATA="$AIO_DIR/data"
 RABBIT_DIR="$AIO_DIR/rabbitmq"
 MARIADB_DIR="$AIO_DIR/mariadb"
 START_TIMEOUT="${VTPM_AIO_START_TIMEOUT:-180}"
-# What the venv holds; changing this list reinstalls. The checkout is added editable.
-PACKAGES=('nova==34.*' 'openstack-placement==16.*' 'glance==33.*' python-openstackclient
-          osc-placement gunicorn PyMySQL)
+# What the venv holds, declared in one file (with what the tests run in it import); a
+# change rebuilds the venv. This checkout is added editable.
+REQUIREMENTS="$REPO/requirements/aio.txt"
 APT_PACKAGES=(mariadb-server rabbitmq-server qemu-utils curl)
 ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
 
@@ -98,31 +98,27 @@ ensure_prereqs() {
 
 # --- virtualenv ---------------------------------------------------------------------------
 
-ensure_venv() {
-    local stamp="$VENV/.vtpm-aio-installed" want py t0=$SECONDS
-    want="${PACKAGES[*]} -e $REPO $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
-    if [ -x "$VENV/bin/gunicorn" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$VENV/bin/python" -c 'import nova, placement, glance, libvirt, vtpm_driver' 2>/dev/null; then
-        return 0
-    fi
+# The venv's inputs: requirements/aio.txt, this checkout's pyproject.toml and its path.
+venv_digest() {
+    local py
     py="$(find_python "${VTPM_AIO_PYTHON:-}")" || die "no Python >= 3.11 with the venv module found; set VTPM_AIO_PYTHON"
-    mkdir -p "$LOGS"
-    if [ ! -x "$VENV/bin/pip" ]; then
-        say "creating virtualenv $VENV"
-        "$py" -m venv "$VENV" || die "could not create $VENV with $py"
-    fi
-    say "installing into $VENV: ${PACKAGES[*]} + this checkout (editable); about 1-2 min"
+    inputs_digest "$py" "$REQUIREMENTS" "$REPO/pyproject.toml" -- "$REPO"
+}
+
+ensure_venv() {
+    local digest py t0=$SECONDS
+    digest="$(venv_digest)"
+    venv_current "$VENV" "$digest" && return 0
+    py="$(find_python "${VTPM_AIO_PYTHON:-}")"
+    # Services running from the old venv must not outlive it.
+    cmd_stop >/dev/null
+    say "building virtualenv $VENV from requirements/aio.txt + this checkout (editable); about 1-2 min"
     # --no-compile: byte-compiling ~200 packages costs more than it saves; the services
     # cache the bytecode of what they import on their first start.
-    if ! "$VENV/bin/pip" install -q --no-compile --disable-pip-version-check \
-        "${PACKAGES[@]}" -e "$REPO" >"$LOGS/pip-install.log" 2>&1; then
-        rm -f "$stamp"
-        die_with_log "pip install into $VENV failed" "$LOGS/pip-install.log"
-    fi
+    build_venv "$VENV" "$py" "$digest" "$LOGS/pip-install.log" --no-compile -r "$REQUIREMENTS" -e "$REPO"
     "$VENV/bin/python" -c 'import nova, placement, glance, libvirt, vtpm_driver' \
         >>"$LOGS/pip-install.log" 2>&1 \
         || die_with_log "the AIO virtualenv cannot import what it needs" "$LOGS/pip-install.log"
-    echo "$want" >"$stamp"
     say "virtualenv ready in $((SECONDS - t0)) s ($("$VENV/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("nova", "openstack-placement", "glance", "python-openstackclient")), sep=", ")'))"
 }
 
@@ -528,7 +524,7 @@ all_up() {
 cmd_start() {
     local t0=$SECONDS
     command -v curl >/dev/null || ensure_apt
-    if [ -x "$VENV/bin/python" ] && all_up; then
+    if venv_current "$VENV" "$(venv_digest)" && all_up; then
         say "already running (compute driver $COMPUTE_DRIVER); credentials in $AIO_DIR/clouds.yaml"
         return 0
     fi

@@ -3,17 +3,23 @@
 # a local Keystone + Barbican, an all-in-one OpenStack whose nova-compute runs
 # our shim, the project venv, then lint, the Nova shim tests, unit and
 # functional tests against the real services. Safe to re-run; extra args go to pytest.
+# Under CI=true it first removes everything the scripts built (tools/reset.sh), so every
+# virtualenv and every service's state is made from nothing, as on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 step() { printf '\n==> [%ss] %s\n' "$((SECONDS - t0))" "$*"; }
 NOVA_LOG="${VTPM_NOVA_SUITE_LOG:-/tmp/vtpm-nova-suite.log}"
+case "${CI:-}" in
+    1 | true | yes) step "CI: start from nothing (tools/reset.sh)"; bash tools/reset.sh ;;
+esac
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
 step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
 step "python venv";                                     bash tools/dev-venv.sh
 step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.sh start
 step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
+step "environments: pip check, every test module imports"; bash tools/check-envs.sh
 step "lint (ruff)";                                     .venv/bin/ruff check .
 step "Nova shim tests (in-process, real nova wheel)";   bash tools/nova-shim-tests.sh
 # Three runs at once, each gating the result: Nova's own vTPM tests (in-process) and our
