@@ -162,7 +162,7 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
         actions.append(Action(FIX_ACL, secret_uuid, canonical_uuid(item.instance_uuid),
                               "set an owner-only ACL: the project can read it",
                               mode=item.mode, user_id=user))
-    return RepairPlan(tuple(actions), repair.skipped)
+    return RepairPlan(tuple(actions), tuple(skipped))
 
 
 def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
