@@ -29,13 +29,11 @@ from vtpm_driver.virt import state
 
 
 class AuditActions:
-    """list_barbican, audit, repair_plan, repair (over ``backend``, ``conf``, ``store``,
-    ``site``)."""
+    """list_barbican, audit, repair_plan, repair (over ``backend``, ``conf``, ``store``)."""
 
     conf: Any
     backend: Any
     store: Any
-    site: Any
 
     def list_barbican(self, keymgr: Any, scopes: Sequence[tuple[RequestContext, str]]
                       ) -> list[vtpm_audit.BarbicanSecret]:
@@ -74,7 +72,8 @@ class AuditActions:
         report = dataclasses.replace(report, half_done=self._half_done(backend))
         periodic = self.conf.vtpm.state_backup == "periodic"
         return vtpm_audit.offhost_copies(
-            report, self.store.list(), backend.domain_uuids(), host=self.site().name,
+            # This host as its copies name it (ServerService.site: the libvirt URI).
+            report, self.store.list(), backend.domain_uuids(), host=backend.uri,
             now=time.time(),
             interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
 
