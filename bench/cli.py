@@ -4,9 +4,8 @@ The JSON report goes to stdout (or ``--output FILE``); the human summary goes
 to stderr. Sections: ``keymgr`` (Barbican create/unlock/delete, ours vs
 castellan vs the raw floor), ``scale`` (concurrent vTPM preparations and
 ``init_host`` with many defined domains), ``boot`` (spawn to guest result,
-through the driver), ``migrate`` (live and cold migration between the two
-test hosts, with and without a vTPM, against raw libvirt; only when asked
-for) and ``memory``. A section whose prerequisites are missing
+through the driver) and ``memory``. (Moving a server between hosts is
+Nova's job, measured with Nova, not here.) A section whose prerequisites are missing
 is reported as skipped with the reason; one that fails is reported with its
 error and makes the exit status 1. ``--check-targets`` exits 3 when a
 measured target is missed.
@@ -33,10 +32,9 @@ from typing import Any
 from bench import services, summary, targets
 from vtpm_driver.cli.common import int_at_least
 
-SECTIONS = ("keymgr", "scale", "boot", "migrate")
-#: What runs without --sections: ``migrate`` needs the two test hosts
-#: (tools/test-hosts.sh) and takes minutes, so it is asked for by name.
-DEFAULT_SECTIONS = ("keymgr", "scale", "boot")
+SECTIONS = ("keymgr", "scale", "boot")
+#: What runs without --sections.
+DEFAULT_SECTIONS = SECTIONS
 EXIT_SECTION_FAILED = 1
 EXIT_TARGET_MISSED = 3
 
@@ -51,13 +49,12 @@ class Settings:
     init_host_levels: tuple[int, ...] = (10, 100, 1000)
     init_host_repeats: int = 5
     boot_runs: int = 3
-    migrate_runs: int = 5
     spawn_concurrency: tuple[int, ...] = (1, 4)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(keymgr_runs=3, prep_levels=(1, 4), prep_tasks=4,
-                   init_host_levels=(5, 20), init_host_repeats=3, boot_runs=1, migrate_runs=2,
+                   init_host_levels=(5, 20), init_host_repeats=3, boot_runs=1,
                    spawn_concurrency=())
 
 
@@ -87,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keymgr-runs", type=int_at_least(1),
                    help="repetitions per key manager operation")
     p.add_argument("--boot-runs", type=int_at_least(1), help="boots of each kind (default 3)")
-    p.add_argument("--migrate-runs", type=int_at_least(1),
-                   help="rounds of live migrations A->B->A of each kind (default 5)")
     p.add_argument("--prep-concurrency", type=_int_list, metavar="N,N,...",
                    help="concurrency levels of vTPM preparations (default 1,4,16)")
     p.add_argument("--init-host-domains", type=_int_list, metavar="N,N,...",
@@ -111,7 +106,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
         "keymgr_runs": args.keymgr_runs,
         "boot_runs": args.boot_runs,
-        "migrate_runs": args.migrate_runs,
         "prep_levels": args.prep_concurrency,
         "init_host_levels": args.init_host_domains,
         "spawn_concurrency": args.spawn_concurrency,
@@ -190,7 +184,7 @@ def _section(report: dict, name: str, fn: Callable[[], dict], memory: MemoryTrac
 def run(settings: Settings, sections: tuple[str, ...], source_addr: str,
         use_tracemalloc: bool) -> dict:
     """Run the chosen sections and return the full report."""
-    from bench import boot_bench, keymgr_bench, migrate_bench, scale_bench
+    from bench import boot_bench, keymgr_bench, scale_bench
 
     started = time.perf_counter()
     memory = MemoryTracker(use_tracemalloc)
@@ -249,16 +243,7 @@ def run(settings: Settings, sections: tuple[str, ...], source_addr: str,
             raise _Skip(str(exc)) from None
         return boot_bench.run(ctx, settings.boot_runs, list(settings.spawn_concurrency))
 
-    def migrate_section() -> dict:
-        ctx = need_stack()
-        try:
-            migrate_bench.check_available()
-        except migrate_bench.MigrateUnavailable as exc:
-            raise _Skip(str(exc)) from None
-        return migrate_bench.run(ctx, settings.migrate_runs)
-
-    runners = {"keymgr": keymgr_section, "scale": scale_section, "boot": boot_section,
-               "migrate": migrate_section}
+    runners = {"keymgr": keymgr_section, "scale": scale_section, "boot": boot_section}
     with _pinned(source_addr if pinned else None):
         for name in SECTIONS:
             if name in sections:

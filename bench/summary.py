@@ -95,27 +95,10 @@ def _boot(section: dict) -> list[str]:
     return lines
 
 
-def _migrate(section: dict) -> list[str]:
-    live, cold = section.get("live", {}), section.get("cold", {})
-    raw = section.get("raw_libvirt_live", {})
-    drv = live.get("driver_ms", {})
-    lines = [f"migrate ({section.get('runs')} rounds A->B->A; medians):",
-             f"  live  vTPM {live.get('vtpm_median_s')} s  no TPM {live.get('no_tpm_median_s')} s"
-             f"  ratio {live.get('ratio')}",
-             f"  raw libvirt live  vTPM {raw.get('vtpm_median_s')} s  no TPM "
-             f"{raw.get('no_tpm_median_s')} s  ratio {raw.get('ratio')}",
-             f"  driver time outside libvirt: vTPM {drv.get('vtpm')} ms, no TPM "
-             f"{drv.get('no_tpm')} ms (+{drv.get('vtpm_extra')} ms); ours / raw (vTPM) "
-             f"{live.get('vs_raw', {}).get('vtpm_ratio_to_floor')}",
-             f"  cold  vTPM {cold.get('vtpm_median_s')} s  no TPM {cold.get('no_tpm_median_s')} s"
-             f"  ratio {cold.get('ratio')}"]
-    return lines
-
-
 def render(report: dict) -> str:
     lines = [f"vtpm-driver bench: {report.get('duration_s')} s on {report['host']['cpus']} "
              f"CPUs; requests attributed by {report.get('request_attribution')}"]
-    renderers = {"keymgr": _keymgr, "scale": _scale, "boot": _boot, "migrate": _migrate}
+    renderers = {"keymgr": _keymgr, "scale": _scale, "boot": _boot}
     for name, render_section in renderers.items():
         if name not in report.get("sections", []):
             continue

@@ -17,8 +17,9 @@
 #   host-b  qemu+tcp://127.0.0.1:16612/system   migration ports 49216-49279
 # The system daemon and its domains are untouched. Migrations must pass the loopback
 # address explicitly (VIR_MIGRATE_PARAM_URI tcp://127.0.0.1, LISTEN_ADDRESS 127.0.0.1):
-# see ../shared/notes/two-hosts-on-one-machine.md. Writes $VTPM_HOSTS_DIR/vtpm-driver.conf
-# naming both hosts ([vtpm] hosts).
+# see ../shared/notes/two-hosts-on-one-machine.md. Writes $VTPM_HOSTS_DIR/<host>/vtpm-driver.conf
+# for each host: the vtpm-driver command line's one host ([libvirt] connection_uri, [vtpm]
+# swtpm_state_dir). Servers move between the hosts only through Nova (the all-in-one cloud).
 set -euo pipefail
 TAG=test-hosts
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -155,13 +156,14 @@ stop_host() {
 }
 
 write_conf() {
-    local conf="$HOSTS_DIR/vtpm-driver.conf"
+    local name="$1" conf="$HOSTS_DIR/$1/vtpm-driver.conf"
     cat >"$conf" <<EOF
-# Written by tools/test-hosts.sh: the two private test hosts.
+# Written by tools/test-hosts.sh: test host $name as the vtpm-driver command line's one host.
+[libvirt]
+connection_uri = $(uri "$name")
 [vtpm]
-hosts = host-a=$(uri host-a),host-b=$(uri host-b)
-# Each host's swtpm directory as seen from here (off-host copies of TPM state).
-host_state_dirs = host-a=$HOSTS_DIR/host-a/lib/swtpm,host-b=$HOSTS_DIR/host-b/lib/swtpm
+# The host's swtpm directory as seen from here.
+swtpm_state_dir = $HOSTS_DIR/$name/lib/swtpm
 EOF
     chmod 0644 "$conf"
 }
@@ -173,9 +175,11 @@ cmd_start() {
     local name
     for name in "${HOSTS[@]}"; do
         start_host "$name"
+        write_conf "$name"
     done
-    write_conf
-    say "both hosts up; configuration: $HOSTS_DIR/vtpm-driver.conf"
+    # The configuration of both hosts that earlier versions wrote ([vtpm] hosts): gone.
+    rm -f "$HOSTS_DIR/vtpm-driver.conf"
+    say "both hosts up; configuration: $HOSTS_DIR/<host>/vtpm-driver.conf"
 }
 
 cmd_stop() {

@@ -304,22 +304,25 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
 
 
 def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Iterable[str],
-                   *, now: float, interval: float | None) -> AuditReport:
+                   *, host: str, now: float, interval: float | None) -> AuditReport:
     """``report`` with the off-host copies of no server (orphans) and the stale ones.
 
     ``copies`` are :class:`~vtpm_driver.statestore.CopyMeta`; ``server_uuids``
-    every server on every host checked. A shelved copy IS its server, never an
-    orphan. Stale: overtaken by a start, or (``interval``, periodic mode)
-    older than it. Pure.
+    every server of ``host``, the one host checked. The store is shared by
+    every host, and this host cannot see the others' servers: a copy taken on
+    another host is not judged here (neither orphan nor stale). A shelved copy
+    IS its server, never an orphan. Stale: overtaken by a start, or
+    (``interval``, periodic mode) older than it. Pure.
     """
     known = {_canonical(u) or u for u in server_uuids}
     orphans, stale = [], []
     for copy in sorted(copies, key=lambda c: (c.name, c.uuid)):
-        if copy.shelved:
+        if copy.shelved or copy.source_host != host:
             continue
         if copy.uuid not in known:
             orphans.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
-                                  f"copy of server {copy.name!r}, which is on no host"))
+                                  f"copy of server {copy.name!r}, which is no longer on "
+                                  f"host {host}"))
         elif copy.started_after is not None or copy.server_running:
             stale.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
                                 "the server ran after this copy was taken"))

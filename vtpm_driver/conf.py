@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from keystoneauth1 import loading as ks_loading
-from oslo_config import cfg, types
-
-from vtpm_driver import exception
+from oslo_config import cfg
 
 SECRET_SECURITY_MODES = ("user", "host", "deployment")
 
@@ -189,10 +187,10 @@ project member; set False to get Nova's behaviour.
         default="/var/lib/libvirt/swtpm",
         help="""
 Directory where libvirt keeps swtpm state, one ``<domain-uuid>`` subdirectory
-per guest. Used to clean up after deleted servers and by ``vtpm-driver audit``
-to find orphans. Must match libvirt's ``swtpm`` state location. Only for the
-one host: with several ``[vtpm] hosts``, ``[vtpm] host_state_dirs`` says
-where each host's state is.
+per guest. Used to clean up after deleted servers, by resize, rebuild and
+off-host copies, and by ``vtpm-driver audit`` to find orphans. Must match
+libvirt's ``swtpm`` state location on this host (the host of ``[libvirt]
+connection_uri``), as seen from where vtpm-driver runs.
 """,
     ),
     cfg.StrOpt(
@@ -210,22 +208,6 @@ Directory for standalone servers' serial console logs when
 Directory where a resize keeps the old swtpm state and server record
 (``<uuid>/``) until it is confirmed or reverted. Kept outside
 ``swtpm_state_dir`` so ``vtpm-driver audit`` does not report it as an orphan.
-""",
-    ),
-    cfg.Opt(
-        "hosts",
-        type=types.Dict(key_value_separator="=", type_name="NAME=URI pairs"),
-        default={},
-        help="""
-The compute hosts this vtpm-driver manages, as ``NAME=URI`` pairs, e.g.
-``host-a=qemu+tcp://10.0.0.11/system,host-b=qemu+tcp://10.0.0.12/system``.
-
-The first one is the default host of a command (``vtpm-driver --host NAME``
-picks another); a server is found on whichever host has it, and ``server
-migrate`` / ``server live-migrate`` move servers between them. Migration
-traffic goes to the address in the destination's URI (QEMU listens on that
-address only). Unset: the one host of ``[libvirt] connection_uri``, named
-``default``.
 """,
     ),
     cfg.IntOpt(
@@ -268,10 +250,10 @@ vtpm_opts.extend([
 Where off-host copies of servers' TPM state are kept (one ``<uuid>/``
 directory per server: the swtpm state as swtpm wrote it, encrypted with the
 server's passphrase, its server record and ``meta.json``). It stands in for
-object storage: it must be reachable from every host of ``[vtpm] hosts`` and
-survive any one of them (shared or replicated storage, not a host's local
-disk). Root-only (0700/0600). Used by shelve/unshelve, evacuate and
-``state_backup``.
+object storage: it must be reachable from every compute host and survive any
+one of them (shared or replicated storage, not a host's local disk).
+Root-only (0700/0600). Used by Nova's shelve/unshelve and evacuation (through
+the shim) and by ``state_backup``.
 """,
     ),
     cfg.StrOpt(
@@ -279,8 +261,8 @@ disk). Root-only (0700/0600). Used by shelve/unshelve, evacuate and
         default="off",
         choices=STATE_BACKUP_MODES,
         help="""
-When a server's TPM state is copied to ``state_backup_dir`` (shelve always
-copies it). ``off``: never otherwise, so ``server evacuate`` is refused.
+When a server's TPM state is copied to ``state_backup_dir`` (Nova's shelve
+always copies it). ``off``: never otherwise, so Nova's evacuation is refused.
 ``on-stop``: at every clean stop and suspend. ``periodic``: as on-stop, and
 ``vtpm-driver state backup`` (run it from cron) refreshes copies older than
 ``state_backup_interval``, running servers included.
@@ -296,30 +278,11 @@ backup`` refreshes a server's copy; ``vtpm-driver audit`` reports older
 copies as stale.
 """,
     ),
-    cfg.Opt(
-        "host_state_dirs",
-        type=types.Dict(key_value_separator="=", type_name="NAME=PATH pairs"),
-        default={},
-        help="""
-Each host's swtpm state directory as seen from where vtpm-driver runs, as
-``NAME=PATH`` pairs (names of ``[vtpm] hosts``), e.g. an NFS export of each
-host's ``/var/lib/libvirt/swtpm``. Everything that checks, removes or copies
-a host's TPM state uses it: server create and delete, resize, rebuild,
-shelve, ``audit`` and its repair, off-host copies (read from and restored to
-these).
-
-With several ``[vtpm] hosts`` every host needs an entry: a command that
-needs the state directory of a host not named here is refused
-(InvalidConfiguration) before anything is changed; ``swtpm_state_dir`` (this
-machine's directory) is never used for them. With one host, unset means
-``swtpm_state_dir``.
-""",
-    ),
     cfg.BoolOpt(
         "allow_stale_tpm_state",
         default=False,
         help="""
-Let ``server evacuate`` restore a copy of the TPM state that may be older
+Let Nova's evacuation restore a copy of the TPM state that may be older
 than the TPM the server last ran with (taken while it ran, or before it was
 started again). SECURITY: the TPM goes back in time: NV counters and indices,
 dictionary-attack lockout, sealed data and keys created since come back as
@@ -403,25 +366,6 @@ def libvirt_uri(conf: cfg.ConfigOpts) -> str:
         "lxc": "lxc:///",
         "parallels": "parallels:///system",
     }[conf.libvirt.virt_type]
-
-
-#: Name of the one host when ``[vtpm] hosts`` is unset.
-DEFAULT_HOST = "default"
-
-
-def host_uris(conf: cfg.ConfigOpts) -> dict[str, str]:
-    """``[vtpm] hosts`` in order (the first is the default host); unset: the one host.
-
-    :raises InvalidConfiguration: a host without a URI.
-    """
-    hosts = dict(conf.vtpm.hosts or {})
-    if not hosts:
-        return {DEFAULT_HOST: libvirt_uri(conf)}
-    empty = sorted(name for name, uri in hosts.items() if not uri)
-    if empty:
-        raise exception.InvalidConfiguration(
-            f"[vtpm] hosts: no URI for {', '.join(empty)} (expected NAME=URI pairs)")
-    return hosts
 
 
 def new_conf(args: list[str] | None = None, config_files: list[str] | None = None

@@ -7,59 +7,56 @@ findings to the errors Nova expects at start-up.
 
 Lifecycle methods delegate to the orchestration in :mod:`vtpm_driver.ops`:
 :class:`~vtpm_driver.ops.lifecycle.LifecycleOps` (spawn, delete),
-:class:`~vtpm_driver.ops.power.PowerOps` (reboot, power, suspend/resume) and
-:class:`~vtpm_driver.ops.resize.ResizeOps` (resize on this host),
-:class:`~vtpm_driver.ops.rebuild.RebuildOps` (rebuild, rescue) and
-:class:`~vtpm_driver.ops.shelve.OffHostOps` (shelve, evacuate), those two
-through the mixin :class:`~vtpm_driver.driver_offhost.OffHostMethods`, and
-:mod:`vtpm_driver.ops.migrate` (moves between hosts), all over one
+:class:`~vtpm_driver.ops.power.PowerOps` (reboot, power, suspend/resume),
+:class:`~vtpm_driver.ops.resize.ResizeOps` (resize) and
+:class:`~vtpm_driver.ops.rebuild.RebuildOps` (rebuild, rescue), all over one
 :class:`~vtpm_driver.ops.guests.Guests`, each under the server's lock
 (:meth:`VTPMDriver.server_operation`). Arguments Nova passes that a
 standalone host has no use for (networks, block devices, accelerators, shares)
 are accepted and ignored.
+
+The driver manages the servers of ONE libvirt host (``[libvirt]
+connection_uri``). Nothing here moves a server to another host: cold and live
+migration, shelve/unshelve and evacuation are Nova's (the shim in
+``nova/virt/vtpm/`` calls the steps of :mod:`vtpm_driver.ops.migrate` and
+:mod:`vtpm_driver.ops.shelve` around Nova's own moves).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, policy, statestore
-from vtpm_driver.driver_offhost import OffHostMethods
+from vtpm_driver import exception, keymgr
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.lifecycle import LifecycleOps
-from vtpm_driver.ops.migrate import ColdMigration, HostSide, LiveMigration
 from vtpm_driver.ops.power import PowerOps
+from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.recovery import Recovery
 from vtpm_driver.ops.resize import ResizeOps
 from vtpm_driver.virt import connection, domains
-from vtpm_driver.virt import migrate as virt_migrate
-from vtpm_driver.virt.migrate import HostSecretReader
 
 LOG = logging.getLogger(__name__)
 
 
-class VTPMDriver(OffHostMethods):
-    """vTPM support for libvirt guests, with Barbican-held passphrases."""
+class VTPMDriver:
+    """vTPM support for the libvirt guests of one host, with Barbican-held passphrases."""
 
     def __init__(self, conf: cfg.ConfigOpts, probe: HostProbe | None = None,
-                 hypervisor: Any = None, keymgr: KeyManagerAPI | None = None,
-                 state_base: Callable[[], str] | None = None) -> None:
+                 hypervisor: Any = None, keymgr: KeyManagerAPI | None = None) -> None:
         """``probe``, ``hypervisor`` (anything with a libvirt ``conn`` attribute) and
-        ``keymgr`` default to the real ones, created on first use; tests inject fakes.
-        ``state_base``: see :attr:`state_base`."""
+        ``keymgr`` default to the real ones, created on first use; tests inject fakes."""
         self.conf = conf
-        self._state_base = state_base
         self._probe = probe
         self._hypervisor = hypervisor
         self._keymgr = keymgr
@@ -69,9 +66,6 @@ class VTPMDriver(OffHostMethods):
         self._power: PowerOps | None = None
         self._resize: ResizeOps | None = None
         self._recovery: Recovery | None = None
-        #: This host's name in ``[vtpm] hosts``; ``peers(name)`` gives another host's side.
-        self.host_name: str = vtpm_conf.DEFAULT_HOST
-        self.peers: Callable[[str], HostSide] | None = None
 
     @property
     def probe(self) -> HostProbe:
@@ -96,25 +90,11 @@ class VTPMDriver(OffHostMethods):
 
     @property
     def state_base(self) -> str:
-        """This host's swtpm state directory as seen from here, for every operation of
-        this driver (guests, resize backups, rebuild, shelve).
-
-        What the driver's maker said (``state_base``: for a host of ``[vtpm] hosts``,
-        :attr:`vtpm_driver.hosts.ServerBackend.state_base`); a driver made alone is
-        the one host: :func:`vtpm_driver.statestore.host_state_dir` of its name.
-        Asked when an operation needs it, never cached.
-
-        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
-            does not name this one.
-        """
-        if self._state_base is not None:
-            return self._state_base()
-        return statestore.host_state_dir(self.conf, self.host_name)
-
-    def _check_state_base(self) -> None:
-        """Spawn, destroy and each resize step call this first: where the state
-        directory is cannot be said -> InvalidConfiguration, nothing touched."""
-        self.state_base  # noqa: B018 - asking is the check
+        """This host's swtpm state directory (``[vtpm] swtpm_state_dir``), for every
+        operation of this driver (guests, resize backups, rebuild, state backups).
+        Asked when an operation needs it, never cached (the configuration may be
+        reloaded)."""
+        return str(self.conf.vtpm.swtpm_state_dir)
 
     @property
     def guests(self) -> Guests:
@@ -236,7 +216,6 @@ class VTPMDriver(OffHostMethods):
               block_device_info: Any = None, power_on: bool = True,
               accel_info: Any = None) -> None:
         """Create and (with ``power_on``) start the server (F1, G3)."""
-        self._check_state_base()
         with locks.server_lock(self.conf, instance.uuid, "create"):
             self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
 
@@ -249,8 +228,6 @@ class VTPMDriver(OffHostMethods):
         another operation on the server. An interrupted one is not finished
         first: everything it left goes with the server.
         """
-        if destroy_disks:
-            self._check_state_base()
         with locks.server_lock(self.conf, instance.uuid, "delete"):
             self.recovery.refresh(instance)
             self.lifecycle.destroy(context, instance, destroy_disks=destroy_disks,
@@ -303,7 +280,6 @@ class VTPMDriver(OffHostMethods):
                                    block_device_info: Any = None, timeout: float = 0,
                                    retry_interval: float = 0) -> str:
         """Resize step 1 (``flavor`` is the new one): check, stop, back up TPM state."""
-        self._check_state_base()
         with self.server_operation(context, instance, "resize"):
             return self.resize_ops.migrate_disk_and_power_off(context, instance, dest, flavor,
                                                               timeout, retry_interval)
@@ -313,14 +289,12 @@ class VTPMDriver(OffHostMethods):
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True) -> None:
         """Resize step 2 (``instance.flavor`` is the new one): redefine and start."""
-        self._check_state_base()
         with self.server_operation(context, instance, "resize", refresh=False):
             self.resize_ops.finish_migration(context, instance, image_meta, power_on=power_on)
 
     def confirm_migration(self, context: Any, migration: Any, instance: Any,
                           network_info: Any) -> None:
         """Resize step 3a: keep the new flavor, drop the backup (and a removed vTPM's secret)."""
-        self._check_state_base()
         with self.server_operation(context, instance, "confirm resize",
                                    refresh=False) as recovered:
             if recovered is not None and recovered.redo == journal.RESIZE_CONFIRM:
@@ -331,7 +305,6 @@ class VTPMDriver(OffHostMethods):
                                 migration: Any, block_device_info: Any = None,
                                 power_on: bool = True) -> None:
         """Resize step 3b: old flavor, old TPM state, old secret."""
-        self._check_state_base()
         with self.server_operation(context, instance, "revert resize",
                                    refresh=False) as recovered:
             if recovered is not None and (recovered.revert_resize
@@ -341,82 +314,57 @@ class VTPMDriver(OffHostMethods):
                 return
             self.resize_ops.finish_revert_migration(context, instance, power_on=power_on)
 
-    # -- Moving between hosts (issue 14) --------------------------------------
+    # -- Rebuild and rescue -----------------------------------------------------
 
-    def migration_side(self, name: str | None = None) -> HostSide:
-        """This host as one side of a move (``name``: how ``[vtpm] hosts`` calls it)."""
-        return HostSide(name or self.host_name, self.hypervisor.uri, self.guests,
-                        HostSecretReader(lambda: self.hypervisor.conn))
+    def _rebuild_ops(self) -> RebuildOps:
+        return RebuildOps(self.guests, self.state_base)
 
-    def _peer(self, dest: Any) -> HostSide:
-        if isinstance(dest, HostSide):
-            return dest
-        if self.peers is not None:
-            return self.peers(dest)
-        raise exception.VTPMError(
-            f"unknown destination host {dest!r}: this driver knows no other host "
-            "(configure [vtpm] hosts)")
+    def rebuild(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+                admin_password: Any, allocations: Any, bdms: Any, detach_block_devices: Any,
+                attach_block_devices: Any, network_info: Any = None, evacuate: bool = False,
+                block_device_info: Any = None, preserve_ephemeral: bool = False,
+                accel_uuids: Any = None, reimage_boot_volume: bool = False, *,
+                reset_tpm: bool = False) -> None:
+        """Boot ``image_meta``'s kernel/initrd/command line (None: the server's own) with
+        the same TPM, as a reinstalled machine keeps its TPM (``reset_tpm``: a fresh
+        TPM, new EK). Volumes, injected files and passwords do not apply here.
 
-    def check_can_live_migrate_destination(self, context: Any, instance: Any,
-                                           src_compute_info: Any = None,
-                                           dst_compute_info: Any = None,
-                                           block_migration: bool = False,
-                                           disk_over_commit: bool = False) -> dict[str, Any]:
-        """On the destination: it offers the vTPM and has no such domain yet.
-
-        :raises InvalidConfiguration, InstanceExists: it cannot take the server.
+        :raises OperationNotSupportedForVTPM: ``evacuate``: Nova evacuates by a
+            rebuild on another host, and this driver manages one host (Nova's
+            evacuation goes through the shim).
+        :raises VTPMSecretForbidden: ``user`` mode and not the owner (nothing touched).
+        :raises VTPMError: rescued or suspended; bad boot files.
         """
-        self.migration_side().check_destination(instance, policy.vtpm_of(instance))
-        return {"dest_host": self.host_name, "dest_uri": self.hypervisor.uri}
+        if evacuate:
+            raise exception.OperationNotSupportedForVTPM(
+                f"cannot evacuate server {instance.name}: the standalone driver manages one "
+                "host; evacuation is Nova's (compute_driver = vtpm.VTPMLibvirtDriver)")
+        with self.server_operation(context, instance, "rebuild"):
+            self._rebuild_ops().rebuild(
+                context, instance, kernel=getattr(image_meta, "kernel", None),
+                initrd=getattr(image_meta, "initrd", None),
+                cmdline=getattr(image_meta, "cmdline", None), reset_tpm=reset_tpm)
 
-    def check_can_live_migrate_source(self, context: Any, instance: Any,
-                                      dest_check_data: Any, block_device_info: Any = None
-                                      ) -> Any:
-        """On the source: the caller can hand the passphrase over (every mode may move).
+    def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
+               rescue_password: Any, block_device_info: Any, share_info: Any = None) -> None:
+        """Boot the rescue image (``image_meta``'s boot files; None: the server's own with
+        ``vtpm_rescue=1``) with the server's own vTPM; the PCRs differ, so secrets
+        sealed to the normal boot stay sealed. No guest agent: ``rescue_password``
+        is not used.
 
-        :raises VTPMSecretForbidden: ``user`` mode and the caller is not the owner.
+        :raises VTPMSecretForbidden: ``user`` mode and not the owner (nothing touched).
+        :raises VTPMError: already rescued, or suspended.
         """
-        policy.check_may_migrate(policy.vtpm_of(instance), instance, context, live=True)
-        return dest_check_data
+        with self.server_operation(context, instance, "rescue"):
+            self._rebuild_ops().rescue(
+                context, instance, kernel=getattr(image_meta, "kernel", None),
+                initrd=getattr(image_meta, "initrd", None),
+                cmdline=getattr(image_meta, "cmdline", None))
 
-    def live_migration(self, context: Any, instance: Any, dest: Any, post_method: Any,
-                       recover_method: Any, block_migration: bool = False,
-                       migrate_data: Any = None) -> None:
-        """Live-migrate to ``dest`` (a peer's name or :class:`HostSide`), same boot, same TPM.
-
-        Nova's contract: ``post_method(context, instance, dest, block_migration,
-        migrate_data)`` after success, ``recover_method(context, instance,
-        dest, migrate_data)`` after a failure (then the error is raised).
-
-        :raises VTPMSecretForbidden: the caller cannot hand the passphrase over.
-        :raises VTPMError: the move failed; the guest runs on this host.
-        """
-        target = self._peer(dest)
-        try:
-            LiveMigration(self.migration_side(), target).run(context, instance)
-        except exception.VTPMError:
-            if recover_method is not None:
-                recover_method(context, instance, target.name, migrate_data)
-            raise
-        if post_method is not None:
-            post_method(context, instance, target.name, block_migration, migrate_data)
-
-    def live_migration_abort(self, instance: Any) -> bool:
-        """Cancel a running live migration of ``instance``; False if none runs."""
-        return virt_migrate.abort(self.guests.lookup(instance))
-
-    def migrate_to(self, context: Any, instance: Any, dest: Any, timeout: float = 0) -> None:
-        """Cold-migrate to ``dest``; awaits :meth:`confirm_migration_to` or a revert."""
-        ColdMigration(self.migration_side(), self._peer(dest)).migrate(
-            context, instance, timeout=timeout)
-
-    def confirm_migration_to(self, context: Any, instance: Any, dest: Any) -> None:
-        """Keep a cold-migrated server on ``dest``: this (source) host drops its copy."""
-        ColdMigration(self.migration_side(), self._peer(dest)).confirm(context, instance)
-
-    def revert_migration_to(self, context: Any, instance: Any, dest: Any) -> None:
-        """Bring a cold-migrated server back from ``dest`` with its old TPM state."""
-        ColdMigration(self.migration_side(), self._peer(dest)).revert(context, instance)
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """Back to the normal boot, TPM state kept. :raises VTPMError: not rescued."""
+        with self.server_operation(context, instance, "unrescue"):
+            self._rebuild_ops().unrescue(context, instance)
 
 
 class _StateBase(os.PathLike):
@@ -435,4 +383,4 @@ class _StateBase(os.PathLike):
         return self._driver.state_base
 
     def __repr__(self) -> str:
-        return f"_StateBase(host={self._driver.host_name!r})"
+        return f"_StateBase({self._driver.state_base!r})"

@@ -243,13 +243,7 @@ def secret_created_before_start(change: Change) -> bool:
     return change is Change.ADDED
 
 
-# -- moving a server between hosts (cold and live migration) ------------------------
-
-#: ``system_metadata`` key on the destination's copy of a cold-migrated server:
-#: the source host, until the migration is confirmed or reverted.
-MIGRATED_FROM_KEY = "vtpm_migrated_from"
-#: ``system_metadata`` key on the source's (stopped) copy during that time.
-MIGRATING_TO_KEY = "vtpm_migrating_to"
+# -- Nova moving a server between hosts (cold and live migration, through the shim) --
 
 
 class SecretSource(enum.Enum):
@@ -300,30 +294,7 @@ def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,
     return source
 
 
-def check_migration_hosts(source: str, dest: str, hosts: Any) -> None:
-    """Refuse a move to the same host or to a host that is not configured.
-
-    :raises VTPMError: ``dest`` is ``source`` or not one of ``hosts``.
-    """
-    known = list(hosts)
-    if dest not in known:
-        raise exception.VTPMError(
-            f"unknown destination host {dest!r}: [vtpm] hosts names "
-            f"{', '.join(known) or 'none'}")
-    if dest == source:
-        raise exception.VTPMError(f"the server is already on host {dest!r}")
-
-
-def migrated_from(instance: Any) -> str | None:
-    """The source host of a cold migration awaiting confirm or revert, or None."""
-    sysmeta = getattr(instance, "system_metadata", None) or {}
-    return sysmeta.get(MIGRATED_FROM_KEY) or None
-
-
-def migrating_to(instance: Any) -> str | None:
-    """On the source's copy: the host a pending cold migration moved it to, or None."""
-    sysmeta = getattr(instance, "system_metadata", None) or {}
-    return sysmeta.get(MIGRATING_TO_KEY) or None
+# -- who may act on a server; a resize's new flavor ----------------------------------
 
 
 def check_project(context: Any, instance: Any, verb: str) -> None:
@@ -367,12 +338,8 @@ def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
     )
 
 
-# -- a TPM that outlives its host: off-host copies, shelve, evacuate, rescue (issue 15) -----
+# -- a TPM that outlives its host: off-host copies (Nova's shelve, evacuation), rescue -----
 
-#: What ``server list`` shows for a shelved server (Nova's vm_state name, no host).
-SHELVED_OFFLOADED = "shelved_offloaded"
-#: ``system_metadata`` key of an evacuated server: the host it was evacuated from.
-EVACUATED_FROM_KEY = "vtpm_evacuated_from"
 #: ``system_metadata`` key of a server booted in rescue mode.
 RESCUE_KEY = "vtpm_rescued"
 #: The rescue boot's default marker on the kernel command line.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from vtpm_driver import spec
 from vtpm_driver.audit import (
@@ -84,7 +84,7 @@ def age_seconds(created: str | None, now: float) -> float | None:
 
 
 def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
-                     min_age: float, hosts_unchecked: Sequence[str]) -> Action | Skipped:
+                     min_age: float) -> Action | Skipped:
     """Delete a Barbican orphan only if it is ours by name, its server is gone, and it is old."""
     def skip(why: str) -> Skipped:
         return Skipped(orphan.id, orphan.instance_uuid, why)
@@ -93,9 +93,6 @@ def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
         return skip("not named 'vTPM secret for instance <uuid>': not created by vtpm-driver")
     if not orphan.reason.startswith("no server "):
         return skip(f"kept: {orphan.reason} (its server exists; check its record by hand)")
-    if hosts_unchecked:
-        return skip("kept: its server may live on a host that could not be checked "
-                    f"({', '.join(hosts_unchecked)})")
     if min_age > 0:
         age = age_seconds(item.created, now)
         if age is None:
@@ -108,8 +105,7 @@ def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
 
 
 def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
-         hosts_unchecked: Sequence[str] = (), only: Iterable[str] | None = None
-         ) -> RepairPlan:
+         only: Iterable[str] | None = None) -> RepairPlan:
     """What ``audit --repair`` does about ``report``: a pure function of the findings.
 
     * orphaned libvirt vtpm secrets, and ``user``/``deployment`` secrets left
@@ -122,13 +118,11 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
       driver (``VTPMDriver.recover``, which takes the server lock: one still
       running is waited for, then has nothing left to do).
 
-    ``hosts_unchecked`` names other hosts whose servers could not be listed
-    (then no Barbican secret is deleted); ``only`` limits the plan to what
-    names these instance UUIDs. Nothing else is ever planned.
+    ``only`` limits the plan to what names these instance UUIDs. Nothing else
+    is ever planned.
     """
     if only is not None:
-        return _limited(plan(report, now=now, min_age=min_age,
-                             hosts_unchecked=hosts_unchecked), only)
+        return _limited(plan(report, now=now, min_age=min_age), only)
     actions: list[Action] = [
         Action(RECOVER, entry.instance_uuid, entry.instance_uuid,
                f"{entry.action} the interrupted {entry.operation} (at step {entry.step!r}, "
@@ -151,8 +145,7 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     by_uuid = {canonical_uuid(b.uuid): b for b in report.barbican_secrets if b.uuid}
     deleted = set()
     for orphan in report.orphans_of(BARBICAN_SECRET):
-        decided = _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age,
-                                   hosts_unchecked=hosts_unchecked)
+        decided = _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age)
         if isinstance(decided, Action):
             actions.append(decided)
             deleted.add(decided.target)
@@ -184,19 +177,15 @@ def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
 REMOVE_COPY = "remove_offhost_copy"
 
 
-def plan_copies(repair: RepairPlan, report: AuditReport, hosts_unchecked: Sequence[str],
-                only: Iterable[str] | None = None) -> RepairPlan:
-    """``repair`` plus removing orphaned off-host copies, only when every host was checked."""
+def plan_copies(repair: RepairPlan, report: AuditReport, only: Iterable[str] | None = None
+                ) -> RepairPlan:
+    """``repair`` plus removing the orphaned off-host copies ``report`` found (this host's
+    only: :func:`vtpm_driver.audit.offhost_copies`)."""
     wanted = None if only is None else {canonical_uuid(u) or u for u in only}
     actions = list(repair.actions)
-    skipped = list(repair.skipped)
     for orphan in report.orphans_of(OFFHOST_COPY):
         if wanted is not None and orphan.instance_uuid not in wanted:
             continue
-        if hosts_unchecked:
-            skipped.append(Skipped(orphan.id, orphan.instance_uuid,
-                                   f"kept: host(s) {', '.join(hosts_unchecked)} not checked"))
-            continue
         actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
                               f"remove off-host copy: {orphan.reason}"))
-    return RepairPlan(tuple(actions), tuple(skipped))
+    return RepairPlan(tuple(actions), repair.skipped)

@@ -1,16 +1,17 @@
 """Standalone servers as a service: what the ``server`` commands (and the demo) call.
 
 :class:`ServerService` adds what Nova's API and compute manager add around the
-driver of each host (:mod:`vtpm_driver.hosts`): find the server on whichever
-host has it, check the caller's project (:func:`vtpm_driver.policy.check_project`),
-validate a request before anything is created, compute a resize's new flavor
-(:func:`vtpm_driver.policy.new_flavor`), move servers between hosts, and
-describe a server as plain fields (:mod:`vtpm_driver.view`). Off-host actions
-(shelve, evacuate, rescue, rebuild, state backups) and the audit and repair
-are mixed in from :mod:`vtpm_driver.service_offhost` and
-:mod:`vtpm_driver.service_audit`.
-Command-line modules only parse options, call one method here and format the
-result.
+driver of the one host the command line manages (:mod:`vtpm_driver.backend`):
+find the server, check the caller's project
+(:func:`vtpm_driver.policy.check_project`), validate a request before anything
+is created, compute a resize's new flavor (:func:`vtpm_driver.policy.new_flavor`),
+keep ``[vtpm] state_backup`` copies in step with stops and starts, and describe
+a server as plain fields (:mod:`vtpm_driver.view`). The audit and repair are
+mixed in from :mod:`vtpm_driver.service_audit`. Command-line modules only
+parse options, call one method here and format the result.
+
+Nothing here moves a server to another host: cold and live migration,
+shelve/unshelve and evacuation are Nova's, through the shim.
 
 Every error is a :class:`~vtpm_driver.exception.VTPMError` naming the server
 and the reason; nothing here prints.
@@ -20,24 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy, spec, view
+from vtpm_driver import exception, policy, spec, statestore, view
 from vtpm_driver.context import RequestContext
-from vtpm_driver.hosts import HostSet
+from vtpm_driver.ops import locks
+from vtpm_driver.ops.rebuild import RebuildOps
+from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.service_audit import AuditActions
-from vtpm_driver.service_offhost import OffHostActions
 
 LOG = logging.getLogger(__name__)
 
 SHUTDOWN_RETRY_INTERVAL = 10  # seconds between ACPI power-button presses
 
-#: Operations still refused for vTPM servers (SPEC F6): none since issue 15 (shelve,
-#: evacuate, rescue and rebuild are :class:`~vtpm_driver.service_offhost.OffHostActions`).
+#: Operations still refused for vTPM servers (SPEC F6): none since issue 15.
 REFUSED_OPERATIONS: tuple[str, ...] = ()
 
 Progress = Callable[[str], contextlib.AbstractContextManager[None]]
@@ -54,8 +56,8 @@ def _abspath(path: str | None) -> str | None:
 # --------------------------------------------------------------------------- the service
 
 
-class ServerService(OffHostActions, AuditActions):
-    """Create, inspect and drive servers as the caller of ``context``.
+class ServerService(AuditActions):
+    """Create, inspect and drive the servers of one host as the caller of ``context``.
 
     ``context`` is called when an operation first needs the caller (so
     read-only operations and refused requests never log in); ``progress(msg)``
@@ -65,84 +67,24 @@ class ServerService(OffHostActions, AuditActions):
 
     def __init__(self, conf: cfg.ConfigOpts, backend: Any,
                  context: Callable[[], RequestContext],
-                 progress: Progress = _no_progress, hosts: HostSet | None = None,
-                 host: str | None = None) -> None:
-        """``hosts`` (several hosts): ``backend`` may be None and ``host`` (None: the
-        first) is the host commands act on; with an explicit ``host`` servers are
-        looked up there only, otherwise on whichever host has them."""
+                 progress: Progress = _no_progress) -> None:
         self.conf = conf
-        self._hosts = hosts
-        self._explicit_host = host is not None
-        if hosts is not None:
-            self._host = hosts.check(host) if host is not None else hosts.default
-            backend = hosts.backend(self._host)
-        else:
-            self._host = getattr(backend, "name", None)
         self._backend = backend
         self._context = context
         self._progress = progress
-        self._connected: set[int] = set()
-
-    def _connect(self, backend: Any) -> Any:
-        if id(backend) not in self._connected:
-            with self._progress(f"Connecting to libvirt at {backend.uri}"):
-                backend.connect()
-            self._connected.add(id(backend))
-        return backend
+        self._connected = False
 
     @property
     def backend(self) -> Any:
-        """The backend of the host this command acts on, connected."""
-        return self._connect(self._backend)
-
-    @property
-    def host(self) -> str | None:
-        """The name of the host this command acts on (None: the one unnamed host)."""
-        return self._host
-
-    def _hosts_to_search(self) -> list[str]:
-        if self._hosts is None or self._explicit_host:
-            return [self._host] if self._host else []
-        return [self._host, *[n for n in self._hosts.names if n != self._host]]
-
-    def _use(self, name: str) -> Any:
-        """Act on host ``name`` from now on (the server was found there)."""
-        if self._hosts is not None and name != self._host:
-            self._host, self._backend = name, self._hosts.backend(name)
-        return self.backend
-
-    def locate(self, name_or_uuid: str) -> Any:
-        """The server, on whichever host has it (the command then acts on that host).
-
-        A cold migration awaiting confirm or revert leaves a stopped copy on
-        the source: the destination's copy is the server.
-
-        :raises InstanceNotFound: no host has it.
-        """
-        if self._hosts is None or self._explicit_host or not self._hosts.several:
-            return self.backend.find(name_or_uuid)
-        found = []
-        for name in self._hosts_to_search():
-            try:
-                found.append((name, self._connect(self._hosts.backend(name)).find(
-                    name_or_uuid)))
-            except exception.InstanceNotFound:
-                continue
-            except exception.HypervisorUnavailable as exc:
-                LOG.warning("Host %s is unreachable, not searched: %s", name, exc)
-        if not found:
-            raise exception.InstanceNotFound(
-                f"no server with name or UUID {name_or_uuid!r} on any host "
-                f"({', '.join(self._hosts.names)})")
-        name, instance = next(((n, i) for n, i in found if policy.migrated_from(i)), found[0])
-        self._use(name)
-        return instance
+        """The backend of the host, connected on first use."""
+        if not self._connected:
+            with self._progress(f"Connecting to libvirt at {self._backend.uri}"):
+                self._backend.connect()
+            self._connected = True
+        return self._backend
 
     def close(self) -> None:
-        if self._hosts is not None:
-            self._hosts.close()
-        else:
-            self._backend.close()
+        self._backend.close()
 
     # -- reading ---------------------------------------------------------------
 
@@ -159,46 +101,17 @@ class ServerService(OffHostActions, AuditActions):
 
     def describe(self, instance: Any) -> dict[str, Any]:
         """:func:`vtpm_driver.view.server_fields` with the live power state and resize status."""
-        fields = view.server_fields(instance, self.power_state(instance),
-                               self.backend.resize_pending(instance)
-                               or bool(policy.migrated_from(instance)))
-        if self._hosts is not None and self._hosts.several:
-            fields["host"] = self._host
-        return fields
+        return view.server_fields(instance, self.power_state(instance),
+                                  self.backend.resize_pending(instance))
 
     def show(self, name_or_uuid: str) -> dict[str, Any]:
-        """A server on a host, or a shelved one. :raises InstanceNotFound: no such server."""
-        try:
-            return self.describe(self.locate(name_or_uuid))
-        except exception.InstanceNotFound:
-            shelved = self.show_shelved(name_or_uuid)
-            if shelved is None:
-                raise
-            return shelved
+        """:raises InstanceNotFound: no such server."""
+        return self.describe(self.backend.find(name_or_uuid))
 
     def list(self) -> list[dict[str, Any]]:
-        """Every server, sorted by name, with its host (no credentials needed).
-
-        Every configured host unless one was chosen; an unreachable host is
-        skipped with a warning. The stopped source copy of a cold migration
-        awaiting confirm or revert is not listed (the server is on the destination).
-        """
-        if self._hosts is None or self._explicit_host or not self._hosts.several:
-            rows = [view.summary_fields(instance, self.power_state(instance), self._host)
-                    for instance in self.backend.list()]
-            return rows + self.shelved_rows([str(r["uuid"]) for r in rows])
-        rows = []
-        for name in self._hosts.names:
-            try:
-                instances = self._use(name).list()
-            except exception.HypervisorUnavailable as exc:
-                LOG.warning("Host %s is unreachable, its servers are not listed: %s",
-                            name, exc)
-                continue
-            rows += [view.summary_fields(instance, self.power_state(instance), name)
-                     for instance in instances if not policy.migrating_to(instance)]
-        rows += self.shelved_rows([str(r["uuid"]) for r in rows])
-        return sorted(rows, key=lambda row: (str(row["name"]), str(row["host"])))
+        """Every server of the host, sorted by name (no credentials needed)."""
+        return [view.summary_fields(instance, self.power_state(instance))
+                for instance in self.backend.list()]
 
     # -- creating ----------------------------------------------------------------
 
@@ -239,7 +152,7 @@ class ServerService(OffHostActions, AuditActions):
     def _target(self, name_or_uuid: str, verb: str) -> tuple[RequestContext, Any]:
         """The caller (logged in first) and the server, which the caller may act on."""
         context = self._context()
-        instance = self.locate(name_or_uuid)
+        instance = self.backend.find(name_or_uuid)
         policy.check_project(context, instance, verb)
         return context, instance
 
@@ -284,16 +197,9 @@ class ServerService(OffHostActions, AuditActions):
     def delete(self, name_or_uuid: str) -> None:
         """Domain, swtpm state, libvirt secret, Barbican secret and off-host copy.
 
-        A shelved server: its Barbican secret and its off-host copy.
-
         :raises InstanceNotFound: the server does not exist (a second delete).
         """
-        try:
-            context, instance = self._target(name_or_uuid, "delete")
-        except exception.InstanceNotFound:
-            if self.delete_shelved(name_or_uuid):
-                return
-            raise
+        context, instance = self._target(name_or_uuid, "delete")
         with self._progress(f"Deleting server {instance.name}"):
             self.backend.driver.destroy(context, instance, None, None, True, True)
             self.store.delete(instance.uuid)
@@ -305,7 +211,7 @@ class ServerService(OffHostActions, AuditActions):
                memory_mb: int | None = None) -> None:
         """Move the server to its flavor with these changes; then confirm or revert.
 
-        :raises VTPMError: a resize or a move is pending (:meth:`_check_nothing_pending`).
+        :raises VTPMError: a resize is pending (:meth:`_check_nothing_pending`).
         :raises InvalidVTPMConfig: the new flavor (with the image) is invalid;
             nothing is changed.
         """
@@ -337,22 +243,20 @@ class ServerService(OffHostActions, AuditActions):
         confirm or revert (:meth:`_check_nothing_pending`, asked under the lock).
 
         :raises ServerLocked: another operation holds it past ``[vtpm] lock_timeout``.
-        :raises InstanceNotFound: the server left this host meanwhile (deleted,
-            shelved, a move reverted or confirmed elsewhere).
-        :raises VTPMError: ``settled`` and a resize or move is pending.
+        :raises InstanceNotFound: the server was deleted meanwhile.
+        :raises VTPMError: ``settled`` and a resize is pending.
         """
         with self.backend.driver.server_operation(context, instance, operation):
             if not self.backend.domain_exists(instance.uuid):
                 raise exception.InstanceNotFound(
                     f"no server with name or UUID {instance.name!r} on this host any more: "
-                    f"it was deleted, shelved or moved while this command waited to {operation} "
-                    "it")
+                    f"it was deleted while this command waited to {operation} it")
             if settled:
                 self._check_nothing_pending(instance, operation)
             yield
 
     def _decide(self, name_or_uuid: str, confirm: bool) -> None:
-        """Confirm or revert the resize or cold migration pending on the server.
+        """Confirm or revert the resize pending on the server.
 
         What is pending is asked under the server's lock, on the record re-read
         there: checked before, a resize decided and another one started meanwhile
@@ -363,15 +267,7 @@ class ServerService(OffHostActions, AuditActions):
         """
         verb = "confirm the resize of" if confirm else "revert the resize of"
         context, instance = self._target(name_or_uuid, verb)
-        # The lock's name, from the read before it (the decision is made on the re-read).
-        if policy.migrated_from(instance):
-            operation = f"{'confirm' if confirm else 'revert'} the migration of"
-        else:
-            operation = verb
-        with self._held(context, instance, operation, settled=False):
-            if policy.migrated_from(instance):
-                self._finish_migration(context, instance, confirm=confirm)
-                return
+        with self._held(context, instance, verb, settled=False):
             if not self.backend.resize_pending(instance):
                 raise exception.VTPMError(
                     f"cannot {verb} server {instance.name!r}: it has no resize awaiting "
@@ -385,100 +281,167 @@ class ServerService(OffHostActions, AuditActions):
                     drv.finish_revert_migration(context, instance, None, None, None, True)
 
     def confirm_resize(self, name_or_uuid: str) -> None:
-        """Keep the new flavor (drops the old vTPM state), or the migrated server's new host."""
+        """Keep the new flavor (drops the old vTPM state)."""
         self._decide(name_or_uuid, confirm=True)
 
     def revert_resize(self, name_or_uuid: str) -> None:
-        """Back to the old flavor and its vTPM state, or to the migration's source host."""
+        """Back to the old flavor and its vTPM state."""
         self._decide(name_or_uuid, confirm=False)
 
-    # -- moving between hosts ------------------------------------------------------------
-
-    def migrate(self, name_or_uuid: str, dest: str, *, live: bool,
-                bandwidth_mib: int | None = None) -> dict[str, Any]:
-        """Move the server to host ``dest``; cold: then confirm or revert (as a resize).
-
-        :raises InvalidConfiguration: ``dest`` is not a configured host.
-        :raises VTPMSecretForbidden: the caller cannot hand the passphrase over
-            (``user`` mode, not the owner): nothing moved.
-        :raises VTPMError: a resize or another move awaits confirm or revert (asked
-            under the server's lock), or the move failed; the server is on its host
-            as it was.
-        """
-        verb = "live-migrate" if live else "migrate"
-        context, instance = self._target(name_or_uuid, verb)
-        if self._hosts is None:
-            raise exception.InvalidConfiguration(
-                f"cannot {verb} server {instance.name}: only one host is configured "
-                "(set [vtpm] hosts)")
-        source = self._host
-        policy.check_migration_hosts(source, dest, self._hosts.names)
-        self._connect(self._hosts.backend(dest))
-        drv = self.backend.driver
-        # Checked under the lock, on the server re-read from its record: a resize or
-        # move that ended while this command waited has changed it.
-        with self._held(context, instance, verb):
-            with self._progress(f"{'Live-migrating' if live else 'Migrating'} server "
-                                f"{instance.name} from {source} to {dest}"):
-                if live:
-                    target = self._hosts.side(dest)
-                    drv.live_migration(context, instance, target, None, None)
-                else:
-                    drv.migrate_to(context, instance, dest)
-        self._use(dest)
-        return self.describe(instance)
-
     def _check_nothing_pending(self, instance: Any, verb: str) -> None:
-        """Refuse ``verb`` while a resize or a move of the server awaits confirm or
-        revert: the one rule for a resize, a move, a shelve, a rescue, an unrescue and a
-        rebuild (as Nova, which allows none of them in VERIFY_RESIZE). On a stale
-        source copy (``migrating_to``) they would act on a server that is on another
-        host now. :meth:`_held` asks it under the server's lock, on the re-read
-        record.
+        """Refuse ``verb`` while a resize of the server awaits confirm or revert: the
+        one rule for a resize, a rescue, an unrescue and a rebuild (as Nova, which
+        allows none of them in VERIFY_RESIZE). :meth:`_held` asks it under the
+        server's lock, on the re-read record.
 
-        :raises VTPMError: naming what is pending and the command that decides it.
+        :raises VTPMError: naming the command that decides the pending resize.
         """
-        decide = f"run 'vtpm-driver server resize confirm|revert {instance.name}' first"
-        if self.backend.resize_pending(instance):  # as Nova: not while VERIFY_RESIZE
+        if self.backend.resize_pending(instance):
             raise exception.VTPMError(
                 f"cannot {verb} server {instance.name!r}: a resize is awaiting confirm or "
-                f"revert; {decide}")
-        if policy.migrated_from(instance):
-            raise exception.VTPMError(
-                f"cannot {verb} server {instance.name!r}: its migration from "
-                f"{policy.migrated_from(instance)} awaits confirm or revert; {decide}")
-        if policy.migrating_to(instance):
-            dest = policy.migrating_to(instance)
-            raise exception.VTPMError(
-                f"cannot {verb} server {instance.name!r}: its migration to {dest!r} awaits "
-                f"confirm or revert (the server is there now; this is its stopped source "
-                f"copy); run 'vtpm-driver --host {dest} server resize confirm|revert "
-                f"{instance.name}' first")
+                f"revert; run 'vtpm-driver server resize confirm|revert {instance.name}' first")
 
-    def live_migration_abort(self, name_or_uuid: str) -> bool:
-        """Cancel the server's running live migration; False when none runs."""
-        _context, instance = self._target(name_or_uuid, "abort the live migration of")
-        return bool(self.backend.driver.live_migration_abort(instance))
+    # -- rescue / rebuild -------------------------------------------------------------
+    # Each holds the server's lock through :meth:`_held` (the record re-read there: a
+    # resize confirmed while the command waited changed the flavor, the image and the
+    # secret) and makes every check under it (:meth:`_check_nothing_pending`).
 
-    def _finish_migration(self, context: RequestContext, instance: Any, *,
-                          confirm: bool) -> None:
-        """Confirm or revert a cold migration (this command acts on its destination).
+    def _rebuild_ops(self) -> RebuildOps:
+        drv = self.backend.driver
+        return RebuildOps(drv.guests, drv.state_base)
 
-        Call it holding the server's lock (:meth:`_held`): ``instance`` is the record
-        re-read under it, so the source it names is the move still pending.
+    def rescue(self, name_or_uuid: str, *, kernel: str | None = None,
+               initrd: str | None = None, cmdline: str | None = None) -> None:
+        """Boot the rescue image with the server's own vTPM.
+
+        :raises VTPMError: already rescued, suspended, or a resize awaits confirm
+            or revert.
         """
-        dest, source = self._host, policy.migrated_from(instance)
-        if self._hosts is None or dest is None or source not in self._hosts.names:
-            raise exception.VTPMError(
-                f"server {instance.name!r} was migrated from host {source!r}, which is not "
-                "configured in [vtpm] hosts")
-        src_backend = self._connect(self._hosts.backend(source))
-        drv = src_backend.driver
-        verb = "Confirming" if confirm else "Reverting"
-        with self._progress(f"{verb} the migration of server {instance.name} from "
-                            f"{source} to {dest}"):
-            if confirm:
-                drv.confirm_migration_to(context, instance, dest)
-            else:
-                drv.revert_migration_to(context, instance, dest)
-                self._use(source)
+        context, instance = self._target(name_or_uuid, "rescue")
+        with self._held(context, instance, "rescue"):
+            with self._progress(f"Rescuing server {instance.name} (same vTPM)"):
+                self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
+                                           cmdline=cmdline)
+        self.after_start(instance)
+
+    def unrescue(self, name_or_uuid: str) -> None:
+        """Back to the normal boot, TPM state kept.
+
+        :raises VTPMError: not rescued, or a resize awaits confirm or revert.
+        """
+        context, instance = self._target(name_or_uuid, "unrescue")
+        with self._held(context, instance, "unrescue"):
+            with self._progress(f"Unrescuing server {instance.name}"):
+                self._rebuild_ops().unrescue(context, instance)
+        self.after_start(instance)
+
+    def rebuild(self, name_or_uuid: str, *, kernel: str | None = None,
+                initrd: str | None = None, cmdline: str | None = None,
+                reset_tpm: bool = False) -> dict[str, Any]:
+        """Boot a new image, TPM kept (``reset_tpm``: a fresh TPM, new EK); describes it.
+
+        :raises VTPMError: rescued, suspended, or a resize awaits confirm or revert.
+        """
+        context, instance = self._target(name_or_uuid, "rebuild")
+        with self._held(context, instance, "rebuild"):
+            with self._progress(f"Rebuilding server {instance.name}"):
+                reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
+                                                    initrd=initrd, cmdline=cmdline,
+                                                    reset_tpm=reset_tpm)
+        self.after_start(instance)
+        fields = self.describe(instance)
+        fields["tpm"] = ("reset: a new TPM (new endorsement key)" if reset
+                         else "kept" if policy.has_vtpm(instance) else None)
+        return fields
+
+    # -- off-host copies ([vtpm] state_backup) -------------------------------------------
+
+    @property
+    def store(self) -> statestore.DirectoryStateStore:
+        return statestore.DirectoryStateStore(self.conf.vtpm.state_backup_dir)
+
+    @property
+    def offhost(self) -> OffHostOps:
+        return OffHostOps(self.store)
+
+    def site(self) -> Site:
+        """The host for :class:`~vtpm_driver.ops.shelve.OffHostOps`, named by its libvirt
+        URI (what a copy records as its source host)."""
+        backend = self.backend
+        return Site(backend.uri, backend.driver.guests, backend.state_base)
+
+    def _backup_mode(self) -> str:
+        return str(self.conf.vtpm.state_backup)
+
+    def after_event(self, instance: Any, event: str) -> None:
+        """A copy after a clean stop or suspend when ``[vtpm] state_backup`` wants one.
+
+        Never fails the operation that just succeeded: a failed copy (or a server
+        another operation holds past ``[vtpm] lock_timeout``) is logged.
+        """
+        if not policy.wants_backup(self._backup_mode(), event) or not policy.has_vtpm(instance):
+            return
+        try:
+            with locks.server_lock(self.conf, instance.uuid, f"state backup after {event}"):
+                self.offhost.backup(self.site(), instance, event)
+        except exception.VTPMError as exc:
+            LOG.error("Could not copy the TPM state off the host after %s: %s", event, exc,
+                      instance_uuid=instance.uuid)
+
+    def after_start(self, instance: Any) -> None:
+        """The server runs: its copy is no longer current (see :mod:`vtpm_driver.statestore`)."""
+        try:
+            self.offhost.mark_started(instance.uuid)
+        except exception.VTPMError as exc:
+            LOG.error("Could not mark the off-host copy as overtaken: %s", exc,
+                      instance_uuid=instance.uuid)
+
+    def backup_states(self, names: Sequence[str] = (), *, force: bool = False
+                      ) -> list[dict[str, Any]]:
+        """``vtpm-driver state backup``: refresh copies (run from cron for ``periodic``).
+
+        Named servers are copied now; otherwise every vTPM server of the host
+        whose copy is older than ``[vtpm] state_backup_interval``. Such a run
+        (from cron) never stops at one server: a server deleted meanwhile is
+        skipped, and one whose copy fails (held past ``[vtpm] lock_timeout``, its
+        state unreadable) is logged and returned with ``error`` set, the others
+        still copied.
+
+        :raises InvalidConfiguration: no server named and ``state_backup`` is not periodic.
+        :raises VTPMError: a named server could not be copied.
+        """
+        mode = self._backup_mode()
+        if not names and mode != "periodic" and not force:
+            raise exception.InvalidConfiguration(
+                f"[vtpm] state_backup is {mode!r}: set it to 'periodic' for a periodic run, "
+                "or name the servers to copy now")
+        now, interval = time.time(), float(self.conf.vtpm.state_backup_interval)
+        rows = []
+        for instance in self.backend.list():
+            if names and instance.name not in names and instance.uuid not in names:
+                continue
+            if not policy.has_vtpm(instance):
+                continue
+            old = self.store.get(instance.uuid)
+            if not names and not force and not policy.backup_due(
+                    old.taken_at if old else None, now, interval):
+                continue
+            row = {"name": instance.name, "uuid": instance.uuid, "running": None,
+                   "size": None, "error": None}
+            try:
+                with locks.server_lock(self.conf, instance.uuid, "state backup"):
+                    meta = self.offhost.backup(self.site(), instance,
+                                               "manual" if names else "periodic")
+            except exception.InstanceNotFound:
+                if names:
+                    raise
+                continue  # deleted since it was listed
+            except exception.VTPMError as exc:
+                if names:
+                    raise
+                LOG.error("Could not copy the TPM state of server %s off the host: %s",
+                          instance.name, exc, instance_uuid=instance.uuid)
+                rows.append({**row, "error": str(exc)})
+                continue
+            rows.append({**row, "running": meta.server_running, "size": meta.size})
+        return rows

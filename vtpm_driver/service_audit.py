@@ -6,10 +6,10 @@ swtpm state directories, journal entries and off-host copies
 (:mod:`vtpm_driver.audit`, pure), and carry out a repair plan, each action
 naming a server under that server's lock.
 
-The swtpm state directories are those of the host the command acts on, where
-its backend says they are (:attr:`vtpm_driver.hosts.ServerBackend.state_base`),
-never this machine's ``[vtpm] swtpm_state_dir`` for another host: a repair
-removes only what the audit listed there.
+The swtpm state directories are those of the one host the command line
+manages (:attr:`vtpm_driver.backend.ServerBackend.state_base`): a repair
+removes only what the audit listed there. Off-host copies taken on other hosts
+(the store is shared) are left to those hosts.
 """
 
 from __future__ import annotations
@@ -60,11 +60,6 @@ class AuditActions:
 
         ``barbican``: the vTPM secrets the caller could list, or None when
         Barbican was not checked (then no Barbican orphan is reported).
-
-        :raises InvalidConfiguration: several hosts are configured and ``[vtpm]
-            host_state_dirs`` names no directory for this host (this machine's
-            ``swtpm_state_dir`` is never assumed for it); raised before anything
-            is listed.
         """
         backend = self.backend
         base = str(backend.state_base)
@@ -75,10 +70,11 @@ class AuditActions:
             state.list_state_dirs(base), None if barbican is None else list(barbican),
             state_dir_base=base)
         report = dataclasses.replace(report, half_done=self._half_done(backend))
-        elsewhere, _unchecked = backend.other_host_domains()
         periodic = self.conf.vtpm.state_backup == "periodic"
         return vtpm_audit.offhost_copies(
-            report, self.store.list(), [*backend.domain_uuids(), *elsewhere], now=time.time(),
+            # This host as its copies name it (ServerService.site: the libvirt URI).
+            report, self.store.list(), backend.domain_uuids(), host=backend.uri,
+            now=time.time(),
             interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
 
     def _half_done(self, backend: Any) -> tuple[vtpm_audit.HalfDone, ...]:
@@ -102,18 +98,16 @@ class AuditActions:
 
     def repair_plan(self, report: vtpm_audit.AuditReport, *, min_age: float,
                     only: Sequence[str] | None = None) -> repair.RepairPlan:
-        """:func:`vtpm_driver.audit.plan` with the other hosts' servers left out of it."""
-        elsewhere, unchecked = self.backend.other_host_domains()
-        # A shelved (or evacuable) server lives in the state store: its secret is kept.
-        elsewhere = [*elsewhere, *(copy.uuid for copy in self.store.list())]
-        if elsewhere:
-            kept = {vtpm_audit.canonical_uuid(u) for u in elsewhere}
+        """:func:`vtpm_driver.repair.plan`, keeping the Barbican secret of every server
+        that has an off-host copy (a server Nova shelved or may evacuate lives in the
+        state store)."""
+        kept = {vtpm_audit.canonical_uuid(copy.uuid) for copy in self.store.list()}
+        if kept:
             report = dataclasses.replace(report, orphans=tuple(
                 o for o in report.orphans
                 if o.kind != vtpm_audit.BARBICAN_SECRET or o.instance_uuid not in kept))
-        full = repair.plan(report, now=time.time(), min_age=min_age,
-                               hosts_unchecked=unchecked, only=only)
-        return repair.plan_copies(full, report, unchecked, only)
+        full = repair.plan(report, now=time.time(), min_age=min_age, only=only)
+        return repair.plan_copies(full, report, only)
 
     def repair(self, plan: repair.RepairPlan, keymgr: Any,
                contexts: Mapping[str, RequestContext]) -> list[tuple[repair.Action, str]]:

@@ -1,4 +1,4 @@
-"""Off-host copies of servers' TPM state (issue 15): shelve, evacuate, state backups.
+"""Off-host copies of servers' TPM state (issue 15): Nova's shelve and evacuation, state backups.
 
 Where a copy lives
     :class:`DirectoryStateStore` keeps one directory per server under
@@ -10,10 +10,9 @@ Where a copy lives
                                    (owners and modes kept: tss, 0700/0600)
 
     The root is root-only (0700). It stands in for object storage: it must be
-    reachable from every host (here: a path on the machine running
-    vtpm-driver, outside every host's own directories) and survive any host.
-    Nova's shim can plug in Glance or Swift behind the same :class:`StateStore`
-    protocol.
+    reachable from every compute host (shared or replicated storage, outside
+    every host's own directories) and survive any host. Nova's shim can plug
+    in Glance or Swift behind the same :class:`StateStore` protocol.
 
 Who can read it
     The swtpm state is stored exactly as swtpm wrote it: encrypted with the
@@ -25,7 +24,7 @@ Who can read it
     files, as root on a host can; neither can decrypt them.
 
 When it is refreshed (``[vtpm] state_backup``)
-    Shelve always stores a copy (the server then lives only there).
+    Nova's shelve always stores a copy (the server then lives only there).
     ``on-stop``: every clean stop and suspend also refreshes it. ``periodic``:
     as ``on-stop``, and ``vtpm-driver state backup`` (an operator runs it from
     cron) refreshes copies older than ``[vtpm] state_backup_interval``, running
@@ -38,9 +37,6 @@ server marks its copy as overtaken (``started_after``).
 Writes are atomic: a new copy is built in ``<root>/.<uuid>.<random>.tmp`` and
 renamed into place; ``meta.json`` is replaced with ``os.replace``. A reader
 sees a complete copy or the previous one, never half of one.
-
-Where each host's state is, seen from here: :func:`host_state_dir`
-(``[vtpm] host_state_dirs``, default ``swtpm_state_dir`` for the one host).
 """
 
 from __future__ import annotations
@@ -118,22 +114,6 @@ class StateStore(Protocol):
 
     def list(self) -> list[CopyMeta]:
         """Every copy (unreadable ones skipped with a warning)."""
-
-
-def host_state_dir(conf: Any, host: str | None, several: bool = False) -> str:
-    """A host's swtpm state directory as seen from here.
-
-    :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
-        does not name this one.
-    """
-    dirs = dict(conf.vtpm.host_state_dirs or {})
-    if dirs.get(host):
-        return str(dirs[host])
-    if not several:
-        return str(conf.vtpm.swtpm_state_dir)
-    raise exception.InvalidConfiguration(
-        f"[vtpm] host_state_dirs does not name host {host!r}: cannot tell where it keeps "
-        f"its swtpm state (add {host}=PATH, that directory as seen from here)")
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

@@ -77,8 +77,7 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False
     return fields
 
 
-def summary_fields(instance: Any, power_state: str, host: str | None = None
-                   ) -> dict[str, Any]:
+def summary_fields(instance: Any, power_state: str) -> dict[str, Any]:
     """What ``server list`` says about ``instance`` ('invalid' for a bad vTPM request)."""
     config, error = vtpm_or_error(instance)
     return {
@@ -90,5 +89,4 @@ def summary_fields(instance: Any, power_state: str, host: str | None = None
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
         "power_state": power_state,
-        "host": host,
     }

@@ -7,10 +7,7 @@ secret) and can be told to fail a given call.
 
 * :class:`FakeConn`: the secret API of ``virConnect``;
 * :class:`FakeLibvirt`: secrets plus domains (:class:`FakeDomain`), with an
-  event log shared with :class:`tests.fakes.keymgr.FakeKeyManager`; several of
-  them joined by :func:`join_hosts` migrate domains to each other
-  (``migrateToURI3``: the destination needs the vTPM secret with the right
-  value while the incoming guest starts; the swtpm state moves with it);
+  event log shared with :class:`tests.fakes.keymgr.FakeKeyManager`;
 * :class:`ScriptedDomain`/:class:`ScriptedConn`: one domain whose every call
   can be made to fail, for the flag and error-mapping tests of ``virt.guest``;
 * :class:`CapsConnection`: what :class:`~vtpm_driver.virt.probe.LibvirtHostProbe` reads.
@@ -19,7 +16,6 @@ secret) and can be told to fail a given call.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -262,67 +258,6 @@ class FakeDomain:
         self.paused = False
         return 0
 
-    def abortJob(self) -> int:
-        """No job ever runs in the fake: libvirt's answer when there is none."""
-        self._check()
-        raise libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, message="no job is active")
-
-    def jobInfo(self) -> list[int]:
-        self._check()
-        return [libvirt.VIR_DOMAIN_JOB_NONE] + [0] * 11
-
-    def migrateToURI3(self, dconnuri: str, params: dict, flags: int) -> int:
-        """A peer-to-peer migration to the :class:`FakeLibvirt` joined at ``dconnuri``.
-
-        Refused, with the source unchanged, like libvirt: ``fail_migrate`` set on
-        the source; the destination unknown (unreachable); the guest not
-        running; a domain of that UUID or name there; a vTPM whose secret the
-        destination lacks or holds with another value than the key manager's.
-        Otherwise the guest runs (or stays paused) there with its swtpm state
-        and definition (``PERSIST_DEST``); the source's copy stops and, with
-        ``UNDEFINE_SOURCE``, goes with its state.
-        """
-        self._check()
-        self.conn.log("virt.migrate", f"{self._name} -> {dconnuri}")
-        self.conn.migrations.append((self._name, dconnuri, dict(params), flags))
-        if self.conn.fail_migrate is not None:
-            raise self.conn.fail_migrate
-        dest = self.conn.peers.get(dconnuri)
-        if dest is None:
-            raise libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC,
-                                f"unable to connect to {dconnuri}: Connection refused")
-        if not self.active:
-            raise libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID,
-                                message="domain is not running")
-        if any(d.UUIDString() == self._uuid or d.name() == self._name
-               for d in dest.domains.values()):
-            raise libvirt_error(libvirt.VIR_ERR_OPERATION_FAILED,
-                                message=f"domain '{self._name}' already exists")
-        tpm = domain.get_tpm(self.xml)
-        if tpm is not None:
-            found = dest.secrets.get(tpm.secret_uuid)
-            if found is None:
-                raise libvirt_error(libvirt.VIR_ERR_NO_SECRET, message="Secret not found")
-            keymgr = self.conn.keymgr
-            expected = keymgr.passphrases.get(tpm.secret_uuid) if keymgr else None
-            if found.stored != (expected or "").encode():
-                raise libvirt_error(libvirt.VIR_ERR_OPERATION_FAILED,
-                                    message="tpm-emulator: Setting the stateblob: "
-                                            "decryption error")
-            dest.started_with.append((tpm.secret_uuid, found.private))
-        state = Path(self.conn.state_base, self._uuid)
-        if state.exists():
-            shutil.copytree(state, Path(dest.state_base, self._uuid), copy_function=shutil.copy2)
-        moved = FakeDomain(dest, self.xml)
-        dest.domains[self._uuid] = moved
-        moved.active, moved.paused = True, self.paused
-        self.active = self.paused = False
-        if flags & libvirt.VIR_MIGRATE_UNDEFINE_SOURCE:
-            del self.conn.domains[self._uuid]
-            if state.exists():
-                shutil.rmtree(state)
-        return 0
-
     def metadata(self, kind: int, uri: str, flags: int = 0) -> str:
         server = record.get_server_record(self.xml)
         if server is None:
@@ -356,11 +291,6 @@ class FakeLibvirt(FakeConn):
         self.fail_reboot = False
         self.stuck_after_start = False
         self.keymgr: FakeKeyManager | None = None  # checks the value a start is given
-        #: Migrations: destination URI -> its FakeLibvirt (:func:`join_hosts`); each
-        #: ``migrateToURI3`` call is recorded; ``fail_migrate`` makes them raise it.
-        self.peers: dict[str, FakeLibvirt] = {}
-        self.migrations: list[tuple[str, str, dict, int]] = []
-        self.fail_migrate: libvirt.libvirtError | None = None
         #: Called as ``on_event(what, detail)`` after each logged step: a test can block
         #: there (races) or raise a BaseException there (a process killed mid-way).
         self.on_event: Callable[[str, str], None] | None = None
@@ -419,12 +349,6 @@ class FakeLibvirt(FakeConn):
     def secretDefineXML(self, xml: str, flags: int = 0):
         self.log("virt.secret.define", etree.fromstring(xml.encode()).findtext("uuid"))
         return super().secretDefineXML(xml, flags)
-
-
-def join_hosts(hosts: dict[str, FakeLibvirt]) -> None:
-    """Let the fake hosts (URI -> connection) migrate domains to each other."""
-    for conn in hosts.values():
-        conn.peers = hosts
 
 
 class ScriptedDomain:

@@ -1,6 +1,6 @@
 """Fakes under the ``server`` commands: the driver and the libvirt side of the servers.
 
-``FakeBackend`` stands in for :class:`vtpm_driver.hosts.ServerBackend`; the
+``FakeBackend`` stands in for :class:`vtpm_driver.backend.ServerBackend`; the
 real :class:`~vtpm_driver.service.ServerService` runs on top of it, so the
 command tests check the commands and the service rules, not libvirt.
 """
@@ -76,15 +76,6 @@ class FakeDriver:
     def rescue(self, context, instance, network_info, image_meta, *args):
         self._refuse("rescue", context, instance)
 
-    def shelve(self, context, instance):
-        self._refuse("shelve", context, instance)
-
-    def evacuate(self, context, instance):
-        self._refuse("evacuate", context, instance)
-
-    def live_migration(self, context, instance, dest, post_method, recover_method, *args):
-        self._refuse("live-migrate", context, instance)
-
     def get_info(self, instance):
         self._call("get_info", instance.name)
         return types.SimpleNamespace(state=self.state)
@@ -132,8 +123,6 @@ class FakeBackend:
         self.foreign_domains: list[str] = []
         self.secrets: list = []
         self.removed: list[tuple[str, str]] = []
-        self.elsewhere: list[str] = []
-        self.unreachable: list[str] = []
         self.state_base: str | None = None
 
     def connect(self) -> None:
@@ -166,9 +155,6 @@ class FakeBackend:
 
     def domain_exists(self, domain_uuid: str) -> bool:
         return domain_uuid in self.domain_uuids()
-
-    def other_host_domains(self) -> tuple[list[str], list[str]]:
-        return list(self.elsewhere), list(self.unreachable)
 
     def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
         self.removed.append(("libvirt_secret", secret_uuid))

@@ -4,8 +4,8 @@ Loaded by tests/conftest.py through ``pytest_plugins``; the plain helpers can
 also be imported (``from tests.functional.fixtures_libvirt import wait_for_shutoff``).
 
 ``two_hosts`` starts the two private test hosts of tools/test-hosts.sh (host-a,
-host-b) and :func:`configure_two_hosts` points a configuration at them: what every
-multi-host test uses.
+host-b: the all-in-one cloud's computes) and :func:`configure_test_host` points a
+configuration at one of them as the command line's one host.
 
 The test guest (tools/build-guest.sh) prints one line per boot on its serial console::
 
@@ -117,14 +117,12 @@ def host_swtpm_dir(host: str) -> Path:
     return HOSTS_DIR / host / "lib" / "swtpm"
 
 
-def configure_two_hosts(conf: Any) -> None:
-    """Point ``conf`` at host-a and host-b: ``[vtpm] hosts`` and ``host_state_dirs``
-    (each host's swtpm directory as seen from here; without it the driver refuses
-    every command on a host). The same as tools/test-hosts.sh writes into
-    ``HOSTS_DIR/vtpm-driver.conf``."""
-    conf.set_override("hosts", dict(HOST_URIS), group="vtpm")
-    conf.set_override("host_state_dirs", {h: str(host_swtpm_dir(h)) for h in HOST_URIS},
-                      group="vtpm")
+def configure_test_host(conf: Any, host: str) -> None:
+    """Point ``conf`` at test host ``host`` as the command line's one host: ``[libvirt]
+    connection_uri`` and ``[vtpm] swtpm_state_dir`` (its directory as seen from here).
+    The same as tools/test-hosts.sh writes into ``HOSTS_DIR/<host>/vtpm-driver.conf``."""
+    conf.set_override("connection_uri", HOST_URIS[host], group="libvirt")
+    conf.set_override("swtpm_state_dir", str(host_swtpm_dir(host)), group="vtpm")
 
 
 @pytest.fixture(scope="module")

@@ -365,20 +365,16 @@ def test_hard_reboot_by_another_member_is_refused_and_changes_nothing(
         (("server", "rescue", name), "owner's credentials"),
         (("server", "rebuild", name), "owner's credentials"),
         (("server", "rebuild", "--reset-tpm", name), "owner's credentials"),
-        (("server", "shelve", name), "only its owner can unlock its TPM state"),
     ):
         line = cli(*args, cloud="member").one_error_line()
         assert says in line, (args, line)
         assert name in line or shown["uuid"] in line, (args, line)  # names the server
-    # Evacuation is only for a server whose host is gone: with one host it is refused.
-    line = cli("server", "evacuate", name, "--to", "elsewhere", cloud="member").one_error_line()
-    assert "cannot evacuate: only one host is configured" in line
 
     dom = libvirt_conn.lookupByUUIDString(shown["uuid"])
     assert dom.isActive()
     after = (dom.ID(), dom.XMLDesc(0), state_file.read_bytes(),
              cli("server", "show", name, "-f", "json").json())
-    assert after == before  # same boot, domain, TPM state and server (not rescued/shelved)
+    assert after == before  # same boot, domain, TPM state and server (not rescued)
     assert virt_secret.lookup_vtpm_secret_by_instance(libvirt_conn, shown["uuid"]) is None
 
     # The audit lists the server with its mode and secret, and nothing of it as orphan.

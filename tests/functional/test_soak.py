@@ -1,24 +1,23 @@
 """Soak (issue 13): N workers, M servers, random operations at once; then every invariant.
 
 Workers run random ``vtpm-driver`` commands (create, hard reboot, stop/start,
-suspend/resume, shelve/unshelve, resize + confirm/revert, delete; as the owner
+suspend/resume, resize + confirm/revert, delete; as the owner
 and as others) against a small pool of servers for a bounded time, loopback
 only. Several workers hit the SAME server at once: the driver's per-server lock
 serialises them. Every command is logged with its worker, server, outcome and
 start/end times (:class:`Call`); a worker confirms or reverts only a resize it
-made (or one that refused its own resize as pending), and unshelves only a
-server it shelved.
+made (or one that refused its own resize as pending).
 
 A failed command counts as a *refusal* (by kind) only when both hold
 (:func:`classify`, after the run, over the whole log):
 
 * its message is the answer of one known check (:data:`RULES`: the server
-  locked, gone, already unshelved, its resize already confirmed or reverted,
+  locked, gone, its resize already confirmed or reverted,
   a resize pending, suspended, not running; another project / a member
   without the owner's secret refused);
 * the log proves the state really changed under it: a call of another
   worker on the same server overlapping it (locked), or a successful call
-  that made that state (a delete or shelve for "gone", another worker's
+  that made that state (a delete for "gone", another worker's
   confirm/revert after this worker's resize for "no resize awaiting
   confirm or revert", ...) started before it ended, with no successful call
   undoing that state wholly in between.
@@ -37,7 +36,7 @@ named ``unproven <kind>``. The test fails on any failure. At the end:
 
 Bounds: ``VTPM_SOAK_SECONDS`` (default 75 here; ``python -m bench.soak`` runs
 300), ``VTPM_SOAK_WORKERS`` (3), ``VTPM_SOAK_SERVERS`` (3); a step a worker
-follows up (unshelve, confirm/revert) is retried at most ``RETRIES`` times
+follows up (confirm/revert) is retried at most ``RETRIES`` times
 while the server is locked. The figures are printed (``-s``) and written as
 JSON to ``VTPM_SOAK_REPORT`` when set; ``VTPM_SOAK_CALLS`` names a file for the
 whole call log.
@@ -85,7 +84,7 @@ BOOT_TIMEOUT = 180.0  # a bound for a hung guest, not a speed check
 LOG_DIRS = (Path("/var/log/libvirt/qemu"), Path("/var/log/swtpm/libvirt/qemu"))
 RESIZE_BACKUP_DIR = Path("/var/lib/vtpm-driver/resize")  # [vtpm] resize_backup_dir default
 OPS = ("create", "delete", "hard_reboot", "stop_start", "suspend_resume", "resize",
-       "shelve_unshelve", "other_reboot", "member_reboot")
+       "other_reboot", "member_reboot")
 FINAL = -1  # the worker number of the checks after the run (nothing runs concurrently)
 
 
@@ -97,7 +96,7 @@ class Call:
     """One command as run: by ``worker`` on server ``name``; times are ``time.monotonic()``.
 
     ``since``: when the worker's own step this one follows began (its resize
-    before a confirm/revert, its shelve before an unshelve), else -inf.
+    before a confirm/revert), else -inf.
     """
 
     worker: int
@@ -138,31 +137,26 @@ class Rule:
 
 
 WORKER_STEPS = frozenset({"delete", "hard_reboot", "stop", "start", "suspend", "resume",
-                          "shelve", "unshelve", "resize", "resize confirm", "resize revert",
+                          "resize", "resize confirm", "resize revert",
                           "other_reboot", "member_reboot"})
 DECISIONS = frozenset({"resize confirm", "resize revert"})
-STARTS = frozenset({"start", "resume", "hard_reboot", "unshelve", "resize", "resize revert"})
+STARTS = frozenset({"start", "resume", "hard_reboot", "resize", "resize revert"})
 
 RULES = (
     Rule("locked: another worker's operation held the server (ServerLocked)",
          ("is in progress on it",), WORKER_STEPS, overlap=True),
-    Rule("gone: deleted or shelved", ("no server with name or uuid",),
-         WORKER_STEPS - {"unshelve"}, made_by=frozenset({"delete", "shelve"}),
-         undone_by=frozenset({"unshelve"})),
-    Rule("already unshelved or deleted by another worker", ("no shelved server", "is not shelved"),
-         frozenset({"unshelve"}), made_by=frozenset({"unshelve", "delete"}),
-         undone_by=frozenset({"shelve"}), others_only=True),
+    Rule("gone: deleted", ("no server with name or uuid",),
+         WORKER_STEPS, made_by=frozenset({"delete"})),
     Rule("resize already confirmed or reverted by another worker",
          ("has no resize awaiting confirm or revert", "has no resize in progress"),
          DECISIONS, made_by=DECISIONS | {"delete"}, undone_by=frozenset({"resize"}),
          others_only=True),
     Rule("a resize awaits confirm or revert",
-         ("a resize is awaiting confirm or revert", "a resize or migration awaits confirm",
-          "is already in progress (backup in"),
-         frozenset({"resize", "shelve"}), made_by=frozenset({"resize"}),
+         ("a resize is awaiting confirm or revert", "is already in progress (backup in"),
+         frozenset({"resize"}), made_by=frozenset({"resize"}),
          undone_by=DECISIONS | {"delete"}),
     Rule("suspended by another worker", ("while it is suspended",),
-         frozenset({"resize", "shelve"}), made_by=frozenset({"suspend"}),
+         frozenset({"resize"}), made_by=frozenset({"suspend"}),
          undone_by=frozenset({"resume", "start", "hard_reboot"})),
     Rule("not running: stopped or suspended by another call", ("cannot suspend server",),
          frozenset({"suspend"}), made_by=frozenset({"stop", "suspend"}), undone_by=STARTS),
@@ -273,7 +267,7 @@ class Soak:
         return done, result
 
     def follow_up(self, worker: int, name: str, op: str, *args: str, since: float) -> Call:
-        """A step following the worker's own (unshelve, confirm/revert): tried again
+        """A step following the worker's own (confirm/revert): tried again
         while the server is locked, at most :data:`RETRIES` times."""
         for _attempt in range(RETRIES):
             done, _result = self.call(worker, name, op, *args, since=since)
@@ -338,11 +332,6 @@ class Soak:
         elif op == "suspend_resume":
             call(worker, name, "suspend", "server", "suspend", name)
             call(worker, name, "resume", "server", "resume", name)
-        elif op == "shelve_unshelve":
-            shelved = call(worker, name, "shelve", "server", "shelve", name)[0]
-            if shelved.ok:  # only a server this worker shelved
-                self.follow_up(worker, name, "unshelve", "server", "unshelve", name,
-                               since=shelved.t0)
         elif op == "resize":
             resized = call(worker, name, "resize", "server", "resize", name, "--memory",
                            rnd.choice(("256", "320")))[0]
@@ -404,9 +393,6 @@ def test_soak(cli: CliRunner, test_guest: TestGuest, libvirt_conn: libvirt.virCo
     for slot in soak.slots:
         if slot.name is None:
             continue
-        if not domain_exists(libvirt_conn, slot.uuid):
-            # Left shelved (its unshelve was refused while another worker held it)?
-            last("final unshelve", slot.name, "server", "unshelve", slot.name)
         if not domain_exists(libvirt_conn, slot.uuid):
             violations.append(f"{slot.name}: its domain is gone")
             continue

@@ -3,8 +3,8 @@
 What later multi-host work relies on, checked on the real daemons: each host
 answers on its own loopback port with its own host UUID (libvirt refuses a
 migration to "the same host" by UUID), keeps its guests and its swtpm state to
-itself, and the script is idempotent and writes the configuration naming both
-(the hosts and their swtpm directories, as :func:`configure_two_hosts` does).
+itself, and the script is idempotent and writes each host's configuration for
+the command line (its URI and swtpm directory, as :func:`configure_test_host` does).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.functional.fixtures_libvirt import (
     HOSTS_DIR,
     HOSTS_SCRIPT,
     TestGuest,
-    configure_two_hosts,
+    configure_test_host,
     host_swtpm_dir,
     read_console,
 )
@@ -49,23 +49,21 @@ def test_each_host_has_its_own_identity_and_port(two_hosts, libvirt_conn):
         assert conn.getURI() == HOST_URIS[name]
 
 
-def test_start_is_idempotent_and_conf_names_both(two_hosts):
+def test_start_is_idempotent_and_writes_each_hosts_conf(two_hosts):
     rc, output = run_tool_script(HOSTS_SCRIPT, "start", timeout=60, env={})
     assert rc == 0, output
     assert "already running" in output
     rc, output = run_tool_script(HOSTS_SCRIPT, "status", timeout=60, env={})
     assert rc == 0, output
-    conf = (HOSTS_DIR / "vtpm-driver.conf").read_text()
-    assert f"host-a={HOST_URIS['host-a']}" in conf and f"host-b={HOST_URIS['host-b']}" in conf
-    # What the script writes is what configure_two_hosts gives the tests.
-    written = vtpm_conf.new_conf(config_files=[str(HOSTS_DIR / "vtpm-driver.conf")])
-    ours = vtpm_conf.new_conf()
-    configure_two_hosts(ours)
-    assert written.vtpm.hosts == ours.vtpm.hosts == HOST_URIS
-    assert written.vtpm.host_state_dirs == ours.vtpm.host_state_dirs
-    assert sorted(ours.vtpm.host_state_dirs) == sorted(HOST_URIS)
-    for name, path in ours.vtpm.host_state_dirs.items():
-        assert Path(path).is_dir(), name
+    assert not (HOSTS_DIR / "vtpm-driver.conf").exists()  # no configuration of both
+    for name in HOST_URIS:
+        # What the script writes is what configure_test_host gives the tests.
+        written = vtpm_conf.new_conf(config_files=[str(HOSTS_DIR / name / "vtpm-driver.conf")])
+        ours = vtpm_conf.new_conf()
+        configure_test_host(ours, name)
+        assert written.libvirt.connection_uri == ours.libvirt.connection_uri == HOST_URIS[name]
+        assert written.vtpm.swtpm_state_dir == ours.vtpm.swtpm_state_dir
+        assert Path(ours.vtpm.swtpm_state_dir).is_dir(), name
 
 
 def _tpm_domain_xml(name: str, dom_uuid: str, guest: TestGuest, console: Path) -> str:

@@ -8,14 +8,12 @@ import os
 import threading
 import types
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.service import OWNER, FakeBackend
-from tests.unit import test_hosts
-from vtpm_driver import audit, exception, hosts, objects, repair, servers
+from vtpm_driver import audit, exception, objects, repair, servers
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.ops import journal, locks
@@ -344,13 +342,6 @@ def test_plan_deletes_only_old_barbican_orphans_named_for_a_gone_server():
         (repair.DELETE_BARBICAN, undated)])
 
 
-def test_plan_deletes_no_barbican_secret_while_another_host_is_unchecked():
-    report = audit.audit([], [], [], [], [audit.BarbicanSecret(_uuid(), "o", _uuid(),
-                                                               created=OLD)])
-    plan = repair.plan(report, now=NOW, hosts_unchecked=["host-b"])
-    assert plan.actions == () and "host-b" in plan.skipped[0].reason
-
-
 def test_plan_sets_owner_only_acl_on_project_readable_secrets():
     server = _server(secret=_uuid())
     service_secret = _uuid()
@@ -639,46 +630,3 @@ def test_repair_failure_of_a_recovery_exits_1(capsys, env):
     rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
     (done,) = json.loads(out)["repair"]
     assert rc == 1 and done["result"] == "failed: libvirt went away"
-
-
-# --------------------------------------------------------------------------- several hosts
-
-
-@pytest.fixture
-def world(monkeypatch, tmp_path):
-    """host-a and host-b (fake libvirt), each with its own swtpm directory, and THIS
-    machine's ``[vtpm] swtpm_state_dir`` next to them."""
-    world = test_hosts.World(tmp_path)
-    by_uri = {test_hosts.URIS[n]: c for n, c in world.conns.items()}
-    # The other host's domains are listed over its own (fake) connection.
-    monkeypatch.setattr(hosts, "Hypervisor", lambda uri: types.SimpleNamespace(
-        conn=by_uri[uri], uri=uri, close=lambda: None))
-    return world
-
-
-def _planted(base, name):
-    path = base / name / "tpm2"
-    path.mkdir(parents=True)
-    (path / "tpm2-00.permall").write_bytes(b"planted")
-    return base / name
-
-
-def test_audit_and_repair_of_host_a_never_touch_this_machines_state_dirs(world):
-    """A state dir only in this machine's swtpm_state_dir is no orphan of host-a: it is
-    neither listed nor removed; host-a's own orphan is."""
-    service = world.service(host="host-a")
-    service.create("vm1", flavor_extra_specs={"hw:tpm_version": "2.0"}, image_properties={},
-                   kernel="/boot/k", initrd="/boot/i")
-    here, orphan = _uuid(), _uuid()
-    local = _planted(world.local, here)
-    on_a = _planted(Path(world.conns["host-a"].state_base), orphan)
-    report = service.audit(None)
-    dirs = [o.id for o in report.orphans if o.kind == audit.STATE_DIR]
-    assert dirs == [str(on_a)]
-    assert here not in str(report)
-    plan = service.repair_plan(report, min_age=0)
-    assert [(a.kind, a.instance_uuid) for a in plan.actions] == [(repair.REMOVE_STATE, orphan)]
-    done = service.repair(plan, FakeKeyManager(), {"user": OWNER})
-    assert [outcome for _action, outcome in done] == ["done"]
-    assert not on_a.exists()
-    assert (local / "tpm2" / "tpm2-00.permall").read_bytes() == b"planted"

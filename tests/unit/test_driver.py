@@ -1,8 +1,7 @@
-"""VTPMDriver: init_host / get_traits (SPEC C1, C2, C4); rebuild, rescue, shelve, evacuate."""
+"""VTPMDriver: init_host / get_traits (SPEC C1, C2, C4); rebuild, rescue."""
 
 from __future__ import annotations
 
-import shutil
 import types
 import uuid
 
@@ -15,7 +14,6 @@ from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
 from vtpm_driver import exception, host, objects, policy, servers, spec
-from vtpm_driver.statestore import DirectoryStateStore
 
 
 def fake_hypervisor(*domains: tuple[str, str]) -> types.SimpleNamespace:
@@ -202,54 +200,14 @@ def test_a_members_rescue_of_a_user_mode_server_touches_nothing(offhost_env: Env
     assert not policy.is_rescued(inst)
 
 
-def test_shelve_then_evacuate_hand_off_to_the_state_store(offhost_env: Env) -> None:
-    env = offhost_env
-    store = DirectoryStateStore(env.tmp / "store")
-    inst = env.spawn(env.instance("deployment"))
-    ek = env.state_file(inst).read_bytes()
-    env.drv.shelve(OWNER, inst)
-    assert inst.uuid not in env.conn.domains and not (env.state_base / inst.uuid).exists()
-    assert store.get(inst.uuid).shelved
-    # A server with a current (not shelved) copy whose host is gone comes back here.
-    store.update(inst.uuid, shelved=False)
-    env.drv.evacuate(OWNER, inst)
-    assert env.dom(inst).active and env.state_file(inst).read_bytes() == ek
-    assert inst.system_metadata[policy.EVACUATED_FROM_KEY] == env.drv.host_name
-    # Its host is lost again (domain, TPM state and libvirt secrets; Barbican keeps its).
-    del env.conn.domains[inst.uuid]
-    shutil.rmtree(env.state_base / inst.uuid)
-    env.conn.secrets.clear()
-    # The copy is stale now (the server ran after it): only with allow_stale_tpm_state.
-    with pytest.raises(exception.OperationNotSupportedForVTPM, match="allow_stale_tpm_state"):
-        env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, evacuate=True)
-    env.drv.conf.set_override("allow_stale_tpm_state", True, group="vtpm")
-    env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, evacuate=True)
-    assert env.dom(inst).active, "rebuild(evacuate=True) is an evacuation"
-
-
-def test_evacuate_without_a_copy_names_the_option(offhost_env: Env) -> None:
-    env = offhost_env
-    inst = env.instance("host")
-    with pytest.raises(exception.OperationNotSupportedForVTPM, match=r"\[vtpm\] state_backup"):
-        env.drv.evacuate(OWNER, inst)
-    assert inst.uuid not in env.conn.domains
-
-
-def test_shelve_with_a_resize_pending_is_refused(offhost_env: Env) -> None:
+def test_rebuild_as_an_evacuation_is_refused_naming_nova(offhost_env: Env) -> None:
+    """One host: an evacuation (Nova's rebuild with ``evacuate``) is Nova's, not ours."""
     env = offhost_env
     inst = env.spawn(env.instance("host"))
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs=dict(inst.flavor.extra_specs))
-    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
-    with pytest.raises(exception.VTPMError, match="awaits confirm or revert"):
-        env.drv.shelve(OWNER, inst)
-    assert inst.uuid in env.conn.domains
-    assert DirectoryStateStore(env.tmp / "store").list() == []
-
-
-def test_live_migration_to_an_unknown_host_is_refused(env: Env) -> None:
-    """Live migration is supported (ops.migrate); a driver with no peers names none."""
-    with pytest.raises(exception.VTPMError, match="unknown destination host 'h2'"):
-        env.drv.live_migration(OWNER, env.instance("host"), "h2", None, None)
+    xml = env.dom(inst).xml
+    with pytest.raises(exception.OperationNotSupportedForVTPM, match="evacuation is Nova's"):
+        env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, evacuate=True)
+    assert env.dom(inst).active and env.dom(inst).xml == xml
 
 
 def test_c4_lists_domains_with_an_emulated_tpm(env: Env) -> None:

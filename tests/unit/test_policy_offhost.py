@@ -74,22 +74,22 @@ def test_rescue_boot_defaults_to_own_files_with_the_marker() -> None:
 
 def _copy(uuid: str, **kw):
     base = {"uuid": uuid, "name": f"vm-{uuid[:4]}", "taken_at": 100.0, "shelved": False,
-            "started_after": None, "server_running": False}
+            "started_after": None, "server_running": False, "source_host": "h1"}
     return types.SimpleNamespace(**{**base, **kw})
 
 
 def test_audit_reports_orphan_and_stale_copies_and_plans_removing_orphans_only() -> None:
     from vtpm_driver import audit
 
-    a, b, c, d = (f"{n}0000000-0000-4000-8000-000000000000" for n in "abcd")
+    a, b, c, d, e = (f"{n}0000000-0000-4000-8000-000000000000" for n in "abcde")
     report = audit.AuditReport(servers=(), orphans=(), barbican_checked=False)
-    report = audit.offhost_copies(
-        report, [_copy(a), _copy(b, shelved=True), _copy(c, started_after=150.0), _copy(d)],
-        [c, d], now=5000, interval=3600)
-    assert [o.id for o in report.orphans_of(audit.OFFHOST_COPY)] == [a]  # b is shelved
+    copies = [_copy(a), _copy(b, shelved=True), _copy(c, started_after=150.0), _copy(d),
+              _copy(e, source_host="h2", started_after=150.0)]
+    report = audit.offhost_copies(report, copies, [c, d], host="h1", now=5000, interval=3600)
+    # b is shelved; e was taken on another host (the store is shared): not h1's to judge.
+    assert [o.id for o in report.orphans_of(audit.OFFHOST_COPY)] == [a]
     assert sorted(o.id for o in report.stale_copies) == [c, d]
     empty = repair.RepairPlan((), ())
-    planned = repair.plan_copies(empty, report, [])
+    planned = repair.plan_copies(empty, report)
     assert [(x.kind, x.target) for x in planned.actions] == [(repair.REMOVE_COPY, a)]
-    assert repair.plan_copies(empty, report, ["host-b"]).actions == ()
-    assert repair.plan_copies(empty, report, [], only=[b]).actions == ()
+    assert repair.plan_copies(empty, report, only=[b]).actions == ()

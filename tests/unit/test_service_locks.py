@@ -34,34 +34,11 @@ class Backend(FakeBackend):
         return bool(self.driver.resize_ops.has_backup(instance.uuid))
 
 
-class Hosts:
-    """Two configured hosts: h1 (the test's driver) and h2 (a fake backend)."""
-
-    names = ("h1", "h2")
-    several = True
-    default = "h1"
-
-    def __init__(self, h1: Any) -> None:
-        self.backends = {"h1": h1, "h2": FakeBackend()}
-
-    def check(self, name: str) -> str:
-        return name
-
-    def backend(self, name: str) -> Any:
-        return self.backends[name]
-
-    def side(self, name: str) -> Any:
-        raise AssertionError("the move must be refused before a side is asked for")
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def service(env: Env) -> ServerService:
     env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
     env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
-    # never the host's real state store: a shelve here writes a copy
+    # never the host's real state store: a stop here may write a copy
     env.drv.conf.set_override("state_backup_dir", str(env.tmp / "store"), group="vtpm")
     return ServerService(env.drv.conf, Backend(env.drv), lambda: OWNER)
 
@@ -142,12 +119,11 @@ def test_resize_of_a_locked_server_is_refused_and_changes_nothing(
     assert not service.backend.resize_pending(inst)
 
 
-@pytest.mark.parametrize("operation", ["shelve", "rescue", "rebuild", "hard reboot", "stop"])
+@pytest.mark.parametrize("operation", ["rescue", "rebuild", "hard reboot", "stop"])
 def test_operations_on_a_locked_server_are_refused(env: Env, service: ServerService,
                                                    operation: str) -> None:
     inst = spawned(env, service)
-    call = {"shelve": lambda: service.shelve(inst.name),
-            "rescue": lambda: service.rescue(inst.name),
+    call = {"rescue": lambda: service.rescue(inst.name),
             "rebuild": lambda: service.rebuild(inst.name),
             "hard reboot": lambda: service.reboot(inst.name, hard=True),
             "stop": lambda: service.stop(inst.name, 0)}[operation]
@@ -156,72 +132,6 @@ def test_operations_on_a_locked_server_are_refused(env: Env, service: ServerServ
         call()
     assert env.names() == []
     assert env.dom(inst).active
-    assert service.store.list() == []
-
-
-@pytest.mark.parametrize("live", [True, False])
-def test_migrate_of_a_locked_server_is_refused(env: Env, live: bool) -> None:
-    env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
-    env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
-    hosts = Hosts(Backend(env.drv))
-    service = ServerService(env.drv.conf, None, lambda: OWNER, hosts=hosts)
-    inst = spawned(env, service)
-    verb = "live-migrate" if live else "migrate"
-    with held_elsewhere(env.drv.conf, inst.uuid), \
-            pytest.raises(exception.ServerLocked, match=f"cannot {verb} server"):
-        service.migrate(inst.name, "h2", live=live)
-    assert env.names() == []
-    assert env.dom(inst).active
-    assert hosts.backends["h2"].driver.calls == []
-
-
-@pytest.mark.parametrize("confirm", [True, False])
-def test_confirm_or_revert_of_a_locked_migration_is_refused(env: Env, confirm: bool) -> None:
-    env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
-    env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
-    hosts = Hosts(Backend(env.drv))
-    service = ServerService(env.drv.conf, None, lambda: OWNER, hosts=hosts)
-    inst = spawned(env, service)
-    inst.system_metadata[policy.MIGRATED_FROM_KEY] = "h2"  # arrived from h2, awaiting
-    action = service.confirm_resize if confirm else service.revert_resize
-    with held_elsewhere(env.drv.conf, inst.uuid), \
-            pytest.raises(exception.ServerLocked,
-                          match=f"cannot {'confirm' if confirm else 'revert'} the migration"):
-        action(inst.name)
-    assert env.names() == []
-    assert hosts.backends["h2"].driver.calls == []
-
-
-def test_shelve_sees_a_resize_that_finished_while_it_waited_for_the_lock(
-        env: Env, service: ServerService, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The soak (issue 13): another worker's resize ends while this shelve waits for
-    the server's lock. The shelve must see it under the lock and refuse, not shelve a
-    server whose resize awaits confirm or revert (its copy would carry the record read
-    before the resize, its resize backup would be left behind)."""
-    env.drv.conf.set_override("lock_timeout", 60, group="vtpm")
-    inst = spawned(env, service)
-    real_lock = locks.server_lock
-    landed: list[str] = []
-
-    @contextlib.contextmanager
-    def lock_after_a_resize(conf: Any, instance_uuid: str, operation: str,
-                            **kwargs: Any) -> Iterator[None]:
-        if operation == "shelve" and not landed:
-            landed.append(operation)
-            other = ServerService(env.drv.conf, service.backend, lambda: OWNER)
-            worker = threading.Thread(target=other.resize, args=(inst.name,),
-                                      kwargs={"set_specs": {}, "vcpus": 2})
-            worker.start()
-            worker.join(WAIT)
-        with real_lock(conf, instance_uuid, operation, **kwargs):
-            yield
-
-    monkeypatch.setattr(locks, "server_lock", lock_after_a_resize)
-    with pytest.raises(exception.VTPMError, match="a resize is awaiting confirm or revert"):
-        service.shelve(inst.name)
-    assert landed == ["shelve"]
-    assert service.backend.resize_pending(inst)  # the other worker's resize, untouched
-    assert env.dom(inst).active and inst.uuid in env.conn.domains
     assert service.store.list() == []
 
 
@@ -236,7 +146,7 @@ class RecordBackend(Backend):
     def __init__(self, env: Env) -> None:
         super().__init__(env.drv)
         self.conn = env.conn
-        self.state_base = str(env.state_base)  # the site's swtpm directory (shelve)
+        self.state_base = str(env.state_base)  # the site's swtpm directory (backups)
 
     def find(self, name_or_uuid: str) -> Any:
         return servers.find(self.conn, name_or_uuid)
@@ -245,12 +155,10 @@ class RecordBackend(Backend):
         return domain_uuid in self.conn.domains
 
 
-def record_service(env: Env, hosts: Hosts | None = None) -> ServerService:
+def record_service(env: Env) -> ServerService:
     env.drv.conf.set_override("lock_path", str(env.tmp / "locks"), group="vtpm")
     env.drv.conf.set_override("lock_timeout", 60, group="vtpm")
     env.drv.conf.set_override("state_backup_dir", str(env.tmp / "store"), group="vtpm")
-    if hosts is not None:
-        return ServerService(env.drv.conf, None, lambda: OWNER, hosts=hosts)
     return ServerService(env.drv.conf, RecordBackend(env), lambda: OWNER)
 
 
@@ -370,94 +278,3 @@ def test_confirm_or_revert_of_a_resize_decided_meanwhile_is_refused(
     found = servers.find(env.conn, inst.uuid)
     assert found.flavor.vcpus == 2 and policy.recorded_secret(found) in env.km.passphrases
     assert env.dom(inst).active
-
-
-def set_record(env: Env, inst: Any, **sysmeta: str | None) -> None:
-    """Change the server's record as another host's command would (a move decided)."""
-    found = servers.find(env.conn, inst.uuid)
-    for key, value in sysmeta.items():
-        if value is None:
-            found.system_metadata.pop(key, None)
-        else:
-            found.system_metadata[key] = value
-    env.drv.guests.update_record(env.dom(inst), found)
-
-
-class Peer(FakeBackend):
-    """Host h2, which must not be asked to confirm or revert anything."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.driver.confirm_migration_to = self._called("confirm_migration_to")
-        self.driver.revert_migration_to = self._called("revert_migration_to")
-
-    def _called(self, name: str) -> Callable[..., None]:
-        return lambda *args: self.driver.calls.append((name, *args))
-
-
-def two_hosts(env: Env) -> Hosts:
-    hosts = Hosts(RecordBackend(env))
-    hosts.backends["h2"] = Peer()
-    return hosts
-
-
-@pytest.mark.parametrize("confirm", [True, False])
-@pytest.mark.parametrize("how", ["decided", "left"])
-def test_confirm_or_revert_of_a_migration_decided_meanwhile_is_refused(
-        env: Env, monkeypatch: pytest.MonkeyPatch, confirm: bool, how: str) -> None:
-    """The server arrived on h1 from h2; while A's confirm or revert waits for the lock,
-    B confirms the move (the record no longer names h2) or reverts it (the server left
-    h1). A, under the lock, must see that and ask h2 for nothing (a confirm with the
-    stale read would remove h2's copy: after another move that is the server itself)."""
-    hosts = two_hosts(env)
-    service = record_service(env, hosts)
-    inst = env.spawn(env.instance("user"))
-    set_record(env, inst, **{policy.MIGRATED_FROM_KEY: "h2"})
-
-    def decided() -> None:
-        if how == "decided":
-            set_record(env, inst, **{policy.MIGRATED_FROM_KEY: None})
-        else:
-            env.conn.domains.pop(inst.uuid)
-
-    meanwhile(monkeypatch, decided)
-    action = service.confirm_resize if confirm else service.revert_resize
-    match = ("has no resize awaiting confirm or revert" if how == "decided"
-             else "no server with name or UUID")
-    with pytest.raises(exception.VTPMError, match=match):
-        action(inst.name)
-    assert hosts.backends["h2"].driver.calls == []
-
-
-@pytest.mark.parametrize("live", [True, False])
-@pytest.mark.parametrize("how", ["resized", "moved"])
-def test_migrate_sees_what_changed_while_it_waited_for_the_lock(
-        env: Env, monkeypatch: pytest.MonkeyPatch, live: bool, how: str) -> None:
-    """While A's migrate waits for the lock, B resizes the server (a resize awaits
-    confirm or revert) or moves it to h2 (h1 keeps only the stopped source copy):
-    A must refuse under the lock, on the re-read record, before any host is asked."""
-    hosts = two_hosts(env)
-    service = record_service(env, hosts)
-    inst = env.spawn(env.instance("user"))
-
-    def peer(_name: str) -> Any:
-        raise AssertionError("the move must be refused before a peer is asked for")
-
-    env.drv.peers = peer
-
-    def changed() -> None:
-        if how == "resized":
-            other = ServerService(env.drv.conf, hosts.backends["h1"], lambda: OWNER)
-            other.resize(inst.name, set_specs={}, vcpus=2)
-        else:
-            set_record(env, inst, **{policy.MIGRATING_TO_KEY: "h2"})
-
-    meanwhile(monkeypatch, changed)
-    match = ("a resize is awaiting confirm or revert" if how == "resized"
-             else "its migration to 'h2' awaits confirm or revert")
-    with pytest.raises(exception.VTPMError, match=match):
-        service.migrate(inst.name, "h2", live=live)
-    assert hosts.backends["h2"].driver.calls == []
-    assert env.dom(inst).active
-    if how == "resized":
-        assert hosts.backends["h1"].resize_pending(inst)

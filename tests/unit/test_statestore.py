@@ -2,7 +2,7 @@
 
 Each test builds a swtpm-like state directory (``<base>/<uuid>/tpm2/tpm2-00.permall``
 with swtpm's blob header) under ``tmp_path`` and stores, lists, restores, updates
-and deletes copies of it; ``host_state_dir`` is checked on a fresh configuration.
+and deletes copies of it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import pytest
 
 from tests.fakes import swtpm
 from tests.fakes.swtpm import ENCRYPTED, PLAIN, blob
-from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, statestore
+from vtpm_driver import exception
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 
 RECORD = "<server-record/>"
@@ -254,20 +253,3 @@ def test_meta_ignores_unknown_fields_and_holds_no_secret(sid) -> None:
     assert CopyMeta.from_json(json.dumps(data)) == meta
     assert not any("passphrase" in f.name or "secret_uuid" in f.name
                    for f in dataclasses.fields(CopyMeta))
-
-
-# --------------------------------------------------------------------------- host_state_dir
-
-
-def test_host_state_dir() -> None:
-    conf = vtpm_conf.new_conf()
-    conf.set_override("swtpm_state_dir", "/srv/swtpm", group="vtpm")
-    assert statestore.host_state_dir(conf, None) == "/srv/swtpm"
-    assert statestore.host_state_dir(conf, "host-a") == "/srv/swtpm"
-    conf.set_override("host_state_dirs", {"host-a": "/hosts/a/swtpm"}, group="vtpm")
-    assert statestore.host_state_dir(conf, "host-a", several=True) == "/hosts/a/swtpm"
-    with pytest.raises(exception.InvalidConfiguration,
-                       match=r"\[vtpm\] host_state_dirs does not name host 'host-b': "
-                             r"cannot tell where it keeps its swtpm state \(add host-b=PATH"):
-        statestore.host_state_dir(conf, "host-b", several=True)
-    assert statestore.host_state_dir(conf, "host-b") == "/srv/swtpm"

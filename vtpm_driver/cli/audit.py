@@ -127,14 +127,16 @@ class Audit(CommandMixin, ShowOne):
 
     - libvirt vtpm secrets whose usage name (an instance UUID) is no domain
       here, or whose domain records another secret;
-    - swtpm state directories of this host with no domain: under its entry
-      in [vtpm] host_state_dirs (the host's directory as seen from here;
-      required with several [vtpm] hosts), else [vtpm] swtpm_state_dir;
+    - swtpm state directories of this host with no domain, under [vtpm]
+      swtpm_state_dir;
+    - off-host copies ([vtpm] state_backup_dir) taken on this host of a
+      server that is no longer here (copies other hosts took are theirs);
     - Barbican secrets named 'vTPM secret for instance <uuid>' whose UUID is
       no server here (only with credentials, OS_* or --os-*, which list the
       secrets that user can see; plus the [service_user]'s when configured).
-      A project whose servers run on several hosts sees the other hosts'
-      secrets as orphans here: audit each host, and compare.
+      A project whose servers run on several hosts (Nova's computes, other
+      standalone hosts) sees the other hosts' secrets as orphans here: audit
+      each host, and compare, before --repair.
 
     It also lists half-done operations: servers whose record still names an
     operation that was interrupted (kill -9, a crash), with what a repair

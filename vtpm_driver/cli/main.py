@@ -4,11 +4,12 @@ Commands live in modules listed in :data:`COMMAND_MODULES`; each module
 exposes ``COMMANDS = {"name words": CommandClass}``. Adding a module is one
 line in that tuple.
 
-Global options (as in python-openstackclient): ``--config-file``, ``--host``
-(which host of ``[vtpm] hosts`` a command acts on), keystoneauth1's
-``--os-*`` credentials (defaults from ``OS_*``) and session options. Commands
-reach the caller through :attr:`VTPMDriverApp.context` (logged in on first use)
-and servers through :attr:`VTPMDriverApp.service`.
+Global options (as in python-openstackclient): ``--config-file``,
+keystoneauth1's ``--os-*`` credentials (defaults from ``OS_*``) and session
+options. Commands reach the caller through :attr:`VTPMDriverApp.context`
+(logged in on first use) and the servers of the one libvirt host
+(``[libvirt] connection_uri``) through :attr:`VTPMDriverApp.service`. No
+command moves a server to another host: Nova does (through the shim).
 
 Exit status: 0 success; 1 the operation was refused or failed, reported as one
 ``vtpm-driver: error: <message>`` line on stderr (``--debug`` adds the
@@ -34,11 +35,11 @@ from oslo_config import cfg
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
+from vtpm_driver.backend import ServerBackend
 from vtpm_driver.cli import auth
 from vtpm_driver.cli.common import progress
 from vtpm_driver.context import RequestContext
 from vtpm_driver.host import HostProbe, LibvirtHostProbe
-from vtpm_driver.hosts import HostSet, ServerBackend
 from vtpm_driver.service import ServerService
 
 PROG = "vtpm-driver"
@@ -46,7 +47,7 @@ PROG = "vtpm-driver"
 COMMAND_MODULES: tuple[str, ...] = (
     "vtpm_driver.cli.checks",
     "vtpm_driver.cli.servers", "vtpm_driver.cli.server_actions", "vtpm_driver.cli.resize",
-    "vtpm_driver.cli.migrate", "vtpm_driver.cli.offhost",
+    "vtpm_driver.cli.state",
     "vtpm_driver.cli.audit",
     "vtpm_driver.cli.demo",
 )
@@ -155,11 +156,6 @@ class VTPMDriverApp(App):
             help="oslo.config file to load (repeatable; later files win). Default: "
                  f"{', '.join(DEFAULT_CONFIG_FILES)} when it exists.",
         )
-        parser.add_argument(
-            "--host", metavar="NAME", default=None,
-            help="Host of [vtpm] hosts the command acts on (default: the first; servers "
-                 "named by a command are looked up on every host unless this is given)",
-        )
         return parser
 
     def run(self, argv: list[str]) -> int:
@@ -190,10 +186,9 @@ class VTPMDriverApp(App):
     def service(self) -> ServerService:
         """The servers of this host, acted on as :attr:`context` (closed after the command)."""
         if self._service is None:
-            hosts = HostSet(self.conf, self.backend_factory)
-            self._service = ServerService(self.conf, None, context=lambda: self.context,
-                                          progress=self.progress, hosts=hosts,
-                                          host=self.options.host)
+            self._service = ServerService(self.conf, self.backend_factory(self.conf),
+                                          context=lambda: self.context,
+                                          progress=self.progress)
         return self._service
 
     def progress(self, message: str) -> contextlib.AbstractContextManager[None]:

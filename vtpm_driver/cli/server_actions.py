@@ -1,23 +1,29 @@
-"""Lifecycle of one existing server: reboot, stop, start, suspend, resume, delete.
+"""Lifecycle of one existing server: reboot, stop, start, suspend, resume, delete,
+rescue, unrescue, rebuild.
 
-Rebuild, rescue, shelve and evacuate are in :mod:`vtpm_driver.cli.offhost`.
-Every command logs in with
-the global ``--os-*`` options (the caller must be in the server's project, and
-in 'user' mode only the owner can unlock the vTPM), makes one call to the
-application's :class:`~vtpm_driver.service.ServerService` and prints nothing
-on success.
+Every command logs in with the global ``--os-*`` options (the caller must be
+in the server's project, and in 'user' mode only the owner can unlock the
+vTPM), makes one call to the application's
+:class:`~vtpm_driver.service.ServerService` and prints nothing on success
+(rebuild shows the server).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from cliff.command import Command
+from cliff.show import ShowOne
 
-from vtpm_driver.cli.common import CommandMixin, int_at_least
+from vtpm_driver.cli.common import CommandMixin, int_at_least, show_columns
 
 NON_NEGATIVE_INT = int_at_least(0)
 DEFAULT_SHUTDOWN_TIMEOUT = 60
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 class ServerAction(CommandMixin, Command):
@@ -120,6 +126,73 @@ class ServerDelete(ServerAction):
         return 0
 
 
+class _BootOptions:
+    @staticmethod
+    def add_boot(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--kernel", metavar="PATH", help="Kernel to boot")
+        parser.add_argument("--initrd", metavar="PATH", help="Initial ramdisk")
+        parser.add_argument("--cmdline", metavar="TEXT", help="Kernel command line")
+
+
+class ServerRescue(ServerAction, _BootOptions):
+    """Boot a server's rescue image with its own vTPM.
+
+    Default rescue boot: the server's kernel and initrd with 'vtpm_rescue=1'
+    added to its command line. Under another boot chain the PCRs differ, so
+    secrets sealed to the normal boot stay sealed. 'server unrescue' returns.
+    """
+
+    verb = "rescue"
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        self.add_boot(parser)
+        return parser
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.rescue(parsed_args.server, kernel=_abspath(parsed_args.kernel),
+                                initrd=_abspath(parsed_args.initrd),
+                                cmdline=parsed_args.cmdline)
+        return 0
+
+
+class ServerUnrescue(ServerAction):
+    """Return a rescued server to its normal boot (TPM state kept)."""
+
+    verb = "unrescue"
+
+    def take_action(self, parsed_args: argparse.Namespace) -> int:
+        self.app.service.unrescue(parsed_args.server)
+        return 0
+
+
+class ServerRebuild(ServerAction, ShowOne, _BootOptions):
+    """Rebuild a server with a new image; its TPM is kept (as a reinstalled machine's).
+
+    --reset-tpm manufactures a fresh TPM instead (new endorsement key; the
+    Barbican secret stays and encrypts the new state). The output's 'tpm'
+    field says which happened.
+    """
+
+    verb = "rebuild"
+
+    def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
+        parser = super().get_parser(prog_name)
+        self.add_boot(parser)
+        parser.add_argument("--reset-tpm", action="store_true",
+                            help="Manufacture a fresh TPM (new endorsement key)")
+        return parser
+
+    def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
+        fields = self.app.service.rebuild(
+            parsed_args.server, kernel=_abspath(parsed_args.kernel),
+            initrd=_abspath(parsed_args.initrd), cmdline=parsed_args.cmdline,
+            reset_tpm=parsed_args.reset_tpm)
+        if parsed_args.reset_tpm:
+            self.app.stderr.write(f"TPM: {fields['tpm']}\n")
+        return show_columns(fields)
+
+
 COMMANDS = {
     "server reboot": ServerReboot,
     "server stop": ServerStop,
@@ -127,4 +200,7 @@ COMMANDS = {
     "server suspend": ServerSuspend,
     "server resume": ServerResume,
     "server delete": ServerDelete,
+    "server rescue": ServerRescue,
+    "server unrescue": ServerUnrescue,
+    "server rebuild": ServerRebuild,
 }

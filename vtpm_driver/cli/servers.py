@@ -74,10 +74,9 @@ class ServerCreate(CommandMixin, ShowOne):
 
 
 class ServerList(CommandMixin, Lister):
-    """List the servers with their owner, vTPM, power state and host.
+    """List the servers of this host with their owner, vTPM and power state.
 
-    Every host of [vtpm] hosts (or only --host). Reads the records kept in
-    libvirt (no credentials needed). Servers whose
+    Reads the records kept in libvirt (no credentials needed). Servers whose
     vTPM request is invalid show 'invalid' as their vTPM version.
     """
 
@@ -85,7 +84,7 @@ class ServerList(CommandMixin, Lister):
     COLUMNS = (("Name", "name"), ("UUID", "uuid"), ("Owner", "owner"),
                ("Project", "project"), ("vTPM Version", "vtpm_version"),
                ("vTPM Model", "vtpm_model"), ("Secret Security", "secret_security"),
-               ("Power State", "power_state"), ("Host", "host"))
+               ("Power State", "power_state"))
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, list]:
         rows = self.app.service.list()

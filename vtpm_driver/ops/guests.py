@@ -68,12 +68,7 @@ class Guests:
 
     @property
     def state_base(self) -> str:
-        """This host's swtpm state directory as seen from here (NOT ``[vtpm]
-        swtpm_state_dir`` of this machine when the host is another one).
-
-        :raises InvalidConfiguration: several hosts and ``[vtpm] host_state_dirs``
-            does not name this one.
-        """
+        """This host's swtpm state directory (the driver's ``[vtpm] swtpm_state_dir``)."""
         return self._state_base()
 
     # -- checks -------------------------------------------------------------

@@ -48,7 +48,7 @@ from oslo_log import log as logging
 from nova.virt.vtpm import translate
 from vtpm_driver import exception, policy
 from vtpm_driver.ops.shelve import OffHostOps
-from vtpm_driver.statestore import CopyMeta, DirectoryStateStore, host_state_dir
+from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class OffHost:
     @property
     def state_base(self) -> str:
         """This host's swtpm state directory (``[vtpm] swtpm_state_dir``)."""
-        return host_state_dir(self.conf, self.host)
+        return str(self.conf.vtpm.swtpm_state_dir)
 
     def state_dir(self, instance_uuid: str) -> Path:
         return state.state_dir(self.state_base, instance_uuid)

@@ -126,7 +126,7 @@ def test_list_shows_owner_vtpm_and_power_state(cli, backend):
     assert rows[1] == {
         "Name": "b-vm", "UUID": backend.find("b-vm").uuid, "Owner": "alice",
         "Project": "proj-a", "vTPM Version": "1.2", "vTPM Model": "tpm-tis",
-        "Secret Security": "host", "Power State": "shutdown", "Host": "default",
+        "Secret Security": "host", "Power State": "shutdown",
     }
     assert rows[2]["vTPM Version"] is None and rows[2]["Secret Security"] is None
 

@@ -1,8 +1,7 @@
-"""ops.shelve and ops.rebuild on the fake libvirt: the TPM state leaves and comes back."""
+"""ops.shelve (off-host copies) and ops.rebuild on the fake libvirt."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.statestore import DirectoryStateStore
 
 
-def assert_host_free(env: Env, inst) -> None:
-    """No domain, TPM state or libvirt secret of the server (Barbican keeps its secret)."""
-    assert inst.uuid not in env.conn.domains
-    assert not (env.state_base / inst.uuid).exists()
-    assert env.conn.secrets == {}
-    assert inst.vtpm_secret_uuid in env.km.passphrases
-
-
 @pytest.fixture
 def offhost(env: Env) -> tuple[OffHostOps, Site]:
     store = DirectoryStateStore(env.tmp / "store")
@@ -29,54 +20,19 @@ def offhost(env: Env) -> tuple[OffHostOps, Site]:
                                                        str(env.state_base))
 
 
-def test_shelve_stores_encrypted_state_then_frees_the_host(env: Env, offhost) -> None:
-    ops, site = offhost
-    inst = env.spawn(env.instance("host"))
-    ek = env.state_file(inst).read_bytes()
-    meta = ops.shelve(OWNER, site, inst)
-    assert meta.shelved and meta.encrypted and meta.header_flags == 0x09
-    assert meta.size == len(ek) and meta.source_host == "h1"
-    assert_host_free(env, inst)
-    copy = env.tmp / "store" / inst.uuid
-    assert (copy / "swtpm" / "tpm2" / "tpm2-00.permall").read_bytes() == ek
-    assert json.loads((copy / "meta.json").read_text())["reason"] == "shelve"
-
-    back = ops.unshelve(OWNER, site, inst.uuid, keep_copy=False)
-    assert back.uuid == inst.uuid and env.dom(back).active
-    assert env.state_file(back).read_bytes() == ek, "same TPM, not a new one"
-    assert not copy.exists()
-    assert env.conn.secrets and all(not s.private for s in env.conn.secrets.values())
-
-
-def test_non_owner_shelve_in_user_mode_touches_nothing(env: Env, offhost) -> None:
-    ops, site = offhost
-    inst = env.spawn(env.instance("user"))
-    env.reset()
-    with pytest.raises(exception.VTPMSecretForbidden, match="only its owner"):
-        ops.shelve(MEMBER, site, inst)
-    assert env.names() == [] and env.dom(inst).active
-    assert ops.store.list() == []
-
-
-def test_failed_unshelve_keeps_the_copy_and_leaves_nothing(env: Env, offhost) -> None:
-    ops, site = offhost
-    inst = env.spawn(env.instance("user"))
-    ops.shelve(OWNER, site, inst)
-    with pytest.raises(exception.VTPMSecretForbidden):
-        ops.unshelve(MEMBER, site, inst.uuid, keep_copy=False)
-    assert_host_free(env, inst)
-    assert ops.store.get(inst.uuid).shelved
-
-
-def test_evacuate_refuses_without_copy_or_stale_copy(env: Env, offhost) -> None:
+def test_evacuation_copy_refuses_without_copy_or_stale_copy(env: Env, offhost) -> None:
     ops, site = offhost
     inst = env.spawn(env.instance("deployment"))
     with pytest.raises(exception.OperationNotSupportedForVTPM, match=r"state_backup = off"):
-        ops.evacuate(OWNER, site, inst.uuid, allow_stale=False, mode="off", label="x")
+        ops.evacuation_copy(inst.uuid, label="x", host="h1", mode="off", allow_stale=False)
     ops.backup(site, inst, "periodic")  # taken while running: stale by definition
     with pytest.raises(exception.OperationNotSupportedForVTPM,
                        match="allow_stale_tpm_state"):
-        ops.evacuate(OWNER, site, inst.uuid, allow_stale=False, mode="periodic", label="x")
+        ops.evacuation_copy(inst.uuid, label="x", host="h1", mode="periodic",
+                            allow_stale=False)
+    meta, described = ops.evacuation_copy(inst.uuid, label="x", host="h1", mode="periodic",
+                                          allow_stale=True)
+    assert meta.source_host == "h1" and "STALE" in described
 
 
 def test_mark_started_makes_a_stop_copy_stale(env: Env, offhost) -> None:

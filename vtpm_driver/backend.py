@@ -1,24 +1,20 @@
-"""Where standalone servers live: one backend per configured host.
+"""Where standalone servers live: the one libvirt host of ``[libvirt] connection_uri``.
 
-:class:`ServerBackend` is one host: the :class:`~vtpm_driver.driver.VTPMDriver`
+:class:`ServerBackend` is that host: the :class:`~vtpm_driver.driver.VTPMDriver`
 and the server records of :mod:`vtpm_driver.servers` (kept in each domain's
-``<metadata>``) over one libvirt connection, opened on first use.
-:class:`HostSet` holds the hosts of ``[vtpm] hosts`` (or the one host of
-``[libvirt] connection_uri``), one backend each, made on first use; a driver
-reaches the other hosts through it for migrations.
+``<metadata>``) over one libvirt connection, opened on first use. The command
+line manages exactly this host; moving a server to another host is Nova's job
+(through the shim in ``nova/virt/vtpm/``).
 
-Where a host keeps its swtpm state, as seen from here, is decided in one
-place: :attr:`ServerBackend.state_base` (``[vtpm] host_state_dirs``, or
-``swtpm_state_dir`` for the one host). The backend's driver (every operation,
-resize backups, rebuild, shelve), the audit and its repair all take it from
-there, so nothing acting on host-a ever reads, writes or removes another
-machine's swtpm directories.
+The host's swtpm state directory is ``[vtpm] swtpm_state_dir``
+(:attr:`ServerBackend.state_base`); the driver, the audit and its repair all
+take it from there.
 
-A backend's host probe (what its libvirt offers for a vTPM: domain
+The backend's host probe (what its libvirt offers for a vTPM: domain
 capabilities, versions) borrows the backend's own connection and keeps the
 answers for the life of the process (:class:`CachedHostProbe`): they are facts
-of the host's libvirt and QEMU, so a migration's destination check costs no
-new connection and, after the first, no libvirt call.
+of the host's libvirt and QEMU, so asking again costs no new connection and,
+after the first, no libvirt call.
 """
 
 from __future__ import annotations
@@ -28,18 +24,15 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from oslo_config import cfg
-from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, servers, statestore
+from vtpm_driver import exception, servers
 from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.host import LibvirtHostProbe
 from vtpm_driver.objects import Instance
 from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
-
-LOG = logging.getLogger(__name__)
 
 
 class _BorrowedConnection:
@@ -114,13 +107,9 @@ class CachedHostProbe:
 class ServerBackend:
     """The driver and the record store, over one libvirt connection (opened on first use)."""
 
-    def __init__(self, conf: cfg.ConfigOpts, uri: str | None = None,
-                 name: str = vtpm_conf.DEFAULT_HOST,
-                 peers: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
-        self.name = name
-        self.hypervisor = Hypervisor(uri or vtpm_conf.libvirt_uri(conf))
-        self._peers = peers
+        self.hypervisor = Hypervisor(vtpm_conf.libvirt_uri(conf))
         self._driver: VTPMDriver | None = None
 
     @property
@@ -136,16 +125,9 @@ class ServerBackend:
 
     @property
     def state_base(self) -> str:
-        """This host's swtpm state directory as seen from here: THE place it is decided
-        (:func:`vtpm_driver.statestore.host_state_dir`); the driver, the audit and
-        the repair of this host take it from here. Asked each time (the
-        configuration may be reloaded), so a command that never touches the
-        state directory still works without it.
-
-        :raises InvalidConfiguration: several hosts are configured and ``[vtpm]
-            host_state_dirs`` does not name this one (nothing was touched).
-        """
-        return statestore.host_state_dir(self.conf, self.name, several_hosts(self.conf))
+        """This host's swtpm state directory (``[vtpm] swtpm_state_dir``), asked each
+        time (the configuration may be reloaded)."""
+        return str(self.conf.vtpm.swtpm_state_dir)
 
     @property
     def driver(self) -> VTPMDriver:
@@ -153,10 +135,7 @@ class ServerBackend:
             probe = LibvirtHostProbe(
                 self.uri, open_connection=lambda _uri: _BorrowedConnection(self.hypervisor))
             self._driver = VTPMDriver(self.conf, probe=CachedHostProbe(self.uri, probe),
-                                      hypervisor=self.hypervisor,
-                                      state_base=lambda: self.state_base)
-            self._driver.host_name = self.name
-            self._driver.peers = self._peers
+                                      hypervisor=self.hypervisor)
         return self._driver
 
     def find(self, name_or_uuid: str) -> Instance:
@@ -189,33 +168,11 @@ class ServerBackend:
             return False
         return True
 
-    def other_host_domains(self) -> tuple[list[str], list[str]]:
-        """Domain UUIDs of the other configured hosts (``[vtpm] hosts``) and the hosts
-        that could not be listed; a server moved there keeps its Barbican secret."""
-        found: list[str] = []
-        unchecked: list[str] = []
-        hosts = vtpm_conf.host_uris(self.conf) if self.conf.vtpm.hosts else {}
-        for name, uri in hosts.items():
-            if uri == self.uri:
-                continue
-            other = Hypervisor(uri)
-            try:
-                found.extend(domains.domain_uuids(other.conn))
-            except exception.VTPMError as exc:
-                LOG.warning("Cannot list the servers of host %s: %s", name, exc)
-                unchecked.append(name)
-            finally:
-                other.close()
-        return found, unchecked
-
     def undefine_libvirt_secret(self, secret_uuid: str) -> bool:
         return secret.undefine_vtpm_secret(self.hypervisor.conn, secret_uuid)
 
     def remove_state_dir(self, domain_uuid: str) -> bool:
-        """Remove this host's state directory of ``domain_uuid`` (under :attr:`state_base`).
-
-        :raises InvalidConfiguration: see :attr:`state_base` (nothing removed).
-        """
+        """Remove this host's state directory of ``domain_uuid`` (under :attr:`state_base`)."""
         return state.remove_state(self.state_base, domain_uuid)
 
     def libvirt_vtpm_secrets(self) -> list[secret.VTPMSecretInfo]:
@@ -224,65 +181,3 @@ class ServerBackend:
 
     def close(self) -> None:
         self.hypervisor.close()
-
-
-def several_hosts(conf: cfg.ConfigOpts) -> bool:
-    """Whether ``[vtpm] hosts`` names more than one host.
-
-    :raises InvalidConfiguration: a host without a URI.
-    """
-    return len(vtpm_conf.host_uris(conf)) > 1
-
-
-class HostSet:
-    """The hosts of ``[vtpm] hosts`` (or the one host), one backend each, made on first use.
-
-    ``factory(conf)`` makes the backend of the single default host;
-    ``factory(conf, uri=..., name=..., peers=...)`` one of several named hosts,
-    whose driver reaches the others through ``peers(name)`` (for migrations).
-    """
-
-    def __init__(self, conf: cfg.ConfigOpts, factory: Callable[..., Any] = ServerBackend
-                 ) -> None:
-        self.conf = conf
-        self.uris = vtpm_conf.host_uris(conf)
-        self._factory = factory
-        self._backends: dict[str, Any] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.uris)
-
-    @property
-    def default(self) -> str:
-        return self.names[0]
-
-    @property
-    def several(self) -> bool:
-        return several_hosts(self.conf)
-
-    def check(self, name: str) -> str:
-        """:raises InvalidConfiguration: ``name`` is not a configured host."""
-        if name not in self.uris:
-            raise exception.InvalidConfiguration(
-                f"unknown host {name!r}: [vtpm] hosts names {', '.join(self.names)}")
-        return name
-
-    def backend(self, name: str) -> Any:
-        """The backend of host ``name`` (not connected yet)."""
-        self.check(name)
-        if name not in self._backends:
-            if self.several or name != vtpm_conf.DEFAULT_HOST:
-                self._backends[name] = self._factory(self.conf, uri=self.uris[name],
-                                                     name=name, peers=self.side)
-            else:
-                self._backends[name] = self._factory(self.conf)
-        return self._backends[name]
-
-    def side(self, name: str) -> Any:
-        """Host ``name`` as one side of a move (what a driver's ``peers`` returns)."""
-        return self.backend(name).driver.migration_side(name)
-
-    def close(self) -> None:
-        for backend in self._backends.values():
-            backend.close()

@@ -1,0 +1,89 @@
+"""ServerService's rescue, unrescue and rebuild decide under the server's lock, on its
+record re-read there (issue 13)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.unit import test_service_locks as locks_tests
+from tests.unit.conftest import INITRD, KERNEL, OWNER, Env
+from vtpm_driver import exception, objects, policy, servers
+from vtpm_driver.service import ServerService
+
+# (issue 13) Each command read the server, then waited for its lock while other
+# workers changed it; under the lock it must act on the record re-read there, or
+# refuse what is pending then. The interleaving hook is test_service_locks.meanwhile.
+
+ADD_A_VTPM = {"hw:tpm_version": "2.0", "hw:tpm_secret_security": "user"}
+
+
+def _without_vtpm(env: Env) -> objects.Instance:
+    return env.spawn(servers.new_instance("vm1", OWNER, flavor_extra_specs={},
+                                          kernel=KERNEL, initrd=INITRD))
+
+
+def _call(service: ServerService, operation: str, name: str) -> Callable[[], Any]:
+    return {"rescue": lambda: service.rescue(name),
+            "unrescue": lambda: service.unrescue(name),
+            "rebuild": lambda: service.rebuild(name, cmdline="console=ttyS0 rebuilt")}[operation]
+
+
+@pytest.mark.parametrize("operation", ["rescue", "unrescue", "rebuild"])
+def test_restarts_act_on_a_resize_confirmed_while_they_waited(
+        env: Env, monkeypatch: pytest.MonkeyPatch, operation: str) -> None:
+    """While A's rescue, unrescue or rebuild waits for the lock, B resizes the server to
+    a flavor with a vTPM (and 2 vCPUs) and C confirms it. A restarts the guest: with the
+    flavor it read before (no vTPM) the domain would be defined without its TPM and
+    the record would forget the secret (the TPM lost). It must use the re-read record."""
+    service = locks_tests.record_service(env)
+    inst = _without_vtpm(env)
+    if operation == "unrescue":
+        service.rescue(inst.name)
+
+    def resize_and_confirm() -> None:
+        other = locks_tests.other_worker(env, service)
+        other.resize(inst.name, set_specs=ADD_A_VTPM, vcpus=2)
+        other.confirm_resize(inst.name)
+
+    landed = locks_tests.meanwhile(monkeypatch, resize_and_confirm)
+    _call(service, operation, inst.name)()
+    assert landed == [operation]
+    found = servers.find(env.conn, inst.uuid)
+    secret = policy.recorded_secret(found)
+    assert policy.has_vtpm(found) and found.flavor.vcpus == 2
+    assert secret is not None and list(env.km.passphrases) == [secret]
+    assert "<tpm" in env.dom(inst).xml and secret in env.dom(inst).xml
+    assert env.dom(inst).active
+    assert policy.is_rescued(found) == (operation == "rescue")
+
+
+@pytest.mark.parametrize("operation", ["rescue", "unrescue", "rebuild"])
+def test_a_resize_ended_while_waiting_is_refused_under_the_lock(
+        env: Env, monkeypatch: pytest.MonkeyPatch, operation: str) -> None:
+    """B's resize ends (awaiting confirm or revert) while A waits for the lock: A is
+    refused, naming the command that decides the resize, and changes nothing."""
+    service = locks_tests.record_service(env)
+    inst = env.spawn(env.instance("user"))
+    if operation == "unrescue":
+        service.rescue(inst.name)
+    resized: list[str] = []
+
+    def resize() -> None:
+        locks_tests.other_worker(env, service).resize(inst.name, set_specs={}, vcpus=2)
+        resized.append(env.dom(inst).xml)
+
+    landed = locks_tests.meanwhile(monkeypatch, resize)
+    with pytest.raises(exception.VTPMError,
+                       match=rf"cannot {operation} server 'vm1': a resize is awaiting "
+                             r"confirm or revert; run 'vtpm-driver server resize "
+                             r"confirm\|revert vm1' first"):
+        _call(service, operation, inst.name)()
+    assert landed == [operation]
+    assert service.backend.resize_pending(inst)  # B's resize, untouched
+    found = servers.find(env.conn, inst.uuid)
+    assert found.flavor.vcpus == 2 and policy.recorded_secret(found) in env.km.passphrases
+    assert env.dom(inst).active and [env.dom(inst).xml] == resized
+    assert service.store.list() == []
