@@ -40,7 +40,8 @@ LIBVIRT_SECRET = "libvirt_secret"
 STATE_DIR = "state_dir"
 BARBICAN_SECRET = "barbican_secret"
 OFFHOST_COPY = "offhost_copy"
-ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY)
+STORE_TEMPORARY = "store_temporary"
+ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY, STORE_TEMPORARY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,13 +305,19 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
 
 
 def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Iterable[str],
-                   *, now: float, interval: float | None) -> AuditReport:
-    """``report`` with the off-host copies of no server (orphans) and the stale ones.
+                   *, now: float, interval: float | None,
+                   temporaries: Iterable[str] = (), store_root: str = "") -> AuditReport:
+    """``report`` with the off-host copies of no server (orphans), the stale ones,
+    and the state store's leftover temporaries.
 
     ``copies`` are :class:`~vtpm_driver.statestore.CopyMeta`; ``server_uuids``
     every server on every host checked. A shelved copy IS its server, never an
     orphan. Stale: overtaken by a start, or (``interval``, periodic mode)
-    older than it. Pure.
+    older than it. ``temporaries``: names under ``store_root`` an interrupted
+    write left (:meth:`~vtpm_driver.statestore.DirectoryStateStore.temporaries`);
+    they are reported (kind :data:`STORE_TEMPORARY`), and no repair removes
+    them: a write of the server may be under way elsewhere (the Nova shim
+    writes without our lock). Pure.
     """
     known = {_canonical(u) or u for u in server_uuids}
     orphans, stale = [], []
@@ -326,5 +333,11 @@ def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Ite
         elif interval is not None and now - copy.taken_at > interval:
             stale.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
                                 f"older than {int(interval)} s"))
+    for name in sorted(temporaries):
+        orphans.append(Orphan(
+            STORE_TEMPORARY, os.path.join(store_root, name),
+            _canonical(name.lstrip(".").split(".", 1)[0]),
+            "left by an interrupted write of an off-host copy: remove it by hand once no "
+            "write of that server is under way"))
     return dataclasses.replace(report, orphans=report.orphans + tuple(orphans),
                                stale_copies=tuple(stale))

@@ -21,6 +21,7 @@ from vtpm_driver.audit import (
     LIBVIRT_SECRET,
     OFFHOST_COPY,
     STATE_DIR,
+    STORE_TEMPORARY,
     AuditReport,
     BarbicanSecret,
     Orphan,
@@ -186,7 +187,8 @@ REMOVE_COPY = "remove_offhost_copy"
 
 def plan_copies(repair: RepairPlan, report: AuditReport, hosts_unchecked: Sequence[str],
                 only: Iterable[str] | None = None) -> RepairPlan:
-    """``repair`` plus removing orphaned off-host copies, only when every host was checked."""
+    """``repair`` plus removing orphaned off-host copies, only when every host was checked;
+    the state store's leftover temporaries are listed as kept (a write may be under way)."""
     wanted = None if only is None else {canonical_uuid(u) or u for u in only}
     actions = list(repair.actions)
     skipped = list(repair.skipped)
@@ -199,4 +201,7 @@ def plan_copies(repair: RepairPlan, report: AuditReport, hosts_unchecked: Sequen
             continue
         actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
                               f"remove off-host copy: {orphan.reason}"))
+    for orphan in report.orphans_of(STORE_TEMPORARY):
+        if wanted is None or orphan.instance_uuid in wanted:
+            skipped.append(Skipped(orphan.id, orphan.instance_uuid, f"kept: {orphan.reason}"))
     return RepairPlan(tuple(actions), tuple(skipped))

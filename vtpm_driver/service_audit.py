@@ -79,7 +79,8 @@ class AuditActions:
         periodic = self.conf.vtpm.state_backup == "periodic"
         return vtpm_audit.offhost_copies(
             report, self.store.list(), [*backend.domain_uuids(), *elsewhere], now=time.time(),
-            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
+            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None,
+            temporaries=self.store.temporaries(), store_root=str(self.store.root))
 
     def _half_done(self, backend: Any) -> tuple[vtpm_audit.HalfDone, ...]:
         """The servers whose journal names an interrupted operation, with the facts

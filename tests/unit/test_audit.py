@@ -178,7 +178,7 @@ def env(monkeypatch, tmp_path):
     backend.state_base = str(state)
     conf = tmp_path / "vtpm.conf"
     conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\nlock_path = {tmp_path / 'locks'}\n"
-                    "lock_timeout = 0\n")
+                    f"state_backup_dir = {tmp_path / 'store'}\nlock_timeout = 0\n")
     return backend, keymgr, state, str(conf)
 
 
@@ -215,11 +215,32 @@ def test_audit_json_clean(capsys, env):
                      "problems": []}],
         "orphan_libvirt_secrets": [], "orphan_state_dirs": [], "orphan_barbican_secrets": [],
         "project_readable_secrets": [], "half_done_operations": [],
-        "orphan_offhost_copies": [], "stale_offhost_copies": [],
+        "orphan_offhost_copies": [], "stale_offhost_copies": [], "store_temporaries": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
         "clean": True,
     }
     assert keymgr.list_calls == [(OWNER, "user")]
+
+
+def test_audit_reports_leftover_temporaries_of_the_state_store(capsys, env, tmp_path):
+    """A killed write of an off-host copy leaves a temporary: reported, never removed."""
+    vm = _add(_backend := env[0], "vm1")
+    (env[2] / vm.uuid).mkdir()
+    store = tmp_path / "store"
+    (store / f".{vm.uuid}.0a1b2c.tmp").mkdir(parents=True)
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert (rc, err) == (0, "")
+    report = json.loads(out)
+    assert report["store_temporaries"] == [{
+        "path": str(store / f".{vm.uuid}.0a1b2c.tmp"), "instance_uuid": vm.uuid,
+        "reason": "left by an interrupted write of an off-host copy: remove it by hand "
+                  "once no write of that server is under way"}]
+    assert report["clean"] is False
+    rc, out, _err = _run(capsys, env, "-f", "json", "--no-barbican", "--repair")
+    assert rc == 0 and json.loads(out)["repair"] == []
+    assert [s["target"] for s in json.loads(out)["repair_skipped"]] == [
+        str(store / f".{vm.uuid}.0a1b2c.tmp")]
+    assert (store / f".{vm.uuid}.0a1b2c.tmp").is_dir()
 
 
 def test_audit_finds_each_kind_of_orphan(capsys, env):
