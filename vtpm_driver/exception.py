@@ -70,3 +70,17 @@ class VirtError(VTPMError):
 
 class ServerLocked(VTPMError):
     """Another operation holds the server's lock and did not finish in time."""
+
+
+class UnsafeStatePath(VTPMError):
+    """A TPM state tree holds something other than regular files and directories.
+
+    A symlink (or device, FIFO, socket) in a swtpm state directory, a resize
+    backup or an off-host copy is never copied, recreated or followed: it
+    could point a read or a copy at any file of the host. ``path`` names it.
+    """
+
+    def __init__(self, path: str, kind: str, doing: str = "use") -> None:
+        super().__init__(f"refusing to {doing} TPM state {path!r}: it is a {kind}, not a "
+                         "regular file or directory")
+        self.path = path

@@ -145,17 +145,6 @@ def host_state_dir(conf: Any, host: str | None, several: bool = False) -> str:
         f"its swtpm state (add {host}=PATH, that directory as seen from here)")
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory keeping modes, times, owners and groups (swtpm's files are tss's)."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
-    for src_dir, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(src_dir, src)
-        for name in [".", *dirnames, *filenames]:
-            st = Path(src_dir, name).lstat()
-            os.lchown(Path(dst, rel, name), st.st_uid, st.st_gid)
-    shutil.copystat(src, dst)
-
-
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -211,6 +200,8 @@ class DirectoryStateStore:
         file meanwhile). A state without ``meta.tpm_version`` cannot be checked
         and is refused too.
 
+        :raises UnsafeStatePath: the state holds a symlink or anything but regular
+            files and directories (never copied, never followed).
         :raises VTPMError: the state is not encrypted (never stored off-host),
             or it could not be written (the previous copy, if any, is kept).
         """
@@ -229,7 +220,7 @@ class DirectoryStateStore:
             os.mkdir(tmp, 0o700)
             created = True
             if state_dir is not None:
-                _copy_tree(Path(state_dir), tmp / STATE)
+                state.copy_tree(state_dir, tmp / STATE)
                 meta = self._check_encrypted(meta, tmp)
                 meta = dataclasses.replace(meta, size=_tree_size(tmp / STATE))
             _write(tmp / RECORD, record)
@@ -332,7 +323,9 @@ class DirectoryStateStore:
             raise self._fail(f"read the record of {instance_uuid}", exc) from None
 
     def restore(self, instance_uuid: str, dest: Path) -> bool:
-        """:raises VTPMError: ``dest`` exists already (never overwritten) or the copy failed."""
+        """:raises UnsafeStatePath: the copy holds a symlink or special file (nothing
+            is left at ``dest``).
+        :raises VTPMError: ``dest`` exists already (never overwritten) or the copy failed."""
         found = self._current(instance_uuid)
         src = found / STATE if found is not None else None
         if src is None or not src.is_dir():
@@ -340,7 +333,7 @@ class DirectoryStateStore:
         dest = Path(dest)
         try:
             os.makedirs(dest.parent, mode=0o711, exist_ok=True)
-            _copy_tree(src, dest)
+            state.copy_tree(src, dest)
         except FileExistsError:
             raise exception.VTPMError(
                 f"cannot restore the TPM state of {instance_uuid}: {dest} exists already"

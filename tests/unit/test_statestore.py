@@ -209,6 +209,40 @@ def test_put_refuses_a_state_it_cannot_check(store, sid, tmp_path) -> None:
     assert store.list() == [] and store.temporaries() == []
 
 
+@pytest.mark.parametrize("where", ["state file", "extra file", "directory"])
+def test_put_refuses_symlinks_in_the_state(store, sid, tmp_path, where) -> None:
+    """A symlink is neither copied (it would be recreated on another host) nor followed by
+    the encryption check."""
+    source = make_state(tmp_path / "swtpm", sid)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tpm2-00.permall").write_bytes(blob(ENCRYPTED))
+    link = {"state file": source / "tpm2" / "tpm2-00.permall",
+            "extra file": source / "tpm2" / "extra",
+            "directory": source / "tpm2"}[where]
+    if link.is_dir():
+        for child in link.iterdir():
+            child.unlink()
+        link.rmdir()
+        link.symlink_to(outside)
+    else:
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside / "tpm2-00.permall")
+    with pytest.raises(exception.UnsafeStatePath, match=f"{link}.*symlink"):
+        store.put(meta_for(sid), RECORD, source)
+    assert store.get(sid) is None and store.temporaries() == []
+
+
+def test_restore_refuses_a_symlink_planted_in_the_store(store, sid, tmp_path) -> None:
+    store.put(meta_for(sid), RECORD, make_state(tmp_path / "swtpm", sid))
+    planted = store.path(sid) / "swtpm" / "tpm2" / "planted"
+    planted.symlink_to("/etc/shadow")
+    dest = tmp_path / "host-b" / sid
+    with pytest.raises(exception.UnsafeStatePath, match=str(planted)):
+        store.restore(sid, dest)
+    assert not dest.exists()
+
+
 def test_put_refuses_a_name_that_is_no_uuid(store, tmp_path) -> None:
     with pytest.raises(exception.VTPMError, match="expected a UUID"):
         store.put(meta_for("../etc"), RECORD, None)
