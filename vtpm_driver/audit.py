@@ -42,6 +42,9 @@ BARBICAN_SECRET = "barbican_secret"
 OFFHOST_COPY = "offhost_copy"
 STORE_TEMPORARY = "store_temporary"
 ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY, STORE_TEMPORARY)
+#: A half-done entry whose journal is garbled, and what a repair does about it: nothing.
+INVALID_ENTRY = "invalid entry"
+NO_ACTION = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,14 +290,22 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
     ``facts`` maps an instance UUID to the facts :func:`journal.decide` needs
     (``domain_exists``, ``backup_exists``, ``tmp_backup_exists``; a listed
     server's domain exists, the rest default to False); ``holders`` maps an
-    instance UUID to the live pid holding its lock, if any.
+    instance UUID to the live pid holding its lock, if any. A garbled entry
+    is listed as operation :data:`INVALID_ENTRY` (``step``: the offending
+    field) with action :data:`NO_ACTION`: no repair can tell what to do.
     """
     found = []
     for instance in servers:
-        intent = journal.read(getattr(instance, "system_metadata", None))
+        uuid = _canonical(instance.uuid) or instance.uuid
+        try:
+            intent = journal.read(getattr(instance, "system_metadata", None),
+                                  policy.server_label(instance))
+        except exception.InvalidJournalEntry as exc:
+            found.append(HalfDone(uuid, instance.name, INVALID_ENTRY, exc.field, 0, NO_ACTION,
+                                  str(exc), (holders or {}).get(uuid)))
+            continue
         if intent is None:
             continue
-        uuid = _canonical(instance.uuid) or instance.uuid
         known = {"domain_exists": True, "backup_exists": False, "tmp_backup_exists": False}
         known.update(facts.get(uuid, {}))
         decision = journal.decide(intent, **known)

@@ -84,3 +84,13 @@ class UnsafeStatePath(VTPMError):
         super().__init__(f"refusing to {doing} TPM state {path!r}: it is a {kind}, not a "
                          "regular file or directory")
         self.path = path
+
+
+class InvalidJournalEntry(VTPMError):
+    """A server's intent journal entry (``vtpm_intent``) is garbled: nothing can tell
+    what its interrupted operation did, so no operation decides anything from it.
+    ``field`` names the offending field (``vtpm_intent`` itself when unparseable)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field

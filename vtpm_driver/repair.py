@@ -19,6 +19,7 @@ from vtpm_driver import spec
 from vtpm_driver.audit import (
     BARBICAN_SECRET,
     LIBVIRT_SECRET,
+    NO_ACTION,
     OFFHOST_COPY,
     STATE_DIR,
     STORE_TEMPORARY,
@@ -121,7 +122,8 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     * project-readable vTPM secrets that are not being deleted: owner-only ACL;
     * first of all, half-done operations: finished or rolled back by the
       driver (``VTPMDriver.recover``, which takes the server lock: one still
-      running is waited for, then has nothing left to do).
+      running is waited for, then has nothing left to do); a garbled journal
+      entry is left alone (listed as skipped: fix it by hand).
 
     ``hosts_unchecked`` names other hosts whose servers could not be listed
     (then no Barbican secret is deleted); ``only`` limits the plan to what
@@ -134,8 +136,10 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
         Action(RECOVER, entry.instance_uuid, entry.instance_uuid,
                f"{entry.action} the interrupted {entry.operation} (at step {entry.step!r}, "
                f"pid {entry.pid}): {entry.reason}")
-        for entry in report.half_done]
-    skipped: list[Skipped] = []
+        for entry in report.half_done if entry.action != NO_ACTION]
+    skipped: list[Skipped] = [
+        Skipped(entry.instance_uuid, entry.instance_uuid, f"kept: {entry.reason}")
+        for entry in report.half_done if entry.action == NO_ACTION]
     for orphan in report.orphans_of(LIBVIRT_SECRET):
         actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
                               f"undefine libvirt secret: {orphan.reason}"))

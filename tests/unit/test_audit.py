@@ -533,6 +533,32 @@ def test_half_done_resize_prepare_with_its_backup_in_place_is_finished():
     assert entry.action == "finish" and "awaits confirm or revert" in entry.reason
 
 
+def test_half_done_reports_a_garbled_journal_entry_and_repair_leaves_it():
+    server = _server("bad")
+    server.system_metadata[journal.KEY] = '{"operation": "start", "pid": "12"}'
+    (entry,) = audit.half_done([server], {})
+    assert (entry.name, entry.operation, entry.action) == ("bad", "invalid entry", "none")
+    assert "'pid'" in entry.reason and server.uuid in entry.reason
+    report = dataclasses.replace(audit.audit([server], [server.uuid], [], [], None),
+                                 half_done=(entry,))
+    assert not report.clean
+    planned = repair.plan(report, now=0, min_age=0)
+    assert planned.actions == ()
+    assert [(s.target, s.instance_uuid) for s in planned.skipped] == [
+        (server.uuid, server.uuid)]
+
+
+def test_audit_command_reports_a_garbled_journal_entry(capsys, env):
+    backend, _keymgr, _state, _conf = env
+    vm = _add(backend, "vm1")
+    vm.system_metadata[journal.KEY] = '{"operation": "resize_prepare", "tmp_backup": 7}'
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert (rc, err) == (0, "")
+    (row,) = json.loads(out)["half_done_operations"]
+    assert (row["instance_uuid"], row["repair"]) == (vm.uuid, "none")
+    assert "'tmp_backup'" in row["reason"]
+
+
 def test_report_with_a_half_done_operation_is_not_clean():
     server = _journalled(_server(secret=_uuid()), journal.START)
     report = audit.audit([server], [server.uuid], [], [], None)
