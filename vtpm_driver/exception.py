@@ -94,3 +94,13 @@ class InvalidJournalEntry(VTPMError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class CopyMismatch(VTPMError):
+    """An off-host copy of a TPM state says it belongs to something other than the
+    server it would be restored for (another owner, project, UUID, TPM version or
+    secret mode): it is never restored. ``field`` names what disagrees."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field

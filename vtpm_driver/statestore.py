@@ -90,6 +90,7 @@ class CopyMeta:
     tpm_version: str | None = None
     secret_security: str | None = None
     project_id: str | None = None
+    user_id: str | None = None      # the owner when taken (None: taken by an older version)
     header_flags: int | None = None
     encrypted: bool | None = None
     size: int = 0
