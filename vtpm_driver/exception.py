@@ -104,3 +104,8 @@ class CopyMismatch(VTPMError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class VTPMSecretConflict(VTPMError):
+    """The host holds a libvirt vTPM secret for the server that its record does not
+    name: the TPM state may be encrypted with it, so it is never replaced."""
