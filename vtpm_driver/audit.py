@@ -40,7 +40,11 @@ LIBVIRT_SECRET = "libvirt_secret"
 STATE_DIR = "state_dir"
 BARBICAN_SECRET = "barbican_secret"
 OFFHOST_COPY = "offhost_copy"
-ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY)
+STORE_TEMPORARY = "store_temporary"
+ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY, STORE_TEMPORARY)
+#: A half-done entry whose journal is garbled, and what a repair does about it: nothing.
+INVALID_ENTRY = "invalid entry"
+NO_ACTION = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,14 +290,22 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
     ``facts`` maps an instance UUID to the facts :func:`journal.decide` needs
     (``domain_exists``, ``backup_exists``, ``tmp_backup_exists``; a listed
     server's domain exists, the rest default to False); ``holders`` maps an
-    instance UUID to the live pid holding its lock, if any.
+    instance UUID to the live pid holding its lock, if any. A garbled entry
+    is listed as operation :data:`INVALID_ENTRY` (``step``: the offending
+    field) with action :data:`NO_ACTION`: no repair can tell what to do.
     """
     found = []
     for instance in servers:
-        intent = journal.read(getattr(instance, "system_metadata", None))
+        uuid = _canonical(instance.uuid) or instance.uuid
+        try:
+            intent = journal.read(getattr(instance, "system_metadata", None),
+                                  policy.server_label(instance))
+        except exception.InvalidJournalEntry as exc:
+            found.append(HalfDone(uuid, instance.name, INVALID_ENTRY, exc.field, 0, NO_ACTION,
+                                  str(exc), (holders or {}).get(uuid)))
+            continue
         if intent is None:
             continue
-        uuid = _canonical(instance.uuid) or instance.uuid
         known = {"domain_exists": True, "backup_exists": False, "tmp_backup_exists": False}
         known.update(facts.get(uuid, {}))
         decision = journal.decide(intent, **known)
@@ -304,15 +316,22 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
 
 
 def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Iterable[str],
-                   *, host: str, now: float, interval: float | None) -> AuditReport:
-    """``report`` with the off-host copies of no server (orphans) and the stale ones.
+                   *, host: str, now: float, interval: float | None,
+                   temporaries: Iterable[str] = (), store_root: str = "") -> AuditReport:
+    """``report`` with the off-host copies of no server (orphans), the stale ones,
+    and the state store's leftover temporaries.
 
     ``copies`` are :class:`~vtpm_driver.statestore.CopyMeta`; ``server_uuids``
     every server of ``host``, the one host checked. The store is shared by
     every host, and this host cannot see the others' servers: a copy taken on
     another host is not judged here (neither orphan nor stale). A shelved copy
     IS its server, never an orphan. Stale: overtaken by a start, or
-    (``interval``, periodic mode) older than it. Pure.
+    (``interval``, periodic mode) older than it. ``temporaries``: names under
+    ``store_root`` an interrupted write left
+    (:meth:`~vtpm_driver.statestore.DirectoryStateStore.temporaries`); they are
+    reported (kind :data:`STORE_TEMPORARY`), and no repair removes them: a
+    write of the server may be under way elsewhere (the Nova shim writes
+    without our lock). Pure.
     """
     known = {_canonical(u) or u for u in server_uuids}
     orphans, stale = [], []
@@ -329,5 +348,11 @@ def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Ite
         elif interval is not None and now - copy.taken_at > interval:
             stale.append(Orphan(OFFHOST_COPY, copy.uuid, copy.uuid,
                                 f"older than {int(interval)} s"))
+    for name in sorted(temporaries):
+        orphans.append(Orphan(
+            STORE_TEMPORARY, os.path.join(store_root, name),
+            _canonical(name.lstrip(".").split(".", 1)[0]),
+            "left by an interrupted write of an off-host copy: remove it by hand once no "
+            "write of that server is under way"))
     return dataclasses.replace(report, orphans=report.orphans + tuple(orphans),
                                stale_copies=tuple(stale))

@@ -70,3 +70,42 @@ class VirtError(VTPMError):
 
 class ServerLocked(VTPMError):
     """Another operation holds the server's lock and did not finish in time."""
+
+
+class UnsafeStatePath(VTPMError):
+    """A TPM state tree holds something other than regular files and directories.
+
+    A symlink (or device, FIFO, socket) in a swtpm state directory, a resize
+    backup or an off-host copy is never copied, recreated or followed: it
+    could point a read or a copy at any file of the host. ``path`` names it.
+    """
+
+    def __init__(self, path: str, kind: str, doing: str = "use") -> None:
+        super().__init__(f"refusing to {doing} TPM state {path!r}: it is a {kind}, not a "
+                         "regular file or directory")
+        self.path = path
+
+
+class InvalidJournalEntry(VTPMError):
+    """A server's intent journal entry (``vtpm_intent``) is garbled: nothing can tell
+    what its interrupted operation did, so no operation decides anything from it.
+    ``field`` names the offending field (``vtpm_intent`` itself when unparseable)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CopyMismatch(VTPMError):
+    """An off-host copy of a TPM state says it belongs to something other than the
+    server it would be restored for (another owner, project, UUID, TPM version or
+    secret mode): it is never restored. ``field`` names what disagrees."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class VTPMSecretConflict(VTPMError):
+    """The host holds a libvirt vTPM secret for the server that its record does not
+    name: the TPM state may be encrypted with it, so it is never replaced."""

@@ -427,6 +427,41 @@ def check_restore(meta: Any, *, allow_stale: bool, now: float, label: str) -> st
     return described
 
 
+def check_copy_matches(meta: Any, instance: Any, cfg: VTPMConfig | None) -> None:
+    """Refuse restoring ``meta``'s copy for ``instance`` unless the copy is that server's.
+
+    The store's ``meta.json`` is a file anyone with write access to the store
+    could plant or swap; the server's own record (Nova's instance, which every
+    driver call receives) is the authority. Compared: the instance UUID, the
+    owner's project and user (the user only when the copy records one: copies
+    taken before it was recorded), and, for a server with a vTPM, its TPM
+    version and secret security mode (which passphrase encrypts the state).
+    Nothing of the copy's record (boot files, console log) is used: the
+    caller boots from the server's own. Pure.
+
+    :raises CopyMismatch: names the server, the field, the copy's and the
+        server's values.
+    """
+    expected: list[tuple[str, Any, Any]] = [
+        ("uuid", objects.canonical_uuid(getattr(meta, "uuid", None)),
+         objects.canonical_uuid(instance.uuid)),
+        ("project_id", getattr(meta, "project_id", None), getattr(instance, "project_id", None)),
+    ]
+    if getattr(meta, "user_id", None) is not None:
+        expected.append(("user_id", meta.user_id, getattr(instance, "user_id", None)))
+    if cfg is not None:
+        expected += [("tpm_version", getattr(meta, "tpm_version", None), cfg.version),
+                     ("secret_security", getattr(meta, "secret_security", None),
+                      cfg.secret_security)]
+    for field, stored, own in expected:
+        if stored != own:
+            raise exception.CopyMismatch(
+                f"refusing to restore the off-host TPM state copy for server "
+                f"{server_label(instance)}: the copy's {field!r} is {stored!r}, the server's "
+                f"is {own!r} (the copy is not this server's; check [vtpm] state_backup_dir)",
+                field)
+
+
 def check_copy_exists(meta: Any, label: str, host: str | None, mode: str) -> Any:
     """The copy an evacuation needs.
 

@@ -19,8 +19,10 @@ from vtpm_driver import spec
 from vtpm_driver.audit import (
     BARBICAN_SECRET,
     LIBVIRT_SECRET,
+    NO_ACTION,
     OFFHOST_COPY,
     STATE_DIR,
+    STORE_TEMPORARY,
     AuditReport,
     BarbicanSecret,
     Orphan,
@@ -116,7 +118,8 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
     * project-readable vTPM secrets that are not being deleted: owner-only ACL;
     * first of all, half-done operations: finished or rolled back by the
       driver (``VTPMDriver.recover``, which takes the server lock: one still
-      running is waited for, then has nothing left to do).
+      running is waited for, then has nothing left to do); a garbled journal
+      entry is left alone (listed as skipped: fix it by hand).
 
     ``only`` limits the plan to what names these instance UUIDs. Nothing else
     is ever planned.
@@ -127,8 +130,10 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
         Action(RECOVER, entry.instance_uuid, entry.instance_uuid,
                f"{entry.action} the interrupted {entry.operation} (at step {entry.step!r}, "
                f"pid {entry.pid}): {entry.reason}")
-        for entry in report.half_done]
-    skipped: list[Skipped] = []
+        for entry in report.half_done if entry.action != NO_ACTION]
+    skipped: list[Skipped] = [
+        Skipped(entry.instance_uuid, entry.instance_uuid, f"kept: {entry.reason}")
+        for entry in report.half_done if entry.action == NO_ACTION]
     for orphan in report.orphans_of(LIBVIRT_SECRET):
         actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
                               f"undefine libvirt secret: {orphan.reason}"))
@@ -180,7 +185,8 @@ REMOVE_COPY = "remove_offhost_copy"
 def plan_copies(repair: RepairPlan, report: AuditReport, only: Iterable[str] | None = None
                 ) -> RepairPlan:
     """``repair`` plus removing the orphaned off-host copies ``report`` found (this host's
-    only: :func:`vtpm_driver.audit.offhost_copies`)."""
+    only: :func:`vtpm_driver.audit.offhost_copies`); the state store's leftover
+    temporaries are listed as kept (a write may be under way)."""
     wanted = None if only is None else {canonical_uuid(u) or u for u in only}
     actions = list(repair.actions)
     for orphan in report.orphans_of(OFFHOST_COPY):
@@ -188,4 +194,8 @@ def plan_copies(repair: RepairPlan, report: AuditReport, only: Iterable[str] | N
             continue
         actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
                               f"remove off-host copy: {orphan.reason}"))
-    return RepairPlan(tuple(actions), repair.skipped)
+    skipped = list(repair.skipped)
+    for orphan in report.orphans_of(STORE_TEMPORARY):
+        if wanted is None or orphan.instance_uuid in wanted:
+            skipped.append(Skipped(orphan.id, orphan.instance_uuid, f"kept: {orphan.reason}"))
+    return RepairPlan(tuple(actions), tuple(skipped))

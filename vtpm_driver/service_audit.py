@@ -75,7 +75,8 @@ class AuditActions:
             # This host as its copies name it (ServerService.site: the libvirt URI).
             report, self.store.list(), backend.domain_uuids(), host=backend.uri,
             now=time.time(),
-            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None)
+            interval=float(self.conf.vtpm.state_backup_interval) if periodic else None,
+            temporaries=self.store.temporaries(), store_root=str(self.store.root))
 
     def _half_done(self, backend: Any) -> tuple[vtpm_audit.HalfDone, ...]:
         """The servers whose journal names an interrupted operation, with the facts
@@ -84,7 +85,10 @@ class AuditActions:
         facts: dict[str, dict[str, bool]] = {}
         holders: dict[str, int] = {}
         for instance in servers:
-            intent = journal.read(instance.system_metadata)
+            try:
+                intent = journal.read(instance.system_metadata)
+            except exception.InvalidJournalEntry:
+                continue  # reported as such by half_done, no facts needed
             if intent is None:
                 continue
             facts[instance.uuid] = {

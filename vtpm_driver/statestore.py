@@ -34,14 +34,23 @@ A copy is current only if it was taken from a stopped server that has not
 run since (:func:`vtpm_driver.policy.copy_is_current`); every start of the
 server marks its copy as overtaken (``started_after``).
 
-Writes are atomic: a new copy is built in ``<root>/.<uuid>.<random>.tmp`` and
-renamed into place; ``meta.json`` is replaced with ``os.replace``. A reader
-sees a complete copy or the previous one, never half of one.
+Writes are atomic and crash-safe: a new copy is built (and fsynced) in
+``<root>/.<uuid>.<random>.tmp``; the previous copy is set aside as
+``<root>/.<uuid>.prev`` (one fixed name), the new one renamed into place, and
+only then the set-aside one removed. A reader (:meth:`~DirectoryStateStore.get`,
+``record``, ``restore``, ``list``) falls back to ``.<uuid>.prev`` while
+``<uuid>`` is absent, so a kill at any point leaves the old or the new complete
+copy found, never none and never half of one. ``meta.json`` is replaced with
+``os.replace``. What a killed write leaves over (a ``.tmp``, a ``.prev`` beside
+its copy) is listed by :meth:`~DirectoryStateStore.temporaries` for
+``vtpm-driver audit``.
+
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import secrets
@@ -60,6 +69,7 @@ META = "meta.json"
 RECORD = "record.xml"
 STATE = "swtpm"
 TMP_SUFFIX = ".tmp"
+PREV_SUFFIX = ".prev"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +87,7 @@ class CopyMeta:
     tpm_version: str | None = None
     secret_security: str | None = None
     project_id: str | None = None
+    user_id: str | None = None      # the owner when taken (None: taken by an older version)
     header_flags: int | None = None
     encrypted: bool | None = None
     size: int = 0
@@ -116,19 +127,28 @@ class StateStore(Protocol):
         """Every copy (unreadable ones skipped with a warning)."""
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory keeping modes, times, owners and groups (swtpm's files are tss's)."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
-    for src_dir, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(src_dir, src)
-        for name in [".", *dirnames, *filenames]:
-            st = Path(src_dir, name).lstat()
-            os.lchown(Path(dst, rel, name), st.st_uid, st.st_gid)
-    shutil.copystat(src, dst)
 
 
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and directory below ``path`` (and it): a rename then
+    publishes contents that are on disk, not only their names."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            _fsync(Path(dirpath, name))
+        _fsync(Path(dirpath))
 
 
 def _write(path: Path, text: str) -> None:
@@ -164,6 +184,8 @@ class DirectoryStateStore:
         file meanwhile). A state without ``meta.tpm_version`` cannot be checked
         and is refused too.
 
+        :raises UnsafeStatePath: the state holds a symlink or anything but regular
+            files and directories (never copied, never followed).
         :raises VTPMError: the state is not encrypted (never stored off-host),
             or it could not be written (the previous copy, if any, is kept).
         """
@@ -182,28 +204,80 @@ class DirectoryStateStore:
             os.mkdir(tmp, 0o700)
             created = True
             if state_dir is not None:
-                _copy_tree(Path(state_dir), tmp / STATE)
+                state.copy_tree(state_dir, tmp / STATE)
                 meta = self._check_encrypted(meta, tmp)
                 meta = dataclasses.replace(meta, size=_tree_size(tmp / STATE))
             _write(tmp / RECORD, record)
             _write(tmp / META, meta.to_json())
-            old = None
-            if final.exists():
-                old = self.root / f".{uuid}.{secrets.token_hex(6)}.old{TMP_SUFFIX}"
-                os.rename(final, old)
-            os.rename(tmp, final)
+            _fsync_tree(tmp)
+            self._install(uuid, tmp)
             created = False
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         except (OSError, exception.VTPMError) as exc:
             if created:
                 shutil.rmtree(tmp, ignore_errors=True)
+            self._put_back(uuid)
             if isinstance(exc, exception.VTPMError):
                 raise
             raise self._fail(f"store the copy of server {meta.name!r} ({uuid})", exc) from None
         LOG.info("Stored an off-host copy of the TPM state (%s, %d bytes, from %s) in %s",
                  meta.reason, meta.size, meta.source_host, final, instance_uuid=uuid)
         return meta
+
+    def _prev(self, uuid: str) -> Path:
+        """``<root>/.<uuid>.prev``: the previous copy while a put replaces it."""
+        return self.root / f".{uuid}{PREV_SUFFIX}"
+
+    def _install(self, uuid: str, tmp: Path) -> None:
+        """Rename the complete copy ``tmp`` into place, the old one found until then.
+
+        At every point of this, ``<uuid>`` or ``.<uuid>.prev`` is a complete
+        copy (the newest of them is what readers see): a ``.prev`` beside a
+        ``<uuid>`` is a leftover of an earlier kill after its swap (removed
+        first); a ``.prev`` alone IS the copy (never removed before the new one
+        is in place).
+
+        :raises OSError: a rename failed (the caller puts the old copy back).
+        """
+        final, prev = self.path(uuid), self._prev(uuid)
+        if final.exists():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.rename(final, prev)
+            _fsync(self.root)
+        os.rename(tmp, final)
+        _fsync(self.root)
+        if prev.exists():
+            shutil.rmtree(prev)
+
+    def _put_back(self, uuid: str) -> None:
+        """After a failed put: the set-aside copy back under its name. Best effort."""
+        final, prev = self.path(uuid), self._prev(uuid)
+        if prev.exists() and not final.exists():
+            try:
+                os.rename(prev, final)
+            except OSError as exc:  # readers still find it as .prev
+                LOG.warning("Could not rename %s back to %s: %s", prev, final, exc)
+
+    def _read(self, uuid: str, name: str) -> str:
+        """``name`` of the copy: ``<uuid>/name``, else the set-aside ``.<uuid>.prev/name``.
+
+        :raises FileNotFoundError: no copy. :raises OSError: unreadable.
+        """
+        final = self.path(uuid)
+        for where in (final, self._prev(final.name), final):
+            try:
+                return (where / name).read_text()
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(errno.ENOENT, "no copy", str(final / name))
+
+    def _current(self, uuid: str) -> Path | None:
+        """The directory of the copy readers see (``<uuid>`` or ``.<uuid>.prev``), or None."""
+        final = self.path(uuid)
+        for where in (final, self._prev(final.name)):
+            if (where / META).exists():
+                return where
+        return None
 
     @staticmethod
     def _check_encrypted(meta: CopyMeta, tmp: Path) -> CopyMeta:
@@ -219,7 +293,7 @@ class DirectoryStateStore:
 
     def get(self, instance_uuid: str) -> CopyMeta | None:
         try:
-            return CopyMeta.from_json((self.path(instance_uuid) / META).read_text())
+            return CopyMeta.from_json(self._read(instance_uuid, META))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
@@ -228,19 +302,22 @@ class DirectoryStateStore:
 
     def record(self, instance_uuid: str) -> str:
         try:
-            return (self.path(instance_uuid) / RECORD).read_text()
+            return self._read(instance_uuid, RECORD)
         except OSError as exc:
             raise self._fail(f"read the record of {instance_uuid}", exc) from None
 
     def restore(self, instance_uuid: str, dest: Path) -> bool:
-        """:raises VTPMError: ``dest`` exists already (never overwritten) or the copy failed."""
-        src = self.path(instance_uuid) / STATE
-        if not src.is_dir():
+        """:raises UnsafeStatePath: the copy holds a symlink or special file (nothing
+            is left at ``dest``).
+        :raises VTPMError: ``dest`` exists already (never overwritten) or the copy failed."""
+        found = self._current(instance_uuid)
+        src = found / STATE if found is not None else None
+        if src is None or not src.is_dir():
             return False
         dest = Path(dest)
         try:
             os.makedirs(dest.parent, mode=0o711, exist_ok=True)
-            _copy_tree(src, dest)
+            state.copy_tree(src, dest)
         except FileExistsError:
             raise exception.VTPMError(
                 f"cannot restore the TPM state of {instance_uuid}: {dest} exists already"
@@ -255,7 +332,7 @@ class DirectoryStateStore:
         if meta is None:
             return None
         meta = dataclasses.replace(meta, **changes)
-        target = self.path(instance_uuid) / META
+        target = (self._current(instance_uuid) or self.path(instance_uuid)) / META
         tmp = target.with_name(f".{META}.{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
             _write(tmp, meta.to_json())
@@ -267,14 +344,17 @@ class DirectoryStateStore:
 
     def delete(self, instance_uuid: str) -> bool:
         path = self.path(instance_uuid)
-        if not path.exists():
+        found = False
+        for where in (path, self._prev(path.name)):
+            try:
+                shutil.rmtree(where)
+                found = True
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._fail(f"remove the copy of {instance_uuid}", exc) from None
+        if not found:
             return False
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise self._fail(f"remove the copy of {instance_uuid}", exc) from None
         LOG.info("Removed the off-host copy of the TPM state", instance_uuid=instance_uuid)
         return True
 
@@ -286,7 +366,13 @@ class DirectoryStateStore:
         except OSError as exc:
             raise self._fail("list copies", exc) from None
         found = []
-        for name in entries:
+        present = set(entries)
+        for entry in entries:
+            name = entry
+            if entry.startswith(".") and entry.endswith(PREV_SUFFIX):
+                name = entry[1:-len(PREV_SUFFIX)]  # a copy set aside by a killed put
+                if name in present:
+                    continue  # ... and overtaken: the copy is <uuid>
             if objects.canonical_uuid(name) != name:
                 continue  # temporary or foreign entries
             try:
@@ -299,8 +385,20 @@ class DirectoryStateStore:
         return found
 
     def temporaries(self) -> list[str]:
-        """Names of leftover temporary entries (an interrupted put), for the audit."""
+        """Names of leftover temporary entries (an interrupted put), for the audit.
+
+        A ``.tmp`` (a copy being built, or one a killed put left) and a
+        ``.<uuid>.prev`` beside its ``<uuid>`` (a killed put's set-aside old
+        copy); a ``.prev`` alone is the copy itself, not a leftover.
+
+        :raises VTPMError: the root cannot be listed.
+        """
         try:
-            return sorted(n for n in os.listdir(self.root) if n.endswith(TMP_SUFFIX))
+            entries = set(os.listdir(self.root))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise self._fail("list temporaries", exc) from None
+        return sorted(n for n in entries if n.endswith(TMP_SUFFIX) or (
+            n.startswith(".") and n.endswith(PREV_SUFFIX)
+            and n[1:-len(PREV_SUFFIX)] in entries))

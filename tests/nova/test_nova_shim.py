@@ -374,6 +374,42 @@ def test_host_mode_secret_persists_and_is_reused_without_barbican(drv, ctx, conn
     assert list(conn.secrets) == [secret_uuid]
 
 
+def _hosts_own_secret(conn, instance) -> str:
+    """A persistent host-mode secret of ``instance`` that its record does not name."""
+    hosts_own = str(uuid.uuid4())
+    conn.secretDefineXML(
+        f"<secret ephemeral='no' private='no'><uuid>{hosts_own}</uuid>"
+        f"<usage type='vtpm'><name>{instance.uuid}</name></usage></secret>")
+    conn.secrets[hosts_own].setValue(b"the passphrase of the existing state")
+    return hosts_own
+
+
+def test_host_mode_secret_on_the_host_but_not_recorded_is_reused_never_replaced(
+        drv, ctx, conn, log):
+    """Defect 11: as Nova does, the host's secret is reused (and recorded here)."""
+    instance = make_instance(make_flavor(**{"hw:tpm_version": "2.0",
+                                            "hw:tpm_secret_security": "host"}))
+    hosts_own = _hosts_own_secret(conn, instance)
+    drv._create_guest(ctx, "<domain/>", instance)
+    assert list(conn.secrets) == [hosts_own]
+    assert conn.secrets[hosts_own].stored == b"the passphrase of the existing state"
+    assert instance.system_metadata["vtpm_secret_uuid"] == hosts_own
+    assert operations(log) == []  # no new passphrase
+
+
+def test_host_mode_secret_other_than_the_recorded_one_is_refused_naming_both(
+        drv, ctx, conn, log):
+    recorded = str(uuid.uuid4())
+    instance = make_instance(make_flavor(**{"hw:tpm_version": "2.0",
+                                            "hw:tpm_secret_security": "host"}),
+                             secret_uuid=recorded)
+    hosts_own = _hosts_own_secret(conn, instance)
+    with pytest.raises(nova_exception.NovaException, match=f"{hosts_own}.*{recorded}"):
+        drv._create_guest(ctx, "<domain/>", instance)
+    assert list(conn.secrets) == [hosts_own]
+    assert conn.secrets[hosts_own].stored == b"the passphrase of the existing state"
+
+
 def test_deployment_mode_is_passed_to_our_keymanager(drv, ctx, log):
     instance = make_instance(make_flavor(**{"hw:tpm_version": "2.0",
                                             "hw:tpm_secret_security": "deployment"}))

@@ -176,6 +176,32 @@ def test_a_non_owner_unshelve_of_a_user_mode_server_changes_nothing(
     assert store.get(instance.uuid).shelved
 
 
+@pytest.mark.parametrize(("field", "value"), [("project_id", "proj-b"), ("user_id", "mallory"),
+                                              ("secret_security", "host")])
+def test_unshelve_from_a_copy_of_another_owner_is_refused_before_anything(
+        tpm_instance, drv, ctx, dirs, store, calls, log, field, value):
+    """The copy's meta.json is checked against Nova's instance, never trusted as is."""
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    shelved_copy(dirs, instance)
+    store.update(instance.uuid, **{field: value})
+    with pytest.raises(nova_exception.NovaException,
+                       match=f"{instance.uuid}.*{field}.*{value}"):
+        drv.spawn(ctx, instance, make_image())
+    assert calls == []
+    assert not (dirs / "swtpm" / instance.uuid).exists()
+    assert store.get(instance.uuid).shelved
+
+
+def test_evacuating_from_a_copy_of_another_project_is_refused(
+        tpm_instance, drv, ctx, dirs, store, calls):
+    instance = tpm_instance(task_state=task_states.REBUILDING)
+    shelved_copy(dirs, instance, reason="stop", shelved=False)
+    store.update(instance.uuid, project_id="proj-b")
+    with pytest.raises(nova_exception.NovaException, match=r"project_id.*proj-b"):
+        evacuate(drv, ctx, instance)
+    assert calls == [] and not (dirs / "swtpm" / instance.uuid).exists()
+
+
 def test_unshelve_without_a_copy_is_refused_before_novas_spawn(
         tpm_instance, drv, ctx, dirs, calls):
     instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)

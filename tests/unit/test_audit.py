@@ -176,7 +176,7 @@ def env(monkeypatch, tmp_path):
     backend.state_base = str(state)
     conf = tmp_path / "vtpm.conf"
     conf.write_text(f"[vtpm]\nswtpm_state_dir = {state}\nlock_path = {tmp_path / 'locks'}\n"
-                    "lock_timeout = 0\n")
+                    f"state_backup_dir = {tmp_path / 'store'}\nlock_timeout = 0\n")
     return backend, keymgr, state, str(conf)
 
 
@@ -213,11 +213,32 @@ def test_audit_json_clean(capsys, env):
                      "problems": []}],
         "orphan_libvirt_secrets": [], "orphan_state_dirs": [], "orphan_barbican_secrets": [],
         "project_readable_secrets": [], "half_done_operations": [],
-        "orphan_offhost_copies": [], "stale_offhost_copies": [],
+        "orphan_offhost_copies": [], "stale_offhost_copies": [], "store_temporaries": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
         "clean": True,
     }
     assert keymgr.list_calls == [(OWNER, "user")]
+
+
+def test_audit_reports_leftover_temporaries_of_the_state_store(capsys, env, tmp_path):
+    """A killed write of an off-host copy leaves a temporary: reported, never removed."""
+    vm = _add(_backend := env[0], "vm1")
+    (env[2] / vm.uuid).mkdir()
+    store = tmp_path / "store"
+    (store / f".{vm.uuid}.0a1b2c.tmp").mkdir(parents=True)
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert (rc, err) == (0, "")
+    report = json.loads(out)
+    assert report["store_temporaries"] == [{
+        "path": str(store / f".{vm.uuid}.0a1b2c.tmp"), "instance_uuid": vm.uuid,
+        "reason": "left by an interrupted write of an off-host copy: remove it by hand "
+                  "once no write of that server is under way"}]
+    assert report["clean"] is False
+    rc, out, _err = _run(capsys, env, "-f", "json", "--no-barbican", "--repair")
+    assert rc == 0 and json.loads(out)["repair"] == []
+    assert [s["target"] for s in json.loads(out)["repair_skipped"]] == [
+        str(store / f".{vm.uuid}.0a1b2c.tmp")]
+    assert (store / f".{vm.uuid}.0a1b2c.tmp").is_dir()
 
 
 def test_audit_finds_each_kind_of_orphan(capsys, env):
@@ -501,6 +522,32 @@ def test_half_done_resize_prepare_with_its_backup_in_place_is_finished():
     assert entry.action == "roll back"
     (entry,) = audit.half_done([server], {server.uuid: {"backup_exists": True}})
     assert entry.action == "finish" and "awaits confirm or revert" in entry.reason
+
+
+def test_half_done_reports_a_garbled_journal_entry_and_repair_leaves_it():
+    server = _server("bad")
+    server.system_metadata[journal.KEY] = '{"operation": "start", "pid": "12"}'
+    (entry,) = audit.half_done([server], {})
+    assert (entry.name, entry.operation, entry.action) == ("bad", "invalid entry", "none")
+    assert "'pid'" in entry.reason and server.uuid in entry.reason
+    report = dataclasses.replace(audit.audit([server], [server.uuid], [], [], None),
+                                 half_done=(entry,))
+    assert not report.clean
+    planned = repair.plan(report, now=0, min_age=0)
+    assert planned.actions == ()
+    assert [(s.target, s.instance_uuid) for s in planned.skipped] == [
+        (server.uuid, server.uuid)]
+
+
+def test_audit_command_reports_a_garbled_journal_entry(capsys, env):
+    backend, _keymgr, _state, _conf = env
+    vm = _add(backend, "vm1")
+    vm.system_metadata[journal.KEY] = '{"operation": "resize_prepare", "tmp_backup": 7}'
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert (rc, err) == (0, "")
+    (row,) = json.loads(out)["half_done_operations"]
+    assert (row["instance_uuid"], row["repair"]) == (vm.uuid, "none")
+    assert "'tmp_backup'" in row["reason"]
 
 
 def test_report_with_a_half_done_operation_is_not_clean():

@@ -93,3 +93,37 @@ def test_audit_reports_orphan_and_stale_copies_and_plans_removing_orphans_only()
     planned = repair.plan_copies(empty, report)
     assert [(x.kind, x.target) for x in planned.actions] == [(repair.REMOVE_COPY, a)]
     assert repair.plan_copies(empty, report, only=[b]).actions == ()
+
+
+def _server(**kw):
+    base = {"name": "vm", "uuid": "0b7e6f0e-3a8a-4f51-8c1f-1d2a3b4c5d6e",
+            "user_id": "alice", "project_id": "proj-a"}
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def _copy_of(server, **kw):
+    base = {"uuid": server.uuid, "user_id": server.user_id, "project_id": server.project_id,
+            "tpm_version": "2.0", "secret_security": "user"}
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_a_copy_that_matches_its_server_may_be_restored() -> None:
+    server = _server()
+    policy.check_copy_matches(_copy_of(server), server, USER)
+    policy.check_copy_matches(_copy_of(server, uuid=server.uuid.upper()), server, USER)
+    policy.check_copy_matches(_copy_of(server, user_id=None), server, USER)  # older copies
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("uuid", "11111111-2222-4333-8444-555555555555"), ("project_id", "proj-b"),
+    ("user_id", "mallory"), ("tpm_version", "1.2"), ("secret_security", "host"),
+    ("project_id", None)])
+def test_a_copy_that_disagrees_with_its_server_is_refused_naming_both_values(field, value
+                                                                              ) -> None:
+    """The store's meta.json is never trusted over the server's own record."""
+    server = _server()
+    with pytest.raises(exception.CopyMismatch) as err:
+        policy.check_copy_matches(_copy_of(server, **{field: value}), server, USER)
+    message = str(err.value)
+    assert f"server 'vm' ({server.uuid})" in message and repr(field) in message
+    assert repr(value) in message and err.value.field == field

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fakes import swtpm
 from tests.fakes.swtpm import ENCRYPTED, PLAIN, blob
-from vtpm_driver import exception
+from vtpm_driver import exception, statestore
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 
 RECORD = "<server-record/>"
@@ -107,6 +107,64 @@ def test_failed_put_keeps_the_previous_copy(store, sid, tmp_path) -> None:
     assert store.temporaries() == []
 
 
+class Killed(BaseException):
+    """``kill -9`` at a step: no ``except``/``finally`` of the code under test handles it."""
+
+
+def kill_at_rename(monkeypatch, store: DirectoryStateStore, sid: str, *, to_final: bool
+                   ) -> None:
+    """Die at the rename that installs the new copy (``to_final``) or the one after it."""
+    real = os.rename
+
+    def rename(src, dst):
+        if to_final and Path(dst) == store.path(sid):
+            raise Killed(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(statestore.os, "rename", rename)
+    if not to_final:
+        monkeypatch.setattr(statestore.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(
+            Killed(a[0])))
+
+
+def test_put_killed_between_its_renames_keeps_the_previous_copy_found(
+        store, sid, tmp_path, monkeypatch) -> None:
+    first = store.put(meta_for(sid), "<old/>", make_state(tmp_path / "a", sid, payload=b"old"))
+    kill_at_rename(monkeypatch, store, sid, to_final=True)
+    with pytest.raises(Killed):
+        store.put(meta_for(sid, taken_at=2000.0), "<new/>",
+                  make_state(tmp_path / "b", sid, payload=b"new"))
+    monkeypatch.undo()
+
+    assert store.get(sid) == first  # the old complete copy, never "no copy"
+    assert store.record(sid) == "<old/>"
+    assert [m.uuid for m in store.list()] == [sid]
+    dest = tmp_path / "restored" / sid
+    assert store.restore(sid, dest) is True
+    assert tree(dest) == tree(tmp_path / "a" / sid)
+    assert store.update(sid, started_after=5.0).started_after == 5.0
+    # The next put completes and leaves nothing behind but the half-built temporary.
+    third = store.put(meta_for(sid, taken_at=3000.0), "<third/>",
+                      make_state(tmp_path / "c", sid, payload=b"third"))
+    assert store.get(sid) == third and store.record(sid) == "<third/>"
+    assert [n for n in os.listdir(store.root) if not n.endswith(".tmp")] == [sid]
+    assert store.delete(sid) is True and store.get(sid) is None
+
+
+def test_put_killed_after_installing_the_new_copy_reads_the_new_one(
+        store, sid, tmp_path, monkeypatch) -> None:
+    store.put(meta_for(sid), "<old/>", make_state(tmp_path / "a", sid, payload=b"old"))
+    kill_at_rename(monkeypatch, store, sid, to_final=False)
+    with pytest.raises(Killed):
+        store.put(meta_for(sid, taken_at=2000.0), "<new/>",
+                  make_state(tmp_path / "b", sid, payload=b"new"))
+    monkeypatch.undo()
+    assert store.get(sid).taken_at == 2000.0 and store.record(sid) == "<new/>"
+    assert store.temporaries()  # the set-aside old copy is reported
+    assert store.delete(sid) is True
+    assert store.get(sid) is None and os.listdir(store.root) == []
+
+
 def test_put_without_state_stores_the_record(store, sid) -> None:
     stored = store.put(meta_for(sid, tpm_version=None), RECORD, None)
     assert stored.size == 0 and stored.encrypted is None
@@ -148,6 +206,40 @@ def test_put_refuses_a_state_it_cannot_check(store, sid, tmp_path) -> None:
     with pytest.raises(exception.VTPMError, match="cannot read swtpm state file"):
         store.put(meta_for(sid), RECORD, source)
     assert store.list() == [] and store.temporaries() == []
+
+
+@pytest.mark.parametrize("where", ["state file", "extra file", "directory"])
+def test_put_refuses_symlinks_in_the_state(store, sid, tmp_path, where) -> None:
+    """A symlink is neither copied (it would be recreated on another host) nor followed by
+    the encryption check."""
+    source = make_state(tmp_path / "swtpm", sid)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tpm2-00.permall").write_bytes(blob(ENCRYPTED))
+    link = {"state file": source / "tpm2" / "tpm2-00.permall",
+            "extra file": source / "tpm2" / "extra",
+            "directory": source / "tpm2"}[where]
+    if link.is_dir():
+        for child in link.iterdir():
+            child.unlink()
+        link.rmdir()
+        link.symlink_to(outside)
+    else:
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside / "tpm2-00.permall")
+    with pytest.raises(exception.UnsafeStatePath, match=f"{link}.*symlink"):
+        store.put(meta_for(sid), RECORD, source)
+    assert store.get(sid) is None and store.temporaries() == []
+
+
+def test_restore_refuses_a_symlink_planted_in_the_store(store, sid, tmp_path) -> None:
+    store.put(meta_for(sid), RECORD, make_state(tmp_path / "swtpm", sid))
+    planted = store.path(sid) / "swtpm" / "tpm2" / "planted"
+    planted.symlink_to("/etc/shadow")
+    dest = tmp_path / "host-b" / sid
+    with pytest.raises(exception.UnsafeStatePath, match=str(planted)):
+        store.restore(sid, dest)
+    assert not dest.exists()
 
 
 def test_put_refuses_a_name_that_is_no_uuid(store, tmp_path) -> None:

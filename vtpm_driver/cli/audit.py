@@ -28,7 +28,7 @@ keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
 COLUMNS = (
     "servers", "orphan_libvirt_secrets", "orphan_state_dirs", "orphan_barbican_secrets",
     "project_readable_secrets", "half_done_operations",
-    "orphan_offhost_copies", "stale_offhost_copies",
+    "orphan_offhost_copies", "stale_offhost_copies", "store_temporaries",
     "barbican_checked", "barbican_scope", "clean",
 )
 REPAIR_COLUMNS = ("repair", "repair_skipped", "dry_run")
@@ -85,7 +85,8 @@ def _half_done_record(entry: vtpm_audit.HalfDone) -> dict[str, object]:
 
 
 def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
-    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy"}.get(
+    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy",
+           vtpm_audit.STORE_TEMPORARY: "path"}.get(
         orphan.kind, "secret_uuid")
     return {key: orphan.id, "instance_uuid": orphan.instance_uuid, "reason": orphan.reason}
 
@@ -105,6 +106,7 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
         RecordsColumn([_half_done_record(entry) for entry in report.half_done]),
         orphans(vtpm_audit.OFFHOST_COPY),
         RecordsColumn([_orphan_record(o) for o in report.stale_copies]),
+        orphans(vtpm_audit.STORE_TEMPORARY),
         report.barbican_checked,
         ListColumn(list(scope)),
         report.clean,
@@ -140,7 +142,9 @@ class Audit(CommandMixin, ShowOne):
 
     It also lists half-done operations: servers whose record still names an
     operation that was interrupted (kill -9, a crash), with what a repair
-    would do about it (finish or roll back).
+    would do about it (finish or roll back), and leftover temporaries of the
+    off-host state store ([vtpm] state_backup_dir) an interrupted write left
+    (reported only: remove them by hand once no write is under way).
 
     Nothing is changed. Exit status: 0 the report was produced, whatever it
     says (read "clean"); 1 libvirt, Keystone or Barbican failed.

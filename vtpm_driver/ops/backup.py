@@ -34,17 +34,9 @@ TMP_SUFFIX = ".tmp"
 
 
 def copy_tree_preserving(src: Path, dst: Path) -> None:
-    """Copy a directory keeping modes, times, owners and groups (swtpm's files
-    belong to the swtpm user; a plain copy would make them root's)."""
-    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
-    for src_dir, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(src_dir, src)
-        for name in [".", *dirnames, *filenames]:
-            source = Path(src_dir, name)
-            target = Path(dst, rel, name)
-            st = source.lstat()
-            os.lchown(target, st.st_uid, st.st_gid)
-    shutil.copystat(src, dst)
+    """:func:`vtpm_driver.virt.state.copy_tree` (owners and modes kept; symlinks and
+    special files refused with :class:`~vtpm_driver.exception.UnsafeStatePath`)."""
+    state.copy_tree(src, dst)
 
 
 class ResizeBackups:
@@ -127,6 +119,7 @@ class ResizeBackups:
         created) is removed; an existing backup of another resize is never
         touched.
 
+        :raises UnsafeStatePath: the live state holds a symlink or special file.
         :raises VTPMError: a backup is already in place, or it could not be
             written (nothing is left half-made).
         """
@@ -145,6 +138,9 @@ class ResizeBackups:
                 raise FileExistsError(errno.EEXIST, "a resize backup is already in place",
                                       str(path))
             os.rename(tmp, path)  # a complete backup, or none (non-empty target: fails)
+        except exception.UnsafeStatePath:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except OSError as exc:
             if created:
                 shutil.rmtree(tmp, ignore_errors=True)

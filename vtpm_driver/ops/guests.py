@@ -254,7 +254,8 @@ class Guests:
         # A start that defines a secret announces it: if this process dies before the
         # secret is undefined again, the next operation (or audit) removes it.
         announce = (start is not None and start.passphrase is not None
-                    and journal.read(instance.system_metadata) is None)
+                    and journal.read(instance.system_metadata,
+                                     policy.server_label(instance)) is None)
         if announce:
             self.journal(dom, instance, journal.begin(journal.START))
         try:

@@ -46,6 +46,8 @@ import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from vtpm_driver import exception
+
 KEY = "vtpm_intent"
 
 START = "start"
@@ -82,20 +84,55 @@ def begin(operation: str, **fields: Any) -> Intent:
     return Intent(operation, pid=os.getpid(), started=time.time(), **fields)
 
 
-def read(system_metadata: Mapping[str, str] | None) -> Intent | None:
-    """The entry in ``system_metadata``, or None. A malformed one reads as an
-    unknown operation (so it is reported and cleared, never a crash). Pure."""
+#: Each field's accepted types (``bool`` is never a number here).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "operation": (str,), "step": (str,), "tmp_backup": (str, type(None)),
+    "new_secret": (str, type(None)), "pid": (int,), "started": (int, float),
+}
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def read(system_metadata: Mapping[str, str] | None, server: str = "?") -> Intent | None:
+    """The entry in ``system_metadata``, or None. Pure.
+
+    An entry of an operation this version does not know reads as such (and
+    :func:`decide` clears it). A garbled one (not a JSON object, no
+    ``operation``, a field of the wrong type) is refused: deciding from it
+    could remove or restore the wrong thing, and reading it on would crash.
+
+    :raises InvalidJournalEntry: the entry is garbled; names ``server``
+        (``'name' (uuid)``), the field, what it holds and what is expected.
+    """
     raw = (system_metadata or {}).get(KEY)
     if not raw:
         return None
+
+    def refuse(field: str, why: str) -> exception.InvalidJournalEntry:
+        return exception.InvalidJournalEntry(
+            f"server {server}: its journal entry {KEY!r} is garbled ({why}); no operation "
+            f"can tell what the interrupted one did: check the server and remove or fix "
+            f"the entry in its record by hand", field)
+
     try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError(raw)
-        fields = {f.name for f in dataclasses.fields(Intent)}
-        return Intent(**{k: v for k, v in data.items() if k in fields})
-    except (TypeError, ValueError):
-        return Intent("unknown", step="malformed entry")
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        raise refuse(KEY, "not JSON") from None
+    if not isinstance(data, dict):
+        raise refuse(KEY, f"a JSON {_type_name(data)}, expected an object")
+    if "operation" not in data:
+        raise refuse("operation", "field 'operation' is missing")
+    for field, types in _TYPES.items():
+        if field not in data:
+            continue
+        value = data[field]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise refuse(field, f"field {field!r} is a {_type_name(value)}, expected "
+                                f"{expected}")
+    return Intent(**{k: v for k, v in data.items() if k in _TYPES})
 
 
 def write(system_metadata: MutableMapping[str, str], intent: Intent) -> None:

@@ -63,12 +63,15 @@ class Recovery:
                 sysmeta[journal.KEY] = raw
             else:
                 sysmeta.pop(journal.KEY, None)
-        return journal.read(sysmeta)
+        return journal.read(sysmeta, policy.server_label(instance))
 
     def remove_leftovers(self, instance: Any) -> None:
         """On delete: remove the temporary backup an interrupted resize named; the
-        rest (domain, state, secrets, backup) goes with the server. Idempotent."""
-        intent = journal.read(getattr(instance, "system_metadata", None))
+        rest (domain, state, secrets, backup) goes with the server. Idempotent.
+
+        :raises InvalidJournalEntry: the entry is garbled."""
+        intent = journal.read(getattr(instance, "system_metadata", None),
+                              policy.server_label(instance))
         if intent is not None and intent.tmp_backup:
             self.resize.backups.remove_tmp(intent.tmp_backup, instance.uuid)
 
@@ -89,6 +92,8 @@ class Recovery:
         first (:meth:`refresh`, ``whole=refresh_whole``). Idempotent: each action can
         be repeated, and the entry is cleared only when all of them worked.
 
+        :raises InvalidJournalEntry: the entry is garbled (nothing is done: the
+            operation is refused until it is fixed; ``vtpm-driver audit`` lists it).
         :raises VTPMError: an action failed (the entry stays; the next
             operation tries again).
         """

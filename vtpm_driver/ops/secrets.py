@@ -99,20 +99,54 @@ def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyMan
 
     For callers told "this guest has a vTPM" by their framework (Nova's
     ``_get_or_create_secret_for_vtpm``), which need only the secret mode.
-    Same steps, errors and idempotency as :func:`prepare_start`.
+    Same steps, errors and idempotency as :func:`prepare_start`; ``host``
+    mode follows :func:`host_secret_reusable` (an unrecorded host secret of
+    the server is reused and recorded in ``system_metadata``).
+
+    :raises VTPMSecretConflict: ``host`` mode, and the host's secret for the
+        server is not the recorded one (nothing is touched).
     """
     persistent = policy.uses_persistent_secret(mode)
     recorded = policy.recorded_secret(instance)
-    if persistent and recorded:
+    if persistent:
         existing = secrets.find(instance.uuid)
-        if existing == recorded:
+        if host_secret_reusable(instance, recorded, existing):
+            if recorded is None:
+                instance.system_metadata[policy.SYSMETA_KEY] = existing
+                LOG.warning("Reusing the host's libvirt vTPM secret %s, which the server's "
+                            "record did not name (now recorded)", existing,
+                            instance_uuid=instance.uuid)
             LOG.debug("Using the host's libvirt secret %s", existing,
                       instance_uuid=instance.uuid)
-            return StartSecret(existing, None, persistent=True)
+            return StartSecret(str(existing), None, persistent=True)
     if recorded is None and not create:
         policy.require_recorded_secret(instance)  # raises VTPMSecretNotFound
     secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, mode)
     return StartSecret(secret_uuid, passphrase, persistent, created=recorded is None)
+
+
+def host_secret_reusable(instance: Any, recorded: str | None, existing: str | None) -> bool:
+    """Whether a ``host``-mode start reuses the host's libvirt secret ``existing``
+    (found by usage: this instance) instead of reading Barbican. Pure.
+
+    The TPM state may be encrypted with the host's secret, so it is never
+    undefined and replaced: the recorded one is reused; one the record does not
+    name is reused too, as Nova's driver does (the caller records it), when
+    nothing is recorded.
+
+    :raises VTPMSecretConflict: the record names another secret: which one
+        encrypts the state is unknown, so neither is replaced; names both.
+    """
+    if existing is None:
+        return False
+    if recorded is None or existing == recorded:
+        return True
+    raise exception.VTPMSecretConflict(
+        f"server {policy.server_label(instance)}: this host holds libvirt vTPM secret "
+        f"{existing} for it, but its record names secret {recorded}; refusing to replace "
+        f"the host's secret (its TPM state may be encrypted with it). Check which one "
+        f"unlocks the state, then undefine the other (virsh secret-undefine) or fix "
+        f"vtpm_secret_uuid")
 
 
 def define_for_start(secrets: SecretStore, instance: Any, start: StartSecret) -> None:

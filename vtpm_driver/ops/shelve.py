@@ -83,7 +83,8 @@ class OffHostOps:
             source_host=host, reason=reason, server_running=running, shelved=shelved,
             tpm_version=cfg.version if cfg else None,
             secret_security=cfg.secret_security if cfg else None,
-            project_id=getattr(instance, "project_id", None))
+            project_id=getattr(instance, "project_id", None),
+            user_id=getattr(instance, "user_id", None))
         return self.store.put(meta, record_text, source)
 
     def restored(self, instance_uuid: str, meta: CopyMeta, *, keep_copy: bool) -> None:

@@ -24,6 +24,7 @@ never make :func:`remove_state` delete anything outside ``base``.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -101,17 +102,105 @@ def parse_blob_header(data: bytes) -> BlobHeader | None:
     return header
 
 
+def _kind(mode: int) -> str:
+    """What a file type is called in a refusal. Pure."""
+    for test, name in ((stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _open_regular(path: Path, doing: str) -> int:
+    """A read-only descriptor of ``path``, never through a symlink.
+
+    :raises UnsafeStatePath: ``path`` is not a regular file.
+    :raises OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise exception.UnsafeStatePath(str(path), "symlink", doing) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise exception.UnsafeStatePath(str(path), _kind(mode), doing)
+    return fd
+
+
 def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader | None:
     """The blob header of a state file; None if it has none (old or foreign format).
 
+    Neither the file nor the ``tpm*`` directory holding it is read through a
+    symlink: the encryption check must judge the file that is there.
+
+    :raises UnsafeStatePath: the file or its directory is a symlink, or the
+        file is not a regular file.
     :raises VirtError: the file cannot be read.
     """
+    path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        parent = path.parent.lstat().st_mode
+        if not stat.S_ISDIR(parent):
+            raise exception.UnsafeStatePath(str(path.parent), _kind(parent), "read")
+        fd = _open_regular(path, "read")
+        with os.fdopen(fd, "rb") as handle:
             data = handle.read(_HEADER.size)
     except OSError as exc:
         raise exception.VirtError(f"cannot read swtpm state file {str(path)!r}: {exc}") from None
     return parse_blob_header(data)
+
+
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy a TPM state tree keeping modes, times, owners and groups: the one tree copy.
+
+    swtpm's files belong to its user (a plain copy would make them root's).
+    Only regular files and directories are copied, each checked with
+    ``lstat``/``O_NOFOLLOW`` as it is read: a symlink would be recreated on
+    another host, or make the copy read any file of this one. ``dst`` must
+    not exist (nothing is ever overwritten); on a refusal or error the
+    ``dst`` this call made is removed again.
+
+    :raises UnsafeStatePath: something below ``src`` (or ``src``) is not a
+        regular file or directory.
+    :raises FileExistsError: ``dst`` exists. :raises OSError: the copy failed.
+    """
+    src, dst = Path(src), Path(dst)
+    mode = src.lstat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise exception.UnsafeStatePath(str(src), _kind(mode), "copy")
+    os.mkdir(dst, 0o700)
+    try:
+        _copy_below(src, dst)
+    except Exception:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+
+
+def _copy_below(src: Path, dst: Path) -> None:
+    """Copy the entries of directory ``src`` into the new directory ``dst``, then its stat."""
+    for name in sorted(os.listdir(src)):
+        source, target = src / name, dst / name
+        st = source.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, 0o700)
+            _copy_below(source, target)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise exception.UnsafeStatePath(str(source), _kind(st.st_mode), "copy")
+        with os.fdopen(_open_regular(source, "copy"), "rb") as reader:
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(out, "wb") as writer:
+                shutil.copyfileobj(reader, writer)
+            shutil.copystat(source, target, follow_symlinks=False)
+            st = os.fstat(reader.fileno())
+        os.lchown(target, st.st_uid, st.st_gid)
+    st = src.lstat()
+    shutil.copystat(src, dst, follow_symlinks=False)
+    os.lchown(dst, st.st_uid, st.st_gid)
 
 
 def is_encrypted(path: str | os.PathLike[str]) -> bool:

@@ -104,12 +104,15 @@ class OffHost:
         :raises nova.exception.OperationNotSupportedForVTPM: no copy (names
             ``[vtpm] state_backup``) or a stale one while ``[vtpm]
             allow_stale_tpm_state`` is False.
+        :raises nova.exception.NovaException: the copy is not this server's
+            (:func:`vtpm_driver.policy.check_copy_matches`).
         """
         with translate.nova_errors():
             meta, described = self.ops.evacuation_copy(
                 instance.uuid, label=policy.server_label(instance),
                 host=getattr(instance, "host", None), mode=self.conf.vtpm.state_backup,
                 allow_stale=self.conf.vtpm.allow_stale_tpm_state)
+            policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
         self._evacuating[instance.uuid] = meta
         return described
 
@@ -192,8 +195,10 @@ class OffHost:
         Unshelve: the shelved copy. Evacuation: the copy :meth:`check_evacuation`
         chose. Anything else: None, nothing done.
 
-        :raises nova.exception.NovaException: no usable copy, or this host
-            already has a state for the server (never overwritten).
+        :raises nova.exception.NovaException: no usable copy, one that is not
+            this server's (owner, project, UUID, TPM version or secret mode differ
+            from Nova's instance), or this host already has a state for the
+            server (never overwritten).
         """
         meta = self._evacuating.pop(instance.uuid, None)
         if meta is None and unshelving and policy.has_vtpm(instance):
@@ -206,6 +211,7 @@ class OffHost:
         if meta is None:
             return None
         with translate.nova_errors():
+            policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
             if not self.ops.store.restore(instance.uuid, self.state_dir(instance.uuid)):
                 raise exception.VTPMError(
                     f"the off-host copy of server {policy.server_label(instance)} holds no "

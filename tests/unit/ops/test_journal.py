@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vtpm_driver import exception
 from vtpm_driver.ops import journal
 from vtpm_driver.ops.journal import Action
 
@@ -18,13 +19,30 @@ def test_entry_round_trips_through_system_metadata() -> None:
     assert journal.read(sysmeta) is None
 
 
-@pytest.mark.parametrize("raw", ["{", "[1]", '{"operation": 3, "pid": []}', '{"step": "x"}'])
-def test_malformed_entry_reads_as_unknown_and_is_cleared(raw: str) -> None:
-    intent = journal.read({journal.KEY: raw})
-    assert intent is not None
+def test_entry_of_an_unknown_operation_is_cleared() -> None:
+    intent = journal.read({journal.KEY: '{"operation": "written_by_a_newer_version"}'})
     decision = journal.decide(intent, domain_exists=True, backup_exists=False,
                               tmp_backup_exists=False)
     assert decision.action is Action.CLEAR
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ("{", "vtpm_intent"), ("[1]", "vtpm_intent"), ('{"step": "x"}', "operation"),
+    ('{"operation": 3, "pid": []}', "operation"),
+    ('{"operation": "resize_prepare", "tmp_backup": ["/etc"]}', "tmp_backup"),
+    ('{"operation": "resize_prepare", "tmp_backup": 5}', "tmp_backup"),
+    ('{"operation": "start", "pid": "12"}', "pid"),
+    ('{"operation": "start", "pid": true}', "pid"),
+    ('{"operation": "start", "started": "yesterday"}', "started"),
+    ('{"operation": "start", "step": null}', "step"),
+    ('{"operation": "resize_finish", "new_secret": {}}', "new_secret"),
+])
+def test_entry_with_a_field_of_the_wrong_type_is_a_typed_error(raw: str, field: str) -> None:
+    """Never a TypeError (or a decision on a garbled entry) in every later operation."""
+    with pytest.raises(exception.InvalidJournalEntry,
+                       match=f"server 'vm1' \\(u-1\\): .*{field}") as err:
+        journal.read({journal.KEY: raw}, server="'vm1' (u-1)")
+    assert err.value.field == field
 
 
 def decide(op: str, **facts: bool) -> journal.Decision:

@@ -188,16 +188,34 @@ def test_g3_failed_spawn_leaves_nothing_and_retry_works(env: Env, fault, error,
     assert env.drv.get_info(inst) == "running"
 
 
-@pytest.mark.parametrize("mode", ["user", "host"])
-def test_g5_leftover_libvirt_secret_of_the_server_is_replaced(env: Env, mode: str) -> None:
+def test_g5_leftover_libvirt_secret_of_the_server_is_replaced(env: Env) -> None:
     # e.g. an operation killed between define and undefine left it behind.
-    inst = env.instance(mode)
+    inst = env.instance("user")
     leftover = "11111111-2222-4333-8444-555555555555"
     env.conn.secretDefineXML(
         f"<secret ephemeral='yes' private='yes'><uuid>{leftover}</uuid>"
         f"<usage type='vtpm'><name>{inst.uuid}</name></usage></secret>")
     env.spawn(inst)
     assert leftover not in env.conn.secrets
+    assert env.drv.get_info(inst) == "running"
+
+
+def test_host_mode_secret_of_the_server_already_on_the_host_is_reused_not_replaced(
+        env: Env) -> None:
+    """Defect 11: a host-mode secret the record does not name may encrypt the TPM state;
+    it is reused and recorded (as Nova does), never undefined for a new passphrase."""
+    inst = env.instance("host")
+    hosts_own = "11111111-2222-4333-8444-555555555555"
+    env.conn.secretDefineXML(
+        f"<secret ephemeral='no' private='no'><uuid>{hosts_own}</uuid>"
+        f"<usage type='vtpm'><name>{inst.uuid}</name></usage></secret>")
+    # Nova names a host secret after its Barbican secret; the server's record lost it.
+    env.km.passphrases[hosts_own] = "the passphrase of the existing state"
+    env.conn.secrets[hosts_own].setValue(b"the passphrase of the existing state")
+    env.spawn(inst)
+    assert set(env.conn.secrets) == {hosts_own}
+    assert inst.system_metadata["vtpm_secret_uuid"] == hosts_own
+    assert list(env.km.passphrases) == [hosts_own]  # no new passphrase
     assert env.drv.get_info(inst) == "running"
 
 

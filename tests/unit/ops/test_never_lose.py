@@ -307,3 +307,17 @@ def test_repair_path_finishes_an_interrupted_start(env: Env) -> None:
     assert decision is not None and decision.action is journal.Action.FINISH
     assert env.conn.secrets == {}
     assert env.drv.recover(None, reread(env, inst)) is None, "idempotent"
+
+
+def test_operation_on_a_server_with_a_garbled_journal_entry_is_a_typed_refusal(env: Env
+                                                                              ) -> None:
+    """A wrong-typed field used to crash every operation (TypeError in os.path.exists)."""
+    inst = env.spawn(env.instance())
+    env.drv.power_off(inst)
+    found = reread(env, inst)
+    found.system_metadata[journal.KEY] = '{"operation": "resize_prepare", "tmp_backup": [1]}'
+    env.drv.guests.update_record(env.dom(inst), found)
+    with pytest.raises(exception.InvalidJournalEntry,
+                       match=f"server 'vm1' \\({inst.uuid}\\).*'tmp_backup'"):
+        env.drv.power_on(OWNER, reread(env, inst), None)
+    assert not env.dom(inst).active

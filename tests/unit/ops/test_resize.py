@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -182,3 +183,19 @@ def test_copy_tree_preserving_keeps_modes(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "dst" / "tpm2").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "dst" / "tpm2" / "f").stat().st_mode) == 0o600
     assert (tmp_path / "dst" / "tpm2" / "f").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_copy_tree_preserving_refuses_anything_but_files_and_directories(
+        tmp_path: Path, planted: str) -> None:
+    src = tmp_path / "src"
+    (src / "tpm2").mkdir(parents=True, mode=0o700)
+    (src / "tpm2" / "f").write_bytes(b"x")
+    bad = src / "tpm2" / "extra"
+    if planted == "symlink":
+        bad.symlink_to("/etc/shadow")
+    else:
+        os.mkfifo(bad)
+    with pytest.raises(exception.UnsafeStatePath, match=str(bad)):
+        backup.copy_tree_preserving(src, tmp_path / "dst")
+    assert not (tmp_path / "dst" / "tpm2" / "extra").exists()

@@ -145,6 +145,43 @@ def test_prepare_start_host_mode_uses_the_persistent_secret(world) -> None:
     assert km.events == []  # no Barbican call
 
 
+HOSTS_OWN = "22222222-3333-4444-8555-666666666666"
+
+
+def test_host_mode_reuses_an_unrecorded_host_secret_of_the_server_never_replacing_it(
+        world) -> None:
+    """The host's persistent secret (usage: this instance) unlocks its existing TPM
+    state: it is reused and recorded, as Nova reuses it, never undefined and replaced."""
+    conn, store, km = world
+    inst = _server(spec.SECRET_HOST)
+    store.define(HOSTS_OWN, inst.uuid, PASSPHRASE, persistent=True)
+    before = conn.secrets[HOSTS_OWN].stored
+    start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store,
+                                      create=True)
+    with ops_secrets.secret_for_start(store, inst, start):
+        pass
+    assert set(conn.secrets) == {HOSTS_OWN}
+    assert conn.secrets[HOSTS_OWN].stored == before
+    assert (start.secret_uuid, start.passphrase, start.created) == (HOSTS_OWN, None, False)
+    assert inst.system_metadata[policy.SYSMETA_KEY] == HOSTS_OWN
+    assert km.events == [] and km.passphrases == {}  # no new Barbican secret
+
+
+def test_host_mode_refuses_a_host_secret_other_than_the_recorded_one(world) -> None:
+    conn, store, km = world
+    inst = _server(spec.SECRET_HOST)
+    ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
+    recorded = inst.system_metadata[policy.SYSMETA_KEY]
+    store.define(HOSTS_OWN, inst.uuid, PASSPHRASE, persistent=True)
+    before = dict(conn.secrets)
+    with pytest.raises(exception.VTPMSecretConflict,
+                       match=f"{HOSTS_OWN}.*{recorded}|{recorded}.*{HOSTS_OWN}"):
+        start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store)
+        with ops_secrets.secret_for_start(store, inst, start):
+            pass
+    assert conn.secrets == before  # the host's secret is still there
+
+
 def test_start_secret_repr_hides_the_passphrase() -> None:
     shown = repr(_start())
     assert PASSPHRASE not in shown and PASSPHRASE[:8] not in shown and "***" in shown

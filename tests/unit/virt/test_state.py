@@ -73,6 +73,21 @@ def test_is_encrypted_missing_file_is_a_virt_error(tmp_path: Path) -> None:
         state.is_encrypted(tmp_path / "nope")
 
 
+def test_blob_header_of_a_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.write_bytes(blob(ENCRYPTED))
+    link = tmp_path / "tpm2-00.permall"
+    link.symlink_to(real)
+    with pytest.raises(exception.UnsafeStatePath, match=f"{link}.*symlink") as err:
+        state.is_encrypted(link)
+    assert err.value.path == str(link)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "tpm2").symlink_to(tmp_path / "d")  # a symlinked directory on the way
+    (tmp_path / "d" / "tpm2-00.permall").write_bytes(blob(ENCRYPTED))
+    with pytest.raises(exception.UnsafeStatePath, match="symlink"):
+        state.read_blob_header(tmp_path / "tpm2" / "tpm2-00.permall")
+
+
 def test_remove_state_is_idempotent(tmp_path: Path) -> None:
     tpm_dir = tmp_path / UUID / "tpm2"
     tpm_dir.mkdir(parents=True)
