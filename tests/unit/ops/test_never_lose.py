@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, objects, servers
+from vtpm_driver import audit as vtpm_audit
+from vtpm_driver import exception, objects, repair, servers
 from vtpm_driver.context import RequestContext
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import domain, record
@@ -373,3 +375,34 @@ def test_i20_d1_resize_killed_after_the_start_awaits_confirm_or_revert(env: Env)
     assert journal.KEY not in record.record_from_domain(env.dom(inst)).system_metadata
     env.drv.finish_revert_migration(OWNER, reread(env, inst), None, None)
     assert env.state_file(inst).read_bytes() == ek, "the user asked for the revert"
+
+
+# --------------------------------------------------------------------------- issue 20 defect 3
+
+
+@pytest.mark.parametrize("event", ["virt.destroy", "virt.define",
+                                   "virt.start", "virt.secret.undefine"])
+def test_i20_d3_rebuild_with_reset_killed_at_any_step_keeps_the_server_and_its_secret(
+        env: Env, event: str) -> None:
+    """A ``rebuild --reset-tpm`` killed between undefine and define used to lose the
+    server's record: its Barbican secret then looked orphaned and repair deleted it."""
+    inst = env.spawn(env.instance("user"))
+    secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
+    created = "2000-01-01T00:00:00"  # old enough for repair's min_age
+    kill_at(env, event)
+    with pytest.raises(Killed):
+        env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, reset_tpm=True)
+    revive(env)
+    found = reread(env, inst)  # the server is still there, its secret recorded
+    assert found.system_metadata["vtpm_secret_uuid"] == secret_uuid
+    listed = servers.list_all(env.conn)
+    report = vtpm_audit.audit(
+        listed, [s.uuid for s in listed], [], [],
+        [vtpm_audit.BarbicanSecret(secret_uuid, f"vTPM secret for instance {inst.uuid}",
+                                   inst.uuid, created=created)])
+    assert report.orphans_of(vtpm_audit.BARBICAN_SECRET) == ()
+    plan = repair.plan(report, now=time.time(), min_age=0)
+    assert repair.DELETE_BARBICAN not in [a.kind for a in plan.actions]
+    env.drv.power_on(OWNER, found, None)  # the next operation works, with the secret
+    assert env.dom(inst).active and secret_uuid in env.km.passphrases
+    assert env.conn.secrets == {}
