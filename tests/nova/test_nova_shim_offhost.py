@@ -10,6 +10,7 @@ state another one (``[vtpm] swtpm_state_dir``).
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
@@ -162,6 +163,26 @@ def test_a_failed_unshelve_removes_the_restored_state_and_keeps_the_copy(
     with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
         drv.spawn(ctx, instance, make_image())
     assert not (dirs / "swtpm" / instance.uuid).exists()
+    assert store.get(instance.uuid).shelved
+
+
+def test_a_failed_unshelve_never_removes_a_state_another_writer_made(
+        tpm_instance, drv, ctx, dirs, store, monkeypatch):
+    """Issue 20 defect 4: while Nova's spawn ran, another writer replaced the state
+    the unshelve had restored; the failed unshelve's cleanup removed that one."""
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    shelved_copy(dirs, instance)
+    theirs = dirs / "swtpm" / instance.uuid
+
+    def raced_and_failed(self, *args, **kwargs):
+        shutil.rmtree(theirs)
+        make_state(dirs / "swtpm", instance.uuid, payload=b"another writer's TPM")
+        raise nova_exception.NovaException("libvirt said no")
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", raced_and_failed)
+    with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
+        drv.spawn(ctx, instance, make_image())
+    assert theirs.is_dir(), "not this unshelve's to remove"
     assert store.get(instance.uuid).shelved
 
 
