@@ -357,6 +357,47 @@ def test_rescue_and_unrescue_read_the_passphrase_first(tpm_instance, drv, ctx, c
     assert [c[0] for c in calls] == ["rescue", "unrescue"]
 
 
+def _context(user_id: str, project_id: str, *roles: str) -> nova_context.RequestContext:
+    return nova_context.RequestContext(user_id=user_id, project_id=project_id,
+                                       roles=list(roles), user_name=user_id)
+
+
+def _rescue_image(image_id: str):
+    image = make_image()
+    image.id = image_id
+    return image
+
+
+OTHER_IMAGE = "0ddba11e-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+@pytest.mark.parametrize("caller", [_context("bob", "proj-a", "member"),
+                                    _context("root", "proj-x", "admin")],
+                         ids=["project-member", "admin-of-another-project"])
+def test_a_non_owner_cannot_rescue_with_another_image_against_the_tpm(
+        tpm_instance, drv, calls, mode, caller):
+    """Issue 20 defect 9: in host and deployment mode no Barbican ACL stopped a member
+    (or any project's admin) from booting their own rescue image with the owner's TPM."""
+    instance = tpm_instance(mode)
+    with pytest.raises(nova_exception.VTPMSecretForbidden, match="owner"):
+        drv.rescue(caller, instance, [], _rescue_image(OTHER_IMAGE), "pw", None, None)
+    assert calls == [], "Nova's rescue never ran"
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+def test_a_member_may_rescue_with_the_servers_own_image_and_the_owner_with_any(
+        tpm_instance, drv, calls, mode):
+    instance = tpm_instance(mode)
+    member = _context("bob", "proj-a", "member")
+    drv.rescue(member, instance, [], _rescue_image(instance.image_ref), "pw", None, None)
+    project_admin = _context("boss", "proj-a", "admin")
+    drv.rescue(project_admin, instance, [], _rescue_image(OTHER_IMAGE), "pw", None, None)
+    drv.rescue(_context("owner", "proj-a", "member"), instance, [],
+               _rescue_image(OTHER_IMAGE), "pw", None, None)
+    assert [c[0] for c in calls] == ["rescue", "rescue", "rescue"]
+
+
 @pytest.mark.parametrize(("lives_on", "kept"), [("elsewhere", False), ("here", True)])
 def test_nova_destroy_leaves_no_tpm_state_of_a_server_that_lives_elsewhere(
         tpm_instance, drv, ctx, dirs, calls, lives_on, kept):
