@@ -314,6 +314,62 @@ def check_project(context: Any, instance: Any, verb: str) -> None:
     )
 
 
+def is_owner_or_project_admin(context: Any, instance: Any) -> bool:
+    """Whether the caller is the server's owner, or an admin OF THE OWNER'S PROJECT. Pure.
+
+    The same people who can read a ``user`` mode secret under its owner-only
+    ACL (Barbican lets the project's admins read it too). An admin role in
+    another project is not an admin of the owner's project.
+    """
+    if getattr(context, "user_id", None) == getattr(instance, "user_id", None):
+        return True
+    roles = getattr(context, "roles", None) or ()
+    return "admin" in roles and getattr(context, "project_id", None) == getattr(
+        instance, "project_id", None)
+
+
+def boots_foreign_files(image_meta: Any, kernel: str | None, initrd: str | None,
+                        cmdline: str | None) -> bool:
+    """Whether a rescue or rebuild asks for boot files other than the server's own. Pure.
+
+    Any given kernel, initrd or command line that differs from ``image_meta``'s
+    counts (``init=/bin/sh`` with the server's own kernel is a shell with its
+    TPM). None: the server's own (a default rescue adds only its marker).
+    """
+    own = (getattr(image_meta, "kernel", None), getattr(image_meta, "initrd", None),
+           getattr(image_meta, "cmdline", None))
+    return any(given is not None and given != mine
+               for given, mine in zip((kernel, initrd, cmdline), own, strict=True))
+
+
+def check_may_replace_tpm_or_boot(context: Any, instance: Any, operation: str) -> None:
+    """Destroying a server's TPM (``rebuild --reset-tpm``) or booting foreign boot files
+    against it (a rescue or rebuild with another kernel, initrd, command line or
+    image) needs its owner, or an admin of the owner's project, in EVERY secret
+    mode. Pure.
+
+    Why: in ``host`` and ``deployment`` mode no Barbican ACL stops anyone else
+    (the passphrase comes from the host or the service user), so the project
+    check (:func:`check_project`: any member, any project's admin) would let a
+    member wipe the owner's TPM, or boot their own kernel and use the owner's
+    keys. A server without a vTPM has nothing to protect here.
+
+    :raises VTPMSecretForbidden: names the server, the operation, the owner
+        and the caller.
+    """
+    if not has_vtpm(instance) or is_owner_or_project_admin(context, instance):
+        return
+    caller = getattr(context, "user_name", None) or getattr(context, "user_id", None) or "?"
+    caller_id = getattr(context, "user_id", None)
+    who = caller if caller == caller_id or caller_id is None else f"{caller} ({caller_id})"
+    raise exception.VTPMSecretForbidden(
+        f"cannot {operation} server {server_label(instance)}: that destroys its TPM or boots "
+        f"other boot files against it, which only its owner {getattr(instance, 'user_id', '?')}"
+        f" or an admin of its project {getattr(instance, 'project_id', '?')} may do, in every "
+        f"secret security mode (caller {who} of project "
+        f"{getattr(context, 'project_id', '?')} is neither)")
+
+
 def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
                vcpus: int | None, memory_mb: int | None) -> objects.Flavor:
     """The flavor a resize moves to: ``old`` with the requested changes.

@@ -314,11 +314,18 @@ class ServerService(AuditActions):
                initrd: str | None = None, cmdline: str | None = None) -> None:
         """Boot the rescue image with the server's own vTPM.
 
+        :raises VTPMSecretForbidden: other boot files than the server's own,
+            and the caller is neither its owner nor an admin of its project
+            (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`, every
+            mode; nothing touched).
         :raises VTPMError: already rescued, suspended, or a resize awaits confirm
             or revert.
         """
         context, instance = self._target(name_or_uuid, "rescue")
         with self._held(context, instance, "rescue"):
+            if policy.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
+                policy.check_may_replace_tpm_or_boot(
+                    context, instance, "rescue with other boot files")
             with self._progress(f"Rescuing server {instance.name} (same vTPM)"):
                 self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
                                            cmdline=cmdline)
@@ -340,10 +347,19 @@ class ServerService(AuditActions):
                 reset_tpm: bool = False) -> dict[str, Any]:
         """Boot a new image, TPM kept (``reset_tpm``: a fresh TPM, new EK); describes it.
 
+        :raises VTPMSecretForbidden: ``reset_tpm`` or other boot files, and the
+            caller is neither the owner nor an admin of its project
+            (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`, every
+            mode; nothing touched).
         :raises VTPMError: rescued, suspended, or a resize awaits confirm or revert.
         """
         context, instance = self._target(name_or_uuid, "rebuild")
         with self._held(context, instance, "rebuild"):
+            if reset_tpm:
+                policy.check_may_replace_tpm_or_boot(context, instance, "rebuild --reset-tpm")
+            elif policy.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
+                policy.check_may_replace_tpm_or_boot(
+                    context, instance, "rebuild with other boot files")
             with self._progress(f"Rebuilding server {instance.name}"):
                 reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
                                                     initrd=initrd, cmdline=cmdline,

@@ -323,7 +323,7 @@ class DirectoryStateStore:
                 f"cannot restore the TPM state of {instance_uuid}: {dest} exists already"
             ) from None
         except OSError as exc:
-            shutil.rmtree(dest, ignore_errors=True)
+            # copy_tree removed the dest it made; any other is not ours to remove.
             raise self._fail(f"restore the state of {instance_uuid} to {dest}", exc) from None
         return True
 

@@ -10,6 +10,7 @@ state another one (``[vtpm] swtpm_state_dir``).
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
@@ -162,6 +163,26 @@ def test_a_failed_unshelve_removes_the_restored_state_and_keeps_the_copy(
     with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
         drv.spawn(ctx, instance, make_image())
     assert not (dirs / "swtpm" / instance.uuid).exists()
+    assert store.get(instance.uuid).shelved
+
+
+def test_a_failed_unshelve_never_removes_a_state_another_writer_made(
+        tpm_instance, drv, ctx, dirs, store, monkeypatch):
+    """Issue 20 defect 4: while Nova's spawn ran, another writer replaced the state
+    the unshelve had restored; the failed unshelve's cleanup removed that one."""
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    shelved_copy(dirs, instance)
+    theirs = dirs / "swtpm" / instance.uuid
+
+    def raced_and_failed(self, *args, **kwargs):
+        shutil.rmtree(theirs)
+        make_state(dirs / "swtpm", instance.uuid, payload=b"another writer's TPM")
+        raise nova_exception.NovaException("libvirt said no")
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", raced_and_failed)
+    with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
+        drv.spawn(ctx, instance, make_image())
+    assert theirs.is_dir(), "not this unshelve's to remove"
     assert store.get(instance.uuid).shelved
 
 
@@ -334,6 +355,47 @@ def test_rescue_and_unrescue_read_the_passphrase_first(tpm_instance, drv, ctx, c
     drv.unrescue(ctx, instance)
     assert [entry[0] for entry in log] == ["get", "get"]
     assert [c[0] for c in calls] == ["rescue", "unrescue"]
+
+
+def _context(user_id: str, project_id: str, *roles: str) -> nova_context.RequestContext:
+    return nova_context.RequestContext(user_id=user_id, project_id=project_id,
+                                       roles=list(roles), user_name=user_id)
+
+
+def _rescue_image(image_id: str):
+    image = make_image()
+    image.id = image_id
+    return image
+
+
+OTHER_IMAGE = "0ddba11e-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+@pytest.mark.parametrize("caller", [_context("bob", "proj-a", "member"),
+                                    _context("root", "proj-x", "admin")],
+                         ids=["project-member", "admin-of-another-project"])
+def test_a_non_owner_cannot_rescue_with_another_image_against_the_tpm(
+        tpm_instance, drv, calls, mode, caller):
+    """Issue 20 defect 9: in host and deployment mode no Barbican ACL stopped a member
+    (or any project's admin) from booting their own rescue image with the owner's TPM."""
+    instance = tpm_instance(mode)
+    with pytest.raises(nova_exception.VTPMSecretForbidden, match="owner"):
+        drv.rescue(caller, instance, [], _rescue_image(OTHER_IMAGE), "pw", None, None)
+    assert calls == [], "Nova's rescue never ran"
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+def test_a_member_may_rescue_with_the_servers_own_image_and_the_owner_with_any(
+        tpm_instance, drv, calls, mode):
+    instance = tpm_instance(mode)
+    member = _context("bob", "proj-a", "member")
+    drv.rescue(member, instance, [], _rescue_image(instance.image_ref), "pw", None, None)
+    project_admin = _context("boss", "proj-a", "admin")
+    drv.rescue(project_admin, instance, [], _rescue_image(OTHER_IMAGE), "pw", None, None)
+    drv.rescue(_context("owner", "proj-a", "member"), instance, [],
+               _rescue_image(OTHER_IMAGE), "pw", None, None)
+    assert [c[0] for c in calls] == ["rescue", "rescue", "rescue"]
 
 
 @pytest.mark.parametrize(("lives_on", "kept"), [("elsewhere", False), ("here", True)])

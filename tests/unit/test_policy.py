@@ -88,3 +88,47 @@ def test_new_flavor_refuses_to_unset_what_is_not_there():
                        match=r"'hw:nope': the server's flavor has no such extra spec "
                              r"\(it has: hw:tpm_version\)"):
         policy.new_flavor(old, {}, ["hw:nope"], None, None)
+
+
+# -- destroying a TPM or booting foreign boot files against it (issue 20 defect 9) ------
+
+
+def _vtpm_server(mode: str) -> Instance:
+    return Instance(name="vm", uuid="c0ffee00-0000-4000-8000-000000000001", user_id="owner",
+                    project_id="proj-a",
+                    flavor=Flavor(extra_specs={"hw:tpm_version": "2.0",
+                                               "hw:tpm_secret_security": mode}))
+
+
+@pytest.mark.parametrize("mode", ["user", "host", "deployment"])
+@pytest.mark.parametrize(("caller", "allowed"), [
+    (RequestContext(user_id="owner", project_id="proj-a", roles=("member",)), True),
+    (RequestContext(user_id="boss", project_id="proj-a", roles=("admin",)), True),
+    (RequestContext(user_id="bob", project_id="proj-a", roles=("member",)), False),
+    (RequestContext(user_id="root", project_id="proj-x", roles=("admin",)), False),
+], ids=["owner", "owners-project-admin", "project-member", "admin-of-another-project"])
+def test_only_the_owner_or_its_project_admin_may_reset_or_boot_foreign_files(
+        mode, caller, allowed):
+    server = _vtpm_server(mode)
+    if allowed:
+        policy.check_may_replace_tpm_or_boot(caller, server, "rebuild --reset-tpm")
+        return
+    with pytest.raises(exception.VTPMSecretForbidden,
+                       match=r"cannot rebuild --reset-tpm server 'vm' \(c0ffee00.*owner") as err:
+        policy.check_may_replace_tpm_or_boot(caller, server, "rebuild --reset-tpm")
+    assert caller.user_id in str(err.value)
+
+
+def test_a_server_without_a_vtpm_needs_only_the_project_check():
+    server = Instance(name="vm", user_id="owner", project_id="proj-a")
+    member = RequestContext(user_id="bob", project_id="proj-a")
+    policy.check_may_replace_tpm_or_boot(member, server, "rescue")
+
+
+def test_foreign_boot_files_are_any_other_than_the_servers_own():
+    own = types.SimpleNamespace(kernel="/k", initrd="/i", cmdline="console=ttyS0")
+    assert not policy.boots_foreign_files(own, None, None, None)
+    assert not policy.boots_foreign_files(own, "/k", "/i", "console=ttyS0")
+    assert policy.boots_foreign_files(own, "/mine", None, None)
+    assert policy.boots_foreign_files(own, None, "/mine.img", None)
+    assert policy.boots_foreign_files(own, None, None, "init=/bin/sh")

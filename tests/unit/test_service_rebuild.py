@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from tests.unit import test_service_locks as locks_tests
-from tests.unit.conftest import INITRD, KERNEL, OWNER, Env
+from tests.unit.conftest import INITRD, KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import exception, objects, policy, servers
+from vtpm_driver.context import RequestContext
 from vtpm_driver.service import ServerService
 
 # (issue 13) Each command read the server, then waited for its lock while other
@@ -87,3 +88,51 @@ def test_a_resize_ended_while_waiting_is_refused_under_the_lock(
     assert found.flavor.vcpus == 2 and policy.recorded_secret(found) in env.km.passphrases
     assert env.dom(inst).active and [env.dom(inst).xml] == resized
     assert service.store.list() == []
+
+
+# (issue 20 defect 9) Destroying a TPM or booting foreign boot files against it needs the
+# owner (or an admin of the owner's project) in every mode: in host and deployment mode no
+# Barbican ACL stops a project member or another project's admin.
+
+ADMIN_ELSEWHERE = RequestContext(user_id="root-id", project_id="proj-x",
+                                 auth_token="tok-root", roles=("admin",))
+PROJECT_ADMIN = RequestContext(user_id="boss-id", project_id="proj-a",
+                               auth_token="tok-boss", roles=("admin",))
+
+
+def _as(env: Env, context: RequestContext) -> ServerService:
+    locks_tests.record_service(env)  # its configuration
+    return ServerService(env.drv.conf, locks_tests.RecordBackend(env), lambda: context)
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+@pytest.mark.parametrize("caller", [MEMBER, ADMIN_ELSEWHERE], ids=["member", "other-admin"])
+@pytest.mark.parametrize("operation", ["reset", "rescue-own-kernel", "rebuild-own-kernel"])
+def test_a_non_owner_cannot_destroy_the_tpm_or_boot_foreign_files(
+        env: Env, mode: str, caller: RequestContext, operation: str) -> None:
+    inst = env.spawn(env.instance(mode))
+    ek = env.state_file(inst).read_bytes()
+    xml = env.dom(inst).xml
+    service = _as(env, caller)
+    call = {"reset": lambda: service.rebuild(inst.name, reset_tpm=True),
+            "rescue-own-kernel": lambda: service.rescue(inst.name, kernel="/tmp/evil-vmlinuz"),
+            "rebuild-own-kernel": lambda: service.rebuild(inst.name,
+                                                          kernel="/tmp/evil-vmlinuz")}
+    with pytest.raises(exception.VTPMSecretForbidden, match="owner"):
+        call[operation]()
+    assert env.state_file(inst).read_bytes() == ek, "the TPM is untouched"
+    assert env.dom(inst).xml == xml and env.dom(inst).active
+
+
+@pytest.mark.parametrize("mode", ["host", "deployment"])
+def test_the_owner_and_its_project_admin_may_reset_and_a_member_may_rescue_plainly(
+        env: Env, mode: str) -> None:
+    inst = env.spawn(env.instance(mode))
+    ek = env.state_file(inst).read_bytes()
+    _as(env, MEMBER).rescue(inst.name)  # the server's own boot files: nothing foreign
+    _as(env, MEMBER).unrescue(inst.name)
+    assert env.state_file(inst).read_bytes() == ek
+    _as(env, PROJECT_ADMIN).rebuild(inst.name, reset_tpm=True)
+    assert env.state_file(inst).read_bytes() != ek
+    _as(env, OWNER).rescue(inst.name, kernel=KERNEL, cmdline="console=ttyS0 single")
+    assert env.dom(inst).active

@@ -270,6 +270,26 @@ def test_restore_never_overwrites(store, sid, tmp_path) -> None:
     assert tree(existing) == before
 
 
+def test_a_failed_restore_never_removes_a_state_another_writer_made(
+        store, sid, tmp_path, monkeypatch) -> None:
+    """Issue 20 defect 4: the copy vanished under the restore (deleted by another
+    writer) while another writer put a state at ``dest``: the failed restore
+    removed that state, which it had not created."""
+    store.put(meta_for(sid), RECORD, make_state(tmp_path / "swtpm-a", sid, payload=b"copy"))
+    theirs = make_state(tmp_path / "swtpm-b", sid, payload=b"another writer's TPM")
+    before = tree(theirs)
+    copy_tree = statestore.state.copy_tree
+
+    def raced(src, dst):
+        store.delete(sid)  # between the restore's look at the copy and its copy
+        return copy_tree(src, dst)
+
+    monkeypatch.setattr(statestore.state, "copy_tree", raced)
+    with pytest.raises(exception.VTPMError, match=f"restore the state of {sid}"):
+        store.restore(sid, theirs)
+    assert tree(theirs) == before
+
+
 def test_restore_without_a_copy_is_false(store, sid, tmp_path) -> None:
     dest = tmp_path / "swtpm" / sid
     assert store.restore(sid, dest) is False

@@ -140,6 +140,8 @@ class ServerRescue(ServerAction, _BootOptions):
     Default rescue boot: the server's kernel and initrd with 'vtpm_rescue=1'
     added to its command line. Under another boot chain the PCRs differ, so
     secrets sealed to the normal boot stay sealed. 'server unrescue' returns.
+    Other boot files than the server's own need its owner (or an admin of its
+    project), in every secret security mode.
     """
 
     verb = "rescue"
@@ -171,7 +173,9 @@ class ServerRebuild(ServerAction, ShowOne, _BootOptions):
 
     --reset-tpm manufactures a fresh TPM instead (new endorsement key; the
     Barbican secret stays and encrypts the new state). The output's 'tpm'
-    field says which happened.
+    field says which happened. --reset-tpm, or other boot files than the
+    server's own, need its owner (or an admin of its project), in every secret
+    security mode.
     """
 
     verb = "rebuild"

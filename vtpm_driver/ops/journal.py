@@ -29,9 +29,16 @@ power on, resume, resize)
     Otherwise ROLL_BACK: remove the temporary directory this operation
     created (named in the entry) and nothing else.
 ``resize_finish`` (``finish_migration``)
-    The domain may be half-way to the new flavor, a new secret may exist.
-    ROLL_BACK: a revert (old flavor, state from the backup, the new secret
-    deleted). Without a backup (should not happen) only CLEAR.
+    Before step :data:`STARTING`: the domain may be half-way to the new
+    flavor, a new secret may exist, no guest has run on the state. ROLL_BACK:
+    a revert (old flavor, state from the backup, the new secret deleted).
+    Without a backup (should not happen) only CLEAR. At step
+    :data:`STARTING` (the domain has the new flavor and its guest is being
+    started) the guest may have run and written its TPM state: restoring the
+    backup would roll that back behind the user's back (issue 20 defect 1), so
+    FINISH forward: drop the passphrase the start may have left in libvirt,
+    keep the new state, and leave the resize awaiting confirm or revert as a
+    finished one does. Only the user's revert restores the backup.
 ``resize_revert`` / ``resize_confirm``
     FINISH: run the same step again (both are idempotent).
 """
@@ -56,6 +63,10 @@ RESIZE_FINISH = "resize_finish"
 RESIZE_REVERT = "resize_revert"
 RESIZE_CONFIRM = "resize_confirm"
 OPERATIONS = (START, RESIZE_PREPARE, RESIZE_FINISH, RESIZE_REVERT, RESIZE_CONFIRM)
+
+#: The step of ``resize_finish`` written just before the guest is started: from
+#: here on the guest may have run on the TPM state (:func:`decide`).
+STARTING = "starting"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +201,11 @@ def decide(intent: Intent, *, domain_exists: bool, backup_exists: bool,
                         "place: remove the half-made backup; the server keeps its flavor",
                         remove_tmp_backup=tmp)
     if op == RESIZE_FINISH:
+        if intent.step == STARTING and domain_exists:
+            return Decision(Action.FINISH, "interrupted resize after its guest was started: "
+                            "the guest may have run on the new TPM state, which is kept; "
+                            "the resize awaits confirm or revert", drop_ephemeral_secret=True,
+                            remove_tmp_backup=tmp)
         if backup_exists and domain_exists:
             return Decision(Action.ROLL_BACK, "interrupted resize: revert to the old flavor "
                             "and TPM state", revert_resize=True, drop_ephemeral_secret=True,

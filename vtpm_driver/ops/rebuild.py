@@ -8,9 +8,10 @@
 * unrescue: back to the normal boot, TPM state kept.
 * rebuild: a new image (kernel/initrd/command line) keeps the TPM, as
   reinstalling a physical machine keeps its TPM. ``reset_tpm`` manufactures
-  a fresh one instead (new EK): libvirt removes the old state when the domain
-  is undefined with its TPM and runs ``swtpm_setup`` at the next start. The
-  Barbican secret stays: the same passphrase encrypts the new state.
+  a fresh one instead (new EK): the old state directory is removed (the
+  domain stays defined, so its record never leaves libvirt) and libvirt runs
+  ``swtpm_setup`` at the next start. The Barbican secret stays: the same
+  passphrase encrypts the new state.
 
 Each is a restart: the passphrase is fetched BEFORE the guest is touched
 (a ``user`` mode server needs its owner), then the guest is powered off,
@@ -23,7 +24,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import exception, faults, policy
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
 
@@ -42,6 +43,19 @@ class RebuildOps:
 
     def _restart(self, context: Any, instance: Any, xml_of: Any, *,
                  reset_tpm: bool = False) -> None:
+        """Power off, (``reset_tpm``: remove the TPM state,) redefine, start.
+
+        The domain is never undefined, only redefined in place: its record
+        (owner, flavor, ``vtpm_secret_uuid``) is in libvirt at every step, so a
+        process killed anywhere leaves the server findable and its Barbican
+        secret owned (issue 20 defect 3; an undefined domain made ``audit
+        --repair`` delete that secret). The state goes before the new
+        definition: killed in between, the server keeps its old boot files and
+        gets its fresh TPM at the next start (the new image never meets the old
+        TPM); the rebuild can be run again.
+
+        :raises VTPMError: suspended; or a step failed (see the callers).
+        """
         cfg = policy.vtpm_of(instance)
         dom = self.guests.lookup(instance)
         if guest.has_managed_save(dom):
@@ -51,9 +65,10 @@ class RebuildOps:
         xml = xml_of(cfg)
         guest.destroy(dom)
         if reset_tpm and cfg is not None:
-            # libvirt removes the TPM state with the definition; defined again at once.
-            guest.undefine(dom, keep_tpm=False)
+            # A fresh TPM: swtpm_setup manufactures one at the next start when
+            # there is no state. The domain stays defined (see above).
             state.remove_state(self.state_base, instance.uuid)
+            faults.point("rebuild.after_reset")
         dom = guest.define(self.guests.conn, xml)
         self.guests.launch(dom, instance, start)
 

@@ -188,7 +188,10 @@ class ResizeOps:
         secret created here (vTPM added) is deleted and no longer recorded,
         and the resize is rolled back (:meth:`finish_revert_migration` without
         a start): the server is stopped with its old flavor and TPM state and
-        no record names a deleted secret (issue 13 item 2).
+        no record names a deleted secret (issue 13 item 2). The journal's step
+        :data:`~vtpm_driver.ops.journal.STARTING` is written before the start:
+        an interruption from there on is finished forward by the next
+        operation (the guest may have run on the new state), not rolled back.
 
         :raises VTPMSecretForbidden: a vTPM added by a caller of another project.
         :raises VTPMError: (same type as the cause) a step failed; the message
@@ -210,8 +213,8 @@ class ResizeOps:
             faults.point("finish.after_secret")
             if start is not None and start.created:
                 # Recorded at once: a revert (or the next operation) deletes it.
-                self.guests.journal(dom, instance, intent.with_step(
-                    "secret created", new_secret=start.secret_uuid))
+                intent = intent.with_step("secret created", new_secret=start.secret_uuid)
+                self.guests.journal(dom, instance, intent)
             if change.drops_old_state:
                 LOG.info("vTPM changed or removed by the resize; starting from a fresh TPM",
                          instance_uuid=instance.uuid)
@@ -219,6 +222,9 @@ class ResizeOps:
             dom = self.guests.define(instance, new_cfg)
             faults.point("finish.after_define")
             if power_on:
+                # From here the guest may run on the state: an interruption is
+                # finished forward, never rolled back (journal.decide).
+                self.guests.journal(dom, instance, intent.with_step(journal.STARTING))
                 self.guests.launch(dom, instance, start)
         except Exception as exc:
             outcome = self._roll_back_finish(context, instance, old_flavor, start)

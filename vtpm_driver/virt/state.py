@@ -239,6 +239,73 @@ def remove_state(base: str | os.PathLike[str], domain_uuid: str) -> bool:
     return True
 
 
+class CreatedStateDir:
+    """A state directory this operation created, held open until :meth:`close`.
+
+    Why: the cleanup after a failed operation may remove only the directory it
+    created (issue 20 defect 4). Holding it open keeps its inode alive, so a
+    directory another writer put at the same path meanwhile (after removing
+    this one) always has another ``(st_dev, st_ino)``: :meth:`remove` compares
+    them and leaves any other directory alone.
+
+    :raises VirtError: ``path`` cannot be opened as a directory (no symlink
+        is followed).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._fd: int | None = os.open(
+                self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise exception.VirtError(
+                f"cannot open swtpm state dir {str(self.path)!r}: {exc.strerror}") from None
+
+    def __repr__(self) -> str:
+        return f"CreatedStateDir({str(self.path)!r})"
+
+    def is_current(self) -> bool:
+        """Whether the directory at :attr:`path` is still the one created (and held)."""
+        if self._fd is None:
+            return False
+        held = os.fstat(self._fd)
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+    def remove(self) -> bool:
+        """Delete the directory if it is still the one created; True if it was. Closes it.
+
+        Idempotent. A directory another writer put there is left alone (logged).
+
+        :raises VirtError: deleting failed.
+        """
+        try:
+            if not self.is_current():
+                if self.path.exists():
+                    LOG.warning("Not removing swtpm state dir %s: another writer replaced "
+                                "the one this operation created", self.path)
+                return False
+            shutil.rmtree(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise exception.VirtError(
+                f"cannot remove swtpm state dir {str(self.path)!r}: {exc}") from None
+        finally:
+            self.close()
+        LOG.debug("Removed swtpm state directory %s (created here)", self.path)
+        return True
+
+    def close(self) -> None:
+        """Let the directory go (it stays on disk). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def list_state_dirs(base: str | os.PathLike[str]) -> list[str]:
     """Domain UUIDs that have a state directory under ``base`` (sorted; [] if none)."""
     try:

@@ -420,7 +420,19 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         super().rebuild(context, instance, *args, **kwargs)
 
     def rescue(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
-        """Nova's rescue, passphrase first; the rescue boot gets the same vTPM."""
+        """Nova's rescue, passphrase first; the rescue boot gets the same vTPM.
+
+        A rescue image other than the server's own boots foreign boot files
+        against its TPM: only its owner or an admin of its project may, in
+        every mode (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`;
+        ``nova.exception.VTPMSecretForbidden`` before anything is touched).
+        """
+        image_meta = kwargs.get("image_meta", args[1] if len(args) > 1 else None)
+        if (policy.has_vtpm(instance)
+                and translate.rescue_boots_foreign_files(instance, image_meta, CONF.libvirt)):
+            with translate.nova_errors():
+                policy.check_may_replace_tpm_or_boot(context, instance,
+                                                     "rescue with another image")
         with self._vtpm_passphrase_first(context, instance, create=False):
             super().rescue(context, instance, *args, **kwargs)
 

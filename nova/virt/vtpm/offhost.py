@@ -62,6 +62,8 @@ class OffHost:
         self.host = host
         # instance uuid -> the copy an evacuation to this host restores at spawn.
         self._evacuating: dict[str, CopyMeta] = {}
+        # instance uuid -> the state dir restore_for_spawn created (its spawn running).
+        self._created: dict[str, state.CreatedStateDir] = {}
 
     def __repr__(self) -> str:
         return f"OffHost({self.host!r}, {self.conf.vtpm.state_backup_dir!r})"
@@ -177,7 +179,8 @@ class OffHost:
     def spawning(self, instance: Any, unshelving: bool) -> Iterator[None]:
         """Around Nova's spawn: the copy's state written first, retired once it runs.
 
-        A failed spawn removes the state written here; the copy stays.
+        A failed spawn removes the state written here (only the directory
+        this spawn created); the copy stays.
         """
         copy = self.restore_for_spawn(instance, unshelving)
         try:
@@ -186,6 +189,10 @@ class OffHost:
             if copy is not None:
                 self.spawn_failed(instance)
             raise
+        finally:
+            created = self._created.pop(instance.uuid, None)
+            if created is not None:
+                created.close()
         if copy is not None:
             self.spawned(instance, copy)
 
@@ -216,14 +223,25 @@ class OffHost:
                 raise exception.VTPMError(
                     f"the off-host copy of server {policy.server_label(instance)} holds no "
                     "TPM state")
+            # The restore created it exclusively: remembered, so only it is cleaned up.
+            self._created[instance.uuid] = state.CreatedStateDir(
+                self.state_dir(instance.uuid))
         LOG.info("TPM state restored from the off-host copy %s",
                  policy.describe_copy(meta, time.time()), instance=instance)
         return meta
 
     def spawn_failed(self, instance: Any) -> None:
-        """Remove the state :meth:`restore_for_spawn` wrote; the copy stays. Best effort."""
+        """Remove the state :meth:`restore_for_spawn` wrote; the copy stays. Best effort.
+
+        Only the directory that restore created, and only while it is still
+        there: one another writer put in its place, or one that existed before
+        (the restore refused it), is never removed (issue 20 defect 4).
+        """
+        created = self._created.pop(instance.uuid, None)
+        if created is None:
+            return
         try:
-            state.remove_state(self.state_base, instance.uuid)
+            created.remove()
         except exception.VTPMError as exc:
             LOG.error("Could not remove the restored TPM state: %s", exc, instance=instance)
 

@@ -63,6 +63,27 @@ def nova_vtpm_constraint(flavor: Any, image_meta: Any) -> hardware.VTPMConfig | 
     return None if config is None else hardware.VTPMConfig(config.version, config.model)
 
 
+def rescue_boots_foreign_files(instance: Any, image_meta: Any, libvirt_conf: Any) -> bool:
+    """Whether Nova's rescue boots other boot files than the server's own. Pure.
+
+    As Nova's libvirt driver picks them: the rescue image (``image_meta.id``;
+    without one ``[libvirt] rescue_image_id``, else the server's image) and
+    ``[libvirt] rescue_kernel_id``/``rescue_ramdisk_id``. The server's own
+    image is ``instance.image_ref`` or the base image Nova's compute manager
+    rescues with by default (``system_metadata['image_base_image_ref']``).
+    """
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    image_ref = getattr(instance, "image_ref", None)
+    own = {image_ref, sysmeta.get("image_base_image_ref")} - {None, ""}
+    is_set = getattr(image_meta, "obj_attr_is_set", None)
+    image_id = image_meta.id if is_set is not None and is_set("id") else None
+    image_id = image_id or libvirt_conf.rescue_image_id or image_ref
+    kernel, ramdisk = libvirt_conf.rescue_kernel_id, libvirt_conf.rescue_ramdisk_id
+    return (image_id not in own
+            or bool(kernel and kernel != getattr(instance, "kernel_id", None))
+            or bool(ramdisk and ramdisk != getattr(instance, "ramdisk_id", None)))
+
+
 def tpm_element(config: spec.VTPMConfig, secret_uuid: str | None) -> etree._Element:
     """The ``<tpm>`` element exactly as :func:`vtpm_driver.virt.domain.add_tpm` writes it.
 

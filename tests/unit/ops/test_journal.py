@@ -72,6 +72,16 @@ def test_interrupted_finish_is_reverted() -> None:
     assert decide(journal.RESIZE_FINISH).action is Action.CLEAR
 
 
+def test_finish_interrupted_once_its_guest_was_started_is_finished_forward() -> None:
+    """Issue 20 defect 1: never a backup restored over a state a guest has run on."""
+    intent = journal.Intent(journal.RESIZE_FINISH, step=journal.STARTING)
+    decision = journal.decide(intent, domain_exists=True, backup_exists=True,
+                              tmp_backup_exists=False)
+    assert decision.action is Action.FINISH
+    assert decision.drop_ephemeral_secret and not decision.revert_resize
+    assert decision.redo is None
+
+
 @pytest.mark.parametrize("op", [journal.RESIZE_REVERT, journal.RESIZE_CONFIRM])
 def test_interrupted_revert_or_confirm_is_run_again(op: str) -> None:
     assert decide(op, backup_exists=True).redo == op

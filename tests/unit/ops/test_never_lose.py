@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, objects, servers
+from vtpm_driver import audit as vtpm_audit
+from vtpm_driver import exception, objects, repair, servers
 from vtpm_driver.context import RequestContext
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import domain, record
@@ -321,3 +323,86 @@ def test_operation_on_a_server_with_a_garbled_journal_entry_is_a_typed_refusal(e
                        match=f"server 'vm1' \\({inst.uuid}\\).*'tmp_backup'"):
         env.drv.power_on(OWNER, reread(env, inst), None)
     assert not env.dom(inst).active
+
+
+# --------------------------------------------------------------------------- issue 20 defect 1
+
+
+def test_i20_d1_resize_killed_after_the_start_is_finished_forward_not_rolled_back(env: Env
+                                                                                ) -> None:
+    """Days later the owner's own ``resize confirm`` used to restore the pre-resize
+    backup over the state the running guest had been writing."""
+    inst = env.spawn(env.instance())
+    secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
+    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    kill_at(env, "virt.secret.undefine")  # the guest started; the process dies
+    with pytest.raises(Killed):
+        env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    revive(env)
+    assert env.dom(inst).active
+    assert journal.read(reread(env, inst).system_metadata).operation == journal.RESIZE_FINISH
+    env.state_file(inst).write_bytes(b"written by the running guest")
+    env.drv.confirm_migration(OWNER, None, reread(env, inst), None)
+    assert env.state_file(inst).read_bytes() == b"written by the running guest"
+    assert env.dom(inst).active, "the running guest was left alone"
+    stored = record.record_from_domain(env.dom(inst))
+    assert (stored.flavor.vcpus, stored.flavor.memory_mb) == (2, 512)
+    assert stored.system_metadata == {"vtpm_secret_uuid": secret_uuid}
+    assert env.conn.secrets == {}, "the passphrase the start left was removed"
+    assert not env.drv.resize_ops.has_backup(inst.uuid), "confirmed"
+
+
+def test_i20_d1_resize_killed_after_the_start_awaits_confirm_or_revert(env: Env) -> None:
+    """The next operation finishes it as a finished resize: the backup stays, and
+    only the user's revert brings the old state back."""
+    inst = env.spawn(env.instance())
+    ek = env.state_file(inst).read_bytes()
+    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    kill_at(env, "virt.secret.undefine")
+    with pytest.raises(Killed):
+        env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    revive(env)
+    env.state_file(inst).write_bytes(b"written by the running guest")
+    decision = env.drv.recover(None, reread(env, inst))
+    assert decision is not None and decision.action is journal.Action.FINISH
+    assert not decision.revert_resize
+    assert env.state_file(inst).read_bytes() == b"written by the running guest"
+    assert env.drv.resize_ops.has_backup(inst.uuid), "the resize awaits confirm or revert"
+    assert journal.KEY not in record.record_from_domain(env.dom(inst)).system_metadata
+    env.drv.finish_revert_migration(OWNER, reread(env, inst), None, None)
+    assert env.state_file(inst).read_bytes() == ek, "the user asked for the revert"
+
+
+# --------------------------------------------------------------------------- issue 20 defect 3
+
+
+@pytest.mark.parametrize("event", ["virt.destroy", "virt.define",
+                                   "virt.start", "virt.secret.undefine"])
+def test_i20_d3_rebuild_with_reset_killed_at_any_step_keeps_the_server_and_its_secret(
+        env: Env, event: str) -> None:
+    """A ``rebuild --reset-tpm`` killed between undefine and define used to lose the
+    server's record: its Barbican secret then looked orphaned and repair deleted it."""
+    inst = env.spawn(env.instance("user"))
+    secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
+    created = "2000-01-01T00:00:00"  # old enough for repair's min_age
+    kill_at(env, event)
+    with pytest.raises(Killed):
+        env.drv.rebuild(OWNER, inst, None, [], None, {}, [], None, None, reset_tpm=True)
+    revive(env)
+    found = reread(env, inst)  # the server is still there, its secret recorded
+    assert found.system_metadata["vtpm_secret_uuid"] == secret_uuid
+    listed = servers.list_all(env.conn)
+    report = vtpm_audit.audit(
+        listed, [s.uuid for s in listed], [], [],
+        [vtpm_audit.BarbicanSecret(secret_uuid, f"vTPM secret for instance {inst.uuid}",
+                                   inst.uuid, created=created)])
+    assert report.orphans_of(vtpm_audit.BARBICAN_SECRET) == ()
+    plan = repair.plan(report, now=time.time(), min_age=0)
+    assert repair.DELETE_BARBICAN not in [a.kind for a in plan.actions]
+    env.drv.power_on(OWNER, found, None)  # the next operation works, with the secret
+    assert env.dom(inst).active and secret_uuid in env.km.passphrases
+    assert env.conn.secrets == {}

@@ -180,3 +180,23 @@ def test_check_permissions_unknown_user_and_missing_dir(tmp_path: Path) -> None:
     assert "swtpm user 'no-such-user-xyz' does not exist" in problems
     assert "swtpm group 'no-such-group-xyz' does not exist" in problems
     assert any("does not exist" in p and UUID in p for p in problems)
+
+
+def test_created_state_dir_removes_only_the_directory_it_holds(tmp_path: Path) -> None:
+    """Issue 20 defect 4: a cleanup removes the directory its operation created, never
+    one another writer put at the same path (the held one keeps its inode)."""
+    ours = tmp_path / "swtpm" / "u"
+    ours.mkdir(parents=True)
+    created = state.CreatedStateDir(ours)
+    assert created.is_current()
+    assert created.remove() is True and not ours.exists()
+    assert created.remove() is False, "idempotent"
+
+    ours.mkdir()
+    created = state.CreatedStateDir(ours)
+    ours.rmdir()
+    ours.mkdir()  # another writer's, made after ours was removed
+    (ours / "tpm2").mkdir()
+    assert not created.is_current()
+    assert created.remove() is False
+    assert (ours / "tpm2").is_dir()
