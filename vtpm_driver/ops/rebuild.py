@@ -10,7 +10,10 @@
   reinstalling a physical machine keeps its TPM. ``reset_tpm`` manufactures
   a fresh one instead (new EK): libvirt removes the old state when the domain
   is undefined with its TPM and runs ``swtpm_setup`` at the next start. The
-  Barbican secret stays: the same passphrase encrypts the new state.
+  Barbican secret stays: the same passphrase encrypts the new state. The new
+  TPM gets a new custody generation (:func:`vtpm_driver.custody.advance`):
+  nothing can start the old state again. A plain rebuild keeps the TPM in
+  place (no copy is made), so it keeps its generation.
 
 Each is a restart: the passphrase is fetched BEFORE the guest is touched
 (a ``user`` mode server needs its owner), then the guest is powered off,
@@ -23,7 +26,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import custody, exception, policy
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
 
@@ -48,6 +51,8 @@ class RebuildOps:
             raise exception.VTPMError(
                 f"server {policy.server_label(instance)} is suspended: resume it first")
         start = self.guests.prepare_start(context, instance, cfg)
+        if reset_tpm and cfg is not None:
+            custody.advance(instance)  # a new TPM: a new generation, in the record first
         xml = xml_of(cfg)
         guest.destroy(dom)
         if reset_tpm and cfg is not None:
@@ -55,6 +60,8 @@ class RebuildOps:
             guest.undefine(dom, keep_tpm=False)
             state.remove_state(self.state_base, instance.uuid)
         dom = guest.define(self.guests.conn, xml)
+        if reset_tpm and cfg is not None:
+            self.guests.stamp(instance, dom)  # the new TPM's directory carries it
         self.guests.launch(dom, instance, start)
 
     def rescue(self, context: Any, instance: Any, *, kernel: str | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import exception, objects, servers
 from vtpm_driver.context import RequestContext
@@ -156,7 +157,7 @@ def test_item1_a_command_that_waited_acts_on_the_server_as_it_is_now(env: Env) -
     secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
     env.drv.reboot(OWNER, stale, None, "HARD")
     assert domain.get_tpm(env.dom(inst).xml) == ("2.0", "tpm-tis", secret_uuid)
-    assert record.record_from_domain(env.dom(inst)).system_metadata == {
+    assert custody_free(record.record_from_domain(env.dom(inst)).system_metadata) == {
         "vtpm_secret_uuid": secret_uuid}
     env.drv.destroy(OWNER, dataclasses.replace(stale, system_metadata={}))  # an old copy
     assert env.km.passphrases == {}, "the secret recorded now was deleted"
@@ -257,7 +258,7 @@ def test_killed_finish_is_reverted_by_the_next_operation(env: Env) -> None:
     env.drv.power_on(OWNER, found, None)
     assert env.km.passphrases == {} and env.conn.secrets == {}
     assert domain.get_tpm(env.dom(inst).xml) is None and env.dom(inst).active
-    assert record.record_from_domain(env.dom(inst)).system_metadata == {}
+    assert custody_free(record.record_from_domain(env.dom(inst)).system_metadata) == {}
     assert not env.drv.resize_ops.has_backup(inst.uuid)
 
 
