@@ -166,11 +166,7 @@ class OffHost:
                                             generation=generation)
         except BaseException:
             if shelved:
-                if before is None:
-                    instance.system_metadata.pop(custody.GENERATION_KEY, None)
-                else:
-                    custody.set_recorded(instance, before)
-                instance.save()
+                self._hand_back(instance, before)
             raise
         LOG.info("TPM state copied off-host (%s, %d bytes)", reason, meta.size,
                  instance=instance)
@@ -222,14 +218,18 @@ class OffHost:
     def spawning(self, instance: Any, unshelving: bool) -> Iterator[None]:
         """Around Nova's spawn: the copy's state written first, retired once it runs.
 
-        A failed spawn removes the state written here; the copy stays.
+        A failed spawn removes the state written here and puts the instance's
+        generation back (the copy is the current one again: a retry restores
+        it); the copy stays.
         """
+        before = custody.recorded(instance)
         copy = self.restore_for_spawn(instance, unshelving)
         try:
             yield
         except BaseException:
             if copy is not None:
                 self.spawn_failed(instance)
+                self._hand_back(instance, before)
             raise
         if copy is not None:
             self.spawned(instance, copy)
@@ -278,6 +278,23 @@ class OffHost:
         instance.save()
         with translate.nova_errors():
             ops_custody.stamp_live(instance, self.state_base, create=False)
+
+    @staticmethod
+    def _hand_back(instance: Any, before: int | None) -> None:
+        """Undo :meth:`_hand_over` after a failed spawn (best effort, logged).
+
+        Safe: the state stamped with the newer generation was removed, and if
+        it was not, it is newer than the record and refused.
+        """
+        if before is None:
+            instance.system_metadata.pop(custody.GENERATION_KEY, None)
+        else:
+            custody.set_recorded(instance, before)
+        try:
+            instance.save()
+        except Exception as exc:  # the spawn's own error is the one to report
+            LOG.error("Could not put the TPM generation back to %s: %s", before, exc,
+                      instance=instance)
 
     def spawn_failed(self, instance: Any) -> None:
         """Remove the state :meth:`restore_for_spawn` wrote; the copy stays. Best effort."""
