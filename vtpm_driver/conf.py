@@ -288,7 +288,10 @@ started again). SECURITY: the TPM goes back in time: NV counters and indices,
 dictionary-attack lockout, sealed data and keys created since come back as
 they were or are lost, so rollback protections built on the TPM are
 defeated. False (the default) refuses such an evacuation, naming this option
-and the copy's age.
+and the copy's age. It also lets an operator accept a copy whose custody
+generation is not the server's current one (a start, restore or resize
+revert otherwise refused with StaleTPMState, e.g. after an interrupted
+hand-over); each such acceptance is logged. Set it only for that operation.
 """,
     ),
 ])

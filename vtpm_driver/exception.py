@@ -109,3 +109,21 @@ class CopyMismatch(VTPMError):
 class VTPMSecretConflict(VTPMError):
     """The host holds a libvirt vTPM secret for the server that its record does not
     name: the TPM state may be encrypted with it, so it is never replaced."""
+
+
+class StaleTPMState(VTPMError):
+    """A copy of a server's TPM state is not the current one (issue 20, custody).
+
+    Its generation differs from the one the server's record holds
+    (:mod:`vtpm_driver.custody`): starting, restoring or copying it back would
+    roll the TPM back or run a second copy of it. ``copy`` names the copy,
+    ``found`` and ``current`` are the two generations (``found`` None: the
+    copy has none).
+    """
+
+    def __init__(self, message: str, *, copy: str, found: int | None,
+                 current: int | None) -> None:
+        super().__init__(message)
+        self.copy = copy
+        self.found = found
+        self.current = current

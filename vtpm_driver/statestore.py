@@ -91,6 +91,7 @@ class CopyMeta:
     header_flags: int | None = None
     encrypted: bool | None = None
     size: int = 0
+    generation: int | None = None   # custody generation (vtpm_driver.custody); None: older copy
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

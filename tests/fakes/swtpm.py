@@ -10,6 +10,8 @@ import os
 import struct
 from pathlib import Path
 
+from vtpm_driver import custody
+
 ENCRYPTED = 0x09   # swtpm blob flags: encrypted (0x01) with a 256-bit key (0x08)
 PLAIN = 0x00
 
@@ -40,3 +42,10 @@ def make_state(base: Path, server_uuid: str, flags: int = ENCRYPTED,
         for path in owned:
             os.chown(path, owner, owner)
     return top
+
+
+def custody_free(system_metadata: dict) -> dict:
+    """``system_metadata`` without the custody keys (the generation and the
+    pre-resize generation): what a test compares when it checks the rest."""
+    return {k: v for k, v in system_metadata.items()
+            if k not in (custody.GENERATION_KEY, custody.PRE_RESIZE_KEY)}

@@ -9,6 +9,9 @@ revert and delete remove them. A backup is written in a temporary
 ``.<uuid>.<random>.tmp`` directory and renamed into place, so it is complete or
 absent; nothing here removes a directory that the same call did not create
 (issue 13: a second resize's failed ``mkdir`` used to remove the first's backup).
+The backup carries the custody generation of the state it copied (the
+generation file inside ``swtpm/``, :meth:`ResizeBackups.generation`); a revert
+copies it back only when that is the pre-resize generation.
 """
 
 from __future__ import annotations
@@ -158,6 +161,20 @@ class ResizeBackups:
             return None
         except OSError as exc:
             raise exception.VTPMError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+    def has_state(self, instance_uuid: str) -> bool:
+        """Whether the server's backup holds a TPM state."""
+        return (self.backup_dir(instance_uuid) / STATE_BACKUP).is_dir()
+
+    def generation(self, instance_uuid: str) -> int | None:
+        """The custody generation of the backed-up TPM state (None: none recorded).
+
+        The backup is a copy of ``<swtpm_state_dir>/<uuid>``, so it carries
+        the live state's generation file as it was when the resize began.
+
+        :raises UnsafeStatePath, VirtError: the file cannot be read safely.
+        """
+        return state.read_generation_in(self.backup_dir(instance_uuid) / STATE_BACKUP)
 
     def restore_state(self, instance: Any) -> bool:
         """Put the backed-up state back in place; False if there is none."""

@@ -22,9 +22,10 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, faults, policy
+from vtpm_driver import custody, exception, faults, policy
 from vtpm_driver.host import HostReport
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.spec import VTPMConfig
@@ -233,12 +234,46 @@ class Guests:
 
     def prepare_start(self, context: Any, instance: Any, cfg: VTPMConfig | None, *,
                       create: bool = False) -> ops_secrets.StartSecret | None:
-        """:func:`vtpm_driver.ops.secrets.prepare_start` on this host (F2, F5).
+        """Custody, then :func:`vtpm_driver.ops.secrets.prepare_start` on this host (F2, F5).
 
-        Call it BEFORE the guest is touched.
+        Call it BEFORE the guest is touched: every start of a guest with a
+        vTPM on this host asks here first. The live TPM state must be the
+        server's current copy (:func:`vtpm_driver.ops.custody.check_live`);
+        then it is stamped (a state with no generation, of a server created
+        before custody, is current once) and the record updated, if it
+        changed, in the domain.
+
+        :raises StaleTPMState: the state here is older (or newer) than the
+            record's generation; nothing was touched.
         """
+        if cfg is not None:
+            self.check_custody(instance)
+            self.stamp(instance)
         return ops_secrets.prepare_start(context, instance, cfg, self.keymgr, self.secrets,
                                          create=create)
+
+    # -- custody (vtpm_driver.custody) -----------------------------------------------
+
+    def check_custody(self, instance: Any, *, doing: str = "start",
+                      record: int | None = None) -> None:
+        """:func:`vtpm_driver.ops.custody.check_live` on this host. :raises StaleTPMState:"""
+        ops_custody.check_live(instance, self.state_base, host=None, doing=doing,
+                               allow_stale=bool(self.conf.vtpm.allow_stale_tpm_state),
+                               record=record)
+
+    def stamp(self, instance: Any, dom: Any = None) -> None:
+        """The live state and the record agree (:func:`vtpm_driver.ops.custody.stamp_live`).
+
+        After a hand-over (the record advanced in ``instance`` and stored by a
+        define) the state gets the new generation; a record that changed here
+        is stored in ``dom`` (found when not given). Idempotent.
+        """
+        before = custody.recorded(instance)
+        ops_custody.stamp_live(instance, self.state_base)
+        if custody.recorded(instance) != before:
+            dom = dom if dom is not None else self.find(instance)
+            if dom is not None:
+                self.update_record(dom, instance)
 
     def launch(self, dom: Any, instance: Any, start: ops_secrets.StartSecret | None, *,
                fresh_boot: bool = True) -> None:

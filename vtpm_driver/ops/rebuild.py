@@ -11,7 +11,10 @@
   a fresh one instead (new EK): the old state directory is removed (the
   domain stays defined, so its record never leaves libvirt) and libvirt runs
   ``swtpm_setup`` at the next start. The Barbican secret stays: the same
-  passphrase encrypts the new state.
+  passphrase encrypts the new state. The new TPM gets a new custody
+  generation (:func:`vtpm_driver.custody.advance`): nothing can start the old
+  state again. A plain rebuild keeps the TPM in place (no copy is made), so
+  it keeps its generation.
 
 Each is a restart: the passphrase is fetched BEFORE the guest is touched
 (a ``user`` mode server needs its owner), then the guest is powered off,
@@ -24,7 +27,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, faults, policy
+from vtpm_driver import custody, exception, faults, policy
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
 
@@ -62,6 +65,8 @@ class RebuildOps:
             raise exception.VTPMError(
                 f"server {policy.server_label(instance)} is suspended: resume it first")
         start = self.guests.prepare_start(context, instance, cfg)
+        if reset_tpm and cfg is not None:
+            custody.advance(instance)  # a new TPM: a new generation, in the record first
         xml = xml_of(cfg)
         guest.destroy(dom)
         if reset_tpm and cfg is not None:
@@ -70,6 +75,8 @@ class RebuildOps:
             state.remove_state(self.state_base, instance.uuid)
             faults.point("rebuild.after_reset")
         dom = guest.define(self.guests.conn, xml)
+        if reset_tpm and cfg is not None:
+            self.guests.stamp(instance, dom)  # the new TPM's directory carries it
         self.guests.launch(dom, instance, start)
 
     def rescue(self, context: Any, instance: Any, *, kernel: str | None = None,

@@ -34,6 +34,11 @@ Never lose a TPM (issue 13):
 * Each step journals what it is about to do (:mod:`vtpm_driver.ops.journal`)
   in the server record first; an interrupted step is finished or rolled back
   by the next operation on the server.
+* Custody (:mod:`vtpm_driver.custody`): ``finish_migration`` hands the TPM
+  over (the record's generation advances, the pre-resize one is kept for a
+  revert); a revert copies the backup back only if it has exactly that
+  pre-resize generation, then advances again, so the resized state can never
+  be started.
 * A failed ``finish_migration`` rolls the resize back (old flavor, old TPM
   state, the secret it created deleted and no longer recorded), so no
   record ever names a deleted secret.
@@ -47,7 +52,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, faults, policy, spec
+from vtpm_driver import custody, exception, faults, policy, spec
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.backup import ResizeBackups
@@ -219,7 +224,11 @@ class ResizeOps:
                 LOG.info("vTPM changed or removed by the resize; starting from a fresh TPM",
                          instance_uuid=instance.uuid)
                 state.remove_state(self.guests.state_base, instance.uuid)
+            if change is not Change.NONE:  # custody: the resized TPM is the current copy
+                custody.advance(instance, resize=True)
             dom = self.guests.define(instance, new_cfg)
+            if new_cfg is not None:
+                self.guests.stamp(instance, dom)
             faults.point("finish.after_define")
             if power_on:
                 # From here the guest may run on the state: an interruption is
@@ -274,6 +283,7 @@ class ResizeOps:
                                                self.guests.keymgr)
             faults.point("confirm.after_barbican")
             self.guests.secrets.undefine(secret_uuid)
+        custody.forget_resize(instance)
         if dom is not None:
             self.guests.update_record(dom, instance)
         faults.point("confirm.before_discard")
@@ -299,6 +309,8 @@ class ResizeOps:
         secret_uuid = policy.recorded_secret(instance)
         # The passphrase first (read only; an added vTPM's old config has none) ...
         start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
+        if old_cfg is not None:
+            self._check_backup_custody(instance)
         # ... then every change, journalled.
         self.guests.journal(dom, instance, journal.begin(journal.RESIZE_REVERT))
         if change is Change.ADDED and secret_uuid:
@@ -314,7 +326,13 @@ class ResizeOps:
         if not restored and change not in (Change.NONE, Change.KEPT):
             # No saved state to go back to: whatever is there belongs to the new TPM.
             state.remove_state(self.guests.state_base, instance.uuid)
+        if change is not Change.NONE:
+            # custody: the restored TPM is current, the resized one never starts again.
+            custody.advance(instance)
+            custody.forget_resize(instance)
         dom = self.guests.define(instance, old_cfg)
+        if old_cfg is not None:
+            self.guests.stamp(instance, dom)
         faults.point("revert.after_define")
         if power_on:
             self.guests.launch(dom, instance, start)
@@ -322,6 +340,22 @@ class ResizeOps:
         self.backups.discard(instance.uuid)
         self.guests.journal(dom, instance, None)
         LOG.info("Resize reverted", instance_uuid=instance.uuid)
+
+    def _check_backup_custody(self, instance: Any) -> None:
+        """Refuse to copy back a resize backup that is not the pre-resize TPM.
+
+        Its generation must equal the one the record had before the resize
+        handed the TPM over (:func:`vtpm_driver.custody.pre_resize`). Read-only,
+        before the guest is touched; no backup state: nothing to check.
+
+        :raises StaleTPMState: names the server, the backup, both generations.
+        """
+        if not self.backups.has_state(instance.uuid):
+            return
+        custody.check(instance, self.backups.generation(instance.uuid),
+                      copy=f"the resize backup {self.backups.backup_dir(instance.uuid)}",
+                      doing="copy back", record=custody.pre_resize(instance),
+                      allow_stale=bool(self.guests.conf.vtpm.allow_stale_tpm_state))
 
     def _delete_quietly(self, context: Any, instance: Any) -> None:
         try:

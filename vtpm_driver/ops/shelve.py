@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vtpm_driver import exception, policy
+from vtpm_driver import custody, exception, policy
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.statestore import CopyMeta, StateStore
 from vtpm_driver.virt import guest, record, state
@@ -64,11 +64,13 @@ class OffHostOps:
 
     def store_state(self, instance: Any, *, host: str | None, state_base: str,
                     record_text: str, reason: str, running: bool,
-                    shelved: bool = False) -> CopyMeta:
+                    shelved: bool = False, generation: int | None = None) -> CopyMeta:
         """Store ``state_base/<uuid>`` and ``record_text`` off-host (replaces the copy).
 
         The one place a copy is made: :meth:`take_copy` here, the Nova shim
-        with Nova's domain XML as the record.
+        with Nova's domain XML as the record. ``generation``: the copy's
+        custody generation (default: the record's current one; a shelve
+        passes the one it just advanced to, the copy being the current copy).
 
         :raises VTPMError: the state is missing, not encrypted, or not stored.
         """
@@ -84,7 +86,8 @@ class OffHostOps:
             tpm_version=cfg.version if cfg else None,
             secret_security=cfg.secret_security if cfg else None,
             project_id=getattr(instance, "project_id", None),
-            user_id=getattr(instance, "user_id", None))
+            user_id=getattr(instance, "user_id", None),
+            generation=generation if generation is not None else custody.recorded(instance))
         return self.store.put(meta, record_text, source)
 
     def restored(self, instance_uuid: str, meta: CopyMeta, *, keep_copy: bool) -> None:
@@ -111,6 +114,26 @@ class OffHostOps:
         meta = self.store.get(instance_uuid)
         if meta is not None and not meta.shelved and meta.started_after is None:
             self.store.update(instance_uuid, started_after=self.now())
+
+    def copy_name(self, meta: CopyMeta) -> str:
+        """How an off-host copy is named in a refusal: the store and where it was taken."""
+        return (f"the off-host copy in {getattr(self.store, 'root', self.store)} (taken on host "
+                f"{meta.source_host}, {meta.reason})")
+
+    def check_custody(self, instance: Any, meta: CopyMeta, *, allow_stale: bool,
+                      doing: str = "restore") -> custody.Verdict:
+        """Refuse to restore a copy that is not the server's current one (custody).
+
+        Its generation (``meta.generation``) must equal the record's
+        (:func:`vtpm_driver.custody.check`); a copy with none, of a server whose
+        record has none either, was taken before custody and is current once.
+        ``allow_stale`` (``[vtpm] allow_stale_tpm_state``) accepts an older one;
+        the caller logs it. Pure but for naming the store.
+
+        :raises StaleTPMState: names the server, the copy, both generations.
+        """
+        return custody.check(instance, meta.generation, copy=self.copy_name(meta), doing=doing,
+                             allow_stale=allow_stale)
 
     def evacuation_copy(self, instance_uuid: str, *, label: str, host: str | None, mode: str,
                         allow_stale: bool) -> tuple[CopyMeta, str]:

@@ -17,6 +17,18 @@ Each state file starts with swtpm's blob header (big-endian)::
 A vTPM started with ``<encryption secret=...>`` under libvirt 9 / swtpm 0.7
 writes flags ``0x0009`` (encrypted with an AES-256 key).
 
+Next to swtpm's ``tpm*/`` the ``<uuid>`` directory holds one file of ours,
+``vtpm-generation`` (:data:`GENERATION_FILE`, root 0600, a decimal integer and
+a newline): the custody generation of this copy of the TPM
+(:mod:`vtpm_driver.custody`). It lives WITH the state because it must travel
+and vanish with it: Nova's cold migration moves the whole ``<uuid>`` directory
+(its ``save_and_migrate_vtpm_dir``), our tree copy takes it into resize
+backups and off-host copies, and libvirt deletes the directory (file
+included) when it deletes the TPM. Anything else (a database, the domain
+XML) could outlive the state it describes or be missing where the state is.
+It is written atomically (temporary file, fsync, rename) and read with
+``O_NOFOLLOW``, like every file here.
+
 Every path here is built from a UUID that went through
 :func:`~vtpm_driver.objects.require_uuid`, so a hostile value can
 never make :func:`remove_state` delete anything outside ``base``.
@@ -24,6 +36,7 @@ never make :func:`remove_state` delete anything outside ``base``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -54,6 +67,9 @@ BLOB_FLAG_ENCRYPTED = 0x01
 BLOB_FLAG_MIGRATION_ENCRYPTED = 0x02
 BLOB_FLAG_MIGRATION_DATA = 0x04
 BLOB_FLAG_ENCRYPTED_256BIT_KEY = 0x08
+
+#: Our custody generation file in ``<base>/<uuid>/`` (see the module docstring).
+GENERATION_FILE = "vtpm-generation"
 
 # Files with no content that swtpm creates next to the state (lock files,
 # created 0640): they hold nothing secret, so their mode is not a problem.
@@ -201,6 +217,103 @@ def _copy_below(src: Path, dst: Path) -> None:
     st = src.lstat()
     shutil.copystat(src, dst, follow_symlinks=False)
     os.lchown(dst, st.st_uid, st.st_gid)
+
+
+def has_tpm_state(base: str | os.PathLike[str], domain_uuid: str) -> bool:
+    """Whether ``<base>/<uuid>`` holds swtpm state (a ``tpm2``/``tpm1.2`` directory).
+
+    False: a start manufactures a new TPM (nothing old can be started). Not
+    followed through symlinks.
+    """
+    root = state_dir(base, domain_uuid)
+    for subdir, _name in _LAYOUT.values():
+        try:
+            if stat.S_ISDIR((root / subdir).lstat().st_mode):
+                return True
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise exception.VirtError(f"cannot inspect swtpm state {str(root)!r}: {exc}"
+                                      ) from None
+    return False
+
+
+def read_generation_in(directory: str | os.PathLike[str]) -> int | None:
+    """The custody generation stored in a state tree (``<uuid>/`` or a copy of it).
+
+    None when the file is absent or does not hold a generation (a state from
+    before custody).
+
+    :raises UnsafeStatePath: the file (or its directory) is a symlink or not
+        a regular file.
+    :raises VirtError: it exists but cannot be read.
+    """
+    path = Path(directory) / GENERATION_FILE
+    try:
+        mode = path.parent.lstat().st_mode
+        if not stat.S_ISDIR(mode):
+            raise exception.UnsafeStatePath(str(path.parent), _kind(mode), "read")
+        fd = _open_regular(path, "read")
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(64)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise exception.VirtError(f"cannot read TPM generation {str(path)!r}: {exc}") from None
+    text = data.decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def read_generation(base: str | os.PathLike[str], domain_uuid: str) -> int | None:
+    """:func:`read_generation_in` of the guest's state directory ``<base>/<uuid>``."""
+    return read_generation_in(state_dir(base, domain_uuid))
+
+
+def write_generation_in(directory: str | os.PathLike[str], generation: int) -> None:
+    """Store ``generation`` in a state tree, atomically; idempotent.
+
+    The directory is created (root, 0711, as libvirt makes it: swtpm then
+    creates its ``tpm*`` inside, and a start manufactures a new TPM there) when
+    it does not exist yet. Temporary file (``O_EXCL|O_NOFOLLOW``), fsync,
+    rename over the old file, fsync of the directory: a reader sees the old or
+    the new generation, never a torn one.
+
+    :raises UnsafeStatePath: ``directory`` is a symlink or not a directory.
+    :raises VirtError: it cannot be written.
+    """
+    root = Path(directory)
+    tmp = root / f".{GENERATION_FILE}.{os.getpid()}.tmp"
+    try:
+        try:
+            mode = root.lstat().st_mode
+        except FileNotFoundError:
+            os.makedirs(root.parent, mode=0o711, exist_ok=True)
+            os.mkdir(root, 0o711)
+            mode = root.lstat().st_mode
+        if not stat.S_ISDIR(mode):
+            raise exception.UnsafeStatePath(str(root), _kind(mode), "write")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{int(generation)}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, root / GENERATION_FILE)
+        dfd = os.open(root, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise exception.VirtError(
+            f"cannot write TPM generation {generation} in {str(root)!r}: {exc}") from None
+
+
+def write_generation(base: str | os.PathLike[str], domain_uuid: str, generation: int) -> None:
+    """:func:`write_generation_in` of the guest's state directory ``<base>/<uuid>``."""
+    write_generation_in(state_dir(base, domain_uuid), generation)
 
 
 def is_encrypted(path: str | os.PathLike[str]) -> bool:
@@ -389,6 +502,8 @@ def check_permissions(
                 problems.extend(owner_problems(where, st))
             elif name in _CONTENTLESS and st.st_size == 0:
                 continue
+            elif current == root and name == GENERATION_FILE and stat.S_ISREG(st.st_mode):
+                continue  # ours (root's), no secret: a generation number
             else:
                 if mode & 0o177:
                     problems.append(f"{where}: file mode {mode:04o}, expected 0600")

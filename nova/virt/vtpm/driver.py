@@ -28,6 +28,11 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``power_off``, ``destroy`` while shelving,    :mod:`.offhost` (shelve, unshelve,
 ``spawn`` unshelving, ``rebuild``,            evacuate, rebuild, rescue keep the
 ``_undefine_domain``, ``rescue``, unrescue``  TPM; ``ops.shelve.OffHostOps``)
+``spawn``, ``_hard_reboot``, ``resume``,      custody (:mod:`vtpm_driver.custody`):
+``rescue``, ``unrescue`` (every start);       the state started must have the
+``_finish_migration_vtpm``,                   instance's generation; hand-overs
+``_finish_revert_migration_vtpm``,            advance it (``_vtpm_hand_over``)
+``post_live_migration_at_destination``
 ``check_can_live_migrate_source``,           :mod:`.migrate` (every secret mode;
 ``_add_vtpm_secret_to_live_migrate_data``,    ``ops.migrate`` secret steps)
 ``pre_live_migration``,
@@ -41,12 +46,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nova.conf
 from nova import exception as nova_exception
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 
 from nova.virt.vtpm import host as nova_host
@@ -55,9 +62,11 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, seams, translate
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import policy
+from vtpm_driver import custody, policy
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
+from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt import state as vtpm_state
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -240,6 +249,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if CONF.libvirt.swtpm_enabled:
             config = translate.vtpm_config(
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)
+        if config is not None:
+            self._vtpm_check_live(instance)
         start = self._vtpm_prepare(context, instance, config, create=create)
         if start is None:
             yield
@@ -253,6 +264,71 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             raise
         finally:
             self._vtpm_starts.pop(instance.uuid, None)
+        self._vtpm_settle(instance)
+
+    # -- custody: only the current copy of the TPM ever starts (vtpm_driver.custody) ----
+
+    def _vtpm_check_live(self, instance: Any, *, doing: str = "start",
+                         record: int | None = None) -> None:
+        """Refuse, before the guest is touched, a TPM state here that is not the current copy.
+
+        The instance's ``system_metadata['vtpm_generation']`` is the record
+        (no request). No state here yet (a new server, an unshelve or
+        evacuation that restores it next, a migration that moves it in):
+        nothing to refuse.
+
+        :raises nova.exception.InternalError: the state is older (or newer)
+            than the record (:class:`vtpm_driver.exception.StaleTPMState`'s
+            message: server, this state, both generations, what to do).
+        """
+        with translate.nova_errors():
+            ops_custody.check_live(instance, self._vtpm_offhost.state_base, host=CONF.host,
+                                   allow_stale=CONF.vtpm.allow_stale_tpm_state, doing=doing,
+                                   record=record)
+
+    def _vtpm_settle(self, instance: Any) -> None:
+        """After a start: the state here and the instance agree on the generation.
+
+        A TPM manufactured by this start (or one from before custody, current
+        once) is stamped, and the instance saved when its record changed. No
+        state here (nothing started one): nothing written. Idempotent.
+        """
+        before = custody.recorded(instance)
+        with translate.nova_errors():
+            ops_custody.stamp_live(instance, self._vtpm_offhost.state_base, create=False)
+        if custody.recorded(instance) != before:
+            instance.save()
+
+    def _vtpm_hand_over(self, instance: Any, *, resize: bool = False) -> None:
+        """The TPM state here becomes the server's current copy: advance, save, stamp.
+
+        The instance is saved with the new generation BEFORE this host's
+        state is stamped with it: no moment exists at which an older copy
+        elsewhere matches the record. With no state here yet (a TPM Nova's
+        start manufactures), :meth:`_vtpm_settle` stamps it after the start.
+        Not idempotent (each call is one hand-over).
+        """
+        new = custody.advance(instance, resize=resize)
+        instance.save()
+        with translate.nova_errors():
+            ops_custody.stamp_live(instance, self._vtpm_offhost.state_base, create=False)
+        LOG.info("TPM handed over: generation %d is the current copy", new, instance=instance)
+
+    def _vtpm_check_moved(self, instance: Any, *, doing: str, record: int | None) -> None:
+        """Refuse a TPM state Nova is about to move into place (``<instance dir>/swtpm``).
+
+        Checked before Nova's ``restore_vtpm_dir`` moves it, so a refused
+        state is never put where libvirt would start it.
+
+        :raises nova.exception.InternalError: older or newer than ``record``.
+        """
+        moved = Path(libvirt_utils.get_instance_path(instance), "swtpm", instance.uuid)
+        if not moved.is_dir():
+            return
+        with translate.nova_errors():
+            custody.check(instance, vtpm_state.read_generation_in(moved), doing=doing,
+                          copy=f"the TPM state Nova saved in {moved} on host {CONF.host}",
+                          record=record, allow_stale=CONF.vtpm.allow_stale_tpm_state)
 
     def _vtpm_undo_created(self, context: Any, instance: Any,
                            start: ops_secrets.StartSecret) -> None:
@@ -326,10 +402,20 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             translate.vtpm_config(instance.new_flavor, instance.image_meta))
 
     def _finish_migration_vtpm(self, context: Any, instance: Any) -> None:
-        """Nova's TPM state handling, unless the secret was made before the start."""
-        if policy.secret_created_before_start(self._vtpm_resize_change(instance)):
-            return
-        super()._finish_migration_vtpm(context, instance)
+        """Nova's TPM state handling, unless the secret was made before the start.
+
+        Custody: the state that arrived must be the current copy (checked
+        before Nova moves it into place); then the TPM is handed over to
+        this host (the generation advances; the pre-resize one is kept for a
+        revert).
+        """
+        change = self._vtpm_resize_change(instance)
+        if change is not policy.Change.NONE:
+            self._vtpm_check_moved(instance, doing="take over", record=None)
+        if not policy.secret_created_before_start(change):
+            super()._finish_migration_vtpm(context, instance)
+        if change is not policy.Change.NONE:
+            self._vtpm_hand_over(instance, resize=True)
 
     def _cleanup_resize_vtpm(self, context: Any, instance: Any) -> None:
         """Confirming a resize that removed the vTPM deletes its secret."""
@@ -339,11 +425,24 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_delete_secret(context, instance, instance.old_flavor)
 
     def _finish_revert_migration_vtpm(self, context: Any, instance: Any) -> None:
-        """Reverting a resize that added a vTPM deletes the new secret; else Nova's."""
-        if self._vtpm_resize_change(instance) is policy.Change.ADDED:
+        """Reverting a resize that added a vTPM deletes the new secret; else Nova's.
+
+        Custody: the saved pre-resize state is copied back only if it has
+        the generation the instance had before the resize
+        (:func:`vtpm_driver.custody.pre_resize`); then the generation
+        advances, so the resized state on the other host never starts again.
+        """
+        change = self._vtpm_resize_change(instance)
+        if change is policy.Change.ADDED:
             self._vtpm_delete_secret(context, instance, instance.new_flavor)
             return
+        if change is not policy.Change.NONE:
+            self._vtpm_check_moved(instance, doing="copy back",
+                                   record=custody.pre_resize(instance))
         super()._finish_revert_migration_vtpm(context, instance)
+        if change is not policy.Change.NONE:
+            custody.forget_resize(instance)
+            self._vtpm_hand_over(instance)
 
     # -- deleting secrets ---------------------------------------------------------------
 
@@ -387,7 +486,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _undefine_domain(self, instance: Any, keep_vtpm: bool = False,
                          keep_nvram: bool = False) -> None:
-        """Nova's; a rebuild keeps the TPM state, as reinstalling a machine keeps its TPM."""
+        """Nova's; a rebuild keeps the TPM state, as reinstalling a machine keeps its TPM.
+
+        Custody: a rebuild keeps the generation too. The state never leaves
+        its directory on this host (no copy is made, nothing older appears),
+        so there is nothing to outdate; the spawn that follows checks it is
+        the current copy like any start.
+        """
         keep_vtpm = keep_vtpm or instance.task_state == task_states.REBUILDING
         super()._undefine_domain(instance, keep_vtpm=keep_vtpm, keep_nvram=keep_nvram)
 
@@ -481,6 +586,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         super().post_live_migration_at_destination(context, instance, *args, **kwargs)
         vtpm_migrate.incoming_running(instance, self.vtpm_secrets,
                                       self._vtpm_incoming.pop(instance.uuid, None))
+        if policy.has_vtpm(instance):
+            self._vtpm_hand_over(instance)  # the state running here is the current copy
 
     def post_live_migration(self, context: Any, instance: Any, *args: Any,
                             **kwargs: Any) -> Any:

@@ -29,6 +29,14 @@ standalone path's), made and retired by :class:`vtpm_driver.ops.shelve.OffHostOp
 the rules are :mod:`vtpm_driver.policy`'s. ``[vtpm] state_backup = on-stop``
 also copies at every power off (the copy an evacuation needs).
 
+Custody (:mod:`vtpm_driver.custody`): shelve offload, unshelve and evacuation
+hand the TPM over. The instance's ``system_metadata['vtpm_generation']``
+advances (saved first); the copy (``CopyMeta.generation``) or the restored
+state (its ``vtpm-generation`` file) gets the new value. A copy whose
+generation is not the instance's is never restored (unless ``[vtpm]
+allow_stale_tpm_state``, logged), so a copy kept from before, or the state an
+evacuated host still holds, can never become the server's TPM again.
+
 Nova's API deletes a shelved-offloaded server without any compute
 (``API._local_delete``): neither the copy nor the Barbican secret can be
 removed by a driver then (see README.rst beside this file).
@@ -46,7 +54,8 @@ from oslo_context import context as oslo_context
 from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
-from vtpm_driver import exception, policy
+from vtpm_driver import custody, exception, policy
+from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops.shelve import OffHostOps
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 from vtpm_driver.virt import state
@@ -115,20 +124,52 @@ class OffHost:
                 host=getattr(instance, "host", None), mode=self.conf.vtpm.state_backup,
                 allow_stale=self.conf.vtpm.allow_stale_tpm_state)
             policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
+            self._check_custody(instance, meta)
         self._evacuating[instance.uuid] = meta
         return described
+
+    def _check_custody(self, instance: Any, meta: CopyMeta) -> None:
+        """The copy's generation must be the instance's (:meth:`OffHostOps.check_custody`).
+
+        An older one is refused unless ``[vtpm] allow_stale_tpm_state``; then
+        it is restored and logged.
+
+        :raises StaleTPMState: (translated by the caller) names both generations.
+        """
+        verdict = self.ops.check_custody(instance, meta,
+                                         allow_stale=self.conf.vtpm.allow_stale_tpm_state)
+        if not verdict.startable:
+            LOG.warning("Restoring %s although its TPM generation %s is not the current %s "
+                        "([vtpm] allow_stale_tpm_state = True)", self.ops.copy_name(meta),
+                        meta.generation, custody.recorded(instance), instance=instance)
 
     # -- copies --------------------------------------------------------------------
 
     def store(self, instance: Any, domain_xml: str, *, reason: str, shelved: bool) -> None:
         """Copy the (stopped) server's TPM state off-host; Nova's domain XML is the record.
 
+        Shelve (``shelved``): the copy becomes the server's current TPM, a
+        hand-over: the instance's generation advances and is saved BEFORE the
+        copy is written with it, so the state left on this host is older from
+        then on. A failed copy puts the instance's generation back (no other
+        copy exists then). A stop's copy has the current generation.
+
         :raises nova.exception.NovaException: the copy failed (nothing removed).
         """
-        with translate.nova_errors():
-            meta = self.ops.store_state(instance, host=self.host, state_base=self.state_base,
-                                        record_text=domain_xml, reason=reason, running=False,
-                                        shelved=shelved)
+        before = custody.recorded(instance)
+        generation = custody.advance(instance) if shelved else before
+        if shelved:
+            instance.save()
+        try:
+            with translate.nova_errors():
+                meta = self.ops.store_state(instance, host=self.host,
+                                            state_base=self.state_base, record_text=domain_xml,
+                                            reason=reason, running=False, shelved=shelved,
+                                            generation=generation)
+        except BaseException:
+            if shelved:
+                self._hand_back(instance, before)
+            raise
         LOG.info("TPM state copied off-host (%s, %d bytes)", reason, meta.size,
                  instance=instance)
 
@@ -180,14 +221,17 @@ class OffHost:
         """Around Nova's spawn: the copy's state written first, retired once it runs.
 
         A failed spawn removes the state written here (only the directory
-        this spawn created); the copy stays.
+        this spawn created) and puts the instance's generation back (the copy
+        is the current one again: a retry restores it); the copy stays.
         """
+        before = custody.recorded(instance)
         copy = self.restore_for_spawn(instance, unshelving)
         try:
             yield
         except BaseException:
             if copy is not None:
                 self.spawn_failed(instance)
+                self._hand_back(instance, before)
             raise
         finally:
             created = self._created.pop(instance.uuid, None)
@@ -219,6 +263,7 @@ class OffHost:
             return None
         with translate.nova_errors():
             policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
+            self._check_custody(instance, meta)
             if not self.ops.store.restore(instance.uuid, self.state_dir(instance.uuid)):
                 raise exception.VTPMError(
                     f"the off-host copy of server {policy.server_label(instance)} holds no "
@@ -226,9 +271,39 @@ class OffHost:
             # The restore created it exclusively: remembered, so only it is cleaned up.
             self._created[instance.uuid] = state.CreatedStateDir(
                 self.state_dir(instance.uuid))
+        self._hand_over(instance)
         LOG.info("TPM state restored from the off-host copy %s",
                  policy.describe_copy(meta, time.time()), instance=instance)
         return meta
+
+    def _hand_over(self, instance: Any) -> None:
+        """The restored state is the server's current TPM here: the instance's generation
+        advances and is saved, then the restored state is stamped with it (so the copy
+        it came from, and any state left on the old host, are older from now on).
+
+        :raises nova.exception.NovaException: the generation could not be written.
+        """
+        custody.advance(instance)
+        instance.save()
+        with translate.nova_errors():
+            ops_custody.stamp_live(instance, self.state_base, create=False)
+
+    @staticmethod
+    def _hand_back(instance: Any, before: int | None) -> None:
+        """Undo :meth:`_hand_over` after a failed spawn (best effort, logged).
+
+        Safe: the state stamped with the newer generation was removed, and if
+        it was not, it is newer than the record and refused.
+        """
+        if before is None:
+            instance.system_metadata.pop(custody.GENERATION_KEY, None)
+        else:
+            custody.set_recorded(instance, before)
+        try:
+            instance.save()
+        except Exception as exc:  # the spawn's own error is the one to report
+            LOG.error("Could not put the TPM generation back to %s: %s", before, exc,
+                      instance=instance)
 
     def spawn_failed(self, instance: Any) -> None:
         """Remove the state :meth:`restore_for_spawn` wrote; the copy stays. Best effort.

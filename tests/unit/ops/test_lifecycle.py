@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import (
     KERNEL,
     MEMBER,
@@ -35,7 +36,7 @@ def test_spawn_defines_tpm_and_record_and_starts_with_the_secret(env: Env, mode:
     assert domain.get_tpm(xml) == ("2.0", "tpm-tis", secret_uuid)
     stored = record.get_server_record(xml)
     assert stored == dataclasses_replace(inst)
-    assert stored.system_metadata == {"vtpm_secret_uuid": secret_uuid}
+    assert custody_free(stored.system_metadata) == {"vtpm_secret_uuid": secret_uuid}
     assert env.km.passphrases[secret_uuid] not in xml
     # E1/E3: private + ephemeral and gone after the start, except in host mode.
     assert env.conn.started_with == [(secret_uuid, mode != "host")]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import (
     KERNEL,
     MEMBER,
@@ -79,7 +80,7 @@ def test_f4_vtpm_added_creates_a_secret_and_revert_deletes_it(env: Env) -> None:
     secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
     assert list(env.km.passphrases) == [secret_uuid]
     assert domain.get_tpm(env.dom(inst).xml) == ("2.0", "tpm-crb", secret_uuid)
-    assert record.get_server_record(env.dom(inst).xml).system_metadata == {
+    assert custody_free(record.get_server_record(env.dom(inst).xml).system_metadata) == {
         "vtpm_secret_uuid": secret_uuid}
 
 
@@ -100,7 +101,7 @@ def test_f4_vtpm_removed_deletes_the_secret_on_confirm_only(env: Env) -> None:
     assert (env.tmp / "resize" / inst.uuid).exists(), "a refused confirm changes nothing"
     env.drv.confirm_migration(OWNER, None, inst, None)
     assert env.km.passphrases == {} and env.conn.secrets == {}
-    assert record.get_server_record(env.dom(inst).xml).system_metadata == {}
+    assert custody_free(record.get_server_record(env.dom(inst).xml).system_metadata) == {}
     assert not (env.state_base / inst.uuid).exists()
     assert not (env.tmp / "resize" / inst.uuid).exists()
 
@@ -151,7 +152,7 @@ def test_failed_finish_deletes_the_secret_it_created(env: Env) -> None:
         env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
     assert env.km.passphrases == {} and env.conn.secrets == {}
     stored = record.get_server_record(env.dom(inst).xml)
-    assert stored.system_metadata == {}, "no record names the deleted secret"
+    assert custody_free(stored.system_metadata) == {}, "no record names the deleted secret"
     assert stored.flavor.extra_specs == {}
     assert domain.get_tpm(env.dom(inst).xml) is None
     assert not env.drv.resize_ops.has_backup(inst.uuid), "no confirm to offer"

@@ -200,3 +200,34 @@ def test_created_state_dir_removes_only_the_directory_it_holds(tmp_path: Path) -
     assert not created.is_current()
     assert created.remove() is False
     assert (ours / "tpm2").is_dir()
+
+
+# -- the custody generation file (vtpm_driver.custody) --------------------------------
+
+
+def test_generation_is_written_atomically_and_read_back(tmp_path) -> None:
+    uuid = "6d2f0d4e-0000-4000-8000-0000000000aa"
+    assert state.read_generation(tmp_path, uuid) is None
+    state.write_generation(tmp_path, uuid, 3)        # creates <uuid>/ (0711) when missing
+    assert state.read_generation(tmp_path, uuid) == 3
+    state.write_generation(tmp_path, uuid, 4)
+    assert state.read_generation(tmp_path, uuid) == 4
+    assert sorted(p.name for p in (tmp_path / uuid).iterdir()) == [state.GENERATION_FILE]
+    assert oct((tmp_path / uuid / state.GENERATION_FILE).stat().st_mode & 0o777) == "0o600"
+    assert not state.has_tpm_state(tmp_path, uuid)   # no swtpm state: a TPM to manufacture
+
+
+def test_a_symlinked_generation_file_is_refused(tmp_path) -> None:
+    uuid = "6d2f0d4e-0000-4000-8000-0000000000ab"
+    (tmp_path / uuid).mkdir()
+    (tmp_path / "elsewhere").write_text("9\n")
+    (tmp_path / uuid / state.GENERATION_FILE).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(exception.UnsafeStatePath, match="symlink"):
+        state.read_generation(tmp_path, uuid)
+
+
+def test_a_garbled_generation_file_counts_as_none(tmp_path) -> None:
+    uuid = "6d2f0d4e-0000-4000-8000-0000000000ac"
+    (tmp_path / uuid).mkdir()
+    (tmp_path / uuid / state.GENERATION_FILE).write_text("seven\n")
+    assert state.read_generation(tmp_path, uuid) is None

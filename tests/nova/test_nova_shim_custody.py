@@ -1,0 +1,197 @@
+"""Custody through the shim (issue 20): Nova's instance holds the current generation.
+
+Shelve offload, unshelve, evacuation and live migration hand the TPM over
+(``system_metadata['vtpm_generation']`` advances, saved first, then the copy
+or the state here is stamped); a start, unshelve or evacuation of a copy of
+another generation is refused naming the server, the copy and both
+generations. Nova's own steps are recorded instead of run (``calls``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from nova import exception as nova_exception
+from nova.compute import task_states, vm_states
+from nova.virt.libvirt import driver as libvirt_driver
+
+from tests.fakes.swtpm import make_state
+from tests.nova import test_nova_shim_offhost as offhost
+from tests.nova.nova_fakes import make_image
+from vtpm_driver import custody
+from vtpm_driver.virt import state
+
+# The off-host tests' fixtures and helpers (one of each kind).
+calls, dirs, store, tpm_instance, xml = (offhost.calls, offhost.dirs, offhost.store,
+                                         offhost.tpm_instance, offhost.xml)
+evacuate, shelved_copy = offhost.evacuate, offhost.shelved_copy
+
+
+def test_shelve_offload_hands_the_tpm_to_the_copy(tpm_instance, drv, ctx, dirs, store,
+                                                  calls, xml):
+    instance = tpm_instance(task_state=task_states.SHELVING_OFFLOADING,
+                            vm_state=vm_states.SHELVED)
+    make_state(dirs / "swtpm", instance.uuid)
+    state.write_generation(dirs / "swtpm", instance.uuid, 4)
+    custody.set_recorded(instance, 4)
+    drv.destroy(ctx, instance, [])
+    assert custody.recorded(instance) == 5
+    assert store.get(instance.uuid).generation == 5
+
+
+def test_a_failed_shelve_copy_keeps_the_generation(tpm_instance, drv, ctx, calls, xml):
+    instance = tpm_instance(task_state=task_states.SHELVING_OFFLOADING,
+                            vm_state=vm_states.SHELVED)   # no state here: the copy fails
+    custody.set_recorded(instance, 4)
+    with pytest.raises(nova_exception.NovaException):
+        drv.destroy(ctx, instance, [])
+    assert custody.recorded(instance) == 4
+
+
+def unshelvable(dirs, store, instance, generation):
+    """A shelved copy with ``generation`` of a server whose instance says 2."""
+    shelved_copy(dirs, instance)
+    store.update(instance.uuid, generation=generation)
+    custody.set_recorded(instance, 2)
+
+
+def test_unshelve_of_the_current_copy_advances_and_stamps_the_restored_state(
+        tpm_instance, drv, ctx, dirs, store, monkeypatch):
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    unshelvable(dirs, store, instance, 2)
+    seen = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", lambda self, *a, **k: seen.append(
+        state.read_generation(dirs / "swtpm", instance.uuid)))
+    drv.spawn(ctx, instance, make_image())
+    assert seen == [3]                       # stamped before Nova defines and starts it
+    assert custody.recorded(instance) == 3
+
+
+@pytest.mark.parametrize("older", [1, None])
+def test_unshelve_of_an_older_copy_is_refused_naming_both_generations(
+        tpm_instance, drv, ctx, dirs, store, calls, older):
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    unshelvable(dirs, store, instance, older)
+    with pytest.raises(nova_exception.NovaException) as caught:
+        drv.spawn(ctx, instance, make_image())
+    message = str(caught.value)
+    shown = "none (taken before custody)" if older is None else str(older)
+    assert f"generation is {shown}" in message and "generation 2 is current" in message
+    assert instance.uuid in message and "off-host copy" in message
+    assert str(dirs / "store") in message and "host-a" in message
+    assert calls == [] and not (dirs / "swtpm" / instance.uuid).exists()
+    assert custody.recorded(instance) == 2
+
+
+def test_allow_stale_tpm_state_restores_an_older_copy(tpm_instance, drv, ctx, dirs, store,
+                                                      flags, monkeypatch):
+    flags.config(group="vtpm", allow_stale_tpm_state=True)
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    unshelvable(dirs, store, instance, 1)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", lambda self, *a, **k: None)
+    drv.spawn(ctx, instance, make_image())
+    assert custody.recorded(instance) == 3
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
+
+
+def test_a_failed_unshelve_puts_the_generation_back(tpm_instance, drv, ctx, dirs, store,
+                                                    monkeypatch):
+    instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
+    unshelvable(dirs, store, instance, 2)
+
+    def fail(self, *args, **kwargs):
+        raise nova_exception.NovaException("libvirt said no")
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", fail)
+    with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
+        drv.spawn(ctx, instance, make_image())
+    assert custody.recorded(instance) == 2   # the copy is current again: a retry works
+
+
+def test_evacuation_from_an_older_copy_is_refused_before_anything(
+        tpm_instance, drv, ctx, dirs, store, calls):
+    instance = tpm_instance(task_state=task_states.REBUILDING)
+    shelved_copy(dirs, instance, reason="stop", shelved=False)
+    store.update(instance.uuid, generation=1)
+    custody.set_recorded(instance, 2)
+    with pytest.raises(nova_exception.NovaException,
+                       match=r"generation is 1.*generation 2 is current"):
+        evacuate(drv, ctx, instance)
+    assert calls == [] and not (dirs / "swtpm" / instance.uuid).exists()
+
+
+def test_evacuation_hands_the_tpm_to_the_new_host(tpm_instance, drv, ctx, dirs, store,
+                                                  calls, monkeypatch):
+    instance = tpm_instance(task_state=task_states.REBUILDING)
+    shelved_copy(dirs, instance, reason="stop", shelved=False)
+    store.update(instance.uuid, generation=2)
+    custody.set_recorded(instance, 2)
+    with pytest.raises(NotImplementedError):           # on to Nova's default rebuild
+        evacuate(drv, ctx, instance)
+    instance.task_state = task_states.REBUILD_SPAWNING
+    drv.spawn(ctx, instance, make_image())
+    assert custody.recorded(instance) == 3
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
+    # The old host's state (generation 2) can never start again: a start there refuses it.
+
+
+def test_a_start_of_an_older_state_is_refused_before_novas_hard_reboot(
+        tpm_instance, drv, ctx, dirs, log, monkeypatch):
+    instance = tpm_instance()
+    make_state(dirs / "swtpm", instance.uuid)
+    state.write_generation(dirs / "swtpm", instance.uuid, 2)
+    custody.set_recorded(instance, 3)            # evacuated since: this host's copy is old
+    seen = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot",
+                        lambda self, *a, **k: seen.append("hard_reboot"))
+    with pytest.raises(nova_exception.NovaException) as caught:
+        drv._hard_reboot(ctx, instance, [], None)
+    message = str(caught.value)
+    assert "generation is 2" in message and "generation 3 is current" in message
+    assert str(dirs / "swtpm" / instance.uuid) in message
+    assert seen == [] and log == []              # neither Nova nor Barbican was asked
+
+
+def test_a_start_of_the_current_state_goes_on_and_an_unstamped_one_is_stamped_once(
+        tpm_instance, drv, ctx, dirs, monkeypatch):
+    instance = tpm_instance()
+    make_state(dirs / "swtpm", instance.uuid)      # a server from before custody
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot", lambda self, *a, **k: None)
+    drv._hard_reboot(ctx, instance, [], None)
+    assert custody.recorded(instance) == custody.FIRST
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == custody.FIRST
+    drv._hard_reboot(ctx, instance, [], None)      # current: goes on, nothing changes
+    assert custody.recorded(instance) == custody.FIRST
+
+
+def test_live_migration_hands_the_tpm_to_the_destination(tpm_instance, drv, ctx, dirs,
+                                                         monkeypatch):
+    instance = tpm_instance()
+    make_state(dirs / "swtpm", instance.uuid)      # what the migration stream brought
+    custody.set_recorded(instance, 2)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "post_live_migration_at_destination",
+                        lambda self, *a, **k: None)
+    monkeypatch.setattr("nova.virt.vtpm.migrate.incoming_running", lambda *a: None)
+    drv.post_live_migration_at_destination(ctx, instance, [], False, None)
+    assert custody.recorded(instance) == 3
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
+
+
+def test_a_cold_migration_hands_the_tpm_to_the_destination(tpm_instance, drv, ctx, dirs,
+                                                           monkeypatch):
+    instance = tpm_instance()
+    instance.old_flavor = instance.new_flavor = instance.flavor
+    moved = dirs / "instances" / instance.uuid
+    make_state(moved / "swtpm", instance.uuid)     # where Nova's migration saved it
+    state.write_generation_in(moved / "swtpm" / instance.uuid, 2)
+    custody.set_recorded(instance, 2)
+    monkeypatch.setattr("nova.virt.libvirt.utils.get_instance_path", lambda inst: str(moved))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_finish_migration_vtpm",
+                        lambda self, *a, **k: None)
+    drv._finish_migration_vtpm(ctx, instance)
+    assert custody.recorded(instance) == 3
+    assert instance.system_metadata[custody.PRE_RESIZE_KEY] == "2"
+
+    state.write_generation_in(moved / "swtpm" / instance.uuid, 1)   # an older one arrives
+    with pytest.raises(nova_exception.NovaException,
+                       match=r"take over.*generation is 1.*generation 3 is current"):
+        drv._finish_migration_vtpm(ctx, instance)

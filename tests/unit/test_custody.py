@@ -1,0 +1,81 @@
+"""vtpm_driver.custody: the pure rule of which copy of a TPM is current (issue 20)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from vtpm_driver import custody, exception
+from vtpm_driver.custody import Verdict
+
+
+def server(generation: str | None = None, **sysmeta: str) -> types.SimpleNamespace:
+    if generation is not None:
+        sysmeta[custody.GENERATION_KEY] = generation
+    return types.SimpleNamespace(name="vm1", uuid="6d2f0d4e-0000-4000-8000-000000000001",
+                                 system_metadata=sysmeta)
+
+
+@pytest.mark.parametrize(("record", "found", "present", "verdict"), [
+    (3, 3, True, Verdict.CURRENT),
+    (3, 2, True, Verdict.OLDER),
+    (3, None, True, Verdict.OLDER),       # unstamped while the record is: missed a hand-over
+    (3, 4, True, Verdict.NEWER),
+    (None, None, True, Verdict.UNSTAMPED),  # older than custody: current once
+    (None, 5, True, Verdict.ADOPT),
+    (3, None, False, Verdict.FRESH),
+    (None, None, False, Verdict.FRESH),
+])
+def test_judge(record, found, present, verdict) -> None:
+    assert custody.judge(record, found, present=present) is verdict
+    assert verdict.startable is (verdict not in (Verdict.OLDER, Verdict.NEWER))
+
+
+def test_an_older_copy_is_refused_naming_server_copy_both_generations_and_what_to_do() -> None:
+    inst = server("5")
+    with pytest.raises(exception.StaleTPMState) as caught:
+        custody.check(inst, 4, copy="the swtpm state /s/x on host host-a", doing="start")
+    message = str(caught.value)
+    for part in ("'vm1'", inst.uuid, "/s/x on host host-a", "generation is 4",
+                 "generation 5 is current", "allow_stale_tpm_state"):
+        assert part in message
+    assert (caught.value.found, caught.value.current) == (4, 5)
+    assert caught.value.copy == "the swtpm state /s/x on host host-a"
+
+
+def test_allow_stale_accepts_an_older_copy_and_says_so() -> None:
+    assert custody.check(server("5"), 4, copy="c", allow_stale=True) is Verdict.OLDER
+
+
+def test_record_override_compares_with_the_pre_resize_generation() -> None:
+    inst = server("6", **{custody.PRE_RESIZE_KEY: "5"})
+    assert custody.pre_resize(inst) == 5
+    assert custody.check(inst, 5, copy="backup", record=custody.pre_resize(inst)) \
+        is Verdict.CURRENT
+    with pytest.raises(exception.StaleTPMState, match="generation 5 is current"):
+        custody.check(inst, 4, copy="backup", record=5)
+
+
+def test_advance_counts_up_and_keeps_the_pre_resize_generation_once() -> None:
+    inst = server()
+    assert custody.advance(inst) == custody.FIRST + 1
+    assert custody.advance(inst, resize=True) == 3
+    assert custody.advance(inst, resize=True) == 4          # a second hand-over, same resize
+    assert inst.system_metadata[custody.PRE_RESIZE_KEY] == "2"
+    custody.forget_resize(inst)
+    custody.forget_resize(inst)                               # idempotent
+    assert custody.PRE_RESIZE_KEY not in inst.system_metadata
+    assert custody.recorded(inst) == 4 and custody.pre_resize(inst) == 4
+
+
+@pytest.mark.parametrize("bad", ["", "x", "-1", "0", None, True])
+def test_a_garbled_generation_counts_as_none(bad) -> None:
+    assert custody.recorded(server(**{custody.GENERATION_KEY: bad})) is None
+    assert custody.parse(bad if isinstance(bad, str) else None) is None
+
+
+def test_settled_is_the_record_else_the_copy_else_first() -> None:
+    assert custody.settled(server("3"), 9) == 3
+    assert custody.settled(server(), 9) == 9
+    assert custody.settled(server(), None) == custody.FIRST

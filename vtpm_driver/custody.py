@@ -1,0 +1,194 @@
+"""Custody of a server's TPM state: which copy is current (issue 20). Pure, no I/O.
+
+At every moment exactly one copy of a server's TPM state is current, and only
+that copy is ever started. Each copy carries a *generation* (an integer):
+
+* the live swtpm state: ``<swtpm_state_dir>/<uuid>/vtpm-generation``, ours,
+  next to swtpm's ``tpm2/`` (:func:`vtpm_driver.virt.state.read_generation`);
+* an off-host copy: :attr:`vtpm_driver.statestore.CopyMeta.generation`;
+* a resize backup: the generation file inside its ``swtpm/`` copy, and the
+  stashed pre-resize record's ``system_metadata``.
+
+The orchestrator's own record of the server holds the current one,
+``system_metadata['vtpm_generation']`` (:data:`GENERATION_KEY`): Nova's
+instance in the shim (every driver call receives it, Nova saves it), the
+domain's ``<metadata>`` record on a standalone host. Checking therefore costs
+no request. A copy is current iff its generation equals the record's.
+
+Every hand-over of the TPM (cold migration and resize, live migration, shelve
+offload, unshelve, evacuation, a new TPM by ``rebuild --reset-tpm``, a resize
+revert) advances the record FIRST (:func:`advance`) and then stamps the copy
+that now is the server's TPM: a kill in between leaves every copy older than
+the record, so nothing starts until an operator decides (safe), never two
+copies that both pass.
+
+Servers created before custody: a state with no generation while the record
+has none either is current once (:attr:`Verdict.UNSTAMPED`) and stamped at
+that start; once the record has a generation, a state without one is older
+than it (it missed a hand-over) and refused.
+
+Everything here is idempotent and side-effect free, except :func:`advance`,
+:func:`set_recorded` and :func:`forget_resize`, which change only the
+``system_metadata`` mapping given to them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from vtpm_driver import exception
+
+#: ``system_metadata`` key of the current generation (the record's).
+GENERATION_KEY = "vtpm_generation"
+#: ``system_metadata`` key of the generation before a resize's hand-over; a revert
+#: restores the backup only if the backup has exactly this generation.
+PRE_RESIZE_KEY = "vtpm_generation_before_resize"
+#: The generation of a new server's TPM.
+FIRST = 1
+
+
+class Verdict(enum.Enum):
+    """What a copy is, compared with the record (:func:`judge`)."""
+
+    CURRENT = "current"      # same generation as the record
+    FRESH = "fresh"          # no TPM state yet: a new TPM will be manufactured
+    UNSTAMPED = "unstamped"  # neither copy nor record has one: older server, current once
+    ADOPT = "adopt"          # the record has none, the copy has one: the record takes it
+    OLDER = "older"          # behind the record (or unstamped while the record is not)
+    NEWER = "newer"          # ahead of the record: the record was rolled back
+
+    @property
+    def startable(self) -> bool:
+        """Whether this copy may be started (or restored, or copied back)."""
+        return self not in (Verdict.OLDER, Verdict.NEWER)
+
+
+def _int(value: Any) -> int | None:
+    """A stored generation as an int; None when unset or not a positive integer."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def recorded(instance: Any) -> int | None:
+    """The record's current generation (``system_metadata``), None when none is recorded."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return _int(sysmeta.get(GENERATION_KEY))
+
+
+def parse(text: str | None) -> int | None:
+    """A generation as stored in a file or field; None when absent or not a generation."""
+    return _int(text)
+
+
+def judge(record: int | None, found: int | None, *, present: bool = True) -> Verdict:
+    """What the copy with generation ``found`` is, against the record's ``record``.
+
+    ``present`` False: there is no TPM state at all (a first start, a reset,
+    a resize to another TPM): nothing old can be started.
+    """
+    if not present:
+        return Verdict.FRESH
+    if record is None:
+        return Verdict.UNSTAMPED if found is None else Verdict.ADOPT
+    if found is None or found < record:
+        return Verdict.OLDER
+    if found > record:
+        return Verdict.NEWER
+    return Verdict.CURRENT
+
+
+def check(instance: Any, found: int | None, *, copy: str, doing: str = "start",
+          present: bool = True, allow_stale: bool = False,
+          record: int | None = None) -> Verdict:
+    """Refuse to start, restore or copy back a copy that is not the current one.
+
+    ``copy`` names the copy for the message (``"the swtpm state
+    /var/lib/libvirt/swtpm/<uuid> on host h1"``, ``"the off-host copy in
+    /srv/store"``). ``record`` overrides the record's generation (a resize
+    revert compares the backup with the pre-resize one). ``allow_stale``
+    (``[vtpm] allow_stale_tpm_state``): an older or newer copy is accepted
+    (the caller logs it) instead of refused.
+
+    :returns: the verdict (never OLDER/NEWER unless ``allow_stale``).
+    :raises StaleTPMState: names the server, the copy, both generations and
+        what to do.
+    """
+    expected = recorded(instance) if record is None else record
+    verdict = judge(expected, found, present=present)
+    if verdict.startable or allow_stale:
+        return verdict
+    raise exception.StaleTPMState(refusal(instance, copy, doing, found, expected, verdict),
+                                  copy=copy, found=found, current=expected)
+
+
+def refusal(instance: Any, copy: str, doing: str, found: int | None, current: int | None,
+            verdict: Verdict) -> str:
+    """The refusal's text: server, copy, both generations, why, and what to do."""
+    label = f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"
+    shown = "none (taken before custody)" if found is None else str(found)
+    if verdict is Verdict.NEWER:
+        why = ("it is ahead of the record: the record was rolled back or a hand-over "
+               "was interrupted")
+    else:
+        why = ("it is older than the current copy: starting it would roll the TPM back "
+               "(NV counters, lockout, keys made since) or run a second copy of it")
+    return (f"refusing to {doing} server {label} from {copy}: its TPM generation is "
+            f"{shown}, the server's record says generation {current} is current; {why}. "
+            "The current copy is where the server was last moved, restored or resized to: "
+            "use that one. If this copy really is the latest state (an interrupted "
+            "hand-over), set [vtpm] allow_stale_tpm_state = True for this operation")
+
+
+def settled(instance: Any, found: int | None) -> int:
+    """The generation a copy accepted by :func:`check` is stamped with, and the record holds.
+
+    The record's; with none recorded, the copy's (:attr:`Verdict.ADOPT`) or
+    :data:`FIRST` (a new server, or one older than custody).
+    """
+    current = recorded(instance)
+    if current is not None:
+        return current
+    return found if found is not None else FIRST
+
+
+def set_recorded(instance: Any, generation: int) -> None:
+    """Record ``generation`` as current in the instance's ``system_metadata`` (not saved)."""
+    instance.system_metadata[GENERATION_KEY] = str(int(generation))
+
+
+def advance(instance: Any, *, resize: bool = False) -> int:
+    """A hand-over: the record's generation + 1 (``FIRST`` + 1 without one); returns it.
+
+    Call it BEFORE stamping the copy that is handed over, and save the record
+    (Nova's ``instance.save()``, the domain record) before stamping: then no
+    older copy matches the record at any moment. ``resize``: the previous
+    generation is kept in :data:`PRE_RESIZE_KEY` for a revert. Not idempotent.
+    """
+    before = recorded(instance)
+    new = (before if before is not None else FIRST) + 1
+    if resize and PRE_RESIZE_KEY not in instance.system_metadata:
+        instance.system_metadata[PRE_RESIZE_KEY] = str(before if before is not None else FIRST)
+    set_recorded(instance, new)
+    return new
+
+
+def pre_resize(instance: Any) -> int | None:
+    """The generation the backup of a resize in progress must have (a revert's expectation).
+
+    :data:`PRE_RESIZE_KEY` once the resize handed the TPM over, else the
+    record's own (the hand-over has not happened: the backup is as current).
+    """
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    stored = _int(sysmeta.get(PRE_RESIZE_KEY))
+    return stored if stored is not None else recorded(instance)
+
+
+def forget_resize(instance: Any) -> None:
+    """A resize is confirmed or reverted: its pre-resize generation is dropped. Idempotent."""
+    instance.system_metadata.pop(PRE_RESIZE_KEY, None)
