@@ -272,7 +272,9 @@ def status() -> int:
     services, hypervisors = compute_state(sess)
     for s in services:
         print(f"[openstack-aio] {s['binary']} on {s['host']}: {s['status']}, {s['state']}")
-    up = {s["host"] for s in services if s["state"] == "up"}
+    # A compute that lost its libvirtd (a test restarted it) is disabled by Nova until it
+    # reconnects: not ready either.
+    up = {s["host"] for s in services if s["state"] == "up" and s["status"] == "enabled"}
     rc = 0 if {"vtpm-aio", *MULTIHOST} <= up else 3
     for hyp in hypervisors:
         traits = sorted(t for t in provider_traits(sess, hyp["id"]) if "TPM" in t)
