@@ -212,8 +212,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    stop_service barbican
-    stop_service keystone
+    stop_services barbican keystone
 }
 
 cmd_status() {

@@ -88,6 +88,27 @@ stop_service() {
     rm -f "$RUN/$name.pid"
 }
 
+# stop_services NAME...: stop_service for each, at once: every one gets its SIGTERM first, then
+# each is waited for (their shutdowns overlap instead of adding up). Idempotent.
+stop_services() {
+    local name pid pids=()
+    for name in "$@"; do
+        if pid="$(service_pid "$name")"; then
+            say "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$name:$pid")
+        else
+            say "$name: not running"
+        fi
+    done
+    for pid in "${pids[@]}"; do
+        wait_gone "${pid#*:}" "${pid%%:*}"
+    done
+    for name in "$@"; do
+        rm -f "$RUN/$name.pid"
+    done
+}
+
 # lock_dir DIR SECONDS: hold DIR/.lock on fd 9 for the rest of the script (one run of a
 # tools script per state directory at a time); fail after SECONDS. Daemons started
 # afterwards must be given 9>&- so they do not keep the lock.

@@ -567,13 +567,7 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local name i
-    for ((i = ${#NOVA_SERVICES[@]} - 1; i >= 0; i--)); do
-        stop_service "${NOVA_SERVICES[$i]}"
-    done
-    for ((i = ${#GUNICORN_SERVICES[@]} - 1; i >= 0; i--)); do
-        stop_service "${GUNICORN_SERVICES[$i]}"
-    done
+    stop_services "${NOVA_SERVICES[@]}" "${GUNICORN_SERVICES[@]}"
     stop_rabbitmq
     stop_mariadb
 }

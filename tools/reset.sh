@@ -31,10 +31,12 @@ OWN_NS="https://github.com/vtpm-driver/xmlns/server/1.0"
 NOVA_NS="http://openstack.org/xmlns/libvirt/nova/"
 t0=$SECONDS
 
-# Services first (each script stops only what it started; nothing running is fine).
-bash tools/openstack-aio.sh stop | sed 's/^/  /' || true
-bash tools/keymgr-stack.sh stop | sed 's/^/  /' || true
-bash tools/test-hosts.sh stop | sed 's/^/  /' || true
+# Services first, all at once (each script stops only what it started; nothing running is
+# fine).
+bash tools/openstack-aio.sh stop 2>&1 | sed 's/^/  /' &
+bash tools/keymgr-stack.sh stop 2>&1 | sed 's/^/  /' &
+bash tools/test-hosts.sh stop 2>&1 | sed 's/^/  /' &
+wait
 
 # Guests the project created on the system libvirtd, with their TPM state and secrets.
 if command -v virsh >/dev/null && virsh -q -c qemu:///system uri >/dev/null 2>&1; then

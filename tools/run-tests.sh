@@ -16,8 +16,12 @@ esac
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
 step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
-step "python venv";                                     bash tools/dev-venv.sh
+# The project venv builds while Keystone and Barbican start (both mostly wait on pip).
+step "python venv (next to the next step)"
+bash tools/dev-venv.sh 2>&1 | sed 's/^/  /' &
+venv_pid=$!
 step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.sh start
+wait "$venv_pid" || { echo "tools/dev-venv.sh failed" >&2; exit 1; }
 step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
 step "environments: pip check, every test module imports"; bash tools/check-envs.sh
 step "lint (ruff)";                                     .venv/bin/ruff check .
