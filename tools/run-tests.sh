@@ -18,7 +18,7 @@ step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
 step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
 # The project venv builds while Keystone and Barbican start (both mostly wait on pip).
 step "python venv (next to the next step)"
-bash tools/dev-venv.sh 2>&1 | sed 's/^/  /' &
+bash tools/dev-venv.sh &
 venv_pid=$!
 step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.sh start
 wait "$venv_pid" || { echo "tools/dev-venv.sh failed" >&2; exit 1; }
