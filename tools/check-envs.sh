@@ -27,7 +27,7 @@ check() {
     if "$@" >"$LOG" 2>&1; then
         say "ok: $name"
     else
-        grep -E "Error|error|No module|not installed|has requirement|^E " "$LOG" | sort -u | head -n 20 >&2 || true
+        grep -E "ModuleNotFoundError|ImportError|No module named|has requirement|is not installed|^E " "$LOG" | sort -u | head -n 20 >&2 || true
         tail -n 5 "$LOG" >&2
         die "$name failed: add what is missing to $declared (command: $*)"
     fi
