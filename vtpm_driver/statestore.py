@@ -128,8 +128,6 @@ class StateStore(Protocol):
         """Every copy (unreadable ones skipped with a warning)."""
 
 
-
-
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

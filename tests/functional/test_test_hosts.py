@@ -63,7 +63,8 @@ def test_start_is_idempotent_and_writes_each_hosts_conf(two_hosts):
         configure_test_host(ours, name)
         assert written.libvirt.connection_uri == ours.libvirt.connection_uri == HOST_URIS[name]
         assert written.vtpm.swtpm_state_dir == ours.vtpm.swtpm_state_dir
-        assert Path(ours.vtpm.swtpm_state_dir).is_dir(), name
+        # The host's own swtpm directory (its libvirt creates it with the first TPM there).
+        assert Path(ours.vtpm.swtpm_state_dir) == HOSTS_DIR / name / "lib" / "swtpm", name
 
 
 def _tpm_domain_xml(name: str, dom_uuid: str, guest: TestGuest, console: Path) -> str:
