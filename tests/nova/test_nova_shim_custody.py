@@ -9,6 +9,8 @@ generations. Nova's own steps are recorded instead of run (``calls``).
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from nova import exception as nova_exception
 from nova.compute import task_states, vm_states
@@ -180,18 +182,25 @@ def test_a_cold_migration_hands_the_tpm_to_the_destination(tpm_instance, drv, ct
                                                            monkeypatch):
     instance = tpm_instance()
     instance.old_flavor = instance.new_flavor = instance.flavor
-    moved = dirs / "instances" / instance.uuid
-    make_state(moved / "swtpm", instance.uuid)     # where Nova's migration saved it
-    state.write_generation_in(moved / "swtpm" / instance.uuid, 2)
-    custody.set_recorded(instance, 2)
-    monkeypatch.setattr("nova.virt.libvirt.utils.get_instance_path", lambda inst: str(moved))
+    moved = dirs / "instances" / instance.uuid / "swtpm" / instance.uuid
+    live = dirs / "swtpm" / instance.uuid
+
+    def nova_moves_it_into_place(self, *a, **k):  # Nova's restore_vtpm_dir
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.move(moved, live)
+
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_finish_migration_vtpm",
-                        lambda self, *a, **k: None)
+                        nova_moves_it_into_place)
+    make_state(moved.parent, instance.uuid)         # where Nova's migration saved it
+    state.write_generation_in(moved, 2)
+    custody.set_recorded(instance, 2)
     drv._finish_migration_vtpm(ctx, instance)
     assert custody.recorded(instance) == 3
     assert instance.system_metadata[custody.PRE_RESIZE_KEY] == "2"
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
 
-    state.write_generation_in(moved / "swtpm" / instance.uuid, 1)   # an older one arrives
+    make_state(moved.parent, instance.uuid)         # an older one arrives
+    state.write_generation_in(moved, 1)
     with pytest.raises(nova_exception.NovaException,
                        match=r"take over.*generation is 1.*generation 3 is current"):
         drv._finish_migration_vtpm(ctx, instance)

@@ -46,14 +46,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import nova.conf
 from nova import exception as nova_exception
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import driver as libvirt_driver
-from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 
 from nova.virt.vtpm import host as nova_host
@@ -66,7 +64,6 @@ from vtpm_driver import custody, policy
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
-from vtpm_driver.virt import state as vtpm_state
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -300,35 +297,23 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             instance.save()
 
     def _vtpm_hand_over(self, instance: Any, *, resize: bool = False) -> None:
-        """The TPM state here becomes the server's current copy: advance, save, stamp.
+        """The TPM state here becomes the server's current copy: advance, stamp.
 
-        The instance is saved with the new generation BEFORE this host's
-        state is stamped with it: no moment exists at which an older copy
-        elsewhere matches the record. With no state here yet (a TPM Nova's
-        start manufactures), :meth:`_vtpm_settle` stamps it after the start.
+        Its callers are ``finish_migration``, ``finish_revert_migration`` and
+        ``post_live_migration_at_destination``, after each of which Nova's
+        compute manager saves the instance (with the new generation): the
+        driver only updates it, as Nova's own driver does with the instance's
+        other fields there. Until that save the state here is newer than the
+        stored record, and a newer copy is refused as well as an older one: no
+        moment exists at which an older copy elsewhere matches the record and
+        this one could start twice. With no state here yet (a TPM Nova's start
+        manufactures), :meth:`_vtpm_settle` stamps it after the start.
         Not idempotent (each call is one hand-over).
         """
         new = custody.advance(instance, resize=resize)
-        instance.save()
         with translate.nova_errors():
             ops_custody.stamp_live(instance, self._vtpm_offhost.state_base, create=False)
         LOG.info("TPM handed over: generation %d is the current copy", new, instance=instance)
-
-    def _vtpm_check_moved(self, instance: Any, *, doing: str, record: int | None) -> None:
-        """Refuse a TPM state Nova is about to move into place (``<instance dir>/swtpm``).
-
-        Checked before Nova's ``restore_vtpm_dir`` moves it, so a refused
-        state is never put where libvirt would start it.
-
-        :raises nova.exception.InternalError: older or newer than ``record``.
-        """
-        moved = Path(libvirt_utils.get_instance_path(instance), "swtpm", instance.uuid)
-        if not moved.is_dir():
-            return
-        with translate.nova_errors():
-            custody.check(instance, vtpm_state.read_generation_in(moved), doing=doing,
-                          copy=f"the TPM state Nova saved in {moved} on host {CONF.host}",
-                          record=record, allow_stale=CONF.vtpm.allow_stale_tpm_state)
 
     def _vtpm_undo_created(self, context: Any, instance: Any,
                            start: ops_secrets.StartSecret) -> None:
@@ -405,16 +390,16 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """Nova's TPM state handling, unless the secret was made before the start.
 
         Custody: the state that arrived must be the current copy (checked
-        before Nova moves it into place); then the TPM is handed over to
-        this host (the generation advances; the pre-resize one is kept for a
-        revert).
+        once Nova moved it into place, before the guest is created: a refused
+        state is never started, here or later); then the TPM is handed over
+        to this host (the generation advances; the pre-resize one is kept for
+        a revert).
         """
         change = self._vtpm_resize_change(instance)
-        if change is not policy.Change.NONE:
-            self._vtpm_check_moved(instance, doing="take over", record=None)
         if not policy.secret_created_before_start(change):
             super()._finish_migration_vtpm(context, instance)
         if change is not policy.Change.NONE:
+            self._vtpm_check_live(instance, doing="take over")
             self._vtpm_hand_over(instance, resize=True)
 
     def _cleanup_resize_vtpm(self, context: Any, instance: Any) -> None:
@@ -436,11 +421,11 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if change is policy.Change.ADDED:
             self._vtpm_delete_secret(context, instance, instance.new_flavor)
             return
-        if change is not policy.Change.NONE:
-            self._vtpm_check_moved(instance, doing="copy back",
-                                   record=custody.pre_resize(instance))
         super()._finish_revert_migration_vtpm(context, instance)
         if change is not policy.Change.NONE:
+            # Checked once Nova copied it back, before the guest is created.
+            self._vtpm_check_live(instance, doing="copy back",
+                                  record=custody.pre_resize(instance))
             custody.forget_resize(instance)
             self._vtpm_hand_over(instance)
 
