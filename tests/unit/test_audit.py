@@ -215,6 +215,8 @@ def test_audit_json_clean(capsys, env):
         "project_readable_secrets": [], "half_done_operations": [],
         "orphan_offhost_copies": [], "stale_offhost_copies": [], "store_temporaries": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
+        "orchestrator": "none", "orchestrator_asked": False, "orchestrator_error": None,
+        "orchestrator_vouched": [],
         "clean": True,
     }
     assert keymgr.list_calls == [(OWNER, "user")]
