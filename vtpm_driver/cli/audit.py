@@ -171,7 +171,9 @@ class Audit(CommandMixin, ShowOne):
     (reported only: remove them by hand once no write is under way).
 
     Nothing is changed. Exit status: 0 the report was produced, whatever it
-    says (read "clean"); 1 libvirt, Keystone or Barbican failed.
+    says (read "clean"); 1 libvirt, Keystone or Barbican failed, or with
+    --repair, an action failed or a deletion was held back because Nova could
+    not be asked.
     """
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
@@ -230,7 +232,10 @@ class Audit(CommandMixin, ShowOne):
                 contexts[spec.SECRET_USER] = self.app.context
             with self.app.progress("Repairing"):
                 done = service.repair(plan, keymgr, contexts)
-        self.failed = any(outcome.startswith("failed") for _a, outcome in done)
+        refusal = report.orchestrator.refusal if report.orchestrator else None
+        # Deletions held back because Nova could not be asked: the repair was refused in part.
+        self.failed = any(outcome.startswith("failed") for _a, outcome in done) or any(
+            refusal is not None and item.reason == refusal for item in plan.skipped)
         return (*columns, *REPAIR_COLUMNS), (
             *values, RecordsColumn(_repair_records(done)),
             RecordsColumn(_skipped_records(plan.skipped)), parsed_args.dry_run)
