@@ -93,6 +93,10 @@ def nova_errors(path: str, timeout: float) -> Iterator[None]:
     except ks_exc.ConnectionError as exc:
         raise exception.OrchestratorUnavailable(
             f"lost the connection to {_WHERE} on GET {path}: {type(exc).__name__}") from None
+    except ks_exc.DiscoveryFailure:
+        raise exception.OrchestratorUnavailable(
+            "cannot reach Keystone at [nova] auth_url (no identity API found there) to ask "
+            f"{_WHERE}") from None
     except ks_exc.EndpointNotFound:
         raise exception.OrchestratorUnavailable(
             "the [nova] user's catalog has no 'compute' endpoint (check [nova] region_name, "

@@ -68,6 +68,7 @@ def test_error_for_status_passes_success():
     (ks_exc.ConnectTimeout("http://admin:pw@nova/"), "within 30 s: ConnectTimeout"),
     (ks_exc.ConnectFailure("http://admin:pw@nova/"), "cannot reach"),
     (ks_exc.EndpointNotFound(), "no 'compute' endpoint"),
+    (ks_exc.DiscoveryFailure("http://admin:pw@keystone/"), "cannot reach Keystone at [nova]"),
     (ks_exc.Unauthorized("token tok-SECRET"), "Keystone refused the [nova] credentials"),
     (ks_exc.AuthorizationFailure("pw"), "cannot authenticate the [nova] user"),
 ])
