@@ -45,6 +45,10 @@ ORPHAN_KINDS = (LIBVIRT_SECRET, STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY, STORE_
 #: A half-done entry whose journal is garbled, and what a repair does about it: nothing.
 INVALID_ENTRY = "invalid entry"
 NO_ACTION = "none"
+#: What a repair could delete that a server of the orchestrator still needs: where Nova
+#: runs, a server shelved-offloaded (or on another compute) has no domain on this host,
+#: yet these are its TPM (:func:`vouch`).
+GUARDED_KINDS = (STATE_DIR, BARBICAN_SECRET, OFFHOST_COPY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +142,64 @@ class HalfDone:
 
 
 @dataclasses.dataclass(frozen=True)
+class KnownServer:
+    """A server the orchestrator (Nova) knows and has not deleted, any status, any host.
+
+    ``status`` as Nova shows it (``SHELVED_OFFLOADED``, ``SOFT_DELETED``, ...);
+    ``host`` its compute (None: shelved-offloaded, or not scheduled yet).
+    """
+
+    uuid: str
+    status: str
+    host: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OrchestratorAnswer:
+    """What the orchestrator said about which servers exist.
+
+    ``name`` is how reasons name it (``Nova``); ``servers`` maps a canonical
+    instance UUID to the server, or is None when it could not be asked, then
+    ``error`` says why. Where no orchestrator is configured (a standalone
+    host) there is no answer at all (None), and this host alone decides.
+    """
+
+    name: str
+    servers: Mapping[str, KnownServer] | None
+    error: str | None = None
+
+    @property
+    def asked(self) -> bool:
+        return self.servers is not None
+
+    @property
+    def refusal(self) -> str | None:
+        """Why nothing of :data:`GUARDED_KINDS` may be deleted, or None if it may."""
+        if self.servers is not None:
+            return None
+        return f"{self.name} could not be asked: {self.error or 'no answer'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Vouched:
+    """Something this host alone would call an orphan, kept because the orchestrator
+    knows its server (``status``, ``host``); ``reason`` is what this host saw."""
+
+    kind: str
+    id: str
+    instance_uuid: str
+    status: str
+    host: str | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditReport:
-    """The audit's result; ``barbican_checked`` is False when Barbican was not listed."""
+    """The audit's result; ``barbican_checked`` is False when Barbican was not listed.
+
+    ``orchestrator``: Nova's answer (None: no orchestrator, a standalone host);
+    ``vouched``: what Nova's answer kept from being an orphan.
+    """
 
     servers: tuple[ServerFinding, ...]
     orphans: tuple[Orphan, ...]
@@ -149,6 +209,8 @@ class AuditReport:
     barbican_secrets: tuple[BarbicanSecret, ...] = ()
     #: Off-host copies older than ``[vtpm] state_backup_interval`` (periodic) or overtaken.
     stale_copies: tuple[Orphan, ...] = ()
+    orchestrator: OrchestratorAnswer | None = None
+    vouched: tuple[Vouched, ...] = ()
 
     def orphans_of(self, kind: str) -> tuple[Orphan, ...]:
         return tuple(orphan for orphan in self.orphans if orphan.kind == kind)
@@ -356,3 +418,39 @@ def offhost_copies(report: AuditReport, copies: Iterable[Any], server_uuids: Ite
             "write of that server is under way"))
     return dataclasses.replace(report, orphans=report.orphans + tuple(orphans),
                                stale_copies=tuple(stale))
+
+
+def vouch(report: AuditReport, answer: OrchestratorAnswer | None) -> AuditReport:
+    """``report`` as the orchestrator's ``answer`` corrects it. Pure, idempotent.
+
+    This host sees only its own domains; where Nova is the orchestrator, a
+    server shelved-offloaded or living on another compute has none here, yet
+    its Barbican secret, off-host copy and state directory are its TPM. So an
+    orphan of :data:`GUARDED_KINDS` whose server Nova knows (not deleted: any
+    status, soft-deleted included, any host) is no orphan: it moves to
+    ``vouched``. A Barbican secret of a server of this host (one that records
+    another secret) stays an orphan: Nova's word adds nothing there.
+
+    ``answer`` None (a standalone host): ``report`` unchanged. ``answer``
+    without servers (Nova could not be asked): the orphans stay as they are and
+    the report says so; :func:`vtpm_driver.repair.plan` then deletes none of
+    those kinds.
+    """
+    if answer is None:
+        return report
+    if answer.servers is None:
+        return dataclasses.replace(report, orchestrator=answer)
+    known = {(_canonical(u) or u): server for u, server in answer.servers.items()}
+    here = {_canonical(f.uuid) or f.uuid for f in report.servers}
+    orphans: list[Orphan] = []
+    vouched = list(report.vouched)
+    for orphan in report.orphans:
+        server = known.get(orphan.instance_uuid) if orphan.instance_uuid else None
+        if (server is None or orphan.kind not in GUARDED_KINDS
+                or (orphan.kind == BARBICAN_SECRET and orphan.instance_uuid in here)):
+            orphans.append(orphan)
+            continue
+        vouched.append(Vouched(orphan.kind, orphan.id, str(orphan.instance_uuid),
+                               server.status, server.host, orphan.reason))
+    return dataclasses.replace(report, orphans=tuple(orphans), vouched=tuple(vouched),
+                               orchestrator=answer)

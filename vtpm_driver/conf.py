@@ -4,8 +4,9 @@
 reuse a nova.conf; when Nova has registered them already in the same process,
 Nova's definitions win (see :func:`register_opts`). ``[key_manager]`` says
 where Barbican is, ``[service_user]`` holds the credentials used in
-``deployment`` secret-security mode, and ``[vtpm]`` holds this plugin's own
-options.
+``deployment`` secret-security mode, ``[nova]`` how ``vtpm-driver audit``
+reaches Nova's compute API where Nova is the orchestrator (``[vtpm]
+orchestrator = nova``), and ``[vtpm]`` holds this plugin's own options.
 """
 
 from __future__ import annotations
@@ -296,6 +297,73 @@ hand-over); each such acceptance is logged. Set it only for that operation.
     ),
 ])
 
+#: Who decides where each server lives (issue 20): ``none``, this libvirt host alone
+#: (the standalone command line); ``nova``, Nova, asked by ``audit`` through ``[nova]``.
+ORCHESTRATORS = ("none", "nova")
+
+vtpm_opts.append(cfg.StrOpt(
+    "orchestrator",
+    default="none",
+    choices=ORCHESTRATORS,
+    help="""
+Who decides where each server lives, and so whether ``vtpm-driver audit
+--repair`` may call a server gone from what this host alone sees.
+
+* ``none``: a standalone host; a server without a domain here is gone.
+* ``nova``: Nova's computes (the ``nova.virt.vtpm`` shim). A server Nova
+  shelved-offloaded, or runs on another compute, has no domain here, so
+  before deleting a Barbican secret, an off-host copy or a state directory
+  the audit asks Nova's compute API (``[nova]``, admin credentials, every
+  project, soft-deleted servers included) which servers exist; what belongs
+  to one of them is kept. When Nova cannot be asked (no credentials, an
+  error, a timeout) the repair deletes none of those three kinds.
+
+Set it explicitly: a missing or broken ``[nova]`` then refuses the deletions
+instead of silently falling back to ``none``.
+
+Related options:
+
+* ``[nova]``: the credentials and endpoint used to ask Nova.
+""",
+))
+
+NOVA_GROUP = "nova"
+#: How long ``audit`` waits for Keystone and Nova when ``[nova] timeout`` is unset.
+NOVA_DEFAULT_TIMEOUT = 30.0
+
+nova_group = cfg.OptGroup(
+    NOVA_GROUP,
+    title="Nova API options",
+    help="""
+How ``vtpm-driver audit`` reaches Nova's compute API when ``[vtpm]
+orchestrator = nova``: keystoneauth1 auth options (``auth_type``,
+``auth_url``, ``username``, ``password``, ``project_name``,
+``user_domain_name``, ``project_domain_name``...) of a user with the admin
+role (it lists the servers of every project, soft-deleted included), session
+options (TLS, ``timeout``, default 30 s) and adapter options (``region_name``,
+``valid_interfaces``, ``endpoint_override``; the endpoint comes from the
+catalog, service type ``compute``), as in cinder.conf's or neutron.conf's
+``[nova]``.
+""",
+)
+
+
+def _nova_adapter_opts() -> list[cfg.Opt]:
+    """keystoneauth1's adapter options with Nova's defaults (as nova.conf.utils does)."""
+    opts = ks_loading.get_adapter_conf_options(include_deprecated=False)
+    cfg.set_defaults(opts, service_type="compute", valid_interfaces=["internal", "public"])
+    return opts
+
+
+def _nova_opts() -> list[cfg.Opt]:
+    return (
+        ks_loading.get_session_conf_options()
+        + ks_loading.get_auth_common_conf_options()
+        + ks_loading.get_auth_plugin_conf_options("password")
+        + _nova_adapter_opts()
+    )
+
+
 SERVICE_USER_GROUP = "service_user"
 
 service_user_group = cfg.OptGroup(
@@ -347,6 +415,16 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
                                           help=service_user_group.help))
     ks_loading.register_session_conf_options(conf, SERVICE_USER_GROUP)
     ks_loading.register_auth_conf_options(conf, SERVICE_USER_GROUP)
+    if NOVA_GROUP not in conf:
+        conf.register_group(cfg.OptGroup(NOVA_GROUP, title=nova_group.title,
+                                          help=nova_group.help))
+    ks_loading.register_session_conf_options(conf, NOVA_GROUP)
+    ks_loading.register_auth_conf_options(conf, NOVA_GROUP)
+    for opt in _nova_adapter_opts():
+        try:
+            conf.register_opt(opt, group=NOVA_GROUP)
+        except cfg.DuplicateOptError:
+            continue
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
@@ -355,6 +433,7 @@ def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
         (libvirt_group, list(libvirt_opts)),
         (key_manager_group, list(key_manager_opts)),
         (service_user_group, _service_user_opts()),
+        (nova_group, _nova_opts()),
         (vtpm_group, list(vtpm_opts)),
     ]
 

@@ -127,3 +127,18 @@ class StaleTPMState(VTPMError):
         self.copy = copy
         self.found = found
         self.current = current
+
+
+class OrchestratorUnavailable(VTPMError):
+    """The orchestrator (Nova) could not say which servers exist (issue 20).
+
+    No credentials in ``[nova]``, Keystone or Nova refused them, Nova could not
+    be reached in time or answered with something that is no server list.
+    ``audit --repair`` then deletes no Barbican secret, off-host copy or state
+    directory: without Nova's word a shelved-offloaded server (no domain
+    anywhere) looks exactly like a deleted one. ``orchestrator`` names it.
+    """
+
+    def __init__(self, message: str, orchestrator: str = "Nova") -> None:
+        super().__init__(message)
+        self.orchestrator = orchestrator

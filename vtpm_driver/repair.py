@@ -7,6 +7,11 @@ make a project-readable secret owner-only, finish or roll back a half-done
 operation, remove an off-host copy of no server) and what is left alone, with
 why. No I/O: the service carries the plan out (``ServerService.repair``).
 Nothing outside what the audit reported as orphaned or half-done is touched.
+
+Where an orchestrator (Nova) is configured and could not be asked which
+servers exist (:attr:`vtpm_driver.audit.OrchestratorAnswer.refusal`), no
+Barbican secret, off-host copy or state directory is deleted: each is listed
+as skipped with the reason (``Nova could not be asked: ...``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ REMOVE_STATE = "remove_state_dir"
 DELETE_BARBICAN = "delete_barbican_secret"
 FIX_ACL = "set_owner_only_acl"
 RECOVER = "finish_or_roll_back"
+REMOVE_COPY = "remove_offhost_copy"
+#: The deletions an orchestrator that could not be asked holds back (audit.GUARDED_KINDS).
+_GUARDED = (REMOVE_STATE, DELETE_BARBICAN, REMOVE_COPY)
 #: Barbican orphans younger than this (seconds) are left alone by default: a
 #: create in another process may have made the secret and not yet its domain.
 DEFAULT_MIN_AGE = 600.0
@@ -106,6 +114,14 @@ def _barbican_action(orphan: Orphan, item: BarbicanSecret | None, *, now: float,
                   f"delete Barbican secret: {orphan.reason}", mode=item.mode)
 
 
+def _unless_refused(decided: Action | Skipped, report: AuditReport) -> Action | Skipped:
+    """``decided``, or Skipped when it deletes what the orchestrator could not vouch for."""
+    refusal = report.orchestrator.refusal if report.orchestrator is not None else None
+    if refusal is None or not isinstance(decided, Action) or decided.kind not in _GUARDED:
+        return decided
+    return Skipped(decided.target, decided.instance_uuid, refusal)
+
+
 def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
          only: Iterable[str] | None = None) -> RepairPlan:
     """What ``audit --repair`` does about ``report``: a pure function of the findings.
@@ -122,7 +138,8 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
       entry is left alone (listed as skipped: fix it by hand).
 
     ``only`` limits the plan to what names these instance UUIDs. Nothing else
-    is ever planned.
+    is ever planned. When ``report`` says the orchestrator could not be asked,
+    no state directory or Barbican secret is deleted (skipped, with why).
     """
     if only is not None:
         return _limited(plan(report, now=now, min_age=min_age), only)
@@ -145,12 +162,15 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
                 f"undefine libvirt secret: {finding.secret_security}-mode secret of server "
                 f"{finding.name!r} left defined after its start"))
     for orphan in report.orphans_of(STATE_DIR):
-        actions.append(Action(REMOVE_STATE, orphan.id, orphan.instance_uuid,
-                              f"remove state directory: {orphan.reason}"))
+        decided = _unless_refused(Action(REMOVE_STATE, orphan.id, orphan.instance_uuid,
+                                         f"remove state directory: {orphan.reason}"), report)
+        (actions if isinstance(decided, Action) else skipped).append(decided)
     by_uuid = {canonical_uuid(b.uuid): b for b in report.barbican_secrets if b.uuid}
     deleted = set()
     for orphan in report.orphans_of(BARBICAN_SECRET):
-        decided = _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age)
+        decided = _unless_refused(
+            _barbican_action(orphan, by_uuid.get(orphan.id), now=now, min_age=min_age),
+            report)
         if isinstance(decided, Action):
             actions.append(decided)
             deleted.add(decided.target)
@@ -179,22 +199,21 @@ def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
 # --------------------------------------------------------------------------- off-host copies
 
 
-REMOVE_COPY = "remove_offhost_copy"
-
-
 def plan_copies(repair: RepairPlan, report: AuditReport, only: Iterable[str] | None = None
                 ) -> RepairPlan:
     """``repair`` plus removing the orphaned off-host copies ``report`` found (this host's
     only: :func:`vtpm_driver.audit.offhost_copies`); the state store's leftover
-    temporaries are listed as kept (a write may be under way)."""
+    temporaries are listed as kept (a write may be under way). When ``report`` says
+    the orchestrator could not be asked, no copy is removed (skipped, with why)."""
     wanted = None if only is None else {canonical_uuid(u) or u for u in only}
     actions = list(repair.actions)
+    skipped = list(repair.skipped)
     for orphan in report.orphans_of(OFFHOST_COPY):
         if wanted is not None and orphan.instance_uuid not in wanted:
             continue
-        actions.append(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
-                              f"remove off-host copy: {orphan.reason}"))
-    skipped = list(repair.skipped)
+        decided = _unless_refused(Action(REMOVE_COPY, orphan.id, orphan.instance_uuid,
+                                         f"remove off-host copy: {orphan.reason}"), report)
+        (actions if isinstance(decided, Action) else skipped).append(decided)
     for orphan in report.orphans_of(STORE_TEMPORARY):
         if wanted is None or orphan.instance_uuid in wanted:
             skipped.append(Skipped(orphan.id, orphan.instance_uuid, f"kept: {orphan.reason}"))

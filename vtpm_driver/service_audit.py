@@ -10,6 +10,11 @@ The swtpm state directories are those of the one host the command line
 manages (:attr:`vtpm_driver.backend.ServerBackend.state_base`): a repair
 removes only what the audit listed there. Off-host copies taken on other hosts
 (the store is shared) are left to those hosts.
+
+Where Nova is the orchestrator, the caller passes Nova's answer
+(:func:`vtpm_driver.orchestrator.ask`): what belongs to a server Nova knows is
+no orphan (:func:`vtpm_driver.audit.vouch`), and when Nova could not be asked
+the plan deletes no Barbican secret, off-host copy or state directory.
 """
 
 from __future__ import annotations
@@ -54,12 +59,14 @@ class AuditActions:
                     creator=item.get("creator")))
         return list(found.values())
 
-    def audit(self, barbican: Sequence[vtpm_audit.BarbicanSecret] | None
+    def audit(self, barbican: Sequence[vtpm_audit.BarbicanSecret] | None,
+              orchestrator: vtpm_audit.OrchestratorAnswer | None = None
               ) -> vtpm_audit.AuditReport:
         """This host's vTPM servers and orphans (SPEC F7); changes nothing.
 
         ``barbican``: the vTPM secrets the caller could list, or None when
         Barbican was not checked (then no Barbican orphan is reported).
+        ``orchestrator``: Nova's answer, or None on a standalone host.
         """
         backend = self.backend
         base = str(backend.state_base)
@@ -71,12 +78,13 @@ class AuditActions:
             state_dir_base=base)
         report = dataclasses.replace(report, half_done=self._half_done(backend))
         periodic = self.conf.vtpm.state_backup == "periodic"
-        return vtpm_audit.offhost_copies(
+        report = vtpm_audit.offhost_copies(
             # This host as its copies name it (ServerService.site: the libvirt URI).
             report, self.store.list(), backend.domain_uuids(), host=backend.uri,
             now=time.time(),
             interval=float(self.conf.vtpm.state_backup_interval) if periodic else None,
             temporaries=self.store.temporaries(), store_root=str(self.store.root))
+        return vtpm_audit.vouch(report, orchestrator)
 
     def _half_done(self, backend: Any) -> tuple[vtpm_audit.HalfDone, ...]:
         """The servers whose journal names an interrupted operation, with the facts

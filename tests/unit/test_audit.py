@@ -10,10 +10,14 @@ import types
 import uuid
 
 import pytest
+from keystoneauth1 import exceptions as ks_exc
 
+from tests.fakes import swtpm
 from tests.fakes.keymgr import FakeKeyManager
+from tests.fakes.nova import FakeNovaAdapter
+from tests.fakes.nova import server as nova_server
 from tests.fakes.service import OWNER, FakeBackend
-from vtpm_driver import audit, exception, objects, repair, servers
+from vtpm_driver import audit, exception, objects, orchestrator, repair, servers, statestore
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.ops import journal, locks
@@ -215,6 +219,8 @@ def test_audit_json_clean(capsys, env):
         "project_readable_secrets": [], "half_done_operations": [],
         "orphan_offhost_copies": [], "stale_offhost_copies": [], "store_temporaries": [],
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
+        "orchestrator": "none", "orchestrator_asked": False, "orchestrator_error": None,
+        "orchestrator_vouched": [],
         "clean": True,
     }
     assert keymgr.list_calls == [(OWNER, "user")]
@@ -677,3 +683,177 @@ def test_repair_failure_of_a_recovery_exits_1(capsys, env):
     rc, out, _ = _run(capsys, env, "--repair", "-f", "json", "--no-barbican")
     (done,) = json.loads(out)["repair"]
     assert rc == 1 and done["result"] == "failed: libvirt went away"
+
+
+# -- where Nova is the orchestrator (issue 20) ------------------------------------------
+
+HERE = "qemu:///fake"  # FakeBackend.uri: this host as its off-host copies name it
+
+
+def _copy(uid, *, shelved=False, source_host=HERE):
+    return statestore.CopyMeta(uuid=uid, name="vm", taken_at=NOW - 60, source_host=source_host,
+                               reason="shelve" if shelved else "stop", shelved=shelved,
+                               tpm_version="2.0")
+
+
+def _lost_report(shelved, moved, dead, unknown):
+    """What this host alone sees: ``shelved`` (shelved-offloaded: a leftover state directory
+    and its Barbican secret), ``moved`` (on another compute: the copy taken here before it
+    left and its Barbican secret), ``dead`` and ``unknown`` (a state directory and a
+    Barbican secret each). No domain of any of them here."""
+    barbican = [audit.BarbicanSecret(f"{u[:8]}-0000-4000-8000-000000000000", "n", u,
+                                     created=OLD) for u in (shelved, moved, dead, unknown)]
+    report = audit.audit([], [], [], [shelved, dead, unknown], barbican,
+                         state_dir_base="/srv/swtpm")
+    return audit.offhost_copies(report, [_copy(moved)], [], host=HERE, now=NOW,
+                                interval=None)
+
+
+def _deleted(plan_) -> set[tuple[str, str | None]]:
+    return {(a.kind, a.instance_uuid) for a in plan_.actions}
+
+
+def _full_plan(report):
+    return repair.plan_copies(repair.plan(report, now=NOW), report)
+
+
+def test_without_nova_the_servers_nova_still_has_look_gone():
+    """Why Nova must be asked: this host alone would delete their TPMs."""
+    shelved, moved, dead, unknown = (_uuid() for _ in range(4))
+    deleted = _deleted(_full_plan(_lost_report(shelved, moved, dead, unknown)))
+    assert {(repair.REMOVE_STATE, shelved), (repair.DELETE_BARBICAN, shelved),
+            (repair.REMOVE_COPY, moved), (repair.DELETE_BARBICAN, moved)} <= deleted
+
+
+def test_what_belongs_to_a_server_nova_knows_is_no_orphan():
+    shelved, moved, dead, unknown = (_uuid() for _ in range(4))
+    answer = audit.OrchestratorAnswer("Nova", {
+        shelved: audit.KnownServer(shelved, "SHELVED_OFFLOADED", None),
+        moved: audit.KnownServer(moved, "ACTIVE", "compute-2")})
+    report = audit.vouch(_lost_report(shelved, moved, dead, unknown), answer)
+    assert {o.instance_uuid for o in report.orphans} == {dead, unknown}
+    assert sorted((v.kind, v.instance_uuid, v.status, v.host) for v in report.vouched) == sorted([
+        (audit.STATE_DIR, shelved, "SHELVED_OFFLOADED", None),
+        (audit.BARBICAN_SECRET, shelved, "SHELVED_OFFLOADED", None),
+        (audit.OFFHOST_COPY, moved, "ACTIVE", "compute-2"),
+        (audit.BARBICAN_SECRET, moved, "ACTIVE", "compute-2")])
+    # Nova says deleted or does not know them: planned as before.
+    assert _deleted(_full_plan(report)) == {
+        (repair.REMOVE_STATE, dead), (repair.DELETE_BARBICAN, dead),
+        (repair.REMOVE_STATE, unknown), (repair.DELETE_BARBICAN, unknown)}
+    assert audit.vouch(report, answer) == report  # idempotent
+
+
+def test_nova_could_not_be_asked_deletes_no_secret_copy_or_state_dir():
+    shelved, moved, dead, unknown = (_uuid() for _ in range(4))
+    stray = _uuid()
+    report = _lost_report(shelved, moved, dead, unknown)
+    report = dataclasses.replace(report, orphans=(
+        *report.orphans, audit.Orphan(audit.LIBVIRT_SECRET, stray, dead, "no domain")))
+    answer = audit.OrchestratorAnswer("Nova", None, "cannot reach Nova: ConnectTimeout")
+    report = audit.vouch(report, answer)
+    assert report.vouched == () and report.orchestrator is answer
+    full = _full_plan(report)
+    # Only the libvirt secret (a copy of what Barbican holds) is still undefined.
+    assert _deleted(full) == {(repair.UNDEFINE_SECRET, dead)}
+    held = {s.target: s.reason for s in full.skipped}
+    assert len(held) == 8  # 3 state directories, 4 Barbican secrets, 1 copy
+    assert set(held.values()) == {"Nova could not be asked: cannot reach Nova: ConnectTimeout"}
+    limited = repair.plan_copies(repair.plan(report, now=NOW, only=[moved]), report, [moved])
+    assert limited.actions == () and len(limited.skipped) == 2
+
+
+def test_a_barbican_secret_of_a_server_here_stays_an_orphan_nova_or_not():
+    server = _server(secret=_uuid())
+    other = _uuid()
+    report = audit.audit([server], [server.uuid], [], [],
+                         [audit.BarbicanSecret(other, "n", server.uuid, created=OLD)])
+    answer = audit.OrchestratorAnswer(
+        "Nova", {server.uuid: audit.KnownServer(server.uuid, "ACTIVE", "compute-1")})
+    assert audit.vouch(report, answer).orphans == report.orphans
+
+
+def test_a_standalone_host_decides_alone():
+    report = _lost_report(*(_uuid() for _ in range(4)))
+    assert audit.vouch(report, None) is report
+
+
+@pytest.fixture
+def nova(env, monkeypatch):
+    """``env`` with ``[vtpm] orchestrator = nova``; Nova is a FakeNovaAdapter."""
+    conf = env[3]
+    with open(conf, "a") as f:
+        f.write("orchestrator = nova\n")
+    adapter = FakeNovaAdapter()
+    monkeypatch.setattr(audit_cli, "nova_factory",
+                        lambda c: orchestrator.NovaServers(c, adapter=adapter))
+    return adapter
+
+
+def _shelved_offloaded(env, tmp_path):
+    """A server Nova shelved-offloaded: no domain, its copy in the store, a state
+    directory left here, its Barbican secret; and a server Nova deleted, with the same."""
+    _backend, keymgr, state, _conf = env
+    shelved, dead = _uuid(), _uuid()
+    store = statestore.DirectoryStateStore(tmp_path / "store")
+    for uid in (shelved, dead):
+        store.put(_copy(uid, shelved=uid == shelved), "<domain/>",
+                  swtpm.make_state(tmp_path / "src", uid))
+        (state / uid).mkdir()
+    keymgr.listed["user"] = [{"uuid": f"{u[:8]}-0000-4000-8000-000000000000", "name": "x",
+                              "instance_uuid": u, "created": OLD} for u in (shelved, dead)]
+    return shelved, dead, store
+
+
+def test_repair_keeps_a_shelved_offloaded_server_nova_lists(capsys, env, nova, tmp_path):
+    _backend, keymgr, state, _conf = env
+    shelved, dead, store = _shelved_offloaded(env, tmp_path)
+    nova.live = [nova_server(shelved, "SHELVED_OFFLOADED", None)]
+    nova.deleted = [nova_server(dead, "DELETED", None)]
+    rc, out, err = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert (rc, err) == (0, "")
+    report = json.loads(out)
+    assert (report["orchestrator"], report["orchestrator_asked"],
+            report["orchestrator_error"]) == ("nova", True, None)
+    assert {(v["kind"], v["instance_uuid"], v["status"]) for v in
+            report["orchestrator_vouched"]} == {
+        (audit.STATE_DIR, shelved, "SHELVED_OFFLOADED"),
+        (audit.BARBICAN_SECRET, shelved, "SHELVED_OFFLOADED")}
+    # The deleted server's Barbican secret outlives its copy by one run (as before).
+    assert {(r["action"], r["instance_uuid"], r["result"]) for r in report["repair"]} == {
+        (repair.REMOVE_STATE, dead, "done"), (repair.REMOVE_COPY, dead, "done")}
+    assert (state / shelved).is_dir() and not (state / dead).exists()
+    assert store.get(shelved) is not None and store.get(dead) is None
+    rc, out, err = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert [(r["action"], r["instance_uuid"]) for r in json.loads(out)["repair"]] == [
+        (repair.DELETE_BARBICAN, dead)]
+    assert [r[1][:8] for r in keymgr.repairs] == [dead[:8]]
+    assert (state / shelved).is_dir() and store.get(shelved) is not None
+
+
+def test_repair_deletes_nothing_when_nova_cannot_be_asked(capsys, env, nova, tmp_path):
+    _backend, keymgr, state, _conf = env
+    shelved, dead, store = _shelved_offloaded(env, tmp_path)
+    nova.fail = ks_exc.ConnectTimeout()
+    rc, out, err = _run(capsys, env, "--repair", "-f", "json", "--os-username", "alice")
+    assert rc == 1
+    assert "warning: Nova could not be asked which servers exist" in err
+    report = json.loads(out)
+    assert report["orchestrator_asked"] is False
+    assert report["orchestrator_error"].startswith("cannot reach Nova's compute API")
+    assert report["repair"] == []
+    reasons = {s["reason"] for s in report["repair_skipped"]}
+    assert reasons == {f"Nova could not be asked: {report['orchestrator_error']}"}
+    assert sorted((s["instance_uuid"], s["target"]) for s in report["repair_skipped"]) == sorted(
+        [(shelved, str(state / shelved)), (dead, str(state / dead)), (dead, dead)])
+    assert (state / shelved).is_dir() and (state / dead).is_dir()
+    assert store.get(dead) is not None and keymgr.repairs == []
+
+
+def test_audit_says_nova_could_not_be_asked(capsys, env, nova):
+    nova.status = 403
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert rc == 0 and "needs the admin role" in err
+    report = json.loads(out)
+    assert report["orchestrator"] == "nova" and report["orchestrator_asked"] is False
+    assert "HTTP 403" in report["orchestrator_error"]

@@ -1,7 +1,9 @@
 """``audit``: this host's vTPM servers and the orphans they left (SPEC F7).
 
 Gathers what libvirt, the swtpm state directory and (with credentials)
-Barbican hold, and hands it to the pure :func:`vtpm_driver.audit.audit`.
+Barbican hold, and, where Nova is the orchestrator, which servers Nova knows
+(:mod:`vtpm_driver.orchestrator`), and hands it to the pure
+:func:`vtpm_driver.audit.audit` and :func:`vtpm_driver.audit.vouch`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import exception, repair, spec
+from vtpm_driver import exception, orchestrator, repair, spec
 from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.context import RequestContext
 from vtpm_driver.keymgr import KeyManager
@@ -24,12 +26,15 @@ from vtpm_driver.keymgr import KeyManager
 LOG = logging.getLogger(__name__)
 
 keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
+nova_factory: Callable[[cfg.ConfigOpts], orchestrator.NovaServers] = orchestrator.NovaServers
 
 COLUMNS = (
     "servers", "orphan_libvirt_secrets", "orphan_state_dirs", "orphan_barbican_secrets",
     "project_readable_secrets", "half_done_operations",
     "orphan_offhost_copies", "stale_offhost_copies", "store_temporaries",
-    "barbican_checked", "barbican_scope", "clean",
+    "barbican_checked", "barbican_scope",
+    "orchestrator", "orchestrator_asked", "orchestrator_error", "orchestrator_vouched",
+    "clean",
 )
 REPAIR_COLUMNS = ("repair", "repair_skipped", "dry_run")
 
@@ -91,6 +96,13 @@ def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
     return {key: orphan.id, "instance_uuid": orphan.instance_uuid, "reason": orphan.reason}
 
 
+def _vouched_record(item: vtpm_audit.Vouched) -> dict[str, object]:
+    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy"}.get(
+        item.kind, "secret_uuid")
+    return {"kind": item.kind, key: item.id, "instance_uuid": item.instance_uuid,
+            "status": item.status, "host": item.host, "seen_here": item.reason}
+
+
 def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
                    ) -> tuple[tuple[str, ...], tuple]:
     """The command's output for ``report``."""
@@ -109,6 +121,10 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
         orphans(vtpm_audit.STORE_TEMPORARY),
         report.barbican_checked,
         ListColumn(list(scope)),
+        report.orchestrator.name.lower() if report.orchestrator else orchestrator.NONE,
+        bool(report.orchestrator and report.orchestrator.asked),
+        report.orchestrator.error if report.orchestrator else None,
+        RecordsColumn([_vouched_record(item) for item in report.vouched]),
         report.clean,
     )
 
@@ -140,6 +156,14 @@ class Audit(CommandMixin, ShowOne):
       standalone hosts) sees the other hosts' secrets as orphans here: audit
       each host, and compare, before --repair.
 
+    Where Nova is the orchestrator ([vtpm] orchestrator = nova), it first asks
+    Nova's compute API ([nova] admin credentials; every project, soft-deleted
+    servers included) which servers exist: a state directory, off-host copy
+    or Barbican secret of a server Nova knows (shelved-offloaded, on another
+    compute...) is no orphan, and is listed under orchestrator_vouched. When
+    Nova cannot be asked, orchestrator_error says why, and --repair deletes
+    none of those three kinds.
+
     It also lists half-done operations: servers whose record still names an
     operation that was interrupted (kill -9, a crash), with what a repair
     would do about it (finish or roll back), and leftover temporaries of the
@@ -147,7 +171,9 @@ class Audit(CommandMixin, ShowOne):
     (reported only: remove them by hand once no write is under way).
 
     Nothing is changed. Exit status: 0 the report was produced, whatever it
-    says (read "clean"); 1 libvirt, Keystone or Barbican failed.
+    says (read "clean"); 1 libvirt, Keystone or Barbican failed, or with
+    --repair, an action failed or a deletion was held back because Nova could
+    not be asked.
     """
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
@@ -160,7 +186,10 @@ class Audit(CommandMixin, ShowOne):
                                  "(libvirt vtpm secrets "
                                  "no starting guest needs, state directories of no server, "
                                  "Barbican vTPM secrets of no server) and set an owner-only "
-                                 "ACL on project-readable vTPM secrets; nothing else")
+                                 "ACL on project-readable vTPM secrets; nothing else. "
+                                 "With [vtpm] orchestrator = nova, no state directory, "
+                                 "off-host copy or Barbican secret of a server Nova knows, "
+                                 "and none at all when Nova cannot be asked")
         parser.add_argument("--dry-run", action="store_true",
                             help="With --repair: show the plan, change nothing")
         parser.add_argument("--min-age", type=float, default=repair.DEFAULT_MIN_AGE,
@@ -183,7 +212,11 @@ class Audit(CommandMixin, ShowOne):
         keymgr = keymgr_factory(self.app.conf) if scopes else None
         barbican = self._list_barbican(keymgr, scopes) if scopes else None
         service = self.app.service
-        report = service.audit(barbican)
+        answer = None
+        if self.app.conf.vtpm.orchestrator == orchestrator.NOVA:
+            with self.app.progress("Asking Nova which servers exist"):
+                answer = orchestrator.ask(self.app.conf, nova_factory)
+        report = service.audit(barbican, answer)
         names = [label for _ctx, _mode, label in self._labels]
         columns, values = report_columns(report, names)
         if not parsed_args.repair:
@@ -199,7 +232,10 @@ class Audit(CommandMixin, ShowOne):
                 contexts[spec.SECRET_USER] = self.app.context
             with self.app.progress("Repairing"):
                 done = service.repair(plan, keymgr, contexts)
-        self.failed = any(outcome.startswith("failed") for _a, outcome in done)
+        refusal = report.orchestrator.refusal if report.orchestrator else None
+        # Deletions held back because Nova could not be asked: the repair was refused in part.
+        self.failed = any(outcome.startswith("failed") for _a, outcome in done) or any(
+            refusal is not None and item.reason == refusal for item in plan.skipped)
         return (*columns, *REPAIR_COLUMNS), (
             *values, RecordsColumn(_repair_records(done)),
             RecordsColumn(_skipped_records(plan.skipped)), parsed_args.dry_run)
