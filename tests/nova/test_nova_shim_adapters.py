@@ -12,7 +12,6 @@ from nova.tests import fixtures as nova_fixtures  # noqa: F401 - registers Nova'
 from nova.virt import fake as fake_virt
 from nova.virt.libvirt import driver as libvirt_driver
 
-from nova.virt.vtpm import host as shim_host
 from nova.virt.vtpm import keymgr as shim_keymgr
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import (

@@ -3,9 +3,10 @@
 Nova hands the driver its own ``RequestContext``, ``Flavor``, ``ImageMeta``
 (whose ``properties`` is an ``ImageMetaProps`` object, not a mapping) and
 expects its own exception types back. Everything here is a pure mapping:
-no decision about vTPMs is taken in this module, they are all taken by Nova
-(whether a guest has a vTPM, :func:`vtpm_config`), :mod:`vtpm_driver.spec`, :mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`,
-:mod:`vtpm_driver.ops` and :mod:`vtpm_driver.virt`.
+no decision about vTPMs is taken in this module: Nova decides whether a guest
+has one (:func:`vtpm_config`), and :mod:`vtpm_driver.spec`,
+:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`, :mod:`vtpm_driver.ops` and
+:mod:`vtpm_driver.virt` the rest.
 """
 
 from __future__ import annotations
