@@ -60,7 +60,6 @@ else:
     # a module that needs another one defines its own (pytest: the nearest wins).
     from nova.virt import fake as fake_virt
 
-    from nova.virt.vtpm import seams
     from nova.virt.vtpm.driver import VTPMLibvirtDriver
     from tests.nova.nova_fakes import FakeKeyManager, FakeLibvirt, FakeProbe, Flags, nova_ctx
 
@@ -88,8 +87,7 @@ else:
         driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), key_manager=keymgr,
                                    host_probe=FakeProbe())
         monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
-        yield driver
-        seams.uninstall()
+        return driver
 
     @pytest.fixture
     def ctx():

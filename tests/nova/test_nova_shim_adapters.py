@@ -1,4 +1,4 @@
-"""The shim's adapters: key manager by ``[key_manager] backend``, Nova's Host, Nova's check."""
+"""The shim's adapters: key manager by ``[key_manager] backend``, Nova's Host, the host check."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from nova.tests import fixtures as nova_fixtures  # noqa: F401 - registers Nova'
 from nova.virt import fake as fake_virt
 from nova.virt.libvirt import driver as libvirt_driver
 
-from nova.virt.vtpm import host as shim_host
 from nova.virt.vtpm import keymgr as shim_keymgr
-from nova.virt.vtpm import seams
-from nova.virt.vtpm.driver import VTPMLibvirtDriver, novas_check_replaced
+from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import (
     CONF,
     PASSPHRASE,
@@ -127,8 +125,7 @@ def drv(flags, monkeypatch):
     driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), host_probe=FakeProbe())
     monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
     driver.conn = conn
-    yield driver
-    seams.uninstall()
+    return driver
 
 
 def test_secret_store_defines_finds_and_undefines_through_novas_host(drv):
@@ -153,22 +150,24 @@ def test_host_errors_are_mapped_to_ours(drv, monkeypatch):
         drv.vtpm_secrets.find(make_instance().uuid)
 
 
-def test_novas_check_is_nova_own_until_replaced():
-    assert novas_check_replaced() is False
-    with mock.patch.object(libvirt_driver.LibvirtDriver, "_check_vtpm_support"):
-        assert novas_check_replaced() is True
-
-
-def test_a_replaced_nova_check_vouches_for_the_os_facts(flags, monkeypatch):
+def test_the_host_check_is_always_ours(flags, monkeypatch):
+    """Replacing Nova's check changes nothing: ours checks what Nova's does, and more."""
     conn = FakeLibvirt()
-    driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI())
+    driver = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), host_probe=FakeProbe(binaries=()))
     monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
     with mock.patch.object(libvirt_driver.LibvirtDriver, "_check_vtpm_support") as nova_check:
-        driver._check_vtpm_support()  # no binaries/users looked at: no refusal
-    nova_check.assert_called_once_with()
-    assert driver._vtpm_report is None or not driver._vtpm_report.problems
-    assert isinstance(driver._vtpm_os_facts, shim_host.VouchedOSFacts)
-    seams.uninstall()
+        with pytest.raises(nova_exception.InvalidConfiguration, match="swtpm not found"):
+            driver._check_vtpm_support()
+    nova_check.assert_not_called()
+
+
+def test_the_driver_adds_no_public_method_to_novas_api(drv):
+    """Nova's ComputeDriver API is the driver's contract (Nova's test_public_api_signatures)."""
+    from nova.virt import driver as virt_driver
+
+    ours = {name for name, value in vars(VTPMLibvirtDriver).items()
+            if callable(value) and not name.startswith("_")}
+    assert ours - set(dir(virt_driver.ComputeDriver)) == set()
 
 
 def test_deleting_with_castellan_needs_no_token(drv, castellan):

@@ -20,7 +20,7 @@ from nova.compute import task_states
 from nova.virt import fake as fake_virt
 from nova.virt.libvirt import driver as libvirt_driver
 
-from nova.virt.vtpm import seams, translate
+from nova.virt.vtpm import translate
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import FakeLibvirt, FakeProbe, Flags, make_flavor, make_instance
 from vtpm_driver import context as vtpm_context
@@ -51,7 +51,6 @@ def drv(keymgr_stack, monkeypatch):
     monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
     driver.fake_conn = conn
     yield driver
-    seams.uninstall()
     flags.clear()
 
 

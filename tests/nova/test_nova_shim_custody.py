@@ -63,7 +63,7 @@ def test_unshelve_of_the_current_copy_advances_and_stamps_the_restored_state(
     seen = []
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", lambda self, *a, **k: seen.append(
         state.read_generation(dirs / "swtpm", instance.uuid)))
-    drv.spawn(ctx, instance, make_image())
+    drv.spawn(ctx, instance, make_image(), [], None, {})
     assert seen == [3]                       # stamped before Nova defines and starts it
     assert custody.recorded(instance) == 3
 
@@ -74,7 +74,7 @@ def test_unshelve_of_an_older_copy_is_refused_naming_both_generations(
     instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
     unshelvable(dirs, store, instance, older)
     with pytest.raises(nova_exception.NovaException) as caught:
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     message = str(caught.value)
     shown = "none (taken before custody)" if older is None else str(older)
     assert f"generation is {shown}" in message and "generation 2 is current" in message
@@ -90,7 +90,7 @@ def test_allow_stale_tpm_state_restores_an_older_copy(tpm_instance, drv, ctx, di
     instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
     unshelvable(dirs, store, instance, 1)
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", lambda self, *a, **k: None)
-    drv.spawn(ctx, instance, make_image())
+    drv.spawn(ctx, instance, make_image(), [], None, {})
     assert custody.recorded(instance) == 3
     assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
 
@@ -105,7 +105,7 @@ def test_a_failed_unshelve_puts_the_generation_back(tpm_instance, drv, ctx, dirs
 
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", fail)
     with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     assert custody.recorded(instance) == 2   # the copy is current again: a retry works
 
 
@@ -130,7 +130,7 @@ def test_evacuation_hands_the_tpm_to_the_new_host(tpm_instance, drv, ctx, dirs, 
     with pytest.raises(NotImplementedError):           # on to Nova's default rebuild
         evacuate(drv, ctx, instance)
     instance.task_state = task_states.REBUILD_SPAWNING
-    drv.spawn(ctx, instance, make_image())
+    drv.spawn(ctx, instance, make_image(), [], None, {})
     assert custody.recorded(instance) == 3
     assert state.read_generation(dirs / "swtpm", instance.uuid) == 3
     # The old host's state (generation 2) can never start again: a start there refuses it.

@@ -16,7 +16,6 @@ import pytest
 from nova.virt import fake as fake_virt
 from nova.virt.libvirt import blockinfo
 
-from nova.virt.vtpm import seams
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import (
     PASSPHRASE,
@@ -60,7 +59,6 @@ def real_driver(read_only: bool, log: list, tmp_path) -> VTPMLibvirtDriver:
 def cleanup_instances_path():
     yield
     CONF.clear_override("instances_path")
-    seams.uninstall()
 
 
 @pytest.mark.parametrize(("specs", "version", "model"), [

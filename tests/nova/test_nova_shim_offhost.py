@@ -141,7 +141,7 @@ def test_unshelve_restores_the_state_before_novas_spawn(
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn",
                         lambda self, *a, **k: seen.append(restored.is_file()))
 
-    drv.spawn(ctx, instance, make_image())
+    drv.spawn(ctx, instance, make_image(), [], None, {})
 
     assert seen == [True]                              # state in place when Nova defines
     assert [entry[0] for entry in log] == ["get"]     # the same secret, read first
@@ -161,7 +161,7 @@ def test_a_failed_unshelve_removes_the_restored_state_and_keeps_the_copy(
 
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", fail)
     with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     assert not (dirs / "swtpm" / instance.uuid).exists()
     assert store.get(instance.uuid).shelved
 
@@ -181,7 +181,7 @@ def test_a_failed_unshelve_never_removes_a_state_another_writer_made(
 
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn", raced_and_failed)
     with pytest.raises(nova_exception.NovaException, match="libvirt said no"):
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     assert theirs.is_dir(), "not this unshelve's to remove"
     assert store.get(instance.uuid).shelved
 
@@ -191,7 +191,7 @@ def test_a_non_owner_unshelve_of_a_user_mode_server_changes_nothing(
     instance = tpm_instance("user", vm_state=vm_states.SHELVED_OFFLOADED)
     shelved_copy(dirs, instance)
     with pytest.raises(nova_exception.Forbidden, match="only its owner"):
-        drv.spawn(stranger(), instance, make_image())
+        drv.spawn(stranger(), instance, make_image(), [], None, {})
     assert calls == [] and log == []
     assert not (dirs / "swtpm" / instance.uuid).exists()
     assert store.get(instance.uuid).shelved
@@ -207,7 +207,7 @@ def test_unshelve_from_a_copy_of_another_owner_is_refused_before_anything(
     store.update(instance.uuid, **{field: value})
     with pytest.raises(nova_exception.NovaException,
                        match=f"{instance.uuid}.*{field}.*{value}"):
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     assert calls == []
     assert not (dirs / "swtpm" / instance.uuid).exists()
     assert store.get(instance.uuid).shelved
@@ -227,7 +227,7 @@ def test_unshelve_without_a_copy_is_refused_before_novas_spawn(
         tpm_instance, drv, ctx, dirs, calls):
     instance = tpm_instance(vm_state=vm_states.SHELVED_OFFLOADED)
     with pytest.raises(nova_exception.NovaException, match="no shelved copy"):
-        drv.spawn(ctx, instance, make_image())
+        drv.spawn(ctx, instance, make_image(), [], None, {})
     assert calls == []
 
 
@@ -266,7 +266,7 @@ def test_evacuate_with_a_stale_copy_needs_allow_stale_tpm_state(
                             (dirs / "swtpm" / instance.uuid).is_dir()))
     instance.task_state = task_states.REBUILD_SPAWNING
     before = time.time()
-    drv.spawn(ctx, instance, make_image())
+    drv.spawn(ctx, instance, make_image(), [], None, {})
     assert seen == [True]
     assert store.get(instance.uuid).started_after >= before   # the copy is overtaken
 

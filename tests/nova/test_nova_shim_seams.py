@@ -1,9 +1,10 @@
 """Where Nova's own unit tests reach into the driver, the shim answers as Nova's driver does.
 
 Each test here pins one seam that Nova's ``test_driver.py`` (run by
-``tools/nova-vtpm-suite.sh``) relies on: Nova's start-up sentences, a replaced
-``hardware.get_vtpm_constraint``, static methods patched by name, how secrets
-are handed to ``Host.create_secret``, and ``nova.crypto``'s save of a new secret.
+``tools/nova-vtpm-suite.sh``) relies on: Nova's start-up sentences, Nova's
+``hardware.get_vtpm_constraint`` deciding whether a guest has a vTPM, how
+secrets are handed to ``Host.create_secret``, and ``nova.crypto``'s save of a
+new secret.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import uuid
 from typing import Any
 from unittest import mock
 
-import fixtures
 import pytest
 from nova import exception as nova_exception
 from nova.tests import fixtures as nova_fixtures  # noqa: F401 - registers Nova's test opts
@@ -22,7 +22,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 
 from nova.virt.vtpm import host as shim_host
 from nova.virt.vtpm import keymgr as shim_keymgr
-from nova.virt.vtpm import seams, translate
+from nova.virt.vtpm import translate
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import (
     CONF,
@@ -45,8 +45,7 @@ def drv(flags, monkeypatch):
                                key_manager=FakeKeyManager([]))
     monkeypatch.setattr(driver._host, "get_connection", lambda: conn)
     driver.conn = conn
-    yield driver
-    seams.uninstall()
+    return driver
 
 
 # ------------------------------------------------------------ start-up refusal
@@ -75,7 +74,6 @@ def test_refusal_starts_with_novas_sentence_then_lists_every_problem(
     message = str(info.value)
     assert message.startswith(novas + " [libvirt] swtpm_enabled is True")
     assert "swtpm not found in PATH" in message
-    seams.uninstall()
 
 
 def test_refusal_without_a_problem_nova_checks_has_no_nova_sentence():
@@ -87,64 +85,29 @@ def test_refusal_without_a_problem_nova_checks_has_no_nova_sentence():
 # ------------------------------------------------- hardware.get_vtpm_constraint
 
 
-def test_the_libvirt_driver_asks_our_spec_not_novas_function(drv, monkeypatch):
-    flavor = make_flavor(**{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"})
-    assert libvirt_driver.hardware.get_vtpm_constraint(flavor, make_image()) == (
-        hardware.VTPMConfig("2.0", "tpm-crb"))
-    with pytest.raises(nova_exception.Invalid, match="tpm-crb"):
-        libvirt_driver.hardware.get_vtpm_constraint(
+def test_novas_libvirt_driver_module_is_left_as_nova_ships_it(drv):
+    assert libvirt_driver.hardware is hardware
+
+
+def test_the_guests_vtpm_is_the_one_novas_get_vtpm_constraint_names(drv):
+    flavor = make_flavor(**{"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb",
+                            "hw:tpm_secret_security": "host"})
+    config = translate.vtpm_config(flavor, make_image())
+    assert (config.version, config.model, config.secret_security) == (
+        "2.0", "tpm-crb", spec.SECRET_HOST)
+    with mock.patch.object(hardware, "get_vtpm_constraint", return_value=None) as asked:
+        assert translate.vtpm_config(flavor, make_image()) is None  # Nova says none
+    asked.assert_called_once_with(flavor, mock.ANY)
+
+
+def test_an_invalid_request_is_refused_with_novas_exceptions(drv):
+    with pytest.raises(nova_exception.Invalid, match="CRB"):
+        translate.vtpm_config(
             make_flavor(**{"hw:tpm_version": "1.2", "hw:tpm_model": "tpm-crb"}), make_image())
-
-
-def test_a_replaced_get_vtpm_constraint_answers_instead(drv):
-    flavor, image = make_flavor(**{"hw:tpm_version": "2.0"}), make_image()
-    assert seams.installed()
-    with mock.patch.object(hardware, "get_vtpm_constraint", return_value=None) as replaced:
-        assert libvirt_driver.hardware.get_vtpm_constraint(flavor, image) is None
-    replaced.assert_called_once_with(flavor, image)
-    assert libvirt_driver.hardware.get_vtpm_constraint(flavor, image) == (
-        hardware.VTPMConfig("2.0", "tpm-tis"))
-
-
-# ------------------------------------------------------------- patched by name
-
-
-def test_an_inherited_static_method_patched_by_name_stays_static(drv):
-    calls: list[dict[str, Any]] = []
-
-    def fake_create_ephemeral(target, ephemeral_size, fs_label, os_type, **kwargs):
-        calls.append({"target": target, "size": ephemeral_size})
-
-    name = "nova.virt.vtpm.driver.VTPMLibvirtDriver._create_ephemeral"
-    with fixtures.MonkeyPatch(name, fake_create_ephemeral):
-        drv._create_ephemeral(target="/x", ephemeral_size=1, fs_label="l", os_type="linux")
-    assert calls == [{"target": "/x", "size": 1}]
-    assert isinstance(vars(VTPMLibvirtDriver)["_create_ephemeral"], staticmethod)
-
-
-def test_copies_made_while_the_parent_is_patched_do_not_keep_the_patch():
-    class Parent:
-        @staticmethod
-        def make(target, size):
-            return ("real", target, size)
-
-    with mock.patch.object(Parent, "make", autospec=True) as patched:
-        @seams.own_static_methods
-        class Child(Parent):
-            pass
-
-        Child.make(target="t", size=1)
-        patched.assert_called_once_with(target="t", size=1)
-    assert Child.make("t", 2) == ("real", "t", 2)
-    mock.create_autospec(Child.make)  # as Nova's LibvirtImageBackendFixture does
-
-
-def test_a_patch_of_novas_static_method_is_still_seen_through_ours(drv):
-    """Patched on Nova's class (Nova's fixtures when the name is Nova's): inherited as before."""
-    name = "nova.virt.libvirt.driver.LibvirtDriver._get_fs_label_ephemeral"
-    with fixtures.MonkeyPatch(name, lambda index: f"patched{index}"):
-        assert drv._get_fs_label_ephemeral(3) == "patched3"
-    assert drv._get_fs_label_ephemeral(3) == "ephemeral3"
+    with pytest.raises(nova_exception.Invalid, match="hw:tpm_secret_security='everyone'"):
+        translate.vtpm_config(make_flavor(**{"hw:tpm_version": "2.0",
+                                             "hw:tpm_secret_security": "everyone"}),
+                              make_image())
 
 
 # ----------------------------------------------------- secrets through Host

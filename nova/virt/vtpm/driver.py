@@ -12,7 +12,6 @@ Nova method (overridden)                      routed to
 ============================================  =========================================
 ``_check_vtpm_support`` (init_host)           :func:`vtpm_driver.host.check_host`
 ``_get_tpm_traits`` (placement traits)        ``check_host(...).traits`` (all 7 traits)
-``hardware.get_vtpm_constraint`` (8 calls)    :mod:`vtpm_driver.spec` (:mod:`.seams`)
 ``_add_vtpm_device`` (guest XML)              :func:`vtpm_driver.virt.domain.add_tpm`
 ``spawn``, ``_hard_reboot`` (reboot, power    ``ops.secrets.prepare_start``: passphrase
 on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest is
@@ -24,7 +23,7 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``_finish_revert_migration_vtpm``
 ``_finish_migration_vtpm``                    Nova's state handling; an added vTPM's
                                               secret already exists
-``cleanup``                                   ``ops.secrets.remove_libvirt_secrets``
+``_cleanup`` (disks removed)                  ``ops.secrets.remove_libvirt_secrets``
 ``power_off``, ``destroy`` while shelving,    :mod:`.offhost` (shelve, unshelve,
 ``spawn`` unshelving, ``rebuild``,            evacuate, rebuild, rescue keep the
 ``_undefine_domain``, ``rescue``, unrescue``  TPM; ``ops.shelve.OffHostOps``)
@@ -44,7 +43,6 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,7 +56,7 @@ from nova.virt.vtpm import host as nova_host
 from nova.virt.vtpm import keymgr as nova_keymgr
 from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
-from nova.virt.vtpm import release, seams, translate
+from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import custody, policy
 from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
@@ -72,18 +70,6 @@ _DELETING_VM_STATES = (vm_states.DELETED, vm_states.SOFT_DELETED)
 _NOVA_DRIVER = libvirt_driver.LibvirtDriver  # the class we extend
 
 
-def novas_check_replaced() -> bool:
-    """Whether ``LibvirtDriver._check_vtpm_support`` is no longer Nova's own function.
-
-    It is the place Nova's tests (and operators) override to vouch for the
-    host's swtpm binaries and accounts; see README.rst, "Host checks".
-    """
-    check = inspect.getattr_static(_NOVA_DRIVER, "_check_vtpm_support")
-    return not (inspect.isfunction(check)
-                and check.__module__ == libvirt_driver.__name__
-                and check.__qualname__ == "LibvirtDriver._check_vtpm_support")
-
-
 def _being_deleted(instance: Any) -> bool:
     """Whether ``destroy`` is part of deleting the server (not reboot, resize, shelve...)."""
     if getattr(instance, "task_state", None) == task_states.DELETING:
@@ -91,7 +77,6 @@ def _being_deleted(instance: Any) -> bool:
     return getattr(instance, "vm_state", None) in _DELETING_VM_STATES
 
 
-@seams.own_static_methods
 class VTPMLibvirtDriver(_NOVA_DRIVER):
     """Nova's libvirt driver whose vTPM handling is vtpm-driver's."""
 
@@ -108,7 +93,6 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         release.check_nova_release()
         vtpm_conf.register_opts(CONF)
         super().__init__(virtapi, read_only)
-        seams.install()
         self._vtpm_keymgr = (None if key_manager is None
                              else nova_keymgr.OwnerOnlyBarbican(key_manager))
         self._vtpm_probe = host_probe
@@ -144,8 +128,12 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             return self._vtpm_probe
         return nova_host.NovaHostProbe(self._host, self._vtpm_os_facts)
 
-    def vtpm_host_report(self, refresh: bool = False) -> HostReport:
-        """:func:`vtpm_driver.host.check_host` for this host, computed once."""
+    def _vtpm_host_report(self, refresh: bool = False) -> HostReport:
+        """:func:`vtpm_driver.host.check_host` for this host, computed once.
+
+        Private: Nova's ``ComputeDriver`` API is the driver's whole public
+        contract (Nova's ``test_public_api_signatures``).
+        """
         if self._vtpm_report is None or refresh:
             with translate.nova_errors():
                 self._vtpm_report = check_host(CONF, self.vtpm_host_probe)
@@ -157,19 +145,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """Refuse to start when ``swtpm_enabled`` is set but the host cannot deliver.
 
         Every problem is listed at once (virt_type, libvirt's TPM support and
-        ``emulator`` backend, swtpm binaries, swtpm user/group, secret modes).
-        When Nova's own check has been replaced (Nova's tests, a site
-        override), the replacement runs instead and vouches for the swtpm
-        binaries and accounts; libvirt's answers still decide the traits.
+        ``emulator`` backend, swtpm binaries, swtpm user/group, secret modes),
+        after the sentence Nova's own check would have started with. This
+        replaces Nova's check (it checks a superset); replacing this method
+        is, as for Nova's driver, how a site or a test says otherwise.
 
         :raises nova.exception.InvalidConfiguration:
         """
-        if novas_check_replaced():
-            super()._check_vtpm_support()
-            self._vtpm_os_facts = nova_host.VouchedOSFacts()
-            self._vtpm_report = None
-            return
-        report = self.vtpm_host_report(refresh=True)
+        report = self._vtpm_host_report(refresh=True)
         if not CONF.libvirt.swtpm_enabled:
             return
         if report.problems:
@@ -180,7 +163,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _get_tpm_traits(self) -> dict[str, bool]:
         """All seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones are removed from placement."""
-        return dict(self.vtpm_host_report().traits)
+        return dict(self._vtpm_host_report().traits)
 
     # -- guest XML ---------------------------------------------------------------
 
@@ -338,8 +321,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             LOG.info("Deleted vTPM secret %s created by the failed operation",
                      start.secret_uuid, instance=instance)
 
-    def spawn(self, context: Any, instance: Any, image_meta: Any, *args: Any,
-              **kwargs: Any) -> None:
+    def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+              admin_password: Any, allocations: Any, network_info: Any = None,
+              block_device_info: Any = None, power_on: bool = True,
+              accel_info: Any = None) -> None:
         """Secret first (created with an owner-only ACL if new), then Nova's spawn.
 
         Unshelve and evacuation: the TPM state comes back from its off-host
@@ -351,7 +336,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
         with (self._vtpm_passphrase_first(context, instance, image_meta, create=True),
               self._vtpm_offhost.spawning(instance, unshelving)):
-            super().spawn(context, instance, image_meta, *args, **kwargs)
+            super().spawn(context, instance, image_meta, injected_files, admin_password,
+                          allocations, network_info=network_info,
+                          block_device_info=block_device_info, power_on=power_on,
+                          accel_info=accel_info)
 
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
         """Nova's hard reboot (also power on) with the passphrase read first."""
@@ -360,23 +348,33 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._vtpm_offhost.started(instance)
         return result
 
-    def resume(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
+    def resume(self, context: Any, instance: Any, network_info: Any,
+               block_device_info: Any = None, share_info: Any = None) -> None:
         """Nova's resume with the passphrase read before VIFs and guest are touched."""
         with self._vtpm_passphrase_first(context, instance, create=False):
-            super().resume(context, instance, *args, **kwargs)
+            super().resume(context, instance, network_info,
+                           block_device_info=block_device_info, share_info=share_info)
         self._vtpm_offhost.started(instance)
 
-    def finish_revert_migration(self, context: Any, instance: Any, *args: Any,
-                                **kwargs: Any) -> None:
+    def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
+                                migration: Any, block_device_info: Any = None,
+                                power_on: bool = True, share_info: Any = None) -> None:
         """Resize revert on the source: the old vTPM's passphrase is read first."""
         with self._vtpm_passphrase_first(context, instance, create=False):
-            super().finish_revert_migration(context, instance, *args, **kwargs)
+            super().finish_revert_migration(context, instance, network_info, migration,
+                                            block_device_info=block_device_info,
+                                            power_on=power_on, share_info=share_info)
 
-    def finish_migration(self, context: Any, migration: Any, instance: Any, *args: Any,
-                         **kwargs: Any) -> None:
+    def finish_migration(self, context: Any, migration: Any, instance: Any, disk_info: Any,
+                         network_info: Any, image_meta: Any, resize_instance: bool,
+                         allocations: Any, block_device_info: Any = None,
+                         power_on: bool = True, share_info: Any = None) -> None:
         """Resize/cold migration target: passphrase (created if the vTPM is new) first."""
         with self._vtpm_passphrase_first(context, instance, create=True):
-            super().finish_migration(context, migration, instance, *args, **kwargs)
+            super().finish_migration(context, migration, instance, disk_info, network_info,
+                                     image_meta, resize_instance, allocations,
+                                     block_device_info=block_device_info,
+                                     power_on=power_on, share_info=share_info)
 
     # -- resize ---------------------------------------------------------------------
 
@@ -481,35 +479,46 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         keep_vtpm = keep_vtpm or instance.task_state == task_states.REBUILDING
         super()._undefine_domain(instance, keep_vtpm=keep_vtpm, keep_nvram=keep_nvram)
 
-    def cleanup(self, context: Any, instance: Any, network_info: Any,
-                block_device_info: Any = None, destroy_disks: bool = True,
-                migrate_data: Any = None, destroy_vifs: bool = True,
-                destroy_secrets: bool = True) -> Any:
-        """Nova's cleanup; every libvirt vTPM secret of the server is undefined first."""
-        if destroy_disks:
+    def _cleanup(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        """Nova's cleanup; when it removes the disks, every libvirt vTPM secret goes first.
+
+        Nova's hook below ``cleanup`` and a failed start; Nova passes
+        ``cleanup_instance_disks`` by keyword. The arguments go on to Nova's
+        as they came.
+        """
+        if kwargs.get("cleanup_instance_disks"):
             with translate.nova_errors():
                 ops_secrets.remove_libvirt_secrets(self.vtpm_secrets, instance)
-        return super().cleanup(context, instance, network_info, block_device_info,
-                               destroy_disks, migrate_data, destroy_vifs, destroy_secrets)
+        return super()._cleanup(context, instance, *args, **kwargs)
 
     # -- the TPM outlives its host or its image (.offhost, issue 15) ------------------
 
-    def rebuild(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
+    def rebuild(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+                admin_password: Any, allocations: Any, bdms: Any, detach_block_devices: Any,
+                attach_block_devices: Any, network_info: Any = None, evacuate: bool = False,
+                block_device_info: Any = None, preserve_ephemeral: bool = False,
+                accel_uuids: Any = None, reimage_boot_volume: bool = False) -> None:
         """Checks before Nova's default rebuild (destroy + spawn) touches anything.
 
         Rebuild: the passphrase must be readable (the TPM is kept). Evacuate:
         owner check (``user`` mode) and a usable off-host copy.
         """
         if policy.has_vtpm(instance):
-            if kwargs.get("evacuate"):
+            if evacuate:
                 self._vtpm_offhost.check_caller(context, instance, "evacuate")
                 LOG.warning("Evacuating with the TPM state %s",
                             self._vtpm_offhost.check_evacuation(instance), instance=instance)
             else:
                 self._vtpm_prepare(context, instance, policy.vtpm_of(instance), create=False)
-        super().rebuild(context, instance, *args, **kwargs)
+        super().rebuild(context, instance, image_meta, injected_files, admin_password,
+                        allocations, bdms, detach_block_devices, attach_block_devices,
+                        network_info=network_info, evacuate=evacuate,
+                        block_device_info=block_device_info,
+                        preserve_ephemeral=preserve_ephemeral, accel_uuids=accel_uuids,
+                        reimage_boot_volume=reimage_boot_volume)
 
-    def rescue(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> None:
+    def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
+               rescue_password: Any, block_device_info: Any, share_info: Any) -> None:
         """Nova's rescue, passphrase first; the rescue boot gets the same vTPM.
 
         A rescue image other than the server's own boots foreign boot files
@@ -517,38 +526,39 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         every mode (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`;
         ``nova.exception.VTPMSecretForbidden`` before anything is touched).
         """
-        image_meta = kwargs.get("image_meta", args[1] if len(args) > 1 else None)
         if (policy.has_vtpm(instance)
                 and translate.rescue_boots_foreign_files(instance, image_meta, CONF.libvirt)):
             with translate.nova_errors():
                 policy.check_may_replace_tpm_or_boot(context, instance,
                                                      "rescue with another image")
         with self._vtpm_passphrase_first(context, instance, create=False):
-            super().rescue(context, instance, *args, **kwargs)
+            super().rescue(context, instance, network_info, image_meta, rescue_password,
+                           block_device_info, share_info)
 
     def unrescue(self, context: Any, instance: Any) -> None:
         """Back to the normal boot with the TPM state kept, passphrase first."""
         with self._vtpm_passphrase_first(context, instance, create=False):
             super().unrescue(context, instance)
 
-    def power_off(self, instance: Any, *args: Any, **kwargs: Any) -> None:
+    def power_off(self, instance: Any, timeout: int = 0, retry_interval: int = 0) -> None:
         """Nova's power off; shelving: owner check first; a stop: on-stop copy after."""
         if instance.task_state == task_states.SHELVING:
             self._vtpm_offhost.check_caller(None, instance, "shelve")
-        super().power_off(instance, *args, **kwargs)
+        super().power_off(instance, timeout=timeout, retry_interval=retry_interval)
         if instance.task_state == task_states.POWERING_OFF:
             self._vtpm_offhost.stopped(instance, lambda: self._vtpm_domain_xml(instance))
 
     # -- live migration, every secret mode (nova/virt/vtpm/migrate.py) --------------
 
-    def check_can_live_migrate_source(self, context: Any, instance: Any, *args: Any,
-                                      **kwargs: Any) -> Any:
+    def check_can_live_migrate_source(self, context: Any, instance: Any, dest_check_data: Any,
+                                      block_device_info: Any = None) -> Any:
         """A caller who cannot hand the passphrase over is refused here (user mode: owner only).
 
         Nova's API lets only ``host`` mode through; the driver moves every mode.
         """
         vtpm_migrate.check_source(context, instance)
-        return super().check_can_live_migrate_source(context, instance, *args, **kwargs)
+        return super().check_can_live_migrate_source(context, instance, dest_check_data,
+                                                     block_device_info=block_device_info)
 
     def _add_vtpm_secret_to_live_migrate_data(self, instance: Any, dest_check_data: Any) -> None:
         """Host mode: the source's libvirt secret into the migrate data; else its UUID only."""
@@ -566,18 +576,22 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                                           network_info, disk_info, migrate_data)
 
     def post_live_migration_at_destination(self, context: Any, instance: Any,
-                                           *args: Any, **kwargs: Any) -> None:
+                                           network_info: Any, block_migration: bool = False,
+                                           block_device_info: Any = None) -> None:
         """Destination, guest running: an ephemeral secret is undefined."""
-        super().post_live_migration_at_destination(context, instance, *args, **kwargs)
+        super().post_live_migration_at_destination(context, instance, network_info,
+                                                   block_migration=block_migration,
+                                                   block_device_info=block_device_info)
         vtpm_migrate.incoming_running(instance, self.vtpm_secrets,
                                       self._vtpm_incoming.pop(instance.uuid, None))
         if policy.has_vtpm(instance):
             self._vtpm_hand_over(instance)  # the state running here is the current copy
 
-    def post_live_migration(self, context: Any, instance: Any, *args: Any,
-                            **kwargs: Any) -> Any:
+    def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,
+                            migrate_data: Any = None) -> Any:
         """Source, after the move: Nova's, then no vTPM secret of the server stays here."""
-        result = super().post_live_migration(context, instance, *args, **kwargs)
+        result = super().post_live_migration(context, instance, block_device_info,
+                                             migrate_data=migrate_data)
         vtpm_migrate.forget_source(instance, self.vtpm_secrets)
         return result
 
@@ -593,10 +607,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             vtpm_migrate.forget_source(instance, self.vtpm_secrets)
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
-                                               *args: Any, **kwargs: Any) -> None:
+                                               network_info: Any, block_device_info: Any,
+                                               destroy_disks: bool = True,
+                                               migrate_data: Any = None) -> None:
         """Destination, failed move: Nova's cleanup, then no vTPM secret stays here."""
         self._vtpm_incoming.pop(instance.uuid, None)
         try:
-            super().rollback_live_migration_at_destination(context, instance, *args, **kwargs)
+            super().rollback_live_migration_at_destination(
+                context, instance, network_info, block_device_info,
+                destroy_disks=destroy_disks, migrate_data=migrate_data)
         finally:
             vtpm_migrate.forget_destination(instance, self.vtpm_secrets)

@@ -7,8 +7,8 @@ Two adapters of the core's interfaces:
 * :class:`StartedSecret`: what Nova's ``_create_guest`` undefines after a start;
 * :class:`NovaHostProbe` (:class:`vtpm_driver.host.HostProbe`): libvirt's
   domain capabilities and versions through ``Host`` (so Nova's fakelibvirt
-  answers in Nova's tests), and the host's swtpm binaries and accounts from an
-  :class:`OSFacts` the driver picks (see README.rst, "Host checks").
+  answers in Nova's tests), and the host's swtpm binaries and accounts from
+  :class:`OSFacts` (the operating system's, :class:`vtpm_driver.host.LibvirtHostProbe`).
 
 libvirt errors are mapped once, here, to :mod:`vtpm_driver.exception`; the
 ``libvirt`` module is the one Nova's ``host`` module uses, looked up at call
@@ -129,27 +129,6 @@ class OSFacts(Protocol):
     def group_exists(self, name: str) -> bool: ...
 
     def swtpm_version(self) -> str | None: ...
-
-
-class VouchedOSFacts:
-    """Facts vouched for by a replaced ``LibvirtDriver._check_vtpm_support``.
-
-    Nova's tests (and any operator who overrides Nova's check) replace that
-    method to say "this host's swtpm binaries and accounts are fine"; then
-    they are taken as present, exactly as Nova's own driver does.
-    """
-
-    def which(self, name: str) -> str | None:
-        return name
-
-    def user_exists(self, name: str) -> bool:
-        return True
-
-    def group_exists(self, name: str) -> bool:
-        return True
-
-    def swtpm_version(self) -> str | None:
-        return None
 
 
 class NovaHostProbe:

@@ -3,9 +3,10 @@
 Nova hands the driver its own ``RequestContext``, ``Flavor``, ``ImageMeta``
 (whose ``properties`` is an ``ImageMetaProps`` object, not a mapping) and
 expects its own exception types back. Everything here is a pure mapping:
-no decision about vTPMs is taken in this module, they are all taken by
-:mod:`vtpm_driver.spec`, :mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`,
-:mod:`vtpm_driver.ops` and :mod:`vtpm_driver.virt`.
+no decision about vTPMs is taken in this module: Nova decides whether a guest
+has one (:func:`vtpm_config`), and :mod:`vtpm_driver.spec`,
+:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`, :mod:`vtpm_driver.ops` and
+:mod:`vtpm_driver.virt` the rest.
 """
 
 from __future__ import annotations
@@ -43,24 +44,23 @@ def request_context(context: Any) -> vtpm_context.RequestContext:
 
 
 def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
-    """What the flavor and image ask for, decided by :func:`vtpm_driver.spec.get_vtpm_config`.
+    """The vTPM a guest of this flavor and image gets, or None.
+
+    Nova decides whether there is one and which (version, model): its
+    ``nova.virt.hardware.get_vtpm_constraint``, looked up at call time, is
+    the answer its libvirt driver acts on everywhere else (``_create_guest``,
+    migrations), so the shim never disagrees with it. The secret mode is the
+    flavor's, checked by :func:`vtpm_driver.policy.secret_security`.
 
     :raises nova.exception.FlavorImageConflict: flavor and image disagree.
     :raises nova.exception.Invalid: an invalid value or combination.
     """
+    found = hardware.get_vtpm_constraint(flavor, image_meta)
+    if found is None:
+        return None
     with nova_errors():
-        return spec.get_vtpm_config(policy.flavor_extra_specs(flavor),
-                                    policy.image_properties(image_meta))
-
-
-def nova_vtpm_constraint(flavor: Any, image_meta: Any) -> hardware.VTPMConfig | None:
-    """Drop-in for ``nova.virt.hardware.get_vtpm_constraint`` backed by our spec.
-
-    Same contract as Nova's: ``VTPMConfig(version, model)`` or None, and
-    ``FlavorImageConflict``/``Invalid`` for a bad request.
-    """
-    config = vtpm_config(flavor, image_meta)
-    return None if config is None else hardware.VTPMConfig(config.version, config.model)
+        return spec.VTPMConfig(version=found.version, model=found.model,
+                               secret_security=policy.secret_security(flavor))
 
 
 def rescue_boots_foreign_files(instance: Any, image_meta: Any, libvirt_conf: Any) -> bool:
