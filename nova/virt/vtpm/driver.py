@@ -526,7 +526,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         every mode (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`;
         ``nova.exception.VTPMSecretForbidden`` before anything is touched).
         """
-        if (policy.has_vtpm(instance)
+        # A host without swtpm runs no vTPM (Nova's own rule): nothing to protect here.
+        if (CONF.libvirt.swtpm_enabled and policy.has_vtpm(instance)
                 and translate.rescue_boots_foreign_files(instance, image_meta, CONF.libvirt)):
             with translate.nova_errors():
                 policy.check_may_replace_tpm_or_boot(context, instance,
