@@ -147,6 +147,20 @@ def _open_regular(path: Path, doing: str) -> int:
     return fd
 
 
+def _read_head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a regular file in a real directory, no symlink followed.
+
+    :raises UnsafeStatePath: the file or its directory is a symlink, or the
+        file is not a regular file.
+    :raises OSError: it cannot be read (``FileNotFoundError`` when it is not there).
+    """
+    mode = path.parent.lstat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise exception.UnsafeStatePath(str(path.parent), _kind(mode), "read")
+    with os.fdopen(_open_regular(path, "read"), "rb") as handle:
+        return handle.read(size)
+
+
 def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader | None:
     """The blob header of a state file; None if it has none (old or foreign format).
 
@@ -159,12 +173,7 @@ def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader | None:
     """
     path = Path(path)
     try:
-        parent = path.parent.lstat().st_mode
-        if not stat.S_ISDIR(parent):
-            raise exception.UnsafeStatePath(str(path.parent), _kind(parent), "read")
-        fd = _open_regular(path, "read")
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(_HEADER.size)
+        data = _read_head(path, _HEADER.size)
     except OSError as exc:
         raise exception.VirtError(f"cannot read swtpm state file {str(path)!r}: {exc}") from None
     return parse_blob_header(data)
@@ -250,12 +259,7 @@ def read_generation_in(directory: str | os.PathLike[str]) -> int | None:
     """
     path = Path(directory) / GENERATION_FILE
     try:
-        mode = path.parent.lstat().st_mode
-        if not stat.S_ISDIR(mode):
-            raise exception.UnsafeStatePath(str(path.parent), _kind(mode), "read")
-        fd = _open_regular(path, "read")
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read(64)
+        data = _read_head(path, 64)
     except FileNotFoundError:
         return None
     except OSError as exc:
