@@ -364,7 +364,9 @@ def test_hard_reboot_by_another_member_is_refused_and_changes_nothing(
     for args, says in (
         (("server", "rescue", name), "owner's credentials"),
         (("server", "rebuild", name), "owner's credentials"),
-        (("server", "rebuild", "--reset-tpm", name), "owner's credentials"),
+        # Destroying the TPM needs its owner (or its project's admin) in every mode
+        # (issue 20 defect 9): refused before the passphrase is even asked for.
+        (("server", "rebuild", "--reset-tpm", name), "only its owner"),
     ):
         line = cli(*args, cloud="member").one_error_line()
         assert says in line, (args, line)

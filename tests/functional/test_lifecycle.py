@@ -15,6 +15,7 @@ import uuid
 import libvirt
 import pytest
 
+from tests.fakes.swtpm import custody_free
 from tests.functional.fixtures_keymgr import AccessLogCounter
 from tests.functional.fixtures_libvirt import SWTPM_STATE_ROOT, read_console
 from tests.functional.fixtures_server import (
@@ -23,7 +24,7 @@ from tests.functional.fixtures_server import (
     closed_port_url,
     driver_conf,
 )
-from vtpm_driver import exception, objects, servers
+from vtpm_driver import custody, exception, objects, servers
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.virt import domain, state
 from vtpm_driver.virt import secret as virt_secret
@@ -76,7 +77,9 @@ def test_spawn_and_destroy(servers_on_stack: ServersOnStack, caplog, flavor, ima
     # E2 + the record: libvirt is the only store.
     assert domain.get_tpm(env.domain(inst).XMLDesc(0)) == (version, model, secret_uuid)
     found = servers.find(env.conn, inst.name)
-    assert (found.uuid, found.system_metadata) == (inst.uuid, {"vtpm_secret_uuid": secret_uuid})
+    assert (found.uuid, custody_free(found.system_metadata)) == (
+        inst.uuid, {"vtpm_secret_uuid": secret_uuid})
+    assert found.system_metadata[custody.GENERATION_KEY] == "1"  # its first, current copy
     assert (found.flavor.extra_specs, found.image_meta.properties) == (flavor, image)
     assert env.barbican_status(secret_uuid) == 200
     # G1: the passphrase is nowhere but in Barbican.

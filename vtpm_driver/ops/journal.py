@@ -67,6 +67,10 @@ OPERATIONS = (START, RESIZE_PREPARE, RESIZE_FINISH, RESIZE_REVERT, RESIZE_CONFIR
 #: The step of ``resize_finish`` written just before the guest is started: from
 #: here on the guest may have run on the TPM state (:func:`decide`).
 STARTING = "starting"
+#: The step of ``resize_revert`` stored with the redefined domain: the backup was
+#: copied back and the TPM handed over (custody); only the start and the discard
+#: of the backup remain, and copying it back again would roll the TPM back.
+RESTORED = "restored"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,6 +301,11 @@ class ResizeOps:
         The backup is removed only once all of that worked.
         """
         dom = self.guests.lookup(instance)
+        entry = journal.read(instance.system_metadata, policy.server_label(instance))
+        if entry is not None and (entry.operation, entry.step) == (journal.RESIZE_REVERT,
+                                                                   journal.RESTORED):
+            self._finish_restored_revert(context, instance, dom, power_on)
+            return
         old_flavor = self._old_flavor(instance)
         new_flavor = getattr(instance, "new_flavor", None) or self._recorded_flavor(dom)
         old_cfg = policy.vtpm_of(instance, flavor=old_flavor)
@@ -312,7 +317,8 @@ class ResizeOps:
         if old_cfg is not None:
             self._check_backup_custody(instance)
         # ... then every change, journalled.
-        self.guests.journal(dom, instance, journal.begin(journal.RESIZE_REVERT))
+        intent = journal.begin(journal.RESIZE_REVERT)
+        self.guests.journal(dom, instance, intent)
         if change is Change.ADDED and secret_uuid:
             ops_secrets.delete_barbican_secret(context, instance, new_flavor,
                                                self.guests.keymgr)
@@ -330,6 +336,8 @@ class ResizeOps:
             # custody: the restored TPM is current, the resized one never starts again.
             custody.advance(instance)
             custody.forget_resize(instance)
+        # Stored with the redefined domain: a revert run again finishes from here.
+        journal.write(instance.system_metadata, intent.with_step(journal.RESTORED))
         dom = self.guests.define(instance, old_cfg)
         if old_cfg is not None:
             self.guests.stamp(instance, dom)
@@ -340,6 +348,25 @@ class ResizeOps:
         self.backups.discard(instance.uuid)
         self.guests.journal(dom, instance, None)
         LOG.info("Resize reverted", instance_uuid=instance.uuid)
+
+    def _finish_restored_revert(self, context: Any, instance: Any, dom: Any,
+                                power_on: bool) -> None:
+        """The rest of a revert interrupted once the domain was redefined (step RESTORED).
+
+        The backup was copied back and the TPM handed over before that define:
+        the live state is the current copy, and the backup is now older than
+        the record. Only the start (``power_on``) and the discard of the backup
+        remain. Idempotent.
+        """
+        if power_on:
+            cfg = policy.vtpm_of(instance)
+            start = self.guests.prepare_start(context, instance, cfg)
+            if not guest.is_active(dom):
+                self.guests.launch(dom, instance, start)
+        self.backups.discard(instance.uuid)
+        self.guests.journal(dom, instance, None)
+        LOG.info("Resize reverted (finished an interrupted revert)",
+                 instance_uuid=instance.uuid)
 
     def _check_backup_custody(self, instance: Any) -> None:
         """Refuse to copy back a resize backup that is not the pre-resize TPM.

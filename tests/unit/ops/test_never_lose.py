@@ -407,3 +407,30 @@ def test_i20_d3_rebuild_with_reset_killed_at_any_step_keeps_the_server_and_its_s
     env.drv.power_on(OWNER, found, None)  # the next operation works, with the secret
     assert env.dom(inst).active and secret_uuid in env.km.passphrases
     assert env.conn.secrets == {}
+
+
+def test_i20_revert_killed_after_its_define_is_finished_not_copied_back_again(env: Env
+                                                                             ) -> None:
+    """A revert killed once the domain was redefined (the backup copied back, the TPM
+    handed over) is finished by the next operation: the backup, now older than the
+    record, is not copied back a second time (custody refused it, and every later
+    operation with it) and the server starts on the restored TPM."""
+    inst = env.spawn(env.instance())
+    ek = env.state_file(inst).read_bytes()
+    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
+    inst.old_flavor, inst.flavor = inst.flavor, new
+    env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
+    kill_at(env, "virt.secret.define")  # redefined with the old flavor; not started
+    with pytest.raises(Killed):
+        env.drv.finish_revert_migration(OWNER, reread(env, inst), None, None)
+    revive(env)
+    entry = journal.read(reread(env, inst).system_metadata)
+    assert (entry.operation, entry.step) == (journal.RESIZE_REVERT, journal.RESTORED)
+    decision = env.drv.recover(None, reread(env, inst))
+    assert decision is not None and decision.action is journal.Action.FINISH
+    assert env.state_file(inst).read_bytes() == ek
+    assert not env.drv.resize_ops.has_backup(inst.uuid), "the revert is complete"
+    assert journal.KEY not in record.record_from_domain(env.dom(inst)).system_metadata
+    env.drv.power_on(OWNER, reread(env, inst), None)
+    assert env.dom(inst).active
