@@ -48,10 +48,14 @@ if command -v virsh >/dev/null && virsh -q -c qemu:///system uri >/dev/null 2>&1
             || { grep -q "$NOVA_NS" <<<"$xml" && grep -q "file='$AIO_DIR/" <<<"$xml"; }; then
             uuid="$(virsh -q -c qemu:///system domuuid "$dom")"
             virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
-            virsh -q -c qemu:///system undefine --tpm --nvram "$dom" >/dev/null 2>&1 \
-                || virsh -q -c qemu:///system undefine --tpm "$dom" >/dev/null
-            removed+=("$uuid")
-            say "removed domain $dom ($uuid) and its TPM state"
+            if virsh -q -c qemu:///system undefine --tpm --nvram --managed-save "$dom" \
+                    >/dev/null 2>&1 \
+                || virsh -q -c qemu:///system undefine --tpm --managed-save "$dom" >/dev/null; then
+                removed+=("$uuid")
+                say "removed domain $dom ($uuid) and its TPM state"
+            else
+                say "WARNING: could not remove domain $dom ($uuid); left as it is"
+            fi
         fi
     done < <(virsh -q -c qemu:///system list --all --name)
     for uuid in "${removed[@]}"; do
