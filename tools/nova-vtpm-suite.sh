@@ -33,7 +33,25 @@ fi
 RUN_DIR=$(mktemp -d)
 trap 'rm -rf "$RUN_DIR"' EXIT
 cd "$RUN_DIR"
-env OS_TEST_TIMEOUT="${OS_TEST_TIMEOUT:-160}" PYTHONPATH="$REPO/tests/nova_suite${PYTHONPATH:+:$PYTHONPATH}" \
-    "$PY" -m pytest -p no:cacheprovider -p nova_suite_plugin -ra -q \
-    -W "ignore::DeprecationWarning" \
-    --pyargs "${TARGETS[@]}" "$@"
+suite() {
+    env OS_TEST_TIMEOUT="${OS_TEST_TIMEOUT:-160}" \
+        PYTHONPATH="$REPO/tests/nova_suite${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PY" -m pytest -o cache_dir="$RUN_DIR/.cache" -p nova_suite_plugin -ra -q \
+        -W "ignore::DeprecationWarning" --pyargs "${TARGETS[@]}" "$@"
+}
+rc=0
+suite "$@" || rc=$?
+# One known race in Nova's own functional tests (not in our code, seen on about one run in
+# two on 2 cores): a resize test ends with its server in VERIFY_RESIZE, the cleanup's delete
+# confirms the resize, and the confirm's compute-node save meets the test's teardown ("Can't
+# upgrade a READER transaction to a WRITER mid-transaction"). Failed tests run once more, by
+# themselves; one that passes then is reported as FLAKY, loudly, and one that fails again
+# fails the run. (The race is named in the closing note of the session that added this.)
+if [ "$rc" = 1 ]; then
+    echo "[nova-vtpm-suite] re-running the failed tests once, by themselves"
+    if suite "$@" --last-failed --last-failed-no-failures none; then
+        echo "[nova-vtpm-suite] FLAKY: the tests above failed once and passed when run again"
+        rc=0
+    fi
+fi
+exit "$rc"
