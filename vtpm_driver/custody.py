@@ -18,9 +18,11 @@ no request. A copy is current iff its generation equals the record's.
 Every hand-over of the TPM (cold migration and resize, live migration, shelve
 offload, unshelve, evacuation, a new TPM by ``rebuild --reset-tpm``, a resize
 revert) advances the record FIRST (:func:`advance`) and then stamps the copy
-that now is the server's TPM: a kill in between leaves every copy older than
-the record, so nothing starts until an operator decides (safe), never two
-copies that both pass.
+that now is the server's TPM. Until the advanced record is stored, that copy
+is NEWER than the stored record and every other copy older: both are refused
+(:attr:`Verdict.NEWER`, :attr:`Verdict.OLDER`), so a kill in between leaves
+nothing that starts until an operator decides (safe), never two copies that
+both pass.
 
 Servers created before custody: a state with no generation while the record
 has none either is current once (:attr:`Verdict.UNSTAMPED`) and stamped at
@@ -165,9 +167,10 @@ def set_recorded(instance: Any, generation: int) -> None:
 def advance(instance: Any, *, resize: bool = False) -> int:
     """A hand-over: the record's generation + 1 (``FIRST`` + 1 without one); returns it.
 
-    Call it BEFORE stamping the copy that is handed over, and save the record
-    (Nova's ``instance.save()``, the domain record) before stamping: then no
-    older copy matches the record at any moment. ``resize``: the previous
+    Call it BEFORE stamping the copy that is handed over; the record is stored
+    by its owner (the standalone domain record before the stamp; in Nova the
+    compute manager's save right after the driver call): at no moment does an
+    older copy match the stored record. ``resize``: the previous
     generation is kept in :data:`PRE_RESIZE_KEY` for a revert. Not idempotent.
     """
     before = recorded(instance)

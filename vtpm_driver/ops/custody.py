@@ -7,8 +7,8 @@ The rule is :mod:`vtpm_driver.custody` (pure); the file I/O is
 (``nova/virt/vtpm/driver.py``).
 
 Order at a hand-over (see :func:`vtpm_driver.custody.advance`): the record is
-advanced and SAVED first, then :func:`stamp_live` writes the new generation
-into the state that now is the server's TPM.
+advanced first, then :func:`stamp_live` writes the new generation into the
+state that now is the server's TPM (when each record is stored: see ``advance``).
 """
 
 from __future__ import annotations
