@@ -1,6 +1,8 @@
 #!/bin/bash
 # All-in-one OpenStack on this machine, for end-to-end tests that drive it like users do.
 #
+#   tools/openstack-aio.sh venv     build (or keep, while its inputs match) the virtualenv only;
+#                                   tools/run-tests.sh runs it next to the Keystone start
 #   tools/openstack-aio.sh start    install (once), configure, sync databases, start, wait
 #   tools/openstack-aio.sh stop     stop this cloud's services (not Keystone/Barbican/libvirtd)
 #   tools/openstack-aio.sh status   exit 0 when every service answers, 3 when not
@@ -68,7 +70,7 @@ TAG=openstack-aio
 . "$HERE/lib.sh"
 
 usage() {
-    echo "usage: $0 {start|stop|status}" >&2
+    echo "usage: $0 {venv|start|stop|status}" >&2
     exit 2
 }
 
@@ -626,9 +628,10 @@ umask 022
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX="$AIO_DIR/pycache"
 case "$1" in
-    start | stop) lock ;;
+    venv | start | stop) lock ;;
 esac
 case "$1" in
+    venv) ensure_venv ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;

@@ -16,16 +16,30 @@ esac
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
 step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
-# The project venv builds while Keystone and Barbican start (both mostly wait on pip).
-step "python venv (next to the next step)"
+# The project's and the AIO's venvs build while Keystone and Barbican start (all three
+# mostly wait on pip).
+step "python venvs: the project's, the AIO's (next to the next step)"
 bash tools/dev-venv.sh &
 venv_pid=$!
+bash tools/openstack-aio.sh venv &
+aio_venv_pid=$!
 step "Keystone + Barbican on 127.0.0.1";                bash tools/keymgr-stack.sh start
 wait "$venv_pid" || { echo "tools/dev-venv.sh failed" >&2; exit 1; }
-step "all-in-one OpenStack (Nova 34 with our shim)";    bash tools/openstack-aio.sh start
+wait "$aio_venv_pid" || { echo "tools/openstack-aio.sh venv failed" >&2; exit 1; }
+# The all-in-one starts (mostly waiting on its services) while the environments are checked,
+# the code linted and the shim's in-process tests run; its output is shown once it is up.
+AIO_START_LOG="${VTPM_AIO_START_LOG:-/tmp/vtpm-aio-start.log}"
+step "in the background: all-in-one OpenStack (Nova 34 with our shim; log: $AIO_START_LOG)"
+bash tools/openstack-aio.sh start >"$AIO_START_LOG" 2>&1 &
+aio_start_pid=$!
 step "environments: pip check, every test module imports"; bash tools/check-envs.sh
 step "lint (ruff)";                                     .venv/bin/ruff check .
 step "Nova shim tests (in-process, real nova wheel)";   bash tools/nova-shim-tests.sh
+step "all-in-one OpenStack: waiting until it is up"
+aio_start_rc=0
+wait "$aio_start_pid" || aio_start_rc=$?
+cat "$AIO_START_LOG"
+[ "$aio_start_rc" = 0 ] || { echo "tools/openstack-aio.sh start failed (exit $aio_start_rc)" >&2; exit 1; }
 # The tests run in two phases on 2 cores, each run gating the result:
 #  1. the tests marked "alone" (they count the shared Keystone's and Barbican's requests,
 #     list every secret of the owner, or restart a test host's libvirtd under the AIO's
@@ -54,16 +68,15 @@ alone_rc=0
 "${PYTEST[@]}" -m alone || alone_rc=$?
 step "the AIO's computes ready again (enabled, up: a test restarted host-a's libvirtd)"
 bash tools/openstack-aio.sh start
-# Two streams through the AIO, on disjoint computes: test_nova.py on the system libvirtd's
-# compute (zone vtpm-aio), everything else on the two test hosts (zone vtpm-multihost, where
-# servers move and computes are stopped); each mostly waits for Nova.
+# Two streams through the AIO, on disjoint computes: the tests of one server on one host on
+# the system libvirtd's compute (zone vtpm-aio), those marked "multihost" on the two test
+# hosts (zone vtpm-multihost, where servers move and computes are stopped); each mostly
+# waits for Nova.
 AIO1_LOG="${AIO_LOG%.log}-vtpm-aio.log"
 step "in the background: our tests through the all-in-one OpenStack (logs: $AIO_LOG, $AIO1_LOG)"
-"${PYTEST[@]}" -m aio --basetemp=/tmp/vtpm-aio-pytest \
-    --ignore=tests/functional/test_nova.py >"$AIO_LOG" 2>&1 &
+"${PYTEST[@]}" -m "aio and multihost" --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
 aio_pid=$!
-"${PYTEST[@]}" -m aio --basetemp=/tmp/vtpm-aio1-pytest tests/functional/test_nova.py \
-    >"$AIO1_LOG" 2>&1 &
+"${PYTEST[@]}" -m "aio and not multihost" --basetemp=/tmp/vtpm-aio1-pytest >"$AIO1_LOG" 2>&1 &
 aio1_pid=$!
 step "tests: unit + standalone functional (next to the AIO tests)"
 rc=0

@@ -52,6 +52,11 @@ TEST_HOSTS = {
 }
 MULTIHOST_ZONE = "vtpm-multihost"
 HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
+# The first compute, alone in its zone, on the system libvirtd (servers created without a
+# zone land there). Tests of one server on one host run there, next to the test hosts'.
+AIO_HOST = AIO_ZONE = "vtpm-aio"
+COMPUTES = {AIO_HOST: "qemu:///system", **TEST_HOSTS}
+ZONE_HOSTS = {AIO_ZONE: {AIO_HOST}, MULTIHOST_ZONE: set(TEST_HOSTS)}
 # One OSC call is ~3-5 s of Python start-up; a TCG guest boots in a few seconds.
 CLI_TIMEOUT = 180
 SERVER_TIMEOUT = 300
@@ -417,20 +422,27 @@ def next_boot_report(cloud: AioCloud, server_id: str, old_boot: str) -> dict[str
 
 
 def virsh(host: str, *args: str) -> str:
-    return subprocess.run(["virsh", "-q", "-c", TEST_HOSTS[host], *args], capture_output=True,
+    return subprocess.run(["virsh", "-q", "-c", COMPUTES[host], *args], capture_output=True,
                           text=True, check=True, timeout=60).stdout
+
+
+def swtpm_dir(host: str) -> Path:
+    """Where ``host``'s libvirtd keeps TPM state (the system one's, or a test host's)."""
+    if host == AIO_HOST:
+        return Path("/var/lib/libvirt/swtpm")
+    return HOSTS_DIR / host / "lib" / "swtpm"
 
 
 def assert_nothing_on(host: str, server_id: str) -> None:
     """No domain, no vTPM libvirt secret, no TPM state of the server on ``host``."""
     assert server_id not in virsh(host, "list", "--all", "--uuid")
     assert server_id not in virsh(host, "secret-list")
-    assert not (HOSTS_DIR / host / "lib" / "swtpm" / server_id).exists()
+    assert not (swtpm_dir(host) / server_id).exists()
 
 
 def assert_runs_on(host: str, server_id: str) -> None:
     assert server_id in virsh(host, "list", "--uuid")
-    assert (HOSTS_DIR / host / "lib" / "swtpm" / server_id).is_dir()
+    assert (swtpm_dir(host) / server_id).is_dir()
 
 
 def other(host: str) -> str:
@@ -443,9 +455,12 @@ def flavor_for(res: ResourceTracker, mode: str) -> str:
                        "hw:tpm_secret_security": mode})
 
 
-def create_on_test_host(res: ResourceTracker, mode: str) -> tuple[str, str]:
+def create_on_test_host(res: ResourceTracker, mode: str,
+                        zone: str = MULTIHOST_ZONE) -> tuple[str, str]:
+    """A reporting server of ``mode`` in ``zone`` (default: on one of the two test hosts,
+    for tests that move it); returns its id and host."""
     server_id = res.server_create("owner", flavor_for(res, mode), image=REPORTING_IMAGE,
-                                  wait=True, zone=MULTIHOST_ZONE)
+                                  wait=True, zone=zone)
     host = res.cloud.server("admin", server_id)[HOST_ATTR]
-    assert host in TEST_HOSTS
+    assert host in ZONE_HOSTS[zone]
     return server_id, host

@@ -54,7 +54,7 @@ from tests.functional.test_nova_offhost import (
 )
 from vtpm_driver.virt import state
 
-pytestmark = [pytest.mark.functional, pytest.mark.aio]
+pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
 CLI = Path(sys.executable).with_name("vtpm-driver")
 REFUSAL = re.compile(r"generation is (\d+|none)[^;]*?, the server's record says generation "

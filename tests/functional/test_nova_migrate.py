@@ -43,7 +43,7 @@ from tests.functional.fixtures_nova import (
     virsh,
 )
 
-pytestmark = [pytest.mark.functional, pytest.mark.aio]
+pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
 OWNER_PROJECT = "vtpm-a"  # the keymgr stack's project of cloud "owner"
 

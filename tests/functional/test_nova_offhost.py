@@ -6,7 +6,9 @@ tests make the request through ``tools/aio/below_api.py``: Nova's ``API()``
 method with the owner's (or an admin's) real token and only that check
 lifted. The conductor, the scheduler, the nova-computes ``host-a`` and
 ``host-b`` (one per libvirt test host) and the shim
-(``nova/virt/vtpm/offhost.py``) run for real. ``unshelve``, ``unrescue`` and
+(``nova/virt/vtpm/offhost.py``) run for real. A test that keeps its server on one
+host runs it on the first compute (zone ``vtpm-aio``); one that moves it, or stops
+a compute, is marked ``multihost`` and uses the test hosts. ``unshelve``, ``unrescue`` and
 ``start`` go through ``openstack`` (Nova's API allows them).
 
 The AIO's computes run with ``[vtpm] state_backup = on-stop`` and
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.functional.fixtures_nova import (
+    AIO_ZONE,
     HOST_ATTR,
     MULTIHOST_ZONE,
     REPORT_TIMEOUT,
@@ -67,13 +70,17 @@ def below_api_ok(cloud: AioCloud, who: str, action: str, server_id: str,
 # ----------------------------------------------------------------------------- shelve
 
 
-@pytest.mark.parametrize(("mode", "unshelver"), [("user", "owner"), ("deployment", "admin")])
+@pytest.mark.parametrize(("mode", "unshelver", "zone"), [
+    ("user", "owner", AIO_ZONE),
+    pytest.param("deployment", "admin", MULTIHOST_ZONE, marks=pytest.mark.multihost),
+])
 def test_shelve_offload_and_unshelve_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
                                                   aio_resources: ResourceTracker,  # noqa: F811
-                                                  mode: str, unshelver: str) -> None:
+                                                  mode: str, unshelver: str, zone: str) -> None:
     """Shelve frees the host; unshelve (to the other host, when an admin may say so)
-    brings the same TPM back from the off-host copy."""
-    server_id, source = create_on_test_host(aio_resources, mode)
+    brings the same TPM back from the off-host copy. The owner's unshelve lands where the
+    scheduler likes: in a zone of one compute, the same host, from the copy all the same."""
+    server_id, source = create_on_test_host(aio_resources, mode, zone)
     before = latest_report(aio_cloud, server_id)
     refused = aio_cloud.run("owner", "server", "shelve", server_id)
     assert refused.returncode != 0 and "vTPM" in refused.stderr, refused.stderr
@@ -103,7 +110,7 @@ def test_a_non_owner_shelve_of_a_user_mode_server_changes_nothing(
         aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
         ) -> None:
     """An admin's shelve reaches the compute, which refuses it before the power off."""
-    server_id, source = create_on_test_host(aio_resources, "user")
+    server_id, source = create_on_test_host(aio_resources, "user", AIO_ZONE)
     before = latest_report(aio_cloud, server_id)
 
     below_api_ok(aio_cloud, "admin", "shelve", server_id)
@@ -122,7 +129,7 @@ def test_a_non_owner_shelve_of_a_user_mode_server_changes_nothing(
 def test_deleting_a_stopped_server_removes_its_copy(aio_cloud: AioCloud,  # noqa: F811
                                                     aio_resources: ResourceTracker  # noqa: F811
                                                     ) -> None:
-    server_id, source = create_on_test_host(aio_resources, "deployment")
+    server_id, source = create_on_test_host(aio_resources, "deployment", AIO_ZONE)
     latest_report(aio_cloud, server_id)
     aio_cloud.cli("owner", "server", "stop", server_id)
     aio_cloud.wait_server("owner", server_id, "SHUTOFF")
@@ -160,7 +167,7 @@ def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     Nova boots a rescue with its own command line (``root=... console=...``):
     the guest prints its VTPM_RESULT once there (no boot id) and powers off.
     """
-    server_id, source = create_on_test_host(aio_resources, "user")
+    server_id, source = create_on_test_host(aio_resources, "user", AIO_ZONE)
     first = latest_report(aio_cloud, server_id)
     log = console_file(aio_cloud, server_id).read_text(errors="replace")
 
@@ -208,6 +215,7 @@ def wait_until(what: str, check: Any, timeout: float = SERVER_TIMEOUT) -> None:
         time.sleep(2)
 
 
+@pytest.mark.multihost
 def test_evacuate_from_a_dead_compute_uses_the_on_stop_copy(
         aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
         ) -> None:
