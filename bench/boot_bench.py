@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 
 from bench import stats
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as vtpm_context
 from vtpm_driver.guestreport import last_result as parse_result
+from vtpm_driver.keymgr import context as vtpm_context
 
 GUEST_DIR = Path(os.environ.get("VTPM_GUEST_DIR", "/var/cache/vtpm-driver/guest"))
 CMDLINE = "console=ttyS0"

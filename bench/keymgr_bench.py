@@ -2,7 +2,7 @@
 
 * ``ours``: :class:`vtpm_driver.keymgr.KeyManager` (python-barbicanclient on a
   keystoneauth1 session) with the owner's
-  :class:`~vtpm_driver.context.RequestContext` (token and catalog known).
+  :class:`~vtpm_driver.keymgr.context.RequestContext` (token and catalog known).
 * ``castellan_nova_context``: castellan's Barbican key manager (what Nova
   calls) with a context whose ``get_auth_plugin()`` hands out the token and
   the catalog's Barbican URL, as ``nova.context.RequestContext`` does.
@@ -34,8 +34,9 @@ from keystoneauth1 import plugin as ks_plugin
 from bench import stats
 from bench.services import AccessLogCounter, RequestCounts, load_clouds
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import keymgr, objects
+from vtpm_driver.keymgr import barbican
+from vtpm_driver.keymgr import context as vtpm_context
 
 OPERATIONS = ("create", "unlock", "delete")
 PATHS = ("ours", "castellan_nova_context", "castellan_token_context", "floor")
@@ -57,7 +58,7 @@ def castellan_available() -> bool:
 
 
 def _passphrase() -> str:
-    return base64.b64encode(os.urandom(keymgr.PASSPHRASE_BYTES)).decode("ascii")
+    return base64.b64encode(os.urandom(barbican.PASSPHRASE_BYTES)).decode("ascii")
 
 
 # --- ours -----------------------------------------------------------------------------------
@@ -84,13 +85,13 @@ def _ours(ctx: vtpm_context.RequestContext) -> tuple[Create, Unlock, Delete, Cal
 
 def _floor(ctx: vtpm_context.RequestContext) -> tuple[Create, Unlock, Delete, Callable]:
     conf = vtpm_conf.new_conf()
-    root = keymgr.api_root(vtpm_context.barbican_endpoint(conf, ctx.service_catalog))
+    root = barbican.api_root(vtpm_context.barbican_endpoint(conf, ctx.service_catalog))
     http = requests.Session()
     http.headers["X-Auth-Token"] = str(ctx.auth_token)
     base = f"{root}/v1/secrets"
 
     def create() -> str:
-        body = {"name": keymgr.secret_name(str(uuid.uuid4())), "secret_type": "passphrase",
+        body = {"name": barbican.secret_name(str(uuid.uuid4())), "secret_type": "passphrase",
                 "payload": _passphrase(), "payload_content_type": "text/plain"}
         resp = http.post(base, json=body, timeout=30)
         resp.raise_for_status()
@@ -158,7 +159,7 @@ def _castellan(ctx: vtpm_context.RequestContext, nova_like: bool
 
     def create() -> str:
         secret = passphrase.Passphrase(_passphrase().encode("ascii"),
-                                       name=keymgr.secret_name(str(uuid.uuid4())))
+                                       name=barbican.secret_name(str(uuid.uuid4())))
         return km.store(cctx, secret)
 
     def unlock(secret_uuid: str) -> str:
@@ -239,7 +240,7 @@ def run_paths(paths: dict[str, Ops], runs: int, counter: AccessLogCounter) -> di
                     timings[name][op].append(time.perf_counter() - t0)
                     cpu[name][op].append(time.thread_time() - c0)
                     AccessLogCounter.add(counts[name][op], counter.read(advance=True))
-                    if op == "unlock" and len(value) != 4 * keymgr.PASSPHRASE_BYTES // 3:
+                    if op == "unlock" and len(value) != 4 * barbican.PASSPHRASE_BYTES // 3:
                         raise RuntimeError(f"{name}: unlock returned {len(value)} characters")
             if op == "delete":
                 for name in names:

@@ -26,8 +26,8 @@ from typing import Any
 from bench import stats
 from bench.services import AccessLogCounter
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import keymgr, objects
+from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import connection, domain, guest, record, secret
 

@@ -27,9 +27,9 @@ from oslo_config import cfg
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, servers
-from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.host import LibvirtHostProbe
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.objects import Instance
 from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor

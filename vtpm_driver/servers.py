@@ -15,8 +15,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, objects, spec
+from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.virt import domains
 
 

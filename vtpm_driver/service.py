@@ -29,7 +29,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import exception, policy, spec, statestore, view
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site

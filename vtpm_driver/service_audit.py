@@ -28,7 +28,7 @@ from typing import Any
 
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, repair, spec
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
 

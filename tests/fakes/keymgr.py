@@ -7,7 +7,7 @@ import os
 import uuid
 
 from vtpm_driver import exception, spec
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 
 
 class FakeKeyManager:

@@ -14,7 +14,7 @@ import types
 import uuid
 
 from vtpm_driver import exception, servers
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 
 OWNER = RequestContext(user_id="u-owner", project_id="p-a", auth_token="tok-SECRET",
                        roles=("member",), user_name="alice", project_name="proj-a")

@@ -38,8 +38,8 @@ from tests.functional.fixtures_libvirt import (
 )
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr, objects, servers
-from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.virt import secret as virt_secret
 
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check

@@ -33,7 +33,8 @@ from oslo_config import cfg
 from tests.functional.fixtures_keymgr import AccessLogCounter, KeymgrStack
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr, objects
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr import barbican
+from vtpm_driver.keymgr.context import RequestContext
 
 # Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
 pytestmark = [pytest.mark.functional, pytest.mark.alone]
@@ -71,7 +72,7 @@ def assert_not_leaked(texts: list[str], extra: tuple[str, ...] = ()) -> None:
         probes |= {secret, secret[:32], secret[-32:]}
         with contextlib.suppress(ValueError):
             raw = base64.b64decode(secret, validate=True)
-            if len(raw) == keymgr.PASSPHRASE_BYTES:
+            if len(raw) == barbican.PASSPHRASE_BYTES:
                 probes |= {raw.hex()[:32], repr(raw)[2:34]}
     for text in texts:
         for probe in probes:

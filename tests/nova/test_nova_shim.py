@@ -44,8 +44,8 @@ from tests.nova.nova_fakes import (
     minimal_guest,
 )
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, host, spec
+from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.virt import domain, secret
 
 # --------------------------------------------------------------------------- fixtures

@@ -23,8 +23,8 @@ from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.vtpm import translate
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import FakeLibvirt, FakeProbe, Flags, make_flavor, make_instance
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, keymgr
+from vtpm_driver.keymgr import context as vtpm_context
 
 pytestmark = pytest.mark.functional
 

@@ -18,8 +18,8 @@ from tests.fakes.libvirt import STATE_FILES, FakeDomain, FakeLibvirt
 from tests.fakes.probe import FakeProbe
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import objects, servers
-from vtpm_driver.context import RequestContext
 from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.keymgr.context import RequestContext
 
 KERNEL = "/boot/test-vmlinuz"
 INITRD = "/boot/test-initrd.img"

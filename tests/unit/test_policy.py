@@ -8,7 +8,7 @@ import types
 import pytest
 
 from vtpm_driver import exception, policy, spec
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.objects import Flavor, Instance
 from vtpm_driver.policy import SecretSource
 

@@ -11,7 +11,7 @@ import pytest
 from tests.unit import test_service_locks as locks_tests
 from tests.unit.conftest import INITRD, KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import exception, objects, policy, servers
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.service import ServerService
 
 # (issue 13) Each command read the server, then waited for its lock while other

@@ -7,7 +7,7 @@ import types
 import pytest
 
 from vtpm_driver import servers, view
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 
 OWNER = RequestContext(user_id="u-owner", project_id="p-a", auth_token="t",
                        roles=("member",), user_name="alice", project_name="proj-a")

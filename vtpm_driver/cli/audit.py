@@ -20,8 +20,8 @@ from oslo_log import log as logging
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, orchestrator, repair, spec
 from vtpm_driver.cli.common import CommandMixin, ListColumn
-from vtpm_driver.context import RequestContext
 from vtpm_driver.keymgr import KeyManager
+from vtpm_driver.keymgr.context import RequestContext
 
 LOG = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Credentials come the OpenStack way: ``OS_*`` variables give the defaults of
 keystoneauth1's ``--os-*`` options. They are options of the application, not
 of each command (as in python-openstackclient), parsed once; the caller logs
-in only when a command first needs a :class:`~vtpm_driver.context.RequestContext`.
+in only when a command first needs a :class:`~vtpm_driver.keymgr.context.RequestContext`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 
 from vtpm_driver import exception
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 
 DEFAULT_AUTH_TYPE = "password"
 

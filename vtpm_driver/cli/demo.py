@@ -9,9 +9,9 @@ from pathlib import Path
 from cliff.command import Command
 
 from vtpm_driver.cli.common import CommandMixin, isatty, positive_float
-from vtpm_driver.context import RequestContext
 from vtpm_driver.demo.clouds import cloud_credentials, load_clouds_file
 from vtpm_driver.demo.runner import run_demo
+from vtpm_driver.keymgr.context import RequestContext
 
 DEFAULT_CLOUDS_FILE = "/var/lib/vtpm-driver/stack/clouds.yaml"
 DEFAULT_MEMBER_CLOUD = "member"

@@ -20,7 +20,7 @@ from keystoneauth1 import session as ks_session
 from oslo_config import cfg
 
 from vtpm_driver import exception
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.virt import guest, secret, state
 
 # -- libvirt and the state directory ----------------------------------------------------

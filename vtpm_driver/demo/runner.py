@@ -12,9 +12,9 @@ from typing import Any, NoReturn, TextIO
 from oslo_config import cfg
 
 from vtpm_driver import exception
-from vtpm_driver.context import RequestContext
 from vtpm_driver.demo.report import Reporter, verdict
 from vtpm_driver.demo.scenario import DemoRun
+from vtpm_driver.keymgr.context import RequestContext
 
 
 @contextlib.contextmanager

@@ -25,11 +25,11 @@ from typing import Any
 from oslo_config import cfg
 
 from vtpm_driver import exception, keymgr, policy, spec
-from vtpm_driver.context import RequestContext
 from vtpm_driver.demo import inspect
 from vtpm_driver.demo.report import FAIL, OK, SKIP, Reporter, StepResult
 from vtpm_driver.guestreport import result_line, results_since
 from vtpm_driver.host import check_host
+from vtpm_driver.keymgr.context import RequestContext
 
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
 NAME_PREFIX = "vtpm-demo-"

@@ -21,8 +21,8 @@ from nova import exception as nova_exception
 from nova.virt import hardware
 from nova.virt.libvirt import config as vconfig
 
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, policy, spec
+from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.virt import domain
 
 # A domain document just big enough for domain.add_tpm to build the <tpm> in.

@@ -18,7 +18,7 @@ from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, objects, repair, servers
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import domain, record
 

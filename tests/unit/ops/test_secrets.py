@@ -9,7 +9,7 @@ import pytest
 from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.libvirt import FakeConn
 from vtpm_driver import exception, objects, policy, spec
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import secret
 

@@ -20,7 +20,7 @@ from barbicanclient import exceptions as barbican_exc
 from keystoneauth1 import exceptions as ks_exc
 
 from vtpm_driver import exception, spec
-from vtpm_driver.context import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr.context import KEY_MANAGER_SERVICE_TYPE
 
 API_VERSION = "v1"
 _MAX_DETAIL = 200  # characters of Barbican's error description quoted in a message

@@ -3,9 +3,9 @@
 SPEC D1-D7, through python-barbicanclient on a keystoneauth1 session, at the
 minimum number of round trips: create = 1 POST + 1 ACL PUT, unlock = 1 payload
 GET, delete = 1 DELETE, and no Keystone request when the context carries the
-token and the catalog. :mod:`vtpm_driver.keymgr_client` explains the two
+token and the catalog. :mod:`vtpm_driver.keymgr.client` explains the two
 adaptations that make the client reach that floor (no version discovery) and
-keep bodies out of logs; :mod:`vtpm_driver.keymgr_errors` maps every failure,
+keep bodies out of logs; :mod:`vtpm_driver.keymgr.errors` maps every failure,
 from the HTTP status, in one place.
 
 The passphrase and tokens never reach a log record or an exception: this
@@ -18,19 +18,19 @@ import base64
 import os
 import uuid as uuid_mod
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as vtpm_context
 from vtpm_driver import exception, policy, spec
-from vtpm_driver import keymgr_client as client_mod
-from vtpm_driver.keymgr_errors import error_for_status, keystone_errors
+from vtpm_driver.keymgr import client as client_mod
+from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.keymgr.errors import keystone_errors
 
-__all__ = ["SYSMETA_KEY", "KeyManager", "KeyManagerAPI", "error_for_status"]
+__all__ = ["SYSMETA_KEY", "KeyManager"]
 
 LOG = logging.getLogger(__name__)
 
@@ -42,27 +42,6 @@ PASSPHRASE_CONTENT_TYPE = "text/plain"
 SECRET_TYPE = "passphrase"
 API_VERSION = client_mod.API_VERSION
 LIST_PAGE_SIZE = 100
-
-
-class KeyManagerAPI(Protocol):
-    """What the vTPM core needs from a key manager (SPEC D).
-
-    :class:`KeyManager` (Barbican, owner-only ACL, minimal round trips) is the
-    implementation; the Nova shim may supply one over castellan. Every method
-    maps foreign errors to :mod:`vtpm_driver.exception` types.
-    """
-
-    def create_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str) -> tuple[str, str]: ...
-
-    def ensure_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str) -> tuple[str, str]: ...
-
-    def get_vtpm_secret(self, context: Any, instance: Any,
-                        secret_security: str | None = None) -> str: ...
-
-    def delete_vtpm_secret(self, context: Any, instance: Any,
-                           secret_security: str | None = None) -> None: ...
 
 
 # -- pure helpers ---------------------------------------------------------------------

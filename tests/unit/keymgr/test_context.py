@@ -10,11 +10,11 @@ from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
 from keystoneauth1.identity import v3
 
-from tests.unit.test_keymgr import SERVICE, SERVICE_PASSWORD, FakeCloud
+from tests.unit.keymgr.test_barbican import SERVICE, SERVICE_PASSWORD, FakeCloud
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import context as ctx_mod
 from vtpm_driver import exception
-from vtpm_driver.context import RequestContext
+from vtpm_driver.keymgr import context as ctx_mod
+from vtpm_driver.keymgr.context import RequestContext
 
 TOKEN = "gAAAAAB-very-secret-token-value"
 

@@ -1,4 +1,4 @@
-"""keymgr against a fake Barbican (+ Keystone) served over real HTTP on 127.0.0.1.
+"""barbican.barbican against a fake Barbican (+ Keystone) served over real HTTP on 127.0.0.1.
 
 The fake keeps Barbican's rules that matter here (creator, read ACL with
 ``project-access`` and users, 401 for unknown tokens) and lets a test inject a
@@ -25,13 +25,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from barbicanclient import exceptions as barbican_exc
-from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, keymgr_errors, objects, policy
-from vtpm_driver.context import RequestContext
+from vtpm_driver import exception, objects, policy
+from vtpm_driver.keymgr import barbican
+from vtpm_driver.keymgr.context import RequestContext
 
 OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
 MEMBER = ("u-member", "p-a", "tok-member-0123456789")
@@ -331,66 +330,27 @@ def all_log_text(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_passphrase_shape() -> None:
-    p = keymgr.new_passphrase()
+    p = barbican.new_passphrase()
     assert isinstance(p, str)
     assert len(p) == 512
     assert p.isascii()
     assert len(base64.b64decode(p, validate=True)) == 384
-    assert keymgr.new_passphrase() != p
+    assert barbican.new_passphrase() != p
 
 
 def test_secret_name_and_ref_parsing() -> None:
     u = str(uuid.uuid4())
-    assert keymgr.secret_name(u) == f"vTPM secret for instance {u}"
-    assert keymgr.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}") == u
-    assert keymgr.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}/") == u
-    assert keymgr.secret_uuid_from_ref("http://b:9311/v1/secrets/not-a-uuid") is None
-    assert keymgr.secret_uuid_from_ref(None) is None
+    assert barbican.secret_name(u) == f"vTPM secret for instance {u}"
+    assert barbican.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}") == u
+    assert barbican.secret_uuid_from_ref(f"http://b:9311/v1/secrets/{u}/") == u
+    assert barbican.secret_uuid_from_ref("http://b:9311/v1/secrets/not-a-uuid") is None
+    assert barbican.secret_uuid_from_ref(None) is None
 
 
 @pytest.mark.parametrize("endpoint", ["http://b:9311", "http://b:9311/", "http://b:9311/v1",
                                       "http://b:9311/v1/"])
 def test_api_root(endpoint: str) -> None:
-    assert keymgr.api_root(endpoint) == "http://b:9311"
-
-
-@pytest.mark.parametrize(("status", "kind"), [
-    (401, exception.VTPMSecretForbidden),
-    (403, exception.VTPMSecretForbidden),
-    (404, exception.VTPMSecretNotFound),
-    (500, exception.KeyManagerUnavailable),
-    (502, exception.KeyManagerUnavailable),
-    (503, exception.KeyManagerUnavailable),
-    (400, exception.VTPMError),
-])
-def test_error_for_status(status: int, kind: type) -> None:
-    err = keymgr.error_for_status(status, operation="read", endpoint="http://b", mode="user",
-                                  secret_uuid="s-1", instance_uuid="i-1")
-    assert type(err) is kind
-    assert "s-1" in str(err) and "i-1" in str(err)
-
-
-def test_error_messages_say_what_to_do() -> None:
-    kw = {"operation": "read", "endpoint": "http://b", "secret_uuid": "s"}
-    assert "owner's credentials" in str(keymgr.error_for_status(403, mode="user", **kw))
-    assert "owner's credentials" in str(keymgr.error_for_status(403, mode="host", **kw))
-    assert "[service_user]" in str(keymgr.error_for_status(403, mode="deployment", **kw))
-    assert "expired" in str(keymgr.error_for_status(401, mode="user", **kw))
-    assert "unrecoverable" in str(keymgr.error_for_status(404, mode="user", **kw))
-    assert "http://b" in str(keymgr.error_for_status(503, mode="user", **kw))
-    assert keymgr.error_for_status(200, mode="user", **kw) is None
-    # 404 with no secret involved means a wrong endpoint, not a lost secret.
-    no_secret = keymgr.error_for_status(404, operation="create", endpoint="http://b",
-                                        mode="user")
-    assert isinstance(no_secret, exception.KeyManagerUnavailable)
-    assert "barbican_endpoint" in str(no_secret)
-
-
-def test_mapping_ignores_message_text() -> None:
-    # A 500 whose text says "Forbidden" is still a server error.
-    err = keymgr.error_for_status(500, operation="read", endpoint="e", mode="user",
-                                  secret_uuid="s", detail="Forbidden: nope")
-    assert isinstance(err, exception.KeyManagerUnavailable)
+    assert barbican.api_root(endpoint) == "http://b:9311"
 
 
 @pytest.mark.parametrize("value", ["bogus", 3, "USER", "user "])
@@ -415,7 +375,7 @@ def test_mode_defaults_to_user() -> None:
 
 
 def test_create_get_delete_round_trip(cloud: FakeCloud, debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     assert inst.system_metadata["vtpm_secret_uuid"] == sid
@@ -448,7 +408,7 @@ def test_create_get_delete_round_trip(cloud: FakeCloud, debug_log) -> None:
 
 
 def test_acl_off_leaves_project_access(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, acl=False))
+    km = barbican.KeyManager(make_conf(cloud, acl=False))
     inst = server()
     sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     assert cloud.requests == [("POST", "/v1/secrets/")]
@@ -457,7 +417,7 @@ def test_acl_off_leaves_project_access(cloud: FakeCloud) -> None:
 
 
 def test_member_and_other_are_forbidden(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     for who in (MEMBER, OTHER):
@@ -470,7 +430,7 @@ def test_member_and_other_are_forbidden(cloud: FakeCloud) -> None:
 
 
 def test_bad_token_is_forbidden(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     with pytest.raises(exception.VTPMSecretForbidden, match="invalid or expired") as ei:
         km.create_vtpm_secret(ctx(("u-owner", "p-a", "tok-bogus-token")), inst, "user")
@@ -480,7 +440,7 @@ def test_bad_token_is_forbidden(cloud: FakeCloud) -> None:
 
 
 def test_context_without_token(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     context = RequestContext(user_id="u", project_id="p")
     with pytest.raises(exception.VTPMSecretForbidden, match="no token"):
         km.create_vtpm_secret(context, server(), "user")
@@ -489,7 +449,7 @@ def test_context_without_token(cloud: FakeCloud) -> None:
 
 @pytest.mark.parametrize("status", [500, 503])
 def test_acl_failure_rolls_back(cloud: FakeCloud, status: int, debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     cloud.fail("PUT", "/acl$", status)
     with pytest.raises(exception.KeyManagerUnavailable) as ei:
@@ -502,7 +462,7 @@ def test_acl_failure_rolls_back(cloud: FakeCloud, status: int, debug_log) -> Non
 
 
 def test_acl_forbidden_rolls_back(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     cloud.fail("PUT", "/acl$", 403)
     with pytest.raises(exception.VTPMSecretForbidden):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
@@ -511,7 +471,7 @@ def test_acl_forbidden_rolls_back(cloud: FakeCloud) -> None:
 
 def test_acl_and_rollback_failure_reports_the_first_error(cloud: FakeCloud,
                                                           debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     cloud.fail("PUT", "/acl$", 502)
     cloud.fail("DELETE", "/v1/secrets/", 500)
     with pytest.raises(exception.KeyManagerUnavailable, match="HTTP 502"):
@@ -529,7 +489,7 @@ def test_acl_and_rollback_failure_reports_the_first_error(cloud: FakeCloud,
     (503, exception.KeyManagerUnavailable),
 ])
 def test_get_status_mapping(cloud: FakeCloud, status: int, kind: type) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     km.create_vtpm_secret(ctx(OWNER), inst, "user")
     cloud.fail("GET", "/payload$", status)
@@ -545,7 +505,7 @@ def test_get_status_mapping(cloud: FakeCloud, status: int, kind: type) -> None:
     (500, exception.KeyManagerUnavailable),
 ])
 def test_delete_status_mapping_keeps_key(cloud: FakeCloud, status: int, kind: type) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     cloud.fail("DELETE", "/v1/secrets/", status)
@@ -558,7 +518,7 @@ def test_delete_status_mapping_keeps_key(cloud: FakeCloud, status: int, kind: ty
 
 @pytest.mark.parametrize("status", [400, 413])
 def test_other_client_errors_are_typed(cloud: FakeCloud, status: int) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     cloud.fail("POST", "/v1/secrets/?$", status)
     with pytest.raises(exception.VTPMError, match=f"HTTP {status}"):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
@@ -568,11 +528,11 @@ def test_create_404_means_wrong_endpoint(cloud: FakeCloud) -> None:
     c = make_conf(cloud)
     c.set_override("barbican_endpoint", f"{cloud.url}/wrong", group="key_manager")
     with pytest.raises(exception.KeyManagerUnavailable, match="barbican_endpoint"):
-        keymgr.KeyManager(c).create_vtpm_secret(ctx(OWNER), server(), "user")
+        barbican.KeyManager(c).create_vtpm_secret(ctx(OWNER), server(), "user")
 
 
 def test_deleted_secret_is_not_found_and_not_recreated(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     del cloud.secrets[sid]
@@ -587,7 +547,7 @@ def test_deleted_secret_is_not_found_and_not_recreated(cloud: FakeCloud) -> None
 
 
 def test_ensure_returns_existing_or_creates(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     first = km.ensure_vtpm_secret(ctx(OWNER), inst, "user")
     assert km.ensure_vtpm_secret(ctx(OWNER), inst, "user") == first
@@ -595,7 +555,7 @@ def test_ensure_returns_existing_or_creates(cloud: FakeCloud) -> None:
 
 
 def test_create_refuses_to_orphan_an_existing_secret(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     with pytest.raises(exception.VTPMError, match=sid):
@@ -604,7 +564,7 @@ def test_create_refuses_to_orphan_an_existing_secret(cloud: FakeCloud) -> None:
 
 
 def test_get_without_uuid(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     with pytest.raises(exception.VTPMSecretNotFound, match="vtpm_secret_uuid"):
         km.get_vtpm_secret(ctx(OWNER), server())
     assert cloud.requests == []
@@ -612,7 +572,7 @@ def test_get_without_uuid(cloud: FakeCloud) -> None:
 
 @pytest.mark.parametrize("bad", ["../../v3/auth", "not-a-uuid", "x" * 500])
 def test_bad_recorded_uuid_is_typed(cloud: FakeCloud, bad: str) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     inst.system_metadata["vtpm_secret_uuid"] = bad
     with pytest.raises(exception.InvalidVTPMConfig, match="vtpm_secret_uuid"):
@@ -623,7 +583,7 @@ def test_bad_recorded_uuid_is_typed(cloud: FakeCloud, bad: str) -> None:
 
 
 def test_delete_is_idempotent(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     km.delete_vtpm_secret(ctx(OWNER), inst)  # never had one
     assert cloud.requests == []
@@ -652,7 +612,7 @@ def test_delete_is_idempotent(cloud: FakeCloud) -> None:
 def test_payload_that_is_not_a_passphrase_is_refused(cloud: FakeCloud, payload: str,
                                                      content_type: str, why: str,
                                                      debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, _ = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     cloud.secrets[sid].payload = payload
@@ -668,7 +628,7 @@ def test_payload_that_is_not_a_passphrase_is_refused(cloud: FakeCloud, payload: 
 
 
 def test_payload_content_type_parameters_are_accepted(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     sid, passphrase = km.create_vtpm_secret(ctx(OWNER), inst, "user")
     cloud.secrets[sid].content_type = "Text/Plain; charset=utf-8"
@@ -679,11 +639,11 @@ def test_payload_content_type_parameters_are_accepted(cloud: FakeCloud) -> None:
                                    [], "created"])
 def test_create_without_usable_secret_ref_leaves_nothing(cloud: FakeCloud,
                                                          reply: object) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     # Someone else's secret with the same name is never touched.
     foreign = str(uuid.uuid4())
-    cloud.secrets[foreign] = FakeSecret(keymgr.secret_name(inst.uuid), "passphrase", "x",
+    cloud.secrets[foreign] = FakeSecret(barbican.secret_name(inst.uuid), "passphrase", "x",
                                         "text/plain", MEMBER[0], MEMBER[1], "t")
     cloud.fail("POST", "/v1/secrets/?$", 0, reply=reply)
     with pytest.raises(exception.KeyManagerUnavailable, match="no usable secret_ref"):
@@ -695,7 +655,7 @@ def test_create_without_usable_secret_ref_leaves_nothing(cloud: FakeCloud,
 
 def test_create_without_secret_ref_and_failed_lookup_says_delete_by_hand(
         cloud: FakeCloud, debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     cloud.fail("POST", "/v1/secrets/?$", 0, reply={})
     cloud.fail("GET", r"/v1/secrets/?\?", 503)
@@ -706,7 +666,7 @@ def test_create_without_secret_ref_and_failed_lookup_says_delete_by_hand(
 
 
 def test_acl_reply_that_cannot_be_read_rolls_back(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     cloud.fail("PUT", "/acl$", 0, reply="ok")
     with pytest.raises(exception.KeyManagerUnavailable, match="ACL"):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
@@ -715,7 +675,7 @@ def test_acl_reply_that_cannot_be_read_rolls_back(cloud: FakeCloud) -> None:
 
 def test_401_without_title_is_forbidden_not_a_key_error(cloud: FakeCloud) -> None:
     """keystonemiddleware's 401 body has no ``title``: barbicanclient alone raises KeyError."""
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     inst = server()
     km.create_vtpm_secret(ctx(OWNER), inst, "user")
     middleware_401 = {"error": {"code": 401, "title": "Unauthorized",
@@ -730,30 +690,8 @@ def test_401_without_title_is_forbidden_not_a_key_error(cloud: FakeCloud) -> Non
             call()
 
 
-@pytest.mark.parametrize(("exc", "status"), [
-    (barbican_exc.HTTPAuthError("Unauthorized"), 401),
-    (barbican_exc.HTTPClientError("Forbidden", 403), 403),
-    (barbican_exc.HTTPServerError("Bad Gateway", 502), 502),
-    (ks_exc.NotFound(http_status=404), 404),
-    (ValueError("x"), None),
-])
-def test_status_of_foreign_exceptions(exc: Exception, status: int | None) -> None:
-    assert keymgr_errors.status_of(exc) == status
-
-
-def test_barbicanclient_errors_map_by_status() -> None:
-    for exc, kind in ((barbican_exc.HTTPAuthError("x"), exception.VTPMSecretForbidden),
-                      (barbican_exc.HTTPClientError("x", 404), exception.VTPMSecretNotFound),
-                      (barbican_exc.HTTPServerError("Forbidden", 500),
-                       exception.KeyManagerUnavailable)):
-        with pytest.raises(kind, match="s-1"), keymgr_errors.barbican_errors(
-                endpoint="http://b", mode="user", operation="read", timeout=1,
-                secret_uuid="s-1"):
-            raise exc
-
-
 def test_no_version_discovery_and_one_client_per_target(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     target = km._target(ctx(OWNER), "user")
     assert cloud.requests == []  # building the client sent nothing
     assert target.client.client.endpoint_override == f"{cloud.url}/v1/"
@@ -763,7 +701,7 @@ def test_no_version_discovery_and_one_client_per_target(cloud: FakeCloud) -> Non
 
 
 def test_timeout_is_bounded_and_unavailable(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, timeout=0.3))
+    km = barbican.KeyManager(make_conf(cloud, timeout=0.3))
     inst = server()
     km.create_vtpm_secret(ctx(OWNER), inst, "user")
     cloud.fail("GET", "/payload$", 0, delay=1.5)
@@ -775,7 +713,7 @@ def test_timeout_is_bounded_and_unavailable(cloud: FakeCloud) -> None:
 
 
 def test_dropped_connection_is_unavailable(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     cloud.fail("POST", "/v1/secrets/?$", 0, drop=True)
     with pytest.raises(exception.KeyManagerUnavailable, match=re.escape(cloud.url)):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
@@ -789,7 +727,7 @@ def test_connection_refused_is_unavailable() -> None:
     c.set_override("barbican_endpoint", f"http://127.0.0.1:{port}", group="key_manager")
     inst = server()
     inst.system_metadata["vtpm_secret_uuid"] = str(uuid.uuid4())
-    km = keymgr.KeyManager(c)
+    km = barbican.KeyManager(c)
     for call in (lambda: km.create_vtpm_secret(ctx(OWNER), server(), "user"),
                  lambda: km.get_vtpm_secret(ctx(OWNER), inst),
                  lambda: km.delete_vtpm_secret(ctx(OWNER), inst)):
@@ -799,7 +737,7 @@ def test_connection_refused_is_unavailable() -> None:
 
 
 def test_unknown_endpoint_names_the_option(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, endpoint=False))
+    km = barbican.KeyManager(make_conf(cloud, endpoint=False))
     with pytest.raises(exception.KeyManagerUnavailable, match=r"\[key_manager\] barbican_end"):
         km.create_vtpm_secret(ctx(OWNER), server(), "user")
     assert cloud.requests == []
@@ -809,7 +747,7 @@ def test_endpoint_from_catalog(cloud: FakeCloud) -> None:
     catalog = [{"type": "key-manager", "endpoints": [
         {"interface": "internal", "region_id": "RegionOne", "url": "http://wrong:1"},
         {"interface": "public", "region_id": "RegionOne", "url": cloud.url + "/v1"}]}]
-    km = keymgr.KeyManager(make_conf(cloud, endpoint=False))
+    km = barbican.KeyManager(make_conf(cloud, endpoint=False))
     inst = server()
     km.create_vtpm_secret(ctx(OWNER, catalog), inst, "user")
     assert next(p for _, p in cloud.requests) == "/v1/secrets/"
@@ -820,7 +758,7 @@ def test_endpoint_from_catalog(cloud: FakeCloud) -> None:
 
 
 def test_deployment_uses_service_user_never_owner_token(cloud: FakeCloud, debug_log) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, service_user=True))
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
     inst = server("deployment")
     bogus = RequestContext(user_id=OWNER[0], project_id=OWNER[1], auth_token="tok-bogus-x")
     sid, passphrase = km.create_vtpm_secret(bogus, inst, "deployment")
@@ -840,14 +778,14 @@ def test_deployment_uses_service_user_never_owner_token(cloud: FakeCloud, debug_
 
 
 def test_deployment_endpoint_from_service_catalog(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, endpoint=False, service_user=True))
+    km = barbican.KeyManager(make_conf(cloud, endpoint=False, service_user=True))
     inst = server("deployment")
     km.create_vtpm_secret(ctx(OWNER), inst, "deployment")
     assert cloud.secrets[inst.system_metadata["vtpm_secret_uuid"]].creator == SERVICE[0]
 
 
 def test_deployment_without_service_user_is_a_config_error(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud))
+    km = barbican.KeyManager(make_conf(cloud))
     with pytest.raises(exception.InvalidConfiguration, match=r"\[service_user\] auth_type"):
         km.create_vtpm_secret(ctx(OWNER), server("deployment"), "deployment")
 
@@ -856,14 +794,14 @@ def test_deployment_bad_service_password(cloud: FakeCloud, debug_log) -> None:
     c = make_conf(cloud, service_user=True)
     c.set_override("password", "wrong-password-xyz", group="service_user")
     with pytest.raises(exception.VTPMSecretForbidden, match=r"\[service_user\]"):
-        keymgr.KeyManager(c).create_vtpm_secret(ctx(OWNER), server("deployment"),
+        barbican.KeyManager(c).create_vtpm_secret(ctx(OWNER), server("deployment"),
                                                 "deployment")
     assert cloud.count(prefix="/v1") == 0
     assert_not_leaked(all_log_text(debug_log), "wrong-password-xyz")
 
 
 def test_deployment_403_names_the_service_user(cloud: FakeCloud) -> None:
-    km = keymgr.KeyManager(make_conf(cloud, service_user=True))
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
     inst = server("deployment")
     km.create_vtpm_secret(ctx(OWNER), inst, "deployment")
     cloud.fail("GET", "/payload$", 403)
@@ -875,8 +813,8 @@ def test_deployment_403_names_the_service_user(cloud: FakeCloud) -> None:
 
 
 def test_list_pages_and_filters(cloud: FakeCloud, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keymgr, "LIST_PAGE_SIZE", 2)
-    km = keymgr.KeyManager(make_conf(cloud, acl=False))
+    monkeypatch.setattr(barbican, "LIST_PAGE_SIZE", 2)
+    km = barbican.KeyManager(make_conf(cloud, acl=False))
     made = {}
     for _ in range(5):
         inst = server()

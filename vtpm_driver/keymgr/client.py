@@ -1,7 +1,7 @@
 """python-barbicanclient wired for the request floor, quiet logs and status-based errors.
 
 Two small adaptations, both through public keystoneauth1 seams or a one-method
-override, let :mod:`vtpm_driver.keymgr` use python-barbicanclient at the
+override, let :mod:`vtpm_driver.keymgr.barbican` use python-barbicanclient at the
 minimum number of round trips (SPEC D7) without leaking secrets:
 
 * :class:`BarbicanSession` (a keystoneauth1 ``Session``): request/response
@@ -34,8 +34,8 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, spec
-from vtpm_driver.context import KEY_MANAGER_SERVICE_TYPE
-from vtpm_driver.keymgr_errors import barbican_errors
+from vtpm_driver.keymgr.context import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr.errors import barbican_errors
 
 LOG = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def catalog_endpoint(session: ks_session.Session, conf: cfg.ConfigOpts) -> str:
 
     :raises KeyManagerUnavailable: the catalog has no matching endpoint.
     :raises keystoneauth1.exceptions.ClientException: Keystone failures, for
-        :func:`~vtpm_driver.keymgr_errors.keystone_errors` to map.
+        :func:`~vtpm_driver.keymgr.errors.keystone_errors` to map.
     """
     km = conf.key_manager
     endpoint = session.get_endpoint(service_type=KEY_MANAGER_SERVICE_TYPE,
@@ -187,7 +187,7 @@ class Target:
 
     def errors(self, operation: str, secret_uuid: str | None = None,
                instance_uuid: str | None = None) -> Any:
-        """:func:`~vtpm_driver.keymgr_errors.barbican_errors` for this target."""
+        """:func:`~vtpm_driver.keymgr.errors.barbican_errors` for this target."""
         return barbican_errors(endpoint=self.root, mode=self.mode, operation=operation,
                                timeout=self.timeout, secret_uuid=secret_uuid,
                                instance_uuid=instance_uuid)
