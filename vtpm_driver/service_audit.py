@@ -28,6 +28,7 @@ from typing import Any
 
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, repair, spec
+from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
@@ -40,7 +41,8 @@ class AuditActions:
     backend: Any
     store: Any
 
-    def list_barbican(self, keymgr: Any, scopes: Sequence[tuple[RequestContext, str]]
+    def list_barbican(self, keymgr: KeyManagerAuditAPI,
+                      scopes: Sequence[tuple[RequestContext, str]]
                       ) -> list[vtpm_audit.BarbicanSecret]:
         """The vTPM secrets each ``(context, mode)`` can list, with their read ACL.
 
@@ -121,7 +123,7 @@ class AuditActions:
         full = repair.plan(report, now=time.time(), min_age=min_age, only=only)
         return repair.plan_copies(full, report, only)
 
-    def repair(self, plan: repair.RepairPlan, keymgr: Any,
+    def repair(self, plan: repair.RepairPlan, keymgr: KeyManagerAuditAPI,
                contexts: Mapping[str, RequestContext]) -> list[tuple[repair.Action, str]]:
         """Do each action of ``plan``; returns (action, outcome) for each, never raises.
 
@@ -168,7 +170,7 @@ class AuditActions:
             return "already done: no interrupted operation now"
         return f"done: {decision.action.value}"
 
-    def _do(self, action: repair.Action, keymgr: Any,
+    def _do(self, action: repair.Action, keymgr: KeyManagerAuditAPI,
             contexts: Mapping[str, RequestContext]) -> str:
         backend = self.backend
         if action.kind == repair.RECOVER:

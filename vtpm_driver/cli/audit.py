@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from cliff.columns import FormattableColumn
 from cliff.show import ShowOne
@@ -20,12 +19,12 @@ from oslo_log import log as logging
 from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import exception, orchestrator, repair, spec
 from vtpm_driver.cli.common import CommandMixin, ListColumn
-from vtpm_driver.keymgr import KeyManager
+from vtpm_driver.keymgr import KeyManager, KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
 
 LOG = logging.getLogger(__name__)
 
-keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
+keymgr_factory: Callable[[cfg.ConfigOpts], KeyManagerAuditAPI] = KeyManager
 nova_factory: Callable[[cfg.ConfigOpts], orchestrator.NovaServers] = orchestrator.NovaServers
 
 COLUMNS = (
@@ -264,7 +263,7 @@ class Audit(CommandMixin, ShowOne):
                                  spec.SECRET_DEPLOYMENT, "[service_user] (deployment mode)"))
         return [(ctx, mode) for ctx, mode, _label in self._labels]
 
-    def _list_barbican(self, keymgr: Any, scopes: list[tuple[RequestContext, str]]
+    def _list_barbican(self, keymgr: KeyManagerAuditAPI, scopes: list[tuple[RequestContext, str]]
                        ) -> list[vtpm_audit.BarbicanSecret]:
         """The vTPM secrets of each scope; the service user's may fail if the caller's worked."""
         found: list[vtpm_audit.BarbicanSecret] = []

@@ -20,6 +20,7 @@ from keystoneauth1 import session as ks_session
 from oslo_config import cfg
 
 from vtpm_driver import exception
+from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.virt import guest, secret, state
 
@@ -132,6 +133,6 @@ def view_secret(conf: cfg.ConfigOpts, context: RequestContext, secret_uuid: str)
     )
 
 
-def secret_listed(keymgr: Any, context: RequestContext, secret_uuid: str) -> bool:
+def secret_listed(keymgr: KeyManagerAuditAPI, context: RequestContext, secret_uuid: str) -> bool:
     """Whether the caller still sees the secret among the vTPM secrets (metadata only)."""
     return any(item.get("uuid") == secret_uuid for item in keymgr.list_vtpm_secrets(context))

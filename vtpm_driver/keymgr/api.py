@@ -1,15 +1,21 @@
-"""The key manager interface the vTPM core calls (SPEC D), as castellan's ``key_manager.py``.
+"""The key manager interfaces (SPEC D), as castellan's ``key_manager.py``.
 
-Implementations: :class:`vtpm_driver.keymgr.barbican.KeyManager` (this
-project's Barbican client) and, inside nova-compute, the shim's key managers
-(``nova/virt/vtpm/keymgr.py``).
+* :class:`KeyManagerAPI`: what the vTPM core calls for one server's secret.
+  Implementations: :class:`vtpm_driver.keymgr.barbican.KeyManager` (this
+  project's Barbican client) and, inside nova-compute, the shim's key managers
+  (``nova/virt/vtpm/keymgr.py``).
+* :class:`KeyManagerAuditAPI`: what ``vtpm-driver audit`` calls to list vTPM
+  secrets and repair them by secret UUID; Barbican only (castellan has no
+  listing by name nor ACLs).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["KeyManagerAPI"]
+from vtpm_driver import spec
+
+__all__ = ["KeyManagerAPI", "KeyManagerAuditAPI"]
 
 
 class KeyManagerAPI(Protocol):
@@ -32,3 +38,33 @@ class KeyManagerAPI(Protocol):
 
     def delete_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str | None = None) -> None: ...
+
+
+class KeyManagerAuditAPI(Protocol):
+    """What the audit needs from a key manager: metadata and repairs, never payloads.
+
+    ``secret_security`` picks whose credentials are used (the caller's, or
+    the service user's in ``deployment`` mode). Foreign errors are mapped to
+    :mod:`vtpm_driver.exception` types.
+    """
+
+    def list_vtpm_secrets(self, context: Any,
+                          secret_security: str = spec.SECRET_USER) -> list[dict[str, str | None]]:
+        """vTPM secrets visible in that scope: ``uuid``, ``name``, ``instance_uuid``,
+        ``created``, ``creator``."""
+        ...
+
+    def secret_project_access(self, context: Any, secret_uuid: str,
+                              secret_security: str = spec.SECRET_USER) -> bool:
+        """Whether the whole project may read the secret."""
+        ...
+
+    def set_owner_only_acl(self, context: Any, secret_uuid: str, user_id: str | None,
+                           secret_security: str = spec.SECRET_USER) -> None:
+        """Limit reads to ``user_id`` (and the creator); idempotent."""
+        ...
+
+    def delete_secret(self, context: Any, secret_uuid: str,
+                      secret_security: str = spec.SECRET_USER) -> bool:
+        """Delete an orphan by UUID; False if it was already gone."""
+        ...

@@ -28,6 +28,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, policy, spec
 from vtpm_driver.keymgr import client as client_mod
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
@@ -109,8 +110,8 @@ def check_payload(content_type: str | None, body: bytes, secret_uuid: str) -> st
     return text
 
 
-class KeyManager:
-    """Barbican operations for vTPM passphrases.
+class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
+    """Barbican operations for vTPM passphrases (both interfaces of :mod:`.api`).
 
     ``user`` and ``host`` modes act with the caller's token (the server
     owner's), through a client built per call from the context (no request;
