@@ -7,7 +7,7 @@ find the server, check the caller's project
 is created, compute a resize's new flavor (:func:`vtpm_driver.policy.new_flavor`),
 keep ``[vtpm] state_backup`` copies in step with stops and starts, and describe
 a server as plain fields (:mod:`vtpm_driver.view`). The audit and repair are
-mixed in from :mod:`vtpm_driver.service_audit`. Command-line modules only
+mixed in from :mod:`vtpm_driver.audit.actions`. Command-line modules only
 parse options, call one method here and format the result.
 
 Nothing here moves a server to another host: cold and live migration,
@@ -29,11 +29,11 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import exception, policy, spec, statestore, view
+from vtpm_driver.audit.actions import AuditActions
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
-from vtpm_driver.service_audit import AuditActions
 
 LOG = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A fake of Nova's compute API as :class:`vtpm_driver.orchestrator.NovaServers` asks it.
+"""A fake of Nova's compute API as :class:`vtpm_driver.audit.orchestrator.NovaServers` asks it.
 
 ``FakeNovaAdapter`` has the shape of the keystoneauth1 ``Adapter.get`` the
 orchestrator calls: ``GET /servers/detail`` with ``all_tenants``, ``deleted``,

@@ -18,7 +18,8 @@ import pytest
 
 from tests.functional import fixtures_offhost
 from tests.functional.fixtures_offhost import Cloud, store_dir
-from vtpm_driver import audit, repair
+from vtpm_driver.audit import plan as repair
+from vtpm_driver.audit import report as audit
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
 
 pytestmark = pytest.mark.functional

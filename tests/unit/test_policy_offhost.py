@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from vtpm_driver import exception, policy, repair, spec
+from vtpm_driver import exception, policy, spec
+from vtpm_driver.audit import plan as repair
 
 USER = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="user")
 HOST = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="host")
@@ -79,7 +80,7 @@ def _copy(uuid: str, **kw):
 
 
 def test_audit_reports_orphan_and_stale_copies_and_plans_removing_orphans_only() -> None:
-    from vtpm_driver import audit
+    from vtpm_driver.audit import report as audit
 
     a, b, c, d, e = (f"{n}0000000-0000-4000-8000-000000000000" for n in "abcde")
     report = audit.AuditReport(servers=(), orphans=(), barbican_checked=False)

@@ -2,8 +2,8 @@
 
 Gathers what libvirt, the swtpm state directory and (with credentials)
 Barbican hold, and, where Nova is the orchestrator, which servers Nova knows
-(:mod:`vtpm_driver.orchestrator`), and hands it to the pure
-:func:`vtpm_driver.audit.audit` and :func:`vtpm_driver.audit.vouch`.
+(:mod:`vtpm_driver.audit.orchestrator`), and hands it to the pure
+:func:`vtpm_driver.audit.report.audit` and :func:`vtpm_driver.audit.report.vouch`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from cliff.show import ShowOne
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import exception, orchestrator, repair, spec
+from vtpm_driver import exception, spec
+from vtpm_driver.audit import orchestrator
+from vtpm_driver.audit import plan as audit_plan
+from vtpm_driver.audit import report as audit_report
 from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.keymgr import KeyManager, KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
@@ -55,7 +57,7 @@ class RecordsColumn(FormattableColumn[list]):
         )
 
 
-def _server_record(finding: vtpm_audit.ServerFinding) -> dict[str, object]:
+def _server_record(finding: audit_report.ServerFinding) -> dict[str, object]:
     return {
         "name": finding.name,
         "uuid": finding.uuid,
@@ -67,42 +69,42 @@ def _server_record(finding: vtpm_audit.ServerFinding) -> dict[str, object]:
     }
 
 
-def _readable_record(item: vtpm_audit.BarbicanSecret) -> dict[str, object]:
+def _readable_record(item: audit_report.BarbicanSecret) -> dict[str, object]:
     return {"secret_uuid": item.uuid, "instance_uuid": item.instance_uuid, "mode": item.mode}
 
 
-def _repair_records(done: Sequence[tuple[repair.Action, str]]) -> list[dict[str, object]]:
+def _repair_records(done: Sequence[tuple[audit_plan.Action, str]]) -> list[dict[str, object]]:
     return [{"action": a.kind, "target": a.target, "instance_uuid": a.instance_uuid,
              "result": outcome, "reason": a.reason} for a, outcome in done]
 
 
-def _skipped_records(skipped: Sequence[repair.Skipped]) -> list[dict[str, object]]:
+def _skipped_records(skipped: Sequence[audit_plan.Skipped]) -> list[dict[str, object]]:
     return [{"target": s.target, "instance_uuid": s.instance_uuid, "reason": s.reason}
             for s in skipped]
 
 
-def _half_done_record(entry: vtpm_audit.HalfDone) -> dict[str, object]:
+def _half_done_record(entry: audit_report.HalfDone) -> dict[str, object]:
     return {"name": entry.name, "instance_uuid": entry.instance_uuid,
             "operation": entry.operation, "step": entry.step, "pid": entry.pid,
             "repair": entry.action, "reason": entry.reason,
             "locked_by_pid": entry.holder_pid}
 
 
-def _orphan_record(orphan: vtpm_audit.Orphan) -> dict[str, object]:
-    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy",
-           vtpm_audit.STORE_TEMPORARY: "path"}.get(
+def _orphan_record(orphan: audit_report.Orphan) -> dict[str, object]:
+    key = {audit_report.STATE_DIR: "path", audit_report.OFFHOST_COPY: "copy",
+           audit_report.STORE_TEMPORARY: "path"}.get(
         orphan.kind, "secret_uuid")
     return {key: orphan.id, "instance_uuid": orphan.instance_uuid, "reason": orphan.reason}
 
 
-def _vouched_record(item: vtpm_audit.Vouched) -> dict[str, object]:
-    key = {vtpm_audit.STATE_DIR: "path", vtpm_audit.OFFHOST_COPY: "copy"}.get(
+def _vouched_record(item: audit_report.Vouched) -> dict[str, object]:
+    key = {audit_report.STATE_DIR: "path", audit_report.OFFHOST_COPY: "copy"}.get(
         item.kind, "secret_uuid")
     return {"kind": item.kind, key: item.id, "instance_uuid": item.instance_uuid,
             "status": item.status, "host": item.host, "seen_here": item.reason}
 
 
-def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
+def report_columns(report: audit_report.AuditReport, scope: Sequence[str]
                    ) -> tuple[tuple[str, ...], tuple]:
     """The command's output for ``report``."""
     def orphans(kind: str) -> RecordsColumn:
@@ -110,14 +112,14 @@ def report_columns(report: vtpm_audit.AuditReport, scope: Sequence[str]
 
     return COLUMNS, (
         RecordsColumn([_server_record(f) for f in report.servers]),
-        orphans(vtpm_audit.LIBVIRT_SECRET),
-        orphans(vtpm_audit.STATE_DIR),
-        orphans(vtpm_audit.BARBICAN_SECRET),
+        orphans(audit_report.LIBVIRT_SECRET),
+        orphans(audit_report.STATE_DIR),
+        orphans(audit_report.BARBICAN_SECRET),
         RecordsColumn([_readable_record(item) for item in report.readable]),
         RecordsColumn([_half_done_record(entry) for entry in report.half_done]),
-        orphans(vtpm_audit.OFFHOST_COPY),
+        orphans(audit_report.OFFHOST_COPY),
         RecordsColumn([_orphan_record(o) for o in report.stale_copies]),
-        orphans(vtpm_audit.STORE_TEMPORARY),
+        orphans(audit_report.STORE_TEMPORARY),
         report.barbican_checked,
         ListColumn(list(scope)),
         report.orchestrator.name.lower() if report.orchestrator else orchestrator.NONE,
@@ -191,7 +193,7 @@ class Audit(CommandMixin, ShowOne):
                                  "and none at all when Nova cannot be asked")
         parser.add_argument("--dry-run", action="store_true",
                             help="With --repair: show the plan, change nothing")
-        parser.add_argument("--min-age", type=float, default=repair.DEFAULT_MIN_AGE,
+        parser.add_argument("--min-age", type=float, default=audit_plan.DEFAULT_MIN_AGE,
                             metavar="SECONDS",
                             help="With --repair: keep Barbican orphans younger than this "
                                  "(a create elsewhere may not have defined its server yet; "
@@ -264,9 +266,9 @@ class Audit(CommandMixin, ShowOne):
         return [(ctx, mode) for ctx, mode, _label in self._labels]
 
     def _list_barbican(self, keymgr: KeyManagerAuditAPI, scopes: list[tuple[RequestContext, str]]
-                       ) -> list[vtpm_audit.BarbicanSecret]:
+                       ) -> list[audit_report.BarbicanSecret]:
         """The vTPM secrets of each scope; the service user's may fail if the caller's worked."""
-        found: list[vtpm_audit.BarbicanSecret] = []
+        found: list[audit_report.BarbicanSecret] = []
         for context, mode in list(scopes):
             try:
                 with self.app.progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):

@@ -16,8 +16,9 @@ import pytest
 
 from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import audit as vtpm_audit
-from vtpm_driver import exception, objects, repair, servers
+from vtpm_driver import exception, objects, servers
+from vtpm_driver.audit import plan as repair
+from vtpm_driver.audit import report as vtpm_audit
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import domain, record

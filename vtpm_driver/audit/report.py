@@ -433,7 +433,7 @@ def vouch(report: AuditReport, answer: OrchestratorAnswer | None) -> AuditReport
 
     ``answer`` None (a standalone host): ``report`` unchanged. ``answer``
     without servers (Nova could not be asked): the orphans stay as they are and
-    the report says so; :func:`vtpm_driver.repair.plan` then deletes none of
+    the report says so; :func:`vtpm_driver.audit.plan.plan` then deletes none of
     those kinds.
     """
     if answer is None:

@@ -17,7 +17,10 @@ from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.nova import FakeNovaAdapter
 from tests.fakes.nova import server as nova_server
 from tests.fakes.service import OWNER, FakeBackend
-from vtpm_driver import audit, exception, objects, orchestrator, repair, servers, statestore
+from vtpm_driver import exception, objects, servers, statestore
+from vtpm_driver.audit import orchestrator
+from vtpm_driver.audit import plan as repair
+from vtpm_driver.audit import report as audit
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.ops import journal, locks

@@ -1,6 +1,6 @@
 """What ``vtpm-driver audit --repair`` does about an audit report (pure).
 
-:func:`plan` turns the findings of :func:`vtpm_driver.audit.audit` into a
+:func:`plan` turns the findings of :func:`vtpm_driver.audit.report.audit` into a
 :class:`RepairPlan`: actions (undefine an orphaned libvirt secret, remove a
 state directory of no server, delete an old Barbican secret of a gone server,
 make a project-readable secret owner-only, finish or roll back a half-done
@@ -9,7 +9,7 @@ why. No I/O: the service carries the plan out (``ServerService.repair``).
 Nothing outside what the audit reported as orphaned or half-done is touched.
 
 Where an orchestrator (Nova) is configured and could not be asked which
-servers exist (:attr:`vtpm_driver.audit.OrchestratorAnswer.refusal`), no
+servers exist (:attr:`vtpm_driver.audit.report.OrchestratorAnswer.refusal`), no
 Barbican secret, off-host copy or state directory is deleted: each is listed
 as skipped with the reason (``Nova could not be asked: ...``).
 """
@@ -21,7 +21,7 @@ import datetime
 from collections.abc import Iterable
 
 from vtpm_driver import spec
-from vtpm_driver.audit import (
+from vtpm_driver.audit.report import (
     BARBICAN_SECRET,
     LIBVIRT_SECRET,
     NO_ACTION,
@@ -202,7 +202,7 @@ def _limited(full: RepairPlan, only: Iterable[str]) -> RepairPlan:
 def plan_copies(repair: RepairPlan, report: AuditReport, only: Iterable[str] | None = None
                 ) -> RepairPlan:
     """``repair`` plus removing the orphaned off-host copies ``report`` found (this host's
-    only: :func:`vtpm_driver.audit.offhost_copies`); the state store's leftover
+    only: :func:`vtpm_driver.audit.report.offhost_copies`); the state store's leftover
     temporaries are listed as kept (a write may be under way). When ``report`` says
     the orchestrator could not be asked, no copy is removed (skipped, with why)."""
     wanted = None if only is None else {canonical_uuid(u) or u for u in only}

@@ -11,8 +11,8 @@ active, stopped, shelved-offloaded, ...) and ``GET
 which the soft-deleted are kept: Nova may still restore them). The endpoint
 comes from the catalog (service type ``compute``) through keystoneauth1.
 
-This module does the I/O only; :func:`vtpm_driver.audit.vouch` and
-:func:`vtpm_driver.repair.plan` decide from its answer. Every foreign failure
+This module does the I/O only; :func:`vtpm_driver.audit.report.vouch` and
+:func:`vtpm_driver.audit.plan.plan` decide from its answer. Every foreign failure
 is mapped here, once, to :class:`~vtpm_driver.exception.OrchestratorUnavailable`
 (:func:`error_for_status`, :func:`nova_errors`); :func:`ask` turns it into an
 answer that says Nova could not be asked. Tokens and passwords never reach a
@@ -31,9 +31,9 @@ from keystoneauth1 import loading as ks_loading
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import audit as vtpm_audit
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
+from vtpm_driver.audit import report as audit_report
 from vtpm_driver.objects import canonical_uuid
 
 LOG = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def nova_errors(path: str, timeout: float) -> Iterator[None]:
         ) from None
 
 
-def _server(item: object, path: str) -> vtpm_audit.KnownServer:
+def _server(item: object, path: str) -> audit_report.KnownServer:
     """One entry of Nova's list as a KnownServer.
 
     :raises OrchestratorUnavailable: it is no server as an admin sees it (no
@@ -123,8 +123,8 @@ def _server(item: object, path: str) -> vtpm_audit.KnownServer:
             f"{_WHERE} showed server {uuid} without {HOST_KEY}: the [nova] user does not see "
             "servers as an admin, so its list of every project's servers cannot be trusted")
     host = item.get(HOST_KEY)
-    return vtpm_audit.KnownServer(uuid, str(item.get("status") or "UNKNOWN"),
-                                  host if isinstance(host, str) and host else None)
+    return audit_report.KnownServer(uuid, str(item.get("status") or "UNKNOWN"),
+                                    host if isinstance(host, str) and host else None)
 
 
 class NovaServers:
@@ -169,7 +169,7 @@ class NovaServers:
             self._conf, group, session=session, auth=auth)
         return self._adapter
 
-    def _list(self, *, deleted: bool) -> list[vtpm_audit.KnownServer]:
+    def _list(self, *, deleted: bool) -> list[audit_report.KnownServer]:
         """Every page of ``GET /servers/detail?all_tenants=1[&deleted=1]``.
 
         :raises OrchestratorUnavailable: any failure; a partial list is never returned.
@@ -179,7 +179,7 @@ class NovaServers:
         if deleted:
             params["deleted"] = 1
         path = "/servers/detail?all_tenants=1" + ("&deleted=1" if deleted else "")
-        found: list[vtpm_audit.KnownServer] = []
+        found: list[audit_report.KnownServer] = []
         while True:
             with nova_errors(path, self.timeout):
                 resp = adapter.get("/servers/detail", params=dict(params),
@@ -204,7 +204,7 @@ class NovaServers:
                 return found
             params["marker"] = page[-1].uuid
 
-    def known(self) -> dict[str, vtpm_audit.KnownServer]:
+    def known(self) -> dict[str, audit_report.KnownServer]:
         """Every server Nova has not deleted, by canonical UUID: any status
         (``SHELVED_OFFLOADED`` included), any host, every project, and the
         soft-deleted ones (restorable).
@@ -220,7 +220,7 @@ class NovaServers:
 
 def ask(conf: cfg.ConfigOpts,
         factory: Callable[[cfg.ConfigOpts], NovaServers] = NovaServers
-        ) -> vtpm_audit.OrchestratorAnswer | None:
+        ) -> audit_report.OrchestratorAnswer | None:
     """What the configured orchestrator says about which servers exist. Never raises.
 
     None where ``[vtpm] orchestrator = none`` (this host decides alone).
@@ -235,5 +235,5 @@ def ask(conf: cfg.ConfigOpts,
     except exception.OrchestratorUnavailable as exc:
         LOG.warning("Nova could not be asked which servers exist: %s; audit --repair "
                     "deletes no Barbican secret, off-host copy or state directory", exc)
-        return vtpm_audit.OrchestratorAnswer(NAME, None, str(exc))
-    return vtpm_audit.OrchestratorAnswer(NAME, servers)
+        return audit_report.OrchestratorAnswer(NAME, None, str(exc))
+    return audit_report.OrchestratorAnswer(NAME, servers)

@@ -9,7 +9,8 @@ from keystoneauth1 import exceptions as ks_exc
 
 from tests.fakes.nova import FakeNovaAdapter, server
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, orchestrator
+from vtpm_driver import exception
+from vtpm_driver.audit import orchestrator
 
 
 def _uuid() -> str:
