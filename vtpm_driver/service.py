@@ -7,8 +7,9 @@ find the server, check the caller's project
 is created, compute a resize's new flavor (:func:`vtpm_driver.policy.new_flavor`),
 keep ``[vtpm] state_backup`` copies in step with stops and starts, and describe
 a server as plain fields (:mod:`vtpm_driver.view`). The audit and repair are
-mixed in from :mod:`vtpm_driver.audit.actions`. Command-line modules only
-parse options, call one method here and format the result.
+:mod:`vtpm_driver.audit`'s (:class:`vtpm_driver.audit.actions.AuditActions`,
+given this service's backend). Command-line modules only parse options, call
+one method here and format the result.
 
 Nothing here moves a server to another host: cold and live migration,
 shelve/unshelve and evacuation are Nova's, through the shim.
@@ -29,7 +30,6 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import exception, policy, spec, statestore, view
-from vtpm_driver.audit.actions import AuditActions
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
@@ -56,7 +56,7 @@ def _abspath(path: str | None) -> str | None:
 # --------------------------------------------------------------------------- the service
 
 
-class ServerService(AuditActions):
+class ServerService:
     """Create, inspect and drive the servers of one host as the caller of ``context``.
 
     ``context`` is called when an operation first needs the caller (so

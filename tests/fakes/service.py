@@ -109,7 +109,7 @@ class FakeBackend:
     """Servers in a list; the real ``servers.new_instance`` builds new ones.
 
     For the audit: ``foreign_domains`` (domains that are not our servers),
-    ``secrets`` (libvirt vTPM secrets, ``audit.LibvirtSecret``); what a repair
+    ``secrets`` (libvirt vTPM secrets, ``audit.report.LibvirtSecret``); what a repair
     removes is recorded in ``removed``.
     """
 

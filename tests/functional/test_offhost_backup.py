@@ -18,6 +18,7 @@ import pytest
 
 from tests.functional import fixtures_offhost
 from tests.functional.fixtures_offhost import Cloud, store_dir
+from vtpm_driver.audit import actions
 from vtpm_driver.audit import plan as repair
 from vtpm_driver.audit import report as audit
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
@@ -29,6 +30,16 @@ cloud = fixtures_offhost.cloud
 
 def store(cloud: Cloud) -> DirectoryStateStore:
     return DirectoryStateStore(cloud.conf.vtpm.state_backup_dir)
+
+
+def audit_call(cloud: Cloud, method: str, *args, **kwargs):
+    """``method`` of the audit over host-a's backend (the owner's service)."""
+    service = cloud.service()
+    try:
+        return getattr(actions.AuditActions(cloud.conf, lambda: service.backend),
+                       method)(*args, **kwargs)
+    finally:
+        service.close()
 
 
 def copy_of(cloud: Cloud, server: dict) -> CopyMeta:
@@ -56,7 +67,7 @@ def test_periodic_backup_audit_and_repair(cloud: Cloud, tmp_path: Path) -> None:
 
     def findings() -> tuple[dict[str, str], dict[str, str]]:
         """Our copies the audit reports as (of no server, stale), with why."""
-        report = cloud.call("audit", None)
+        report = audit_call(cloud, "audit", None)
         return ({o.instance_uuid: o.reason for o in report.orphans_of(audit.OFFHOST_COPY)
                  if o.instance_uuid in mine},
                 {o.instance_uuid: o.reason for o in report.stale_copies
@@ -114,12 +125,12 @@ def test_periodic_backup_audit_and_repair(cloud: Cloud, tmp_path: Path) -> None:
     assert list(stale) == [s2["uuid"]]
 
     # The repair removes the copy of no server, and only it.
-    report = cloud.call("audit", None)
-    plan = cloud.call("repair_plan", report, min_age=repair.DEFAULT_MIN_AGE,
+    report = audit_call(cloud, "audit", None)
+    plan = audit_call(cloud, "repair_plan", report, min_age=repair.DEFAULT_MIN_AGE,
                       only=sorted(mine))
     assert [(a.kind, a.instance_uuid) for a in plan.actions] == [
         (repair.REMOVE_COPY, s1["uuid"])]
-    done = cloud.call("repair", plan, None, {})
+    done = audit_call(cloud, "repair", plan, None, {})
     assert [outcome for _action, outcome in done] == ["done"]
     assert not store_dir(cloud, s1).exists()
     assert copy_of(cloud, s2).started_after is not None  # stale, but its server's: kept
@@ -130,7 +141,7 @@ def test_periodic_backup_audit_and_repair(cloud: Cloud, tmp_path: Path) -> None:
     store(cloud).update(s2["uuid"], shelved=True)
     assert copy_of(cloud, s2).shelved
     assert findings() == ({}, {})
-    report = cloud.call("audit", None)
-    plan = cloud.call("repair_plan", report, min_age=0.0, only=[s2["uuid"]])
+    report = audit_call(cloud, "audit", None)
+    plan = audit_call(cloud, "repair_plan", report, min_age=0.0, only=[s2["uuid"]])
     assert plan.actions == ()
     assert copy_of(cloud, s2).shelved

@@ -1,20 +1,22 @@
-"""The service's audit and repair (SPEC F7, issue 13), mixed into :class:`ServerService`.
+"""The audit's actions (SPEC F7, issue 13): gather the facts, carry a repair out.
 
-What ``vtpm-driver audit [--repair]`` calls: list the vTPM secrets Barbican
-shows each scope, compare them with this host's servers, libvirt secrets,
-swtpm state directories, journal entries and off-host copies
-(:mod:`vtpm_driver.audit.report`, pure), and carry out a repair plan, each action
-naming a server under that server's lock.
+What ``vtpm-driver audit [--repair]`` calls, once (:meth:`AuditActions.run`):
+list the vTPM secrets Barbican shows each scope, ask Nova which servers exist
+where Nova is the orchestrator (:mod:`vtpm_driver.audit.orchestrator`),
+compare them with this host's servers, libvirt secrets, swtpm state
+directories, journal entries and off-host copies
+(:mod:`vtpm_driver.audit.report`, pure), plan the repair
+(:mod:`vtpm_driver.audit.plan`, pure) and carry it out, each action naming a
+server under that server's lock.
 
 The swtpm state directories are those of the one host the command line
 manages (:attr:`vtpm_driver.backend.ServerBackend.state_base`): a repair
 removes only what the audit listed there. Off-host copies taken on other hosts
 (the store is shared) are left to those hosts.
 
-Where Nova is the orchestrator, the caller passes Nova's answer
-(:func:`vtpm_driver.audit.orchestrator.ask`): what belongs to a server Nova knows is
-no orphan (:func:`vtpm_driver.audit.report.vouch`), and when Nova could not be asked
-the plan deletes no Barbican secret, off-host copy or state directory.
+Where Nova is the orchestrator, what belongs to a server Nova knows is no
+orphan (:func:`vtpm_driver.audit.report.vouch`), and when Nova could not be
+asked the plan deletes no Barbican secret, off-host copy or state directory.
 """
 
 from __future__ import annotations
@@ -23,24 +25,158 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vtpm_driver import exception, spec
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpm_driver import exception, spec, statestore
+from vtpm_driver.audit import orchestrator
 from vtpm_driver.audit import plan as audit_plan
 from vtpm_driver.audit import report as audit_report
+from vtpm_driver.keymgr import KeyManager
 from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
 
+LOG = logging.getLogger(__name__)
+
+Progress = Callable[[str], contextlib.AbstractContextManager[None]]
+#: Whose Barbican secrets were listed: the context and its secret security mode.
+Scope = tuple[RequestContext, str]
+
+
+def _no_progress(_message: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def service_user_configured(conf: cfg.ConfigOpts) -> bool:
+    """Whether ``[service_user]`` names an auth plugin (deployment-mode secrets)."""
+    try:
+        return bool(conf.service_user.auth_type)
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """What :meth:`AuditActions.run` found and did.
+
+    ``scopes``: whose Barbican secrets were listed (none: Barbican not
+    checked); ``plan`` and ``done`` (each action with its outcome, ``planned``
+    on a dry run) only with a repair.
+    """
+
+    report: audit_report.AuditReport
+    scopes: tuple[Scope, ...] = ()
+    plan: audit_plan.RepairPlan | None = None
+    done: tuple[tuple[audit_plan.Action, str], ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        """A repair action failed, or a deletion was held back because Nova could not
+        be asked (the repair was refused in part)."""
+        refusal = self.report.orchestrator.refusal if self.report.orchestrator else None
+        return any(outcome.startswith("failed") for _a, outcome in self.done) or any(
+            refusal is not None and item.reason == refusal
+            for item in (self.plan.skipped if self.plan else ()))
+
 
 class AuditActions:
-    """list_barbican, audit, repair_plan, repair (over ``backend``, ``conf``, ``store``)."""
+    """The audit and repair of one host's vTPM servers.
 
-    conf: Any
-    backend: Any
-    store: Any
+    ``backend`` is called for the host's backend when first needed (the
+    caller connects it, and closes it); ``keymgr_factory`` builds the key
+    manager that lists Barbican's vTPM secrets, ``nova_factory`` the client
+    that asks Nova; ``progress(msg)`` wraps each slow step.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, backend: Callable[[], Any], *,
+                 keymgr_factory: Callable[[cfg.ConfigOpts], KeyManagerAuditAPI] = KeyManager,
+                 nova_factory: Callable[[cfg.ConfigOpts], orchestrator.NovaServers]
+                 = orchestrator.NovaServers,
+                 progress: Progress = _no_progress) -> None:
+        self.conf = conf
+        self._backend = backend
+        self._keymgr_factory = keymgr_factory
+        self._nova_factory = nova_factory
+        self._progress = progress
+
+    @property
+    def backend(self) -> Any:
+        return self._backend()
+
+    @property
+    def store(self) -> statestore.DirectoryStateStore:
+        return statestore.DirectoryStateStore(self.conf.vtpm.state_backup_dir)
+
+    def run(self, caller: Callable[[], RequestContext] | None, *, barbican: bool = True,
+            repair: bool = False, dry_run: bool = False,
+            min_age: float = audit_plan.DEFAULT_MIN_AGE,
+            only: Sequence[str] | None = None) -> AuditResult:
+        """The whole ``audit [--repair [--dry-run]]``: gather, report, plan, repair.
+
+        ``caller``: the caller's context, logged in on first use (None: no
+        credentials were given). ``barbican`` False: Barbican is not listed.
+        Nothing is changed unless ``repair`` (and not ``dry_run``).
+
+        :raises VTPMError: libvirt, Keystone or Barbican failed while gathering.
+        """
+        scopes = self._scopes(caller) if barbican else []
+        keymgr = self._keymgr_factory(self.conf) if scopes else None
+        listed = self._list_scopes(keymgr, scopes) if keymgr is not None else None
+        answer = None
+        if self.conf.vtpm.orchestrator == orchestrator.NOVA:
+            with self._progress("Asking Nova which servers exist"):
+                answer = orchestrator.ask(self.conf, self._nova_factory)
+        report = self.audit(listed, answer)
+        if not repair:
+            return AuditResult(report, tuple(scopes))
+        plan = self.repair_plan(report, min_age=min_age, only=only)
+        if dry_run:
+            done = [(action, "planned") for action in plan.actions]
+        else:
+            contexts = {mode: ctx for ctx, mode in scopes}
+            if spec.SECRET_USER not in contexts and caller is not None:
+                # Finishing an interrupted resize may delete the secret it created.
+                contexts[spec.SECRET_USER] = caller()
+            with self._progress("Repairing"):
+                done = self.repair(plan, keymgr, contexts)
+        return AuditResult(report, tuple(scopes), plan, tuple(done))
+
+    def _scopes(self, caller: Callable[[], RequestContext] | None) -> list[Scope]:
+        """Whose vTPM secrets to list: the caller's, and the service user's when configured."""
+        with_service = service_user_configured(self.conf)
+        if caller is None and not with_service:
+            LOG.warning("Barbican not checked: no credentials (OS_* or --os-*) and no "
+                        "[service_user]; orphaned Barbican secrets cannot be listed")
+            return []
+        context = caller() if caller is not None else None
+        scopes: list[Scope] = []
+        if context is not None:
+            scopes.append((context, spec.SECRET_USER))
+        if with_service:
+            scopes.append((context or RequestContext(user_id="", project_id=""),
+                           spec.SECRET_DEPLOYMENT))
+        return scopes
+
+    def _list_scopes(self, keymgr: KeyManagerAuditAPI, scopes: list[Scope]
+                     ) -> list[audit_report.BarbicanSecret]:
+        """The vTPM secrets of each scope; the service user's may fail if the caller's
+        worked (that scope is then dropped from ``scopes``)."""
+        found: list[audit_report.BarbicanSecret] = []
+        for context, mode in list(scopes):
+            try:
+                with self._progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):
+                    found.extend(self.list_barbican(keymgr, [(context, mode)]))
+            except exception.VTPMError as exc:
+                if mode != spec.SECRET_DEPLOYMENT or len(scopes) == 1:
+                    raise
+                LOG.warning("Barbican secrets of [service_user] not checked: %s", exc)
+                scopes.remove((context, mode))
+        return found
 
     def list_barbican(self, keymgr: KeyManagerAuditAPI,
                       scopes: Sequence[tuple[RequestContext, str]]
@@ -124,7 +260,7 @@ class AuditActions:
         full = audit_plan.plan(report, now=time.time(), min_age=min_age, only=only)
         return audit_plan.plan_copies(full, report, only)
 
-    def repair(self, plan: audit_plan.RepairPlan, keymgr: KeyManagerAuditAPI,
+    def repair(self, plan: audit_plan.RepairPlan, keymgr: KeyManagerAuditAPI | None,
                contexts: Mapping[str, RequestContext]) -> list[tuple[audit_plan.Action, str]]:
         """Do each action of ``plan``; returns (action, outcome) for each, never raises.
 
@@ -171,7 +307,7 @@ class AuditActions:
             return "already done: no interrupted operation now"
         return f"done: {decision.action.value}"
 
-    def _do(self, action: audit_plan.Action, keymgr: KeyManagerAuditAPI,
+    def _do(self, action: audit_plan.Action, keymgr: KeyManagerAuditAPI | None,
             contexts: Mapping[str, RequestContext]) -> str:
         backend = self.backend
         if action.kind == audit_plan.RECOVER:
@@ -186,6 +322,8 @@ class AuditActions:
         if action.kind == audit_plan.REMOVE_STATE:
             gone = backend.remove_state_dir(action.instance_uuid)
             return "done" if gone else "already gone"
+        if keymgr is None:  # Barbican was not listed: no plan names its secrets
+            return "skipped: Barbican was not listed"
         context = contexts[action.mode or spec.SECRET_USER]
         if action.kind == audit_plan.DELETE_BARBICAN:
             gone = keymgr.delete_secret(context, action.target, action.mode)

@@ -1,9 +1,9 @@
 """``audit``: this host's vTPM servers and the orphans they left (SPEC F7).
 
-Gathers what libvirt, the swtpm state directory and (with credentials)
-Barbican hold, and, where Nova is the orchestrator, which servers Nova knows
-(:mod:`vtpm_driver.audit.orchestrator`), and hands it to the pure
-:func:`vtpm_driver.audit.report.audit` and :func:`vtpm_driver.audit.report.vouch`.
+Parses the options, calls :meth:`vtpm_driver.audit.actions.AuditActions.run`
+once (over this host's backend; it gathers what libvirt, the swtpm state
+directory, Barbican and, where Nova is the orchestrator, Nova hold) and
+formats its result.
 """
 
 from __future__ import annotations
@@ -14,17 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from cliff.columns import FormattableColumn
 from cliff.show import ShowOne
 from oslo_config import cfg
-from oslo_log import log as logging
 
 from vtpm_driver import exception, spec
-from vtpm_driver.audit import orchestrator
+from vtpm_driver.audit import actions, orchestrator
 from vtpm_driver.audit import plan as audit_plan
 from vtpm_driver.audit import report as audit_report
 from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.keymgr import KeyManager, KeyManagerAuditAPI
-from vtpm_driver.keymgr.context import RequestContext
-
-LOG = logging.getLogger(__name__)
 
 keymgr_factory: Callable[[cfg.ConfigOpts], KeyManagerAuditAPI] = KeyManager
 nova_factory: Callable[[cfg.ConfigOpts], orchestrator.NovaServers] = orchestrator.NovaServers
@@ -130,11 +126,13 @@ def report_columns(report: audit_report.AuditReport, scope: Sequence[str]
     )
 
 
-def _service_user_configured(conf: cfg.ConfigOpts) -> bool:
-    try:
-        return bool(conf.service_user.auth_type)
-    except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
-        return False
+def _scope_label(scope: actions.Scope) -> str:
+    """Whose Barbican secrets were listed, for ``barbican_scope``."""
+    context, mode = scope
+    if mode == spec.SECRET_DEPLOYMENT:
+        return "[service_user] (deployment mode)"
+    return (f"user {context.user_name or context.user_id} in project "
+            f"{context.project_name or context.project_id}")
 
 
 class Audit(CommandMixin, ShowOne):
@@ -206,80 +204,26 @@ class Audit(CommandMixin, ShowOne):
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
         if parsed_args.dry_run and not parsed_args.repair:
             raise exception.VTPMError("--dry-run only goes with --repair")
-        scopes: list[tuple[RequestContext, str]] = []
-        self._labels: list[tuple[RequestContext, str, str]] = []
-        if not parsed_args.no_barbican:
-            scopes = self._scopes(self.app.conf)
-        keymgr = keymgr_factory(self.app.conf) if scopes else None
-        barbican = self._list_barbican(keymgr, scopes) if scopes else None
-        service = self.app.service
-        answer = None
-        if self.app.conf.vtpm.orchestrator == orchestrator.NOVA:
-            with self.app.progress("Asking Nova which servers exist"):
-                answer = orchestrator.ask(self.app.conf, nova_factory)
-        report = service.audit(barbican, answer)
-        names = [label for _ctx, _mode, label in self._labels]
-        columns, values = report_columns(report, names)
-        if not parsed_args.repair:
+        app = self.app
+        result = actions.AuditActions(
+            app.conf, lambda: app.service.backend, keymgr_factory=keymgr_factory,
+            nova_factory=nova_factory, progress=app.progress,
+        ).run((lambda: app.context) if app.credentials_given() else None,
+              barbican=not parsed_args.no_barbican, repair=parsed_args.repair,
+              dry_run=parsed_args.dry_run, min_age=parsed_args.min_age,
+              only=parsed_args.instance)
+        columns, values = report_columns(result.report, [_scope_label(s) for s in result.scopes])
+        self.failed = result.failed
+        if result.plan is None:
             return columns, values
-        plan = service.repair_plan(report, min_age=parsed_args.min_age,
-                                   only=parsed_args.instance)
-        if parsed_args.dry_run:
-            done = [(action, "planned") for action in plan.actions]
-        else:
-            contexts = {mode: ctx for ctx, mode in scopes}
-            if spec.SECRET_USER not in contexts and self.app.credentials_given():
-                # Finishing an interrupted resize may delete the secret it created.
-                contexts[spec.SECRET_USER] = self.app.context
-            with self.app.progress("Repairing"):
-                done = service.repair(plan, keymgr, contexts)
-        refusal = report.orchestrator.refusal if report.orchestrator else None
-        # Deletions held back because Nova could not be asked: the repair was refused in part.
-        self.failed = any(outcome.startswith("failed") for _a, outcome in done) or any(
-            refusal is not None and item.reason == refusal for item in plan.skipped)
         return (*columns, *REPAIR_COLUMNS), (
-            *values, RecordsColumn(_repair_records(done)),
-            RecordsColumn(_skipped_records(plan.skipped)), parsed_args.dry_run)
+            *values, RecordsColumn(_repair_records(result.done)),
+            RecordsColumn(_skipped_records(result.plan.skipped)), parsed_args.dry_run)
 
     def run(self, parsed_args: argparse.Namespace) -> int:
         self.failed = False
         rc = super().run(parsed_args)
         return rc or (1 if self.failed else 0)
-
-    def _scopes(self, conf: cfg.ConfigOpts) -> list[tuple[RequestContext, str]]:
-        """Whose vTPM secrets to list: the caller's, and the service user's when configured."""
-        with_user = self.app.credentials_given()
-        with_service = _service_user_configured(conf)
-        if not with_user and not with_service:
-            LOG.warning("Barbican not checked: no credentials (OS_* or --os-*) and no "
-                        "[service_user]; orphaned Barbican secrets cannot be listed")
-            return []
-        context: RequestContext | None = None
-        if with_user:
-            context = self.app.context
-            self._labels.append((context, spec.SECRET_USER,
-                                 f"user {context.user_name or context.user_id} in project "
-                                 f"{context.project_name or context.project_id}"))
-        if with_service:
-            self._labels.append((context or RequestContext(user_id="", project_id=""),
-                                 spec.SECRET_DEPLOYMENT, "[service_user] (deployment mode)"))
-        return [(ctx, mode) for ctx, mode, _label in self._labels]
-
-    def _list_barbican(self, keymgr: KeyManagerAuditAPI, scopes: list[tuple[RequestContext, str]]
-                       ) -> list[audit_report.BarbicanSecret]:
-        """The vTPM secrets of each scope; the service user's may fail if the caller's worked."""
-        found: list[audit_report.BarbicanSecret] = []
-        for context, mode in list(scopes):
-            try:
-                with self.app.progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):
-                    found.extend(self.app.service.list_barbican(keymgr, [(context, mode)]))
-            except exception.VTPMError as exc:
-                if mode != spec.SECRET_DEPLOYMENT or len(scopes) == 1:
-                    raise
-                LOG.warning("Barbican secrets of [service_user] not checked: %s", exc)
-                scopes.remove((context, mode))
-                self._labels = [x for x in self._labels if x[1] != mode]
-        return found
 
 
 COMMANDS = {
