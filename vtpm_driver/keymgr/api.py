@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 from vtpm_driver import spec
 
-__all__ = ["KeyManagerAPI", "KeyManagerAuditAPI"]
+__all__ = ["KEY_MANAGER_SERVICE_TYPE", "KeyManagerAPI", "KeyManagerAuditAPI"]
+
+#: The key manager's service type in a Keystone catalog (Barbican's, castellan's).
+KEY_MANAGER_SERVICE_TYPE = "key-manager"
 
 
 class KeyManagerAPI(Protocol):

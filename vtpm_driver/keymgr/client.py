@@ -34,7 +34,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, spec
-from vtpm_driver.keymgr.context import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr.api import KEY_MANAGER_SERVICE_TYPE
 from vtpm_driver.keymgr.errors import barbican_errors
 
 LOG = logging.getLogger(__name__)

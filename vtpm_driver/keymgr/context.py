@@ -23,10 +23,10 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import exception
+from vtpm_driver.keymgr.api import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr.errors import keystone_errors
 
 LOG = logging.getLogger(__name__)
-
-KEY_MANAGER_SERVICE_TYPE = "key-manager"
 
 
 @dataclasses.dataclass(repr=False)
@@ -66,27 +66,9 @@ class RequestContext:
                 "the keystoneauth1 session has no identity auth plugin "
                 f"(got {type(auth).__name__}); cannot find out who the caller is"
             )
-        auth_url = getattr(auth, "auth_url", None) or "the identity service"
-        try:
+        with keystone_errors("the caller", auth_url=getattr(auth, "auth_url", None),
+                             hint="check user name, password, project and domains"):
             access = get_access(session)
-        except (ks_exc.Unauthorized, ks_exc.Forbidden) as exc:
-            raise exception.VTPMSecretForbidden(
-                f"Keystone at {auth_url} refused the credentials "
-                f"(HTTP {getattr(exc, 'http_status', '?')}): check user name, password, "
-                "project and domains"
-            ) from None
-        except ks_exc.HttpError as exc:
-            raise exception.KeyManagerUnavailable(
-                f"Keystone at {auth_url} answered HTTP {exc.http_status} while authenticating"
-            ) from None
-        except ks_exc.ConnectionError as exc:
-            raise exception.KeyManagerUnavailable(
-                f"cannot reach Keystone at {auth_url}: {type(exc).__name__}"
-            ) from None
-        except ks_exc.ClientException as exc:
-            raise exception.InvalidConfiguration(
-                f"cannot authenticate with Keystone at {auth_url}: {type(exc).__name__}"
-            ) from None
         catalog = access.service_catalog.catalog if access.has_service_catalog() else []
         return cls(
             user_id=access.user_id,

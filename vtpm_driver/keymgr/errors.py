@@ -5,9 +5,9 @@ The one place that decides what a failed key manager call means.
 :func:`barbican_errors` turns whatever the transport raised (keystoneauth1's
 ``HttpError`` with ``http_status``, python-barbicanclient's ``HTTPError`` with
 ``status_code``, connection failures) into a status or an unavailability and
-raises our exception from it; :func:`keystone_errors` does the same for the
-service user's login. Messages name endpoints, secret and server UUIDs, never
-tokens or payloads.
+raises our exception from it; :func:`keystone_errors` does the same for a
+login to Keystone (the caller's, or the service user's). Messages name
+endpoints, secret and server UUIDs, never tokens or payloads.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from barbicanclient import exceptions as barbican_exc
 from keystoneauth1 import exceptions as ks_exc
 
 from vtpm_driver import exception, spec
-from vtpm_driver.keymgr.context import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.keymgr.api import KEY_MANAGER_SERVICE_TYPE
 
 API_VERSION = "v1"
 _MAX_DETAIL = 200  # characters of Barbican's error description quoted in a message
@@ -160,28 +160,43 @@ def barbican_errors(
         ) from None
 
 
+SERVICE_USER = "the service user configured in [service_user]"
+
+
 @contextlib.contextmanager
-def keystone_errors() -> Iterator[None]:
-    """Map keystoneauth1 failures while getting the service user's token."""
+def keystone_errors(who: str = SERVICE_USER, *, auth_url: str | None = None,
+                    hint: str | None = None) -> Iterator[None]:
+    """Raise our exception for any keystoneauth1 failure while ``who`` logs in (D5).
+
+    Refused credentials (HTTP 401/403) raise ``VTPMSecretForbidden`` (with
+    ``hint``, what to check); any other status, or Keystone out of reach,
+    ``KeyManagerUnavailable``, as does a catalog without a key manager; any
+    other keystoneauth1 failure (the auth plugin) ``InvalidConfiguration``.
+    Messages name Keystone's URL, the status or the exception's class, never
+    its text (which may quote credentials).
+    """
+    where = f"Keystone at {auth_url}" if auth_url else "Keystone"
     try:
         yield
-    except (ks_exc.Unauthorized, ks_exc.Forbidden) as exc:
-        raise exception.VTPMSecretForbidden(
-            "Keystone refused the credentials of the service user configured in "
-            f"[service_user] (HTTP {exc.http_status})"
-        ) from None
+    except ks_exc.HttpError as exc:
+        status = exc.http_status
+        if status in (401, 403):
+            suffix = f": {hint}" if hint else ""
+            raise exception.VTPMSecretForbidden(
+                f"{where} refused the credentials of {who} (HTTP {status}){suffix}"
+            ) from None
+        raise exception.KeyManagerUnavailable(
+            f"{where} answered HTTP {status} while authenticating {who}") from None
     except ks_exc.EndpointNotFound:
         raise exception.KeyManagerUnavailable(
-            "Barbican endpoint unknown: the service user's catalog has no "
+            f"Barbican endpoint unknown: the catalog of {who} has no "
             f"{KEY_MANAGER_SERVICE_TYPE!r} endpoint; set [key_manager] barbican_endpoint"
         ) from None
-    except (ks_exc.ConnectionError, ks_exc.HttpError) as exc:
+    except ks_exc.ConnectionError as exc:
         raise exception.KeyManagerUnavailable(
-            "cannot get a token for the service user configured in [service_user] "
-            f"from Keystone: {type(exc).__name__}"
+            f"cannot reach {where} to authenticate {who}: {type(exc).__name__}"
         ) from None
     except ks_exc.ClientException as exc:
         raise exception.InvalidConfiguration(
-            "cannot authenticate the service user configured in [service_user]: "
-            f"{type(exc).__name__}"
+            f"cannot authenticate {who} with {where}: {type(exc).__name__}"
         ) from None

@@ -69,3 +69,29 @@ def test_barbicanclient_errors_map_by_status() -> None:
                 endpoint="http://b", mode="user", operation="read", timeout=1,
                 secret_uuid="s-1"):
             raise exc
+
+
+@pytest.mark.parametrize(("raised", "kind", "words"), [
+    (ks_exc.Unauthorized(http_status=401), exception.VTPMSecretForbidden,
+     "Keystone at http://k refused the credentials of the caller (HTTP 401): check"),
+    (ks_exc.Forbidden(http_status=403), exception.VTPMSecretForbidden, "(HTTP 403)"),
+    (ks_exc.InternalServerError(http_status=500), exception.KeyManagerUnavailable,
+     "answered HTTP 500 while authenticating the caller"),
+    (ks_exc.ConnectFailure("http://user:pw@k"), exception.KeyManagerUnavailable,
+     "cannot reach Keystone at http://k to authenticate the caller: ConnectFailure"),
+    (ks_exc.EndpointNotFound(), exception.KeyManagerUnavailable, "'key-manager' endpoint"),
+    (ks_exc.DiscoveryFailure("pw"), exception.InvalidConfiguration, "DiscoveryFailure"),
+])
+def test_keystone_errors_one_mapping_for_every_login(raised: Exception, kind: type,
+                                                     words: str) -> None:
+    with pytest.raises(kind) as caught, errors.keystone_errors(
+            "the caller", auth_url="http://k", hint="check the password"):
+        raise raised
+    assert words in str(caught.value)
+    assert "pw" not in str(caught.value)
+
+
+def test_keystone_errors_name_the_service_user_by_default() -> None:
+    with pytest.raises(exception.VTPMSecretForbidden, match=r"configured in \[service_user\]"):
+        with errors.keystone_errors():
+            raise ks_exc.Unauthorized(http_status=401)
