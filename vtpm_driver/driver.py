@@ -1,8 +1,8 @@
 """VTPMDriver: the Nova ``ComputeDriver``-shaped entry point of vtpm-driver.
 
 Method names and arguments follow Nova's ``ComputeDriver``. The driver stays
-thin: decisions live in the pure modules (:mod:`vtpm_driver.spec`,
-:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`), and this class maps their
+thin: decisions live in the pure modules (:mod:`vtpm_driver.model.request`,
+:mod:`vtpm_driver.model.rules`, :mod:`vtpm_driver.model.hostcheck`), and this class maps their
 findings to the errors Nova expects at start-up.
 
 Lifecycle methods delegate to the orchestration in :mod:`vtpm_driver.ops`:
@@ -34,8 +34,8 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr
-from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
@@ -45,6 +45,7 @@ from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.recovery import Recovery
 from vtpm_driver.ops.resize import ResizeOps
 from vtpm_driver.virt import connection, domains
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 LOG = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
+from vtpm_driver.model import request, rules
 
 #: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
 POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
@@ -34,10 +35,10 @@ def power_state_name(info: object) -> str:
     return "unknown"
 
 
-def vtpm_or_error(instance: Any) -> tuple[spec.VTPMConfig | None, str | None]:
+def vtpm_or_error(instance: Any) -> tuple[request.VTPMConfig | None, str | None]:
     """(config, None), (None, None) without a vTPM, or (None, reason) if invalid."""
     try:
-        return policy.vtpm_of(instance), None
+        return rules.vtpm_of(instance), None
     except exception.VTPMError as exc:
         return None, str(exc)
 
@@ -61,9 +62,9 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False
         "vtpm_version": config.version if config else None,
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
-        "vtpm_secret_uuid": policy.recorded_secret(instance),
-        "flavor_extra_specs": dict(policy.flavor_extra_specs(flavor)),
-        "image_properties": dict(policy.image_properties(image_meta)),
+        "vtpm_secret_uuid": rules.recorded_secret(instance),
+        "flavor_extra_specs": dict(rules.flavor_extra_specs(flavor)),
+        "image_properties": dict(rules.image_properties(image_meta)),
         "vcpus": getattr(flavor, "vcpus", None),
         "memory_mb": getattr(flavor, "memory_mb", None),
         "kernel": getattr(image_meta, "kernel", None),

@@ -1,4 +1,4 @@
-"""SPEC A (request validation) and B (required traits): vtpm_driver.spec, no I/O."""
+"""SPEC A (request validation) and B (required traits): vtpm_driver.model.request, no I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtpm_driver import VTPMConfig, exception, get_vtpm_config, required_traits, spec
+from vtpm_driver import VTPMConfig, exception, get_vtpm_config, required_traits
+from vtpm_driver.model import request
 
 V = "hw:tpm_version"
 M = "hw:tpm_model"
@@ -337,7 +338,7 @@ class _BadEq:
 
 # Plain data that the pure function must turn into InvalidVTPMConfig (SPEC A7).
 # These currently escape as ValueError / RecursionError / RuntimeError: see
-# the report to the lead (spec.show() and the conflict comparison are unguarded).
+# the report to the lead (request.show() and the conflict comparison are unguarded).
 @pytest.mark.parametrize(
     ("flavor", "image"),
     [
@@ -438,11 +439,11 @@ def test_b1_required_traits(version, model, mode, traits):
     flavor = {V: version, M: model, S: mode}
     assert required_traits(flavor, {}) == traits
     assert get_vtpm_config(flavor, {}).traits == traits
-    assert traits <= set(spec.ALL_TRAITS)
+    assert traits <= set(request.ALL_TRAITS)
 
 
 def test_b1_literal_trait_names():
-    # os-traits names, spelled out once so a typo in spec.py cannot hide.
+    # os-traits names, spelled out once so a typo in request.py cannot hide.
     assert required_traits({V: "2.0", M: "tpm-crb", S: "deployment"}, {}) == {
         "COMPUTE_SECURITY_TPM_2_0",
         "COMPUTE_SECURITY_TPM_CRB",
@@ -453,14 +454,14 @@ def test_b1_literal_trait_names():
         "COMPUTE_SECURITY_TPM_TIS",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER",
     }
-    assert set(spec.ALL_TRAITS) == {
+    assert set(request.ALL_TRAITS) == {
         "COMPUTE_SECURITY_TPM_1_2", "COMPUTE_SECURITY_TPM_2_0",
         "COMPUTE_SECURITY_TPM_TIS", "COMPUTE_SECURITY_TPM_CRB",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT",
     }
-    assert len(spec.ALL_TRAITS) == 7
+    assert len(request.ALL_TRAITS) == 7
 
 
 @pytest.mark.parametrize(("flavor", "image"), [({}, {}), ({M: "tpm-crb", S: "host"}, {})])
