@@ -38,7 +38,7 @@ from vtpm_driver.audit import report as audit_report
 from vtpm_driver.keymgr import KeyManager
 from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request
+from vtpm_driver.model import request, rules
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
 
@@ -173,7 +173,7 @@ class AuditActions:
                 with self._progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):
                     found.extend(self.list_barbican(keymgr, [(context, mode)]))
             except exception.VTPMError as exc:
-                if mode != request.SECRET_DEPLOYMENT or len(scopes) == 1:
+                if not rules.owned_by_service_user(mode) or len(scopes) == 1:
                     raise
                 LOG.warning("Barbican secrets of [service_user] not checked: %s", exc)
                 scopes.remove((context, mode))

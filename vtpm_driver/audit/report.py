@@ -256,11 +256,13 @@ def _server_problems(server: ServerFinding, libvirt_by_usage: Mapping[str, Libvi
     if server.version is not None and not server.secret_uuid:
         problems.append("no vtpm_secret_uuid in system_metadata: its vTPM state cannot be "
                         "unlocked")
-    if server.secret_security == request.SECRET_HOST and server.secret_uuid and (
+    persistent = (server.secret_security is not None
+                  and rules.uses_persistent_secret(server.secret_security))
+    if persistent and server.secret_uuid and (
         defined is None or defined.uuid != _canonical(server.secret_uuid)
     ):
         problems.append(f"host-mode libvirt secret {server.secret_uuid} is not defined")
-    if server.secret_security in (request.SECRET_USER, request.SECRET_DEPLOYMENT) and (
+    if server.secret_security is not None and not persistent and (
         defined is not None and defined.uuid == _canonical(server.secret_uuid)
     ):
         problems.append(

@@ -153,7 +153,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         :raises VTPMError: the instance already has a secret (it would be orphaned).
         :raises KeyManagerUnavailable: no usable ``secret_ref`` in the reply.
         """
-        mode = rules.check_mode(secret_security)
+        mode = request.check_mode(secret_security)
         existing = instance.system_metadata.get(SYSMETA_KEY)
         if existing:
             raise exception.VTPMError(
@@ -254,7 +254,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         keeps secrets named ``vTPM secret for instance <uuid>``; metadata only,
         never payloads.
         """
-        target = self._target(context, rules.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         found: list[dict[str, str | None]] = []
         offset = 0
         while True:
@@ -274,7 +274,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
     @staticmethod
     def _mode(secret_security: str | None, instance: Any) -> str:
         if secret_security:
-            return rules.check_mode(secret_security)
+            return request.check_mode(secret_security)
         return rules.secret_security(getattr(instance, "flavor", None), strict=True)
 
     @staticmethod
@@ -323,7 +323,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         one who needs it, so no user is listed. Any failure, including a reply
         that cannot be read, deletes the secret again before raising.
         """
-        users = [] if target.mode == request.SECRET_DEPLOYMENT else [
+        users = [] if rules.owned_by_service_user(target.mode) else [
             instance.user_id or context.user_id]
         acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
                                         users=users, project_access=False)
@@ -378,7 +378,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
                 self._rollback(target, secret_uuid, instance_uuid)
 
     def _target(self, context: vtpm_context.RequestContext, mode: str) -> client_mod.Target:
-        if mode == request.SECRET_DEPLOYMENT:
+        if rules.owned_by_service_user(mode):
             target = self._service_target()
             with keystone_errors():  # a Keystone failure is not blamed on Barbican
                 target.session.get_auth_headers()  # cached token: no request
@@ -411,7 +411,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
 
         :raises VTPMSecretNotFound, VTPMSecretForbidden, KeyManagerUnavailable:
         """
-        target = self._target(context, rules.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         with target.errors("read the ACL of", secret_uuid):
             try:
                 body = client_mod.http(target.client).get(f"secrets/{secret_uuid}/acl")
@@ -429,7 +429,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
 
         Idempotent. Unlike the ACL set at create, a failure deletes nothing.
         """
-        target = self._target(context, rules.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
                                         users=[user_id] if user_id else [],
                                         project_access=False)
@@ -443,7 +443,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
     def delete_secret(self, context: vtpm_context.RequestContext, secret_uuid: str,
                       secret_security: str = request.SECRET_USER) -> bool:
         """Delete a vTPM secret by UUID (an orphan); False if it was already gone."""
-        target = self._target(context, rules.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         deleted = self._delete(target, secret_uuid, None)
         if deleted:
             LOG.info("Deleted orphaned vTPM secret %s", secret_uuid)

@@ -7,13 +7,12 @@ standalone driver and the Nova shim alike (no I/O, no libvirt, no Barbican):
 * :func:`vtpm_of` / :func:`has_vtpm`: the vTPM of a server-like object
   (anything with ``flavor.extra_specs`` and ``image_meta.properties``, Nova
   objects after :func:`flavor_extra_specs`/:func:`image_properties` or ours);
-* :func:`secret_security`: the secret mode from a flavor alone, ``strict``
-  (refuse an invalid value: creating, reading) or lenient (fall back to the
-  default, so a cleanup is never blocked by a bad flavor);
+* :func:`secret_security`: the secret mode of a flavor object, by the one
+  rule (:func:`vtpm_driver.model.request.secret_security`);
 * :func:`resize_change`: what a resize or cold migration does to the TPM
   (:class:`Change`), and :func:`check_mode_change`, Nova's refusal to move a
   secret between the user and the service user;
-* :func:`uses_persistent_secret`, :func:`may_delete_without_token`: how the
+* :func:`uses_persistent_secret`, :func:`owned_by_service_user`: how the
   libvirt secret and the Barbican secret are handled per mode.
 
 Everything here is idempotent and side-effect free.
@@ -115,37 +114,12 @@ def has_vtpm(instance: Any, flavor: Any = None, image_meta: Any = None) -> bool:
 
 
 def secret_security(flavor: Any, *, strict: bool = True) -> str:
-    """The flavor's ``hw:tpm_secret_security`` (default ``user``; SPEC A5).
-
-    ``strict``: an invalid value raises; otherwise it falls back to the
-    default so that deleting a server is never blocked by its flavor.
+    """The secret mode of ``flavor`` (a Nova Flavor, ours, a dict or None):
+    :func:`vtpm_driver.model.request.secret_security` of its extra specs.
 
     :raises InvalidVTPMConfig: ``strict`` and the value is not a known mode.
     """
-    value = flavor_extra_specs(flavor).get(request.FLAVOR_SECRET_SECURITY_KEY)
-    if value is None or value == "":
-        return request.DEFAULT_SECRET_SECURITY
-    if isinstance(value, str) and value in request.SECRET_SECURITY_MODES:
-        return value
-    if not strict:
-        return request.DEFAULT_SECRET_SECURITY
-    raise exception.InvalidVTPMConfig(
-        f"invalid {request.FLAVOR_SECRET_SECURITY_KEY}={request.show(value)}: allowed values "
-        f"are {', '.join(request.SECRET_SECURITY_MODES)}"
-    )
-
-
-def check_mode(value: object) -> str:
-    """``value`` if it is a secret security mode.
-
-    :raises InvalidVTPMConfig: it is not.
-    """
-    if not isinstance(value, str) or value not in request.SECRET_SECURITY_MODES:
-        raise exception.InvalidVTPMConfig(
-            f"invalid {request.FLAVOR_SECRET_SECURITY_KEY}={request.show(value)}: allowed values "
-            f"are {', '.join(request.SECRET_SECURITY_MODES)}"
-        )
-    return value
+    return request.secret_security(flavor_extra_specs(flavor), strict=strict)
 
 
 def same_tpm(a: VTPMConfig | None, b: VTPMConfig | None) -> bool:
@@ -173,9 +147,10 @@ def check_mode_change(old: VTPMConfig | None, new: VTPMConfig | None,
 
     :raises OperationNotSupportedForVTPM: one side is ``deployment`` and the other not.
     """
-    if old is None or new is None or old.secret_security == new.secret_security:
+    if old is None or new is None:
         return
-    if request.SECRET_DEPLOYMENT in (old.secret_security, new.secret_security):
+    if owned_by_service_user(old.secret_security) != owned_by_service_user(
+            new.secret_security):
         target = f" {label}" if label else ""
         raise exception.OperationNotSupportedForVTPM(
             f"operation {operation!r} is not supported for vTPM-enabled server{target} "
@@ -190,11 +165,13 @@ def uses_persistent_secret(mode: str) -> bool:
     return mode == request.SECRET_HOST
 
 
-def may_delete_without_token(mode: str) -> bool:
-    """Whether the Barbican secret can be deleted by a request carrying no token.
+def owned_by_service_user(mode: str) -> bool:
+    """Whose credentials reach the Barbican secret: the service user's, or the owner's.
 
-    ``deployment`` secrets belong to the service user, whose credentials come
-    from configuration; ``user``/``host`` secrets need the owner's token.
+    ``deployment`` secrets belong to the service user (``[service_user]`` in
+    the configuration): created, read and deleted with its credentials, so a
+    request carrying no token may delete one. ``user``/``host`` secrets belong
+    to the server's owner and need the owner's token (or a project admin's).
     """
     return mode == request.SECRET_DEPLOYMENT
 
@@ -232,7 +209,7 @@ def may_live_migrate(cfg: VTPMConfig | None) -> bool:
     secret holds the passphrase on the host, so the destination can be given it
     without the owner; the other modes would need the owner at the destination.
     """
-    return cfg is None or cfg.secret_security == request.SECRET_HOST
+    return cfg is None or uses_persistent_secret(cfg.secret_security)
 
 
 def secret_created_before_start(change: Change) -> bool:
@@ -267,11 +244,10 @@ def migration_secret_source(cfg: VTPMConfig | None) -> SecretSource:
     """
     if cfg is None:
         return SecretSource.NONE
-    return {
-        request.SECRET_HOST: SecretSource.HOST,
-        request.SECRET_USER: SecretSource.OWNER,
-        request.SECRET_DEPLOYMENT: SecretSource.SERVICE,
-    }[cfg.secret_security]
+    if uses_persistent_secret(cfg.secret_security):
+        return SecretSource.HOST
+    return SecretSource.SERVICE if owned_by_service_user(cfg.secret_security) else (
+        SecretSource.OWNER)
 
 
 def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,

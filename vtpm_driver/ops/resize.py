@@ -406,7 +406,7 @@ def check_creator(context: Any, instance: Any, cfg: request.VTPMConfig | None,
     :raises VTPMSecretForbidden: naming both projects.
     """
     if (change is not Change.ADDED or cfg is None
-            or cfg.secret_security == request.SECRET_DEPLOYMENT):
+            or rules.owned_by_service_user(cfg.secret_security)):
         return
     caller = getattr(context, "project_id", None)
     if caller is None or caller == getattr(instance, "project_id", None):

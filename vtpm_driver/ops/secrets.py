@@ -252,7 +252,7 @@ def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAP
     if secret_uuid is None:
         return False
     mode = rules.secret_security(flavor, strict=False)
-    if (token_required and not rules.may_delete_without_token(mode)
+    if (token_required and not rules.owned_by_service_user(mode)
             and not getattr(context, "auth_token", None)):
         LOG.warning("Cannot delete vTPM secret %s from Barbican without the owner's token "
                     "(this request carries none); delete it by hand", secret_uuid,
