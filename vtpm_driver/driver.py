@@ -36,6 +36,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
@@ -215,10 +216,16 @@ class VTPMDriver:
     def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
               admin_password: Any, allocations: Any, network_info: Any = None,
               block_device_info: Any = None, power_on: bool = True,
-              accel_info: Any = None) -> None:
-        """Create and (with ``power_on``) start the server (F1, G3)."""
+              accel_info: Any = None,
+              vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> None:
+        """Create and (with ``power_on``) start the server (F1, G3).
+
+        ``vtpm``: the server's request as the caller already parsed it (the
+        standalone service does, before logging in); by default it is parsed
+        from the instance here.
+        """
         with locks.server_lock(self.conf, instance.uuid, "create"):
-            self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
+            self.lifecycle.spawn(context, instance, image_meta, power_on=power_on, vtpm=vtpm)
 
     def destroy(self, context: Any, instance: Any, network_info: Any = None,
                 block_device_info: Any = None, destroy_disks: bool = True,

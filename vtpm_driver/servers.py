@@ -18,6 +18,7 @@ from typing import Any
 from vtpm_driver import exception
 from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.model import request
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.virt import domains
 
@@ -59,18 +60,22 @@ def new_instance(
     vcpus: int = 1,
     memory_mb: int = 256,
     console_log: str | None = None,
+    vtpm: VTPMConfig | Unparsed | None = UNPARSED,
 ) -> Instance:
     """A new server owned by the caller of ``context`` (nothing is created yet).
 
     The vTPM request is validated now (SPEC A6), so a bad flavor or image is
     refused before the driver is even called. Boot files and sizes are
-    checked by the driver's spawn, still before anything is created.
+    checked by the driver's spawn, still before anything is created. ``vtpm``:
+    the request as the caller already parsed it from these same properties
+    (:data:`~vtpm_driver.model.request.UNPARSED`: parse it here).
 
     :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
     """
     extra_specs = _str_dict(flavor_extra_specs, "flavor extra specs")
     properties = _str_dict(image_properties, "image properties")
-    request.get_vtpm_config(extra_specs, properties)
+    if vtpm is UNPARSED:
+        request.get_vtpm_config(extra_specs, properties)
     return Instance(
         name=name,
         user_id=context.user_id,

@@ -32,6 +32,7 @@ from oslo_log import log as logging
 from vtpm_driver import exception, statestore, view
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
@@ -100,10 +101,11 @@ class ServerService:
                         getattr(instance, "name", "?"), exc)
             return "unknown"
 
-    def describe(self, instance: Any) -> dict[str, Any]:
+    def describe(self, instance: Any,
+                 vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> dict[str, Any]:
         """:func:`vtpm_driver.view.server_fields` with the live power state and resize status."""
         return view.server_fields(instance, self.power_state(instance),
-                                  self.backend.resize_pending(instance))
+                                  self.backend.resize_pending(instance), vtpm)
 
     def show(self, name_or_uuid: str) -> dict[str, Any]:
         """:raises InstanceNotFound: no such server."""
@@ -124,12 +126,13 @@ class ServerService:
         """Create a server owned by the caller, start it, and describe it.
 
         The request is checked before the caller logs in and before anything
-        is created (SPEC A6). Boot file paths are made absolute.
+        is created (SPEC A6), once: the parsed request goes on to the new
+        instance and the driver's spawn. Boot file paths are made absolute.
 
         :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
         :raises InstanceExists: a server of that name exists.
         """
-        request.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
+        vtpm = request.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
         context = self._context()
         backend = self.backend
         try:
@@ -143,10 +146,11 @@ class ServerService:
             name, context, flavor_extra_specs=dict(flavor_extra_specs),
             image_properties=dict(image_properties), kernel=_abspath(kernel),
             initrd=_abspath(initrd), cmdline=cmdline, disk=_abspath(disk), vcpus=vcpus,
-            memory_mb=memory_mb, console_log=_abspath(console_log))
+            memory_mb=memory_mb, console_log=_abspath(console_log), vtpm=vtpm)
         with self._progress(f"Creating and starting server {name}"):
-            backend.driver.spawn(context, instance, instance.image_meta, [], None, {})
-        return self.describe(instance)
+            backend.driver.spawn(context, instance, instance.image_meta, [], None, {},
+                                 vtpm=vtpm)
+        return self.describe(instance, vtpm)
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -43,10 +43,14 @@ def vtpm_or_error(instance: Any) -> tuple[request.VTPMConfig | None, str | None]
         return None, str(exc)
 
 
-def server_fields(instance: Any, power_state: str, resize_pending: bool = False
+def server_fields(instance: Any, power_state: str, resize_pending: bool = False,
+                  vtpm: request.VTPMConfig | request.Unparsed | None = request.UNPARSED
                   ) -> dict[str, Any]:
-    """What ``server show`` says about ``instance``, as plain values (no secret)."""
-    config, error = vtpm_or_error(instance)
+    """What ``server show`` says about ``instance``, as plain values (no secret).
+
+    ``vtpm``: its request as the caller already parsed it (a create).
+    """
+    config, error = vtpm_or_error(instance) if vtpm is request.UNPARSED else (vtpm, None)
     flavor = getattr(instance, "flavor", None)
     image_meta = getattr(instance, "image_meta", None)
     fields = {

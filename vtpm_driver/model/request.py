@@ -10,6 +10,7 @@ ERROR. Any mapping is accepted as input; odd values never crash.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 
 from vtpm_driver import exception
@@ -62,6 +63,18 @@ _VALID_COMBINATIONS = frozenset(
 )
 
 _MAX_SHOWN = 64  # characters of an offending value quoted in a message
+
+
+class Unparsed(enum.Enum):
+    """A request not parsed yet (``None`` is a parsed request for no vTPM)."""
+
+    UNPARSED = "unparsed"
+
+
+#: Passed on where a caller has not parsed the request: the callee parses it.
+#: A caller that has passes its :class:`VTPMConfig` (or None) on instead, so one
+#: create parses flavor + image once.
+UNPARSED = Unparsed.UNPARSED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.model import rules
-from vtpm_driver.model.request import VTPMConfig
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
@@ -86,7 +86,8 @@ class LifecycleOps:
             )
 
     def spawn(self, context: Any, instance: Any, image_meta: Any = None,
-              power_on: bool = True) -> None:
+              power_on: bool = True,
+              vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> None:
         """Create the server: Barbican secret, domain with ``<tpm>`` + record, start (F1).
 
         :raises InvalidVTPMConfig, InvalidConfiguration, InstanceExists, VirtError:
@@ -96,7 +97,7 @@ class LifecycleOps:
         """
         if image_meta is not None:
             instance.image_meta = image_meta
-        cfg = rules.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance) if vtpm is UNPARSED else vtpm
         if cfg is not None:
             self.guests.check_host_offers(cfg, instance)
         self.guests.ensure_console_log(instance)
