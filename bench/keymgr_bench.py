@@ -34,9 +34,10 @@ from keystoneauth1 import plugin as ks_plugin
 from bench import stats
 from bench.services import AccessLogCounter, RequestCounts, load_clouds
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import keymgr, objects
+from vtpm_driver import keymgr
 from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.model.server import Instance
 
 OPERATIONS = ("create", "unlock", "delete")
 PATHS = ("ours", "castellan_nova_context", "castellan_token_context", "floor")
@@ -67,15 +68,15 @@ def _ours(ctx: vtpm_context.RequestContext) -> tuple[Create, Unlock, Delete, Cal
     conf = vtpm_conf.new_conf()
     km = keymgr.KeyManager(conf)
 
-    def create() -> objects.Instance:
-        inst = objects.Instance(name="bench", user_id=ctx.user_id, project_id=ctx.project_id)
+    def create() -> Instance:
+        inst = Instance(name="bench", user_id=ctx.user_id, project_id=ctx.project_id)
         km.create_vtpm_secret(ctx, inst, "user")
         return inst
 
-    def unlock(inst: objects.Instance) -> str:
+    def unlock(inst: Instance) -> str:
         return km.get_vtpm_secret(ctx, inst, "user")
 
-    def delete(inst: objects.Instance) -> None:
+    def delete(inst: Instance) -> None:
         km.delete_vtpm_secret(ctx, inst, "user")
 
     return create, unlock, delete, lambda: None

@@ -26,8 +26,9 @@ from typing import Any
 from bench import stats
 from bench.services import AccessLogCounter
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import keymgr, objects
+from vtpm_driver import keymgr
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import connection, domain, guest, record, secret
 
@@ -38,10 +39,10 @@ TPM_SPECS = {"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-tis"}
 # --- concurrent preparations ----------------------------------------------------------------
 
 def _prepare(km: keymgr.KeyManager, ctx: vtpm_context.RequestContext,
-             conn: Any, created: list[objects.Instance]) -> float:
+             conn: Any, created: list[Instance]) -> float:
     """One preparation; returns its duration. The instance goes to ``created`` for cleanup."""
     t0 = time.perf_counter()
-    inst = objects.Instance(name="bench-prep", user_id=ctx.user_id, project_id=ctx.project_id)
+    inst = Instance(name="bench-prep", user_id=ctx.user_id, project_id=ctx.project_id)
     created.append(inst)
     secret_uuid, passphrase = km.create_vtpm_secret(ctx, inst, "user")
     start = ops_secrets.StartSecret(secret_uuid, passphrase, persistent=False)
@@ -65,7 +66,7 @@ def run_preparations(ctx: vtpm_context.RequestContext, levels: list[int], tasks:
         conn = hv.conn
         for n in levels:
             count = max(tasks, n)
-            created: list[objects.Instance] = []
+            created: list[Instance] = []
             durations: list[float] = []
             failures: dict[str, int] = {}
             counter.mark()
@@ -98,7 +99,7 @@ def run_preparations(ctx: vtpm_context.RequestContext, levels: list[int], tasks:
 
 
 def _cleanup_preparations(km: keymgr.KeyManager, ctx: vtpm_context.RequestContext,
-                          conn: Any, created: list[objects.Instance]) -> int:
+                          conn: Any, created: list[Instance]) -> int:
     """Delete the Barbican secrets (and any libvirt secret left); count what failed."""
     failed = 0
     for inst in created:
@@ -120,9 +121,9 @@ def _bench_domain_xml(run_id: str, index: int, console_dir: str) -> str:
     xml = domain.guest_xml(name, dom_uuid, 1, 128, console_log=f"{console_dir}/{name}.log",
                            kernel="/nonexistent/vmlinuz")  # never started
     xml = domain.add_tpm(xml, "2.0", "tpm-tis", str(uuid.uuid4()))
-    server = objects.Instance(
+    server = Instance(
         name=name, uuid=dom_uuid, user_id="bench", project_id="bench",
-        flavor=objects.Flavor(vcpus=1, memory_mb=128, extra_specs=dict(TPM_SPECS)),
+        flavor=Flavor(vcpus=1, memory_mb=128, extra_specs=dict(TPM_SPECS)),
         system_metadata={keymgr.SYSMETA_KEY: str(uuid.uuid4())},
     )
     return record.set_server_record(xml, server)

@@ -1,5 +1,5 @@
 """vtpm-driver: emulated TPMs for libvirt guests with Barbican-held secrets."""
 
-from vtpm_driver.spec import VTPMConfig, get_vtpm_config, required_traits
+from vtpm_driver.model.request import VTPMConfig, get_vtpm_config, required_traits
 
 __all__ = ["VTPMConfig", "get_vtpm_config", "required_traits"]

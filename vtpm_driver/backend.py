@@ -28,11 +28,11 @@ from oslo_config import cfg
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, servers
 from vtpm_driver.driver import VTPMDriver
-from vtpm_driver.host import LibvirtHostProbe
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.objects import Instance
+from vtpm_driver.model.server import Instance
 from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 
 class _BorrowedConnection:
@@ -49,11 +49,11 @@ class _BorrowedConnection:
 
 
 class CachedHostProbe:
-    """A :class:`~vtpm_driver.host.HostProbe` whose libvirt answers are kept per URI
+    """A :class:`~vtpm_driver.model.hostcheck.HostProbe` whose libvirt answers are kept per URI
     for the process (domain capabilities, versions: static while it runs).
 
     Only successful answers are kept (an unreachable host is asked again); the
-    decision (:func:`vtpm_driver.host.check_host`) is still made by each driver
+    decision (:func:`vtpm_driver.model.hostcheck.check_host`) is still made by each driver
     with its own configuration. ``PATH`` and user lookups are local and cheap,
     so they are passed through. Thread-safe.
     """

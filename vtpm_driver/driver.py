@@ -1,8 +1,8 @@
 """VTPMDriver: the Nova ``ComputeDriver``-shaped entry point of vtpm-driver.
 
 Method names and arguments follow Nova's ``ComputeDriver``. The driver stays
-thin: decisions live in the pure modules (:mod:`vtpm_driver.spec`,
-:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`), and this class maps their
+thin: decisions live in the pure modules (:mod:`vtpm_driver.model.request`,
+:mod:`vtpm_driver.model.rules`, :mod:`vtpm_driver.model.hostcheck`), and this class maps their
 findings to the errors Nova expects at start-up.
 
 Lifecycle methods delegate to the orchestration in :mod:`vtpm_driver.ops`:
@@ -34,8 +34,9 @@ from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception, keymgr
-from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import Guests
@@ -45,6 +46,7 @@ from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.recovery import Recovery
 from vtpm_driver.ops.resize import ResizeOps
 from vtpm_driver.virt import connection, domains
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 LOG = logging.getLogger(__name__)
 
@@ -214,10 +216,16 @@ class VTPMDriver:
     def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
               admin_password: Any, allocations: Any, network_info: Any = None,
               block_device_info: Any = None, power_on: bool = True,
-              accel_info: Any = None) -> None:
-        """Create and (with ``power_on``) start the server (F1, G3)."""
+              accel_info: Any = None,
+              vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> None:
+        """Create and (with ``power_on``) start the server (F1, G3).
+
+        ``vtpm``: the server's request as the caller already parsed it (the
+        standalone service does, before logging in); by default it is parsed
+        from the instance here.
+        """
         with locks.server_lock(self.conf, instance.uuid, "create"):
-            self.lifecycle.spawn(context, instance, image_meta, power_on=power_on)
+            self.lifecycle.spawn(context, instance, image_meta, power_on=power_on, vtpm=vtpm)
 
     def destroy(self, context: Any, instance: Any, network_info: Any = None,
                 block_device_info: Any = None, destroy_disks: bool = True,

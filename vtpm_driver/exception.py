@@ -115,7 +115,7 @@ class StaleTPMState(VTPMError):
     """A copy of a server's TPM state is not the current one (issue 20, custody).
 
     Its generation differs from the one the server's record holds
-    (:mod:`vtpm_driver.custody`): starting, restoring or copying it back would
+    (:mod:`vtpm_driver.model.custody`): starting, restoring or copying it back would
     roll the TPM back or run a second copy of it. ``copy`` names the copy,
     ``found`` and ``current`` are the two generations (``found`` None: the
     copy has none).

@@ -1,4 +1,4 @@
-"""Standalone servers: build an :class:`~vtpm_driver.objects.Instance`, find it again.
+"""Standalone servers: build an :class:`~vtpm_driver.model.server.Instance`, find it again.
 
 libvirt is the only store: each server (owner, flavor extra specs, image
 properties, system metadata, boot files) is serialised into its domain's
@@ -15,8 +15,11 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from vtpm_driver import exception, objects, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.model import request
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
+from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.virt import domains
 
 
@@ -32,7 +35,7 @@ def _str_dict(value: Mapping[str, str] | None, what: str) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise exception.InvalidVTPMConfig(
-                f"invalid {what} entry {spec.show(key)}={spec.show(item)}: keys and values "
+                f"invalid {what} entry {request.show(key)}={request.show(item)}: keys and values "
                 "must be strings"
             )
         result[key] = item
@@ -57,26 +60,30 @@ def new_instance(
     vcpus: int = 1,
     memory_mb: int = 256,
     console_log: str | None = None,
-) -> objects.Instance:
+    vtpm: VTPMConfig | Unparsed | None = UNPARSED,
+) -> Instance:
     """A new server owned by the caller of ``context`` (nothing is created yet).
 
     The vTPM request is validated now (SPEC A6), so a bad flavor or image is
     refused before the driver is even called. Boot files and sizes are
-    checked by the driver's spawn, still before anything is created.
+    checked by the driver's spawn, still before anything is created. ``vtpm``:
+    the request as the caller already parsed it from these same properties
+    (:data:`~vtpm_driver.model.request.UNPARSED`: parse it here).
 
     :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
     """
     extra_specs = _str_dict(flavor_extra_specs, "flavor extra specs")
     properties = _str_dict(image_properties, "image properties")
-    spec.get_vtpm_config(extra_specs, properties)
-    return objects.Instance(
+    if vtpm is UNPARSED:
+        request.get_vtpm_config(extra_specs, properties)
+    return Instance(
         name=name,
         user_id=context.user_id,
         project_id=context.project_id,
         user_name=context.user_name,
         project_name=context.project_name,
-        flavor=objects.Flavor(vcpus=vcpus, memory_mb=memory_mb, extra_specs=extra_specs),
-        image_meta=objects.ImageMeta(
+        flavor=Flavor(vcpus=vcpus, memory_mb=memory_mb, extra_specs=extra_specs),
+        image_meta=ImageMeta(
             properties=properties, kernel=kernel, initrd=initrd, cmdline=cmdline, disk=disk
         ),
         console_log=console_log,
@@ -84,7 +91,7 @@ def new_instance(
     )
 
 
-def find(conn: Any, name_or_uuid: str) -> objects.Instance:
+def find(conn: Any, name_or_uuid: str) -> Instance:
     """The server whose domain has this UUID or name (``conn``: a libvirt connection).
 
     :raises InstanceNotFound: no such domain, or the domain is not one of ours.
@@ -92,6 +99,6 @@ def find(conn: Any, name_or_uuid: str) -> objects.Instance:
     return domains.find_server(conn, name_or_uuid)
 
 
-def list_all(conn: Any) -> list[objects.Instance]:
+def list_all(conn: Any) -> list[Instance]:
     """Every server on this host, sorted by name (domains without a record are skipped)."""
     return [server for _dom, server in domains.list_servers(conn)]

@@ -3,8 +3,8 @@
 :class:`ServerService` adds what Nova's API and compute manager add around the
 driver of the one host the command line manages (:mod:`vtpm_driver.backend`):
 find the server, check the caller's project
-(:func:`vtpm_driver.policy.check_project`), validate a request before anything
-is created, compute a resize's new flavor (:func:`vtpm_driver.policy.new_flavor`),
+(:func:`vtpm_driver.model.rules.check_project`), validate a request before anything
+is created, compute a resize's new flavor (:func:`vtpm_driver.model.rules.new_flavor`),
 keep ``[vtpm] state_backup`` copies in step with stops and starts, and describe
 a server as plain fields (:mod:`vtpm_driver.view`). The audit and repair are
 :mod:`vtpm_driver.audit`'s (:class:`vtpm_driver.audit.actions.AuditActions`,
@@ -29,8 +29,10 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy, spec, statestore, view
+from vtpm_driver import exception, statestore, view
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import request, rules
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
@@ -99,10 +101,11 @@ class ServerService:
                         getattr(instance, "name", "?"), exc)
             return "unknown"
 
-    def describe(self, instance: Any) -> dict[str, Any]:
+    def describe(self, instance: Any,
+                 vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> dict[str, Any]:
         """:func:`vtpm_driver.view.server_fields` with the live power state and resize status."""
         return view.server_fields(instance, self.power_state(instance),
-                                  self.backend.resize_pending(instance))
+                                  self.backend.resize_pending(instance), vtpm)
 
     def show(self, name_or_uuid: str) -> dict[str, Any]:
         """:raises InstanceNotFound: no such server."""
@@ -123,12 +126,13 @@ class ServerService:
         """Create a server owned by the caller, start it, and describe it.
 
         The request is checked before the caller logs in and before anything
-        is created (SPEC A6). Boot file paths are made absolute.
+        is created (SPEC A6), once: the parsed request goes on to the new
+        instance and the driver's spawn. Boot file paths are made absolute.
 
         :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
         :raises InstanceExists: a server of that name exists.
         """
-        spec.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
+        vtpm = request.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
         context = self._context()
         backend = self.backend
         try:
@@ -142,10 +146,11 @@ class ServerService:
             name, context, flavor_extra_specs=dict(flavor_extra_specs),
             image_properties=dict(image_properties), kernel=_abspath(kernel),
             initrd=_abspath(initrd), cmdline=cmdline, disk=_abspath(disk), vcpus=vcpus,
-            memory_mb=memory_mb, console_log=_abspath(console_log))
+            memory_mb=memory_mb, console_log=_abspath(console_log), vtpm=vtpm)
         with self._progress(f"Creating and starting server {name}"):
-            backend.driver.spawn(context, instance, instance.image_meta, [], None, {})
-        return self.describe(instance)
+            backend.driver.spawn(context, instance, instance.image_meta, [], None, {},
+                                 vtpm=vtpm)
+        return self.describe(instance, vtpm)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class ServerService:
         """The caller (logged in first) and the server, which the caller may act on."""
         context = self._context()
         instance = self.backend.find(name_or_uuid)
-        policy.check_project(context, instance, verb)
+        rules.check_project(context, instance, verb)
         return context, instance
 
     def _power(self, name_or_uuid: str, verb: str, doing: str,
@@ -220,8 +225,8 @@ class ServerService:
         # One hold of the server's lock across both steps (each re-enters it), the
         # server re-read from its record first: nothing runs between the steps.
         with self._held(context, instance, "resize"):
-            flavor = policy.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
-            policy.vtpm_of(instance, flavor=flavor)
+            flavor = rules.new_flavor(instance.flavor, set_specs, unset, vcpus, memory_mb)
+            rules.vtpm_of(instance, flavor=flavor)
             with self._progress(f"Resizing server {instance.name}"):
                 # What Nova's compute manager does between the driver's two steps.
                 disk_info = backend.driver.migrate_disk_and_power_off(
@@ -316,15 +321,15 @@ class ServerService:
 
         :raises VTPMSecretForbidden: other boot files than the server's own,
             and the caller is neither its owner nor an admin of its project
-            (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`, every
+            (:func:`vtpm_driver.model.rules.check_may_replace_tpm_or_boot`, every
             mode; nothing touched).
         :raises VTPMError: already rescued, suspended, or a resize awaits confirm
             or revert.
         """
         context, instance = self._target(name_or_uuid, "rescue")
         with self._held(context, instance, "rescue"):
-            if policy.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
-                policy.check_may_replace_tpm_or_boot(
+            if rules.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
+                rules.check_may_replace_tpm_or_boot(
                     context, instance, "rescue with other boot files")
             with self._progress(f"Rescuing server {instance.name} (same vTPM)"):
                 self._rebuild_ops().rescue(context, instance, kernel=kernel, initrd=initrd,
@@ -349,16 +354,16 @@ class ServerService:
 
         :raises VTPMSecretForbidden: ``reset_tpm`` or other boot files, and the
             caller is neither the owner nor an admin of its project
-            (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`, every
+            (:func:`vtpm_driver.model.rules.check_may_replace_tpm_or_boot`, every
             mode; nothing touched).
         :raises VTPMError: rescued, suspended, or a resize awaits confirm or revert.
         """
         context, instance = self._target(name_or_uuid, "rebuild")
         with self._held(context, instance, "rebuild"):
             if reset_tpm:
-                policy.check_may_replace_tpm_or_boot(context, instance, "rebuild --reset-tpm")
-            elif policy.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
-                policy.check_may_replace_tpm_or_boot(
+                rules.check_may_replace_tpm_or_boot(context, instance, "rebuild --reset-tpm")
+            elif rules.boots_foreign_files(instance.image_meta, kernel, initrd, cmdline):
+                rules.check_may_replace_tpm_or_boot(
                     context, instance, "rebuild with other boot files")
             with self._progress(f"Rebuilding server {instance.name}"):
                 reset = self._rebuild_ops().rebuild(context, instance, kernel=kernel,
@@ -367,7 +372,7 @@ class ServerService:
         self.after_start(instance)
         fields = self.describe(instance)
         fields["tpm"] = ("reset: a new TPM (new endorsement key)" if reset
-                         else "kept" if policy.has_vtpm(instance) else None)
+                         else "kept" if rules.has_vtpm(instance) else None)
         return fields
 
     # -- off-host copies ([vtpm] state_backup) -------------------------------------------
@@ -395,7 +400,7 @@ class ServerService:
         Never fails the operation that just succeeded: a failed copy (or a server
         another operation holds past ``[vtpm] lock_timeout``) is logged.
         """
-        if not policy.wants_backup(self._backup_mode(), event) or not policy.has_vtpm(instance):
+        if not rules.wants_backup(self._backup_mode(), event) or not rules.has_vtpm(instance):
             return
         try:
             with locks.server_lock(self.conf, instance.uuid, f"state backup after {event}"):
@@ -436,10 +441,10 @@ class ServerService:
         for instance in self.backend.list():
             if names and instance.name not in names and instance.uuid not in names:
                 continue
-            if not policy.has_vtpm(instance):
+            if not rules.has_vtpm(instance):
                 continue
             old = self.store.get(instance.uuid)
-            if not names and not force and not policy.backup_due(
+            if not names and not force and not rules.backup_due(
                     old.taken_at if old else None, now, interval):
                 continue
             row = {"name": instance.name, "uuid": instance.uuid, "running": None,

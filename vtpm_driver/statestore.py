@@ -31,7 +31,7 @@ When it is refreshed (``[vtpm] state_backup``)
     servers included. ``off``: no other copy, so evacuation is refused.
 
 A copy is current only if it was taken from a stopped server that has not
-run since (:func:`vtpm_driver.policy.copy_is_current`); every start of the
+run since (:func:`vtpm_driver.model.rules.copy_is_current`); every start of the
 server marks its copy as overtaken (``started_after``).
 
 Writes are atomic and crash-safe: a new copy is built (and fsynced) in
@@ -60,7 +60,8 @@ from typing import Any, Protocol
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model.server import canonical_uuid, require_uuid
 from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class CopyMeta:
     header_flags: int | None = None
     encrypted: bool | None = None
     size: int = 0
-    generation: int | None = None   # custody generation (vtpm_driver.custody); None: older copy
+    generation: int | None = None   # custody generation (model.custody); None: older copy
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -169,7 +170,7 @@ class DirectoryStateStore:
 
     def path(self, instance_uuid: str) -> Path:
         """``<root>/<uuid>``. :raises VTPMError: not a UUID."""
-        return self.root / objects.require_uuid(instance_uuid, "instance uuid")
+        return self.root / require_uuid(instance_uuid, "instance uuid")
 
     def _fail(self, what: str, exc: OSError) -> exception.VTPMError:
         return exception.VTPMError(f"off-host TPM state store {str(self.root)!r}: cannot {what}: "
@@ -188,7 +189,7 @@ class DirectoryStateStore:
         :raises VTPMError: the state is not encrypted (never stored off-host),
             or it could not be written (the previous copy, if any, is kept).
         """
-        uuid = objects.require_uuid(meta.uuid, "instance uuid")
+        uuid = require_uuid(meta.uuid, "instance uuid")
         meta = dataclasses.replace(meta, uuid=uuid)
         final = self.path(uuid)
         tmp = self.root / f".{uuid}.{secrets.token_hex(6)}{TMP_SUFFIX}"
@@ -372,7 +373,7 @@ class DirectoryStateStore:
                 name = entry[1:-len(PREV_SUFFIX)]  # a copy set aside by a killed put
                 if name in present:
                     continue  # ... and overtaken: the copy is <uuid>
-            if objects.canonical_uuid(name) != name:
+            if canonical_uuid(name) != name:
                 continue  # temporary or foreign entries
             try:
                 meta = self.get(name)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
+from vtpm_driver.model import request, rules
 
 #: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
 POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
@@ -34,18 +35,22 @@ def power_state_name(info: object) -> str:
     return "unknown"
 
 
-def vtpm_or_error(instance: Any) -> tuple[spec.VTPMConfig | None, str | None]:
+def vtpm_or_error(instance: Any) -> tuple[request.VTPMConfig | None, str | None]:
     """(config, None), (None, None) without a vTPM, or (None, reason) if invalid."""
     try:
-        return policy.vtpm_of(instance), None
+        return rules.vtpm_of(instance), None
     except exception.VTPMError as exc:
         return None, str(exc)
 
 
-def server_fields(instance: Any, power_state: str, resize_pending: bool = False
+def server_fields(instance: Any, power_state: str, resize_pending: bool = False,
+                  vtpm: request.VTPMConfig | request.Unparsed | None = request.UNPARSED
                   ) -> dict[str, Any]:
-    """What ``server show`` says about ``instance``, as plain values (no secret)."""
-    config, error = vtpm_or_error(instance)
+    """What ``server show`` says about ``instance``, as plain values (no secret).
+
+    ``vtpm``: its request as the caller already parsed it (a create).
+    """
+    config, error = vtpm_or_error(instance) if vtpm is request.UNPARSED else (vtpm, None)
     flavor = getattr(instance, "flavor", None)
     image_meta = getattr(instance, "image_meta", None)
     fields = {
@@ -61,9 +66,9 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False
         "vtpm_version": config.version if config else None,
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
-        "vtpm_secret_uuid": policy.recorded_secret(instance),
-        "flavor_extra_specs": dict(policy.flavor_extra_specs(flavor)),
-        "image_properties": dict(policy.image_properties(image_meta)),
+        "vtpm_secret_uuid": rules.recorded_secret(instance),
+        "flavor_extra_specs": dict(rules.flavor_extra_specs(flavor)),
+        "image_properties": dict(rules.image_properties(image_meta)),
         "vcpus": getattr(flavor, "vcpus", None),
         "memory_mb": getattr(flavor, "memory_mb", None),
         "kernel": getattr(image_meta, "kernel", None),

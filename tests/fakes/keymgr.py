@@ -6,8 +6,9 @@ import base64
 import os
 import uuid
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import request
 
 
 class FakeKeyManager:
@@ -34,7 +35,7 @@ class FakeKeyManager:
             raise self.fail[op]
 
     def _check_access(self, context: RequestContext, secret_uuid: str, mode: str) -> None:
-        if mode != spec.SECRET_DEPLOYMENT and context.user_id != self.owners[secret_uuid]:
+        if mode != request.SECRET_DEPLOYMENT and context.user_id != self.owners[secret_uuid]:
             raise exception.VTPMSecretForbidden(
                 f"Barbican refused to read vTPM secret {secret_uuid} (HTTP 403)")
 

@@ -1,4 +1,4 @@
-"""The one fake host probe (:class:`vtpm_driver.host.HostProbe`), for unit tests.
+"""The one fake host probe (:class:`vtpm_driver.model.hostcheck.HostProbe`), for unit tests.
 
 Every fact is settable; a value that is an exception is raised instead (e.g.
 ``version_info=HypervisorUnavailable(...)`` for an unreachable libvirt).

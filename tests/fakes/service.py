@@ -40,7 +40,8 @@ class FakeDriver:
             raise self.fail[name]
 
     def spawn(self, context, instance, image_meta, injected_files, admin_password,
-              allocations, network_info=None, block_device_info=None, power_on=True):
+              allocations, network_info=None, block_device_info=None, power_on=True,
+              vtpm=None):
         self._call("spawn", context, instance.name)
         instance.system_metadata["vtpm_secret_uuid"] = "0b7e7f0c-3c1e-4a8e-9c7d-5b9b1d8e2f11"
         self.backend.instances.append(instance)

@@ -10,7 +10,7 @@ import os
 import struct
 from pathlib import Path
 
-from vtpm_driver import custody
+from vtpm_driver.model import custody
 
 ENCRYPTED = 0x09   # swtpm blob flags: encrypted (0x01) with a 256-bit key (0x08)
 PLAIN = 0x00

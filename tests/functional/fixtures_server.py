@@ -37,9 +37,10 @@ from tests.functional.fixtures_libvirt import (
     read_console,
 )
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, objects, servers
+from vtpm_driver import exception, keymgr, servers
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model.server import Instance
 from vtpm_driver.virt import secret as virt_secret
 
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check
@@ -136,7 +137,7 @@ class ServersOnStack:
     stack: KeymgrStack
     admin: ks_session.Session
     service: ks_session.Session
-    created: list[objects.Instance] = dataclasses.field(default_factory=list)
+    created: list[Instance] = dataclasses.field(default_factory=list)
 
     @property
     def owner(self) -> RequestContext:
@@ -145,7 +146,7 @@ class ServersOnStack:
     def new_server(self, flavor_extra_specs: dict[str, str] | None = None,
                    image_properties: dict[str, str] | None = None, *, stay: bool = False,
                    context: RequestContext | None = None,
-                   kernel: str | None = None) -> objects.Instance:
+                   kernel: str | None = None) -> Instance:
         """A server booting the test guest (``stay``: it keeps running), not yet spawned."""
         inst = servers.new_instance(
             f"lifecycle-{uuid.uuid4().hex[:8]}", context or self.owner,
@@ -157,7 +158,7 @@ class ServersOnStack:
         self.created.append(inst)
         return inst
 
-    def spawn(self, inst: objects.Instance, context: RequestContext | None = None,
+    def spawn(self, inst: Instance, context: RequestContext | None = None,
               driver: VTPMDriver | None = None) -> Console:
         """Spawn ``inst`` and return its console (marked before the boot)."""
         self.driver.guests.ensure_console_log(inst)
@@ -166,17 +167,17 @@ class ServersOnStack:
         (driver or self.driver).spawn(context or self.owner, inst, inst.image_meta, [], None, {})
         return console
 
-    def domain(self, inst: objects.Instance) -> libvirt.virDomain:
+    def domain(self, inst: Instance) -> libvirt.virDomain:
         return self.conn.lookupByUUIDString(inst.uuid)
 
-    def wait_shutoff(self, inst: objects.Instance, timeout: float = BOOT_TIMEOUT) -> None:
+    def wait_shutoff(self, inst: Instance, timeout: float = BOOT_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while self.driver.get_info(inst) != "shutdown":
             if time.monotonic() > deadline:
                 raise AssertionError(f"{inst.name} still {self.driver.get_info(inst)}")
             time.sleep(0.2)
 
-    def libvirt_secrets_of(self, inst: objects.Instance) -> list[virt_secret.VTPMSecretInfo]:
+    def libvirt_secrets_of(self, inst: Instance) -> list[virt_secret.VTPMSecretInfo]:
         return [s for s in virt_secret.list_vtpm_secrets(self.conn) if s.usage_id == inst.uuid]
 
     def barbican_status(self, secret_uuid: str) -> int:
@@ -185,7 +186,7 @@ class ServersOnStack:
                               raise_exc=False, headers={"Accept": "application/json"})
         return resp.status_code
 
-    def barbican_secrets_of(self, inst: objects.Instance) -> list[str]:
+    def barbican_secrets_of(self, inst: Instance) -> list[str]:
         """UUIDs of Barbican secrets named for this server (owner's project + service user)."""
         km = keymgr.KeyManager(self.conf)
         found = []
@@ -194,7 +195,7 @@ class ServersOnStack:
                       if entry["instance_uuid"] == inst.uuid]
         return found
 
-    def assert_nothing_left(self, inst: objects.Instance, secret_uuid: str | None) -> None:
+    def assert_nothing_left(self, inst: Instance, secret_uuid: str | None) -> None:
         """F3 / G3: no domain, TPM state, libvirt secret, Barbican secret or console log."""
         with pytest.raises(libvirt.libvirtError):
             self.domain(inst)

@@ -32,9 +32,10 @@ from oslo_config import cfg
 
 from tests.functional.fixtures_keymgr import AccessLogCounter, KeymgrStack
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, objects
+from vtpm_driver import exception, keymgr
 from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model.server import Flavor, Instance
 
 # Counts the shared Keystone/Barbican's requests or lists every secret: run alone.
 pytestmark = [pytest.mark.functional, pytest.mark.alone]
@@ -108,11 +109,11 @@ def make_conf(stack: KeymgrStack, *, acl: bool = True, timeout: float = 10.0,
     return conf
 
 
-def new_server(owner: RequestContext, mode: str = "user") -> objects.Instance:
-    return objects.Instance(
+def new_server(owner: RequestContext, mode: str = "user") -> Instance:
+    return Instance(
         name=f"keymgr-ft-{uuid.uuid4().hex[:8]}", user_id=owner.user_id,
         project_id=owner.project_id,
-        flavor=objects.Flavor(extra_specs={"hw:tpm_version": "2.0",
+        flavor=Flavor(extra_specs={"hw:tpm_version": "2.0",
                                            "hw:tpm_secret_security": mode}))
 
 
@@ -132,16 +133,16 @@ def contexts(keystone_session: Callable[..., ks_session.Session]) -> dict[str, R
 
 
 @pytest.fixture
-def cleanup() -> Iterator[Callable[[keymgr.KeyManager, RequestContext, objects.Instance], None]]:
+def cleanup() -> Iterator[Callable[[keymgr.KeyManager, RequestContext, Instance], None]]:
     """Register (key manager, context, server) to delete its secret after the test."""
-    todo: list[tuple[keymgr.KeyManager, RequestContext, objects.Instance]] = []
+    todo: list[tuple[keymgr.KeyManager, RequestContext, Instance]] = []
     yield lambda km, ctx, inst: todo.append((km, ctx, inst))
     for km, ctx, inst in todo:
         with contextlib.suppress(exception.VTPMError):
             km.delete_vtpm_secret(ctx, inst)
 
 
-def created(km: keymgr.KeyManager, ctx: RequestContext, inst: objects.Instance,
+def created(km: keymgr.KeyManager, ctx: RequestContext, inst: Instance,
             cleanup: Callable, mode: str = "user") -> tuple[str, str]:
     cleanup(km, ctx, inst)
     sid, passphrase = km.create_vtpm_secret(ctx, inst, mode)

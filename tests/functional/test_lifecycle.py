@@ -24,8 +24,10 @@ from tests.functional.fixtures_server import (
     closed_port_url,
     driver_conf,
 )
-from vtpm_driver import custody, exception, objects, servers
+from vtpm_driver import exception, servers
 from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.model import custody
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.virt import domain, state
 from vtpm_driver.virt import secret as virt_secret
 
@@ -181,10 +183,10 @@ def test_tpm_state_survives_reboots_stop_start_and_suspend(
 # ------------------------------------------------------------------------ F4
 
 
-def resize(env: ServersOnStack, inst: objects.Instance, extra_specs: dict[str, str],
+def resize(env: ServersOnStack, inst: Instance, extra_specs: dict[str, str],
            memory_mb: int = 256) -> None:
     """Nova's compute manager around migrate_disk_and_power_off + finish_migration."""
-    new = objects.Flavor(vcpus=1, memory_mb=memory_mb, extra_specs=extra_specs)
+    new = Flavor(vcpus=1, memory_mb=memory_mb, extra_specs=extra_specs)
     inst.new_flavor = new
     env.driver.migrate_disk_and_power_off(env.owner, inst, None, new, None, timeout=60,
                                           retry_interval=5)
@@ -192,12 +194,12 @@ def resize(env: ServersOnStack, inst: objects.Instance, extra_specs: dict[str, s
     env.driver.finish_migration(env.owner, None, inst, "[]", None, inst.image_meta, True, {})
 
 
-def confirm(env: ServersOnStack, inst: objects.Instance) -> None:
+def confirm(env: ServersOnStack, inst: Instance) -> None:
     env.driver.confirm_migration(env.owner, None, inst, None)
     inst.old_flavor = inst.new_flavor = None
 
 
-def revert(env: ServersOnStack, inst: objects.Instance) -> None:
+def revert(env: ServersOnStack, inst: Instance) -> None:
     inst.flavor = inst.old_flavor
     env.driver.finish_revert_migration(env.owner, inst, None, None)
     inst.old_flavor = inst.new_flavor = None

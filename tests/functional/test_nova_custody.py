@@ -11,7 +11,7 @@
 Requests Nova's API refuses for vTPM servers (shelve, evacuate) go through
 ``tools/aio/below_api.py``, as in ``test_nova_offhost.py``. The generation of
 a host's live state is ``<host swtpm dir>/<uuid>/vtpm-generation``
-(:mod:`vtpm_driver.custody`); an off-host copy's is ``generation`` in its
+(:mod:`vtpm_driver.model.custody`); an off-host copy's is ``generation`` in its
 ``meta.json``.
 """
 

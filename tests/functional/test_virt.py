@@ -26,7 +26,8 @@ from tests.functional.fixtures_libvirt import (
     parse_vtpm_results,
     read_console,
 )
-from vtpm_driver import exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import connection, domain, domains, guest, record, secret, state
 
@@ -42,14 +43,14 @@ def _passphrase() -> str:
 def _for_start(conn: libvirt.virConnect, secret_uuid: str, dom_uuid: str, passphrase: str, *,
                persistent: bool):
     """ops.secrets.secret_for_start over the real libvirt (E3)."""
-    server = objects.Instance(name="x", uuid=dom_uuid, user_id="u", project_id="p")
+    server = Instance(name="x", uuid=dom_uuid, user_id="u", project_id="p")
     start = ops_secrets.StartSecret(secret_uuid, passphrase, persistent)
     return ops_secrets.secret_for_start(secret.LibvirtSecretStore(conn), server, start)
 
 
 def _record(name: str, dom_uuid: str, secret_uuid: str, *, image_properties=None,
             system_metadata=None, kernel=None, initrd=None, cmdline=None, console_log=None,
-            **kwargs: object) -> objects.Instance:
+            **kwargs: object) -> Instance:
     """The server model as stored in the domain's <metadata>."""
     values: dict[str, object] = {
         "name": name,
@@ -62,9 +63,9 @@ def _record(name: str, dom_uuid: str, secret_uuid: str, *, image_properties=None
         "console_log": console_log,
     }
     values.update(kwargs)
-    return objects.Instance(
-        flavor=objects.Flavor(extra_specs={"hw:tpm_version": "2.0"}),
-        image_meta=objects.ImageMeta(properties=dict(image_properties or {}), kernel=kernel,
+    return Instance(
+        flavor=Flavor(extra_specs={"hw:tpm_version": "2.0"}),
+        image_meta=ImageMeta(properties=dict(image_properties or {}), kernel=kernel,
                                      initrd=initrd, cmdline=cmdline),
         system_metadata=(dict(system_metadata) if system_metadata is not None
                          else {"vtpm_secret_uuid": secret_uuid}),
@@ -82,7 +83,7 @@ def _vtpm_guest_xml(
     cmdline: str | None = None,
     version: str = "2.0",
     model: str = "tpm-tis",
-) -> tuple[str, objects.Instance]:
+) -> tuple[str, Instance]:
     name = f"vtpm-virt-{dom_uuid[:8]}"
     xml = domain.guest_xml(
         name, dom_uuid, 1, 256, console_log=str(console_log), kernel=kernel,

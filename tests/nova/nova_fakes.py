@@ -86,7 +86,7 @@ class FakeKeyManager:
 
 @dataclasses.dataclass
 class FakeProbe:
-    """vtpm_driver.host.HostProbe answering from captured domain capabilities."""
+    """vtpm_driver.model.hostcheck.HostProbe answering from captured domain capabilities."""
 
     domcaps: str = "domcaps-qemu-host.xml"
     binaries: tuple = ("swtpm", "swtpm_setup", "swtpm_ioctl")

@@ -44,8 +44,9 @@ from tests.nova.nova_fakes import (
     minimal_guest,
 )
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, host, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.model import hostcheck, request
 from vtpm_driver.virt import domain, secret
 
 # --------------------------------------------------------------------------- fixtures
@@ -117,9 +118,9 @@ def test_options_coexist_with_novas_in_one_conf(drv, flags):
     assert CONF.key_manager.timeout == 3.5
     assert CONF.vtpm.owner_only_acl is False
     assert CONF.key_manager.backend == "barbican"  # castellan's, untouched
-    report = host.check_host(CONF, FakeProbe())
-    assert report.traits[spec.TRAIT_SECRET_DEPLOYMENT] is False
-    assert report.traits[spec.TRAIT_SECRET_HOST] is True
+    report = hostcheck.check_host(CONF, FakeProbe())
+    assert report.traits[request.TRAIT_SECRET_DEPLOYMENT] is False
+    assert report.traits[request.TRAIT_SECRET_HOST] is True
     # Registering again (a second driver, KeyManager(CONF)) is harmless.
     vtpm_conf.register_opts(CONF)
     VTPMLibvirtDriver(fake_virt.FakeVirtAPI())
@@ -166,22 +167,22 @@ def test_traits_are_vtpm_driver_hosts(drv, domcaps):
     drv._vtpm_probe = probe
     drv._vtpm_report = None
     traits = drv._get_tpm_traits()
-    assert traits == host.check_host(CONF, probe).traits
-    assert set(traits) == set(spec.ALL_TRAITS)
+    assert traits == hostcheck.check_host(CONF, probe).traits
+    assert set(traits) == set(request.ALL_TRAITS)
 
 
 def test_traits_only_2_0_host(drv):
     drv._vtpm_probe = FakeProbe(domcaps="domcaps-only-2.0.xml")
     drv._check_vtpm_support()
     traits = drv._get_tpm_traits()
-    assert traits[spec.TRAIT_TPM_2_0] is True
-    assert traits[spec.TRAIT_TPM_1_2] is False
+    assert traits[request.TRAIT_TPM_2_0] is True
+    assert traits[request.TRAIT_TPM_1_2] is False
 
 
 def test_swtpm_disabled_reports_every_tpm_trait_false(drv, flags):
     flags.config(group="libvirt", swtpm_enabled=False)
     drv._check_vtpm_support()  # nothing to refuse
-    assert drv._get_tpm_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert drv._get_tpm_traits() == dict.fromkeys(request.ALL_TRAITS, False)
 
 
 def test_start_up_refuses_a_host_that_cannot_deliver_listing_every_problem(drv):
@@ -192,7 +193,7 @@ def test_start_up_refuses_a_host_that_cannot_deliver_listing_every_problem(drv):
     assert "swtpm_setup not found" in message
     assert "swtpm_ioctl not found" in message
     assert "TPM" in message and "swtpm_enabled = False" in message
-    assert drv._get_tpm_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert drv._get_tpm_traits() == dict.fromkeys(request.ALL_TRAITS, False)
 
 
 def test_start_up_refuses_an_unsupported_virt_type(drv, flags):

@@ -23,7 +23,8 @@ from tests.nova.nova_fakes import (
     make_instance,
     nova_ctx,
 )
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
+from vtpm_driver.model import request
 
 
 @pytest.mark.parametrize("backend", [
@@ -79,7 +80,7 @@ def castellan(monkeypatch):
 
 def test_castellan_adapter_creates_reads_and_deletes_novas_secret(castellan):
     km, ctx, instance = shim_keymgr.CastellanKeyManager(), nova_ctx(), make_instance()
-    secret_uuid, passphrase = km.ensure_vtpm_secret(ctx, instance, spec.SECRET_USER)
+    secret_uuid, passphrase = km.ensure_vtpm_secret(ctx, instance, request.SECRET_USER)
     assert instance.system_metadata["vtpm_secret_uuid"] == secret_uuid
     assert isinstance(passphrase, str) and len(passphrase) == 512
     assert km.get_vtpm_secret(ctx, instance) == passphrase
@@ -92,7 +93,7 @@ def test_castellan_adapter_uses_novas_service_user_for_deployment(castellan, mon
     service = object()
     monkeypatch.setattr("nova.context.get_nova_service_user_context", lambda: service)
     km = shim_keymgr.CastellanKeyManager()
-    km.ensure_vtpm_secret(nova_ctx(), make_instance(), spec.SECRET_DEPLOYMENT)
+    km.ensure_vtpm_secret(nova_ctx(), make_instance(), request.SECRET_DEPLOYMENT)
     assert castellan.contexts == [service]
 
 
@@ -105,7 +106,7 @@ def test_castellan_adapter_uses_novas_service_user_for_deployment(castellan, mon
 ])
 def test_castellan_errors_are_mapped_once(castellan, error, ours):
     km, instance = shim_keymgr.CastellanKeyManager(), make_instance(secret_uuid=None)
-    km.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)
+    km.ensure_vtpm_secret(nova_ctx(), instance, request.SECRET_USER)
     castellan.fail = error
     with pytest.raises(ours) as info:
         km.get_vtpm_secret(nova_ctx(), instance)
@@ -173,7 +174,7 @@ def test_the_driver_adds_no_public_method_to_novas_api(drv):
 def test_deleting_with_castellan_needs_no_token(drv, castellan):
     drv._vtpm_keymgr = shim_keymgr.CastellanKeyManager()
     instance = make_instance(make_flavor(**{"hw:tpm_version": "2.0"}))
-    drv._vtpm_keymgr.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)
+    drv._vtpm_keymgr.ensure_vtpm_secret(nova_ctx(), instance, request.SECRET_USER)
     drv._vtpm_delete_secret(nova_ctx(token=None), instance, instance.flavor)
     assert castellan.stored == {}
     assert "vtpm_secret_uuid" not in instance.system_metadata

@@ -19,7 +19,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 from tests.fakes.swtpm import make_state
 from tests.nova import test_nova_shim_offhost as offhost
 from tests.nova.nova_fakes import make_image
-from vtpm_driver import custody
+from vtpm_driver.model import custody
 from vtpm_driver.virt import state
 
 # The off-host tests' fixtures and helpers (one of each kind).

@@ -27,8 +27,9 @@ from tests.nova.nova_fakes import (
     make_instance,
     nova_ctx,
 )
-from vtpm_driver import host, spec
+from vtpm_driver.model import hostcheck, request
 from vtpm_driver.virt import domain, secret
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 pytestmark = pytest.mark.functional
 
@@ -87,8 +88,8 @@ def test_novas_guest_config_without_vtpm_has_no_tpm(flags, log, tmp_path,
     assert domain.get_tpm(xml) is None
 
 
-@pytest.mark.parametrize(("mode", "persistent"), [(spec.SECRET_USER, False),
-                                                  (spec.SECRET_HOST, True)])
+@pytest.mark.parametrize(("mode", "persistent"), [(request.SECRET_USER, False),
+                                                  (request.SECRET_HOST, True)])
 def test_libvirt_secret_is_defined_and_removed_through_our_package(
         flags, log, tmp_path, cleanup_instances_path, mode, persistent):
     drv = real_driver(False, log, tmp_path)
@@ -125,10 +126,10 @@ def test_host_check_and_traits_through_novas_own_connection(flags, log, tmp_path
     drv = VTPMLibvirtDriver(fake_virt.FakeVirtAPI(), False, key_manager=FakeKeyManager(log))
     drv._check_vtpm_support()  # this host is set up for vTPM (tools/setup-host.sh)
     traits = drv._get_tpm_traits()
-    with host.LibvirtHostProbe.from_conf(CONF) as own_probe:
-        expected = host.check_host(CONF, own_probe)
+    with LibvirtHostProbe.from_conf(CONF) as own_probe:
+        expected = hostcheck.check_host(CONF, own_probe)
     assert expected.supported, expected.problems
     assert traits == expected.traits
-    assert traits[spec.TRAIT_TPM_2_0] and traits[spec.TRAIT_TPM_TIS]
+    assert traits[request.TRAIT_TPM_2_0] and traits[request.TRAIT_TPM_TIS]
     # Nova's connection is still open and usable afterwards.
     assert drv._host.get_connection().getLibVersion() > 0

@@ -35,7 +35,7 @@ from tests.nova.nova_fakes import (
     make_instance,
     nova_ctx,
 )
-from vtpm_driver import spec
+from vtpm_driver.model import request
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_the_guests_vtpm_is_the_one_novas_get_vtpm_constraint_names(drv):
                             "hw:tpm_secret_security": "host"})
     config = translate.vtpm_config(flavor, make_image())
     assert (config.version, config.model, config.secret_security) == (
-        "2.0", "tpm-crb", spec.SECRET_HOST)
+        "2.0", "tpm-crb", request.SECRET_HOST)
     with mock.patch.object(hardware, "get_vtpm_constraint", return_value=None) as asked:
         assert translate.vtpm_config(flavor, make_image()) is None  # Nova says none
     asked.assert_called_once_with(flavor, mock.ANY)
@@ -159,12 +159,12 @@ def test_host_mode_hands_nova_the_libvirt_secret_other_modes_our_handle(drv):
     host_mode = make_instance(make_flavor(**{"hw:tpm_version": "2.0",
                                              "hw:tpm_secret_security": "host"}))
     handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), host_mode)
-    assert mode == spec.SECRET_HOST
+    assert mode == request.SECRET_HOST
     assert handle is drv.vtpm_secrets.libvirt_secret(
         host_mode.system_metadata["vtpm_secret_uuid"])
     user_mode = make_instance()
     handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), user_mode)
-    assert mode == spec.SECRET_USER
+    assert mode == request.SECRET_USER
     handle.undefine()  # Nova's _create_guest after the start: the core's after_start
     assert user_mode.system_metadata["vtpm_secret_uuid"] not in drv.conn.secrets
 
@@ -173,7 +173,7 @@ def test_nova_asking_for_a_secret_gets_one_in_the_flavors_mode(drv):
     """Nova calls it once its get_vtpm_constraint said "vTPM"; only the mode matters here."""
     instance = make_instance(make_flavor(**{"hw:tpm_secret_security": "host"}))
     handle, mode = drv._get_or_create_secret_for_vtpm(nova_ctx(), instance)
-    assert mode == spec.SECRET_HOST
+    assert mode == request.SECRET_HOST
     assert handle is not None
 
 
@@ -183,11 +183,11 @@ def test_nova_asking_for_a_secret_gets_one_in_the_flavors_mode(drv):
 def test_our_barbican_saves_the_instance_when_it_records_a_new_secret():
     km = shim_keymgr.OwnerOnlyBarbican(FakeKeyManager([]))
     instance = make_instance()
-    km.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)
+    km.ensure_vtpm_secret(nova_ctx(), instance, request.SECRET_USER)
     assert instance.saved == 1
-    km.ensure_vtpm_secret(nova_ctx(), instance, spec.SECRET_USER)  # read: nothing new
+    km.ensure_vtpm_secret(nova_ctx(), instance, request.SECRET_USER)  # read: nothing new
     assert instance.saved == 1
-    km.create_vtpm_secret(nova_ctx(), make_instance(), spec.SECRET_USER)
+    km.create_vtpm_secret(nova_ctx(), make_instance(), request.SECRET_USER)
 
 
 def test_conf_is_novas():

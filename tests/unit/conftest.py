@@ -17,9 +17,10 @@ from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.libvirt import STATE_FILES, FakeDomain, FakeLibvirt
 from tests.fakes.probe import FakeProbe
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import objects, servers
+from vtpm_driver import servers
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model.server import Flavor, Instance
 
 KERNEL = "/boot/test-vmlinuz"
 INITRD = "/boot/test-initrd.img"
@@ -39,22 +40,22 @@ class Env(types.SimpleNamespace):
     tmp: Path
 
     def instance(self, mode: str = "user", version: str = "2.0", model: str | None = None,
-                 name: str = "vm1", **extra: str) -> objects.Instance:
+                 name: str = "vm1", **extra: str) -> Instance:
         specs = {"hw:tpm_version": version, "hw:tpm_secret_security": mode, **extra}
         if model:
             specs["hw:tpm_model"] = model
         return servers.new_instance(name, OWNER, flavor_extra_specs=specs, kernel=KERNEL,
                                     initrd=INITRD)
 
-    def spawn(self, inst: objects.Instance, context: RequestContext = OWNER,
-              power_on: bool = True) -> objects.Instance:
+    def spawn(self, inst: Instance, context: RequestContext = OWNER,
+              power_on: bool = True) -> Instance:
         self.drv.spawn(context, inst, inst.image_meta, [], None, {}, power_on=power_on)
         return inst
 
-    def dom(self, inst: objects.Instance) -> FakeDomain:
+    def dom(self, inst: Instance) -> FakeDomain:
         return self.conn.domains[inst.uuid]
 
-    def state_file(self, inst: objects.Instance, version: str = "2.0") -> Path:
+    def state_file(self, inst: Instance, version: str = "2.0") -> Path:
         subdir, name = STATE_FILES[version]
         return self.state_base / inst.uuid / subdir / name
 
@@ -64,7 +65,7 @@ class Env(types.SimpleNamespace):
     def reset(self) -> None:
         self.events.clear()
 
-    def assert_nothing_left(self, inst: objects.Instance) -> None:
+    def assert_nothing_left(self, inst: Instance) -> None:
         assert inst.uuid not in self.conn.domains
         assert not (self.state_base / inst.uuid).exists()
         assert self.conn.secrets == {}
@@ -93,20 +94,20 @@ def env(tmp_path: Path) -> Env:
     return Env(drv=drv, conn=conn, km=km, events=events, state_base=state_base, tmp=tmp_path)
 
 
-def touch_console(inst: objects.Instance, text: str = "VTPM_RESULT old boot\n") -> None:
+def touch_console(inst: Instance, text: str = "VTPM_RESULT old boot\n") -> None:
     Path(inst.console_log).write_text(text)
 
 
-def dataclasses_replace(inst: objects.Instance) -> objects.Instance:
+def dataclasses_replace(inst: Instance) -> Instance:
     """What a record keeps: everything but the flavor's name and resize bookkeeping."""
     return dataclasses.replace(inst, old_flavor=None, new_flavor=None,
                                flavor=dataclasses.replace(inst.flavor, name="standalone"))
 
 
-def resize_to(env: Env, inst: objects.Instance, extra_specs: dict[str, str],
+def resize_to(env: Env, inst: Instance, extra_specs: dict[str, str],
               revert: bool = False, power_on: bool = True) -> None:
     """What Nova's compute manager does around the four driver calls."""
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs=extra_specs)
+    new = Flavor(vcpus=2, memory_mb=512, extra_specs=extra_specs)
     inst.new_flavor = new
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new

@@ -13,7 +13,10 @@ from tests.fakes.probe import FakeProbe
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
-from vtpm_driver import exception, host, objects, policy, servers, spec
+from vtpm_driver import exception, servers
+from vtpm_driver.model import hostcheck, request, rules
+from vtpm_driver.model.server import ImageMeta
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 
 def fake_hypervisor(*domains: tuple[str, str]) -> types.SimpleNamespace:
@@ -52,7 +55,7 @@ def make_conf(tmp_path):
 def test_init_host_on_a_sound_host(make_conf):
     drv = vtpm_driver.VTPMDriver(make_conf(swtpm_enabled=True, virt_type="qemu"), FakeProbe())
     drv.init_host("compute-1")
-    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, True)
+    assert drv.get_traits() == dict.fromkeys(request.ALL_TRAITS, True)
 
 
 def test_init_host_lists_every_problem(make_conf):
@@ -66,12 +69,12 @@ def test_init_host_lists_every_problem(make_conf):
         "[libvirt] swtpm_enabled is True but this host cannot provide emulated TPMs: "
     )
     assert message.endswith("Fix the above, or set [libvirt] swtpm_enabled = False")
-    for problem in host.check_host(conf, probe).problems:
+    for problem in hostcheck.check_host(conf, probe).problems:
         assert problem in message
     assert "swtpm_setup not found" in message and "swtpm_ioctl not found" in message
     assert "swtpm_user 'nobody-here'" in message
     assert "\n" not in message
-    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert drv.get_traits() == dict.fromkeys(request.ALL_TRAITS, False)
 
 
 def test_init_host_refuses_a_bad_virt_type(make_conf):
@@ -95,7 +98,7 @@ def test_disabled_swtpm_starts_and_reports_no_traits(make_conf):
                                            users=set(), groups=set()),
                                  hypervisor=fake_hypervisor())
     drv.init_host()
-    assert drv.get_traits() == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert drv.get_traits() == dict.fromkeys(request.ALL_TRAITS, False)
 
 
 def test_c4_disabled_swtpm_with_vtpm_servers_refuses(make_conf):
@@ -151,7 +154,7 @@ def test_unreachable_libvirt_propagates(make_conf):
 
 def test_default_probe_is_libvirt_at_the_configured_uri(make_conf):
     drv = vtpm_driver.VTPMDriver(make_conf(connection_uri="qemu:///session"))
-    assert isinstance(drv.probe, host.LibvirtHostProbe)
+    assert isinstance(drv.probe, LibvirtHostProbe)
     assert drv.probe.uri == "qemu:///session"
 
 
@@ -169,7 +172,7 @@ def test_rebuild_hands_off_and_keeps_the_tpm_or_resets_it(offhost_env: Env) -> N
     env = offhost_env
     inst = env.spawn(env.instance("host"))
     ek = env.state_file(inst).read_bytes()
-    new_image = objects.ImageMeta(kernel="/boot/other-vmlinuz", cmdline="console=ttyS0 new")
+    new_image = ImageMeta(kernel="/boot/other-vmlinuz", cmdline="console=ttyS0 new")
     env.drv.rebuild(OWNER, inst, new_image, [], None, {}, [], None, None)
     assert env.dom(inst).active and "/boot/other-vmlinuz" in env.dom(inst).xml
     assert env.state_file(inst).read_bytes() == ek, "same TPM"
@@ -182,10 +185,10 @@ def test_rescue_and_unrescue_hand_off_with_the_same_tpm(offhost_env: Env) -> Non
     inst = env.spawn(env.instance("deployment"))
     ek = env.state_file(inst).read_bytes()
     env.drv.rescue(OWNER, inst, None, None, None, None)
-    assert policy.is_rescued(inst) and f"{policy.RESCUE_CMDLINE}" in env.dom(inst).xml
+    assert rules.is_rescued(inst) and f"{rules.RESCUE_CMDLINE}" in env.dom(inst).xml
     assert env.state_file(inst).read_bytes() == ek
     env.drv.unrescue(OWNER, inst)
-    assert not policy.is_rescued(inst) and policy.RESCUE_CMDLINE not in env.dom(inst).xml
+    assert not rules.is_rescued(inst) and rules.RESCUE_CMDLINE not in env.dom(inst).xml
     assert env.dom(inst).active and env.state_file(inst).read_bytes() == ek
 
 
@@ -197,7 +200,7 @@ def test_a_members_rescue_of_a_user_mode_server_touches_nothing(offhost_env: Env
     with pytest.raises(exception.VTPMSecretForbidden):
         env.drv.rescue(MEMBER, inst, None, None, None, None)
     assert env.dom(inst).active and env.dom(inst).xml == xml
-    assert not policy.is_rescued(inst)
+    assert not rules.is_rescued(inst)
 
 
 def test_rebuild_as_an_evacuation_is_refused_naming_nova(offhost_env: Env) -> None:

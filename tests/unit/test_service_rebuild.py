@@ -10,8 +10,10 @@ import pytest
 
 from tests.unit import test_service_locks as locks_tests
 from tests.unit.conftest import INITRD, KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, objects, policy, servers
+from vtpm_driver import exception, servers
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import rules
+from vtpm_driver.model.server import Instance
 from vtpm_driver.service import ServerService
 
 # (issue 13) Each command read the server, then waited for its lock while other
@@ -21,7 +23,7 @@ from vtpm_driver.service import ServerService
 ADD_A_VTPM = {"hw:tpm_version": "2.0", "hw:tpm_secret_security": "user"}
 
 
-def _without_vtpm(env: Env) -> objects.Instance:
+def _without_vtpm(env: Env) -> Instance:
     return env.spawn(servers.new_instance("vm1", OWNER, flavor_extra_specs={},
                                           kernel=KERNEL, initrd=INITRD))
 
@@ -53,12 +55,12 @@ def test_restarts_act_on_a_resize_confirmed_while_they_waited(
     _call(service, operation, inst.name)()
     assert landed == [operation]
     found = servers.find(env.conn, inst.uuid)
-    secret = policy.recorded_secret(found)
-    assert policy.has_vtpm(found) and found.flavor.vcpus == 2
+    secret = rules.recorded_secret(found)
+    assert rules.has_vtpm(found) and found.flavor.vcpus == 2
     assert secret is not None and list(env.km.passphrases) == [secret]
     assert "<tpm" in env.dom(inst).xml and secret in env.dom(inst).xml
     assert env.dom(inst).active
-    assert policy.is_rescued(found) == (operation == "rescue")
+    assert rules.is_rescued(found) == (operation == "rescue")
 
 
 @pytest.mark.parametrize("operation", ["rescue", "unrescue", "rebuild"])
@@ -85,7 +87,7 @@ def test_a_resize_ended_while_waiting_is_refused_under_the_lock(
     assert landed == [operation]
     assert service.backend.resize_pending(inst)  # B's resize, untouched
     found = servers.find(env.conn, inst.uuid)
-    assert found.flavor.vcpus == 2 and policy.recorded_secret(found) in env.km.passphrases
+    assert found.flavor.vcpus == 2 and rules.recorded_secret(found) in env.km.passphrases
     assert env.dom(inst).active and [env.dom(inst).xml] == resized
     assert service.store.list() == []
 

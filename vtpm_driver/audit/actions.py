@@ -31,13 +31,14 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, spec, statestore
+from vtpm_driver import exception, statestore
 from vtpm_driver.audit import orchestrator
 from vtpm_driver.audit import plan as audit_plan
 from vtpm_driver.audit import report as audit_report
 from vtpm_driver.keymgr import KeyManager
 from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import request, rules
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
 
@@ -139,9 +140,9 @@ class AuditActions:
             done = [(action, "planned") for action in plan.actions]
         else:
             contexts = {mode: ctx for ctx, mode in scopes}
-            if spec.SECRET_USER not in contexts and caller is not None:
+            if request.SECRET_USER not in contexts and caller is not None:
                 # Finishing an interrupted resize may delete the secret it created.
-                contexts[spec.SECRET_USER] = caller()
+                contexts[request.SECRET_USER] = caller()
             with self._progress("Repairing"):
                 done = self.repair(plan, keymgr, contexts)
         return AuditResult(report, tuple(scopes), plan, tuple(done))
@@ -156,10 +157,10 @@ class AuditActions:
         context = caller() if caller is not None else None
         scopes: list[Scope] = []
         if context is not None:
-            scopes.append((context, spec.SECRET_USER))
+            scopes.append((context, request.SECRET_USER))
         if with_service:
             scopes.append((context or RequestContext(user_id="", project_id=""),
-                           spec.SECRET_DEPLOYMENT))
+                           request.SECRET_DEPLOYMENT))
         return scopes
 
     def _list_scopes(self, keymgr: KeyManagerAuditAPI, scopes: list[Scope]
@@ -172,7 +173,7 @@ class AuditActions:
                 with self._progress(f"Listing vTPM secrets in Barbican ({mode} mode)"):
                     found.extend(self.list_barbican(keymgr, [(context, mode)]))
             except exception.VTPMError as exc:
-                if mode != spec.SECRET_DEPLOYMENT or len(scopes) == 1:
+                if not rules.owned_by_service_user(mode) or len(scopes) == 1:
                     raise
                 LOG.warning("Barbican secrets of [service_user] not checked: %s", exc)
                 scopes.remove((context, mode))
@@ -300,7 +301,7 @@ class AuditActions:
             instance = backend.find(action.target)
         except exception.InstanceNotFound:
             return "already gone: no such server now"
-        context = (contexts.get(spec.SECRET_USER) or contexts.get(spec.SECRET_DEPLOYMENT)
+        context = (contexts.get(request.SECRET_USER) or contexts.get(request.SECRET_DEPLOYMENT)
                    or RequestContext(user_id="", project_id=""))
         decision = backend.driver.recover(context, instance)
         if decision is None:
@@ -324,7 +325,7 @@ class AuditActions:
             return "done" if gone else "already gone"
         if keymgr is None:  # Barbican was not listed: no plan names its secrets
             return "skipped: Barbican was not listed"
-        context = contexts[action.mode or spec.SECRET_USER]
+        context = contexts[action.mode or request.SECRET_USER]
         if action.kind == audit_plan.DELETE_BARBICAN:
             gone = keymgr.delete_secret(context, action.target, action.mode)
             return "done" if gone else "already gone"

@@ -34,7 +34,7 @@ from oslo_log import log as logging
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
 from vtpm_driver.audit import report as audit_report
-from vtpm_driver.objects import canonical_uuid
+from vtpm_driver.model.server import canonical_uuid
 
 LOG = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 from collections.abc import Iterable
 
-from vtpm_driver import spec
 from vtpm_driver.audit.report import (
     BARBICAN_SECRET,
     LIBVIRT_SECRET,
@@ -32,7 +31,8 @@ from vtpm_driver.audit.report import (
     BarbicanSecret,
     Orphan,
 )
-from vtpm_driver.objects import canonical_uuid
+from vtpm_driver.model import rules
+from vtpm_driver.model.server import canonical_uuid
 
 UNDEFINE_SECRET = "undefine_libvirt_secret"
 REMOVE_STATE = "remove_state_dir"
@@ -45,7 +45,6 @@ _GUARDED = (REMOVE_STATE, DELETE_BARBICAN, REMOVE_COPY)
 #: Barbican orphans younger than this (seconds) are left alone by default: a
 #: create in another process may have made the secret and not yet its domain.
 DEFAULT_MIN_AGE = 600.0
-_EPHEMERAL_MODES = (spec.SECRET_USER, spec.SECRET_DEPLOYMENT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +154,9 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
         actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
                               f"undefine libvirt secret: {orphan.reason}"))
     for finding in report.servers:
-        if (finding.secret_security in _EPHEMERAL_MODES and finding.defined_secret
+        if (finding.secret_security is not None
+                and not rules.uses_persistent_secret(finding.secret_security)
+                and finding.defined_secret
                 and finding.defined_secret == canonical_uuid(finding.secret_uuid)):
             actions.append(Action(
                 UNDEFINE_SECRET, finding.defined_secret, canonical_uuid(finding.uuid),
@@ -183,7 +184,7 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
             continue
         server = servers.get(canonical_uuid(item.instance_uuid))
         owner = getattr(server.instance, "user_id", None) if server is not None else None
-        user = None if item.mode == spec.SECRET_DEPLOYMENT else (owner or item.creator)
+        user = None if rules.owned_by_service_user(item.mode) else (owner or item.creator)
         actions.append(Action(FIX_ACL, secret_uuid, canonical_uuid(item.instance_uuid),
                               "set an owner-only ACL: the project can read it",
                               mode=item.mode, user_id=user))

@@ -32,8 +32,9 @@ import os.path
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vtpm_driver import exception, policy, spec
-from vtpm_driver.objects import canonical_uuid
+from vtpm_driver import exception
+from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import canonical_uuid
 from vtpm_driver.ops import journal
 
 LIBVIRT_SECRET = "libvirt_secret"
@@ -74,7 +75,7 @@ class BarbicanSecret:
     uuid: str | None
     name: str
     instance_uuid: str | None
-    mode: str = spec.SECRET_USER
+    mode: str = request.SECRET_USER
     project_access: bool | None = None
     created: str | None = None
     creator: str | None = None
@@ -82,7 +83,7 @@ class BarbicanSecret:
 
 @dataclasses.dataclass(frozen=True)
 class ServerFinding:
-    """A vTPM server (the :class:`~vtpm_driver.objects.Instance` as recorded) and what is
+    """A vTPM server (the :class:`~vtpm_driver.model.server.Instance` as recorded) and what is
     wrong with it.
 
     ``version``/``model``/``secret_security`` are None when its recorded
@@ -228,10 +229,10 @@ def _canonical(value: object) -> str | None:
 
 def _finding(instance: Any) -> ServerFinding:
     """What the audit reads from a server (never raises)."""
-    recorded = (getattr(instance, "system_metadata", None) or {}).get(policy.SYSMETA_KEY)
+    recorded = (getattr(instance, "system_metadata", None) or {}).get(rules.SYSMETA_KEY)
     secret = recorded if isinstance(recorded, str) and recorded else None
     try:
-        config = policy.vtpm_of(instance)
+        config = rules.vtpm_of(instance)
     except exception.VTPMError as exc:  # a bad record is a finding, not a crash
         return ServerFinding(instance, secret_uuid=secret,
                              config_error=f"invalid vTPM request: {exc}")
@@ -255,11 +256,13 @@ def _server_problems(server: ServerFinding, libvirt_by_usage: Mapping[str, Libvi
     if server.version is not None and not server.secret_uuid:
         problems.append("no vtpm_secret_uuid in system_metadata: its vTPM state cannot be "
                         "unlocked")
-    if server.secret_security == spec.SECRET_HOST and server.secret_uuid and (
+    persistent = (server.secret_security is not None
+                  and rules.uses_persistent_secret(server.secret_security))
+    if persistent and server.secret_uuid and (
         defined is None or defined.uuid != _canonical(server.secret_uuid)
     ):
         problems.append(f"host-mode libvirt secret {server.secret_uuid} is not defined")
-    if server.secret_security in (spec.SECRET_USER, spec.SECRET_DEPLOYMENT) and (
+    if server.secret_security is not None and not persistent and (
         defined is not None and defined.uuid == _canonical(server.secret_uuid)
     ):
         problems.append(
@@ -280,7 +283,7 @@ def audit(
 ) -> AuditReport:
     """Find orphans and per-server problems.
 
-    ``servers`` are this host's servers (:class:`~vtpm_driver.objects.Instance`,
+    ``servers`` are this host's servers (:class:`~vtpm_driver.model.server.Instance`,
     as recorded); ``domain_uuids`` every
     libvirt domain, ours or not (a foreign domain's secret or state is not an
     orphan); ``state_dir_uuids`` the ``<uuid>`` directories under
@@ -361,7 +364,7 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
         uuid = _canonical(instance.uuid) or instance.uuid
         try:
             intent = journal.read(getattr(instance, "system_metadata", None),
-                                  policy.server_label(instance))
+                                  rules.server_label(instance))
         except exception.InvalidJournalEntry as exc:
             found.append(HalfDone(uuid, instance.name, INVALID_ENTRY, exc.field, 0, NO_ACTION,
                                   str(exc), (holders or {}).get(uuid)))

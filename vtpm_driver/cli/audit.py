@@ -15,12 +15,13 @@ from cliff.columns import FormattableColumn
 from cliff.show import ShowOne
 from oslo_config import cfg
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
 from vtpm_driver.audit import actions, orchestrator
 from vtpm_driver.audit import plan as audit_plan
 from vtpm_driver.audit import report as audit_report
 from vtpm_driver.cli.common import CommandMixin, ListColumn
 from vtpm_driver.keymgr import KeyManager, KeyManagerAuditAPI
+from vtpm_driver.model import rules
 
 keymgr_factory: Callable[[cfg.ConfigOpts], KeyManagerAuditAPI] = KeyManager
 nova_factory: Callable[[cfg.ConfigOpts], orchestrator.NovaServers] = orchestrator.NovaServers
@@ -129,7 +130,7 @@ def report_columns(report: audit_report.AuditReport, scope: Sequence[str]
 def _scope_label(scope: actions.Scope) -> str:
     """Whose Barbican secrets were listed, for ``barbican_scope``."""
     context, mode = scope
-    if mode == spec.SECRET_DEPLOYMENT:
+    if rules.owned_by_service_user(mode):
         return "[service_user] (deployment mode)"
     return (f"user {context.user_name or context.user_id} in project "
             f"{context.project_name or context.project_id}")

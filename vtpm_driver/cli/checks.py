@@ -6,9 +6,9 @@ import argparse
 
 from cliff.show import ShowOne
 
-from vtpm_driver import spec
 from vtpm_driver.cli.common import DictColumn, ListColumn, add_property_options
-from vtpm_driver.host import check_host
+from vtpm_driver.model import request
+from vtpm_driver.model.hostcheck import check_host
 
 
 class RequestCheck(ShowOne):
@@ -31,7 +31,7 @@ class RequestCheck(ShowOne):
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
-        config = spec.get_vtpm_config(
+        config = request.get_vtpm_config(
             dict(parsed_args.flavor_properties), dict(parsed_args.image_properties)
         )
         columns = ("vtpm", "version", "model", "secret_security", "required_traits")

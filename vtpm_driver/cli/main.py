@@ -38,9 +38,10 @@ from vtpm_driver import exception
 from vtpm_driver.backend import ServerBackend
 from vtpm_driver.cli import auth
 from vtpm_driver.cli.common import progress
-from vtpm_driver.host import HostProbe, LibvirtHostProbe
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model.hostcheck import HostProbe
 from vtpm_driver.service import ServerService
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 PROG = "vtpm-driver"
 

@@ -24,20 +24,21 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vtpm_driver import exception, keymgr, policy, spec
+from vtpm_driver import exception, keymgr
 from vtpm_driver.demo import inspect
 from vtpm_driver.demo.report import FAIL, OK, SKIP, Reporter, StepResult
 from vtpm_driver.guestreport import result_line, results_since
-from vtpm_driver.host import check_host
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import request, rules
+from vtpm_driver.model.hostcheck import check_host
 
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
 NAME_PREFIX = "vtpm-demo-"
 # What the demo asks for, and what the guest and Barbican must then show.
 FLAVOR_EXTRA_SPECS = {
-    spec.FLAVOR_VERSION_KEY: spec.VERSION_2_0,
-    spec.FLAVOR_MODEL_KEY: spec.MODEL_CRB,
-    spec.FLAVOR_SECRET_SECURITY_KEY: spec.SECRET_USER,
+    request.FLAVOR_VERSION_KEY: request.VERSION_2_0,
+    request.FLAVOR_MODEL_KEY: request.MODEL_CRB,
+    request.FLAVOR_SECRET_SECURITY_KEY: request.SECRET_USER,
 }
 EXPECTED_GUEST = {"version": "2", "driver": "tpm_crb", "getrandom_rc": "0"}
 EXPECTED_SECRET_NAME = "vTPM secret for instance {}"  # Nova's name for it
@@ -179,7 +180,7 @@ class DemoRun:
 
     def host_check(self) -> str:
         """SPEC C2/C3: the host offers every trait the demo's request needs."""
-        needed = spec.required_traits(FLAVOR_EXTRA_SPECS, {})
+        needed = request.required_traits(FLAVOR_EXTRA_SPECS, {})
         probe = self._probe_factory(self.conf)
         try:
             report = check_host(self.conf, probe)
@@ -221,10 +222,10 @@ class DemoRun:
             kernel=str(kernel), initrd=str(initrd), cmdline=GUEST_CMDLINE,
             disk=None, vcpus=1, memory_mb=256, console_log=None)
         self.backend.driver.spawn(owner, self.instance, self.instance.image_meta, [], None, {})
-        self.secret_uuid = policy.recorded_secret(self.instance)
+        self.secret_uuid = rules.recorded_secret(self.instance)
         if not self.secret_uuid:
             raise CheckFailed(f"server {self.name} started but records no "
-                              f"system_metadata['{policy.SYSMETA_KEY}']")
+                              f"system_metadata['{rules.SYSMETA_KEY}']")
         return (f"{self.name} ({self.instance.uuid}) as {_who(owner)}: TPM 2.0, tpm-crb, "
                 f"secret security user; guest cmdline '{GUEST_CMDLINE}'")
 
@@ -267,7 +268,7 @@ class DemoRun:
     def state_on_disk(self) -> str:
         try:
             path, header = inspect.state_header(self.state_base, self.instance.uuid,
-                                                spec.VERSION_2_0)
+                                                request.VERSION_2_0)
         except exception.VTPMError as exc:
             raise CheckFailed(str(exc)) from None
         if header is None:
@@ -418,7 +419,7 @@ class DemoRun:
             instance = self.instance
         inspect.remove_by_hand(self.conn, self.state_base, instance.uuid, self.secret_uuid)
         if owner is not None and self.secret_uuid:
-            instance.system_metadata.setdefault(policy.SYSMETA_KEY, self.secret_uuid)
+            instance.system_metadata.setdefault(rules.SYSMETA_KEY, self.secret_uuid)
             self.keymgr.delete_vtpm_secret(owner, instance)
         return notes
 

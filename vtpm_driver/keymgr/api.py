@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from vtpm_driver import spec
+from vtpm_driver.model import request
 
 __all__ = ["KEY_MANAGER_SERVICE_TYPE", "KeyManagerAPI", "KeyManagerAuditAPI"]
 
@@ -51,23 +51,23 @@ class KeyManagerAuditAPI(Protocol):
     :mod:`vtpm_driver.exception` types.
     """
 
-    def list_vtpm_secrets(self, context: Any,
-                          secret_security: str = spec.SECRET_USER) -> list[dict[str, str | None]]:
+    def list_vtpm_secrets(self, context: Any, secret_security: str = request.SECRET_USER
+                          ) -> list[dict[str, str | None]]:
         """vTPM secrets visible in that scope: ``uuid``, ``name``, ``instance_uuid``,
         ``created``, ``creator``."""
         ...
 
     def secret_project_access(self, context: Any, secret_uuid: str,
-                              secret_security: str = spec.SECRET_USER) -> bool:
+                              secret_security: str = request.SECRET_USER) -> bool:
         """Whether the whole project may read the secret."""
         ...
 
     def set_owner_only_acl(self, context: Any, secret_uuid: str, user_id: str | None,
-                           secret_security: str = spec.SECRET_USER) -> None:
+                           secret_security: str = request.SECRET_USER) -> None:
         """Limit reads to ``user_id`` (and the creator); idempotent."""
         ...
 
     def delete_secret(self, context: Any, secret_uuid: str,
-                      secret_security: str = spec.SECRET_USER) -> bool:
+                      secret_security: str = request.SECRET_USER) -> bool:
         """Delete an orphan by UUID; False if it was already gone."""
         ...

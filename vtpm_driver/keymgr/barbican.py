@@ -25,17 +25,18 @@ from oslo_log import log as logging
 from oslo_utils import uuidutils
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr import client as client_mod
 from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
+from vtpm_driver.model import request, rules
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
 
 LOG = logging.getLogger(__name__)
 
-SYSMETA_KEY = policy.SYSMETA_KEY
+SYSMETA_KEY = rules.SYSMETA_KEY
 SECRET_NAME_PREFIX = "vTPM secret for instance "
 PASSPHRASE_BYTES = 384
 PASSPHRASE_LENGTH = 4 * PASSPHRASE_BYTES // 3  # base64: 512 ASCII characters
@@ -93,7 +94,7 @@ def check_payload(content_type: str | None, body: bytes, secret_uuid: str) -> st
     problem = None
     text = ""
     if media != PASSPHRASE_CONTENT_TYPE:
-        problem = f"as {spec.show(media) if media else 'no content type'}, not text/plain"
+        problem = f"as {request.show(media) if media else 'no content type'}, not text/plain"
     else:
         try:
             text = body.decode("ascii")
@@ -152,7 +153,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         :raises VTPMError: the instance already has a secret (it would be orphaned).
         :raises KeyManagerUnavailable: no usable ``secret_ref`` in the reply.
         """
-        mode = policy.check_mode(secret_security)
+        mode = request.check_mode(secret_security)
         existing = instance.system_metadata.get(SYSMETA_KEY)
         if existing:
             raise exception.VTPMError(
@@ -212,7 +213,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         """
         mode = self._mode(secret_security, instance)
         # None recorded: require_recorded_secret raises VTPMSecretNotFound.
-        secret_uuid = self._recorded_uuid(instance) or policy.require_recorded_secret(instance)
+        secret_uuid = self._recorded_uuid(instance) or rules.require_recorded_secret(instance)
         target = self._target(context, mode)
         with target.errors("read", secret_uuid, instance.uuid):
             resp = client_mod.http(target.client).request(
@@ -244,7 +245,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         instance.system_metadata.pop(SYSMETA_KEY, None)
 
     def list_vtpm_secrets(
-        self, context: vtpm_context.RequestContext, secret_security: str = spec.SECRET_USER
+        self, context: vtpm_context.RequestContext, secret_security: str = request.SECRET_USER
     ) -> list[dict[str, str | None]]:
         """vTPM secrets visible to the caller (or the service user), for audits.
 
@@ -253,7 +254,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         keeps secrets named ``vTPM secret for instance <uuid>``; metadata only,
         never payloads.
         """
-        target = self._target(context, policy.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         found: list[dict[str, str | None]] = []
         offset = 0
         while True:
@@ -273,19 +274,19 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
     @staticmethod
     def _mode(secret_security: str | None, instance: Any) -> str:
         if secret_security:
-            return policy.check_mode(secret_security)
-        return policy.secret_security(getattr(instance, "flavor", None), strict=True)
+            return request.check_mode(secret_security)
+        return rules.secret_security(getattr(instance, "flavor", None), strict=True)
 
     @staticmethod
     def _recorded_uuid(instance: Any) -> str | None:
-        value = policy.recorded_secret(instance)
+        value = rules.recorded_secret(instance)
         if value is None:
             return None
         secret_uuid = as_uuid(value)
         if secret_uuid is None:
             raise exception.InvalidVTPMConfig(
                 f"server {instance.uuid} has system_metadata['{SYSMETA_KEY}']="
-                f"{spec.show(value)}, which is not a UUID"
+                f"{request.show(value)}, which is not a UUID"
             )
         return secret_uuid
 
@@ -322,7 +323,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         one who needs it, so no user is listed. Any failure, including a reply
         that cannot be read, deletes the secret again before raising.
         """
-        users = [] if target.mode == spec.SECRET_DEPLOYMENT else [
+        users = [] if rules.owned_by_service_user(target.mode) else [
             instance.user_id or context.user_id]
         acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
                                         users=users, project_access=False)
@@ -377,7 +378,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
                 self._rollback(target, secret_uuid, instance_uuid)
 
     def _target(self, context: vtpm_context.RequestContext, mode: str) -> client_mod.Target:
-        if mode == spec.SECRET_DEPLOYMENT:
+        if rules.owned_by_service_user(mode):
             target = self._service_target()
             with keystone_errors():  # a Keystone failure is not blamed on Barbican
                 target.session.get_auth_headers()  # cached token: no request
@@ -399,18 +400,18 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         root = api_root(str(endpoint))
         self._service = client_mod.Target(
             client_mod.new_client(session, root, None), session, root,
-            spec.SECRET_DEPLOYMENT, user_id, self._timeout)
+            request.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
 
     # -- repair (``vtpm-driver audit --repair``): by secret UUID ------------------------
 
     def secret_project_access(self, context: vtpm_context.RequestContext, secret_uuid: str,
-                              secret_security: str = spec.SECRET_USER) -> bool:
+                              secret_security: str = request.SECRET_USER) -> bool:
         """Whether the secret's read ACL lets the whole project read it (one GET).
 
         :raises VTPMSecretNotFound, VTPMSecretForbidden, KeyManagerUnavailable:
         """
-        target = self._target(context, policy.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         with target.errors("read the ACL of", secret_uuid):
             try:
                 body = client_mod.http(target.client).get(f"secrets/{secret_uuid}/acl")
@@ -423,12 +424,12 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
 
     def set_owner_only_acl(self, context: vtpm_context.RequestContext, secret_uuid: str,
                            user_id: str | None,
-                           secret_security: str = spec.SECRET_USER) -> None:
+                           secret_security: str = request.SECRET_USER) -> None:
         """Read ACL: no project-wide access, only ``user_id`` (and the creator); one PUT.
 
         Idempotent. Unlike the ACL set at create, a failure deletes nothing.
         """
-        target = self._target(context, policy.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
                                         users=[user_id] if user_id else [],
                                         project_access=False)
@@ -440,9 +441,9 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         LOG.info("Set an owner-only ACL on vTPM secret %s", secret_uuid)
 
     def delete_secret(self, context: vtpm_context.RequestContext, secret_uuid: str,
-                      secret_security: str = spec.SECRET_USER) -> bool:
+                      secret_security: str = request.SECRET_USER) -> bool:
         """Delete a vTPM secret by UUID (an orphan); False if it was already gone."""
-        target = self._target(context, policy.check_mode(secret_security))
+        target = self._target(context, request.check_mode(secret_security))
         deleted = self._delete(target, secret_uuid, None)
         if deleted:
             LOG.info("Deleted orphaned vTPM secret %s", secret_uuid)

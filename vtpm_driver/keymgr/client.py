@@ -33,9 +33,10 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr.api import KEY_MANAGER_SERVICE_TYPE
 from vtpm_driver.keymgr.errors import barbican_errors
+from vtpm_driver.model import request
 
 LOG = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def service_session(conf: cfg.ConfigOpts, barbican_timeout: float) -> BarbicanSe
         ) from None
     except ks_exc.NoMatchingPlugin as exc:
         raise exception.InvalidConfiguration(
-            f"[{group}] auth_type={spec.show(exc.name)} is not a keystoneauth1 plugin"
+            f"[{group}] auth_type={request.show(exc.name)} is not a keystoneauth1 plugin"
         ) from None
     if auth is None:
         raise exception.InvalidConfiguration(

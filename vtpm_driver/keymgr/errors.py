@@ -19,15 +19,16 @@ import requests
 from barbicanclient import exceptions as barbican_exc
 from keystoneauth1 import exceptions as ks_exc
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr.api import KEY_MANAGER_SERVICE_TYPE
+from vtpm_driver.model import rules
 
 API_VERSION = "v1"
 _MAX_DETAIL = 200  # characters of Barbican's error description quoted in a message
 
 
 def _credentials_of(mode: str) -> str:
-    if mode == spec.SECRET_DEPLOYMENT:
+    if rules.owned_by_service_user(mode):
         return "the credentials of the service user configured in [service_user]"
     return "the server owner's credentials"
 

@@ -25,7 +25,9 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, objects, policy
+from vtpm_driver import exception
+from vtpm_driver.model import rules
+from vtpm_driver.model.server import Instance, require_uuid
 from vtpm_driver.virt import record, state
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class ResizeBackups:
 
     def backup_dir(self, instance_uuid: str) -> Path:
         """``<backup_root>/<uuid>``. :raises VTPMError: not a UUID."""
-        return self.backup_root / objects.require_uuid(instance_uuid, "instance uuid")
+        return self.backup_root / require_uuid(instance_uuid, "instance uuid")
 
     def has_backup(self, instance_uuid: str) -> bool:
         """True while a resize of the server awaits confirm or revert."""
@@ -81,13 +83,13 @@ class ResizeBackups:
         ``<backup_root>/.<uuid>.<random>.tmp``: the caller journals it, then
         :meth:`make` creates it (exclusively) and renames it into place.
         """
-        uuid = objects.require_uuid(instance_uuid, "instance uuid")
+        uuid = require_uuid(instance_uuid, "instance uuid")
         return self.backup_root / f".{uuid}.{secrets.token_hex(8)}{TMP_SUFFIX}"
 
     def is_tmp_of(self, path: str | os.PathLike[str], instance_uuid: str) -> bool:
         """Whether ``path`` is a temporary backup directory name of this server. Pure."""
         path = Path(path)
-        uuid = objects.require_uuid(instance_uuid, "instance uuid")
+        uuid = require_uuid(instance_uuid, "instance uuid")
         return (path.parent == self.backup_root and path.name.startswith(f".{uuid}.")
                 and path.name.endswith(TMP_SUFFIX))
 
@@ -148,11 +150,11 @@ class ResizeBackups:
             if created:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise exception.VTPMError(
-                f"cannot back up the vTPM state of server {policy.server_label(instance)} to "
+                f"cannot back up the vTPM state of server {rules.server_label(instance)} to "
                 f"{str(path)!r}: {exc.strerror or exc}"
             ) from None
 
-    def stashed(self, instance_uuid: str) -> objects.Instance | None:
+    def stashed(self, instance_uuid: str) -> Instance | None:
         """The server as it was before the resize, or None without a backup."""
         path = self.backup_dir(instance_uuid) / RECORD_STASH
         try:
@@ -188,7 +190,7 @@ class ResizeBackups:
             copy_tree_preserving(backup, live)
         except OSError as exc:
             raise exception.VTPMError(
-                f"cannot restore the vTPM state of server {policy.server_label(instance)} "
+                f"cannot restore the vTPM state of server {rules.server_label(instance)} "
                 f"from {str(backup)!r}: {exc.strerror or exc}"
             ) from None
         return True

@@ -1,12 +1,12 @@
 """Custody steps over one host's live TPM state: check before a start, stamp after a hand-over.
 
-The rule is :mod:`vtpm_driver.custody` (pure); the file I/O is
+The rule is :mod:`vtpm_driver.model.custody` (pure); the file I/O is
 :mod:`vtpm_driver.virt.state`. Both edges call these: the standalone host's
 :class:`~vtpm_driver.ops.guests.Guests` (every start asks
 :meth:`~vtpm_driver.ops.guests.Guests.prepare_start`) and the Nova shim
 (``nova/virt/vtpm/driver.py``).
 
-Order at a hand-over (see :func:`vtpm_driver.custody.advance`): the record is
+Order at a hand-over (see :func:`vtpm_driver.model.custody.advance`): the record is
 advanced first, then :func:`stamp_live` writes the new generation into the
 state that now is the server's TPM (when each record is stored: see ``advance``).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import custody
+from vtpm_driver.model import custody
 from vtpm_driver.virt import state
 
 LOG = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def stamp_live(instance: Any, state_base: str, *, create: bool = True) -> int | 
     """Make the live state and the record agree; returns the generation (None: not stamped).
 
     The state gets the record's generation (with none recorded: its own, or
-    :data:`~vtpm_driver.custody.FIRST` for a server created before custody,
+    :data:`~vtpm_driver.model.custody.FIRST` for a server created before custody,
     treated as current once), written BEFORE the record takes it: a kill in
     between leaves a record without a generation, which adopts the state's.
     The instance's ``system_metadata`` is updated; the caller saves it.

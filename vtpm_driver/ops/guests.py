@@ -9,8 +9,8 @@ its XML with the ``<tpm>`` and the server record, and start it with the
 passphrase in libvirt only for the moment swtpm reads it
 (:func:`vtpm_driver.ops.secrets.secret_for_start`).
 
-It makes no decision: what a flavor asks for is :mod:`vtpm_driver.policy`,
-what a host offers is :func:`vtpm_driver.host.check_host`.
+It makes no decision: what a flavor asks for is :mod:`vtpm_driver.model.rules`,
+what a host offers is :func:`vtpm_driver.model.hostcheck.check_host`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import custody, exception, faults, policy
-from vtpm_driver.host import HostReport
+from vtpm_driver import exception, faults
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.model import custody, rules
+from vtpm_driver.model.hostcheck import HostReport
+from vtpm_driver.model.request import VTPMConfig
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
-from vtpm_driver.spec import VTPMConfig
 from vtpm_driver.virt import domain, guest, record, secret
 
 LOG = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Guests:
             return
         why = f" ({'; '.join(report.problems)})" if report.problems else ""
         raise exception.InvalidConfiguration(
-            f"server {policy.server_label(instance)} asks for a vTPM (version {cfg.version}, "
+            f"server {rules.server_label(instance)} asks for a vTPM (version {cfg.version}, "
             f"model {cfg.model}, secret security {cfg.secret_security}) that this host does "
             f"not offer: missing trait(s) {', '.join(missing)}{why}"
         )
@@ -127,7 +128,7 @@ class Guests:
         """
         xml = base if base is not None else self.base_xml(instance)
         if cfg is not None:
-            xml = domain.add_tpm(xml, cfg.version, cfg.model, policy.recorded_secret(instance))
+            xml = domain.add_tpm(xml, cfg.version, cfg.model, rules.recorded_secret(instance))
         return record.set_server_record(xml, instance)
 
     def define(self, instance: Any, cfg: VTPMConfig | None) -> Any:
@@ -206,7 +207,7 @@ class Guests:
         if exc is not None:
             raise exception.VirtError(
                 f"cannot remove old console log {instance.console_log!r} of server "
-                f"{policy.server_label(instance)}: {exc.strerror}"
+                f"{rules.server_label(instance)}: {exc.strerror}"
             ) from None
 
     def remove_own_console_log(self, instance: Any) -> None:
@@ -252,7 +253,7 @@ class Guests:
         return ops_secrets.prepare_start(context, instance, cfg, self.keymgr, self.secrets,
                                          create=create)
 
-    # -- custody (vtpm_driver.custody) -----------------------------------------------
+    # -- custody (vtpm_driver.model.custody) -----------------------------------------------
 
     def check_custody(self, instance: Any, *, doing: str = "start",
                       record: int | None = None) -> None:
@@ -290,7 +291,7 @@ class Guests:
         # secret is undefined again, the next operation (or audit) removes it.
         announce = (start is not None and start.passphrase is not None
                     and journal.read(instance.system_metadata,
-                                     policy.server_label(instance)) is None)
+                                     rules.server_label(instance)) is None)
         if announce:
             self.journal(dom, instance, journal.begin(journal.START))
         try:

@@ -3,7 +3,7 @@
 Rules kept here:
 
 * Everything that can be checked is checked before anything is created: the
-  vTPM request (:mod:`vtpm_driver.policy`), the host's traits, the boot files
+  vTPM request (:mod:`vtpm_driver.model.rules`), the host's traits, the boot files
   and sizes (pure XML building), name/UUID clashes, stale TPM state (A6).
 * The passphrase comes first (:func:`vtpm_driver.ops.secrets.prepare_start`,
   creating the Barbican secret), then the domain is defined and started with
@@ -22,10 +22,11 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, faults, policy
+from vtpm_driver import exception, faults
+from vtpm_driver.model import rules
+from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.guests import Guests
-from vtpm_driver.spec import VTPMConfig
 from vtpm_driver.virt import guest, state
 
 LOG = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class LifecycleOps:
         :raises VTPMError: swtpm state of a deleted server is in the way.
         """
         conn = self.guests.conn
-        label = policy.server_label(instance)
+        label = rules.server_label(instance)
         for key in (instance.uuid, instance.name):
             try:
                 dom = guest.lookup(conn, key)
@@ -85,7 +86,8 @@ class LifecycleOps:
             )
 
     def spawn(self, context: Any, instance: Any, image_meta: Any = None,
-              power_on: bool = True) -> None:
+              power_on: bool = True,
+              vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> None:
         """Create the server: Barbican secret, domain with ``<tpm>`` + record, start (F1).
 
         :raises InvalidVTPMConfig, InvalidConfiguration, InstanceExists, VirtError:
@@ -95,7 +97,7 @@ class LifecycleOps:
         """
         if image_meta is not None:
             instance.image_meta = image_meta
-        cfg = policy.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance) if vtpm is UNPARSED else vtpm
         if cfg is not None:
             self.guests.check_host_offers(cfg, instance)
         self.guests.ensure_console_log(instance)
@@ -117,7 +119,7 @@ class LifecycleOps:
             if not isinstance(exc, Exception):
                 raise
             LOG.debug("Spawn failed: %s", exc, instance_uuid=instance.uuid)
-            raise _wrap(exc, f"cannot spawn server {policy.server_label(instance)}", problems
+            raise _wrap(exc, f"cannot spawn server {rules.server_label(instance)}", problems
                         ) from exc
         LOG.info("Spawned server %s%s", instance.name,
                  f" with vTPM {cfg.version}/{cfg.model} ({cfg.secret_security} secret)"
@@ -172,7 +174,7 @@ class LifecycleOps:
         :raises VTPMSecretForbidden: the caller may not delete the Barbican secret.
         :raises KeyManagerUnavailable: Barbican is down (nothing was touched).
         """
-        recorded = policy.recorded_secret(instance)
+        recorded = rules.recorded_secret(instance)
         dom = self.guests.find(instance)
         if destroy_disks and destroy_secrets:
             ops_secrets.delete_barbican_secret(context, instance, instance.flavor,

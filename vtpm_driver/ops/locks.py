@@ -36,7 +36,8 @@ from typing import Any
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 
-from vtpm_driver import exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model.server import require_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def lock_name(instance_uuid: str) -> str:
 
     :raises VTPMError: not a UUID (a hostile value never reaches a path).
     """
-    return objects.require_uuid(instance_uuid, "instance uuid", exception.VTPMError)
+    return require_uuid(instance_uuid, "instance uuid", exception.VTPMError)
 
 
 def holder_path(lock_path: str | os.PathLike[str], instance_uuid: str) -> Path:

@@ -4,7 +4,7 @@ Nova moves the guest (its own live migration: libvirt's migration stream
 carries swtpm's state, and the destination's swtpm re-encrypts it with the
 same passphrase); the shim (``nova/virt/vtpm/migrate.py``) calls these steps
 at Nova's seams so the destination's swtpm has the passphrase in every secret
-mode. The one rule is :func:`vtpm_driver.policy.check_may_migrate`:
+mode. The one rule is :func:`vtpm_driver.model.rules.check_may_migrate`:
 
 * ``host``: read from the source host's persistent libvirt secret (no owner
   needed, as in Nova), defined persistent on the destination BEFORE the move,
@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vtpm_driver import policy
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.model import rules
+from vtpm_driver.model.request import VTPMConfig
+from vtpm_driver.model.rules import SecretSource
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.secrets import SecretStore, StartSecret
-from vtpm_driver.policy import SecretSource
-from vtpm_driver.spec import VTPMConfig
 
 #: Reads a host-mode passphrase from the source host's libvirt (None: not there).
 HostSecret = Callable[[str], "str | None"]
@@ -47,11 +47,11 @@ def fetch_secret(context: Any, instance: Any, cfg: VTPMConfig | None, keymgr: Ke
     :raises VTPMSecretNotFound: no secret recorded, or Barbican lost it.
     :raises KeyManagerUnavailable: Barbican is down.
     """
-    source = policy.check_may_migrate(cfg, instance, context, live=live)
+    source = rules.check_may_migrate(cfg, instance, context, live=live)
     if cfg is None or source is SecretSource.NONE:
         return None
-    secret_uuid = policy.require_recorded_secret(instance)
-    persistent = policy.uses_persistent_secret(cfg.secret_security)
+    secret_uuid = rules.require_recorded_secret(instance)
+    persistent = rules.uses_persistent_secret(cfg.secret_security)
     passphrase = None
     if source is SecretSource.HOST and host_secret is not None:
         passphrase = host_secret(secret_uuid)

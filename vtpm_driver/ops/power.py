@@ -14,7 +14,8 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, faults, policy, spec
+from vtpm_driver import exception, faults
+from vtpm_driver.model import request, rules
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
 from vtpm_driver.virt import domains, guest
 
@@ -39,7 +40,7 @@ class PowerOps:
         """
         if reboot_type not in REBOOT_TYPES:
             raise exception.VTPMError(
-                f"invalid reboot_type={spec.show(reboot_type)}: allowed values are "
+                f"invalid reboot_type={request.show(reboot_type)}: allowed values are "
                 f"{', '.join(REBOOT_TYPES)}"
             )
         dom = self.guests.lookup(instance)
@@ -71,7 +72,7 @@ class PowerOps:
         with ``KEEP_TPM`` and defined again: same result, but the server never
         disappears from libvirt, which is its only record.
         """
-        cfg = policy.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance)
         dom = dom if dom is not None else self.guests.lookup(instance)
         start = self.guests.prepare_start(context, instance, cfg)
         faults.point("reboot.after_secret_fetch")
@@ -111,7 +112,7 @@ class PowerOps:
         current = guest.get_state(dom)
         if current not in guest.SUSPENDABLE_STATES:
             raise exception.VirtError(
-                f"cannot suspend server {policy.server_label(instance)}: it is "
+                f"cannot suspend server {rules.server_label(instance)}: it is "
                 f"{guest.state_name(current)}"
             )
         guest.managed_save(dom)
@@ -119,7 +120,7 @@ class PowerOps:
 
     def resume(self, context: Any, instance: Any) -> None:
         """Restore a suspended server; needs the passphrase like any start (F2)."""
-        cfg = policy.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance)
         dom = self.guests.lookup(instance)
         if guest.is_active(dom):
             LOG.info("Already running", instance_uuid=instance.uuid)

@@ -12,7 +12,7 @@
   domain stays defined, so its record never leaves libvirt) and libvirt runs
   ``swtpm_setup`` at the next start. The Barbican secret stays: the same
   passphrase encrypts the new state. The new TPM gets a new custody
-  generation (:func:`vtpm_driver.custody.advance`): nothing can start the old
+  generation (:func:`vtpm_driver.model.custody.advance`): nothing can start the old
   state again. A plain rebuild keeps the TPM in place (no copy is made), so
   it keeps its generation.
 
@@ -27,7 +27,8 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import custody, exception, faults, policy
+from vtpm_driver import exception, faults
+from vtpm_driver.model import custody, rules
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
 
@@ -59,11 +60,11 @@ class RebuildOps:
 
         :raises VTPMError: suspended; or a step failed (see the callers).
         """
-        cfg = policy.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance)
         dom = self.guests.lookup(instance)
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
-                f"server {policy.server_label(instance)} is suspended: resume it first")
+                f"server {rules.server_label(instance)} is suspended: resume it first")
         start = self.guests.prepare_start(context, instance, cfg)
         if reset_tpm and cfg is not None:
             custody.advance(instance)  # a new TPM: a new generation, in the record first
@@ -86,10 +87,10 @@ class RebuildOps:
         :raises VTPMError: already rescued, or suspended.
         :raises VTPMSecretForbidden: ``user`` mode, not the owner (nothing touched).
         """
-        label = policy.server_label(instance)
-        if policy.is_rescued(instance):
+        label = rules.server_label(instance)
+        if rules.is_rescued(instance):
             raise exception.VTPMError(f"server {label} is in rescue mode already")
-        boot = policy.rescue_boot(instance.image_meta, kernel, initrd, cmdline)
+        boot = rules.rescue_boot(instance.image_meta, kernel, initrd, cmdline)
 
         def rescue_xml(cfg: Any) -> str:
             normal = instance.image_meta
@@ -99,24 +100,24 @@ class RebuildOps:
                 base = self.guests.base_xml(instance)
             finally:
                 normal.kernel, normal.initrd, normal.cmdline = saved
-            instance.system_metadata[policy.RESCUE_KEY] = "1"
+            instance.system_metadata[rules.RESCUE_KEY] = "1"
             return self.guests.domain_xml(instance, cfg, base)
 
         try:
             self._restart(context, instance, rescue_xml)
         except BaseException:
-            instance.system_metadata.pop(policy.RESCUE_KEY, None)
+            instance.system_metadata.pop(rules.RESCUE_KEY, None)
             raise
         LOG.info("Rescued server %s (same vTPM)", instance.name, instance_uuid=instance.uuid)
 
     def unrescue(self, context: Any, instance: Any) -> None:
         """Back to the normal boot, TPM state kept. :raises VTPMError: not rescued."""
-        if not policy.is_rescued(instance):
+        if not rules.is_rescued(instance):
             raise exception.VTPMError(
-                f"server {policy.server_label(instance)} is not in rescue mode")
+                f"server {rules.server_label(instance)} is not in rescue mode")
 
         def normal_xml(cfg: Any) -> str:
-            instance.system_metadata.pop(policy.RESCUE_KEY, None)
+            instance.system_metadata.pop(rules.RESCUE_KEY, None)
             return self.guests.domain_xml(instance, cfg)
 
         self._restart(context, instance, normal_xml)
@@ -130,8 +131,8 @@ class RebuildOps:
         :raises VTPMError: rescued (unrescue first) or suspended; bad boot files
             (checked before the guest is touched).
         """
-        label = policy.server_label(instance)
-        if policy.is_rescued(instance):
+        label = rules.server_label(instance)
+        if rules.is_rescued(instance):
             raise exception.VTPMError(f"server {label} is in rescue mode: unrescue it first")
         image = instance.image_meta
         old = (image.kernel, image.initrd, image.cmdline)
@@ -144,7 +145,7 @@ class RebuildOps:
         except BaseException:
             image.kernel, image.initrd, image.cmdline = old
             raise
-        reset = reset_tpm and policy.has_vtpm(instance)
+        reset = reset_tpm and rules.has_vtpm(instance)
         LOG.info("Rebuilt server %s (%s)", instance.name,
                  "fresh TPM: new endorsement key" if reset else "TPM kept",
                  instance_uuid=instance.uuid)

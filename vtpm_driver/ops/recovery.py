@@ -13,7 +13,8 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import exception
+from vtpm_driver.model import rules
 from vtpm_driver.ops import journal
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.resize import ResizeOps
@@ -63,7 +64,7 @@ class Recovery:
                 sysmeta[journal.KEY] = raw
             else:
                 sysmeta.pop(journal.KEY, None)
-        return journal.read(sysmeta, policy.server_label(instance))
+        return journal.read(sysmeta, rules.server_label(instance))
 
     def remove_leftovers(self, instance: Any) -> None:
         """On delete: remove the temporary backup an interrupted resize named; the
@@ -71,7 +72,7 @@ class Recovery:
 
         :raises InvalidJournalEntry: the entry is garbled."""
         intent = journal.read(getattr(instance, "system_metadata", None),
-                              policy.server_label(instance))
+                              rules.server_label(instance))
         if intent is not None and intent.tmp_backup:
             self.resize.backups.remove_tmp(intent.tmp_backup, instance.uuid)
 
@@ -102,7 +103,7 @@ class Recovery:
             return None
         decision = journal.decide(intent, **self.facts(instance, intent))
         LOG.warning("Found an interrupted operation on server %s: %s; %s (%s)",
-                    policy.server_label(instance), intent.describe(), decision.action.value,
+                    rules.server_label(instance), intent.describe(), decision.action.value,
                     decision.reason, instance_uuid=instance.uuid)
         if decision.remove_tmp_backup:
             self.resize.backups.remove_tmp(decision.remove_tmp_backup, instance.uuid)
@@ -121,10 +122,10 @@ class Recovery:
         ``host`` mode keeps its persistent secret: that one is meant to stay.
         """
         try:
-            cfg = policy.vtpm_of(instance)
+            cfg = rules.vtpm_of(instance)
         except exception.VTPMError:
             cfg = None
-        if cfg is not None and policy.uses_persistent_secret(cfg.secret_security):
+        if cfg is not None and rules.uses_persistent_secret(cfg.secret_security):
             return
         leftover = self.guests.secrets.find(instance.uuid)
         if leftover is not None:

@@ -15,14 +15,14 @@ step stashes the old server record next to the TPM state backup
 (:class:`~vtpm_driver.ops.backup.ResizeBackups`), and later steps fall back to
 it (old flavor) and to the domain's record (new flavor).
 
-What happens to the TPM is :func:`vtpm_driver.policy.resize_change`:
+What happens to the TPM is :func:`vtpm_driver.model.rules.resize_change`:
 ``KEPT`` (the state stays; a copy is backed up first so a revert gets it as it
 was), ``FRESH`` (the state directory is removed and swtpm_setup manufactures
 a new TPM at the next start, with the same Barbican secret, as in Nova),
 ``ADDED`` (a secret is created) or ``REMOVED`` (the state goes, the secret is
 deleted on confirm). A revert brings back the old flavor, state and secret and
 deletes a secret created for an added vTPM. Resizing between ``deployment``
-and another mode is refused (:func:`vtpm_driver.policy.check_mode_change`).
+and another mode is refused (:func:`vtpm_driver.model.rules.check_mode_change`).
 
 Never lose a TPM (issue 13):
 
@@ -34,7 +34,7 @@ Never lose a TPM (issue 13):
 * Each step journals what it is about to do (:mod:`vtpm_driver.ops.journal`)
   in the server record first; an interrupted step is finished or rolled back
   by the next operation on the server.
-* Custody (:mod:`vtpm_driver.custody`): ``finish_migration`` hands the TPM
+* Custody (:mod:`vtpm_driver.model.custody`): ``finish_migration`` hands the TPM
   over (the record's generation advances, the pre-resize one is kept for a
   revert); a revert copies the backup back only if it has exactly that
   pre-resize generation, then advances again, so the resized state can never
@@ -52,12 +52,13 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpm_driver import custody, exception, faults, policy, spec
+from vtpm_driver import exception, faults
+from vtpm_driver.model import custody, request, rules
+from vtpm_driver.model.rules import Change
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.backup import ResizeBackups
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
-from vtpm_driver.policy import Change
 from vtpm_driver.virt import guest, record, state
 
 LOG = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ResizeOps:
         stashed = self.backups.stashed(instance.uuid)
         if stashed is None:
             raise exception.VTPMError(
-                f"server {policy.server_label(instance)} has no resize in progress: no old "
+                f"server {rules.server_label(instance)} has no resize in progress: no old "
                 f"flavor and no backup in {str(self.backups.backup_dir(instance.uuid))!r}"
             )
         return stashed.flavor
@@ -107,23 +108,23 @@ class ResizeOps:
         if dest is None or dest in _LOCAL_DESTS or dest == socket.gethostname():
             return
         raise exception.VTPMError(
-            f"cannot migrate server {policy.server_label(instance)} to {spec.show(dest)}: the "
+            f"cannot migrate server {rules.server_label(instance)} to {request.show(dest)}: the "
             "standalone driver only resizes on this host (cold migration to another host "
             "is not implemented)"
         )
 
     def _checked_change(self, instance: Any, old_flavor: Any, new_flavor: Any
-                        ) -> tuple[spec.VTPMConfig | None, spec.VTPMConfig | None, Change]:
+                        ) -> tuple[request.VTPMConfig | None, request.VTPMConfig | None, Change]:
         """Both configs and the change, refused if this host or Nova's rules cannot do it."""
-        old_cfg = policy.vtpm_of(instance, flavor=old_flavor)
-        new_cfg = policy.vtpm_of(instance, flavor=new_flavor)
+        old_cfg = rules.vtpm_of(instance, flavor=old_flavor)
+        new_cfg = rules.vtpm_of(instance, flavor=new_flavor)
         if new_cfg is not None:
             self.guests.check_host_offers(new_cfg, instance)
-        policy.check_mode_change(old_cfg, new_cfg, policy.server_label(instance))
-        return old_cfg, new_cfg, policy.resize_change(old_cfg, new_cfg)
+        rules.check_mode_change(old_cfg, new_cfg, rules.server_label(instance))
+        return old_cfg, new_cfg, rules.resize_change(old_cfg, new_cfg)
 
     def _check_barbican_first(self, context: Any, instance: Any,
-                              new_cfg: spec.VTPMConfig | None, change: Change) -> None:
+                              new_cfg: request.VTPMConfig | None, change: Change) -> None:
         """Ask Barbican now for what the resized server's start will need (issue 13 item 3).
 
         Reads the passphrase (and forgets it) when the resized server keeps
@@ -135,7 +136,7 @@ class ResizeOps:
         check_creator(context, instance, new_cfg, change)
         if new_cfg is None or change is Change.ADDED:
             return
-        if policy.recorded_secret(instance) is not None:
+        if rules.recorded_secret(instance) is not None:
             self.guests.prepare_start(context, instance, new_cfg)
 
     # -- the four steps -------------------------------------------------------
@@ -159,13 +160,13 @@ class ResizeOps:
         dom = self.guests.lookup(instance)
         if self.backups.has_backup(instance.uuid):
             raise exception.VTPMError(
-                f"a resize of server {policy.server_label(instance)} is already in progress "
+                f"a resize of server {rules.server_label(instance)} is already in progress "
                 f"(backup in {str(self.backups.backup_dir(instance.uuid))!r}): confirm or "
                 "revert it first"
             )
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
-                f"cannot resize server {policy.server_label(instance)} while it is suspended: "
+                f"cannot resize server {rules.server_label(instance)} while it is suspended: "
                 "resume it first"
             )
         self._check_barbican_first(context, instance, new_cfg, change)
@@ -212,7 +213,7 @@ class ResizeOps:
         self.guests.journal(dom, instance, intent)
         start: ops_secrets.StartSecret | None = None
         try:
-            needs_secret = new_cfg is not None and policy.recorded_secret(instance) is None
+            needs_secret = new_cfg is not None and rules.recorded_secret(instance) is None
             if power_on or needs_secret:
                 start = self.guests.prepare_start(context, instance, new_cfg, create=True)
             faults.point("finish.after_secret")
@@ -238,7 +239,7 @@ class ResizeOps:
         except Exception as exc:
             outcome = self._roll_back_finish(context, instance, old_flavor, start)
             raise _with_outcome(exc, f"cannot finish the resize of server "
-                                f"{policy.server_label(instance)}", outcome) from exc
+                                f"{rules.server_label(instance)}", outcome) from exc
         self.guests.journal(dom, instance, None)
         LOG.info("Resize finished", instance_uuid=instance.uuid)
 
@@ -273,9 +274,9 @@ class ResizeOps:
         and the confirm can be retried with the right credentials.
         """
         old_flavor = self._old_flavor(instance)
-        change = policy.resize_change(policy.vtpm_of(instance, flavor=old_flavor),
-                                      policy.vtpm_of(instance))
-        secret_uuid = policy.recorded_secret(instance)
+        change = rules.resize_change(rules.vtpm_of(instance, flavor=old_flavor),
+                                      rules.vtpm_of(instance))
+        secret_uuid = rules.recorded_secret(instance)
         dom = self.guests.find(instance)
         self.guests.journal(dom, instance, journal.begin(journal.RESIZE_CONFIRM))
         if change is Change.REMOVED and secret_uuid:
@@ -301,17 +302,17 @@ class ResizeOps:
         The backup is removed only once all of that worked.
         """
         dom = self.guests.lookup(instance)
-        entry = journal.read(instance.system_metadata, policy.server_label(instance))
+        entry = journal.read(instance.system_metadata, rules.server_label(instance))
         if entry is not None and (entry.operation, entry.step) == (journal.RESIZE_REVERT,
                                                                    journal.RESTORED):
             self._finish_restored_revert(context, instance, dom, power_on)
             return
         old_flavor = self._old_flavor(instance)
         new_flavor = getattr(instance, "new_flavor", None) or self._recorded_flavor(dom)
-        old_cfg = policy.vtpm_of(instance, flavor=old_flavor)
-        new_cfg = policy.vtpm_of(instance, flavor=new_flavor) if new_flavor else None
-        change = policy.resize_change(old_cfg, new_cfg)
-        secret_uuid = policy.recorded_secret(instance)
+        old_cfg = rules.vtpm_of(instance, flavor=old_flavor)
+        new_cfg = rules.vtpm_of(instance, flavor=new_flavor) if new_flavor else None
+        change = rules.resize_change(old_cfg, new_cfg)
+        secret_uuid = rules.recorded_secret(instance)
         # The passphrase first (read only; an added vTPM's old config has none) ...
         start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
         if old_cfg is not None:
@@ -359,7 +360,7 @@ class ResizeOps:
         remain. Idempotent.
         """
         if power_on:
-            cfg = policy.vtpm_of(instance)
+            cfg = rules.vtpm_of(instance)
             start = self.guests.prepare_start(context, instance, cfg)
             if not guest.is_active(dom):
                 self.guests.launch(dom, instance, start)
@@ -372,7 +373,7 @@ class ResizeOps:
         """Refuse to copy back a resize backup that is not the pre-resize TPM.
 
         Its generation must equal the one the record had before the resize
-        handed the TPM over (:func:`vtpm_driver.custody.pre_resize`). Read-only,
+        handed the TPM over (:func:`vtpm_driver.model.custody.pre_resize`). Read-only,
         before the guest is touched; no backup state: nothing to check.
 
         :raises StaleTPMState: names the server, the backup, both generations.
@@ -393,7 +394,7 @@ class ResizeOps:
                       "it by hand: %s", exc, instance_uuid=instance.uuid)
 
 
-def check_creator(context: Any, instance: Any, cfg: spec.VTPMConfig | None,
+def check_creator(context: Any, instance: Any, cfg: request.VTPMConfig | None,
                   change: Change) -> None:
     """Refuse a vTPM added by a caller of another project (issue 13 item 8). Pure.
 
@@ -404,13 +405,14 @@ def check_creator(context: Any, instance: Any, cfg: spec.VTPMConfig | None,
 
     :raises VTPMSecretForbidden: naming both projects.
     """
-    if change is not Change.ADDED or cfg is None or cfg.secret_security == spec.SECRET_DEPLOYMENT:
+    if (change is not Change.ADDED or cfg is None
+            or rules.owned_by_service_user(cfg.secret_security)):
         return
     caller = getattr(context, "project_id", None)
     if caller is None or caller == getattr(instance, "project_id", None):
         return
     raise exception.VTPMSecretForbidden(
-        f"cannot add a vTPM to server {policy.server_label(instance)} as a member of project "
+        f"cannot add a vTPM to server {rules.server_label(instance)} as a member of project "
         f"{caller}: its {cfg.secret_security!r} secret would be created in that project, "
         f"where the owner's project {instance.project_id} could not delete it; a member of "
         f"{instance.project_id} must do this resize"

@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, policy
+from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
-from vtpm_driver.spec import VTPMConfig
+from vtpm_driver.model import rules
+from vtpm_driver.model.request import VTPMConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -106,13 +107,13 @@ def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyMan
     :raises VTPMSecretConflict: ``host`` mode, and the host's secret for the
         server is not the recorded one (nothing is touched).
     """
-    persistent = policy.uses_persistent_secret(mode)
-    recorded = policy.recorded_secret(instance)
+    persistent = rules.uses_persistent_secret(mode)
+    recorded = rules.recorded_secret(instance)
     if persistent:
         existing = secrets.find(instance.uuid)
         if host_secret_reusable(instance, recorded, existing):
             if recorded is None:
-                instance.system_metadata[policy.SYSMETA_KEY] = existing
+                instance.system_metadata[rules.SYSMETA_KEY] = existing
                 LOG.warning("Reusing the host's libvirt vTPM secret %s, which the server's "
                             "record did not name (now recorded)", existing,
                             instance_uuid=instance.uuid)
@@ -120,7 +121,7 @@ def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyMan
                       instance_uuid=instance.uuid)
             return StartSecret(str(existing), None, persistent=True)
     if recorded is None and not create:
-        policy.require_recorded_secret(instance)  # raises VTPMSecretNotFound
+        rules.require_recorded_secret(instance)  # raises VTPMSecretNotFound
     secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, mode)
     return StartSecret(secret_uuid, passphrase, persistent, created=recorded is None)
 
@@ -142,7 +143,7 @@ def host_secret_reusable(instance: Any, recorded: str | None, existing: str | No
     if recorded is None or existing == recorded:
         return True
     raise exception.VTPMSecretConflict(
-        f"server {policy.server_label(instance)}: this host holds libvirt vTPM secret "
+        f"server {rules.server_label(instance)}: this host holds libvirt vTPM secret "
         f"{existing} for it, but its record names secret {recorded}; refusing to replace "
         f"the host's secret (its TPM state may be encrypted with it). Check which one "
         f"unlocks the state, then undefine the other (virsh secret-undefine) or fix "
@@ -208,7 +209,7 @@ def remove_libvirt_secrets(secrets: SecretStore, instance: Any, *,
     dropped it from ``system_metadata`` (default: the one recorded now).
     Idempotent; used by delete and by cleanups of a moved server.
     """
-    recorded = recorded or policy.recorded_secret(instance)
+    recorded = recorded or rules.recorded_secret(instance)
     if recorded:
         secrets.undefine(recorded)
     leftover = secrets.find(instance.uuid)
@@ -247,16 +248,16 @@ def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAP
     :raises VTPMSecretForbidden: the caller may not delete it.
     :raises KeyManagerUnavailable: the key manager is down (the key stays; retry).
     """
-    secret_uuid = policy.recorded_secret(instance)
+    secret_uuid = rules.recorded_secret(instance)
     if secret_uuid is None:
         return False
-    mode = policy.secret_security(flavor, strict=False)
-    if (token_required and not policy.may_delete_without_token(mode)
+    mode = rules.secret_security(flavor, strict=False)
+    if (token_required and not rules.owned_by_service_user(mode)
             and not getattr(context, "auth_token", None)):
         LOG.warning("Cannot delete vTPM secret %s from Barbican without the owner's token "
                     "(this request carries none); delete it by hand", secret_uuid,
                     instance_uuid=instance.uuid)
-        instance.system_metadata.pop(policy.SYSMETA_KEY, None)
+        instance.system_metadata.pop(rules.SYSMETA_KEY, None)
         return False
     keymgr.delete_vtpm_secret(context, instance, mode)
     return True

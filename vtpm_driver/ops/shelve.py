@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vtpm_driver import custody, exception, policy
+from vtpm_driver import exception
+from vtpm_driver.model import custody, rules
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.statestore import CopyMeta, StateStore
 from vtpm_driver.virt import guest, record, state
@@ -74,11 +75,11 @@ class OffHostOps:
 
         :raises VTPMError: the state is missing, not encrypted, or not stored.
         """
-        cfg = policy.vtpm_of(instance)
+        cfg = rules.vtpm_of(instance)
         source = state.state_dir(state_base, instance.uuid) if cfg is not None else None
         if source is not None and not source.is_dir():
             raise exception.VTPMError(
-                f"cannot copy the TPM state of server {policy.server_label(instance)}: "
+                f"cannot copy the TPM state of server {rules.server_label(instance)}: "
                 f"{source} does not exist on host {host}")
         meta = CopyMeta(
             uuid=instance.uuid, name=instance.name, taken_at=self.now(),
@@ -104,7 +105,7 @@ class OffHostOps:
 
     def backup(self, site: Site, instance: Any, reason: str) -> CopyMeta | None:
         """A copy of a (running or stopped) server with a vTPM; None without one."""
-        if not policy.has_vtpm(instance):
+        if not rules.has_vtpm(instance):
             return None
         dom = site.guests.lookup(instance)
         return self.take_copy(site, instance, reason=reason, running=guest.is_active(dom))
@@ -125,7 +126,7 @@ class OffHostOps:
         """Refuse to restore a copy that is not the server's current one (custody).
 
         Its generation (``meta.generation``) must equal the record's
-        (:func:`vtpm_driver.custody.check`); a copy with none, of a server whose
+        (:func:`vtpm_driver.model.custody.check`); a copy with none, of a server whose
         record has none either, was taken before custody and is current once.
         ``allow_stale`` (``[vtpm] allow_stale_tpm_state``) accepts an older one;
         the caller logs it. Pure but for naming the store.
@@ -143,6 +144,6 @@ class OffHostOps:
         :raises OperationNotSupportedForVTPM: no copy (names ``[vtpm]
             state_backup``), or a stale one and ``allow_stale`` is False.
         """
-        meta = policy.check_copy_exists(self.store.get(instance_uuid), label, host, mode)
-        return meta, policy.check_restore(meta, allow_stale=allow_stale, now=self.now(),
+        meta = rules.check_copy_exists(self.store.get(instance_uuid), label, host, mode)
+        return meta, rules.check_restore(meta, allow_stale=allow_stale, now=self.now(),
                                           label=label)

@@ -8,7 +8,7 @@ Modules, lowest first (each imports only the ones before it):
   passphrase to swtpm (SPEC E1, E3); ``LibvirtSecretStore``.
 * :mod:`~vtpm_driver.virt.domain`: pure domain XML (``<tpm>``, a minimal guest) (E2).
 * :mod:`~vtpm_driver.virt.record`: the server model
-  (:class:`vtpm_driver.objects.Instance`) serialised in the domain's ``<metadata>``.
+  (:class:`vtpm_driver.model.server.Instance`) serialised in the domain's ``<metadata>``.
 * :mod:`~vtpm_driver.virt.state`: swtpm state directories on disk (SPEC G2).
 * :mod:`~vtpm_driver.virt.guest`: thin operations on one domain (define, start,
   power off, managed save, undefine keeping or dropping the TPM state) and

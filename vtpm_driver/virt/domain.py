@@ -12,9 +12,10 @@ from typing import NamedTuple
 
 from lxml import etree
 
-from vtpm_driver import exception, spec
-from vtpm_driver.objects import require_uuid
-from vtpm_driver.spec import show
+from vtpm_driver import exception
+from vtpm_driver.model import request
+from vtpm_driver.model.request import show
+from vtpm_driver.model.server import require_uuid
 
 DEFAULT_CMDLINE = "console=ttyS0"
 VIRT_TYPES = ("qemu", "kvm")
@@ -81,18 +82,19 @@ def add_tpm(domain_xml: str, version: str, model: str, secret_uuid: str | None) 
     :raises InvalidVTPMConfig: bad version/model pair or missing/invalid secret UUID.
     :raises VirtError: ``domain_xml`` is not a domain document.
     """
-    if version not in spec.VERSIONS:
+    if version not in request.VERSIONS:
         raise exception.InvalidVTPMConfig(
-            f"invalid TPM version={show(version)}: allowed values are {', '.join(spec.VERSIONS)}"
+            f"invalid TPM version={show(version)}: allowed values are "
+            f"{', '.join(request.VERSIONS)}"
         )
-    if model not in spec.MODELS:
+    if model not in request.MODELS:
         raise exception.InvalidVTPMConfig(
-            f"invalid TPM model={show(model)}: allowed values are {', '.join(spec.MODELS)}"
+            f"invalid TPM model={show(model)}: allowed values are {', '.join(request.MODELS)}"
         )
-    if model == spec.MODEL_CRB and version != spec.VERSION_2_0:
+    if model == request.MODEL_CRB and version != request.VERSION_2_0:
         raise exception.InvalidVTPMConfig(
             f"invalid TPM model={model!r} with version={version!r}: "
-            f"{spec.MODEL_CRB} needs TPM version {spec.VERSION_2_0}"
+            f"{request.MODEL_CRB} needs TPM version {request.VERSION_2_0}"
         )
     if not secret_uuid:
         raise exception.InvalidVTPMConfig(

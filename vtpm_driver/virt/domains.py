@@ -11,8 +11,9 @@ import libvirt
 from lxml import etree
 from oslo_log import log as logging
 
-from vtpm_driver import exception, objects
-from vtpm_driver.spec import show
+from vtpm_driver import exception
+from vtpm_driver.model.request import show
+from vtpm_driver.model.server import Instance
 from vtpm_driver.virt import connection, guest, record
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def domain_uuids(conn: libvirt.virConnect) -> list[str]:
     return sorted(found)
 
 
-def list_servers(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, objects.Instance]]:
+def list_servers(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, Instance]]:
     """Every domain carrying our server record, with its server, sorted by name.
 
     Domains without a record (not ours) are left out; one that disappears
@@ -66,7 +67,7 @@ def list_servers(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, obje
     return sorted(found, key=lambda pair: (pair[1].name, pair[1].uuid))
 
 
-def find_server(conn: libvirt.virConnect, name_or_uuid: str) -> objects.Instance:
+def find_server(conn: libvirt.virConnect, name_or_uuid: str) -> Instance:
     """The server whose domain has this UUID or name.
 
     :raises InstanceNotFound: no such domain, or the domain is not one of ours

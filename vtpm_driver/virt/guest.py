@@ -16,8 +16,8 @@ import libvirt
 from oslo_log import log as logging
 
 from vtpm_driver import exception
-from vtpm_driver.objects import canonical_uuid
-from vtpm_driver.spec import show
+from vtpm_driver.model.request import show
+from vtpm_driver.model.server import canonical_uuid
 from vtpm_driver.virt import connection
 
 LOG = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
-"""The real :class:`~vtpm_driver.host.HostProbe`: libvirt, ``PATH`` and the user database.
+"""The real :class:`~vtpm_driver.model.hostcheck.HostProbe`: libvirt, ``PATH``, the user database.
 
-:func:`vtpm_driver.host.check_host` decides what a host supports from the facts
+:func:`vtpm_driver.model.hostcheck.check_host` decides what a host supports from the facts
 a probe reports; this is the probe of a standalone host (the Nova shim has its
 own over Nova's ``Host``). libvirt errors are classified by
 :func:`vtpm_driver.virt.connection.is_connection_error`, the one rule for the

@@ -1,4 +1,4 @@
-"""The standalone server record: an :class:`~vtpm_driver.objects.Instance` in ``<metadata>``.
+"""The standalone server record: an :class:`~vtpm_driver.model.server.Instance` in ``<metadata>``.
 
 libvirt is the only store of a standalone server: its owner, flavor extra
 specs, image properties, system metadata and boot files live in the domain's
@@ -36,8 +36,9 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from vtpm_driver import exception, objects
-from vtpm_driver.spec import show
+from vtpm_driver import exception
+from vtpm_driver.model.request import show
+from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.virt import connection, domain
 
 NS = "https://github.com/vtpm-driver/xmlns/server/1.0"
@@ -202,17 +203,17 @@ def _text(el: etree._Element, what: str) -> str:
     return _decode(el.text or "", el.get(_ENCODING_ATTR) == _BASE64, what)
 
 
-def _instance(values: dict[str, Any]) -> objects.Instance:
+def _instance(values: dict[str, Any]) -> Instance:
     parts: dict[str, dict[str, Any]] = {"": {}, "flavor": {}, "image_meta": {}}
     for field, value in values.items():
         holder, attr = FIELDS[field]
         parts[holder][attr] = value
-    return objects.Instance(flavor=objects.Flavor(**parts["flavor"]),
-                            image_meta=objects.ImageMeta(**parts["image_meta"]), **parts[""])
+    return Instance(flavor=Flavor(**parts["flavor"]),
+                            image_meta=ImageMeta(**parts["image_meta"]), **parts[""])
 
 
-def parse_record_element(root: etree._Element) -> objects.Instance:
-    """The :class:`~vtpm_driver.objects.Instance` a ``<server>`` element describes.
+def parse_record_element(root: etree._Element) -> Instance:
+    """The :class:`~vtpm_driver.model.server.Instance` a ``<server>`` element describes.
 
     :raises VirtError: a required field is missing or a value is malformed.
     """
@@ -244,7 +245,7 @@ def parse_record_element(root: etree._Element) -> objects.Instance:
     return _instance(values)
 
 
-def parse_record_xml(xml: str) -> objects.Instance:
+def parse_record_xml(xml: str) -> Instance:
     """The Instance stored as the XML of a ``<server>`` element.
 
     :raises VirtError: not a well-formed record.
@@ -287,7 +288,7 @@ def set_server_record(domain_xml: str, instance: Any) -> str:
     return domain.to_text(root)
 
 
-def get_server_record(domain_xml: str) -> objects.Instance | None:
+def get_server_record(domain_xml: str) -> Instance | None:
     """The server stored in ``domain_xml``'s ``<metadata>``, or None without a record."""
     found = _record_elements(domain.parse_xml(domain_xml))
     return parse_record_element(found[0]) if found else None
@@ -311,7 +312,7 @@ def _domain_label(dom: libvirt.virDomain) -> str:
         return "domain"
 
 
-def record_from_domain(dom: libvirt.virDomain) -> objects.Instance | None:
+def record_from_domain(dom: libvirt.virDomain) -> Instance | None:
     """The server a defined domain records, or None when it has no record (not ours).
 
     Reads the persistent record (``VIR_DOMAIN_AFFECT_CONFIG``): every write

@@ -25,7 +25,7 @@ from lxml import etree
 from oslo_log import log as logging
 
 from vtpm_driver import exception
-from vtpm_driver.objects import require_uuid
+from vtpm_driver.model.server import require_uuid
 from vtpm_driver.virt import connection
 
 LOG = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ writes flags ``0x0009`` (encrypted with an AES-256 key).
 Next to swtpm's ``tpm*/`` the ``<uuid>`` directory holds one file of ours,
 ``vtpm-generation`` (:data:`GENERATION_FILE`, root 0600, a decimal integer and
 a newline): the custody generation of this copy of the TPM
-(:mod:`vtpm_driver.custody`). It lives WITH the state because it must travel
+(:mod:`vtpm_driver.model.custody`). It lives WITH the state because it must travel
 and vanish with it: Nova's cold migration moves the whole ``<uuid>`` directory
 (its ``save_and_migrate_vtpm_dir``), our tree copy takes it into resize
 backups and off-host copies, and libvirt deletes the directory (file
@@ -30,7 +30,7 @@ It is written atomically (temporary file, fsync, rename) and read with
 ``O_NOFOLLOW``, like every file here.
 
 Every path here is built from a UUID that went through
-:func:`~vtpm_driver.objects.require_uuid`, so a hostile value can
+:func:`~vtpm_driver.model.server.require_uuid`, so a hostile value can
 never make :func:`remove_state` delete anything outside ``base``.
 """
 
@@ -49,17 +49,18 @@ from typing import NamedTuple
 
 from oslo_log import log as logging
 
-from vtpm_driver import exception, spec
-from vtpm_driver.objects import canonical_uuid, require_uuid
-from vtpm_driver.spec import show
+from vtpm_driver import exception
+from vtpm_driver.model import request
+from vtpm_driver.model.request import show
+from vtpm_driver.model.server import canonical_uuid, require_uuid
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_BASE = "/var/lib/libvirt/swtpm"
 
 _LAYOUT = {
-    spec.VERSION_2_0: ("tpm2", "tpm2-00.permall"),
-    spec.VERSION_1_2: ("tpm1.2", "tpm-00.permall"),
+    request.VERSION_2_0: ("tpm2", "tpm2-00.permall"),
+    request.VERSION_1_2: ("tpm1.2", "tpm-00.permall"),
 }
 
 _HEADER = struct.Struct(">BBHHI")
@@ -99,7 +100,8 @@ def state_file(base: str | os.PathLike[str], domain_uuid: str, version: str) -> 
     """The swtpm state file of a ``1.2`` or ``2.0`` TPM."""
     if version not in _LAYOUT:
         raise exception.InvalidVTPMConfig(
-            f"invalid TPM version={show(version)}: allowed values are {', '.join(spec.VERSIONS)}"
+            f"invalid TPM version={show(version)}: allowed values are "
+            f"{', '.join(request.VERSIONS)}"
         )
     subdir, name = _LAYOUT[version]
     return state_dir(base, domain_uuid) / subdir / name

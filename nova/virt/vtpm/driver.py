@@ -58,10 +58,12 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import custody, policy
-from vtpm_driver.host import HostProbe, HostReport, LibvirtHostProbe, check_host
+from vtpm_driver.model import custody
+from vtpm_driver.model import rules as policy
+from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt.probe import LibvirtHostProbe
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF

@@ -27,7 +27,9 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
-from vtpm_driver import exception, keymgr, policy, spec
+from vtpm_driver import exception, keymgr
+from vtpm_driver.model import request as spec
+from vtpm_driver.model import rules as policy
 
 LOG = logging.getLogger(__name__)
 

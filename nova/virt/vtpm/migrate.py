@@ -50,8 +50,9 @@ from typing import Any
 from nova import exception as nova_exception
 
 from nova.virt.vtpm import translate
-from vtpm_driver import exception, policy
+from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.model import rules as policy
 from vtpm_driver.ops import migrate as ops_migrate
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.secrets import SecretStore, StartSecret

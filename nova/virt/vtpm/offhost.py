@@ -54,7 +54,9 @@ from oslo_context import context as oslo_context
 from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
-from vtpm_driver import custody, exception, policy
+from vtpm_driver import exception
+from vtpm_driver.model import custody
+from vtpm_driver.model import rules as policy
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops.shelve import OffHostOps
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore

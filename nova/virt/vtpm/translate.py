@@ -21,8 +21,10 @@ from nova import exception as nova_exception
 from nova.virt import hardware
 from nova.virt.libvirt import config as vconfig
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr import context as vtpm_context
+from vtpm_driver.model import request as spec
+from vtpm_driver.model import rules as policy
 from vtpm_driver.virt import domain
 
 # A domain document just big enough for domain.add_tpm to build the <tpm> in.

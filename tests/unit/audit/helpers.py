@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from vtpm_driver import objects, statestore
+from vtpm_driver import statestore
 from vtpm_driver.audit import report as audit
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.ops import journal
 
 
@@ -13,11 +14,11 @@ def a_uuid() -> str:
     return str(uuid.uuid4())
 
 
-def a_server(name="vm1", mode="user", secret=None, version="2.0", uid=None) -> objects.Instance:
-    """A server as the audit gets it: the model (objects.Instance) read from its record."""
+def a_server(name="vm1", mode="user", secret=None, version="2.0", uid=None) -> Instance:
+    """A server as the audit gets it: the model (Instance) read from its record."""
     specs = {"hw:tpm_version": version, "hw:tpm_secret_security": mode} if version else {}
-    return objects.Instance(name=name, uuid=uid or a_uuid(), user_id="u", project_id="p",
-                            flavor=objects.Flavor(extra_specs=specs),
+    return Instance(name=name, uuid=uid or a_uuid(), user_id="u", project_id="p",
+                            flavor=Flavor(extra_specs=specs),
                             system_metadata={"vtpm_secret_uuid": secret} if secret else {})
 
 

@@ -14,9 +14,9 @@ from tests.unit.audit.helpers import (
     journalled,
     lost_report,
 )
-from vtpm_driver import objects
 from vtpm_driver.audit import plan as repair
 from vtpm_driver.audit import report as audit
+from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.ops import journal
 
 
@@ -121,10 +121,10 @@ def _finding(server) -> audit.ServerFinding | None:
     return found[0] if found else None
 
 
-def _instance(specs, sysmeta, props=None) -> objects.Instance:
-    return objects.Instance(name="a", uuid=a_uuid(), user_id="", project_id="",
-                            flavor=objects.Flavor(extra_specs=specs),
-                            image_meta=objects.ImageMeta(properties=props or {}),
+def _instance(specs, sysmeta, props=None) -> Instance:
+    return Instance(name="a", uuid=a_uuid(), user_id="", project_id="",
+                            flavor=Flavor(extra_specs=specs),
+                            image_meta=ImageMeta(properties=props or {}),
                             system_metadata=sysmeta)
 
 

@@ -8,8 +8,9 @@ import pathlib
 
 import pytest
 
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
 from vtpm_driver.cli import main as cli_main
+from vtpm_driver.model import request
 
 DOMCAPS = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-qemu-host.xml").read_text()
 NO_TPM = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-no-tpm.xml").read_text()
@@ -68,7 +69,7 @@ def test_request_check_json_matches_spec(capsys):
     args = [a for k, v in flavor.items() for a in ("--flavor-property", f"{k}={v}")]
     rc, out, _ = run(capsys, "request", "check", *args, "-f", "json")
     assert rc == 0
-    assert set(json.loads(out)["required_traits"]) == spec.required_traits(flavor, {})
+    assert set(json.loads(out)["required_traits"]) == request.required_traits(flavor, {})
 
 
 def test_request_check_table_by_default(capsys):
@@ -260,7 +261,7 @@ def test_host_check_json_supported(capsys, tmp_path):
     assert list(result) == ["supported", "traits", "problems", "versions"]
     assert result == {
         "supported": True,
-        "traits": dict.fromkeys(spec.ALL_TRAITS, True),
+        "traits": dict.fromkeys(request.ALL_TRAITS, True),
         "problems": [],
         "versions": {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"},
     }
@@ -274,7 +275,7 @@ def test_host_check_unsupported_is_still_exit_0(capsys, tmp_path):
     assert (rc, err) == (0, "")
     result = json.loads(out)
     assert result["supported"] is False
-    assert result["traits"] == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert result["traits"] == dict.fromkeys(request.ALL_TRAITS, False)
     assert len(result["problems"]) == 1 and "<tpm supported='yes'>" in result["problems"][0]
 
 
@@ -284,7 +285,7 @@ def test_host_check_default_config_is_swtpm_disabled(capsys):
     assert rc == 0
     result = json.loads(out)
     assert result["supported"] is False
-    assert result["traits"] == dict.fromkeys(spec.ALL_TRAITS, False)
+    assert result["traits"] == dict.fromkeys(request.ALL_TRAITS, False)
     assert result["problems"] == [
         "[libvirt] swtpm_enabled is False: set it to True to offer emulated TPMs"
     ]

@@ -28,9 +28,11 @@ import pytest
 from keystoneauth1 import loading as ks_loading
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, objects, policy
+from vtpm_driver import exception
 from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import rules
+from vtpm_driver.model.server import Flavor, Instance
 
 OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
 MEMBER = ("u-member", "p-a", "tok-member-0123456789")
@@ -292,12 +294,12 @@ def ctx(who: tuple[str, str, str], catalog: list | None = None) -> RequestContex
                           roles=("member",), service_catalog=catalog or [])
 
 
-def server(mode: str | None = None, owner: tuple[str, str, str] = OWNER) -> objects.Instance:
+def server(mode: str | None = None, owner: tuple[str, str, str] = OWNER) -> Instance:
     specs = {"hw:tpm_version": "2.0"}
     if mode:
         specs["hw:tpm_secret_security"] = mode
-    return objects.Instance(name="vm", user_id=owner[0], project_id=owner[1],
-                            flavor=objects.Flavor(extra_specs=specs))
+    return Instance(name="vm", user_id=owner[0], project_id=owner[1],
+                            flavor=Flavor(extra_specs=specs))
 
 
 @pytest.fixture
@@ -358,17 +360,17 @@ def test_bad_mode_is_typed(value: object) -> None:
     inst = server()
     inst.flavor.extra_specs["hw:tpm_secret_security"] = value
     with pytest.raises(exception.InvalidVTPMConfig, match="hw:tpm_secret_security"):
-        policy.secret_security(inst.flavor)
+        rules.secret_security(inst.flavor)
 
 
 def test_mode_defaults_to_user() -> None:
-    assert policy.secret_security(server().flavor) == "user"
-    assert policy.secret_security(getattr(object(), "flavor", None)) == "user"
-    assert policy.secret_security(server("deployment").flavor) == "deployment"
-    # SPEC A2: an empty string counts as unset (policy.secret_security decides).
+    assert rules.secret_security(server().flavor) == "user"
+    assert rules.secret_security(getattr(object(), "flavor", None)) == "user"
+    assert rules.secret_security(server("deployment").flavor) == "deployment"
+    # SPEC A2: an empty string counts as unset (rules.secret_security decides).
     blank = server()
     blank.flavor.extra_specs["hw:tpm_secret_security"] = ""
-    assert policy.secret_security(blank.flavor) == "user"
+    assert rules.secret_security(blank.flavor) == "user"
 
 
 # -- user mode over HTTP --------------------------------------------------------------

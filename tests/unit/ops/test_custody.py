@@ -11,18 +11,20 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.conftest import OWNER, Env, resize_to
-from vtpm_driver import custody, exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model import custody
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.virt import record, state
 
 
-def generations(env: Env, inst: objects.Instance) -> tuple[int | None, int | None, int | None]:
+def generations(env: Env, inst: Instance) -> tuple[int | None, int | None, int | None]:
     """(live state's, instance's, domain record's) generation."""
     stored = record.record_from_domain(env.dom(inst))
     return (state.read_generation(env.state_base, inst.uuid), custody.recorded(inst),
             custody.recorded(stored))
 
 
-def set_record(env: Env, inst: objects.Instance, generation: int | None) -> None:
+def set_record(env: Env, inst: Instance, generation: int | None) -> None:
     """The domain record says ``generation`` is current (None: none recorded)."""
     if generation is None:
         inst.system_metadata.pop(custody.GENERATION_KEY, None)
@@ -97,7 +99,7 @@ def test_a_resize_hands_the_tpm_over_and_a_revert_again(env: Env, revert: bool) 
 
 def test_the_resized_state_never_starts_after_a_revert(env: Env) -> None:
     inst = env.spawn(env.instance())
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
     inst.new_flavor = new
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
@@ -114,7 +116,7 @@ def test_the_resized_state_never_starts_after_a_revert(env: Env) -> None:
 def test_a_revert_refuses_to_copy_back_a_backup_of_another_generation(env: Env) -> None:
     inst = env.spawn(env.instance())
     resize_to(env, inst, {"hw:tpm_version": "2.0"})            # generation 2 now
-    new = objects.Flavor(vcpus=4, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(vcpus=4, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
     inst.new_flavor = new
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new

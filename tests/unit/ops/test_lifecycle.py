@@ -17,14 +17,15 @@ from tests.unit.conftest import (
     resize_to,
     touch_console,
 )
-from vtpm_driver import exception, servers, spec
+from vtpm_driver import exception, servers
+from vtpm_driver.model import request
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import domain, record
 
 # --------------------------------------------------------------------------- spawn
 
 
-@pytest.mark.parametrize("mode", spec.SECRET_SECURITY_MODES)
+@pytest.mark.parametrize("mode", request.SECRET_SECURITY_MODES)
 def test_spawn_defines_tpm_and_record_and_starts_with_the_secret(env: Env, mode: str) -> None:
     inst = env.spawn(env.instance(mode))
     secret_uuid = inst.system_metadata["vtpm_secret_uuid"]

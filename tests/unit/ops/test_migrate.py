@@ -6,7 +6,8 @@ import types
 
 import pytest
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
+from vtpm_driver.model import request, rules
 from vtpm_driver.ops import migrate
 from vtpm_driver.ops.secrets import StartSecret
 
@@ -46,7 +47,7 @@ class Keymgr:
 def server(mode: str):
     return types.SimpleNamespace(
         name="vm1", uuid=SERVER_UUID, user_id="u-owner", system_metadata={
-            policy.SYSMETA_KEY: SECRET},
+            rules.SYSMETA_KEY: SECRET},
         flavor=types.SimpleNamespace(extra_specs={"hw:tpm_version": "2.0",
                                                   "hw:tpm_secret_security": mode}),
         image_meta=None)
@@ -58,14 +59,14 @@ MEMBER = types.SimpleNamespace(user_id="u-member", user_name="bob")
 
 def fetch(mode, context=OWNER, host_secret=None, keymgr=None):
     inst = server(mode)
-    return migrate.fetch_secret(context, inst, policy.vtpm_of(inst), keymgr or Keymgr(),
+    return migrate.fetch_secret(context, inst, rules.vtpm_of(inst), keymgr or Keymgr(),
                                 host_secret, live=True)
 
 
 def test_user_mode_reads_barbican_once_with_the_owner():
     km = Keymgr()
     inst = server("user")
-    got = migrate.fetch_secret(OWNER, inst, policy.vtpm_of(inst), km, None)
+    got = migrate.fetch_secret(OWNER, inst, rules.vtpm_of(inst), km, None)
     assert (got.secret_uuid, got.passphrase, got.persistent) == (SECRET, "pass-from-barbican",
                                                                  False)
     assert km.reads == [("u-owner", "user")]
@@ -102,7 +103,7 @@ def test_no_recorded_secret_is_refused():
     inst = server("user")
     inst.system_metadata.clear()
     with pytest.raises(exception.VTPMSecretNotFound):
-        migrate.fetch_secret(OWNER, inst, policy.vtpm_of(inst), Keymgr(), None)
+        migrate.fetch_secret(OWNER, inst, rules.vtpm_of(inst), Keymgr(), None)
 
 
 @pytest.mark.parametrize(("persistent", "kept"), [(False, False), (True, True)])
@@ -131,4 +132,4 @@ def test_no_vtpm_moves_without_secret_steps():
     migrate.give_destination(dest, inst, None)
     migrate.incoming_running(dest, inst, None)
     assert dest.held == {}
-    assert spec.SECRET_HOST == "host"
+    assert request.SECRET_HOST == "host"

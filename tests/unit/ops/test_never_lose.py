@@ -16,10 +16,11 @@ import pytest
 
 from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, objects, servers
+from vtpm_driver import exception, servers
 from vtpm_driver.audit import plan as repair
 from vtpm_driver.audit import report as vtpm_audit
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import domain, record
 
@@ -82,7 +83,7 @@ def in_thread(fn) -> tuple[threading.Thread, list[BaseException]]:
     return thread, errors
 
 
-def reread(env: Env, inst: objects.Instance) -> objects.Instance:
+def reread(env: Env, inst: Instance) -> Instance:
     """The server as a new command finds it."""
     return servers.find(env.conn, inst.uuid)
 
@@ -109,7 +110,7 @@ def test_item1_concurrent_resize_is_refused_while_the_first_runs(env: Env) -> No
     inst = env.spawn(env.instance())
     ek = env.state_file(inst).read_bytes()
     env.drv.conf.set_override("lock_timeout", 0, group="vtpm")
-    new = objects.Flavor(extra_specs=NEW_FLAVOR)
+    new = Flavor(extra_specs=NEW_FLAVOR)
     pause = Pause(env, "virt.destroy")  # the first resize is stopping the guest
     first, errors = in_thread(
         lambda: env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None))
@@ -152,7 +153,7 @@ def test_item1_a_command_that_waited_acts_on_the_server_as_it_is_now(env: Env) -
     # after: with its old copy it would define the domain without the TPM.
     inst = env.spawn(servers.new_instance("plain", OWNER, kernel=KERNEL))
     stale = reread(env, inst)
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
@@ -172,7 +173,7 @@ def test_item1_a_command_that_waited_acts_on_the_server_as_it_is_now(env: Env) -
 def test_item3_non_owner_resize_is_refused_before_the_guest_is_touched(env: Env) -> None:
     inst = env.spawn(env.instance("user"))
     env.reset()
-    new = objects.Flavor(vcpus=2, extra_specs={"hw:tpm_version": "2.0",
+    new = Flavor(vcpus=2, extra_specs={"hw:tpm_version": "2.0",
                                                "hw:tpm_secret_security": "user"})
     with pytest.raises(exception.VTPMSecretForbidden):
         env.drv.migrate_disk_and_power_off(MEMBER, inst, None, new, None)
@@ -184,11 +185,11 @@ def test_item3_non_owner_resize_is_refused_before_the_guest_is_touched(env: Env)
 def test_item8_admin_of_another_project_cannot_add_a_vtpm(env: Env) -> None:
     inst = env.spawn(servers.new_instance("plain", OWNER, kernel=KERNEL))
     env.reset()
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(extra_specs={"hw:tpm_version": "2.0"})
     with pytest.raises(exception.VTPMSecretForbidden, match=r"proj-admin.*proj-a"):
         env.drv.migrate_disk_and_power_off(ADMIN, inst, None, new, None)
     assert env.events == [] and env.dom(inst).active
-    deployment = objects.Flavor(extra_specs={"hw:tpm_version": "2.0",
+    deployment = Flavor(extra_specs={"hw:tpm_version": "2.0",
                                              "hw:tpm_secret_security": "deployment"})
     env.drv.migrate_disk_and_power_off(ADMIN, inst, None, deployment, None)
 
@@ -221,7 +222,7 @@ def test_killed_backup_is_rolled_back_by_the_next_operation(env: Env) -> None:
     root.mkdir()
     foreign = root / f".{inst.uuid}.not-ours"
     foreign.mkdir()
-    new = objects.Flavor(extra_specs=NEW_FLAVOR)
+    new = Flavor(extra_specs=NEW_FLAVOR)
     backups = env.drv.resize_ops.backups
     make = backups.make
 
@@ -248,7 +249,7 @@ def test_killed_backup_is_rolled_back_by_the_next_operation(env: Env) -> None:
 def test_killed_finish_is_reverted_by_the_next_operation(env: Env) -> None:
     inst = servers.new_instance("plain", OWNER, kernel=KERNEL)
     env.spawn(inst)
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     kill_at(env, "virt.define")
@@ -268,7 +269,7 @@ def test_killed_finish_is_reverted_by_the_next_operation(env: Env) -> None:
 def test_killed_revert_is_finished_by_the_revert_run_again(env: Env) -> None:
     inst = env.spawn(env.instance())
     ek = env.state_file(inst).read_bytes()
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "1.2"})
+    new = Flavor(extra_specs={"hw:tpm_version": "1.2"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})
@@ -336,7 +337,7 @@ def test_i20_d1_resize_killed_after_the_start_is_finished_forward_not_rolled_bac
     backup over the state the running guest had been writing."""
     inst = env.spawn(env.instance())
     secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     kill_at(env, "virt.secret.undefine")  # the guest started; the process dies
@@ -361,7 +362,7 @@ def test_i20_d1_resize_killed_after_the_start_awaits_confirm_or_revert(env: Env)
     only the user's revert brings the old state back."""
     inst = env.spawn(env.instance())
     ek = env.state_file(inst).read_bytes()
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     kill_at(env, "virt.secret.undefine")
@@ -418,7 +419,7 @@ def test_i20_revert_killed_after_its_define_is_finished_not_copied_back_again(en
     operation with it) and the server starts on the restored TPM."""
     inst = env.spawn(env.instance())
     ek = env.state_file(inst).read_bytes()
-    new = objects.Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(vcpus=2, memory_mb=512, extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})

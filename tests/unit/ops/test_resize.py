@@ -16,7 +16,8 @@ from tests.unit.conftest import (
     Env,
     resize_to,
 )
-from vtpm_driver import exception, objects, servers
+from vtpm_driver import exception, servers
+from vtpm_driver.model.server import Flavor
 from vtpm_driver.ops import backup
 from vtpm_driver.virt import domain, record
 
@@ -42,7 +43,7 @@ def test_f4_version_change_is_a_fresh_tpm_and_revert_restores_the_old(env: Env) 
     ek = old_file.read_bytes()
     before = old_file.stat()
     secret_uuid = inst.system_metadata["vtpm_secret_uuid"]
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "1.2"})
+    new = Flavor(extra_specs={"hw:tpm_version": "1.2"})
     inst.new_flavor = new
     env.drv.migrate_disk_and_power_off(OWNER, inst, "localhost", new, None)
     backup = env.tmp / "resize" / inst.uuid
@@ -90,7 +91,7 @@ def test_f4_vtpm_removed_deletes_the_secret_on_confirm_only(env: Env) -> None:
     resize_to(env, inst, {}, revert=True)
     assert env.state_file(inst).read_bytes() == ek
     assert len(env.km.passphrases) == 1 and len(env.conn.secrets) == 1
-    new = objects.Flavor(extra_specs={})
+    new = Flavor(extra_specs={})
     inst.new_flavor = new
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
@@ -118,7 +119,7 @@ def test_resize_between_user_and_host_moves_the_libvirt_secret(env: Env) -> None
 def test_resize_to_or_from_deployment_is_refused_before_anything(env: Env, old, new) -> None:
     inst = env.spawn(env.instance(old))
     env.reset()
-    flavor = objects.Flavor(extra_specs={"hw:tpm_version": "2.0",
+    flavor = Flavor(extra_specs={"hw:tpm_version": "2.0",
                                          "hw:tpm_secret_security": new})
     with pytest.raises(exception.OperationNotSupportedForVTPM, match="change owner"):
         env.drv.migrate_disk_and_power_off(OWNER, inst, None, flavor, None)
@@ -127,12 +128,12 @@ def test_resize_to_or_from_deployment_is_refused_before_anything(env: Env, old, 
 
 def test_resize_refusals(env: Env) -> None:
     inst = env.spawn(env.instance())
-    flavor = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    flavor = Flavor(extra_specs={"hw:tpm_version": "2.0"})
     with pytest.raises(exception.VTPMError, match="only resizes on this host"):
         env.drv.migrate_disk_and_power_off(OWNER, inst, "compute-2", flavor, None)
     with pytest.raises(exception.InvalidVTPMConfig):
         env.drv.migrate_disk_and_power_off(
-            OWNER, inst, None, objects.Flavor(extra_specs={"hw:tpm_version": "3"}), None)
+            OWNER, inst, None, Flavor(extra_specs={"hw:tpm_version": "3"}), None)
     assert env.dom(inst).active
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, flavor, None)
     with pytest.raises(exception.VTPMError, match="already in progress"):
@@ -144,7 +145,7 @@ def test_failed_finish_deletes_the_secret_it_created(env: Env) -> None:
     # domain naming it, with the resize pending (confirm offered, every start failing).
     inst = servers.new_instance("plain", OWNER, kernel=KERNEL)
     env.spawn(inst)
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0"})
+    new = Flavor(extra_specs={"hw:tpm_version": "2.0"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.old_flavor, inst.flavor = inst.flavor, new
     env.conn.fail_start = True
@@ -165,7 +166,7 @@ def test_failed_finish_deletes_the_secret_it_created(env: Env) -> None:
 def test_standalone_revert_without_old_flavor_uses_the_stash(env: Env) -> None:
     inst = env.spawn(env.instance())
     ek = env.state_file(inst).read_bytes()
-    new = objects.Flavor(extra_specs={"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"})
+    new = Flavor(extra_specs={"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"})
     env.drv.migrate_disk_and_power_off(OWNER, inst, None, new, None)
     inst.flavor = new
     env.drv.finish_migration(OWNER, None, inst, "[]", None, None, True, {})

@@ -8,8 +8,10 @@ import pytest
 
 from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.libvirt import FakeConn
-from vtpm_driver import exception, objects, policy, spec
+from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import secret
 
@@ -20,9 +22,9 @@ SECRET = "6f1c2a7e-0d1b-4c53-9a44-6a0b7b1f5d10"
 PASSPHRASE = "c2VjcmV0LXBhc3NwaHJhc2U=" * 20
 
 
-def _server(mode: str = "user") -> objects.Instance:
-    return objects.Instance(name="vm1", user_id=OWNER.user_id, project_id=OWNER.project_id,
-                            flavor=objects.Flavor(extra_specs={
+def _server(mode: str = "user") -> Instance:
+    return Instance(name="vm1", user_id=OWNER.user_id, project_id=OWNER.project_id,
+                            flavor=Flavor(extra_specs={
                                 "hw:tpm_version": "2.0", "hw:tpm_secret_security": mode}))
 
 
@@ -114,7 +116,7 @@ def test_no_vtpm_or_libvirt_already_holds_it_defines_nothing(world) -> None:
 def test_prepare_start_reads_barbican_first_and_refuses_others(world) -> None:
     _conn, store, km = world
     inst = _server()
-    cfg = policy.vtpm_of(inst)
+    cfg = rules.vtpm_of(inst)
     created = ops_secrets.prepare_start(OWNER, inst, cfg, km, store, create=True)
     assert created.created and created.passphrase == km.passphrases[created.secret_uuid]
     again = ops_secrets.prepare_start(OWNER, inst, cfg, km, store)
@@ -128,14 +130,14 @@ def test_prepare_start_without_a_recorded_secret_is_not_found(world) -> None:
     _conn, store, km = world
     inst = _server()
     with pytest.raises(exception.VTPMSecretNotFound, match="no vTPM secret recorded"):
-        ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store)
+        ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store)
     assert km.events == []
 
 
 def test_prepare_start_host_mode_uses_the_persistent_secret(world) -> None:
     _conn, store, km = world
-    inst = _server(spec.SECRET_HOST)
-    cfg = policy.vtpm_of(inst)
+    inst = _server(request.SECRET_HOST)
+    cfg = rules.vtpm_of(inst)
     start = ops_secrets.prepare_start(OWNER, inst, cfg, km, store, create=True)
     with ops_secrets.secret_for_start(store, inst, start):
         pass
@@ -153,30 +155,30 @@ def test_host_mode_reuses_an_unrecorded_host_secret_of_the_server_never_replacin
     """The host's persistent secret (usage: this instance) unlocks its existing TPM
     state: it is reused and recorded, as Nova reuses it, never undefined and replaced."""
     conn, store, km = world
-    inst = _server(spec.SECRET_HOST)
+    inst = _server(request.SECRET_HOST)
     store.define(HOSTS_OWN, inst.uuid, PASSPHRASE, persistent=True)
     before = conn.secrets[HOSTS_OWN].stored
-    start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store,
+    start = ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store,
                                       create=True)
     with ops_secrets.secret_for_start(store, inst, start):
         pass
     assert set(conn.secrets) == {HOSTS_OWN}
     assert conn.secrets[HOSTS_OWN].stored == before
     assert (start.secret_uuid, start.passphrase, start.created) == (HOSTS_OWN, None, False)
-    assert inst.system_metadata[policy.SYSMETA_KEY] == HOSTS_OWN
+    assert inst.system_metadata[rules.SYSMETA_KEY] == HOSTS_OWN
     assert km.events == [] and km.passphrases == {}  # no new Barbican secret
 
 
 def test_host_mode_refuses_a_host_secret_other_than_the_recorded_one(world) -> None:
     conn, store, km = world
-    inst = _server(spec.SECRET_HOST)
-    ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
-    recorded = inst.system_metadata[policy.SYSMETA_KEY]
+    inst = _server(request.SECRET_HOST)
+    ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
+    recorded = inst.system_metadata[rules.SYSMETA_KEY]
     store.define(HOSTS_OWN, inst.uuid, PASSPHRASE, persistent=True)
     before = dict(conn.secrets)
     with pytest.raises(exception.VTPMSecretConflict,
                        match=f"{HOSTS_OWN}.*{recorded}|{recorded}.*{HOSTS_OWN}"):
-        start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store)
+        start = ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store)
         with ops_secrets.secret_for_start(store, inst, start):
             pass
     assert conn.secrets == before  # the host's secret is still there
@@ -193,9 +195,9 @@ def test_start_secret_repr_hides_the_passphrase() -> None:
 def test_delete_barbican_secret_is_idempotent(world) -> None:
     _conn, store, km = world
     inst = _server()
-    ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
+    ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
     assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is True
-    assert policy.SYSMETA_KEY not in inst.system_metadata and km.passphrases == {}
+    assert rules.SYSMETA_KEY not in inst.system_metadata and km.passphrases == {}
     assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is False
 
 
@@ -204,10 +206,10 @@ def test_delete_barbican_secret_is_idempotent(world) -> None:
 def test_delete_without_a_token(world, caplog, mode: str, deleted: bool) -> None:
     _conn, store, km = world
     inst = _server(mode)
-    start = ops_secrets.prepare_start(OWNER, inst, policy.vtpm_of(inst), km, store, create=True)
+    start = ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
     caplog.set_level(logging.WARNING)
     assert ops_secrets.delete_barbican_secret(NO_TOKEN, inst, inst.flavor, km) is deleted
-    assert policy.SYSMETA_KEY not in inst.system_metadata
+    assert rules.SYSMETA_KEY not in inst.system_metadata
     assert (start.secret_uuid in km.passphrases) is not deleted
     if not deleted:
         assert f"Cannot delete vTPM secret {start.secret_uuid}" in caplog.text
@@ -216,7 +218,7 @@ def test_delete_without_a_token(world, caplog, mode: str, deleted: bool) -> None
 def test_remove_libvirt_secrets_by_record_and_usage(world) -> None:
     conn, store, _km = world
     inst = _server("host")
-    inst.system_metadata[policy.SYSMETA_KEY] = SECRET
+    inst.system_metadata[rules.SYSMETA_KEY] = SECRET
     store.define(SECRET, inst.uuid, PASSPHRASE, persistent=True)
     ops_secrets.remove_libvirt_secrets(store, inst)
     assert conn.secrets == {}

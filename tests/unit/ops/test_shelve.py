@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.conftest import MEMBER, OWNER, Env
-from vtpm_driver import exception, policy
+from vtpm_driver import exception
+from vtpm_driver.model import rules
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.statestore import DirectoryStateStore
@@ -39,9 +40,9 @@ def test_mark_started_makes_a_stop_copy_stale(env: Env, offhost) -> None:
     ops, site = offhost
     inst = env.spawn(env.instance("host"))
     env.drv.power_off(inst)
-    assert policy.copy_is_current(ops.backup(site, inst, "stop"))
+    assert rules.copy_is_current(ops.backup(site, inst, "stop"))
     ops.mark_started(inst.uuid)
-    assert not policy.copy_is_current(ops.store.get(inst.uuid))
+    assert not rules.copy_is_current(ops.store.get(inst.uuid))
 
 
 def test_rebuild_keeps_the_tpm_and_reset_makes_a_new_one(env: Env) -> None:
@@ -62,14 +63,14 @@ def test_rescue_boots_another_cmdline_with_the_same_tpm(env: Env) -> None:
     ops = RebuildOps(env.drv.guests)
     with pytest.raises(exception.VTPMSecretForbidden):
         ops.rescue(MEMBER, inst)
-    assert not policy.is_rescued(inst)
+    assert not rules.is_rescued(inst)
     ops.rescue(OWNER, inst)
-    assert policy.RESCUE_CMDLINE in env.dom(inst).xml and policy.is_rescued(inst)
+    assert rules.RESCUE_CMDLINE in env.dom(inst).xml and rules.is_rescued(inst)
     assert env.state_file(inst).read_bytes() == ek
     with pytest.raises(exception.VTPMError, match="rescue mode already"):
         ops.rescue(OWNER, inst)
     ops.unrescue(OWNER, inst)
-    assert policy.RESCUE_CMDLINE not in env.dom(inst).xml and not policy.is_rescued(inst)
+    assert rules.RESCUE_CMDLINE not in env.dom(inst).xml and not rules.is_rescued(inst)
     assert env.state_file(inst).read_bytes() == ek
 
 

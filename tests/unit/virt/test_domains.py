@@ -6,14 +6,15 @@ import libvirt
 import pytest
 
 from tests.fakes.libvirt import FakeLibvirt, ScriptedConn, ScriptedDomain, libvirt_error
-from vtpm_driver import exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model.server import Instance, canonical_uuid
 from vtpm_driver.virt import domains, record
 
 UUID = "0b7e6f0e-3a8a-4f51-8c1f-1d2a3b4c5d6e"
 
 
 def test_list_servers_skips_foreign_and_broken() -> None:
-    server = objects.Instance(name="b-server", uuid=UUID, user_id="u", project_id="p")
+    server = Instance(name="b-server", uuid=UUID, user_id="u", project_id="p")
     ours = ScriptedDomain("ours")
     ours.metadata_xml = record.record_xml(server, qualified=False)
     foreign = ScriptedDomain("foreign")
@@ -37,7 +38,7 @@ def _xml(uuid: str, devices: str = "") -> str:
 
 def test_tpm_emulator_domains_counts_every_domain_with_an_emulated_tpm() -> None:
     conn = FakeLibvirt()
-    with_tpm, passthrough, plain = (str(objects.canonical_uuid(f"{n}" * 32)) for n in "123")
+    with_tpm, passthrough, plain = (str(canonical_uuid(f"{n}" * 32)) for n in "123")
     conn.defineXML(_xml(with_tpm, "<tpm model='tpm-crb'><backend type='emulator'/></tpm>"))
     conn.defineXML(_xml(passthrough, "<tpm model='tpm-tis'><backend type='passthrough'/></tpm>"))
     conn.defineXML(_xml(plain))
@@ -52,16 +53,16 @@ def test_find_server_refuses_a_domain_that_is_not_ours() -> None:
         domains.find_server(conn, UUID)
     conn.domains[UUID].xml = record.set_server_record(
         conn.domains[UUID].xml,
-        objects.Instance(name="n", uuid=UUID, user_id="u", project_id="p"))
+        Instance(name="n", uuid=UUID, user_id="u", project_id="p"))
     assert domains.find_server(conn, UUID).name == "n"
 
 
 def test_managed_tpm_emulator_domains_are_only_ours() -> None:
     conn = FakeLibvirt()
-    ours, foreign = (str(objects.canonical_uuid(f"{n}" * 32)) for n in "45")
+    ours, foreign = (str(canonical_uuid(f"{n}" * 32)) for n in "45")
     tpm = "<tpm model='tpm-tis'><backend type='emulator'/></tpm>"
     conn.defineXML(record.set_server_record(
-        _xml(ours, tpm), objects.Instance(name="n", uuid=ours, user_id="u", project_id="p")))
+        _xml(ours, tpm), Instance(name="n", uuid=ours, user_id="u", project_id="p")))
     conn.defineXML(_xml(foreign, tpm))
     assert domains.tpm_emulator_domains(conn) == sorted([ours, foreign])
     assert domains.managed_tpm_emulator_domains(conn) == [ours]

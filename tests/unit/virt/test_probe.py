@@ -9,19 +9,15 @@ import pytest
 
 from tests.fakes.libvirt import CapsConnection, libvirt_error
 from tests.fakes.probe import FakeProbe
-from tests.unit.test_host import make_conf
-from vtpm_driver import exception, host
+from tests.unit.model.test_hostcheck import make_conf
+from vtpm_driver import exception
 from vtpm_driver.virt import probe as virt_probe
-
-
-def test_host_reexports_the_probe():
-    assert host.LibvirtHostProbe is virt_probe.LibvirtHostProbe
 
 
 def test_probe_reads_domain_capabilities_with_the_virt_type():
     conn = CapsConnection(caps="<domainCapabilities/>")
     opened = []
-    probe = host.LibvirtHostProbe("qemu:///system",
+    probe = virt_probe.LibvirtHostProbe("qemu:///system",
                                   lambda uri: opened.append(uri) or conn)
     assert probe.domain_capabilities("kvm") == "<domainCapabilities/>"
     assert probe.domain_capabilities("qemu") == "<domainCapabilities/>"
@@ -36,7 +32,7 @@ def test_probe_unreachable_libvirt_is_one_line_naming_the_uri():
         raise libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC,
             "Failed to connect socket to '/nonexistent':\nNo such file")
 
-    probe = host.LibvirtHostProbe("qemu+unix:///system?socket=/nonexistent", refuse)
+    probe = virt_probe.LibvirtHostProbe("qemu+unix:///system?socket=/nonexistent", refuse)
     with pytest.raises(exception.HypervisorUnavailable) as err:
         probe.versions()
     assert str(err.value) == (
@@ -49,7 +45,7 @@ def test_probe_unreachable_libvirt_is_one_line_naming_the_uri():
 def test_probe_lost_connection_is_hypervisor_unavailable():
     conn = CapsConnection(error=libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC,
             "End of file while reading data"))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    probe = virt_probe.LibvirtHostProbe("qemu:///system", lambda uri: conn)
     with pytest.raises(exception.HypervisorUnavailable, match="qemu:///system"):
         probe.domain_capabilities("qemu")
     assert conn.closed  # a later call reconnects
@@ -59,7 +55,7 @@ def test_probe_system_error_outside_the_transport_is_virt_error():
     # e.g. QEMU's driver failing to probe a binary: libvirtd itself answered.
     conn = CapsConnection(error=libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_QEMU,
             "cannot execute binary /usr/bin/qemu-kvm"))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    probe = virt_probe.LibvirtHostProbe("qemu:///system", lambda uri: conn)
     with pytest.raises(exception.VirtError) as err:
         probe.domain_capabilities("kvm")
     assert not isinstance(err.value, exception.HypervisorUnavailable)
@@ -70,7 +66,7 @@ def test_probe_refused_query_is_virt_error():
     conn = CapsConnection(error=libvirt_error(
         libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_FROM_QEMU,
         "unsupported configuration: KVM is not supported"))
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: conn)
+    probe = virt_probe.LibvirtHostProbe("qemu:///system", lambda uri: conn)
     with pytest.raises(exception.VirtError) as err:
         probe.domain_capabilities("kvm")
     assert not isinstance(err.value, exception.HypervisorUnavailable)
@@ -82,19 +78,19 @@ def test_probe_versions(monkeypatch, tmp_path):
     swtpm = tmp_path / "swtpm"
     swtpm.write_text("#!/bin/sh\necho 'TPM emulator version 0.7.1, Copyright (c) 2014-2021 IBM'\n")
     swtpm.chmod(swtpm.stat().st_mode | stat.S_IXUSR)
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: CapsConnection())
+    probe = virt_probe.LibvirtHostProbe("qemu:///system", lambda uri: CapsConnection())
     monkeypatch.setattr(probe, "which", lambda name: str(swtpm) if name == "swtpm" else None)
     assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22", "swtpm": "0.7.1"}
 
 
 def test_probe_versions_without_swtpm(monkeypatch):
-    probe = host.LibvirtHostProbe("qemu:///system", lambda uri: CapsConnection())
+    probe = virt_probe.LibvirtHostProbe("qemu:///system", lambda uri: CapsConnection())
     monkeypatch.setattr(probe, "which", lambda name: None)
     assert probe.versions() == {"libvirt": "9.0.0", "qemu": "7.2.22"}
 
 
 def test_probe_accounts_and_binaries():
-    probe = host.LibvirtHostProbe("qemu:///system")
+    probe = virt_probe.LibvirtHostProbe("qemu:///system")
     assert probe.user_exists("root") is True
     assert probe.group_exists("root") is True
     assert probe.user_exists("vtpm-no-such-user") is False
@@ -106,12 +102,12 @@ def test_probe_accounts_and_binaries():
 
 def test_probe_from_conf_uses_the_configured_uri():
     conf = make_conf(connection_uri="qemu:///session")
-    assert host.LibvirtHostProbe.from_conf(conf).uri == "qemu:///session"
+    assert virt_probe.LibvirtHostProbe.from_conf(conf).uri == "qemu:///session"
     conf.reset()  # new_conf() is not isolated yet (test_new_conf_is_isolated)
-    assert host.LibvirtHostProbe.from_conf(make_conf(virt_type="kvm")).uri == "qemu:///system"
+    assert virt_probe.LibvirtHostProbe.from_conf(make_conf(virt_type="kvm")).uri == "qemu:///system"
 
 
 def test_real_probe_satisfies_the_protocol():
     for name in ("domain_capabilities", "which", "user_exists", "group_exists", "versions"):
-        assert callable(getattr(host.LibvirtHostProbe, name))
+        assert callable(getattr(virt_probe.LibvirtHostProbe, name))
         assert callable(getattr(FakeProbe, name))

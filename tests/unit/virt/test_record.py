@@ -1,4 +1,4 @@
-"""The server record: an objects.Instance serialised in the domain's <metadata>."""
+"""The server record: an Instance serialised in the domain's <metadata>."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from vtpm_driver import exception, objects
+from vtpm_driver import exception
+from vtpm_driver.model.server import Flavor, ImageMeta, Instance
 from vtpm_driver.virt import domain, record
 
 SECRET = "6f1c2a7e-0d1b-4c53-9a44-6a0b7b1f5d10"
@@ -31,7 +32,7 @@ def test_functions_refuse_non_domain_documents() -> None:
         record.get_server_record("<notadomain/>")
 
 
-def _record(**kwargs: object) -> objects.Instance:
+def _record(**kwargs: object) -> Instance:
     """A full Instance; keyword arguments use the record's flat field names."""
     values: dict[str, object] = {
         "name": "vm1",
@@ -56,16 +57,16 @@ def _record(**kwargs: object) -> objects.Instance:
     for field, value in values.items():
         holder, attr = record.FIELDS[field]
         parts[holder][attr] = value
-    return objects.Instance(flavor=objects.Flavor(**parts["flavor"]),  # type: ignore[arg-type]
-                            image_meta=objects.ImageMeta(**parts["image_meta"]),  # type: ignore
+    return Instance(flavor=Flavor(**parts["flavor"]),  # type: ignore[arg-type]
+                            image_meta=ImageMeta(**parts["image_meta"]),  # type: ignore
                             **parts[""])  # type: ignore[arg-type]
 
 
 def _model_attributes() -> set[tuple[str, str]]:
-    found = {("", f.name) for f in dataclasses.fields(objects.Instance)
+    found = {("", f.name) for f in dataclasses.fields(Instance)
              if f.name not in ("flavor", "image_meta")}
-    found |= {("flavor", f.name) for f in dataclasses.fields(objects.Flavor)}
-    found |= {("image_meta", f.name) for f in dataclasses.fields(objects.ImageMeta)}
+    found |= {("flavor", f.name) for f in dataclasses.fields(Flavor)}
+    found |= {("image_meta", f.name) for f in dataclasses.fields(ImageMeta)}
     return found
 
 
@@ -114,7 +115,7 @@ def test_record_set_twice_replaces_and_keeps_foreign_metadata() -> None:
 
 
 def test_record_with_minimal_fields_round_trips() -> None:
-    server = objects.Instance(name="n", uuid=UUID, user_id="", project_id="p")
+    server = Instance(name="n", uuid=UUID, user_id="", project_id="p")
     assert record.get_server_record(record.set_server_record(_guest(), server)) == server
 
 
@@ -257,7 +258,7 @@ class _ResumedDomain:
 
 
 def _with_intent(intent: str | None) -> str:
-    inst = objects.Instance(name="vm", uuid="0b5c1f7e-9a61-4c6d-9d8e-6a1f0c1d2e3f",
+    inst = Instance(name="vm", uuid="0b5c1f7e-9a61-4c6d-9d8e-6a1f0c1d2e3f",
                             user_id="u", project_id="p")
     if intent:
         inst.system_metadata["vtpm_intent"] = intent

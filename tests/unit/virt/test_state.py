@@ -202,7 +202,7 @@ def test_created_state_dir_removes_only_the_directory_it_holds(tmp_path: Path) -
     assert (ours / "tpm2").is_dir()
 
 
-# -- the custody generation file (vtpm_driver.custody) --------------------------------
+# -- the custody generation file (vtpm_driver.model.custody) --------------------------------
 
 
 def test_generation_is_written_atomically_and_read_back(tmp_path) -> None:

@@ -19,7 +19,7 @@ import uuid as uuid_mod
 from oslo_utils import uuidutils
 
 from vtpm_driver import exception
-from vtpm_driver.spec import show
+from vtpm_driver.model.request import show
 
 
 def canonical_uuid(value: object) -> str | None:

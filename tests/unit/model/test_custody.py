@@ -1,4 +1,4 @@
-"""vtpm_driver.custody: the pure rule of which copy of a TPM is current (issue 20)."""
+"""vtpm_driver.model.custody: the pure rule of which copy of a TPM is current (issue 20)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import types
 
 import pytest
 
-from vtpm_driver import custody, exception
-from vtpm_driver.custody import Verdict
+from vtpm_driver import exception
+from vtpm_driver.model import custody
+from vtpm_driver.model.custody import Verdict
 
 
 def server(generation: str | None = None, **sysmeta: str) -> types.SimpleNamespace:

@@ -1,4 +1,4 @@
-"""SPEC C1-C3: vtpm_driver.host with captured domain capabilities and a fake probe."""
+"""SPEC C1-C3: vtpm_driver.model.hostcheck with captured domain capabilities and a fake probe."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 
 from tests.fakes.probe import FakeProbe, domcaps
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, host
+from vtpm_driver import exception
+from vtpm_driver.model import hostcheck
 
 T12 = "COMPUTE_SECURITY_TPM_1_2"
 T20 = "COMPUTE_SECURITY_TPM_2_0"
@@ -75,49 +76,49 @@ def only(*true: str) -> dict[str, bool]:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        (REAL, host.TPMCapabilities(
+        (REAL, hostcheck.TPMCapabilities(
             True, frozenset({"tpm-tis", "tpm-crb"}),
             frozenset({"passthrough", "emulator", "external"}), frozenset({"1.2", "2.0"}))),
-        ("domcaps-no-tpm.xml", host.TPMCapabilities()),
-        ("domcaps-tpm-unsupported.xml", host.TPMCapabilities()),
-        ("domcaps-no-emulator.xml", host.TPMCapabilities(
+        ("domcaps-no-tpm.xml", hostcheck.TPMCapabilities()),
+        ("domcaps-tpm-unsupported.xml", hostcheck.TPMCapabilities()),
+        ("domcaps-no-emulator.xml", hostcheck.TPMCapabilities(
             True, frozenset({"tpm-tis", "tpm-crb"}), frozenset({"passthrough"}),
             frozenset({"1.2", "2.0"}))),
-        ("domcaps-no-versions.xml", host.TPMCapabilities(
+        ("domcaps-no-versions.xml", hostcheck.TPMCapabilities(
             True, frozenset({"tpm-tis", "tpm-crb"}),
             frozenset({"passthrough", "emulator", "external"}), frozenset())),
-        ("domcaps-only-2.0.xml", host.TPMCapabilities(
+        ("domcaps-only-2.0.xml", hostcheck.TPMCapabilities(
             True, frozenset({"tpm-tis", "tpm-crb"}),
             frozenset({"passthrough", "emulator", "external"}), frozenset({"2.0"}))),
-        ("domcaps-only-tis.xml", host.TPMCapabilities(
+        ("domcaps-only-tis.xml", hostcheck.TPMCapabilities(
             True, frozenset({"tpm-tis"}),
             frozenset({"passthrough", "emulator", "external"}), frozenset({"1.2", "2.0"}))),
     ],
 )
 def test_parse_fixtures(name, expected):
-    assert host.parse_domain_capabilities(fixture(name)) == expected
+    assert hostcheck.parse_domain_capabilities(fixture(name)) == expected
 
 
 @pytest.mark.parametrize(
     ("xml", "expected"),
     [
-        ("<domainCapabilities/>", host.TPMCapabilities()),
-        ("<domainCapabilities><devices/></domainCapabilities>", host.TPMCapabilities()),
+        ("<domainCapabilities/>", hostcheck.TPMCapabilities()),
+        ("<domainCapabilities><devices/></domainCapabilities>", hostcheck.TPMCapabilities()),
         ("<domainCapabilities><devices><tpm/></devices></domainCapabilities>",
-         host.TPMCapabilities()),
+         hostcheck.TPMCapabilities()),
         ("<domainCapabilities><devices><tpm supported='YES'/></devices></domainCapabilities>",
-         host.TPMCapabilities()),
+         hostcheck.TPMCapabilities()),
         ("<domainCapabilities><devices><tpm supported='yes'>"
          "<enum name='model'><value> tpm-tis </value><value/></enum>"
          "<enum name='backendVersion'/></tpm></devices></domainCapabilities>",
-         host.TPMCapabilities(True, frozenset({"tpm-tis"}))),
+         hostcheck.TPMCapabilities(True, frozenset({"tpm-tis"}))),
         # a <tpm> outside <devices> is not the device capability
         ("<domainCapabilities><tpm supported='yes'/></domainCapabilities>",
-         host.TPMCapabilities()),
+         hostcheck.TPMCapabilities()),
     ],
 )
 def test_parse_edge_cases(xml, expected):
-    assert host.parse_domain_capabilities(xml) == expected
+    assert hostcheck.parse_domain_capabilities(xml) == expected
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_parse_edge_cases(xml, expected):
 )
 def test_parse_refuses_garbage(xml, message):
     with pytest.raises(exception.VirtError, match=message):
-        host.parse_domain_capabilities(xml)
+        hostcheck.parse_domain_capabilities(xml)
 
 
 def test_parse_does_not_resolve_external_entities(tmp_path):
@@ -143,7 +144,7 @@ def test_parse_does_not_resolve_external_entities(tmp_path):
         "<enum name='model'><value>&e;</value><value>tpm-tis</value></enum>"
         "</tpm></devices></domainCapabilities>"
     )
-    caps = host.parse_domain_capabilities(xml)
+    caps = hostcheck.parse_domain_capabilities(xml)
     assert "tpm-crb-from-a-file" not in caps.models
     assert "tpm-tis" in caps.models
 
@@ -152,7 +153,7 @@ def test_parse_does_not_resolve_external_entities(tmp_path):
 
 def test_c1_disabled_reports_every_trait_false():
     probe = FakeProbe()
-    report = host.check_host(make_conf(enabled=False), probe)
+    report = hostcheck.check_host(make_conf(enabled=False), probe)
     assert report.supported is False
     assert report.traits == only()
     assert set(report.traits) == set(ALL)
@@ -166,7 +167,7 @@ def test_c1_disabled_reports_every_trait_false():
 def test_c1_disabled_even_on_a_host_with_nothing():
     probe = FakeProbe(xml=fixture("domcaps-no-tpm.xml"), binaries=set(), users=set(),
                       groups=set())
-    report = host.check_host(make_conf(enabled=False, virt_type="lxc"), probe)
+    report = hostcheck.check_host(make_conf(enabled=False, virt_type="lxc"), probe)
     assert report.traits == only()
     assert len(report.problems) == 1
 
@@ -175,8 +176,8 @@ def test_c1_disabled_even_on_a_host_with_nothing():
 
 def test_c2_sound_host_is_supported():
     probe = FakeProbe()
-    report = host.check_host(make_conf(), probe)
-    assert report == host.HostReport(
+    report = hostcheck.check_host(make_conf(), probe)
+    assert report == hostcheck.HostReport(
         supported=True, traits=only(*ALL), problems=[],
         versions={"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"},
     )
@@ -186,14 +187,14 @@ def test_c2_sound_host_is_supported():
 @pytest.mark.parametrize("virt_type", ["kvm", "qemu"])
 def test_c2_domain_capabilities_asked_for_the_configured_virt_type(virt_type):
     probe = FakeProbe()
-    host.check_host(make_conf(virt_type=virt_type), probe)
+    hostcheck.check_host(make_conf(virt_type=virt_type), probe)
     assert probe.asked_virt_types == [virt_type]
 
 
 @pytest.mark.parametrize("virt_type", ["lxc", "parallels"])
 def test_c2_virt_type_must_be_kvm_or_qemu(virt_type):
     probe = FakeProbe()
-    report = host.check_host(make_conf(virt_type=virt_type), probe)
+    report = hostcheck.check_host(make_conf(virt_type=virt_type), probe)
     assert report.supported is False
     assert report.traits == only()
     assert report.problems == [
@@ -220,7 +221,7 @@ def test_c2_virt_type_must_be_kvm_or_qemu(virt_type):
     ],
 )
 def test_c2_libvirt_must_offer_the_emulator_backend(name, problem):
-    report = host.check_host(make_conf(), FakeProbe(xml=fixture(name)))
+    report = hostcheck.check_host(make_conf(), FakeProbe(xml=fixture(name)))
     assert report.supported is False
     assert report.traits == only()
     assert report.problems == [problem]
@@ -228,14 +229,14 @@ def test_c2_libvirt_must_offer_the_emulator_backend(name, problem):
 
 def test_c2_problem_names_the_configured_uri():
     conf = make_conf(connection_uri="qemu:///session")
-    report = host.check_host(conf, FakeProbe(xml=fixture("domcaps-no-tpm.xml")))
+    report = hostcheck.check_host(conf, FakeProbe(xml=fixture("domcaps-no-tpm.xml")))
     assert report.problems[0].startswith("libvirt at qemu:///session (virt_type qemu)")
 
 
 @pytest.mark.parametrize("missing", ["swtpm", "swtpm_setup", "swtpm_ioctl"])
 def test_c2_each_swtpm_binary_is_required(missing):
     probe = FakeProbe(binaries={"swtpm", "swtpm_setup", "swtpm_ioctl"} - {missing})
-    report = host.check_host(make_conf(), probe)
+    report = hostcheck.check_host(make_conf(), probe)
     assert report.supported is False
     assert report.traits == only()
     assert report.problems == [
@@ -244,7 +245,7 @@ def test_c2_each_swtpm_binary_is_required(missing):
 
 
 def test_c2_swtpm_user_must_exist():
-    report = host.check_host(make_conf(swtpm_user="swtpm-nobody"), FakeProbe())
+    report = hostcheck.check_host(make_conf(swtpm_user="swtpm-nobody"), FakeProbe())
     assert report.traits == only()
     assert report.problems == [
         "[libvirt] swtpm_user 'swtpm-nobody' does not exist on this host: create it or set "
@@ -254,7 +255,7 @@ def test_c2_swtpm_user_must_exist():
 
 
 def test_c2_swtpm_group_must_exist():
-    report = host.check_host(make_conf(swtpm_group="swtpm-none"), FakeProbe())
+    report = hostcheck.check_host(make_conf(swtpm_group="swtpm-none"), FakeProbe())
     assert report.traits == only()
     assert report.problems == [
         "[libvirt] swtpm_group 'swtpm-none' does not exist on this host: create it or set "
@@ -266,14 +267,14 @@ def test_c2_swtpm_group_must_exist():
 def test_c2_user_and_group_are_looked_up_by_their_configured_names():
     probe = FakeProbe(users={"swtpm"}, groups={"swtpm"})
     conf = make_conf(swtpm_user="swtpm", swtpm_group="swtpm")
-    assert host.check_host(conf, probe).supported is True
+    assert hostcheck.check_host(conf, probe).supported is True
 
 
 def test_c2_every_problem_is_reported_at_once():
     probe = FakeProbe(xml=fixture("domcaps-no-emulator.xml"), binaries={"swtpm"},
                       users=set(), groups=set())
     conf = make_conf(supported_tpm_secret_security=["user", "bogus"])
-    report = host.check_host(conf, probe)
+    report = hostcheck.check_host(conf, probe)
     assert report.supported is False
     assert report.traits == only()
     text = "\n".join(report.problems)
@@ -286,7 +287,7 @@ def test_c2_every_problem_is_reported_at_once():
 def test_c2_libvirt_refusing_the_query_is_a_problem_not_a_crash():
     probe = FakeProbe(xml=exception.VirtError("libvirt at qemu:///system refused to report "
                                               "domain capabilities: KVM is not supported"))
-    report = host.check_host(make_conf(virt_type="kvm"), probe)
+    report = hostcheck.check_host(make_conf(virt_type="kvm"), probe)
     assert report.supported is False
     assert report.problems == [
         "libvirt at qemu:///system cannot report domain capabilities for virt_type kvm: "
@@ -295,7 +296,7 @@ def test_c2_libvirt_refusing_the_query_is_a_problem_not_a_crash():
 
 
 def test_c2_unparsable_capabilities_are_a_problem():
-    report = host.check_host(make_conf(), FakeProbe(xml="<oops"))
+    report = hostcheck.check_host(make_conf(), FakeProbe(xml="<oops"))
     assert report.supported is False
     assert "cannot report domain capabilities" in report.problems[0]
     assert "not XML" in report.problems[0]
@@ -306,7 +307,7 @@ def test_unreachable_libvirt_raises(where):
     error = exception.HypervisorUnavailable("cannot connect to libvirt at qemu:///x: gone")
     probe = FakeProbe(**({"version_info": error} if where == "versions" else {"xml": error}))
     with pytest.raises(exception.HypervisorUnavailable, match="qemu:///x"):
-        host.check_host(make_conf(), probe)
+        hostcheck.check_host(make_conf(), probe)
 
 
 # -- C3: traits --------------------------------------------------------------
@@ -321,7 +322,7 @@ def test_unreachable_libvirt_raises(where):
     ],
 )
 def test_c3_traits_follow_domain_capabilities(name, traits):
-    report = host.check_host(make_conf(), FakeProbe(xml=fixture(name)))
+    report = hostcheck.check_host(make_conf(), FakeProbe(xml=fixture(name)))
     assert report.supported is True
     assert report.traits == traits
 
@@ -337,14 +338,14 @@ def test_c3_traits_follow_domain_capabilities(name, traits):
     ],
 )
 def test_c3_secret_security_traits_follow_config(modes, true):
-    report = host.check_host(make_conf(supported_tpm_secret_security=modes), FakeProbe())
+    report = hostcheck.check_host(make_conf(supported_tpm_secret_security=modes), FakeProbe())
     assert report.supported is True
     assert report.traits == only(T12, T20, TIS, CRB, *true)
 
 
 @pytest.mark.parametrize("bad", ["User", "admin", "hosts", ""])
 def test_c3_unknown_secret_security_is_a_problem(bad):
-    report = host.check_host(
+    report = hostcheck.check_host(
         make_conf(supported_tpm_secret_security=["user", bad]), FakeProbe()
     )
     assert report.supported is False
@@ -356,16 +357,16 @@ def test_c3_unknown_secret_security_is_a_problem(bad):
 
 
 def test_c3_unsupported_traits_are_reported_false_not_omitted():
-    report = host.check_host(make_conf(supported_tpm_secret_security=["user"]),
+    report = hostcheck.check_host(make_conf(supported_tpm_secret_security=["user"]),
                              FakeProbe(xml=fixture("domcaps-only-tis.xml")))
     assert set(report.traits) == set(ALL)
     assert report.traits[CRB] is False and report.traits[SHOST] is False
 
 
 def test_tpm_traits_ignores_unknown_models_and_versions():
-    caps = host.TPMCapabilities(True, frozenset({"tpm-spapr"}), frozenset({"emulator"}),
+    caps = hostcheck.TPMCapabilities(True, frozenset({"tpm-spapr"}), frozenset({"emulator"}),
                                 frozenset({"3.0"}))
-    assert host.tpm_traits(caps, []) == only()
+    assert hostcheck.tpm_traits(caps, []) == only()
 
 
 # -- LibvirtHostProbe, with a fake libvirt connection ------------------------

@@ -10,6 +10,7 @@ ERROR. Any mapping is accepted as input; odd values never crash.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 
 from vtpm_driver import exception
@@ -62,6 +63,18 @@ _VALID_COMBINATIONS = frozenset(
 )
 
 _MAX_SHOWN = 64  # characters of an offending value quoted in a message
+
+
+class Unparsed(enum.Enum):
+    """A request not parsed yet (``None`` is a parsed request for no vTPM)."""
+
+    UNPARSED = "unparsed"
+
+
+#: Passed on where a caller has not parsed the request: the callee parses it.
+#: A caller that has passes its :class:`VTPMConfig` (or None) on instead, so one
+#: create parses flavor + image once.
+UNPARSED = Unparsed.UNPARSED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,12 +207,37 @@ def get_vtpm_config(
             "are (1.2, tpm-tis), (2.0, tpm-tis), (2.0, tpm-crb)"
         )
 
-    secret = _lookup(flavor, FLAVOR_SECRET_SECURITY_KEY)
-    if secret is None:
-        secret_security = DEFAULT_SECRET_SECURITY
-    else:
-        secret_security = _check_string(FLAVOR_SECRET_SECURITY_KEY, secret, SECRET_SECURITY_MODES)
-    return VTPMConfig(version=version, model=model, secret_security=secret_security)
+    return VTPMConfig(version=version, model=model, secret_security=secret_security(flavor))
+
+
+def check_mode(value: object, key: str = FLAVOR_SECRET_SECURITY_KEY) -> str:
+    """``value`` if it is a secret security mode (``key`` names it in the message).
+
+    :raises InvalidVTPMConfig: it is not.
+    """
+    return _check_string(key, value, SECRET_SECURITY_MODES)
+
+
+def secret_security(flavor_extra_specs: Mapping[str, str] | None, *,
+                    strict: bool = True) -> str:
+    """THE secret-mode rule: the mode a flavor's extra specs give (SPEC A5).
+
+    ``hw:tpm_secret_security``; unset or empty is :data:`DEFAULT_SECRET_SECURITY`.
+    Only the flavor sets it (no image property does). ``strict``: an invalid
+    value raises, as a request does; otherwise it falls back to the default,
+    so that deleting or cleaning up a server is never blocked by its flavor.
+    :func:`get_vtpm_config` and every reader of a server's mode go through here.
+
+    :raises InvalidVTPMConfig: ``strict`` and the value is not a known mode.
+    """
+    try:
+        found = _lookup(_as_mapping(flavor_extra_specs, "flavor extra specs"),
+                        FLAVOR_SECRET_SECURITY_KEY)
+        return DEFAULT_SECRET_SECURITY if found is None else check_mode(found)
+    except exception.InvalidVTPMConfig:
+        if strict:
+            raise
+        return DEFAULT_SECRET_SECURITY
 
 
 def required_traits(

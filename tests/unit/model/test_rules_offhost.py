@@ -1,4 +1,4 @@
-"""The pure rules of issue 15 (off-host copies, evacuate, rescue) in vtpm_driver.policy."""
+"""The pure rules of issue 15 (off-host copies, evacuate, rescue) in vtpm_driver.model.rules."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import types
 
 import pytest
 
-from vtpm_driver import exception, policy, spec
+from vtpm_driver import exception
 from vtpm_driver.audit import plan as repair
+from vtpm_driver.model import request, rules
 
-USER = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="user")
-HOST = spec.VTPMConfig(version="2.0", model="tpm-crb", secret_security="host")
+USER = request.VTPMConfig(version="2.0", model="tpm-crb", secret_security="user")
+HOST = request.VTPMConfig(version="2.0", model="tpm-crb", secret_security="host")
 
 
 def meta(**kw):
@@ -21,56 +22,56 @@ def meta(**kw):
 
 def test_offload_needs_the_owner_in_user_mode_only() -> None:
     inst = types.SimpleNamespace(name="vm", uuid="u", user_id="alice")
-    policy.check_may_offload(USER, inst, types.SimpleNamespace(user_id="alice"), "shelve")
-    policy.check_may_offload(HOST, inst, types.SimpleNamespace(user_id="bob"), "shelve")
-    policy.check_may_offload(None, inst, types.SimpleNamespace(user_id="bob"), "shelve")
+    rules.check_may_offload(USER, inst, types.SimpleNamespace(user_id="alice"), "shelve")
+    rules.check_may_offload(HOST, inst, types.SimpleNamespace(user_id="bob"), "shelve")
+    rules.check_may_offload(None, inst, types.SimpleNamespace(user_id="bob"), "shelve")
     with pytest.raises(exception.VTPMSecretForbidden, match="cannot unshelve"):
-        policy.check_may_offload(USER, inst, types.SimpleNamespace(user_id="bob"), "unshelve")
+        rules.check_may_offload(USER, inst, types.SimpleNamespace(user_id="bob"), "unshelve")
 
 
 @pytest.mark.parametrize(("mode", "event", "wanted"), [
     ("off", "stop", False), ("on-stop", "stop", True), ("on-stop", "suspend", True),
     ("on-stop", "periodic", False), ("periodic", "periodic", True), ("bogus", "stop", False)])
 def test_wants_backup(mode: str, event: str, wanted: bool) -> None:
-    assert policy.wants_backup(mode, event) is wanted
+    assert rules.wants_backup(mode, event) is wanted
 
 
 def test_backup_due() -> None:
-    assert policy.backup_due(None, 10, 60)
-    assert not policy.backup_due(100, 159, 60)
-    assert policy.backup_due(100, 160, 60)
+    assert rules.backup_due(None, 10, 60)
+    assert not rules.backup_due(100, 159, 60)
+    assert rules.backup_due(100, 160, 60)
 
 
 def test_current_and_stale_copies() -> None:
-    assert policy.copy_is_current(meta())
-    assert not policy.copy_is_current(meta(server_running=True))
-    assert not policy.copy_is_current(meta(started_after=150.0))
-    assert "current" in policy.check_restore(meta(), allow_stale=False, now=190, label="x")
+    assert rules.copy_is_current(meta())
+    assert not rules.copy_is_current(meta(server_running=True))
+    assert not rules.copy_is_current(meta(started_after=150.0))
+    assert "current" in rules.check_restore(meta(), allow_stale=False, now=190, label="x")
     with pytest.raises(exception.OperationNotSupportedForVTPM,
                        match=r"taken 1 min 30 s ago.*allow_stale_tpm_state"):
-        policy.check_restore(meta(started_after=150.0), allow_stale=False, now=190, label="x")
-    assert "STALE" in policy.check_restore(meta(server_running=True), allow_stale=True,
+        rules.check_restore(meta(started_after=150.0), allow_stale=False, now=190, label="x")
+    assert "STALE" in rules.check_restore(meta(server_running=True), allow_stale=True,
                                            now=190, label="x")
 
 
 def test_no_copy_names_the_setting() -> None:
     with pytest.raises(exception.OperationNotSupportedForVTPM,
                        match=r"\[vtpm\] state_backup = off"):
-        policy.check_copy_exists(None, "x", "a", "off")
-    assert policy.check_copy_exists("m", "x", "a", "off") == "m"
+        rules.check_copy_exists(None, "x", "a", "off")
+    assert rules.check_copy_exists("m", "x", "a", "off") == "m"
 
 
 @pytest.mark.parametrize(("seconds", "text"), [
     (5, "5 s"), (65, "1 min 5 s"), (3720, "1 h 2 min"), (90000, "1 d 1 h"), (-3, "0 s")])
 def test_describe_age(seconds: float, text: str) -> None:
-    assert policy.describe_age(seconds) == text
+    assert rules.describe_age(seconds) == text
 
 
 def test_rescue_boot_defaults_to_own_files_with_the_marker() -> None:
     image = types.SimpleNamespace(kernel="/k", initrd="/i", cmdline="console=ttyS0")
-    assert policy.rescue_boot(image, None, None, None) == (
+    assert rules.rescue_boot(image, None, None, None) == (
         "/k", "/i", "console=ttyS0 vtpm_rescue=1")
-    assert policy.rescue_boot(image, "/k2", None, "x") == ("/k2", "/i", "x")
+    assert rules.rescue_boot(image, "/k2", None, "x") == ("/k2", "/i", "x")
 
 
 def _copy(uuid: str, **kw):
@@ -110,9 +111,9 @@ def _copy_of(server, **kw):
 
 def test_a_copy_that_matches_its_server_may_be_restored() -> None:
     server = _server()
-    policy.check_copy_matches(_copy_of(server), server, USER)
-    policy.check_copy_matches(_copy_of(server, uuid=server.uuid.upper()), server, USER)
-    policy.check_copy_matches(_copy_of(server, user_id=None), server, USER)  # older copies
+    rules.check_copy_matches(_copy_of(server), server, USER)
+    rules.check_copy_matches(_copy_of(server, uuid=server.uuid.upper()), server, USER)
+    rules.check_copy_matches(_copy_of(server, user_id=None), server, USER)  # older copies
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -124,7 +125,7 @@ def test_a_copy_that_disagrees_with_its_server_is_refused_naming_both_values(fie
     """The store's meta.json is never trusted over the server's own record."""
     server = _server()
     with pytest.raises(exception.CopyMismatch) as err:
-        policy.check_copy_matches(_copy_of(server, **{field: value}), server, USER)
+        rules.check_copy_matches(_copy_of(server, **{field: value}), server, USER)
     message = str(err.value)
     assert f"server 'vm' ({server.uuid})" in message and repr(field) in message
     assert repr(value) in message and err.value.field == field

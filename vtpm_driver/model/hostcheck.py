@@ -2,11 +2,10 @@
 
 SPEC C1-C3. The decision (:func:`check_host`) is a pure function of the
 configuration and of facts read through a :class:`HostProbe`; the real probe
-(:class:`LibvirtHostProbe`) is the only part that talks to libvirt, ``PATH``
-and the user database, so every rule can be unit-tested with a fake probe and
-captured ``virsh domcapabilities`` output. The probe lives in
-:mod:`vtpm_driver.virt.probe` (only ``virt`` imports libvirt) and is
-re-exported here as ``vtpm_driver.host.LibvirtHostProbe``.
+(:class:`vtpm_driver.virt.probe.LibvirtHostProbe`, since only ``virt`` imports
+libvirt) is the only part that talks to libvirt, ``PATH`` and the user
+database, so every rule can be unit-tested with a fake probe and captured
+``virsh domcapabilities`` output.
 
 Unlike Nova, which reports only the secret-security traits it supports, every
 one of the seven TPM traits is always reported (``False`` when unsupported), so
@@ -24,7 +23,8 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, spec
+from vtpm_driver import exception
+from vtpm_driver.model import request
 
 LOG = logging.getLogger(__name__)
 
@@ -125,19 +125,19 @@ def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str]) -> dict[st
     are assumed, as Nova does.
     """
     modes = set(secret_security)
-    traits = dict.fromkeys(spec.ALL_TRAITS, False)
-    for model, trait in spec.MODEL_TRAITS.items():
+    traits = dict.fromkeys(request.ALL_TRAITS, False)
+    for model, trait in request.MODEL_TRAITS.items():
         traits[trait] = model in caps.models
-    for version, trait in spec.VERSION_TRAITS.items():
+    for version, trait in request.VERSION_TRAITS.items():
         traits[trait] = not caps.backend_versions or version in caps.backend_versions
-    for mode, trait in spec.SECRET_SECURITY_TRAITS.items():
+    for mode, trait in request.SECRET_SECURITY_TRAITS.items():
         traits[trait] = mode in modes
     return traits
 
 
 def no_traits() -> dict[str, bool]:
     """Every TPM trait reported unsupported (so placement drops stale ones)."""
-    return dict.fromkeys(spec.ALL_TRAITS, False)
+    return dict.fromkeys(request.ALL_TRAITS, False)
 
 
 def _capability_problems(uri: str, virt_type: str, caps: TPMCapabilities) -> list[str]:
@@ -157,12 +157,12 @@ def _capability_problems(uri: str, virt_type: str, caps: TPMCapabilities) -> lis
 
 
 def _secret_security_problems(modes: Iterable[str]) -> list[str]:
-    allowed = ", ".join(spec.SECRET_SECURITY_MODES)
+    allowed = ", ".join(request.SECRET_SECURITY_MODES)
     return [
-        f"[libvirt] supported_tpm_secret_security contains unknown value {spec.show(mode)}: "
+        f"[libvirt] supported_tpm_secret_security contains unknown value {request.show(mode)}: "
         f"allowed values are {allowed}"
         for mode in modes
-        if mode not in spec.SECRET_SECURITY_MODES
+        if mode not in request.SECRET_SECURITY_MODES
     ]
 
 
@@ -178,13 +178,13 @@ def _account_problems(user: str, group: str, probe: HostProbe) -> list[str]:
     problems = []
     if not probe.user_exists(user):
         problems.append(
-            f"[libvirt] swtpm_user {spec.show(user)} does not exist on this host: create it "
+            f"[libvirt] swtpm_user {request.show(user)} does not exist on this host: create it "
             "or set swtpm_user to the user libvirt runs swtpm as (swtpm_user in "
             "/etc/libvirt/qemu.conf, 'tss' by default)"
         )
     if not probe.group_exists(group):
         problems.append(
-            f"[libvirt] swtpm_group {spec.show(group)} does not exist on this host: create it "
+            f"[libvirt] swtpm_group {request.show(group)} does not exist on this host: create it "
             "or set swtpm_group to the group libvirt runs swtpm as (swtpm_group in "
             "/etc/libvirt/qemu.conf, 'tss' by default)"
         )
@@ -220,7 +220,7 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
     caps = TPMCapabilities()
     if virt_type not in SUPPORTED_VIRT_TYPES:
         problems.append(
-            f"[libvirt] virt_type is {spec.show(virt_type)}: emulated TPMs need 'kvm' or "
+            f"[libvirt] virt_type is {request.show(virt_type)}: emulated TPMs need 'kvm' or "
             "'qemu'; change virt_type or set swtpm_enabled = False"
         )
     else:
@@ -247,10 +247,3 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
     LOG.debug("vTPM supported on this host; traits %s", traits)
     return HostReport(supported=True, traits=traits, problems=[], versions=versions)
 
-
-# The real probe lives with the rest of the libvirt code; re-exported here
-# because operators' scripts, the CLI and the Nova shim import it from here.
-from vtpm_driver.virt.probe import LibvirtHostProbe  # noqa: E402
-
-__all__ = ["HostProbe", "HostReport", "LibvirtHostProbe", "TPMCapabilities", "check_host",
-           "no_traits", "parse_domain_capabilities", "tpm_traits"]

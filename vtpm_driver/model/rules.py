@@ -1,19 +1,18 @@
 """Pure vTPM policy: what a server has, which secret mode, what an operation changes.
 
-:mod:`vtpm_driver.spec` answers "what does this flavor + image ask for?".
+:mod:`vtpm_driver.model.request` answers "what does this flavor + image ask for?".
 This module answers the questions every operation asks next, once, for the
 standalone driver and the Nova shim alike (no I/O, no libvirt, no Barbican):
 
 * :func:`vtpm_of` / :func:`has_vtpm`: the vTPM of a server-like object
   (anything with ``flavor.extra_specs`` and ``image_meta.properties``, Nova
   objects after :func:`flavor_extra_specs`/:func:`image_properties` or ours);
-* :func:`secret_security`: the secret mode from a flavor alone, ``strict``
-  (refuse an invalid value: creating, reading) or lenient (fall back to the
-  default, so a cleanup is never blocked by a bad flavor);
+* :func:`secret_security`: the secret mode of a flavor object, by the one
+  rule (:func:`vtpm_driver.model.request.secret_security`);
 * :func:`resize_change`: what a resize or cold migration does to the TPM
   (:class:`Change`), and :func:`check_mode_change`, Nova's refusal to move a
   secret between the user and the service user;
-* :func:`uses_persistent_secret`, :func:`may_delete_without_token`: how the
+* :func:`uses_persistent_secret`, :func:`owned_by_service_user`: how the
   libvirt secret and the Barbican secret are handled per mode.
 
 Everything here is idempotent and side-effect free.
@@ -25,8 +24,10 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vtpm_driver import exception, objects, spec
-from vtpm_driver.spec import VTPMConfig
+from vtpm_driver import exception
+from vtpm_driver.model import request
+from vtpm_driver.model.request import VTPMConfig
+from vtpm_driver.model.server import Flavor, canonical_uuid
 
 #: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
 SYSMETA_KEY = "vtpm_secret_uuid"
@@ -67,7 +68,7 @@ def image_properties(image_meta: Any) -> Mapping[str, Any]:
     """The vTPM image properties of an image (object, dict, or Nova ``ImageMetaProps``).
 
     Nova's ``ImageMetaProps`` is not a ``Mapping`` but has ``get``; only the
-    keys :mod:`vtpm_driver.spec` reads are copied, and only when set.
+    keys :mod:`vtpm_driver.model.request` reads are copied, and only when set.
     """
     if image_meta is None:
         return {}
@@ -80,7 +81,7 @@ def image_properties(image_meta: Any) -> Mapping[str, Any]:
     if isinstance(props, Mapping):
         return props
     found = {}
-    for key in (spec.IMAGE_VERSION_KEY, spec.IMAGE_MODEL_KEY):
+    for key in (request.IMAGE_VERSION_KEY, request.IMAGE_MODEL_KEY):
         try:
             value = props.get(key)
         except Exception:  # an object without the field: treat as unset
@@ -93,12 +94,12 @@ def image_properties(image_meta: Any) -> Mapping[str, Any]:
 def vtpm_of(instance: Any, flavor: Any = None, image_meta: Any = None) -> VTPMConfig | None:
     """The vTPM a server's flavor (or ``flavor``) and image (or ``image_meta``) ask for.
 
-    :raises InvalidVTPMConfig: the request is invalid (see :mod:`vtpm_driver.spec`).
+    :raises InvalidVTPMConfig: the request is invalid (see :mod:`vtpm_driver.model.request`).
     """
     flavor = flavor if flavor is not None else getattr(instance, "flavor", None)
     if image_meta is None:
         image_meta = getattr(instance, "image_meta", None)
-    return spec.get_vtpm_config(flavor_extra_specs(flavor), image_properties(image_meta))
+    return request.get_vtpm_config(flavor_extra_specs(flavor), image_properties(image_meta))
 
 
 def has_vtpm(instance: Any, flavor: Any = None, image_meta: Any = None) -> bool:
@@ -113,37 +114,12 @@ def has_vtpm(instance: Any, flavor: Any = None, image_meta: Any = None) -> bool:
 
 
 def secret_security(flavor: Any, *, strict: bool = True) -> str:
-    """The flavor's ``hw:tpm_secret_security`` (default ``user``; SPEC A5).
-
-    ``strict``: an invalid value raises; otherwise it falls back to the
-    default so that deleting a server is never blocked by its flavor.
+    """The secret mode of ``flavor`` (a Nova Flavor, ours, a dict or None):
+    :func:`vtpm_driver.model.request.secret_security` of its extra specs.
 
     :raises InvalidVTPMConfig: ``strict`` and the value is not a known mode.
     """
-    value = flavor_extra_specs(flavor).get(spec.FLAVOR_SECRET_SECURITY_KEY)
-    if value is None or value == "":
-        return spec.DEFAULT_SECRET_SECURITY
-    if isinstance(value, str) and value in spec.SECRET_SECURITY_MODES:
-        return value
-    if not strict:
-        return spec.DEFAULT_SECRET_SECURITY
-    raise exception.InvalidVTPMConfig(
-        f"invalid {spec.FLAVOR_SECRET_SECURITY_KEY}={spec.show(value)}: allowed values "
-        f"are {', '.join(spec.SECRET_SECURITY_MODES)}"
-    )
-
-
-def check_mode(value: object) -> str:
-    """``value`` if it is a secret security mode.
-
-    :raises InvalidVTPMConfig: it is not.
-    """
-    if not isinstance(value, str) or value not in spec.SECRET_SECURITY_MODES:
-        raise exception.InvalidVTPMConfig(
-            f"invalid {spec.FLAVOR_SECRET_SECURITY_KEY}={spec.show(value)}: allowed values "
-            f"are {', '.join(spec.SECRET_SECURITY_MODES)}"
-        )
-    return value
+    return request.secret_security(flavor_extra_specs(flavor), strict=strict)
 
 
 def same_tpm(a: VTPMConfig | None, b: VTPMConfig | None) -> bool:
@@ -171,9 +147,10 @@ def check_mode_change(old: VTPMConfig | None, new: VTPMConfig | None,
 
     :raises OperationNotSupportedForVTPM: one side is ``deployment`` and the other not.
     """
-    if old is None or new is None or old.secret_security == new.secret_security:
+    if old is None or new is None:
         return
-    if spec.SECRET_DEPLOYMENT in (old.secret_security, new.secret_security):
+    if owned_by_service_user(old.secret_security) != owned_by_service_user(
+            new.secret_security):
         target = f" {label}" if label else ""
         raise exception.OperationNotSupportedForVTPM(
             f"operation {operation!r} is not supported for vTPM-enabled server{target} "
@@ -185,16 +162,18 @@ def check_mode_change(old: VTPMConfig | None, new: VTPMConfig | None,
 
 def uses_persistent_secret(mode: str) -> bool:
     """``host`` mode keeps a persistent, non-private libvirt secret (SPEC E1)."""
-    return mode == spec.SECRET_HOST
+    return mode == request.SECRET_HOST
 
 
-def may_delete_without_token(mode: str) -> bool:
-    """Whether the Barbican secret can be deleted by a request carrying no token.
+def owned_by_service_user(mode: str) -> bool:
+    """Whose credentials reach the Barbican secret: the service user's, or the owner's.
 
-    ``deployment`` secrets belong to the service user, whose credentials come
-    from configuration; ``user``/``host`` secrets need the owner's token.
+    ``deployment`` secrets belong to the service user (``[service_user]`` in
+    the configuration): created, read and deleted with its credentials, so a
+    request carrying no token may delete one. ``user``/``host`` secrets belong
+    to the server's owner and need the owner's token (or a project admin's).
     """
-    return mode == spec.SECRET_DEPLOYMENT
+    return mode == request.SECRET_DEPLOYMENT
 
 
 def recorded_secret(instance: Any) -> str | None:
@@ -230,7 +209,7 @@ def may_live_migrate(cfg: VTPMConfig | None) -> bool:
     secret holds the passphrase on the host, so the destination can be given it
     without the owner; the other modes would need the owner at the destination.
     """
-    return cfg is None or cfg.secret_security == spec.SECRET_HOST
+    return cfg is None or uses_persistent_secret(cfg.secret_security)
 
 
 def secret_created_before_start(change: Change) -> bool:
@@ -265,11 +244,10 @@ def migration_secret_source(cfg: VTPMConfig | None) -> SecretSource:
     """
     if cfg is None:
         return SecretSource.NONE
-    return {
-        spec.SECRET_HOST: SecretSource.HOST,
-        spec.SECRET_USER: SecretSource.OWNER,
-        spec.SECRET_DEPLOYMENT: SecretSource.SERVICE,
-    }[cfg.secret_security]
+    if uses_persistent_secret(cfg.secret_security):
+        return SecretSource.HOST
+    return SecretSource.SERVICE if owned_by_service_user(cfg.secret_security) else (
+        SecretSource.OWNER)
 
 
 def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,
@@ -371,7 +349,7 @@ def check_may_replace_tpm_or_boot(context: Any, instance: Any, operation: str) -
 
 
 def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
-               vcpus: int | None, memory_mb: int | None) -> objects.Flavor:
+               vcpus: int | None, memory_mb: int | None) -> Flavor:
     """The flavor a resize moves to: ``old`` with the requested changes.
 
     :raises InvalidVTPMConfig: ``unset`` names an extra spec the flavor lacks.
@@ -386,7 +364,7 @@ def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
     for key in unset:
         extra_specs.pop(key, None)
     extra_specs.update(set_specs)
-    return objects.Flavor(
+    return Flavor(
         name=str(getattr(old, "name", "standalone")),
         vcpus=vcpus if vcpus is not None else int(getattr(old, "vcpus", 1)),
         memory_mb=memory_mb if memory_mb is not None else int(getattr(old, "memory_mb", 256)),
@@ -415,7 +393,7 @@ def check_may_offload(cfg: VTPMConfig | None, instance: Any, context: Any,
 
     :raises VTPMSecretForbidden: ``user`` mode and the caller is not the owner.
     """
-    if cfg is None or cfg.secret_security != spec.SECRET_USER:
+    if cfg is None or cfg.secret_security != request.SECRET_USER:
         return
     if getattr(context, "user_id", None) == getattr(instance, "user_id", None):
         return
@@ -499,8 +477,8 @@ def check_copy_matches(meta: Any, instance: Any, cfg: VTPMConfig | None) -> None
         server's values.
     """
     expected: list[tuple[str, Any, Any]] = [
-        ("uuid", objects.canonical_uuid(getattr(meta, "uuid", None)),
-         objects.canonical_uuid(instance.uuid)),
+        ("uuid", canonical_uuid(getattr(meta, "uuid", None)),
+         canonical_uuid(instance.uuid)),
         ("project_id", getattr(meta, "project_id", None), getattr(instance, "project_id", None)),
     ]
     if getattr(meta, "user_id", None) is not None:

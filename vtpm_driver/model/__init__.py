@@ -1,0 +1,15 @@
+"""The pure model: what a server is and asks for, and the rules over it. No I/O.
+
+* :mod:`~vtpm_driver.model.server`: Instance / Flavor / ImageMeta (Nova's
+  attribute names), UUID checks;
+* :mod:`~vtpm_driver.model.request`: flavor + image -> :class:`VTPMConfig`,
+  placement traits;
+* :mod:`~vtpm_driver.model.rules`: who may do what, what an operation does to
+  the TPM, the server's recorded secret;
+* :mod:`~vtpm_driver.model.custody`: which copy of a TPM state is current;
+* :mod:`~vtpm_driver.model.hostcheck`: a host's probed facts -> traits and problems.
+
+Nothing here talks to libvirt, Barbican, Keystone or the file system; every
+layer may import it, and it imports only :mod:`vtpm_driver.exception` and
+:mod:`vtpm_driver.conf` from the rest of the package.
+"""
