@@ -41,12 +41,11 @@ suite() {
 }
 rc=0
 suite "$@" || rc=$?
-# One known race in Nova's own functional tests (not in our code, seen on about one run in
-# two on 2 cores): a resize test ends with its server in VERIFY_RESIZE, the cleanup's delete
-# confirms the resize, and the confirm's compute-node save meets the test's teardown ("Can't
-# upgrade a READER transaction to a WRITER mid-transaction"). Failed tests run once more, by
-# themselves; one that passes then is reported as FLAKY, loudly, and one that fails again
-# fails the run. (The race is named in the closing note of the session that added this.)
+# A failed test runs once more, by itself; one that passes then is reported as FLAKY,
+# loudly (the closing note counts them), and one that fails again fails the run. The one
+# flake seen so far ("Can't upgrade a READER transaction to a WRITER mid-transaction" in a
+# resize test's teardown) was ours: the plugin imported oslo.db before Nova's eventlet
+# monkey-patching; it now patches first, as Nova's own runner does.
 if [ "$rc" = 1 ]; then
     echo "[nova-vtpm-suite] re-running the failed tests once, by themselves"
     if suite "$@" --last-failed --last-failed-no-failures none; then
