@@ -43,6 +43,7 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +69,36 @@ CONF = nova.conf.CONF
 
 _DELETING_VM_STATES = (vm_states.DELETED, vm_states.SOFT_DELETED)
 _NOVA_DRIVER = libvirt_driver.LibvirtDriver  # the class we extend
+
+
+# Signatures of Nova's methods an override passes on unchanged (read once, at import).
+_NOVA_SIGNATURES: dict[str, inspect.Signature] = {
+    name: inspect.signature(getattr(_NOVA_DRIVER, name)) for name in ("destroy",)
+}
+
+
+def _nova_signature(override: Any) -> Any:
+    """An override taking ``(self, *args, **kwargs)`` gets Nova's method's signature.
+
+    The override passes the call on to Nova's method exactly as it came
+    (positional stays positional, keyword stays keyword, as Nova's callers
+    chose) and reads the arguments it needs through :func:`_arguments`.
+    Introspection (``inspect.signature``, Nova's ``test_public_api_signatures``)
+    sees Nova's signature.
+    """
+    override.__signature__ = _NOVA_SIGNATURES[override.__name__]
+    return override
+
+
+def _arguments(name: str, driver: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, Nova's defaults filled in (as Nova's method sees them).
+
+    :raises TypeError: the call does not fit Nova's signature (as Nova's method would).
+    """
+    bound = _NOVA_SIGNATURES[name].bind(driver, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _being_deleted(instance: Any) -> bool:
@@ -219,11 +250,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool) -> Iterator[None]:
+                               *, create: bool) -> Iterator[Any]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
 
         A caller who may not read the secret (``user`` mode, not the owner)
-        is refused while the server is still as it was (SPEC F5).
+        is refused while the server is still as it was (SPEC F5). Yields the
+        guest's vTPM (:func:`.translate.vtpm_config`), None when it has none
+        (Nova's rule: ``swtpm_enabled`` and ``get_vtpm_constraint``).
         """
         config = None
         if CONF.libvirt.swtpm_enabled:
@@ -233,11 +266,11 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_check_live(instance)
         start = self._vtpm_prepare(context, instance, config, create=create)
         if start is None:
-            yield
+            yield config
             return
         self._vtpm_starts[instance.uuid] = start
         try:
-            yield
+            yield config
         except BaseException:
             if start.created:
                 self._vtpm_undo_created(context, instance, start)
@@ -343,18 +376,20 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
         """Nova's hard reboot (also power on) with the passphrase read first."""
-        with self._vtpm_passphrase_first(context, instance, create=False):
+        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
             result = super()._hard_reboot(context, instance, *args, **kwargs)
-        self._vtpm_offhost.started(instance)
+        if vtpm is not None:
+            self._vtpm_offhost.started(instance)
         return result
 
     def resume(self, context: Any, instance: Any, network_info: Any,
                block_device_info: Any = None, share_info: Any = None) -> None:
         """Nova's resume with the passphrase read before VIFs and guest are touched."""
-        with self._vtpm_passphrase_first(context, instance, create=False):
+        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
             super().resume(context, instance, network_info,
                            block_device_info=block_device_info, share_info=share_info)
-        self._vtpm_offhost.started(instance)
+        if vtpm is not None:
+            self._vtpm_offhost.started(instance)
 
     def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
                                 migration: Any, block_device_info: Any = None,
@@ -439,28 +474,37 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                                       token_required=km.token_required)
         instance.save()
 
-    def destroy(self, context: Any, instance: Any, network_info: Any,
-                block_device_info: Any = None, destroy_disks: bool = True,
-                destroy_secrets: bool = True) -> None:
+    @_nova_signature
+    def destroy(self, *args: Any, **kwargs: Any) -> None:
         """Nova's destroy; on a server delete the key manager's secret goes first.
 
-        A caller who may not delete it leaves the server running as it was.
-        The key is removed from ``system_metadata``, so the compute manager's
-        own ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
-        server's off-host copy goes too. Shelve offload: the TPM state is
-        copied off-host before Nova removes it (a failed copy removes nothing).
-        A server that lives on another host now (evacuated) leaves no TPM state
-        here, even when Nova keeps its disks (shared storage).
+        ``destroy(context, instance, network_info, block_device_info=None,
+        destroy_disks=True, destroy_secrets=True)``, passed on to Nova's as it
+        came. Only a destroy that removes the disks (``destroy_disks``, the one
+        that also removes the TPM state) does anything first, and only then are
+        the server's states read:
+
+        A server delete removes the key manager's secret first: a caller who may
+        not delete it leaves the server running as it was. The key is removed
+        from ``system_metadata``, so the compute manager's own
+        ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
+        server's off-host copy goes too. Shelve offload: the TPM state is copied
+        off-host before Nova removes it (a failed copy removes nothing).
+
+        Afterwards, a server that lives on another host now (evacuated) leaves
+        no TPM state here, even when Nova keeps its disks (shared storage).
         """
-        offloading = instance.task_state == task_states.SHELVING_OFFLOADING
-        if offloading and policy.has_vtpm(instance):
-            self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
-                                     reason="shelve", shelved=True)
-        if destroy_disks and destroy_secrets and _being_deleted(instance):
-            self._vtpm_delete_secret(context, instance, instance.flavor)
-            self._vtpm_offhost.forget(instance)
-        super().destroy(context, instance, network_info, block_device_info,
-                        destroy_disks, destroy_secrets)
+        call = _arguments("destroy", self, args, kwargs)
+        context, instance = call["context"], call["instance"]
+        if call["destroy_disks"]:
+            if (instance.task_state == task_states.SHELVING_OFFLOADING
+                    and policy.has_vtpm(instance)):
+                self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
+                                         reason="shelve", shelved=True)
+            if call["destroy_secrets"] and _being_deleted(instance):
+                self._vtpm_delete_secret(context, instance, instance.flavor)
+                self._vtpm_offhost.forget(instance)
+        super().destroy(*args, **kwargs)
         self._vtpm_offhost.left(instance)
 
     def _vtpm_domain_xml(self, instance: Any) -> str:
