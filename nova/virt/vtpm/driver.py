@@ -183,9 +183,12 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         :raises nova.exception.InvalidConfiguration:
         """
-        report = self._vtpm_host_report(refresh=True)
         if not CONF.libvirt.swtpm_enabled:
+            # Nova's first check too: nothing is probed at start-up. The traits
+            # (all False) are computed when first asked for.
+            self._vtpm_report = None
             return
+        report = self._vtpm_host_report(refresh=True)
         if report.problems:
             raise nova_exception.InvalidConfiguration(
                 message=translate.startup_refusal(report.problems, CONF))
