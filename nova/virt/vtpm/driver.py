@@ -423,27 +423,44 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             translate.vtpm_config(instance.new_flavor, instance.image_meta))
 
     def _finish_migration_vtpm(self, context: Any, instance: Any) -> None:
-        """Nova's TPM state handling, unless the secret was made before the start.
+        """Nova's TPM state handling; then custody, when the resized guest has a vTPM.
 
-        Custody: the state that arrived must be the current copy (checked
-        once Nova moved it into place, before the guest is created: a refused
-        state is never started, here or later); then the TPM is handed over
-        to this host (the generation advances; the pre-resize one is kept for
-        a revert).
+        Nova's step creates the secret of a vTPM the resize adds through
+        ``_get_or_create_secret_for_vtpm``, which finds the one
+        ``finish_migration`` read (or created) first. The resized guest has a
+        vTPM when ``finish_migration`` read its passphrase first (Nova's rule)
+        or a TPM state came here (Nova moved it into place); then, custody:
+        the state that arrived must be the current
+        copy (checked once Nova moved it into place, before the guest is
+        created: a refused state is never started, here or later) and the TPM
+        is handed over to this host (the generation advances; the pre-resize
+        one is kept for a revert). A resize that removes the vTPM starts no TPM
+        here: nothing to hand over (a revert finds the pre-resize generation as
+        the record's own).
         """
-        change = self._vtpm_resize_change(instance)
-        if not policy.secret_created_before_start(change):
-            super()._finish_migration_vtpm(context, instance)
-        if change is not policy.Change.NONE:
+        super()._finish_migration_vtpm(context, instance)
+        if (self._vtpm_starts.get(instance.uuid) is not None
+                or self._vtpm_offhost.has_state(instance.uuid)):
             self._vtpm_check_live(instance, doing="take over")
             self._vtpm_hand_over(instance, resize=True)
 
     def _cleanup_resize_vtpm(self, context: Any, instance: Any) -> None:
-        """Confirming a resize that removed the vTPM deletes its secret."""
-        if self._vtpm_resize_change(instance) is policy.Change.REMOVED:
+        """Confirming a resize: a removed vTPM's secret is deleted; a moved server's goes.
+
+        Nova calls it from ``_cleanup_resize`` (``confirm_migration``) on the
+        source. When the server now lives on another host (Nova's own test
+        there: ``instance.host != CONF.host``, then it undefines the domain), no
+        libvirt vTPM secret of it stays here (Nova keeps a ``host`` mode one);
+        a resize on the same host keeps it (the server is still here).
+        """
+        change = self._vtpm_resize_change(instance)
+        if change is policy.Change.REMOVED:
             LOG.info("New flavor no longer requests vTPM; deleting its secret.",
                      instance=instance)
             self._vtpm_delete_secret(context, instance, instance.old_flavor)
+        if change is not policy.Change.NONE and instance.host != CONF.host:
+            with translate.nova_errors():
+                ops_secrets.remove_libvirt_secrets(self.vtpm_secrets, instance)
 
     def _finish_revert_migration_vtpm(self, context: Any, instance: Any) -> None:
         """Reverting a resize that added a vTPM deletes the new secret; else Nova's.
@@ -626,43 +643,50 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def post_live_migration_at_destination(self, context: Any, instance: Any,
                                            network_info: Any, block_migration: bool = False,
                                            block_device_info: Any = None) -> None:
-        """Destination, guest running: an ephemeral secret is undefined."""
+        """Destination, guest running: an ephemeral secret is undefined; custody hand-over.
+
+        Only for a server that came with a vTPM: the secret given to it at
+        ``pre_live_migration`` (from Nova's migrate data), or, after a restart
+        of nova-compute in between, the TPM state that arrived here.
+        """
         super().post_live_migration_at_destination(context, instance, network_info,
                                                    block_migration=block_migration,
                                                    block_device_info=block_device_info)
-        vtpm_migrate.incoming_running(instance, self.vtpm_secrets,
-                                      self._vtpm_incoming.pop(instance.uuid, None))
+        start = self._vtpm_incoming.pop(instance.uuid, None)
+        if start is None and not self._vtpm_offhost.has_state(instance.uuid):
+            return
+        vtpm_migrate.incoming_running(instance, self.vtpm_secrets, start)
         if policy.has_vtpm(instance):
             self._vtpm_hand_over(instance)  # the state running here is the current copy
 
     def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                             migrate_data: Any = None) -> Any:
-        """Source, after the move: Nova's, then no vTPM secret of the server stays here."""
+        """Source, after the move: Nova's, then no vTPM secret of the server stays here.
+
+        A vTPM server is the one Nova's migrate data says moved with one
+        (``has_vtpm``: Nova's own test here).
+        """
         result = super().post_live_migration(context, instance, block_device_info,
                                              migrate_data=migrate_data)
-        vtpm_migrate.forget_source(instance, self.vtpm_secrets)
-        return result
-
-    def confirm_migration(self, context: Any, migration: Any, instance: Any,
-                          network_info: Any) -> None:
-        """Source, cold migration confirmed: Nova's, then no vTPM secret stays here.
-
-        Nova keeps a ``host`` mode persistent secret on the source; a resize on
-        the same host keeps it (the server is still here).
-        """
-        super().confirm_migration(context, migration, instance, network_info)
-        if migration.source_compute != migration.dest_compute:
+        if migrate_data and migrate_data.has_vtpm:
             vtpm_migrate.forget_source(instance, self.vtpm_secrets)
+        return result
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
                                                network_info: Any, block_device_info: Any,
                                                destroy_disks: bool = True,
                                                migrate_data: Any = None) -> None:
-        """Destination, failed move: Nova's cleanup, then no vTPM secret stays here."""
-        self._vtpm_incoming.pop(instance.uuid, None)
+        """Destination, failed move: Nova's cleanup, then no vTPM secret stays here.
+
+        A vTPM server is the one Nova's migrate data says moves with one
+        (``has_vtpm``, Nova's own test here) or the one given a secret at
+        ``pre_live_migration``. Its secrets go even when Nova's destroy failed.
+        """
+        given = self._vtpm_incoming.pop(instance.uuid, None)
         try:
             super().rollback_live_migration_at_destination(
                 context, instance, network_info, block_device_info,
                 destroy_disks=destroy_disks, migrate_data=migrate_data)
         finally:
-            vtpm_migrate.forget_destination(instance, self.vtpm_secrets)
+            if given is not None or (migrate_data and migrate_data.has_vtpm):
+                vtpm_migrate.forget_destination(instance, self.vtpm_secrets)
