@@ -253,27 +253,27 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool) -> Iterator[Any]:
+                               *, create: bool) -> Iterator[ops_secrets.StartSecret | None]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
 
         A caller who may not read the secret (``user`` mode, not the owner)
-        is refused while the server is still as it was (SPEC F5). Yields the
-        guest's vTPM (:func:`.translate.vtpm_config`), None when it has none
-        (Nova's rule: ``swtpm_enabled`` and ``get_vtpm_constraint``).
+        is refused while the server is still as it was (SPEC F5). Whether the
+        guest has a vTPM is Nova's rule, asked as Nova asks it
+        (``swtpm_enabled`` and :func:`.translate.has_vtpm`); the secret mode is
+        the flavor's. Yields the start (None: no vTPM).
         """
-        config = None
-        if CONF.libvirt.swtpm_enabled:
-            config = translate.vtpm_config(
-                instance.flavor, image_meta if image_meta is not None else instance.image_meta)
-        if config is not None:
-            self._vtpm_check_live(instance)
-        start = self._vtpm_prepare(context, instance, config, create=create)
-        if start is None:
-            yield config
+        if not (CONF.libvirt.swtpm_enabled and translate.has_vtpm(
+                instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
+            yield None
             return
+        self._vtpm_check_live(instance)
+        with translate.nova_errors():
+            start = ops_secrets.prepare_start_in_mode(
+                context, instance, policy.secret_security(instance.flavor),
+                self.vtpm_key_manager, self.vtpm_secrets, create=create)
         self._vtpm_starts[instance.uuid] = start
         try:
-            yield config
+            yield start
         except BaseException:
             if start.created:
                 self._vtpm_undo_created(context, instance, start)
