@@ -430,13 +430,12 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         ``finish_migration`` read (or created) first. The resized guest has a
         vTPM when ``finish_migration`` read its passphrase first (Nova's rule)
         or a TPM state came here (Nova moved it into place); then, custody:
-        the state that arrived must be the current
-        copy (checked once Nova moved it into place, before the guest is
-        created: a refused state is never started, here or later) and the TPM
-        is handed over to this host (the generation advances; the pre-resize
-        one is kept for a revert). A resize that removes the vTPM starts no TPM
-        here: nothing to hand over (a revert finds the pre-resize generation as
-        the record's own).
+        the state that arrived must be the current copy (checked once Nova
+        moved it into place, before the guest is created: a refused state is
+        never started, here or later) and the TPM is handed over to this host
+        (the generation advances; the pre-resize one is kept for a revert). A
+        resize that removes the vTPM starts no TPM here: nothing to hand over
+        (a revert finds the pre-resize generation as the record's own).
         """
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
