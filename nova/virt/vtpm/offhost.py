@@ -54,7 +54,7 @@ from oslo_context import context as oslo_context
 from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
-from vtpm_driver import custody, exception, objects, policy
+from vtpm_driver import custody, exception, policy
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops.shelve import OffHostOps
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
@@ -92,9 +92,11 @@ class OffHost:
 
     def has_state(self, instance_uuid: str) -> bool:
         """Whether libvirt keeps a TPM state for the server on this host (it has or had a vTPM)."""
-        if objects.canonical_uuid(instance_uuid) is None:
-            return False  # no domain, so no swtpm state, has such a UUID
-        return self.state_dir(instance_uuid).exists()
+        try:
+            path = self.state_dir(instance_uuid)
+        except exception.VTPMError:
+            return False  # not a UUID: no domain, so no swtpm state, has one
+        return path.exists()
 
     # -- checks before anything is touched -----------------------------------------
 
