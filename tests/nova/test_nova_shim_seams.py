@@ -9,12 +9,14 @@ new secret.
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from typing import Any
 from unittest import mock
 
 import pytest
 from nova import exception as nova_exception
+from nova import objects
 from nova.tests import fixtures as nova_fixtures  # noqa: F401 - registers Nova's test opts
 from nova.virt import fake as fake_virt
 from nova.virt import hardware
@@ -22,6 +24,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 
 from nova.virt.vtpm import host as shim_host
 from nova.virt.vtpm import keymgr as shim_keymgr
+from nova.virt.vtpm import migrate as shim_migrate
 from nova.virt.vtpm import translate
 from nova.virt.vtpm.driver import VTPMLibvirtDriver
 from tests.nova.nova_fakes import (
@@ -192,3 +195,65 @@ def test_our_barbican_saves_the_instance_when_it_records_a_new_secret():
 
 def test_conf_is_novas():
     assert CONF is libvirt_driver.CONF
+
+
+# --------------------------------------- arguments and fields, as Nova's driver
+
+
+def _nova_records(monkeypatch, name: str) -> list:
+    """Nova's ``LibvirtDriver.<name>`` replaced by a recorder of how it was called."""
+    calls: list = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, name,
+                        lambda self, *args, **kwargs: calls.append((args, kwargs)))
+    return calls
+
+
+def _orphan() -> Any:
+    """An Instance with only what Nova's driver reads on the paths below (any other
+    field raises OrphanedObjectError, as in Nova's own tests)."""
+    return objects.Instance(id=1, uuid=str(uuid.uuid4()), host="elsewhere")
+
+
+def test_destroy_has_novas_signature_and_passes_the_call_on_as_it_came(drv, monkeypatch):
+    assert inspect.signature(VTPMLibvirtDriver.destroy) == inspect.signature(
+        libvirt_driver.LibvirtDriver.destroy)
+    calls = _nova_records(monkeypatch, "destroy")
+    ctx, instance = nova_ctx(), _orphan()
+    drv.destroy(ctx, instance, [], destroy_disks=False, block_device_info=None,
+                destroy_secrets=False)  # as Nova's _hard_reboot calls it
+    drv.destroy(ctx, instance, [], None, False)  # as the compute manager does
+    assert calls == [((ctx, instance, []), {"destroy_disks": False, "block_device_info": None,
+                                            "destroy_secrets": False}),
+                     ((ctx, instance, [], None, False), {})]
+
+
+def test_live_migration_cleanups_follow_novas_migrate_data(drv, monkeypatch):
+    forgotten: list = []
+    monkeypatch.setattr(shim_migrate, "forget_source", lambda i, s: forgotten.append("src"))
+    monkeypatch.setattr(shim_migrate, "forget_destination",
+                        lambda i, s: forgotten.append("dst"))
+    _nova_records(monkeypatch, "post_live_migration")
+    _nova_records(monkeypatch, "rollback_live_migration_at_destination")
+    _nova_records(monkeypatch, "post_live_migration_at_destination")
+    no_vtpm = objects.LibvirtLiveMigrateData()
+    drv.post_live_migration(nova_ctx(), {"id": "a dict"}, None, no_vtpm)
+    drv.rollback_live_migration_at_destination(nova_ctx(), _orphan(), [], None, True, no_vtpm)
+    drv.post_live_migration_at_destination(nova_ctx(), _orphan(), [])
+    assert forgotten == []
+    vtpm = objects.LibvirtLiveMigrateData(vtpm_secret_uuid=str(uuid.uuid4()),
+                                          vtpm_secret_value=None)
+    assert vtpm.has_vtpm  # Nova's own test in both methods
+    drv.post_live_migration(nova_ctx(), make_instance(), None, vtpm)
+    drv.rollback_live_migration_at_destination(nova_ctx(), make_instance(), [], None, True,
+                                               vtpm)
+    assert forgotten == ["src", "dst"]
+
+
+def test_start_up_with_swtpm_disabled_probes_nothing(drv, flags):
+    class Unreachable(FakeProbe):
+        def versions(self) -> dict[str, str]:
+            raise AssertionError("libvirt was probed")
+
+    flags.config(group="libvirt", swtpm_enabled=False)
+    drv._vtpm_probe = Unreachable()
+    drv._check_vtpm_support()  # Nova's first check: nothing else asked

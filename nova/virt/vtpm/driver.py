@@ -43,6 +43,7 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,36 @@ CONF = nova.conf.CONF
 
 _DELETING_VM_STATES = (vm_states.DELETED, vm_states.SOFT_DELETED)
 _NOVA_DRIVER = libvirt_driver.LibvirtDriver  # the class we extend
+
+
+# Signatures of Nova's methods an override passes on unchanged (read once, at import).
+_NOVA_SIGNATURES: dict[str, inspect.Signature] = {
+    name: inspect.signature(getattr(_NOVA_DRIVER, name)) for name in ("destroy",)
+}
+
+
+def _nova_signature(override: Any) -> Any:
+    """An override taking ``(self, *args, **kwargs)`` gets Nova's method's signature.
+
+    The override passes the call on to Nova's method exactly as it came
+    (positional stays positional, keyword stays keyword, as Nova's callers
+    chose) and reads the arguments it needs through :func:`_arguments`.
+    Introspection (``inspect.signature``, Nova's ``test_public_api_signatures``)
+    sees Nova's signature.
+    """
+    override.__signature__ = _NOVA_SIGNATURES[override.__name__]
+    return override
+
+
+def _arguments(name: str, driver: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, Nova's defaults filled in (as Nova's method sees them).
+
+    :raises TypeError: the call does not fit Nova's signature (as Nova's method would).
+    """
+    bound = _NOVA_SIGNATURES[name].bind(driver, *args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _being_deleted(instance: Any) -> bool:
@@ -154,9 +185,12 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         :raises nova.exception.InvalidConfiguration:
         """
-        report = self._vtpm_host_report(refresh=True)
         if not CONF.libvirt.swtpm_enabled:
+            # Nova's first check too: nothing is probed at start-up. The traits
+            # (all False) are computed when first asked for.
+            self._vtpm_report = None
             return
+        report = self._vtpm_host_report(refresh=True)
         if report.problems:
             raise nova_exception.InvalidConfiguration(
                 message=translate.startup_refusal(report.problems, CONF))
@@ -221,25 +255,27 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool) -> Iterator[None]:
+                               *, create: bool) -> Iterator[ops_secrets.StartSecret | None]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
 
         A caller who may not read the secret (``user`` mode, not the owner)
-        is refused while the server is still as it was (SPEC F5).
+        is refused while the server is still as it was (SPEC F5). Whether the
+        guest has a vTPM is Nova's rule, asked as Nova asks it
+        (``swtpm_enabled`` and :func:`.translate.has_vtpm`); the secret mode is
+        the flavor's. Yields the start (None: no vTPM).
         """
-        config = None
-        if CONF.libvirt.swtpm_enabled:
-            config = translate.vtpm_config(
-                instance.flavor, image_meta if image_meta is not None else instance.image_meta)
-        if config is not None:
-            self._vtpm_check_live(instance)
-        start = self._vtpm_prepare(context, instance, config, create=create)
-        if start is None:
-            yield
+        if not (CONF.libvirt.swtpm_enabled and translate.has_vtpm(
+                instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
+            yield None
             return
+        self._vtpm_check_live(instance)
+        with translate.nova_errors():
+            start = ops_secrets.prepare_start_in_mode(
+                context, instance, policy.secret_security(instance.flavor),
+                self.vtpm_key_manager, self.vtpm_secrets, create=create)
         self._vtpm_starts[instance.uuid] = start
         try:
-            yield
+            yield start
         except BaseException:
             if start.created:
                 self._vtpm_undo_created(context, instance, start)
@@ -345,18 +381,20 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
         """Nova's hard reboot (also power on) with the passphrase read first."""
-        with self._vtpm_passphrase_first(context, instance, create=False):
+        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
             result = super()._hard_reboot(context, instance, *args, **kwargs)
-        self._vtpm_offhost.started(instance)
+        if vtpm is not None:
+            self._vtpm_offhost.started(instance)
         return result
 
     def resume(self, context: Any, instance: Any, network_info: Any,
                block_device_info: Any = None, share_info: Any = None) -> None:
         """Nova's resume with the passphrase read before VIFs and guest are touched."""
-        with self._vtpm_passphrase_first(context, instance, create=False):
+        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
             super().resume(context, instance, network_info,
                            block_device_info=block_device_info, share_info=share_info)
-        self._vtpm_offhost.started(instance)
+        if vtpm is not None:
+            self._vtpm_offhost.started(instance)
 
     def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
                                 migration: Any, block_device_info: Any = None,
@@ -387,27 +425,43 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             translate.vtpm_config(instance.new_flavor, instance.image_meta))
 
     def _finish_migration_vtpm(self, context: Any, instance: Any) -> None:
-        """Nova's TPM state handling, unless the secret was made before the start.
+        """Nova's TPM state handling; then custody, when the resized guest has a vTPM.
 
-        Custody: the state that arrived must be the current copy (checked
-        once Nova moved it into place, before the guest is created: a refused
-        state is never started, here or later); then the TPM is handed over
-        to this host (the generation advances; the pre-resize one is kept for
-        a revert).
+        Nova's step creates the secret of a vTPM the resize adds through
+        ``_get_or_create_secret_for_vtpm``, which finds the one
+        ``finish_migration`` read (or created) first. The resized guest has a
+        vTPM when ``finish_migration`` read its passphrase first (Nova's rule)
+        or a TPM state came here (Nova moved it into place); then, custody:
+        the state that arrived must be the current copy (checked once Nova
+        moved it into place, before the guest is created: a refused state is
+        never started, here or later) and the TPM is handed over to this host
+        (the generation advances; the pre-resize one is kept for a revert). A
+        resize that removes the vTPM starts no TPM here: nothing to hand over
+        (a revert finds the pre-resize generation as the record's own).
         """
-        change = self._vtpm_resize_change(instance)
-        if not policy.secret_created_before_start(change):
-            super()._finish_migration_vtpm(context, instance)
-        if change is not policy.Change.NONE:
+        super()._finish_migration_vtpm(context, instance)
+        if (self._vtpm_starts.get(instance.uuid) is not None
+                or self._vtpm_offhost.has_state(instance.uuid)):
             self._vtpm_check_live(instance, doing="take over")
             self._vtpm_hand_over(instance, resize=True)
 
     def _cleanup_resize_vtpm(self, context: Any, instance: Any) -> None:
-        """Confirming a resize that removed the vTPM deletes its secret."""
-        if self._vtpm_resize_change(instance) is policy.Change.REMOVED:
+        """Confirming a resize: a removed vTPM's secret is deleted; a moved server's goes.
+
+        Nova calls it from ``_cleanup_resize`` (``confirm_migration``) on the
+        source. When the server now lives on another host (Nova's own test
+        there: ``instance.host != CONF.host``, then it undefines the domain), no
+        libvirt vTPM secret of it stays here (Nova keeps a ``host`` mode one);
+        a resize on the same host keeps it (the server is still here).
+        """
+        change = self._vtpm_resize_change(instance)
+        if change is policy.Change.REMOVED:
             LOG.info("New flavor no longer requests vTPM; deleting its secret.",
                      instance=instance)
             self._vtpm_delete_secret(context, instance, instance.old_flavor)
+        if change is not policy.Change.NONE and instance.host != CONF.host:
+            with translate.nova_errors():
+                ops_secrets.remove_libvirt_secrets(self.vtpm_secrets, instance)
 
     def _finish_revert_migration_vtpm(self, context: Any, instance: Any) -> None:
         """Reverting a resize that added a vTPM deletes the new secret; else Nova's.
@@ -441,28 +495,37 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                                       token_required=km.token_required)
         instance.save()
 
-    def destroy(self, context: Any, instance: Any, network_info: Any,
-                block_device_info: Any = None, destroy_disks: bool = True,
-                destroy_secrets: bool = True) -> None:
+    @_nova_signature
+    def destroy(self, *args: Any, **kwargs: Any) -> None:
         """Nova's destroy; on a server delete the key manager's secret goes first.
 
-        A caller who may not delete it leaves the server running as it was.
-        The key is removed from ``system_metadata``, so the compute manager's
-        own ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
-        server's off-host copy goes too. Shelve offload: the TPM state is
-        copied off-host before Nova removes it (a failed copy removes nothing).
-        A server that lives on another host now (evacuated) leaves no TPM state
-        here, even when Nova keeps its disks (shared storage).
+        ``destroy(context, instance, network_info, block_device_info=None,
+        destroy_disks=True, destroy_secrets=True)``, passed on to Nova's as it
+        came. Only a destroy that removes the disks (``destroy_disks``, the one
+        that also removes the TPM state) does anything first, and only then are
+        the server's states read:
+
+        A server delete removes the key manager's secret first: a caller who may
+        not delete it leaves the server running as it was. The key is removed
+        from ``system_metadata``, so the compute manager's own
+        ``nova.vtpm.delete_secret`` call afterwards has nothing to do; the
+        server's off-host copy goes too. Shelve offload: the TPM state is copied
+        off-host before Nova removes it (a failed copy removes nothing).
+
+        Afterwards, a server that lives on another host now (evacuated) leaves
+        no TPM state here, even when Nova keeps its disks (shared storage).
         """
-        offloading = instance.task_state == task_states.SHELVING_OFFLOADING
-        if offloading and policy.has_vtpm(instance):
-            self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
-                                     reason="shelve", shelved=True)
-        if destroy_disks and destroy_secrets and _being_deleted(instance):
-            self._vtpm_delete_secret(context, instance, instance.flavor)
-            self._vtpm_offhost.forget(instance)
-        super().destroy(context, instance, network_info, block_device_info,
-                        destroy_disks, destroy_secrets)
+        call = _arguments("destroy", self, args, kwargs)
+        context, instance = call["context"], call["instance"]
+        if call["destroy_disks"]:
+            if (instance.task_state == task_states.SHELVING_OFFLOADING
+                    and policy.has_vtpm(instance)):
+                self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
+                                         reason="shelve", shelved=True)
+            if call["destroy_secrets"] and _being_deleted(instance):
+                self._vtpm_delete_secret(context, instance, instance.flavor)
+                self._vtpm_offhost.forget(instance)
+        super().destroy(*args, **kwargs)
         self._vtpm_offhost.left(instance)
 
     def _vtpm_domain_xml(self, instance: Any) -> str:
@@ -581,43 +644,50 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def post_live_migration_at_destination(self, context: Any, instance: Any,
                                            network_info: Any, block_migration: bool = False,
                                            block_device_info: Any = None) -> None:
-        """Destination, guest running: an ephemeral secret is undefined."""
+        """Destination, guest running: an ephemeral secret is undefined; custody hand-over.
+
+        Only for a server that came with a vTPM: the secret given to it at
+        ``pre_live_migration`` (from Nova's migrate data), or, after a restart
+        of nova-compute in between, the TPM state that arrived here.
+        """
         super().post_live_migration_at_destination(context, instance, network_info,
                                                    block_migration=block_migration,
                                                    block_device_info=block_device_info)
-        vtpm_migrate.incoming_running(instance, self.vtpm_secrets,
-                                      self._vtpm_incoming.pop(instance.uuid, None))
+        start = self._vtpm_incoming.pop(instance.uuid, None)
+        if start is None and not self._vtpm_offhost.has_state(instance.uuid):
+            return
+        vtpm_migrate.incoming_running(instance, self.vtpm_secrets, start)
         if policy.has_vtpm(instance):
             self._vtpm_hand_over(instance)  # the state running here is the current copy
 
     def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                             migrate_data: Any = None) -> Any:
-        """Source, after the move: Nova's, then no vTPM secret of the server stays here."""
+        """Source, after the move: Nova's, then no vTPM secret of the server stays here.
+
+        A vTPM server is the one Nova's migrate data says moved with one
+        (``has_vtpm``: Nova's own test here).
+        """
         result = super().post_live_migration(context, instance, block_device_info,
                                              migrate_data=migrate_data)
-        vtpm_migrate.forget_source(instance, self.vtpm_secrets)
-        return result
-
-    def confirm_migration(self, context: Any, migration: Any, instance: Any,
-                          network_info: Any) -> None:
-        """Source, cold migration confirmed: Nova's, then no vTPM secret stays here.
-
-        Nova keeps a ``host`` mode persistent secret on the source; a resize on
-        the same host keeps it (the server is still here).
-        """
-        super().confirm_migration(context, migration, instance, network_info)
-        if migration.source_compute != migration.dest_compute:
+        if migrate_data and migrate_data.has_vtpm:
             vtpm_migrate.forget_source(instance, self.vtpm_secrets)
+        return result
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
                                                network_info: Any, block_device_info: Any,
                                                destroy_disks: bool = True,
                                                migrate_data: Any = None) -> None:
-        """Destination, failed move: Nova's cleanup, then no vTPM secret stays here."""
-        self._vtpm_incoming.pop(instance.uuid, None)
+        """Destination, failed move: Nova's cleanup, then no vTPM secret stays here.
+
+        A vTPM server is the one Nova's migrate data says moves with one
+        (``has_vtpm``, Nova's own test here) or the one given a secret at
+        ``pre_live_migration``. Its secrets go even when Nova's destroy failed.
+        """
+        given = self._vtpm_incoming.pop(instance.uuid, None)
         try:
             super().rollback_live_migration_at_destination(
                 context, instance, network_info, block_device_info,
                 destroy_disks=destroy_disks, migrate_data=migrate_data)
         finally:
-            vtpm_migrate.forget_destination(instance, self.vtpm_secrets)
+            if given is not None or (migrate_data and migrate_data.has_vtpm):
+                vtpm_migrate.forget_destination(instance, self.vtpm_secrets)

@@ -169,14 +169,18 @@ def incoming_running(instance: Any, secrets: SecretStore, start: StartSecret | N
 
 
 def forget_source(instance: Any, secrets: SecretStore) -> None:
-    """After the move: no vTPM secret of the server stays on the source (idempotent)."""
-    if _config(instance) is not None:
-        with translate.nova_errors():
-            ops_secrets.remove_libvirt_secrets(secrets, instance)
+    """After the move of a vTPM server: none of its secrets stays on the source (idempotent).
+
+    The caller knows it moved with a vTPM (Nova's migrate data, ``has_vtpm``).
+    """
+    with translate.nova_errors():
+        ops_secrets.remove_libvirt_secrets(secrets, instance)
 
 
 def forget_destination(instance: Any, secrets: SecretStore) -> None:
-    """After a failed move: no vTPM secret of the server stays here (idempotent)."""
-    if _config(instance) is not None:
-        with translate.nova_errors():
-            ops_migrate.forget_destination(secrets, instance)
+    """After a failed move of a vTPM server: none of its secrets stays here (idempotent).
+
+    The caller knows it was moving with a vTPM (Nova's migrate data, ``has_vtpm``).
+    """
+    with translate.nova_errors():
+        ops_migrate.forget_destination(secrets, instance)

@@ -92,6 +92,14 @@ class OffHost:
     def state_dir(self, instance_uuid: str) -> Path:
         return state.state_dir(self.state_base, instance_uuid)
 
+    def has_state(self, instance_uuid: str) -> bool:
+        """Whether libvirt keeps a TPM state for the server on this host (it has or had a vTPM)."""
+        try:
+            path = self.state_dir(instance_uuid)
+        except exception.VTPMError:
+            return False  # not a UUID: no domain, so no swtpm state, has one
+        return path.exists()
+
     # -- checks before anything is touched -----------------------------------------
 
     @staticmethod
@@ -202,19 +210,25 @@ class OffHost:
         ``_destroy_evacuated_instances``) but keeps the TPM state when the
         disks are on shared storage, yet swtpm's state is host-local and
         overtaken: the server runs elsewhere with its own.
+
+        No TPM state of the server here (the usual case): nothing read, nothing
+        done. Whether the server has (or had) a vTPM is this state itself.
         """
-        elsewhere = getattr(instance, "host", None) not in (None, self.host)
-        if elsewhere and policy.has_vtpm(instance):
+        if not self.has_state(instance.uuid):
+            return
+        if instance.host not in (None, self.host):
             with translate.nova_errors():
                 if state.remove_state(self.state_base, instance.uuid):
                     LOG.info("Removed the overtaken TPM state of a server now on %s",
                              instance.host, instance=instance)
 
     def started(self, instance: Any) -> None:
-        """The guest runs again: its copy (if any) is overtaken. Idempotent."""
-        if policy.has_vtpm(instance):
-            with translate.nova_errors():
-                self.ops.mark_started(instance.uuid)
+        """The guest runs again with its vTPM: its copy (if any) is overtaken. Idempotent.
+
+        The caller knows the guest has a vTPM (Nova's own decision at the start).
+        """
+        with translate.nova_errors():
+            self.ops.mark_started(instance.uuid)
 
     # -- bringing a server's TPM to this host ----------------------------------------
 

@@ -65,6 +65,20 @@ def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
                                secret_security=policy.secret_security(flavor))
 
 
+def has_vtpm(flavor: Any, image_meta: Any) -> bool:
+    """Whether a guest of this flavor and image gets a vTPM: Nova's question, as Nova asks it.
+
+    ``nova.virt.hardware.get_vtpm_constraint`` (looked up at call time), whose
+    answer Nova's driver only tests for truth before it reads or creates the
+    secret (``spawn``, ``_create_guest``). The version and model are read
+    where the ``<tpm>`` is built (:func:`vtpm_config`).
+
+    :raises nova.exception.FlavorImageConflict: flavor and image disagree.
+    :raises nova.exception.Invalid: an invalid value.
+    """
+    return bool(hardware.get_vtpm_constraint(flavor, image_meta))
+
+
 def rescue_boots_foreign_files(instance: Any, image_meta: Any, libvirt_conf: Any) -> bool:
     """Whether Nova's rescue boots other boot files than the server's own. Pure.
 
