@@ -70,11 +70,16 @@ def list_servers(conn: libvirt.virConnect) -> list[tuple[libvirt.virDomain, Inst
 def find_server(conn: libvirt.virConnect, name_or_uuid: str) -> Instance:
     """The server whose domain has this UUID or name.
 
-    :raises InstanceNotFound: no such domain, or the domain is not one of ours
-        (it carries no server record).
+    :raises InstanceNotFound: no such domain (also one undefined between the lookup
+        and the read of its record: a delete that ran meanwhile, said in the lookup's
+        words), or the domain is not one of ours (it carries no server record).
     """
     dom = guest.lookup(conn, name_or_uuid)
-    server = record.record_from_domain(dom)
+    try:
+        server = record.record_from_domain(dom)
+    except exception.InstanceNotFound:
+        guest.lookup(conn, name_or_uuid)  # raises the lookup's "no server with name or UUID"
+        raise
     if server is None:
         raise exception.InstanceNotFound(
             f"domain {show(name_or_uuid)} exists but is not a vtpm-driver server "

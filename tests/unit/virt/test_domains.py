@@ -57,6 +57,25 @@ def test_find_server_refuses_a_domain_that_is_not_ours() -> None:
     assert domains.find_server(conn, UUID).name == "n"
 
 
+def test_find_server_of_a_domain_deleted_after_its_lookup_says_no_server() -> None:
+    """A delete between the lookup and the record's read (the soak's race, outside the
+    server's lock) is the lookup's own answer, not a failed read."""
+    conn = FakeLibvirt()
+    conn.defineXML(_xml(UUID))
+    dom = conn.lookupByUUIDString(UUID)
+
+    def undefined_meanwhile(*_args: object) -> str:
+        conn.domains.pop(UUID)
+        raise libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU)
+
+    dom.metadata = undefined_meanwhile  # type: ignore[method-assign]
+    lookups = iter([lambda _uuid: dom, conn.lookupByUUIDString])
+    conn.lookupByUUIDString = lambda uuid: next(lookups)(uuid)  # type: ignore[method-assign]
+    with pytest.raises(exception.InstanceNotFound,
+                       match=f"no server with name or UUID '{UUID}' on this host"):
+        domains.find_server(conn, UUID)
+
+
 def test_managed_tpm_emulator_domains_are_only_ours() -> None:
     conn = FakeLibvirt()
     ours, foreign = (str(canonical_uuid(f"{n}" * 32)) for n in "45")
