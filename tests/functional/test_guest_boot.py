@@ -19,7 +19,8 @@ from tests.functional.fixtures_libvirt import (
     Cleanup,
     TestGuest,
     define_vtpm_secret,
-    last_vtpm_result,
+    parse_vtpm_results,
+    read_console,
     swtpm_blob_flags,
     swtpm_state_dir,
     swtpm_state_file,
@@ -86,7 +87,10 @@ def boot(conn: libvirt.virConnect, cleanup: Cleanup, dom: libvirt.virDomain,
     """
     cleanup.secret(secret_uuid)
     define_vtpm_secret(conn, secret_uuid, dom.UUIDString(), passphrase)
-    console_log.unlink(missing_ok=True)  # libvirt appends to it
+    # libvirt (virtlogd) appends to the console log: this boot's lines are those after
+    # its current end. (Unlinking it instead raced virtlogd under load: a boot after a
+    # failed start wrote to the old, unlinked file.)
+    seen = len(read_console(console_log))
     try:
         dom.create()
     finally:
@@ -96,7 +100,11 @@ def boot(conn: libvirt.virConnect, cleanup: Cleanup, dom: libvirt.virDomain,
         conn.secretLookupByUUIDString(secret_uuid)
     assert err.value.get_error_code() == libvirt.VIR_ERR_NO_SECRET
     wait_for_shutoff(dom)
-    return last_vtpm_result(console_log)
+    text = read_console(console_log)
+    results = parse_vtpm_results(text[seen:])
+    assert results, (f"no VTPM_RESULT from this boot in {console_log}; "
+                     f"it ends with:\n{text[-3000:]}")
+    return results[-1]
 
 
 def define_domain(conn: libvirt.virConnect, cleanup: Cleanup, guest: TestGuest,
