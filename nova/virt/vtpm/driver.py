@@ -3,14 +3,14 @@
 Load it with ``[DEFAULT] compute_driver = vtpm.VTPMLibvirtDriver`` (see
 README.rst beside this file). It is Nova's ``LibvirtDriver`` except for the
 vTPM seams below. Each override only translates: Nova's objects, contexts and
-exceptions in, a call to :mod:`vtpm_driver.policy` (rules) or
+exceptions in, a call to :mod:`vtpm_driver.model.rules` or
 :mod:`vtpm_driver.ops.secrets` (steps) with our adapters of Nova's ``Host``
 (:mod:`.host`) and key manager (:mod:`.keymgr`), Nova's exceptions out.
 
 ============================================  =========================================
 Nova method (overridden)                      routed to
 ============================================  =========================================
-``_check_vtpm_support`` (init_host)           :func:`vtpm_driver.host.check_host`
+``_check_vtpm_support`` (init_host)           :func:`vtpm_driver.model.hostcheck.check_host`
 ``_get_tpm_traits`` (placement traits)        ``check_host(...).traits`` (all 7 traits)
 ``_add_vtpm_device`` (guest XML)              :func:`vtpm_driver.virt.domain.add_tpm`
 ``spawn``, ``_hard_reboot`` (reboot, power    ``ops.secrets.prepare_start``: passphrase
@@ -19,7 +19,7 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``_get_or_create_secret_for_vtpm``            ``ops.secrets.define_for_start`` /
                                               ``after_start`` (Nova's _create_guest)
 ``destroy`` (server delete),                  ``ops.secrets.delete_secret``
-``_cleanup_resize_vtpm``,                     (``policy.resize_change`` says when)
+``_cleanup_resize_vtpm``,                     (``rules.resize_change`` says when)
 ``_finish_revert_migration_vtpm``
 ``_finish_migration_vtpm``                    Nova's state handling; an added vTPM's
                                               secret already exists
@@ -27,7 +27,7 @@ on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest
 ``power_off``, ``destroy`` while shelving,    :mod:`.offhost` (shelve, unshelve,
 ``spawn`` unshelving, ``rebuild``,            evacuate, rebuild, rescue keep the
 ``_undefine_domain``, ``rescue``, unrescue``  TPM; ``ops.shelve.OffHostOps``)
-``spawn``, ``_hard_reboot``, ``resume``,      custody (:mod:`vtpm_driver.custody`):
+``spawn``, ``_hard_reboot``, ``resume``,      custody (:mod:`vtpm_driver.model.custody`):
 ``rescue``, ``unrescue`` (every start);       the state started must have the
 ``_finish_migration_vtpm``,                   instance's generation; hand-overs
 ``_finish_revert_migration_vtpm``,            advance it (``_vtpm_hand_over``)
@@ -59,8 +59,7 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver.model import custody
-from vtpm_driver.model import rules as policy
+from vtpm_driver.model import custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
@@ -162,7 +161,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         return nova_host.NovaHostProbe(self._host, self._vtpm_os_facts)
 
     def _vtpm_host_report(self, refresh: bool = False) -> HostReport:
-        """:func:`vtpm_driver.host.check_host` for this host, computed once.
+        """:func:`vtpm_driver.model.hostcheck.check_host` for this host, computed once.
 
         Private: Nova's ``ComputeDriver`` API is the driver's whole public
         contract (Nova's ``test_public_api_signatures``).
@@ -214,7 +213,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         config = translate.vtpm_config(flavor, image_meta)
         if config is None:
             return
-        guest.add_device(translate.GuestVTPM(config, policy.recorded_secret(instance)))
+        guest.add_device(translate.GuestVTPM(config, rules.recorded_secret(instance)))
 
     # -- passphrase first, then the guest -----------------------------------------
 
@@ -240,7 +239,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         whose ``undefine()`` Nova's ``_create_guest`` calls after the start.
         """
         with translate.nova_errors():
-            mode = policy.secret_security(instance.flavor)
+            mode = rules.secret_security(instance.flavor)
         start = self._vtpm_starts.get(instance.uuid)
         if start is None:
             with translate.nova_errors():
@@ -271,7 +270,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._vtpm_check_live(instance)
         with translate.nova_errors():
             start = ops_secrets.prepare_start_in_mode(
-                context, instance, policy.secret_security(instance.flavor),
+                context, instance, rules.secret_security(instance.flavor),
                 self.vtpm_key_manager, self.vtpm_secrets, create=create)
         self._vtpm_starts[instance.uuid] = start
         try:
@@ -284,7 +283,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_starts.pop(instance.uuid, None)
         self._vtpm_settle(instance)
 
-    # -- custody: only the current copy of the TPM ever starts (vtpm_driver.custody) ----
+    # -- custody: only the current copy of the TPM ever starts (vtpm_driver.model.custody) ----
 
     def _vtpm_check_live(self, instance: Any, *, doing: str = "start",
                          record: int | None = None) -> None:
@@ -350,7 +349,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             with translate.nova_errors():
                 ops_secrets.delete_barbican_secret(context, instance, instance.flavor,
                                                    self.vtpm_key_manager)
-            instance.system_metadata.pop(policy.SYSMETA_KEY, None)
+            instance.system_metadata.pop(rules.SYSMETA_KEY, None)
             instance.save()
         except Exception as exc:  # the operation's own error is the one to report
             LOG.error("Could not delete vTPM secret %s created by the failed operation: %s",
@@ -418,9 +417,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     # -- resize ---------------------------------------------------------------------
 
-    def _vtpm_resize_change(self, instance: Any) -> policy.Change:
-        """:func:`vtpm_driver.policy.resize_change` from the old to the new flavor."""
-        return policy.resize_change(
+    def _vtpm_resize_change(self, instance: Any) -> rules.Change:
+        """:func:`vtpm_driver.model.rules.resize_change` from the old to the new flavor."""
+        return rules.resize_change(
             translate.vtpm_config(instance.old_flavor, instance.image_meta),
             translate.vtpm_config(instance.new_flavor, instance.image_meta))
 
@@ -455,11 +454,11 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         a resize on the same host keeps it (the server is still here).
         """
         change = self._vtpm_resize_change(instance)
-        if change is policy.Change.REMOVED:
+        if change is rules.Change.REMOVED:
             LOG.info("New flavor no longer requests vTPM; deleting its secret.",
                      instance=instance)
             self._vtpm_delete_secret(context, instance, instance.old_flavor)
-        if change is not policy.Change.NONE and instance.host != CONF.host:
+        if change is not rules.Change.NONE and instance.host != CONF.host:
             with translate.nova_errors():
                 ops_secrets.remove_libvirt_secrets(self.vtpm_secrets, instance)
 
@@ -468,15 +467,15 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         Custody: the saved pre-resize state is copied back only if it has
         the generation the instance had before the resize
-        (:func:`vtpm_driver.custody.pre_resize`); then the generation
+        (:func:`vtpm_driver.model.custody.pre_resize`); then the generation
         advances, so the resized state on the other host never starts again.
         """
         change = self._vtpm_resize_change(instance)
-        if change is policy.Change.ADDED:
+        if change is rules.Change.ADDED:
             self._vtpm_delete_secret(context, instance, instance.new_flavor)
             return
         super()._finish_revert_migration_vtpm(context, instance)
-        if change is not policy.Change.NONE:
+        if change is not rules.Change.NONE:
             # Checked once Nova copied it back, before the guest is created.
             self._vtpm_check_live(instance, doing="copy back",
                                   record=custody.pre_resize(instance))
@@ -487,7 +486,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _vtpm_delete_secret(self, context: Any, instance: Any, flavor: Any) -> None:
         """:func:`vtpm_driver.ops.secrets.delete_secret` (idempotent), then save."""
-        if policy.recorded_secret(instance) is None:
+        if rules.recorded_secret(instance) is None:
             return
         km = self.vtpm_key_manager
         with translate.nova_errors():
@@ -519,7 +518,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         context, instance = call["context"], call["instance"]
         if call["destroy_disks"]:
             if (instance.task_state == task_states.SHELVING_OFFLOADING
-                    and policy.has_vtpm(instance)):
+                    and rules.has_vtpm(instance)):
                 self._vtpm_offhost.store(instance, self._vtpm_domain_xml(instance),
                                          reason="shelve", shelved=True)
             if call["destroy_secrets"] and _being_deleted(instance):
@@ -568,13 +567,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         Rebuild: the passphrase must be readable (the TPM is kept). Evacuate:
         owner check (``user`` mode) and a usable off-host copy.
         """
-        if policy.has_vtpm(instance):
+        if rules.has_vtpm(instance):
             if evacuate:
                 self._vtpm_offhost.check_caller(context, instance, "evacuate")
                 LOG.warning("Evacuating with the TPM state %s",
                             self._vtpm_offhost.check_evacuation(instance), instance=instance)
             else:
-                self._vtpm_prepare(context, instance, policy.vtpm_of(instance), create=False)
+                self._vtpm_prepare(context, instance, rules.vtpm_of(instance), create=False)
         super().rebuild(context, instance, image_meta, injected_files, admin_password,
                         allocations, bdms, detach_block_devices, attach_block_devices,
                         network_info=network_info, evacuate=evacuate,
@@ -588,15 +587,15 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         A rescue image other than the server's own boots foreign boot files
         against its TPM: only its owner or an admin of its project may, in
-        every mode (:func:`vtpm_driver.policy.check_may_replace_tpm_or_boot`;
+        every mode (:func:`vtpm_driver.model.rules.check_may_replace_tpm_or_boot`;
         ``nova.exception.VTPMSecretForbidden`` before anything is touched).
         """
         # A host without swtpm runs no vTPM (Nova's own rule): nothing to protect here.
-        if (CONF.libvirt.swtpm_enabled and policy.has_vtpm(instance)
+        if (CONF.libvirt.swtpm_enabled and rules.has_vtpm(instance)
                 and translate.rescue_boots_foreign_files(instance, image_meta, CONF.libvirt)):
             with translate.nova_errors():
-                policy.check_may_replace_tpm_or_boot(context, instance,
-                                                     "rescue with another image")
+                rules.check_may_replace_tpm_or_boot(context, instance,
+                                                    "rescue with another image")
         with self._vtpm_passphrase_first(context, instance, create=False):
             super().rescue(context, instance, network_info, image_meta, rescue_password,
                            block_device_info, share_info)
@@ -657,7 +656,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if start is None and not self._vtpm_offhost.has_state(instance.uuid):
             return
         vtpm_migrate.incoming_running(instance, self.vtpm_secrets, start)
-        if policy.has_vtpm(instance):
+        if rules.has_vtpm(instance):
             self._vtpm_hand_over(instance)  # the state running here is the current copy
 
     def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,

@@ -5,10 +5,10 @@ Two adapters of the core's interfaces:
 * :class:`NovaSecretStore` (:class:`vtpm_driver.ops.secrets.SecretStore`) over
   ``Host.find_secret`` / ``create_secret`` / ``delete_secret``;
 * :class:`StartedSecret`: what Nova's ``_create_guest`` undefines after a start;
-* :class:`NovaHostProbe` (:class:`vtpm_driver.host.HostProbe`): libvirt's
+* :class:`NovaHostProbe` (:class:`vtpm_driver.model.hostcheck.HostProbe`): libvirt's
   domain capabilities and versions through ``Host`` (so Nova's fakelibvirt
   answers in Nova's tests), and the host's swtpm binaries and accounts from
-  :class:`OSFacts` (the operating system's, :class:`vtpm_driver.host.LibvirtHostProbe`).
+  :class:`OSFacts` (the operating system's, :class:`vtpm_driver.virt.probe.LibvirtHostProbe`).
 
 libvirt errors are mapped once, here, to :mod:`vtpm_driver.exception`; the
 ``libvirt`` module is the one Nova's ``host`` module uses, looked up at call
@@ -120,7 +120,7 @@ class NovaSecretStore:
 
 
 class OSFacts(Protocol):
-    """The host facts :func:`vtpm_driver.host.check_host` reads besides libvirt."""
+    """The host facts :func:`vtpm_driver.model.hostcheck.check_host` reads besides libvirt."""
 
     def which(self, name: str) -> str | None: ...
 
@@ -132,7 +132,7 @@ class OSFacts(Protocol):
 
 
 class NovaHostProbe:
-    """:class:`vtpm_driver.host.HostProbe` reading libvirt through Nova's ``Host``."""
+    """:class:`vtpm_driver.model.hostcheck.HostProbe` reading libvirt through Nova's ``Host``."""
 
     def __init__(self, nova_host_obj: Any, os_facts: OSFacts) -> None:
         self._host = nova_host_obj

@@ -28,8 +28,7 @@ from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
 from vtpm_driver import exception, keymgr
-from vtpm_driver.model import request as spec
-from vtpm_driver.model import rules as policy
+from vtpm_driver.model import request, rules
 
 LOG = logging.getLogger(__name__)
 
@@ -83,10 +82,10 @@ class OwnerOnlyBarbican:
     def ensure_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
         """The recorded secret, else a new one whose UUID is saved, as ``nova.crypto`` does."""
-        recorded = policy.recorded_secret(instance)
+        recorded = rules.recorded_secret(instance)
         found = self.barbican.ensure_vtpm_secret(
             translate.request_context(context), instance, secret_security)
-        if policy.recorded_secret(instance) != recorded:
+        if rules.recorded_secret(instance) != recorded:
             instance.save()
         return found
 
@@ -109,7 +108,7 @@ def castellan_errors(instance: Any) -> Iterator[None]:
     refusal by the word "Forbidden" and raises ``VTPMSecretForbidden``, whose
     message (the key manager's) is kept.
     """
-    label = policy.server_label(instance)
+    label = rules.server_label(instance)
     try:
         yield
     except (nova_exception.VTPMSecretForbidden, nova_exception.Forbidden) as exc:
@@ -143,15 +142,15 @@ class CastellanKeyManager:
 
     @staticmethod
     def _context(context: Any, secret_security: str | None, instance: Any) -> Any:
-        mode = secret_security or policy.secret_security(instance.flavor, strict=False)
-        if mode == spec.SECRET_DEPLOYMENT:
+        mode = secret_security or rules.secret_security(instance.flavor, strict=False)
+        if mode == request.SECRET_DEPLOYMENT:
             return nova_context.get_nova_service_user_context()
         return context
 
     def create_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
         """Create it (``nova.crypto``); refuses when one is already recorded."""
-        if policy.recorded_secret(instance):
+        if rules.recorded_secret(instance):
             raise exception.VTPMError(
                 f"server {instance.uuid} already has a vTPM secret recorded")
         return self.ensure_vtpm_secret(context, instance, secret_security)
@@ -172,8 +171,8 @@ class CastellanKeyManager:
 
         :raises VTPMSecretNotFound: none recorded, or the key manager lost it.
         """
-        policy.require_recorded_secret(instance)
-        mode = secret_security or policy.secret_security(instance.flavor, strict=False)
+        rules.require_recorded_secret(instance)
+        mode = secret_security or rules.secret_security(instance.flavor, strict=False)
         return self.ensure_vtpm_secret(context, instance, mode)[1]
 
     def delete_vtpm_secret(self, context: Any, instance: Any,

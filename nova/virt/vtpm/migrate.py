@@ -10,7 +10,7 @@ mode, at Nova's own seams (``VTPMLibvirtDriver`` calls them):
 Nova seam (host)                                 here -> vtpm_driver
 ===============================================  ===================================
 ``check_can_live_migrate_source`` (source)       :func:`check_source` ->
-                                                 ``policy.check_may_migrate``
+                                                 ``rules.check_may_migrate``
 ``_add_vtpm_secret_to_live_migrate_data``        :func:`add_to_migrate_data` ->
 (source)                                         ``ops.migrate.fetch_secret`` (host
                                                  mode: the source's libvirt secret)
@@ -52,7 +52,7 @@ from nova import exception as nova_exception
 from nova.virt.vtpm import translate
 from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
-from vtpm_driver.model import rules as policy
+from vtpm_driver.model import rules
 from vtpm_driver.ops import migrate as ops_migrate
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.secrets import SecretStore, StartSecret
@@ -90,7 +90,7 @@ def check_source(context: Any, instance: Any) -> None:
         is not the owner (the conductor then leaves the server ACTIVE where it is).
     """
     try:
-        policy.check_may_migrate(_config(instance), instance, context, live=True)
+        rules.check_may_migrate(_config(instance), instance, context, live=True)
     except exception.VTPMSecretForbidden as exc:
         raise nova_exception.MigrationPreCheckError(reason=str(exc)) from exc
 
@@ -109,10 +109,10 @@ def add_to_migrate_data(instance: Any, data: Any, nova_host: Any,
     cfg = _config(instance)
     if cfg is None:
         return
-    source = policy.migration_secret_source(cfg)
-    if source is policy.SecretSource.HOST:
+    source = rules.migration_secret_source(cfg)
+    if source is rules.SecretSource.HOST:
         reader = host_secret_reader(nova_host, instance.uuid)
-        recorded = policy.recorded_secret(instance)
+        recorded = rules.recorded_secret(instance)
         if recorded is None or reader(recorded) is None:
             raise nova_exception.VTPMSecretNotFound(_HOST_SECRET_MISSING)
         with translate.nova_errors():
@@ -121,7 +121,7 @@ def add_to_migrate_data(instance: Any, data: Any, nova_host: Any,
         data.vtpm_secret_uuid = start.secret_uuid
         data.vtpm_secret_value_bytes = start.passphrase.encode("ascii")
         return
-    data.vtpm_secret_uuid = policy.recorded_secret(instance)
+    data.vtpm_secret_uuid = rules.recorded_secret(instance)
     data.vtpm_secret_value = None
 
 
@@ -164,7 +164,7 @@ def incoming_running(instance: Any, secrets: SecretStore, start: StartSecret | N
     with translate.nova_errors():
         if start is not None:
             ops_migrate.incoming_running(secrets, instance, start)
-        elif not policy.uses_persistent_secret(cfg.secret_security):
+        elif not rules.uses_persistent_secret(cfg.secret_security):
             ops_migrate.forget_destination(secrets, instance)
 
 

@@ -26,10 +26,10 @@ rescue/unrescue   ``rescue`` / ``unrescue``                   passphrase first; 
 The copies are :class:`vtpm_driver.statestore.DirectoryStateStore` under
 ``[vtpm] state_backup_dir`` (shared storage every compute sees, as the
 standalone path's), made and retired by :class:`vtpm_driver.ops.shelve.OffHostOps`;
-the rules are :mod:`vtpm_driver.policy`'s. ``[vtpm] state_backup = on-stop``
+the rules are :mod:`vtpm_driver.model.rules`'s. ``[vtpm] state_backup = on-stop``
 also copies at every power off (the copy an evacuation needs).
 
-Custody (:mod:`vtpm_driver.custody`): shelve offload, unshelve and evacuation
+Custody (:mod:`vtpm_driver.model.custody`): shelve offload, unshelve and evacuation
 hand the TPM over. The instance's ``system_metadata['vtpm_generation']``
 advances (saved first); the copy (``CopyMeta.generation``) or the restored
 state (its ``vtpm-generation`` file) gets the new value. A copy whose
@@ -55,8 +55,7 @@ from oslo_log import log as logging
 
 from nova.virt.vtpm import translate
 from vtpm_driver import exception
-from vtpm_driver.model import custody
-from vtpm_driver.model import rules as policy
+from vtpm_driver.model import custody, rules
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops.shelve import OffHostOps
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
@@ -114,10 +113,10 @@ class OffHost:
         :raises nova.exception.Forbidden: the policy's refusal, translated.
         """
         context = context if context is not None else oslo_context.get_current()
-        if context is None or not policy.has_vtpm(instance):
+        if context is None or not rules.has_vtpm(instance):
             return
         with translate.nova_errors():
-            policy.check_may_offload(policy.vtpm_of(instance), instance, context, operation)
+            rules.check_may_offload(rules.vtpm_of(instance), instance, context, operation)
 
     def check_evacuation(self, instance: Any) -> str:
         """The copy an evacuation of ``instance`` to this host restores; its description.
@@ -126,14 +125,14 @@ class OffHost:
             ``[vtpm] state_backup``) or a stale one while ``[vtpm]
             allow_stale_tpm_state`` is False.
         :raises nova.exception.NovaException: the copy is not this server's
-            (:func:`vtpm_driver.policy.check_copy_matches`).
+            (:func:`vtpm_driver.model.rules.check_copy_matches`).
         """
         with translate.nova_errors():
             meta, described = self.ops.evacuation_copy(
-                instance.uuid, label=policy.server_label(instance),
+                instance.uuid, label=rules.server_label(instance),
                 host=getattr(instance, "host", None), mode=self.conf.vtpm.state_backup,
                 allow_stale=self.conf.vtpm.allow_stale_tpm_state)
-            policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
+            rules.check_copy_matches(meta, instance, rules.vtpm_of(instance))
             self._check_custody(instance, meta)
         self._evacuating[instance.uuid] = meta
         return described
@@ -189,8 +188,8 @@ class OffHost:
         The stop has happened; a failed copy is logged, not raised (the
         previous copy, if any, stays, and is stale).
         """
-        if not (policy.has_vtpm(instance)
-                and policy.wants_backup(self.conf.vtpm.state_backup, "stop")):
+        if not (rules.has_vtpm(instance)
+                and rules.wants_backup(self.conf.vtpm.state_backup, "stop")):
             return
         try:
             self.store(instance, domain_xml(), reason="stop", shelved=False)
@@ -268,28 +267,28 @@ class OffHost:
             server (never overwritten).
         """
         meta = self._evacuating.pop(instance.uuid, None)
-        if meta is None and unshelving and policy.has_vtpm(instance):
+        if meta is None and unshelving and rules.has_vtpm(instance):
             meta = self.ops.store.get(instance.uuid)
             if meta is None or not meta.shelved:
                 with translate.nova_errors():
                     raise exception.VTPMError(
-                        f"cannot unshelve server {policy.server_label(instance)}: no shelved "
+                        f"cannot unshelve server {rules.server_label(instance)}: no shelved "
                         f"copy of its TPM state in {self.conf.vtpm.state_backup_dir}")
         if meta is None:
             return None
         with translate.nova_errors():
-            policy.check_copy_matches(meta, instance, policy.vtpm_of(instance))
+            rules.check_copy_matches(meta, instance, rules.vtpm_of(instance))
             self._check_custody(instance, meta)
             if not self.ops.store.restore(instance.uuid, self.state_dir(instance.uuid)):
                 raise exception.VTPMError(
-                    f"the off-host copy of server {policy.server_label(instance)} holds no "
+                    f"the off-host copy of server {rules.server_label(instance)} holds no "
                     "TPM state")
             # The restore created it exclusively: remembered, so only it is cleaned up.
             self._created[instance.uuid] = state.CreatedStateDir(
                 self.state_dir(instance.uuid))
         self._hand_over(instance)
         LOG.info("TPM state restored from the off-host copy %s",
-                 policy.describe_copy(meta, time.time()), instance=instance)
+                 rules.describe_copy(meta, time.time()), instance=instance)
         return meta
 
     def _hand_over(self, instance: Any) -> None:

@@ -4,8 +4,8 @@ Nova hands the driver its own ``RequestContext``, ``Flavor``, ``ImageMeta``
 (whose ``properties`` is an ``ImageMetaProps`` object, not a mapping) and
 expects its own exception types back. Everything here is a pure mapping:
 no decision about vTPMs is taken in this module: Nova decides whether a guest
-has one (:func:`vtpm_config`), and :mod:`vtpm_driver.spec`,
-:mod:`vtpm_driver.policy`, :mod:`vtpm_driver.host`, :mod:`vtpm_driver.ops` and
+has one (:func:`vtpm_config`), and :mod:`vtpm_driver.model.request`,
+:mod:`vtpm_driver.model.rules`, :mod:`vtpm_driver.model.hostcheck`, :mod:`vtpm_driver.ops` and
 :mod:`vtpm_driver.virt` the rest.
 """
 
@@ -23,8 +23,7 @@ from nova.virt.libvirt import config as vconfig
 
 from vtpm_driver import exception
 from vtpm_driver.keymgr import context as vtpm_context
-from vtpm_driver.model import request as spec
-from vtpm_driver.model import rules as policy
+from vtpm_driver.model import request, rules
 from vtpm_driver.virt import domain
 
 # A domain document just big enough for domain.add_tpm to build the <tpm> in.
@@ -45,14 +44,14 @@ def request_context(context: Any) -> vtpm_context.RequestContext:
     )
 
 
-def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
+def vtpm_config(flavor: Any, image_meta: Any) -> request.VTPMConfig | None:
     """The vTPM a guest of this flavor and image gets, or None.
 
     Nova decides whether there is one and which (version, model): its
     ``nova.virt.hardware.get_vtpm_constraint``, looked up at call time, is
     the answer its libvirt driver acts on everywhere else (``_create_guest``,
     migrations), so the shim never disagrees with it. The secret mode is the
-    flavor's, checked by :func:`vtpm_driver.policy.secret_security`.
+    flavor's, checked by :func:`vtpm_driver.model.rules.secret_security`.
 
     :raises nova.exception.FlavorImageConflict: flavor and image disagree.
     :raises nova.exception.Invalid: an invalid value or combination.
@@ -61,8 +60,8 @@ def vtpm_config(flavor: Any, image_meta: Any) -> spec.VTPMConfig | None:
     if found is None:
         return None
     with nova_errors():
-        return spec.VTPMConfig(version=found.version, model=found.model,
-                               secret_security=policy.secret_security(flavor))
+        return request.VTPMConfig(version=found.version, model=found.model,
+                               secret_security=rules.secret_security(flavor))
 
 
 def has_vtpm(flavor: Any, image_meta: Any) -> bool:
@@ -100,7 +99,7 @@ def rescue_boots_foreign_files(instance: Any, image_meta: Any, libvirt_conf: Any
             or bool(ramdisk and ramdisk != getattr(instance, "ramdisk_id", None)))
 
 
-def tpm_element(config: spec.VTPMConfig, secret_uuid: str | None) -> etree._Element:
+def tpm_element(config: request.VTPMConfig, secret_uuid: str | None) -> etree._Element:
     """The ``<tpm>`` element exactly as :func:`vtpm_driver.virt.domain.add_tpm` writes it.
 
     :raises nova.exception.Invalid: no or an invalid secret UUID (no vTPM
@@ -119,7 +118,7 @@ class GuestVTPM(vconfig.LibvirtConfigGuestVTPM):
     carries the same ``<tpm>`` as a standalone vtpm-driver server.
     """
 
-    def __init__(self, config: spec.VTPMConfig, secret_uuid: str | None) -> None:
+    def __init__(self, config: request.VTPMConfig, secret_uuid: str | None) -> None:
         self._element = tpm_element(config, secret_uuid)
         super().__init__(hardware.VTPMConfig(config.version, config.model), secret_uuid)
 
@@ -146,7 +145,7 @@ _NOVA_REFUSALS = (
 def startup_refusal(problems: list[str], conf: Any) -> str:
     """nova-compute's refusal to start: Nova's own sentence first, then every problem.
 
-    Nova stops at the first failed check; :func:`vtpm_driver.host.check_host`
+    Nova stops at the first failed check; :func:`vtpm_driver.model.hostcheck.check_host`
     lists them all. The message starts with the sentence Nova's driver would
     have logged (for operators' log searches and Nova's tests), when one of
     the problems is one Nova checks, then lists ours.
