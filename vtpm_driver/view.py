@@ -10,6 +10,7 @@ from typing import Any
 
 from vtpm_driver import exception
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import flavor_extra_specs, image_properties, recorded_secret
 
 #: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
 POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
@@ -66,9 +67,9 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False,
         "vtpm_version": config.version if config else None,
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
-        "vtpm_secret_uuid": rules.recorded_secret(instance),
-        "flavor_extra_specs": dict(rules.flavor_extra_specs(flavor)),
-        "image_properties": dict(rules.image_properties(image_meta)),
+        "vtpm_secret_uuid": recorded_secret(instance),
+        "flavor_extra_specs": dict(flavor_extra_specs(flavor)),
+        "image_properties": dict(image_properties(image_meta)),
         "vcpus": getattr(flavor, "vcpus", None),
         "memory_mb": getattr(flavor, "memory_mb", None),
         "kernel": getattr(image_meta, "kernel", None),

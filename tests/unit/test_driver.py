@@ -15,7 +15,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import driver as vtpm_driver
 from vtpm_driver import exception, servers
 from vtpm_driver.model import hostcheck, request, rules
-from vtpm_driver.model.server import ImageMeta
+from vtpm_driver.model.server import ImageMeta, is_rescued
 from vtpm_driver.virt.probe import LibvirtHostProbe
 
 
@@ -185,10 +185,10 @@ def test_rescue_and_unrescue_hand_off_with_the_same_tpm(offhost_env: Env) -> Non
     inst = env.spawn(env.instance("deployment"))
     ek = env.state_file(inst).read_bytes()
     env.drv.rescue(OWNER, inst, None, None, None, None)
-    assert rules.is_rescued(inst) and f"{rules.RESCUE_CMDLINE}" in env.dom(inst).xml
+    assert is_rescued(inst) and f"{rules.RESCUE_CMDLINE}" in env.dom(inst).xml
     assert env.state_file(inst).read_bytes() == ek
     env.drv.unrescue(OWNER, inst)
-    assert not rules.is_rescued(inst) and rules.RESCUE_CMDLINE not in env.dom(inst).xml
+    assert not is_rescued(inst) and rules.RESCUE_CMDLINE not in env.dom(inst).xml
     assert env.dom(inst).active and env.state_file(inst).read_bytes() == ek
 
 
@@ -200,7 +200,7 @@ def test_a_members_rescue_of_a_user_mode_server_touches_nothing(offhost_env: Env
     with pytest.raises(exception.VTPMSecretForbidden):
         env.drv.rescue(MEMBER, inst, None, None, None, None)
     assert env.dom(inst).active and env.dom(inst).xml == xml
-    assert not rules.is_rescued(inst)
+    assert not is_rescued(inst)
 
 
 def test_rebuild_as_an_evacuation_is_refused_naming_nova(offhost_env: Env) -> None:

@@ -18,6 +18,7 @@ from tests.fakes.service import FakeBackend
 from tests.unit.conftest import OWNER, Env
 from vtpm_driver import exception, servers
 from vtpm_driver.model import rules
+from vtpm_driver.model.server import recorded_secret
 from vtpm_driver.ops import locks
 from vtpm_driver.service import ServerService
 
@@ -212,7 +213,7 @@ def test_confirm_acts_on_the_resize_pending_under_the_lock(
     service = record_service(env)
     inst = env.spawn(env.instance("user"))
     service.resize(inst.name, set_specs={}, vcpus=2)
-    secret = rules.recorded_secret(servers.find(env.conn, inst.uuid))
+    secret = recorded_secret(servers.find(env.conn, inst.uuid))
     assert secret in env.km.passphrases
 
     def confirm_then_remove_the_vtpm() -> None:
@@ -226,7 +227,7 @@ def test_confirm_acts_on_the_resize_pending_under_the_lock(
     assert not service.backend.resize_pending(inst)
     found = servers.find(env.conn, inst.uuid)
     assert not rules.has_vtpm(found)
-    assert rules.recorded_secret(found) is None
+    assert recorded_secret(found) is None
     assert found.flavor.vcpus == 1
     assert env.km.passphrases == {}  # the removed vTPM's passphrase did not leak
     assert env.conn.secrets == {}
@@ -257,7 +258,7 @@ def test_revert_acts_on_the_resize_pending_under_the_lock(
     assert not service.backend.resize_pending(inst)
     found = servers.find(env.conn, inst.uuid)
     assert not rules.has_vtpm(found)
-    assert rules.recorded_secret(found) is None
+    assert recorded_secret(found) is None
     assert found.flavor.vcpus == 1
     assert env.km.passphrases == {}  # the added vTPM's secret went with the revert
     assert env.conn.secrets == {}
@@ -277,5 +278,5 @@ def test_confirm_or_revert_of_a_resize_decided_meanwhile_is_refused(
     with pytest.raises(exception.VTPMError, match="has no resize awaiting confirm or revert"):
         action(inst.name)
     found = servers.find(env.conn, inst.uuid)
-    assert found.flavor.vcpus == 2 and rules.recorded_secret(found) in env.km.passphrases
+    assert found.flavor.vcpus == 2 and recorded_secret(found) in env.km.passphrases
     assert env.dom(inst).active

@@ -13,7 +13,7 @@ from tests.unit.conftest import INITRD, KERNEL, MEMBER, OWNER, Env
 from vtpm_driver import exception, servers
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import rules
-from vtpm_driver.model.server import Instance
+from vtpm_driver.model.server import Instance, is_rescued, recorded_secret
 from vtpm_driver.service import ServerService
 
 # (issue 13) Each command read the server, then waited for its lock while other
@@ -55,12 +55,12 @@ def test_restarts_act_on_a_resize_confirmed_while_they_waited(
     _call(service, operation, inst.name)()
     assert landed == [operation]
     found = servers.find(env.conn, inst.uuid)
-    secret = rules.recorded_secret(found)
+    secret = recorded_secret(found)
     assert rules.has_vtpm(found) and found.flavor.vcpus == 2
     assert secret is not None and list(env.km.passphrases) == [secret]
     assert "<tpm" in env.dom(inst).xml and secret in env.dom(inst).xml
     assert env.dom(inst).active
-    assert rules.is_rescued(found) == (operation == "rescue")
+    assert is_rescued(found) == (operation == "rescue")
 
 
 @pytest.mark.parametrize("operation", ["rescue", "unrescue", "rebuild"])
@@ -87,7 +87,7 @@ def test_a_resize_ended_while_waiting_is_refused_under_the_lock(
     assert landed == [operation]
     assert service.backend.resize_pending(inst)  # B's resize, untouched
     found = servers.find(env.conn, inst.uuid)
-    assert found.flavor.vcpus == 2 and rules.recorded_secret(found) in env.km.passphrases
+    assert found.flavor.vcpus == 2 and recorded_secret(found) in env.km.passphrases
     assert env.dom(inst).active and [env.dom(inst).xml] == resized
     assert service.store.list() == []
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from vtpm_driver import exception
 from vtpm_driver.model import request, rules
-from vtpm_driver.model.server import canonical_uuid
+from vtpm_driver.model.server import SYSMETA_KEY, canonical_uuid, server_label
 from vtpm_driver.ops import journal
 
 LIBVIRT_SECRET = "libvirt_secret"
@@ -229,7 +229,7 @@ def _canonical(value: object) -> str | None:
 
 def _finding(instance: Any) -> ServerFinding:
     """What the audit reads from a server (never raises)."""
-    recorded = (getattr(instance, "system_metadata", None) or {}).get(rules.SYSMETA_KEY)
+    recorded = (getattr(instance, "system_metadata", None) or {}).get(SYSMETA_KEY)
     secret = recorded if isinstance(recorded, str) and recorded else None
     try:
         config = rules.vtpm_of(instance)
@@ -364,7 +364,7 @@ def half_done(servers: Iterable[Any], facts: Mapping[str, Mapping[str, bool]],
         uuid = _canonical(instance.uuid) or instance.uuid
         try:
             intent = journal.read(getattr(instance, "system_metadata", None),
-                                  rules.server_label(instance))
+                                  server_label(instance))
         except exception.InvalidJournalEntry as exc:
             found.append(HalfDone(uuid, instance.name, INVALID_ENTRY, exc.field, 0, NO_ACTION,
                                   str(exc), (holders or {}).get(uuid)))

@@ -29,8 +29,9 @@ from vtpm_driver.demo import inspect
 from vtpm_driver.demo.report import FAIL, OK, SKIP, Reporter, StepResult
 from vtpm_driver.guestreport import result_line, results_since
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request, rules
+from vtpm_driver.model import request
 from vtpm_driver.model.hostcheck import check_host
+from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
 
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
 NAME_PREFIX = "vtpm-demo-"
@@ -222,10 +223,10 @@ class DemoRun:
             kernel=str(kernel), initrd=str(initrd), cmdline=GUEST_CMDLINE,
             disk=None, vcpus=1, memory_mb=256, console_log=None)
         self.backend.driver.spawn(owner, self.instance, self.instance.image_meta, [], None, {})
-        self.secret_uuid = rules.recorded_secret(self.instance)
+        self.secret_uuid = recorded_secret(self.instance)
         if not self.secret_uuid:
             raise CheckFailed(f"server {self.name} started but records no "
-                              f"system_metadata['{rules.SYSMETA_KEY}']")
+                              f"system_metadata['{SYSMETA_KEY}']")
         return (f"{self.name} ({self.instance.uuid}) as {_who(owner)}: TPM 2.0, tpm-crb, "
                 f"secret security user; guest cmdline '{GUEST_CMDLINE}'")
 
@@ -419,7 +420,7 @@ class DemoRun:
             instance = self.instance
         inspect.remove_by_hand(self.conn, self.state_base, instance.uuid, self.secret_uuid)
         if owner is not None and self.secret_uuid:
-            instance.system_metadata.setdefault(rules.SYSMETA_KEY, self.secret_uuid)
+            instance.system_metadata.setdefault(SYSMETA_KEY, self.secret_uuid)
             self.keymgr.delete_vtpm_secret(owner, instance)
         return notes
 

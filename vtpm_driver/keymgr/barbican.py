@@ -31,12 +31,12 @@ from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret, require_recorded_secret
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
 
 LOG = logging.getLogger(__name__)
 
-SYSMETA_KEY = rules.SYSMETA_KEY
 SECRET_NAME_PREFIX = "vTPM secret for instance "
 PASSPHRASE_BYTES = 384
 PASSPHRASE_LENGTH = 4 * PASSPHRASE_BYTES // 3  # base64: 512 ASCII characters
@@ -213,7 +213,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         """
         mode = self._mode(secret_security, instance)
         # None recorded: require_recorded_secret raises VTPMSecretNotFound.
-        secret_uuid = self._recorded_uuid(instance) or rules.require_recorded_secret(instance)
+        secret_uuid = self._recorded_uuid(instance) or require_recorded_secret(instance)
         target = self._target(context, mode)
         with target.errors("read", secret_uuid, instance.uuid):
             resp = client_mod.http(target.client).request(
@@ -279,7 +279,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
 
     @staticmethod
     def _recorded_uuid(instance: Any) -> str | None:
-        value = rules.recorded_secret(instance)
+        value = recorded_secret(instance)
         if value is None:
             return None
         secret_uuid = as_uuid(value)

@@ -5,8 +5,8 @@ This module answers the questions every operation asks next, once, for the
 standalone driver and the Nova shim alike (no I/O, no libvirt, no Barbican):
 
 * :func:`vtpm_of` / :func:`has_vtpm`: the vTPM of a server-like object
-  (anything with ``flavor.extra_specs`` and ``image_meta.properties``, Nova
-  objects after :func:`flavor_extra_specs`/:func:`image_properties` or ours);
+  (anything with ``flavor.extra_specs`` and ``image_meta.properties``, Nova's
+  objects or ours, read by :mod:`vtpm_driver.model.server`'s readers);
 * :func:`secret_security`: the secret mode of a flavor object, by the one
   rule (:func:`vtpm_driver.model.request.secret_security`);
 * :func:`resize_change`: what a resize or cold migration does to the TPM
@@ -27,10 +27,13 @@ from typing import Any
 from vtpm_driver import exception
 from vtpm_driver.model import request
 from vtpm_driver.model.request import VTPMConfig
-from vtpm_driver.model.server import Flavor, canonical_uuid
-
-#: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
-SYSMETA_KEY = "vtpm_secret_uuid"
+from vtpm_driver.model.server import (
+    Flavor,
+    canonical_uuid,
+    flavor_extra_specs,
+    image_properties,
+    server_label,
+)
 
 
 class Change(enum.Enum):
@@ -51,44 +54,6 @@ class Change(enum.Enum):
     def drops_old_state(self) -> bool:
         """Whether the state the server had must not be used by the new flavor."""
         return self in (Change.FRESH, Change.REMOVED)
-
-
-def flavor_extra_specs(flavor: Any) -> Mapping[str, Any]:
-    """A flavor's (object or dict) extra specs; empty when it has none."""
-    if flavor is None:
-        return {}
-    if isinstance(flavor, Mapping):
-        found = flavor.get("extra_specs")
-    else:
-        found = getattr(flavor, "extra_specs", None)
-    return found if isinstance(found, Mapping) else {}
-
-
-def image_properties(image_meta: Any) -> Mapping[str, Any]:
-    """The vTPM image properties of an image (object, dict, or Nova ``ImageMetaProps``).
-
-    Nova's ``ImageMetaProps`` is not a ``Mapping`` but has ``get``; only the
-    keys :mod:`vtpm_driver.model.request` reads are copied, and only when set.
-    """
-    if image_meta is None:
-        return {}
-    if isinstance(image_meta, Mapping):
-        props: Any = image_meta.get("properties")
-    else:
-        props = getattr(image_meta, "properties", None)
-    if props is None:
-        return {}
-    if isinstance(props, Mapping):
-        return props
-    found = {}
-    for key in (request.IMAGE_VERSION_KEY, request.IMAGE_MODEL_KEY):
-        try:
-            value = props.get(key)
-        except Exception:  # an object without the field: treat as unset
-            value = None
-        if value is not None:
-            found[key] = value
-    return found
 
 
 def vtpm_of(instance: Any, flavor: Any = None, image_meta: Any = None) -> VTPMConfig | None:
@@ -174,32 +139,6 @@ def owned_by_service_user(mode: str) -> bool:
     to the server's owner and need the owner's token (or a project admin's).
     """
     return mode == request.SECRET_DEPLOYMENT
-
-
-def recorded_secret(instance: Any) -> str | None:
-    """The Barbican secret UUID recorded for the server, or None."""
-    sysmeta = getattr(instance, "system_metadata", None) or {}
-    value = sysmeta.get(SYSMETA_KEY)
-    return value or None
-
-
-def require_recorded_secret(instance: Any) -> str:
-    """The recorded Barbican secret UUID.
-
-    :raises VTPMSecretNotFound: none is recorded: the TPM state cannot be unlocked.
-    """
-    value = recorded_secret(instance)
-    if value is None:
-        raise exception.VTPMSecretNotFound(
-            f"server {getattr(instance, 'uuid', '?')} has no vTPM secret recorded in "
-            f"system_metadata['{SYSMETA_KEY}']: its vTPM state cannot be unlocked"
-        )
-    return value
-
-
-def server_label(instance: Any) -> str:
-    """``'name' (uuid)`` for messages."""
-    return f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"
 
 
 def may_live_migrate(cfg: VTPMConfig | None) -> bool:
@@ -374,8 +313,6 @@ def new_flavor(old: Any, set_specs: Mapping[str, str], unset: Sequence[str],
 
 # -- a TPM that outlives its host: off-host copies (Nova's shelve, evacuation), rescue -----
 
-#: ``system_metadata`` key of a server booted in rescue mode.
-RESCUE_KEY = "vtpm_rescued"
 #: The rescue boot's default marker on the kernel command line.
 RESCUE_CMDLINE = "vtpm_rescue=1"
 #: Events after which ``[vtpm] state_backup`` takes a copy.
@@ -521,6 +458,3 @@ def rescue_boot(image_meta: Any, kernel: str | None, initrd: str | None,
             cmdline if cmdline is not None else RESCUE_CMDLINE)
 
 
-def is_rescued(instance: Any) -> bool:
-    sysmeta = getattr(instance, "system_metadata", None) or {}
-    return bool(sysmeta.get(RESCUE_KEY))

@@ -2,7 +2,10 @@
 
 The driver only reads the attributes Nova's objects have, so a real Nova
 ``Instance`` can be passed in place of these (duck typing); the standalone CLI
-builds these dataclasses. The standalone server record in a domain's
+builds these dataclasses. The readers below (:func:`flavor_extra_specs`,
+:func:`image_properties`, :func:`recorded_secret`, :func:`is_rescued`, ...)
+take either, and the ``system_metadata`` keys (:data:`SYSMETA_KEY`,
+:data:`RESCUE_KEY`) are Nova's names, defined once here. The standalone server record in a domain's
 ``<metadata>`` is this model serialised (:mod:`vtpm_driver.virt.record`), and
 the operator audit works on it too (:mod:`vtpm_driver.audit`).
 
@@ -15,11 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import uuid as uuid_mod
+from collections.abc import Mapping
+from typing import Any
 
 from oslo_utils import uuidutils
 
 from vtpm_driver import exception
+from vtpm_driver.model import request
 from vtpm_driver.model.request import show
+
+#: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
+SYSMETA_KEY = "vtpm_secret_uuid"
+#: ``system_metadata`` key of a server booted in rescue mode.
+RESCUE_KEY = "vtpm_rescued"
 
 
 def canonical_uuid(value: object) -> str | None:
@@ -94,4 +105,77 @@ class Instance:
 
     @property
     def vtpm_secret_uuid(self) -> str | None:
-        return self.system_metadata.get("vtpm_secret_uuid")
+        return self.system_metadata.get(SYSMETA_KEY)
+
+
+# -- readers: a server's (ours or Nova's) flavor, image and system_metadata ------------
+
+
+def flavor_extra_specs(flavor: Any) -> Mapping[str, Any]:
+    """A flavor's (object or dict) extra specs; empty when it has none."""
+    if flavor is None:
+        return {}
+    if isinstance(flavor, Mapping):
+        found = flavor.get("extra_specs")
+    else:
+        found = getattr(flavor, "extra_specs", None)
+    return found if isinstance(found, Mapping) else {}
+
+
+def image_properties(image_meta: Any) -> Mapping[str, Any]:
+    """The vTPM image properties of an image (object, dict, or Nova ``ImageMetaProps``).
+
+    Nova's ``ImageMetaProps`` is not a ``Mapping`` but has ``get``; only the
+    keys :mod:`vtpm_driver.model.request` reads are copied, and only when set.
+    """
+    if image_meta is None:
+        return {}
+    if isinstance(image_meta, Mapping):
+        props: Any = image_meta.get("properties")
+    else:
+        props = getattr(image_meta, "properties", None)
+    if props is None:
+        return {}
+    if isinstance(props, Mapping):
+        return props
+    found = {}
+    for key in (request.IMAGE_VERSION_KEY, request.IMAGE_MODEL_KEY):
+        try:
+            value = props.get(key)
+        except Exception:  # an object without the field: treat as unset
+            value = None
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def recorded_secret(instance: Any) -> str | None:
+    """The Barbican secret UUID recorded for the server, or None."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    value = sysmeta.get(SYSMETA_KEY)
+    return value or None
+
+
+def require_recorded_secret(instance: Any) -> str:
+    """The recorded Barbican secret UUID.
+
+    :raises VTPMSecretNotFound: none is recorded: the TPM state cannot be unlocked.
+    """
+    value = recorded_secret(instance)
+    if value is None:
+        raise exception.VTPMSecretNotFound(
+            f"server {getattr(instance, 'uuid', '?')} has no vTPM secret recorded in "
+            f"system_metadata['{SYSMETA_KEY}']: its vTPM state cannot be unlocked"
+        )
+    return value
+
+
+def is_rescued(instance: Any) -> bool:
+    """Whether the server is booted in rescue mode (:data:`RESCUE_KEY` is set)."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return bool(sysmeta.get(RESCUE_KEY))
+
+
+def server_label(instance: Any) -> str:
+    """``'name' (uuid)`` for messages."""
+    return f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"

@@ -26,8 +26,7 @@ from typing import Any
 from oslo_log import log as logging
 
 from vtpm_driver import exception
-from vtpm_driver.model import rules
-from vtpm_driver.model.server import Instance, require_uuid
+from vtpm_driver.model.server import Instance, require_uuid, server_label
 from vtpm_driver.virt import record, state
 
 LOG = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class ResizeBackups:
             if created:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise exception.VTPMError(
-                f"cannot back up the vTPM state of server {rules.server_label(instance)} to "
+                f"cannot back up the vTPM state of server {server_label(instance)} to "
                 f"{str(path)!r}: {exc.strerror or exc}"
             ) from None
 
@@ -190,7 +189,7 @@ class ResizeBackups:
             copy_tree_preserving(backup, live)
         except OSError as exc:
             raise exception.VTPMError(
-                f"cannot restore the vTPM state of server {rules.server_label(instance)} "
+                f"cannot restore the vTPM state of server {server_label(instance)} "
                 f"from {str(backup)!r}: {exc.strerror or exc}"
             ) from None
         return True

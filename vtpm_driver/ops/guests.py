@@ -24,9 +24,10 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.keymgr import KeyManagerAPI
-from vtpm_driver.model import custody, rules
+from vtpm_driver.model import custody
 from vtpm_driver.model.hostcheck import HostReport
 from vtpm_driver.model.request import VTPMConfig
+from vtpm_driver.model.server import recorded_secret, server_label
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
@@ -87,7 +88,7 @@ class Guests:
             return
         why = f" ({'; '.join(report.problems)})" if report.problems else ""
         raise exception.InvalidConfiguration(
-            f"server {rules.server_label(instance)} asks for a vTPM (version {cfg.version}, "
+            f"server {server_label(instance)} asks for a vTPM (version {cfg.version}, "
             f"model {cfg.model}, secret security {cfg.secret_security}) that this host does "
             f"not offer: missing trait(s) {', '.join(missing)}{why}"
         )
@@ -128,7 +129,7 @@ class Guests:
         """
         xml = base if base is not None else self.base_xml(instance)
         if cfg is not None:
-            xml = domain.add_tpm(xml, cfg.version, cfg.model, rules.recorded_secret(instance))
+            xml = domain.add_tpm(xml, cfg.version, cfg.model, recorded_secret(instance))
         return record.set_server_record(xml, instance)
 
     def define(self, instance: Any, cfg: VTPMConfig | None) -> Any:
@@ -207,7 +208,7 @@ class Guests:
         if exc is not None:
             raise exception.VirtError(
                 f"cannot remove old console log {instance.console_log!r} of server "
-                f"{rules.server_label(instance)}: {exc.strerror}"
+                f"{server_label(instance)}: {exc.strerror}"
             ) from None
 
     def remove_own_console_log(self, instance: Any) -> None:
@@ -291,7 +292,7 @@ class Guests:
         # secret is undefined again, the next operation (or audit) removes it.
         announce = (start is not None and start.passphrase is not None
                     and journal.read(instance.system_metadata,
-                                     rules.server_label(instance)) is None)
+                                     server_label(instance)) is None)
         if announce:
             self.journal(dom, instance, journal.begin(journal.START))
         try:

@@ -25,6 +25,7 @@ from oslo_log import log as logging
 from vtpm_driver import exception, faults
 from vtpm_driver.model import rules
 from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
+from vtpm_driver.model.server import recorded_secret, server_label
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
@@ -68,7 +69,7 @@ class LifecycleOps:
         :raises VTPMError: swtpm state of a deleted server is in the way.
         """
         conn = self.guests.conn
-        label = rules.server_label(instance)
+        label = server_label(instance)
         for key in (instance.uuid, instance.name):
             try:
                 dom = guest.lookup(conn, key)
@@ -119,7 +120,7 @@ class LifecycleOps:
             if not isinstance(exc, Exception):
                 raise
             LOG.debug("Spawn failed: %s", exc, instance_uuid=instance.uuid)
-            raise _wrap(exc, f"cannot spawn server {rules.server_label(instance)}", problems
+            raise _wrap(exc, f"cannot spawn server {server_label(instance)}", problems
                         ) from exc
         LOG.info("Spawned server %s%s", instance.name,
                  f" with vTPM {cfg.version}/{cfg.model} ({cfg.secret_security} secret)"
@@ -174,7 +175,7 @@ class LifecycleOps:
         :raises VTPMSecretForbidden: the caller may not delete the Barbican secret.
         :raises KeyManagerUnavailable: Barbican is down (nothing was touched).
         """
-        recorded = rules.recorded_secret(instance)
+        recorded = recorded_secret(instance)
         dom = self.guests.find(instance)
         if destroy_disks and destroy_secrets:
             ops_secrets.delete_barbican_secret(context, instance, instance.flavor,

@@ -29,6 +29,7 @@ from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.model import rules
 from vtpm_driver.model.request import VTPMConfig
 from vtpm_driver.model.rules import SecretSource
+from vtpm_driver.model.server import require_recorded_secret
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.secrets import SecretStore, StartSecret
 
@@ -50,7 +51,7 @@ def fetch_secret(context: Any, instance: Any, cfg: VTPMConfig | None, keymgr: Ke
     source = rules.check_may_migrate(cfg, instance, context, live=live)
     if cfg is None or source is SecretSource.NONE:
         return None
-    secret_uuid = rules.require_recorded_secret(instance)
+    secret_uuid = require_recorded_secret(instance)
     persistent = rules.uses_persistent_secret(cfg.secret_security)
     passphrase = None
     if source is SecretSource.HOST and host_secret is not None:

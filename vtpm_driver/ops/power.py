@@ -16,6 +16,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import server_label
 from vtpm_driver.ops.guests import DEFAULT_RETRY_INTERVAL, Guests
 from vtpm_driver.virt import domains, guest
 
@@ -112,7 +113,7 @@ class PowerOps:
         current = guest.get_state(dom)
         if current not in guest.SUSPENDABLE_STATES:
             raise exception.VirtError(
-                f"cannot suspend server {rules.server_label(instance)}: it is "
+                f"cannot suspend server {server_label(instance)}: it is "
                 f"{guest.state_name(current)}"
             )
         guest.managed_save(dom)

@@ -29,6 +29,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.model import custody, rules
+from vtpm_driver.model.server import RESCUE_KEY, is_rescued, server_label
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.virt import guest, state
 
@@ -64,7 +65,7 @@ class RebuildOps:
         dom = self.guests.lookup(instance)
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
-                f"server {rules.server_label(instance)} is suspended: resume it first")
+                f"server {server_label(instance)} is suspended: resume it first")
         start = self.guests.prepare_start(context, instance, cfg)
         if reset_tpm and cfg is not None:
             custody.advance(instance)  # a new TPM: a new generation, in the record first
@@ -87,8 +88,8 @@ class RebuildOps:
         :raises VTPMError: already rescued, or suspended.
         :raises VTPMSecretForbidden: ``user`` mode, not the owner (nothing touched).
         """
-        label = rules.server_label(instance)
-        if rules.is_rescued(instance):
+        label = server_label(instance)
+        if is_rescued(instance):
             raise exception.VTPMError(f"server {label} is in rescue mode already")
         boot = rules.rescue_boot(instance.image_meta, kernel, initrd, cmdline)
 
@@ -100,24 +101,24 @@ class RebuildOps:
                 base = self.guests.base_xml(instance)
             finally:
                 normal.kernel, normal.initrd, normal.cmdline = saved
-            instance.system_metadata[rules.RESCUE_KEY] = "1"
+            instance.system_metadata[RESCUE_KEY] = "1"
             return self.guests.domain_xml(instance, cfg, base)
 
         try:
             self._restart(context, instance, rescue_xml)
         except BaseException:
-            instance.system_metadata.pop(rules.RESCUE_KEY, None)
+            instance.system_metadata.pop(RESCUE_KEY, None)
             raise
         LOG.info("Rescued server %s (same vTPM)", instance.name, instance_uuid=instance.uuid)
 
     def unrescue(self, context: Any, instance: Any) -> None:
         """Back to the normal boot, TPM state kept. :raises VTPMError: not rescued."""
-        if not rules.is_rescued(instance):
+        if not is_rescued(instance):
             raise exception.VTPMError(
-                f"server {rules.server_label(instance)} is not in rescue mode")
+                f"server {server_label(instance)} is not in rescue mode")
 
         def normal_xml(cfg: Any) -> str:
-            instance.system_metadata.pop(rules.RESCUE_KEY, None)
+            instance.system_metadata.pop(RESCUE_KEY, None)
             return self.guests.domain_xml(instance, cfg)
 
         self._restart(context, instance, normal_xml)
@@ -131,8 +132,8 @@ class RebuildOps:
         :raises VTPMError: rescued (unrescue first) or suspended; bad boot files
             (checked before the guest is touched).
         """
-        label = rules.server_label(instance)
-        if rules.is_rescued(instance):
+        label = server_label(instance)
+        if is_rescued(instance):
             raise exception.VTPMError(f"server {label} is in rescue mode: unrescue it first")
         image = instance.image_meta
         old = (image.kernel, image.initrd, image.cmdline)

@@ -15,6 +15,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception
 from vtpm_driver.model import rules
+from vtpm_driver.model.server import server_label
 from vtpm_driver.ops import journal
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.ops.resize import ResizeOps
@@ -64,7 +65,7 @@ class Recovery:
                 sysmeta[journal.KEY] = raw
             else:
                 sysmeta.pop(journal.KEY, None)
-        return journal.read(sysmeta, rules.server_label(instance))
+        return journal.read(sysmeta, server_label(instance))
 
     def remove_leftovers(self, instance: Any) -> None:
         """On delete: remove the temporary backup an interrupted resize named; the
@@ -72,7 +73,7 @@ class Recovery:
 
         :raises InvalidJournalEntry: the entry is garbled."""
         intent = journal.read(getattr(instance, "system_metadata", None),
-                              rules.server_label(instance))
+                              server_label(instance))
         if intent is not None and intent.tmp_backup:
             self.resize.backups.remove_tmp(intent.tmp_backup, instance.uuid)
 
@@ -103,7 +104,7 @@ class Recovery:
             return None
         decision = journal.decide(intent, **self.facts(instance, intent))
         LOG.warning("Found an interrupted operation on server %s: %s; %s (%s)",
-                    rules.server_label(instance), intent.describe(), decision.action.value,
+                    server_label(instance), intent.describe(), decision.action.value,
                     decision.reason, instance_uuid=instance.uuid)
         if decision.remove_tmp_backup:
             self.resize.backups.remove_tmp(decision.remove_tmp_backup, instance.uuid)

@@ -55,6 +55,7 @@ from oslo_log import log as logging
 from vtpm_driver import exception, faults
 from vtpm_driver.model import custody, request, rules
 from vtpm_driver.model.rules import Change
+from vtpm_driver.model.server import recorded_secret, server_label
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.backup import ResizeBackups
@@ -93,7 +94,7 @@ class ResizeOps:
         stashed = self.backups.stashed(instance.uuid)
         if stashed is None:
             raise exception.VTPMError(
-                f"server {rules.server_label(instance)} has no resize in progress: no old "
+                f"server {server_label(instance)} has no resize in progress: no old "
                 f"flavor and no backup in {str(self.backups.backup_dir(instance.uuid))!r}"
             )
         return stashed.flavor
@@ -108,7 +109,7 @@ class ResizeOps:
         if dest is None or dest in _LOCAL_DESTS or dest == socket.gethostname():
             return
         raise exception.VTPMError(
-            f"cannot migrate server {rules.server_label(instance)} to {request.show(dest)}: the "
+            f"cannot migrate server {server_label(instance)} to {request.show(dest)}: the "
             "standalone driver only resizes on this host (cold migration to another host "
             "is not implemented)"
         )
@@ -120,7 +121,7 @@ class ResizeOps:
         new_cfg = rules.vtpm_of(instance, flavor=new_flavor)
         if new_cfg is not None:
             self.guests.check_host_offers(new_cfg, instance)
-        rules.check_mode_change(old_cfg, new_cfg, rules.server_label(instance))
+        rules.check_mode_change(old_cfg, new_cfg, server_label(instance))
         return old_cfg, new_cfg, rules.resize_change(old_cfg, new_cfg)
 
     def _check_barbican_first(self, context: Any, instance: Any,
@@ -136,7 +137,7 @@ class ResizeOps:
         check_creator(context, instance, new_cfg, change)
         if new_cfg is None or change is Change.ADDED:
             return
-        if rules.recorded_secret(instance) is not None:
+        if recorded_secret(instance) is not None:
             self.guests.prepare_start(context, instance, new_cfg)
 
     # -- the four steps -------------------------------------------------------
@@ -160,13 +161,13 @@ class ResizeOps:
         dom = self.guests.lookup(instance)
         if self.backups.has_backup(instance.uuid):
             raise exception.VTPMError(
-                f"a resize of server {rules.server_label(instance)} is already in progress "
+                f"a resize of server {server_label(instance)} is already in progress "
                 f"(backup in {str(self.backups.backup_dir(instance.uuid))!r}): confirm or "
                 "revert it first"
             )
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
-                f"cannot resize server {rules.server_label(instance)} while it is suspended: "
+                f"cannot resize server {server_label(instance)} while it is suspended: "
                 "resume it first"
             )
         self._check_barbican_first(context, instance, new_cfg, change)
@@ -213,7 +214,7 @@ class ResizeOps:
         self.guests.journal(dom, instance, intent)
         start: ops_secrets.StartSecret | None = None
         try:
-            needs_secret = new_cfg is not None and rules.recorded_secret(instance) is None
+            needs_secret = new_cfg is not None and recorded_secret(instance) is None
             if power_on or needs_secret:
                 start = self.guests.prepare_start(context, instance, new_cfg, create=True)
             faults.point("finish.after_secret")
@@ -239,7 +240,7 @@ class ResizeOps:
         except Exception as exc:
             outcome = self._roll_back_finish(context, instance, old_flavor, start)
             raise _with_outcome(exc, f"cannot finish the resize of server "
-                                f"{rules.server_label(instance)}", outcome) from exc
+                                f"{server_label(instance)}", outcome) from exc
         self.guests.journal(dom, instance, None)
         LOG.info("Resize finished", instance_uuid=instance.uuid)
 
@@ -276,7 +277,7 @@ class ResizeOps:
         old_flavor = self._old_flavor(instance)
         change = rules.resize_change(rules.vtpm_of(instance, flavor=old_flavor),
                                       rules.vtpm_of(instance))
-        secret_uuid = rules.recorded_secret(instance)
+        secret_uuid = recorded_secret(instance)
         dom = self.guests.find(instance)
         self.guests.journal(dom, instance, journal.begin(journal.RESIZE_CONFIRM))
         if change is Change.REMOVED and secret_uuid:
@@ -302,7 +303,7 @@ class ResizeOps:
         The backup is removed only once all of that worked.
         """
         dom = self.guests.lookup(instance)
-        entry = journal.read(instance.system_metadata, rules.server_label(instance))
+        entry = journal.read(instance.system_metadata, server_label(instance))
         if entry is not None and (entry.operation, entry.step) == (journal.RESIZE_REVERT,
                                                                    journal.RESTORED):
             self._finish_restored_revert(context, instance, dom, power_on)
@@ -312,7 +313,7 @@ class ResizeOps:
         old_cfg = rules.vtpm_of(instance, flavor=old_flavor)
         new_cfg = rules.vtpm_of(instance, flavor=new_flavor) if new_flavor else None
         change = rules.resize_change(old_cfg, new_cfg)
-        secret_uuid = rules.recorded_secret(instance)
+        secret_uuid = recorded_secret(instance)
         # The passphrase first (read only; an added vTPM's old config has none) ...
         start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
         if old_cfg is not None:
@@ -412,7 +413,7 @@ def check_creator(context: Any, instance: Any, cfg: request.VTPMConfig | None,
     if caller is None or caller == getattr(instance, "project_id", None):
         return
     raise exception.VTPMSecretForbidden(
-        f"cannot add a vTPM to server {rules.server_label(instance)} as a member of project "
+        f"cannot add a vTPM to server {server_label(instance)} as a member of project "
         f"{caller}: its {cfg.secret_security!r} secret would be created in that project, "
         f"where the owner's project {instance.project_id} could not delete it; a member of "
         f"{instance.project_id} must do this resize"

@@ -34,6 +34,12 @@ from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.model import rules
 from vtpm_driver.model.request import VTPMConfig
+from vtpm_driver.model.server import (
+    SYSMETA_KEY,
+    recorded_secret,
+    require_recorded_secret,
+    server_label,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -108,12 +114,12 @@ def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyMan
         server is not the recorded one (nothing is touched).
     """
     persistent = rules.uses_persistent_secret(mode)
-    recorded = rules.recorded_secret(instance)
+    recorded = recorded_secret(instance)
     if persistent:
         existing = secrets.find(instance.uuid)
         if host_secret_reusable(instance, recorded, existing):
             if recorded is None:
-                instance.system_metadata[rules.SYSMETA_KEY] = existing
+                instance.system_metadata[SYSMETA_KEY] = existing
                 LOG.warning("Reusing the host's libvirt vTPM secret %s, which the server's "
                             "record did not name (now recorded)", existing,
                             instance_uuid=instance.uuid)
@@ -121,7 +127,7 @@ def prepare_start_in_mode(context: Any, instance: Any, mode: str, keymgr: KeyMan
                       instance_uuid=instance.uuid)
             return StartSecret(str(existing), None, persistent=True)
     if recorded is None and not create:
-        rules.require_recorded_secret(instance)  # raises VTPMSecretNotFound
+        require_recorded_secret(instance)  # raises VTPMSecretNotFound
     secret_uuid, passphrase = keymgr.ensure_vtpm_secret(context, instance, mode)
     return StartSecret(secret_uuid, passphrase, persistent, created=recorded is None)
 
@@ -143,7 +149,7 @@ def host_secret_reusable(instance: Any, recorded: str | None, existing: str | No
     if recorded is None or existing == recorded:
         return True
     raise exception.VTPMSecretConflict(
-        f"server {rules.server_label(instance)}: this host holds libvirt vTPM secret "
+        f"server {server_label(instance)}: this host holds libvirt vTPM secret "
         f"{existing} for it, but its record names secret {recorded}; refusing to replace "
         f"the host's secret (its TPM state may be encrypted with it). Check which one "
         f"unlocks the state, then undefine the other (virsh secret-undefine) or fix "
@@ -209,7 +215,7 @@ def remove_libvirt_secrets(secrets: SecretStore, instance: Any, *,
     dropped it from ``system_metadata`` (default: the one recorded now).
     Idempotent; used by delete and by cleanups of a moved server.
     """
-    recorded = recorded or rules.recorded_secret(instance)
+    recorded = recorded or recorded_secret(instance)
     if recorded:
         secrets.undefine(recorded)
     leftover = secrets.find(instance.uuid)
@@ -248,7 +254,7 @@ def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAP
     :raises VTPMSecretForbidden: the caller may not delete it.
     :raises KeyManagerUnavailable: the key manager is down (the key stays; retry).
     """
-    secret_uuid = rules.recorded_secret(instance)
+    secret_uuid = recorded_secret(instance)
     if secret_uuid is None:
         return False
     mode = rules.secret_security(flavor, strict=False)
@@ -257,7 +263,7 @@ def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAP
         LOG.warning("Cannot delete vTPM secret %s from Barbican without the owner's token "
                     "(this request carries none); delete it by hand", secret_uuid,
                     instance_uuid=instance.uuid)
-        instance.system_metadata.pop(rules.SYSMETA_KEY, None)
+        instance.system_metadata.pop(SYSMETA_KEY, None)
         return False
     keymgr.delete_vtpm_secret(context, instance, mode)
     return True

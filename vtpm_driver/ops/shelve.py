@@ -25,6 +25,7 @@ from typing import Any
 
 from vtpm_driver import exception
 from vtpm_driver.model import custody, rules
+from vtpm_driver.model.server import server_label
 from vtpm_driver.ops.guests import Guests
 from vtpm_driver.statestore import CopyMeta, StateStore
 from vtpm_driver.virt import guest, record, state
@@ -79,7 +80,7 @@ class OffHostOps:
         source = state.state_dir(state_base, instance.uuid) if cfg is not None else None
         if source is not None and not source.is_dir():
             raise exception.VTPMError(
-                f"cannot copy the TPM state of server {rules.server_label(instance)}: "
+                f"cannot copy the TPM state of server {server_label(instance)}: "
                 f"{source} does not exist on host {host}")
         meta = CopyMeta(
             uuid=instance.uuid, name=instance.name, taken_at=self.now(),

@@ -61,6 +61,7 @@ from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver.model import custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
+from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt.probe import LibvirtHostProbe
@@ -213,7 +214,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         config = translate.vtpm_config(flavor, image_meta)
         if config is None:
             return
-        guest.add_device(translate.GuestVTPM(config, rules.recorded_secret(instance)))
+        guest.add_device(translate.GuestVTPM(config, recorded_secret(instance)))
 
     # -- passphrase first, then the guest -----------------------------------------
 
@@ -349,7 +350,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             with translate.nova_errors():
                 ops_secrets.delete_barbican_secret(context, instance, instance.flavor,
                                                    self.vtpm_key_manager)
-            instance.system_metadata.pop(rules.SYSMETA_KEY, None)
+            instance.system_metadata.pop(SYSMETA_KEY, None)
             instance.save()
         except Exception as exc:  # the operation's own error is the one to report
             LOG.error("Could not delete vTPM secret %s created by the failed operation: %s",
@@ -486,7 +487,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     def _vtpm_delete_secret(self, context: Any, instance: Any, flavor: Any) -> None:
         """:func:`vtpm_driver.ops.secrets.delete_secret` (idempotent), then save."""
-        if rules.recorded_secret(instance) is None:
+        if recorded_secret(instance) is None:
             return
         km = self.vtpm_key_manager
         with translate.nova_errors():

@@ -29,6 +29,7 @@ from oslo_log import log as logging
 from nova.virt.vtpm import translate
 from vtpm_driver import exception, keymgr
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import recorded_secret, require_recorded_secret, server_label
 
 LOG = logging.getLogger(__name__)
 
@@ -82,10 +83,10 @@ class OwnerOnlyBarbican:
     def ensure_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
         """The recorded secret, else a new one whose UUID is saved, as ``nova.crypto`` does."""
-        recorded = rules.recorded_secret(instance)
+        recorded = recorded_secret(instance)
         found = self.barbican.ensure_vtpm_secret(
             translate.request_context(context), instance, secret_security)
-        if rules.recorded_secret(instance) != recorded:
+        if recorded_secret(instance) != recorded:
             instance.save()
         return found
 
@@ -108,7 +109,7 @@ def castellan_errors(instance: Any) -> Iterator[None]:
     refusal by the word "Forbidden" and raises ``VTPMSecretForbidden``, whose
     message (the key manager's) is kept.
     """
-    label = rules.server_label(instance)
+    label = server_label(instance)
     try:
         yield
     except (nova_exception.VTPMSecretForbidden, nova_exception.Forbidden) as exc:
@@ -150,7 +151,7 @@ class CastellanKeyManager:
     def create_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
         """Create it (``nova.crypto``); refuses when one is already recorded."""
-        if rules.recorded_secret(instance):
+        if recorded_secret(instance):
             raise exception.VTPMError(
                 f"server {instance.uuid} already has a vTPM secret recorded")
         return self.ensure_vtpm_secret(context, instance, secret_security)
@@ -171,7 +172,7 @@ class CastellanKeyManager:
 
         :raises VTPMSecretNotFound: none recorded, or the key manager lost it.
         """
-        rules.require_recorded_secret(instance)
+        require_recorded_secret(instance)
         mode = secret_security or rules.secret_security(instance.flavor, strict=False)
         return self.ensure_vtpm_secret(context, instance, mode)[1]
 

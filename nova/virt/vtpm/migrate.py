@@ -53,6 +53,7 @@ from nova.virt.vtpm import translate
 from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
 from vtpm_driver.model import rules
+from vtpm_driver.model.server import recorded_secret
 from vtpm_driver.ops import migrate as ops_migrate
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.ops.secrets import SecretStore, StartSecret
@@ -112,7 +113,7 @@ def add_to_migrate_data(instance: Any, data: Any, nova_host: Any,
     source = rules.migration_secret_source(cfg)
     if source is rules.SecretSource.HOST:
         reader = host_secret_reader(nova_host, instance.uuid)
-        recorded = rules.recorded_secret(instance)
+        recorded = recorded_secret(instance)
         if recorded is None or reader(recorded) is None:
             raise nova_exception.VTPMSecretNotFound(_HOST_SECRET_MISSING)
         with translate.nova_errors():
@@ -121,7 +122,7 @@ def add_to_migrate_data(instance: Any, data: Any, nova_host: Any,
         data.vtpm_secret_uuid = start.secret_uuid
         data.vtpm_secret_value_bytes = start.passphrase.encode("ascii")
         return
-    data.vtpm_secret_uuid = rules.recorded_secret(instance)
+    data.vtpm_secret_uuid = recorded_secret(instance)
     data.vtpm_secret_value = None
 
 

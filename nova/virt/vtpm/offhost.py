@@ -56,6 +56,7 @@ from oslo_log import log as logging
 from nova.virt.vtpm import translate
 from vtpm_driver import exception
 from vtpm_driver.model import custody, rules
+from vtpm_driver.model.server import server_label
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops.shelve import OffHostOps
 from vtpm_driver.statestore import CopyMeta, DirectoryStateStore
@@ -129,7 +130,7 @@ class OffHost:
         """
         with translate.nova_errors():
             meta, described = self.ops.evacuation_copy(
-                instance.uuid, label=rules.server_label(instance),
+                instance.uuid, label=server_label(instance),
                 host=getattr(instance, "host", None), mode=self.conf.vtpm.state_backup,
                 allow_stale=self.conf.vtpm.allow_stale_tpm_state)
             rules.check_copy_matches(meta, instance, rules.vtpm_of(instance))
@@ -272,7 +273,7 @@ class OffHost:
             if meta is None or not meta.shelved:
                 with translate.nova_errors():
                     raise exception.VTPMError(
-                        f"cannot unshelve server {rules.server_label(instance)}: no shelved "
+                        f"cannot unshelve server {server_label(instance)}: no shelved "
                         f"copy of its TPM state in {self.conf.vtpm.state_backup_dir}")
         if meta is None:
             return None
@@ -281,7 +282,7 @@ class OffHost:
             self._check_custody(instance, meta)
             if not self.ops.store.restore(instance.uuid, self.state_dir(instance.uuid)):
                 raise exception.VTPMError(
-                    f"the off-host copy of server {rules.server_label(instance)} holds no "
+                    f"the off-host copy of server {server_label(instance)} holds no "
                     "TPM state")
             # The restore created it exclusively: remembered, so only it is cleaned up.
             self._created[instance.uuid] = state.CreatedStateDir(

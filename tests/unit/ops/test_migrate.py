@@ -8,6 +8,7 @@ import pytest
 
 from vtpm_driver import exception
 from vtpm_driver.model import request, rules
+from vtpm_driver.model.server import SYSMETA_KEY
 from vtpm_driver.ops import migrate
 from vtpm_driver.ops.secrets import StartSecret
 
@@ -47,7 +48,7 @@ class Keymgr:
 def server(mode: str):
     return types.SimpleNamespace(
         name="vm1", uuid=SERVER_UUID, user_id="u-owner", system_metadata={
-            rules.SYSMETA_KEY: SECRET},
+            SYSMETA_KEY: SECRET},
         flavor=types.SimpleNamespace(extra_specs={"hw:tpm_version": "2.0",
                                                   "hw:tpm_secret_security": mode}),
         image_meta=None)

@@ -11,7 +11,7 @@ from tests.fakes.libvirt import FakeConn
 from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import request, rules
-from vtpm_driver.model.server import Flavor, Instance
+from vtpm_driver.model.server import SYSMETA_KEY, Flavor, Instance
 from vtpm_driver.ops import secrets as ops_secrets
 from vtpm_driver.virt import secret
 
@@ -165,7 +165,7 @@ def test_host_mode_reuses_an_unrecorded_host_secret_of_the_server_never_replacin
     assert set(conn.secrets) == {HOSTS_OWN}
     assert conn.secrets[HOSTS_OWN].stored == before
     assert (start.secret_uuid, start.passphrase, start.created) == (HOSTS_OWN, None, False)
-    assert inst.system_metadata[rules.SYSMETA_KEY] == HOSTS_OWN
+    assert inst.system_metadata[SYSMETA_KEY] == HOSTS_OWN
     assert km.events == [] and km.passphrases == {}  # no new Barbican secret
 
 
@@ -173,7 +173,7 @@ def test_host_mode_refuses_a_host_secret_other_than_the_recorded_one(world) -> N
     conn, store, km = world
     inst = _server(request.SECRET_HOST)
     ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
-    recorded = inst.system_metadata[rules.SYSMETA_KEY]
+    recorded = inst.system_metadata[SYSMETA_KEY]
     store.define(HOSTS_OWN, inst.uuid, PASSPHRASE, persistent=True)
     before = dict(conn.secrets)
     with pytest.raises(exception.VTPMSecretConflict,
@@ -197,7 +197,7 @@ def test_delete_barbican_secret_is_idempotent(world) -> None:
     inst = _server()
     ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
     assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is True
-    assert rules.SYSMETA_KEY not in inst.system_metadata and km.passphrases == {}
+    assert SYSMETA_KEY not in inst.system_metadata and km.passphrases == {}
     assert ops_secrets.delete_barbican_secret(OWNER, inst, inst.flavor, km) is False
 
 
@@ -209,7 +209,7 @@ def test_delete_without_a_token(world, caplog, mode: str, deleted: bool) -> None
     start = ops_secrets.prepare_start(OWNER, inst, rules.vtpm_of(inst), km, store, create=True)
     caplog.set_level(logging.WARNING)
     assert ops_secrets.delete_barbican_secret(NO_TOKEN, inst, inst.flavor, km) is deleted
-    assert rules.SYSMETA_KEY not in inst.system_metadata
+    assert SYSMETA_KEY not in inst.system_metadata
     assert (start.secret_uuid in km.passphrases) is not deleted
     if not deleted:
         assert f"Cannot delete vTPM secret {start.secret_uuid}" in caplog.text
@@ -218,7 +218,7 @@ def test_delete_without_a_token(world, caplog, mode: str, deleted: bool) -> None
 def test_remove_libvirt_secrets_by_record_and_usage(world) -> None:
     conn, store, _km = world
     inst = _server("host")
-    inst.system_metadata[rules.SYSMETA_KEY] = SECRET
+    inst.system_metadata[SYSMETA_KEY] = SECRET
     store.define(SECRET, inst.uuid, PASSPHRASE, persistent=True)
     ops_secrets.remove_libvirt_secrets(store, inst)
     assert conn.secrets == {}

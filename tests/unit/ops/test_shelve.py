@@ -9,6 +9,7 @@ import pytest
 from tests.unit.conftest import MEMBER, OWNER, Env
 from vtpm_driver import exception
 from vtpm_driver.model import rules
+from vtpm_driver.model.server import is_rescued
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.statestore import DirectoryStateStore
@@ -63,14 +64,14 @@ def test_rescue_boots_another_cmdline_with_the_same_tpm(env: Env) -> None:
     ops = RebuildOps(env.drv.guests)
     with pytest.raises(exception.VTPMSecretForbidden):
         ops.rescue(MEMBER, inst)
-    assert not rules.is_rescued(inst)
+    assert not is_rescued(inst)
     ops.rescue(OWNER, inst)
-    assert rules.RESCUE_CMDLINE in env.dom(inst).xml and rules.is_rescued(inst)
+    assert rules.RESCUE_CMDLINE in env.dom(inst).xml and is_rescued(inst)
     assert env.state_file(inst).read_bytes() == ek
     with pytest.raises(exception.VTPMError, match="rescue mode already"):
         ops.rescue(OWNER, inst)
     ops.unrescue(OWNER, inst)
-    assert rules.RESCUE_CMDLINE not in env.dom(inst).xml and not rules.is_rescued(inst)
+    assert rules.RESCUE_CMDLINE not in env.dom(inst).xml and not is_rescued(inst)
     assert env.state_file(inst).read_bytes() == ek
 
 
