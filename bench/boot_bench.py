@@ -51,7 +51,8 @@ class BootUnavailable(RuntimeError):
 def check_available() -> None:
     """Raise BootUnavailable unless spawn/destroy/power_on and the guest files exist."""
     try:
-        from vtpm_driver import driver, servers
+        from vtpm_driver import driver
+        from vtpm_driver.standalone import servers
     except ImportError as exc:
         raise BootUnavailable(f"vtpm_driver lifecycle not importable: {exc}") from None
     missing = [m for m in ("spawn", "destroy", "power_on")
@@ -115,7 +116,7 @@ class BootRunner:
         self.cleanup_failures = 0
 
     def new_instance(self, vtpm: bool) -> tuple[Any, Path]:
-        from vtpm_driver import servers
+        from vtpm_driver.standalone import servers
 
         self._seq += 1
         name = f"vtpm-bench-boot-{self.run_id}-{self._seq:03d}"

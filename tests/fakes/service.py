@@ -1,7 +1,7 @@
 """Fakes under the ``server`` commands: the driver and the libvirt side of the servers.
 
-``FakeBackend`` stands in for :class:`vtpm_driver.backend.ServerBackend`; the
-real :class:`~vtpm_driver.service.ServerService` runs on top of it, so the
+``FakeBackend`` stands in for :class:`vtpm_driver.standalone.backend.ServerBackend`; the
+real :class:`~vtpm_driver.standalone.service.ServerService` runs on top of it, so the
 command tests check the commands and the service rules, not libvirt.
 """
 
@@ -13,8 +13,9 @@ import shutil
 import types
 import uuid
 
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.standalone import servers
 
 OWNER = RequestContext(user_id="u-owner", project_id="p-a", auth_token="tok-SECRET",
                        roles=("member",), user_name="alice", project_name="proj-a")

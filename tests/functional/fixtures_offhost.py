@@ -38,10 +38,10 @@ from tests.functional.fixtures_libvirt import (
 )
 from tests.functional.fixtures_server import driver_conf
 from vtpm_driver import exception
-from vtpm_driver.backend import ServerBackend
 from vtpm_driver.guestreport import parse_vtpm_results
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.service import ServerService
+from vtpm_driver.standalone.backend import ServerBackend
+from vtpm_driver.standalone.service import ServerService
 from vtpm_driver.virt import secret as virt_secret
 
 __all__ = ["HOST", "Cloud", "cloud", "store_dir"]

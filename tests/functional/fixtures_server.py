@@ -37,10 +37,11 @@ from tests.functional.fixtures_libvirt import (
     read_console,
 )
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, keymgr, servers
+from vtpm_driver import exception, keymgr
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.server import Instance
+from vtpm_driver.standalone import servers
 from vtpm_driver.virt import secret as virt_secret
 
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check

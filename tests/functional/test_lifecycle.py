@@ -24,10 +24,11 @@ from tests.functional.fixtures_server import (
     closed_port_url,
     driver_conf,
 )
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.model import custody
 from vtpm_driver.model.server import Flavor, Instance
+from vtpm_driver.standalone import servers
 from vtpm_driver.virt import domain, state
 from vtpm_driver.virt import secret as virt_secret
 

@@ -17,10 +17,10 @@ from tests.fakes.keymgr import FakeKeyManager
 from tests.fakes.libvirt import STATE_FILES, FakeDomain, FakeLibvirt
 from tests.fakes.probe import FakeProbe
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import servers
 from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.server import Flavor, Instance
+from vtpm_driver.standalone import servers
 
 KERNEL = "/boot/test-vmlinuz"
 INITRD = "/boot/test-initrd.img"

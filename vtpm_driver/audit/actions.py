@@ -10,7 +10,7 @@ directories, journal entries and off-host copies
 server under that server's lock.
 
 The swtpm state directories are those of the one host the command line
-manages (:attr:`vtpm_driver.backend.ServerBackend.state_base`): a repair
+manages (:attr:`vtpm_driver.standalone.backend.ServerBackend.state_base`): a repair
 removes only what the audit listed there. Off-host copies taken on other hosts
 (the store is shared) are left to those hosts.
 

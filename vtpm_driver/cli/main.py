@@ -35,12 +35,12 @@ from oslo_config import cfg
 
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
-from vtpm_driver.backend import ServerBackend
 from vtpm_driver.cli import auth
 from vtpm_driver.cli.common import progress
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.hostcheck import HostProbe
-from vtpm_driver.service import ServerService
+from vtpm_driver.standalone.backend import ServerBackend
+from vtpm_driver.standalone.service import ServerService
 from vtpm_driver.virt.probe import LibvirtHostProbe
 
 PROG = "vtpm-driver"

@@ -1,7 +1,7 @@
 """``server resize`` and ``server resize confirm|revert``: resize on this host.
 
 Each command logs in with the global ``--os-*`` options and makes one call to
-the application's :class:`~vtpm_driver.service.ServerService`, which computes
+the application's :class:`~vtpm_driver.standalone.service.ServerService`, which computes
 the new flavor, checks it, and drives the driver's two resize steps.
 """
 

@@ -4,7 +4,7 @@ rescue, unrescue, rebuild.
 Every command logs in with the global ``--os-*`` options (the caller must be
 in the server's project, and in 'user' mode only the owner can unlock the
 vTPM), makes one call to the application's
-:class:`~vtpm_driver.service.ServerService` and prints nothing on success
+:class:`~vtpm_driver.standalone.service.ServerService` and prints nothing on success
 (rebuild shows the server).
 """
 

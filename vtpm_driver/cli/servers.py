@@ -1,7 +1,7 @@
 """``server create``, ``server list``, ``server show``.
 
 Each command parses its options and makes one call to the application's
-:class:`~vtpm_driver.service.ServerService`; Keystone is asked only by
+:class:`~vtpm_driver.standalone.service.ServerService`; Keystone is asked only by
 ``create`` (the user who creates a server owns it), with the global ``--os-*``
 options.
 """
@@ -80,7 +80,7 @@ class ServerList(CommandMixin, Lister):
     vTPM request is invalid show 'invalid' as their vTPM version.
     """
 
-    # (column heading, field of vtpm_driver.view.summary_fields)
+    # (column heading, field of vtpm_driver.standalone.view.summary_fields)
     COLUMNS = (("Name", "name"), ("UUID", "uuid"), ("Owner", "owner"),
                ("Project", "project"), ("vTPM Version", "vtpm_version"),
                ("vTPM Model", "vtpm_model"), ("Secret Security", "secret_security"),

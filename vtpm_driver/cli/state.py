@@ -1,7 +1,7 @@
 """``state backup``: off-host copies of this host's TPM states, now.
 
 The command logs in with the global ``--os-*`` options and makes one call to
-the application's :class:`~vtpm_driver.service.ServerService`. Copies live in
+the application's :class:`~vtpm_driver.standalone.service.ServerService`. Copies live in
 ``[vtpm] state_backup_dir`` (see :mod:`vtpm_driver.statestore`), where Nova's
 shelve/unshelve and evacuation (through the shim) find them too.
 """

@@ -46,7 +46,7 @@ class Guests:
     when lost); ``host_report`` returns what this host offers (cached by the
     driver); ``state_base`` answers where this host's swtpm state directories
     are, as seen from here (the driver's
-    :attr:`~vtpm_driver.driver.VTPMDriver.state_base`; asked each time, so an
+    :attr:`~vtpm_driver.standalone.driver.VTPMDriver.state_base`; asked each time, so an
     unknown directory fails only the step that needs it); ``secrets`` defaults
     to the libvirt secrets of that connection.
     """

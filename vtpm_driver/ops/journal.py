@@ -11,7 +11,7 @@ asks :func:`decide` what to do about it and carries that out.
 
 Everything above :func:`decide` (included) is pure: it reads and writes a
 mapping and returns a :class:`Decision`; the I/O that carries a decision out
-lives in the operations (:mod:`vtpm_driver.driver`, ``recover``).
+lives in the operations (:mod:`vtpm_driver.standalone.driver`, ``recover``).
 
 Operations and what an interrupted one needs (see :func:`decide`):
 

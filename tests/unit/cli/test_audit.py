@@ -22,13 +22,14 @@ from tests.unit.audit.helpers import (
     a_uuid,
     journalled,
 )
-from vtpm_driver import exception, servers, statestore
+from vtpm_driver import exception, statestore
 from vtpm_driver.audit import orchestrator
 from vtpm_driver.audit import plan as repair
 from vtpm_driver.audit import report as audit
 from vtpm_driver.cli import audit as audit_cli
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.ops import journal, locks
+from vtpm_driver.standalone import servers
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ import os
 import pytest
 
 from tests.fakes.service import OWNER, add_server
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
+from vtpm_driver.standalone import servers
 
 KERNEL_ARGS = ["--kernel", "/boot/vmlinuz", "--initrd", "/boot/initrd.img"]
 

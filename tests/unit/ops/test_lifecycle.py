@@ -17,9 +17,10 @@ from tests.unit.conftest import (
     resize_to,
     touch_console,
 )
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.model import request
 from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.standalone import servers
 from vtpm_driver.virt import domain, record
 
 # --------------------------------------------------------------------------- spawn

@@ -16,12 +16,13 @@ import pytest
 
 from tests.fakes.swtpm import custody_free
 from tests.unit.conftest import KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.audit import plan as repair
 from vtpm_driver.audit import report as vtpm_audit
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.ops import journal
+from vtpm_driver.standalone import servers
 from vtpm_driver.virt import domain, record
 
 ADMIN = RequestContext(user_id="admin-id", project_id="proj-admin", auth_token="tok-admin",

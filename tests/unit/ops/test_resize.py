@@ -16,9 +16,10 @@ from tests.unit.conftest import (
     Env,
     resize_to,
 )
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.model.server import Flavor
 from vtpm_driver.ops import backup
+from vtpm_driver.standalone import servers
 from vtpm_driver.virt import domain, record
 
 # --------------------------------------------------------------------------- resize

@@ -1,4 +1,4 @@
-"""vtpm_driver.backend: the one host's ServerBackend, its probe, CachedHostProbe."""
+"""vtpm_driver.standalone.backend: the one host's ServerBackend, its probe, CachedHostProbe."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.fakes.libvirt import CapsConnection, libvirt_error
 from tests.fakes.probe import FakeProbe, domcaps
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
-from vtpm_driver.backend import CachedHostProbe, ServerBackend
+from vtpm_driver.standalone.backend import CachedHostProbe, ServerBackend
 
 URI = "qemu+tcp://127.0.0.1:16611/system"
 

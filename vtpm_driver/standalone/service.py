@@ -1,12 +1,12 @@
 """Standalone servers as a service: what the ``server`` commands (and the demo) call.
 
 :class:`ServerService` adds what Nova's API and compute manager add around the
-driver of the one host the command line manages (:mod:`vtpm_driver.backend`):
+driver of the one host the command line manages (:mod:`vtpm_driver.standalone.backend`):
 find the server, check the caller's project
 (:func:`vtpm_driver.model.rules.check_project`), validate a request before anything
 is created, compute a resize's new flavor (:func:`vtpm_driver.model.rules.new_flavor`),
 keep ``[vtpm] state_backup`` copies in step with stops and starts, and describe
-a server as plain fields (:mod:`vtpm_driver.view`). The audit and repair are
+a server as plain fields (:mod:`vtpm_driver.standalone.view`). The audit and repair are
 :mod:`vtpm_driver.audit`'s (:class:`vtpm_driver.audit.actions.AuditActions`,
 given this service's backend). Command-line modules only parse options, call
 one method here and format the result.
@@ -29,13 +29,14 @@ from typing import Any
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpm_driver import exception, statestore, view
+from vtpm_driver import exception, statestore
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import request, rules
 from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
+from vtpm_driver.standalone import view
 
 LOG = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class ServerService:
 
     def describe(self, instance: Any,
                  vtpm: VTPMConfig | Unparsed | None = UNPARSED) -> dict[str, Any]:
-        """:func:`vtpm_driver.view.server_fields` with the live power state and resize status."""
+        """:func:`.view.server_fields` with the live power state and resize status."""
         return view.server_fields(instance, self.power_state(instance),
                                   self.backend.resize_pending(instance), vtpm)
 

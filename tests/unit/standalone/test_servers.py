@@ -1,4 +1,4 @@
-"""vtpm_driver.servers: a new server's request checked at once; servers found from libvirt."""
+"""standalone.servers: a new server's request checked at once; servers found from libvirt."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from tests.unit.conftest import OWNER, Env, dataclasses_replace
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
+from vtpm_driver.standalone import servers
 
 
 def test_new_instance_refuses_a_bad_request_at_once() -> None:

@@ -16,11 +16,12 @@ import pytest
 
 from tests.fakes.service import FakeBackend
 from tests.unit.conftest import OWNER, Env
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.model import rules
 from vtpm_driver.model.server import recorded_secret
 from vtpm_driver.ops import locks
-from vtpm_driver.service import ServerService
+from vtpm_driver.standalone import servers
+from vtpm_driver.standalone.service import ServerService
 
 WAIT = 60  # a bound for a stuck helper thread, never a speed check
 

@@ -1,4 +1,4 @@
-"""vtpm_driver.view: how a server is shown (power state names, show/list fields)."""
+"""vtpm_driver.standalone.view: how a server is shown (power state names, show/list fields)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from vtpm_driver import servers, view
 from vtpm_driver.keymgr.context import RequestContext
+from vtpm_driver.standalone import servers, view
 
 OWNER = RequestContext(user_id="u-owner", project_id="p-a", auth_token="t",
                        roles=("member",), user_name="alice", project_name="proj-a")

@@ -11,9 +11,10 @@ import pytest
 
 from tests.fakes.service import FakeBackend
 from tests.unit.conftest import KERNEL, OWNER, Env
-from vtpm_driver import exception, servers
+from vtpm_driver import exception
 from vtpm_driver.model import request
-from vtpm_driver.service import ServerService
+from vtpm_driver.standalone import servers
+from vtpm_driver.standalone.service import ServerService
 
 
 class Backend(FakeBackend):

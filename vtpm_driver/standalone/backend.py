@@ -1,7 +1,7 @@
 """Where standalone servers live: the one libvirt host of ``[libvirt] connection_uri``.
 
-:class:`ServerBackend` is that host: the :class:`~vtpm_driver.driver.VTPMDriver`
-and the server records of :mod:`vtpm_driver.servers` (kept in each domain's
+:class:`ServerBackend` is that host: the :class:`~vtpm_driver.standalone.driver.VTPMDriver`
+and the server records of :mod:`vtpm_driver.standalone.servers` (kept in each domain's
 ``<metadata>``) over one libvirt connection, opened on first use. The command
 line manages exactly this host; moving a server to another host is Nova's job
 (through the shim in ``nova/virt/vtpm/``).
@@ -26,10 +26,11 @@ from typing import Any, ClassVar
 from oslo_config import cfg
 
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception, servers
-from vtpm_driver.driver import VTPMDriver
+from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.server import Instance
+from vtpm_driver.standalone import servers
+from vtpm_driver.standalone.driver import VTPMDriver
 from vtpm_driver.virt import domains, guest, secret, state
 from vtpm_driver.virt.connection import Hypervisor
 from vtpm_driver.virt.probe import LibvirtHostProbe

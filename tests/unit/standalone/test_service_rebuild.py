@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from tests.unit import test_service_locks as locks_tests
 from tests.unit.conftest import INITRD, KERNEL, MEMBER, OWNER, Env
-from vtpm_driver import exception, servers
+from tests.unit.standalone import test_service_locks as locks_tests
+from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import rules
 from vtpm_driver.model.server import Instance, is_rescued, recorded_secret
-from vtpm_driver.service import ServerService
+from vtpm_driver.standalone import servers
+from vtpm_driver.standalone.service import ServerService
 
 # (issue 13) Each command read the server, then waited for its lock while other
 # workers changed it; under the lock it must act on the record re-read there, or
