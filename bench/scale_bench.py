@@ -143,9 +143,7 @@ def undefine_domains(conn: Any, run_id: str | None = None) -> int:
         try:
             if not dom.name().startswith(prefix):
                 continue
-            if dom.isActive():
-                guest.destroy(dom)
-            guest.undefine(dom, keep_tpm=False)
+            guest.remove(dom)
             removed += 1
         except Exception:  # a vanished domain is fine here
             continue

@@ -42,6 +42,7 @@ from vtpm_driver.guestreport import parse_vtpm_results
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.standalone.backend import ServerBackend
 from vtpm_driver.standalone.service import ServerService
+from vtpm_driver.virt import guest as virt_guest
 from vtpm_driver.virt import secret as virt_secret
 
 __all__ = ["HOST", "Cloud", "cloud", "store_dir"]
@@ -110,9 +111,7 @@ class Cloud:
                 continue
             leftovers.append(f"{name}: domain on {HOST}")
             sid = dom.UUIDString()
-            if dom.isActive():
-                dom.destroy()
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+            virt_guest.remove(dom)
             for info in virt_secret.list_vtpm_secrets(self.conn):
                 if info.usage_id == sid:
                     virt_secret.undefine_vtpm_secret(self.conn, info.uuid)

@@ -42,6 +42,7 @@ from vtpm_driver.driver import VTPMDriver
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model.server import Instance
 from vtpm_driver.standalone import servers
+from vtpm_driver.virt import guest as virt_guest
 from vtpm_driver.virt import secret as virt_secret
 
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check
@@ -222,10 +223,7 @@ class ServersOnStack:
                 dom = None
             if dom is not None:
                 leftovers.append(f"{inst.name}: domain")
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM
-                                  | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+                virt_guest.remove(dom)
             for info in self.libvirt_secrets_of(inst):
                 leftovers.append(f"{inst.name}: libvirt secret {info.uuid}")
                 virt_secret.undefine_vtpm_secret(self.conn, info.uuid)

@@ -31,6 +31,7 @@ from tests.functional.fixtures_libvirt import (
 from tests.functional.support import run_tool_script
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver.guestreport import parse_vtpm_results
+from vtpm_driver.virt import guest as virt_guest
 
 BOOT_TIMEOUT = 120.0
 
@@ -104,9 +105,7 @@ def test_vtpm_guest_stays_on_its_host(two_hosts, libvirt_conn, test_guest, tmp_p
             with pytest.raises(libvirt.libvirtError):
                 other.lookupByUUIDString(dom_uuid)
     finally:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_TPM)
+        virt_guest.remove(dom)
     assert not (host_swtpm_dir("host-a") / dom_uuid).exists()
 
 

@@ -71,9 +71,7 @@ def state_dir_left(base: str, instance_uuid: str) -> str | None:
 def remove_by_hand(conn: Any, base: str, instance_uuid: str, secret_uuid: str | None) -> None:
     """Domain, libvirt secrets and state directory of a server, whatever the driver left."""
     with contextlib.suppress(exception.InstanceNotFound):
-        dom = guest.lookup(conn, instance_uuid)
-        guest.destroy(dom)
-        guest.undefine(dom, keep_tpm=False)
+        guest.remove(guest.lookup(conn, instance_uuid))
     for uuid in libvirt_secrets_of(conn, instance_uuid, secret_uuid):
         secret.undefine_vtpm_secret(conn, uuid)
     state.remove_state(base, instance_uuid)

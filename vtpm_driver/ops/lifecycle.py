@@ -132,8 +132,7 @@ class LifecycleOps:
         problems: list[str] = []
         if progress.dom is not None:
             try:
-                guest.destroy(progress.dom)
-                guest.undefine(progress.dom, keep_tpm=False)
+                guest.remove(progress.dom)
             except exception.VTPMError as exc:
                 problems.append(f"domain {instance.uuid}: {exc}")
         if cfg is not None:
@@ -182,8 +181,7 @@ class LifecycleOps:
                                                self.guests.keymgr)
             faults.point("delete.after_barbican")
         if dom is not None:
-            guest.destroy(dom)
-            guest.undefine(dom, keep_tpm=not destroy_disks)
+            guest.remove(dom, keep_tpm=not destroy_disks)
             faults.point("delete.after_undefine")
         if not destroy_disks:
             return

@@ -292,6 +292,24 @@ def undefine(dom: libvirt.virDomain, keep_tpm: bool) -> bool:
     return True
 
 
+def remove(dom: libvirt.virDomain, keep_tpm: bool = False) -> bool:
+    """Remove the domain: pull the plug if it runs, then undefine it.
+
+    Its managed save image and NVRAM go with it; its swtpm state goes too
+    unless ``keep_tpm`` (Nova's hard reboot and revert define it again with
+    the same UUID). True if there was a domain to remove, False if it was
+    already gone, so a second call is a no-op. The domain's vTPM libvirt
+    secret and the state directory under ``[vtpm] swtpm_state_dir`` are not
+    the domain's: :mod:`vtpm_driver.ops` removes them when the server goes.
+    """
+    try:
+        was_running = destroy(dom)
+    except exception.InstanceNotFound:
+        return False
+    # A transient domain is gone once it stops: nothing left to undefine.
+    return undefine(dom, keep_tpm) or was_running
+
+
 def lookup(conn: libvirt.virConnect, name_or_uuid: str) -> libvirt.virDomain:
     """The domain with this UUID or name (UUID first, as ``virsh`` does).
 

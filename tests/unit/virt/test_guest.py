@@ -58,6 +58,46 @@ def test_undefine_passes_flags_and_is_idempotent() -> None:
         guest.undefine(dom, keep_tpm=False)
 
 
+def test_remove_pulls_the_plug_then_undefines() -> None:
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    assert guest.remove(dom) is True
+    assert dom.calls == [("destroy", None), ("undefine", guest.undefine_flags(False))]
+    assert not dom.isActive()
+
+
+def test_remove_keeps_the_tpm_when_asked() -> None:
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    assert guest.remove(dom, keep_tpm=True) is True
+    assert dom.calls[-1] == ("undefine", guest.undefine_flags(True))
+
+
+def test_remove_a_stopped_domain_undefines_it() -> None:
+    dom = ScriptedDomain()  # shut off: libvirt refuses the destroy as "not running"
+    dom.fail["destroy"] = libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU)
+    assert guest.remove(dom) is True
+    assert dom.calls == [("destroy", None), ("undefine", guest.undefine_flags(False))]
+
+
+def test_remove_a_running_transient_domain() -> None:
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    dom.fail["undefine"] = libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU)
+    assert guest.remove(dom) is True  # gone once stopped: nothing left to undefine
+
+
+def test_remove_is_a_no_op_once_gone() -> None:
+    dom = ScriptedDomain()
+    dom.fail["destroy"] = libvirt_error(libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU)
+    assert guest.remove(dom) is False
+    assert dom.calls == [("destroy", None)]
+
+
+def test_remove_reports_a_failed_undefine() -> None:
+    dom = ScriptedDomain(state=libvirt.VIR_DOMAIN_RUNNING)
+    dom.fail["undefine"] = libvirt_error(libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_FROM_QEMU)
+    with pytest.raises(exception.VirtError, match="undefine domain 'vm1'"):
+        guest.remove(dom)
+
+
 def test_lookup_by_uuid_then_name() -> None:
     named = ScriptedDomain("vm1")
     by_uuid = ScriptedDomain("other")
