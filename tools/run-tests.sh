@@ -57,9 +57,10 @@ cat "$AIO_START_LOG"
 #     list every secret of the owner, or restart a test host's libvirtd under the AIO's
 #     computes) while the AIO is idle, next to Nova's own functional vTPM tests, which are
 #     in-process (no shared service) and mostly need one core;
-#  2. once both are done: our tests through the all-in-one OpenStack (marker "aio"; they
-#     mostly wait for Nova) in two streams and Nova's unit tests (test_driver.py on the
-#     shim) in the background, next to the unit and standalone functional tests.
+#  2. our tests through the all-in-one OpenStack (marker "aio"; they mostly wait for Nova)
+#     in two streams, Nova's unit tests (test_driver.py on the shim) in the background,
+#     next to the unit and standalone functional tests; all but the multihost stream wait
+#     for Nova's functional tests.
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=15)
 if [ $# -gt 0 ]; then
     step "tests: pytest $*"
@@ -74,6 +75,20 @@ alone_rc=0
 "${PYTEST[@]}" -m alone || alone_rc=$?
 step "the AIO's computes ready again (enabled, up: a test restarted host-a's libvirtd)"
 bash tools/openstack-aio.sh start
+# Two streams through the AIO, on disjoint computes: the tests of one server on one host on
+# the system libvirtd's compute (zone vtpm-aio), those marked "multihost" on the two test
+# hosts (zone vtpm-multihost, where servers move and computes are stopped); each mostly
+# waits for Nova. The longer one (multihost: one guest at a time at first) starts at once;
+# the rest waits for Nova's functional tests.
+AIO1_LOG="${AIO_LOG%.log}-vtpm-aio.log"
+step "in the background: our tests through the AIO on its test hosts (log: $AIO_LOG)"
+"${PYTEST[@]}" -m "aio and multihost" --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
+aio_pid=$!
+# Until Nova's functional tests are done, one guest at a time here too: the fault rows.
+FAULTS=tests/functional/test_faults.py
+step "tests: the fault-injection rows that need no service to themselves"
+rc=0
+"${PYTEST[@]}" -m "not aio and not alone" "$FAULTS" || rc=$?
 step "waiting for Nova's own functional vTPM tests"
 nova_rc=0
 wait "$nova_pid" || nova_rc=$?
@@ -82,19 +97,11 @@ tail -n 20 "$NOVA_LOG"
 step "in the background: Nova's unit tests of its libvirt driver, on the shim (log: $NOVA_UNIT_LOG)"
 VTPM_NOVA_SUITE_FUNCTIONAL=0 nice -n 5 bash tools/nova-vtpm-suite.sh >"$NOVA_UNIT_LOG" 2>&1 &
 nova_unit_pid=$!
-# Two streams through the AIO, on disjoint computes: the tests of one server on one host on
-# the system libvirtd's compute (zone vtpm-aio), those marked "multihost" on the two test
-# hosts (zone vtpm-multihost, where servers move and computes are stopped); each mostly
-# waits for Nova.
-AIO1_LOG="${AIO_LOG%.log}-vtpm-aio.log"
-step "in the background: our tests through the all-in-one OpenStack (logs: $AIO_LOG, $AIO1_LOG)"
-"${PYTEST[@]}" -m "aio and multihost" --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
-aio_pid=$!
+step "in the background: our tests through the AIO on its first compute (log: $AIO1_LOG)"
 "${PYTEST[@]}" -m "aio and not multihost" --basetemp=/tmp/vtpm-aio1-pytest >"$AIO1_LOG" 2>&1 &
 aio1_pid=$!
-step "tests: unit + standalone functional (next to the AIO tests)"
-rc=0
-"${PYTEST[@]}" -m "not aio and not alone" || rc=$?
+step "tests: unit + the other standalone functional tests (next to the AIO tests)"
+"${PYTEST[@]}" -m "not aio and not alone" --ignore="$FAULTS" || rc=$?
 step "background runs: results"
 wait "$nova_unit_pid" || nova_rc=$?
 aio_rc=0
