@@ -130,6 +130,26 @@ def uses_persistent_secret(mode: str) -> bool:
     return mode == request.SECRET_HOST
 
 
+def left_after_start(*, mode: str | None = None, ephemeral: bool | None = None) -> bool:
+    """Whether a libvirt vTPM secret is a leftover to undefine, when no start or move
+    of its server is in progress on the host (SPEC E3). Pure.
+
+    ``user``/``deployment`` secrets live in libvirt only while a guest starts or
+    a move hands the passphrase to the destination (defined ephemeral and
+    private, undefined right after); only ``host`` mode keeps a persistent one.
+    One found outside such a step is what a killed operation left behind.
+
+    Judged by the server's secret ``mode`` when its record was read (the audit:
+    a ``user``/``deployment`` server's secret is a leftover however it was
+    defined), else by libvirt's ``ephemeral`` flag alone (nova-compute's
+    start-up, from libvirt's listing: an ephemeral secret is never a ``host``
+    mode one; a persistent one may be, and stays). Neither known: kept.
+    """
+    if mode is not None:
+        return not uses_persistent_secret(mode)
+    return bool(ephemeral)
+
+
 def owned_by_service_user(mode: str) -> bool:
     """Whose credentials reach the Barbican secret: the service user's, or the owner's.
 

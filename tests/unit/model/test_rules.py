@@ -133,3 +133,18 @@ def test_foreign_boot_files_are_any_other_than_the_servers_own():
     assert rules.boots_foreign_files(own, "/mine", None, None)
     assert rules.boots_foreign_files(own, None, "/mine.img", None)
     assert rules.boots_foreign_files(own, None, None, "init=/bin/sh")
+
+
+@pytest.mark.parametrize(("mode", "ephemeral", "leftover"), [
+    # the server's record read (the audit): its mode decides, however it was defined
+    (request.SECRET_USER, None, True),
+    (request.SECRET_DEPLOYMENT, False, True),
+    (request.SECRET_HOST, None, False),
+    (request.SECRET_HOST, True, False),
+    # libvirt's listing alone (nova-compute's start-up): only an ephemeral one
+    (None, True, True),
+    (None, False, False),
+    (None, None, False),
+])
+def test_left_after_start(mode, ephemeral, leftover):
+    assert rules.left_after_start(mode=mode, ephemeral=ephemeral) is leftover
