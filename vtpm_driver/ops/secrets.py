@@ -15,6 +15,10 @@ moment swtpm reads it (SPEC E, F2, F5). The steps, in this order:
 3. :func:`delete_barbican_secret` on delete or when a resize dropped the vTPM,
    with the one rule for requests that carry no token.
 
+A kill (SIGKILL, power loss) between steps 2's define and undefine leaves the
+passphrase defined in libvirtd; :func:`remove_start_leftovers`, at the service's
+start-up, undefines what such a kill left (:func:`start_leftovers` decides).
+
 The libvirt side is a :class:`SecretStore`: :class:`vtpm_driver.virt.secret.
 LibvirtSecretStore` for the standalone driver, an adapter over Nova's ``Host``
 in the Nova shim. Passphrases only live in :class:`StartSecret` (repr hidden)
@@ -25,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 from oslo_log import log as logging
 
@@ -59,6 +63,29 @@ class SecretStore(Protocol):
 
     def undefine(self, secret_uuid: str) -> bool:
         """Undefine it; True if it existed. Idempotent."""
+
+
+class ListedSecret(Protocol):
+    """A libvirt vTPM secret as listed (``virt.secret.VTPMSecretInfo`` fits); no value."""
+
+    @property
+    def uuid(self) -> str: ...
+
+    @property
+    def usage_id(self) -> str: ...
+
+    @property
+    def ephemeral(self) -> bool: ...
+
+
+_Listed = TypeVar("_Listed", bound=ListedSecret)
+
+
+class ListingSecretStore(SecretStore, Protocol):
+    """A :class:`SecretStore` that can also list every vTPM secret of the host."""
+
+    def list_all(self) -> Sequence[ListedSecret]:
+        """Every libvirt secret of usage type ``vtpm`` on the host (never a value)."""
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -205,6 +232,39 @@ def secret_for_start(secrets: SecretStore, instance: Any,
                       start.secret_uuid, cleanup_error, instance_uuid=instance.uuid)
         raise
     after_start(secrets, instance, start)
+
+
+def start_leftovers(listed: Iterable[_Listed]) -> list[_Listed]:
+    """The listed vTPM secrets a killed start or move left defined, sorted. Pure.
+
+    Asked when no start or move can be in progress on the host (the service
+    that makes them is starting): every ephemeral one
+    (:func:`vtpm_driver.model.rules.left_after_start`, the audit's rule too);
+    a persistent (``host`` mode) one stays.
+    """
+    return sorted((s for s in listed if rules.left_after_start(ephemeral=s.ephemeral)),
+                  key=lambda s: (s.usage_id, s.uuid))
+
+
+def remove_start_leftovers(secrets: ListingSecretStore) -> list[ListedSecret]:
+    """Undefine what a killed start or move left in libvirt; at the service's start-up only.
+
+    Only the service that starts guests on this host defines ``user``/
+    ``deployment`` secrets here, each for one step; while it starts, none of
+    its steps is in progress, so every ephemeral vTPM secret is a leftover
+    (:func:`start_leftovers`). Each is logged with its UUID and its server's
+    (never the value). Idempotent.
+
+    :returns: the secrets undefined (one already gone is not among them).
+    :raises VirtError, HypervisorUnavailable: libvirt failed to list or undefine.
+    """
+    removed: list[ListedSecret] = []
+    for leftover in start_leftovers(secrets.list_all()):
+        if secrets.undefine(leftover.uuid):
+            LOG.warning("Removed libvirt vTPM secret %s of server %s, left defined by an "
+                        "interrupted start or move", leftover.uuid, leftover.usage_id)
+            removed.append(leftover)
+    return removed
 
 
 def remove_libvirt_secrets(secrets: SecretStore, instance: Any, *,

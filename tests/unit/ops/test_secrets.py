@@ -228,3 +228,38 @@ def test_remove_libvirt_secrets_by_record_and_usage(world) -> None:
     ops_secrets.remove_libvirt_secrets(store, inst, recorded=SECRET)
     assert conn.secrets == {}
     ops_secrets.remove_libvirt_secrets(store, inst)  # idempotent
+
+
+# -- what a killed start or move left (issue 20, defect 6) --------------------------
+
+def test_start_leftovers_are_the_ephemeral_secrets_sorted():
+    a = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000a",
+                              "20000000-0000-4000-8000-000000000000", True, True)
+    b = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000b",
+                              "10000000-0000-4000-8000-000000000000", True, False)
+    host = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000c",
+                                 "30000000-0000-4000-8000-000000000000", False, False)
+    assert ops_secrets.start_leftovers([host, a, b]) == [b, a]
+    assert ops_secrets.start_leftovers([host]) == []
+
+
+def test_remove_start_leftovers_keeps_host_mode_and_foreign_secrets(caplog):
+    conn = FakeConn()
+    store = secret.LibvirtSecretStore(conn)
+    left = "00000000-0000-4000-8000-00000000000a"
+    server = "20000000-0000-4000-8000-000000000000"
+    host_mode = "00000000-0000-4000-8000-00000000000b"
+    volume = "00000000-0000-4000-8000-00000000000c"
+    conn.secretDefineXML(secret.secret_xml(left, server, ephemeral=True, private=True))
+    conn.secretDefineXML(secret.secret_xml(host_mode, "30000000-0000-4000-8000-000000000000",
+                                           ephemeral=False, private=False))
+    conn.secretDefineXML(f"<secret ephemeral='yes' private='yes'><uuid>{volume}</uuid>"
+                         "<usage type='volume'><name>vol</name></usage></secret>")
+    conn.secrets[left].stored = PASSPHRASE.encode()
+    with caplog.at_level(logging.WARNING):
+        removed = ops_secrets.remove_start_leftovers(store)
+    assert [s.uuid for s in removed] == [left]
+    assert set(conn.secrets) == {host_mode, volume}
+    assert left in caplog.text and server in caplog.text
+    assert PASSPHRASE not in caplog.text
+    assert ops_secrets.remove_start_leftovers(store) == []  # idempotent
