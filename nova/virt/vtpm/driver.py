@@ -11,6 +11,8 @@ exceptions in, a call to :mod:`vtpm_driver.model.rules` or
 Nova method (overridden)                      routed to
 ============================================  =========================================
 ``_check_vtpm_support`` (init_host)           :func:`vtpm_driver.model.hostcheck.check_host`
+``init_host`` (after Nova's)                  ``ops.secrets.remove_start_leftovers``
+                                              (a killed start or move's secrets)
 ``_get_tpm_traits`` (placement traits)        ``check_host(...).traits`` (all 7 traits)
 ``_add_vtpm_device`` (guest XML)              :func:`vtpm_driver.virt.domain.add_tpm`
 ``spawn``, ``_hard_reboot`` (reboot, power    ``ops.secrets.prepare_start``: passphrase
@@ -59,6 +61,7 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
+from vtpm_driver import exception as vtpm_exception
 from vtpm_driver.model import custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
@@ -196,6 +199,29 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                 message=translate.startup_refusal(report.problems, CONF))
         LOG.info("Emulated TPM support enabled: %s",
                  ", ".join(sorted(t for t, ok in report.traits.items() if ok)))
+
+    def init_host(self, host: Any) -> None:
+        """Nova's; then what a killed nova-compute left defined in libvirt goes.
+
+        ``user``/``deployment`` passphrases are defined (ephemeral, private)
+        only for a start or a move's hand-over, and undefined right after. A
+        kill in between leaves one in libvirtd until libvirtd restarts; no
+        step of ours is in progress while nova-compute starts, so every
+        ephemeral vTPM secret here is such a leftover
+        (:func:`vtpm_driver.ops.secrets.remove_start_leftovers`; ``host`` mode's
+        persistent secrets and other usage types stay). Only with
+        ``swtpm_enabled`` (Nova's own condition for touching anything vTPM). A
+        libvirt failure here is logged, not fatal: start-up goes on and the next
+        start or ``vtpm-driver audit --repair`` finds the leftover.
+        """
+        super().init_host(host)
+        if not CONF.libvirt.swtpm_enabled:
+            return
+        try:
+            ops_secrets.remove_start_leftovers(self.vtpm_secrets)
+        except vtpm_exception.VTPMError as exc:
+            LOG.error("Could not remove vTPM secrets left by an interrupted operation: %s",
+                      exc)
 
     def _get_tpm_traits(self) -> dict[str, bool]:
         """All seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones are removed from placement."""
