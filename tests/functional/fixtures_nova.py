@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,8 @@ TEST_HOSTS = {
 }
 MULTIHOST_ZONE = "vtpm-multihost"
 HOSTS_DIR = Path(os.environ.get("VTPM_HOSTS_DIR", "/var/lib/vtpm-driver/hosts"))
+# The project's command line, from the venv running the tests.
+VTPM_CLI = Path(sys.executable).with_name("vtpm-driver")
 # The first compute, alone in its zone, on the system libvirtd (servers created without a
 # zone land there). Tests of one server on one host run there, next to the test hosts'.
 AIO_HOST = AIO_ZONE = "vtpm-aio"
@@ -431,6 +434,20 @@ def swtpm_dir(host: str) -> Path:
     if host == AIO_HOST:
         return Path("/var/lib/libvirt/swtpm")
     return HOSTS_DIR / host / "lib" / "swtpm"
+
+
+def vtpm_cli_on(cloud: AioCloud, host: str, *args: str, who: str = "admin",
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``vtpm-driver --config-file <host's conf> ARGS`` as cloud ``who``'s user
+    (``OS_*`` from the AIO's clouds.yaml; ``env`` adds to it), with ``host`` as the
+    command line's one host."""
+    auth = yaml.safe_load(cloud.clouds_file.read_text())["clouds"][who]["auth"]
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    run_env.update({f"OS_{key.upper()}": str(value) for key, value in auth.items()})
+    run_env.update(env or {})
+    return subprocess.run(
+        [str(VTPM_CLI), "--config-file", str(HOSTS_DIR / host / "vtpm-driver.conf"), *args],
+        capture_output=True, text=True, timeout=SERVER_TIMEOUT, env=run_env, check=False)
 
 
 def assert_nothing_on(host: str, server_id: str) -> None:

@@ -21,18 +21,12 @@ server (other tests' servers are on the same hosts).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.functional.fixtures_nova import (
-    HOSTS_DIR,
-    SERVER_TIMEOUT,
     AioCloud,
     ResourceTracker,
     aio_cloud,  # noqa: F401  (fixture)
@@ -41,12 +35,12 @@ from tests.functional.fixtures_nova import (
     latest_report,
     next_boot_report,
     other,
+    vtpm_cli_on,
 )
 from vtpm_driver.audit.plan import DELETE_BARBICAN
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
-CLI = Path(sys.executable).with_name("vtpm-driver")
 UNREACHABLE = "http://127.0.0.1:9/v3"  # discard port: nothing answers
 
 
@@ -58,21 +52,17 @@ def audit(cloud: AioCloud, host: str, server_id: str, orchestrator: str, *args: 
           nova_auth_url: str | None = None) -> dict[str, Any]:
     """``vtpm-driver audit --repair --instance SERVER --min-age 0 ARGS -f json`` on
     ``host``, as the owner, with ``[vtpm] orchestrator`` (and ``[nova]`` the admin's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    env.update({f"OS_{key.upper()}": str(value) for key, value in _auth(cloud, "owner").items()})
-    env["OS_VTPM__ORCHESTRATOR"] = orchestrator
+    env = {"OS_VTPM__ORCHESTRATOR": orchestrator}
     if orchestrator == "nova":
-        admin = _auth(cloud, "admin")
         env["OS_NOVA__AUTH_TYPE"] = "password"
-        env.update({f"OS_NOVA__{key.upper()}": str(value) for key, value in admin.items()})
+        env.update({f"OS_NOVA__{key.upper()}": str(value)
+                    for key, value in _auth(cloud, "admin").items()})
         env["OS_NOVA__VALID_INTERFACES"] = "public"
         env["OS_NOVA__TIMEOUT"] = "20"
         if nova_auth_url is not None:
             env["OS_NOVA__AUTH_URL"] = nova_auth_url
-    proc = subprocess.run(
-        [str(CLI), "--config-file", str(HOSTS_DIR / host / "vtpm-driver.conf"),
-         "audit", "--repair", "--instance", server_id, "--min-age", "0", *args, "-f", "json"],
-        capture_output=True, text=True, timeout=SERVER_TIMEOUT, env=env, check=False)
+    proc = vtpm_cli_on(cloud, host, "audit", "--repair", "--instance", server_id,
+                       "--min-age", "0", *args, "-f", "json", who="owner", env=env)
     assert proc.stdout.strip(), f"audit printed nothing (exit {proc.returncode}): {proc.stderr}"
     assert admin_password_absent(cloud, proc.stdout + proc.stderr)
     return json.loads(proc.stdout)

@@ -21,16 +21,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
     HOSTS_DIR,
-    SERVER_TIMEOUT,
     AioCloud,
     ResourceTracker,
     _run_script,
@@ -43,6 +40,7 @@ from tests.functional.fixtures_nova import (
     next_boot_report,
     other,
     virsh,
+    vtpm_cli_on,
 )
 from tests.functional.test_nova_offhost import (
     START_TIMEOUT,
@@ -56,7 +54,6 @@ from vtpm_driver.virt import state
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
-CLI = Path(sys.executable).with_name("vtpm-driver")
 REFUSAL = re.compile(r"generation is (\d+|none)[^;]*?, the server's record says generation "
                      r"(\d+) is current")
 
@@ -72,13 +69,7 @@ def assert_not_running_on(host: str, server_id: str) -> None:
 
 def audit_repair_on(cloud: AioCloud, host: str) -> subprocess.CompletedProcess[str]:
     """``vtpm-driver audit --repair`` as the admin, with ``host`` as the command line's host."""
-    auth = yaml.safe_load(cloud.clouds_file.read_text())["clouds"]["admin"]["auth"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    env.update({f"OS_{key.upper()}": str(value) for key, value in auth.items()})
-    return subprocess.run(
-        [str(CLI), "--config-file", str(HOSTS_DIR / host / "vtpm-driver.conf"),
-         "audit", "--repair", "-f", "json"],
-        capture_output=True, text=True, timeout=SERVER_TIMEOUT, env=env, check=False)
+    return vtpm_cli_on(cloud, host, "audit", "--repair", "-f", "json")
 
 
 def refusal_of(cloud: AioCloud, server_id: str, action: str) -> tuple[str, str]:
