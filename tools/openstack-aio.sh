@@ -6,6 +6,10 @@
 #   tools/openstack-aio.sh start    install (once), configure, sync databases, start, wait
 #   tools/openstack-aio.sh stop     stop this cloud's services (not Keystone/Barbican/libvirtd)
 #   tools/openstack-aio.sh status   exit 0 when every service answers, 3 when not
+#   tools/openstack-aio.sh restart-compute HOST
+#                                   stop one running nova-compute (vtpm-aio, host-a, host-b)
+#                                   and start it again with this environment (the fault
+#                                   table's Nova rows start it with VTPM_FAULT_AT=<step>)
 #
 # Services (all on 127.0.0.1, one worker each):
 #   MariaDB :3306 (Debian package, own server and data directory, as a real deployment's
@@ -70,7 +74,7 @@ TAG=openstack-aio
 . "$HERE/lib.sh"
 
 usage() {
-    echo "usage: $0 {venv|start|stop|status}" >&2
+    echo "usage: $0 {venv|start|stop|status|restart-compute HOST}" >&2
     exit 2
 }
 
@@ -574,6 +578,20 @@ cmd_stop() {
     stop_mariadb
 }
 
+# One compute, stopped and started again with this script's environment; nothing else is
+# checked or started (the cloud is up: 'start' brought it up).
+cmd_restart_compute() {
+    local host="$1" name
+    name="$(compute_service "$host")"
+    case " ${NOVA_SERVICES[*]} " in
+        *" $name "*) ;;
+        *) die "no nova-compute for host '$host' here (${COMPUTE_HOSTS[*]})" ;;
+    esac
+    stop_service "$name" >/dev/null
+    start_nova_service "$name"
+    say "$name: started (pid $(service_pid "$name"))${VTPM_FAULT_AT:+ with VTPM_FAULT_AT=$VTPM_FAULT_AT}"
+}
+
 cmd_status() {
     local rc=0 name pid
     if pid="$(mariadb_pid)" && mariadb_healthy; then
@@ -623,17 +641,21 @@ cmd_status() {
 
 lock() { lock_dir "$AIO_DIR" 1200; }
 
-[ $# -eq 1 ] || usage
+case "$1" in
+    restart-compute) [ $# -eq 2 ] || usage ;;
+    *) [ $# -eq 1 ] || usage ;;
+esac
 umask 022
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX="$AIO_DIR/pycache"
 case "$1" in
-    venv | start | stop) lock ;;
+    venv | start | stop | restart-compute) lock ;;
 esac
 case "$1" in
     venv) ensure_venv ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    restart-compute) cmd_restart_compute "$2" ;;
     *) usage ;;
 esac

@@ -46,6 +46,18 @@ from tests.functional.fixtures_libvirt import (
     read_console,
     wait_for_shutoff,
 )
+from tests.functional.fixtures_nova import (
+    HOST_ATTR,
+    AioCloud,
+    ResourceTracker,
+    aio_cloud,  # noqa: F401  (fixture)
+    create_on_test_host,
+    latest_report,
+    next_boot_report,
+    other,
+    swtpm_dir,
+    virsh,
+)
 from tests.functional.test_cli_servers import (
     CLI,
     SECRET_NAME_PREFIX,
@@ -675,3 +687,170 @@ def test_libvirtd_restarted_mid_operation(op: str, point: str, host_a, owner_ses
         runner("server", "delete", name)
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+
+
+# ----------------------------------------------------------------------------- through Nova
+# Issue 20: every step of cold and live migration through Nova. The nova-compute of one
+# test host runs with VTPM_FAULT_AT=<step> (the shim's fault points, nova/virt/vtpm/
+# driver.py) and dies there, as a nova-compute killed by the OOM killer or a host crash
+# would. It is started again without, and Nova's own start-up does what it does for a
+# crashed compute (a RESIZE_MIGRATING server is reverted, an unfinished live migration
+# reset; the shim's init_host undefines leftover ephemeral secrets). Then the operator
+# converges with Nova's commands only (converge_through_nova) and the row checks that the
+# server runs where Nova says, from the current copy, with the same EK; that no passphrase
+# is left in libvirt where it does not belong; and that a TPM state left on the other host
+# is older than the current one (never started again: custody).
+
+NOVA_CASES = [
+    # (operation, whose nova-compute dies, fault point)
+    ("cold migrate", "source", "migrate_disk_and_power_off.done"),
+    ("cold migrate", "dest", "finish_migration.after_secret_fetch"),
+    ("cold migrate", "dest", "finish_migration.after_hand_over"),
+    ("cold migrate", "dest", "finish_migration.done"),
+    ("resize confirm", "source", "confirm_migration.before_secret_removed"),
+    ("resize revert", "source", "finish_revert_migration.after_hand_over"),
+    ("resize revert", "source", "finish_revert_migration.done"),
+    ("live migrate", "dest", "pre_live_migration.after_secret"),
+    ("live migrate", "dest", "post_live_migration_at_destination.before_secret_removed"),
+    ("live migrate", "dest", "post_live_migration_at_destination.done"),
+    ("live migrate", "source", "post_live_migration.before_secret_removed"),
+]
+# Cold moves with an ephemeral passphrase (Barbican, the service user's); live moves in
+# host mode (a persistent libvirt secret that must follow the server), the mode Nova's API
+# lets live-migrate.
+NOVA_MODE = {"cold migrate": "deployment", "resize confirm": "deployment",
+             "resize revert": "deployment", "live migrate": "host"}
+NOVA_COMMAND = {"cold migrate": ("server", "migrate"),
+                "resize confirm": ("server", "resize", "confirm"),
+                "resize revert": ("server", "resize", "revert"),
+                "live migrate": ("server", "migrate", "--live-migration")}
+SETTLE_TIMEOUT = 120.0  # Nova's start-up recovery on a busy 2-core machine, not a speed check
+
+
+@dataclasses.dataclass
+class NovaServer:
+    id: str
+    mode: str
+    ek: str
+
+
+@pytest.fixture(scope="module")
+def nova_families(aio_cloud: AioCloud) -> Iterator:  # noqa: F811
+    """``nova_families(mode)``: the one reporting server on the test hosts the rows of a
+    secret mode share (made on first use; each row leaves it ACTIVE, EK unchanged)."""
+    tracker = ResourceTracker(aio_cloud)
+    made: dict[str, NovaServer] = {}
+
+    def get(mode: str) -> NovaServer:
+        if mode not in made:
+            server_id, _host = create_on_test_host(tracker, mode)
+            made[mode] = NovaServer(server_id, mode, latest_report(aio_cloud, server_id)["ek"])
+        return made[mode]
+
+    yield get
+    tracker.cleanup()
+
+
+def restart_compute(cloud: AioCloud, host: str, fault: str | None = None) -> int:
+    """Stop ``host``'s nova-compute and start it again (with ``VTPM_FAULT_AT=fault``);
+    returns its new pid."""
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    env["VTPM_AIO_DIR"] = str(cloud.aio_dir)
+    if fault:
+        env[faults.ENV] = fault
+    script = Path(__file__).resolve().parents[2] / "tools" / "openstack-aio.sh"
+    proc = subprocess.run(["bash", str(script), "restart-compute", host], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return int((cloud.aio_dir / "run" / f"nova-compute-{host}.pid").read_text())
+
+
+def wait_killed(pid: int, step: str) -> None:
+    """The fault point killed the process (gone, or a zombie nobody reaped)."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while process_state(pid) not in ("Z", "X", "?"):
+        assert time.monotonic() < deadline, f"nova-compute never reached {step}"
+        time.sleep(0.2)
+
+
+def settle(cloud: AioCloud, server_id: str) -> dict:
+    """The server once Nova has no task for it (or SETTLE_TIMEOUT passed): Nova's answer."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        server = cloud.server("admin", server_id)
+        if not server.get("OS-EXT-STS:task_state") or time.monotonic() > deadline:
+            return server
+        time.sleep(1)
+
+
+def converge_through_nova(cloud: AioCloud, server_id: str) -> tuple[str, dict[str, str]]:
+    """What an operator does after the crash, with Nova's commands only.
+
+    Returns the steps taken and the guest's report from the boot of the hard reboot.
+
+    A finished move awaiting confirmation is confirmed; a server left in ERROR or with a
+    task that never ends is reset to active (``server set --state active``, Nova's
+    documented recovery); then every server is hard-rebooted: the current copy must start
+    where Nova says the server is.
+    """
+    steps = []
+    server = settle(cloud, server_id)
+    status, task = server["status"], server.get("OS-EXT-STS:task_state")
+    steps.append(f"Nova: {status}{'/' + task if task else ''}")
+    if status == "VERIFY_RESIZE" and not task:
+        cloud.cli("owner", "server", "resize", "confirm", server_id)
+        cloud.wait_server("owner", server_id, "ACTIVE")
+        steps.append("resize confirm")
+    elif status == "ERROR" or task:
+        cloud.cli("admin", "server", "set", "--state", "active", server_id)
+        steps.append("set --state active")
+    boot = latest_report(cloud, server_id)["boot"]
+    cloud.cli("owner", "server", "reboot", "--hard", server_id)
+    cloud.wait_server("owner", server_id, "ACTIVE")
+    steps.append("reboot --hard")
+    return ", ".join(steps), next_boot_report(cloud, server_id, boot)
+
+
+@pytest.mark.aio
+@pytest.mark.multihost
+@pytest.mark.parametrize(("op", "who", "step"), NOVA_CASES,
+                         ids=[f"nova-{o.replace(' ', '-')}@{s}" for o, _w, s in NOVA_CASES])
+def test_fault_through_nova(op: str, who: str, step: str,
+                            aio_cloud: AioCloud, nova_families) -> None:  # noqa: F811
+    key = (f"{op} (Nova)", f"{who}@{step}")
+    TABLE[key] = "FAILED (see test output)"
+    server = nova_families(NOVA_MODE[op])
+    source = aio_cloud.server("admin", server.id)[HOST_ATTR]
+    dest = other(source)
+    if op.startswith("resize"):  # a finished cold migration awaits confirm/revert
+        aio_cloud.cli("owner", "server", "migrate", server.id)
+        aio_cloud.wait_server("owner", server.id, "VERIFY_RESIZE")
+        # confirm and revert run on the migration's source (the host Nova names now is
+        # its destination)
+    victim = source if who == "source" else dest
+    pid = restart_compute(aio_cloud, victim, fault=step)
+    try:
+        aio_cloud.cli("owner", *NOVA_COMMAND[op], server.id)
+        wait_killed(pid, step)
+    finally:
+        restart_compute(aio_cloud, victim)
+    how, report = converge_through_nova(aio_cloud, server.id)
+
+    host = aio_cloud.server("admin", server.id)[HOST_ATTR]
+    elsewhere = other(host)
+    assert report["ek"] == server.ek, "the TPM changed: its state was lost"
+    assert server.id in virsh(host, "list", "--uuid")
+    assert server.id not in virsh(elsewhere, "list", "--uuid"), f"it also runs on {elsewhere}"
+    # Passphrases: host mode keeps its persistent secret where the server is, nowhere else;
+    # an ephemeral one is never left.
+    assert server.id not in virsh(elsewhere, "secret-list"), f"a passphrase left on {elsewhere}"
+    assert (server.id in virsh(host, "secret-list")) == (server.mode == "host")
+    # Custody: a TPM state left on the other host is older than the current one.
+    current = virt_state.read_generation(swtpm_dir(host), server.id)
+    assert current is not None
+    left = swtpm_dir(elsewhere) / server.id
+    if left.exists():
+        old = virt_state.read_generation(swtpm_dir(elsewhere), server.id)
+        assert old is None or old < current, (old, current)
+        how += f"; {elsewhere} keeps an older copy (generation {old} < {current})"
+    TABLE[key] = f"killed on {who} ({victim}); {how}; on {host}; EK same"

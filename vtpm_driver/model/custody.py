@@ -24,6 +24,15 @@ is NEWER than the stored record and every other copy older: both are refused
 nothing that starts until an operator decides (safe), never two copies that
 both pass.
 
+A missing state is not a new TPM: once the record has a generation, the server's
+TPM was manufactured, and a start that finds no state would manufacture another one (a
+new EK; every key and sealed secret gone) while the real one may sit where an
+interrupted move left it. Such a copy is :attr:`Verdict.MISSING` and refused, unless the
+caller expects no state here (``absent_ok``): it makes a new TPM on purpose (a create,
+``rebuild --reset-tpm``, a resize that changes the TPM) or brings the state here from a
+copy it checks itself (a spawn from an off-host copy, a revert's backup, the arriving
+side of a move).
+
 Servers created before custody: a state with no generation while the record
 has none either is current once (:attr:`Verdict.UNSTAMPED`) and stamped at
 that start; once the record has a generation, a state without one is older
@@ -59,11 +68,12 @@ class Verdict(enum.Enum):
     ADOPT = "adopt"          # the record has none, the copy has one: the record takes it
     OLDER = "older"          # behind the record (or unstamped while the record is not)
     NEWER = "newer"          # ahead of the record: the record was rolled back
+    MISSING = "missing"      # no state, but the record says a TPM was manufactured
 
     @property
     def startable(self) -> bool:
         """Whether this copy may be started (or restored, or copied back)."""
-        return self not in (Verdict.OLDER, Verdict.NEWER)
+        return self not in (Verdict.OLDER, Verdict.NEWER, Verdict.MISSING)
 
 
 def _int(value: Any) -> int | None:
@@ -88,14 +98,22 @@ def parse(text: str | None) -> int | None:
     return _int(text)
 
 
-def judge(record: int | None, found: int | None, *, present: bool = True) -> Verdict:
+def judge(record: int | None, found: int | None, *, present: bool = True,
+          absent_ok: bool = False) -> Verdict:
     """What the copy with generation ``found`` is, against the record's ``record``.
 
-    ``present`` False: there is no TPM state at all (a first start, a reset,
-    a resize to another TPM): nothing old can be started.
+    ``present`` False: there is no TPM state. That is a new TPM
+    (:attr:`Verdict.FRESH`) for a server whose record has no generation (its
+    first start), where a generation stands without a TPM (``found``: the
+    place was prepared for a new TPM, by a create or a reset, and a start
+    manufactures it there), or when the caller expects no state here
+    (``absent_ok``: it makes a new TPM on purpose, or brings the state from
+    a copy it checks itself). Otherwise nothing of the
+    server's TPM is here: it is missing (:attr:`Verdict.MISSING`).
     """
     if not present:
-        return Verdict.FRESH
+        made_here = record is None or absent_ok or found is not None
+        return Verdict.FRESH if made_here else Verdict.MISSING
     if record is None:
         return Verdict.UNSTAMPED if found is None else Verdict.ADOPT
     if found is None or found < record:
@@ -106,23 +124,24 @@ def judge(record: int | None, found: int | None, *, present: bool = True) -> Ver
 
 
 def check(instance: Any, found: int | None, *, copy: str, doing: str = "start",
-          present: bool = True, allow_stale: bool = False,
+          present: bool = True, absent_ok: bool = False, allow_stale: bool = False,
           record: int | None = None) -> Verdict:
     """Refuse to start, restore or copy back a copy that is not the current one.
 
     ``copy`` names the copy for the message (``"the swtpm state
     /var/lib/libvirt/swtpm/<uuid> on host h1"``, ``"the off-host copy in
     /srv/store"``). ``record`` overrides the record's generation (a resize
-    revert compares the backup with the pre-resize one). ``allow_stale``
-    (``[vtpm] allow_stale_tpm_state``): an older or newer copy is accepted
-    (the caller logs it) instead of refused.
+    revert compares the backup with the pre-resize one). ``present`` and
+    ``absent_ok``: see :func:`judge`. ``allow_stale``
+    (``[vtpm] allow_stale_tpm_state``): an older, newer or missing copy is
+    accepted (the caller logs it) instead of refused.
 
-    :returns: the verdict (never OLDER/NEWER unless ``allow_stale``).
+    :returns: the verdict (never OLDER/NEWER/MISSING unless ``allow_stale``).
     :raises StaleTPMState: names the server, the copy, both generations and
         what to do.
     """
     expected = recorded(instance) if record is None else record
-    verdict = judge(expected, found, present=present)
+    verdict = judge(expected, found, present=present, absent_ok=absent_ok)
     if verdict.startable or allow_stale:
         return verdict
     raise exception.StaleTPMState(refusal(instance, copy, doing, found, expected, verdict),
@@ -133,6 +152,15 @@ def refusal(instance: Any, copy: str, doing: str, found: int | None, current: in
             verdict: Verdict) -> str:
     """The refusal's text: server, copy, both generations, why, and what to do."""
     label = f"{getattr(instance, 'name', '?')!r} ({getattr(instance, 'uuid', '?')})"
+    if verdict is Verdict.MISSING:
+        return (f"refusing to {doing} server {label}: there is no TPM state in {copy}, but "
+                f"the server's record says its TPM (generation {current}) exists; a start "
+                "would manufacture a new TPM (new endorsement key, every key and sealed "
+                "secret of the old one lost). Find the state where the server was last "
+                "moved from or to (an interrupted migration leaves it in the instance's "
+                "'_resize' directory) and put it back; to give the server a new TPM on "
+                "purpose, rebuild it with a TPM reset, or set [vtpm] allow_stale_tpm_state "
+                "= True for this operation")
     shown = "none (taken before custody)" if found is None else str(found)
     if verdict is Verdict.NEWER:
         why = ("it is ahead of the record: the record was rolled back or a hand-over "

@@ -51,6 +51,11 @@ class Change(enum.Enum):
         return self is Change.KEPT
 
     @property
+    def makes_new_tpm(self) -> bool:
+        """Whether the resized server starts with a TPM manufactured for it (no state yet)."""
+        return self in (Change.FRESH, Change.ADDED)
+
+    @property
     def drops_old_state(self) -> bool:
         """Whether the state the server had must not be used by the new flavor."""
         return self in (Change.FRESH, Change.REMOVED)

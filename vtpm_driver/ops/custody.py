@@ -31,22 +31,27 @@ def live_copy(state_base: str, instance_uuid: str, host: str | None) -> str:
 
 
 def check_live(instance: Any, state_base: str, *, host: str | None, allow_stale: bool,
-               doing: str = "start", record: int | None = None) -> custody.Verdict:
+               doing: str = "start", record: int | None = None,
+               absent_ok: bool = False) -> custody.Verdict:
     """Refuse to start (``doing``) the live state here unless it is the current copy.
 
     Read-only: call it BEFORE the guest is touched. ``record`` overrides the
-    record's generation (a revert compares with the pre-resize one).
+    record's generation (a revert compares with the pre-resize one). No state
+    here while the record has a generation is refused (the TPM is missing)
+    unless ``absent_ok``: the caller makes a new TPM on purpose or brings the
+    state here from a copy it checks itself.
     An accepted older copy (``allow_stale``) is logged.
 
-    :raises StaleTPMState: names the server, this state, both generations.
+    :raises StaleTPMState: names the server, this state, both generations (or that
+        the state is missing).
     :raises UnsafeStatePath: the generation file is a symlink or special file.
     :raises VirtError: the state directory cannot be read.
     """
     present = state.has_tpm_state(state_base, instance.uuid)
-    found = state.read_generation(state_base, instance.uuid) if present else None
+    found = state.read_generation(state_base, instance.uuid)
     copy = live_copy(state_base, instance.uuid, host)
     verdict = custody.check(instance, found, copy=copy, doing=doing, present=present,
-                            allow_stale=allow_stale, record=record)
+                            absent_ok=absent_ok, allow_stale=allow_stale, record=record)
     if not verdict.startable:
         LOG.warning("Accepting %s although its TPM generation %s is not the current %s "
                     "([vtpm] allow_stale_tpm_state = True)", copy, found,

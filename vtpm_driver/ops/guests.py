@@ -235,7 +235,8 @@ class Guests:
     # -- starting -------------------------------------------------------------
 
     def prepare_start(self, context: Any, instance: Any, cfg: VTPMConfig | None, *,
-                      create: bool = False) -> ops_secrets.StartSecret | None:
+                      create: bool = False,
+                      absent_ok: bool = False) -> ops_secrets.StartSecret | None:
         """Custody, then :func:`vtpm_driver.ops.secrets.prepare_start` on this host (F2, F5).
 
         Call it BEFORE the guest is touched: every start of a guest with a
@@ -243,13 +244,15 @@ class Guests:
         server's current copy (:func:`vtpm_driver.ops.custody.check_live`);
         then it is stamped (a state with no generation, of a server created
         before custody, is current once) and the record updated, if it
-        changed, in the domain.
+        changed, in the domain. ``absent_ok``: no state here is not a missing TPM:
+        this operation makes a new one (a create, ``rebuild --reset-tpm``, a
+        resize to another TPM) or restores it (a revert's checked backup).
 
         :raises StaleTPMState: the state here is older (or newer) than the
-            record's generation; nothing was touched.
+            record's generation, or missing; nothing was touched.
         """
         if cfg is not None:
-            self.check_custody(instance)
+            self.check_custody(instance, absent_ok=absent_ok)
             self.stamp(instance)
         return ops_secrets.prepare_start(context, instance, cfg, self.keymgr, self.secrets,
                                          create=create)
@@ -257,11 +260,11 @@ class Guests:
     # -- custody (vtpm_driver.model.custody) -----------------------------------------------
 
     def check_custody(self, instance: Any, *, doing: str = "start",
-                      record: int | None = None) -> None:
+                      record: int | None = None, absent_ok: bool = False) -> None:
         """:func:`vtpm_driver.ops.custody.check_live` on this host. :raises StaleTPMState:"""
         ops_custody.check_live(instance, self.state_base, host=None, doing=doing,
                                allow_stale=bool(self.conf.vtpm.allow_stale_tpm_state),
-                               record=record)
+                               record=record, absent_ok=absent_ok)
 
     def stamp(self, instance: Any, dom: Any = None) -> None:
         """The live state and the record agree (:func:`vtpm_driver.ops.custody.stamp_live`).

@@ -17,6 +17,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -49,7 +50,10 @@ def _wrap(exc: BaseException, what: str, problems: list[str]) -> exception.VTPME
     else:
         outcome = "everything it had created was removed"
     if isinstance(exc, exception.VTPMError):
-        return type(exc)(f"{what}: {exc} ({outcome})")
+        wrapped = copy.copy(exc)  # its type and its own fields (StaleTPMState's generations)
+        wrapped.message = f"{what}: {exc} ({outcome})"
+        wrapped.args = (wrapped.message,)
+        return wrapped
     return exception.VTPMError(f"{what}: unexpected {type(exc).__name__}: {exc} ({outcome})")
 
 
@@ -107,7 +111,8 @@ class LifecycleOps:
 
         progress = _SpawnProgress()
         try:
-            progress.start = self.guests.prepare_start(context, instance, cfg, create=True)
+            progress.start = self.guests.prepare_start(context, instance, cfg, create=True,
+                                                       absent_ok=True)
             faults.point("spawn.after_barbican")
             progress.dom = guest.define(self.guests.conn,
                                         self.guests.domain_xml(instance, cfg, base))

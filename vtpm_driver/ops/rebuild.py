@@ -66,15 +66,17 @@ class RebuildOps:
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
                 f"server {server_label(instance)} is suspended: resume it first")
-        start = self.guests.prepare_start(context, instance, cfg)
+        start = self.guests.prepare_start(context, instance, cfg, absent_ok=reset_tpm)
         if reset_tpm and cfg is not None:
             custody.advance(instance)  # a new TPM: a new generation, in the record first
         xml = xml_of(cfg)
         guest.destroy(dom)
         if reset_tpm and cfg is not None:
             # A fresh TPM: swtpm_setup manufactures one at the next start when
-            # there is no state. The domain stays defined (see above).
-            state.remove_state(self.state_base, instance.uuid)
+            # there is no state. The domain stays defined (see above), and so
+            # does the generation file: killed here, the next start (or this
+            # rebuild again) makes the new TPM the user asked for.
+            state.remove_tpm(self.state_base, instance.uuid)
             faults.point("rebuild.after_reset")
         dom = guest.define(self.guests.conn, xml)
         if reset_tpm and cfg is not None:

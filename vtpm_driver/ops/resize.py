@@ -216,7 +216,8 @@ class ResizeOps:
         try:
             needs_secret = new_cfg is not None and recorded_secret(instance) is None
             if power_on or needs_secret:
-                start = self.guests.prepare_start(context, instance, new_cfg, create=True)
+                start = self.guests.prepare_start(context, instance, new_cfg, create=True,
+                                                  absent_ok=change.makes_new_tpm)
             faults.point("finish.after_secret")
             if start is not None and start.created:
                 # Recorded at once: a revert (or the next operation) deletes it.
@@ -315,7 +316,10 @@ class ResizeOps:
         change = rules.resize_change(old_cfg, new_cfg)
         secret_uuid = recorded_secret(instance)
         # The passphrase first (read only; an added vTPM's old config has none) ...
-        start = self.guests.prepare_start(context, instance, old_cfg) if power_on else None
+        # (A resize that dropped the state here: the backup, checked next, brings it back.)
+        start = (self.guests.prepare_start(context, instance, old_cfg,
+                                           absent_ok=change.drops_old_state)
+                 if power_on else None)
         if old_cfg is not None:
             self._check_backup_custody(instance)
         # ... then every change, journalled.

@@ -358,6 +358,43 @@ def remove_state(base: str | os.PathLike[str], domain_uuid: str) -> bool:
     return True
 
 
+def remove_tpm(base: str | os.PathLike[str], domain_uuid: str) -> bool:
+    """Delete the TPM in the guest's state directory, keeping the directory and its generation.
+
+    Why: a reset (``rebuild --reset-tpm``) must leave a place that says a new
+    TPM is wanted there, so that a start after a kill manufactures it
+    (:func:`vtpm_driver.model.custody.judge`: a generation without a TPM is
+    such a place) instead of refusing a TPM that looks missing. Idempotent;
+    True if a TPM was removed.
+
+    :raises VirtError: a TPM directory is not a plain directory, or deleting failed.
+    """
+    root = state_dir(base, domain_uuid)
+    removed = False
+    for subdir, _name in _LAYOUT.values():
+        path = root / subdir
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise exception.VirtError(f"cannot inspect swtpm state {str(path)!r}: {exc}"
+                                      ) from None
+        if not stat.S_ISDIR(mode):
+            raise exception.VirtError(f"refusing to remove swtpm state {str(path)!r}: "
+                                      "not a directory")
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise exception.VirtError(f"cannot remove swtpm state {str(path)!r}: {exc}"
+                                      ) from None
+        removed = True
+        LOG.debug("Removed the TPM in %s", path)
+    return removed
+
+
 class CreatedStateDir:
     """A state directory this operation created, held open until :meth:`close`.
 

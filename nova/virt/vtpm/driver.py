@@ -62,6 +62,7 @@ from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception as vtpm_exception
+from vtpm_driver import faults
 from vtpm_driver.model import custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
@@ -281,8 +282,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool) -> Iterator[ops_secrets.StartSecret | None]:
+                               *, create: bool, arriving: bool = False
+                               ) -> Iterator[ops_secrets.StartSecret | None]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
+
+        Custody first: the TPM state here must be the current copy. ``arriving``:
+        the body brings the state here (a spawn from an off-host copy, a cold
+        migration's or a revert's copy, each checked once it is in place), so no
+        state here yet is not a missing TPM.
 
         A caller who may not read the secret (``user`` mode, not the owner)
         is refused while the server is still as it was (SPEC F5). Whether the
@@ -294,7 +301,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
             yield None
             return
-        self._vtpm_check_live(instance)
+        self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
             start = ops_secrets.prepare_start_in_mode(
                 context, instance, rules.secret_security(instance.flavor),
@@ -313,13 +320,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     # -- custody: only the current copy of the TPM ever starts (vtpm_driver.model.custody) ----
 
     def _vtpm_check_live(self, instance: Any, *, doing: str = "start",
-                         record: int | None = None) -> None:
+                         record: int | None = None, absent_ok: bool = False) -> None:
         """Refuse, before the guest is touched, a TPM state here that is not the current copy.
 
         The instance's ``system_metadata['vtpm_generation']`` is the record
-        (no request). No state here yet (a new server, an unshelve or
-        evacuation that restores it next, a migration that moves it in):
-        nothing to refuse.
+        (no request). No state here while the record has a generation is a
+        missing TPM, refused (a start would manufacture a new one), unless
+        ``absent_ok``: a new server, an unshelve or evacuation that restores it
+        next, a migration that moves it in, a resize that makes a new TPM.
 
         :raises nova.exception.InternalError: the state is older (or newer)
             than the record (:class:`vtpm_driver.exception.StaleTPMState`'s
@@ -328,7 +336,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         with translate.nova_errors():
             ops_custody.check_live(instance, self._vtpm_offhost.state_base, host=CONF.host,
                                    allow_stale=CONF.vtpm.allow_stale_tpm_state, doing=doing,
-                                   record=record)
+                                   record=record, absent_ok=absent_ok)
 
     def _vtpm_settle(self, instance: Any) -> None:
         """After a start: the state here and the instance agree on the generation.
@@ -398,7 +406,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         unshelving = instance.vm_state == vm_states.SHELVED_OFFLOADED
         if unshelving:
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
-        with (self._vtpm_passphrase_first(context, instance, image_meta, create=True),
+        with (self._vtpm_passphrase_first(context, instance, image_meta, create=True,
+                                          arriving=True),
               self._vtpm_offhost.spawning(instance, unshelving)):
             super().spawn(context, instance, image_meta, injected_files, admin_password,
                           allocations, network_info=network_info,
@@ -425,24 +434,60 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
                                 migration: Any, block_device_info: Any = None,
                                 power_on: bool = True, share_info: Any = None) -> None:
-        """Resize revert on the source: the old vTPM's passphrase is read first."""
-        with self._vtpm_passphrase_first(context, instance, create=False):
-            super().finish_revert_migration(context, instance, network_info, migration,
-                                            block_device_info=block_device_info,
-                                            power_on=power_on, share_info=share_info)
+        """Resize revert on the source: the old vTPM's passphrase is read first.
+
+        Also Nova's recovery of a migration whose source nova-compute died after
+        ``migrate_disk_and_power_off`` (``_init_instance``, ``RESIZE_MIGRATING``):
+        the TPM state waits in ``<instance>_resize/swtpm`` and must come back.
+        The source had not recorded ``old_flavor`` yet then, and Nova's own vTPM
+        step reads it: the flavor has not changed at that point, so the current
+        one is the old one for this revert (and ``old_flavor`` is unset again).
+        """
+        stashed = instance.old_flavor is None
+        if stashed:
+            instance.old_flavor = instance.flavor
+        try:
+            with self._vtpm_passphrase_first(context, instance, create=False, arriving=True):
+                super().finish_revert_migration(context, instance, network_info, migration,
+                                                block_device_info=block_device_info,
+                                                power_on=power_on, share_info=share_info)
+        finally:
+            if stashed:
+                instance.old_flavor = None
+        faults.point("finish_revert_migration.done")
 
     def finish_migration(self, context: Any, migration: Any, instance: Any, disk_info: Any,
                          network_info: Any, image_meta: Any, resize_instance: bool,
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True, share_info: Any = None) -> None:
         """Resize/cold migration target: passphrase (created if the vTPM is new) first."""
-        with self._vtpm_passphrase_first(context, instance, create=True):
+        with self._vtpm_passphrase_first(context, instance, create=True, arriving=True):
+            faults.point("finish_migration.after_secret_fetch")
             super().finish_migration(context, migration, instance, disk_info, network_info,
                                      image_meta, resize_instance, allocations,
                                      block_device_info=block_device_info,
                                      power_on=power_on, share_info=share_info)
+        faults.point("finish_migration.done")
 
     # -- resize ---------------------------------------------------------------------
+
+    def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: Any, flavor: Any,
+                                   network_info: Any, block_device_info: Any = None,
+                                   timeout: int = 0, retry_interval: int = 0) -> Any:
+        """Nova's, unchanged: the guest stops, its disks and TPM state go to ``dest``.
+
+        Nova saves the TPM state beside the disks (``<instance>_resize/swtpm``) for
+        a revert and copies it to the destination; a nova-compute killed after
+        this returns leaves the server in ``RESIZE_MIGRATING``, which Nova's
+        start-up reverts through :meth:`finish_revert_migration`. The step's end
+        is a fault point of the fault table (tests/functional/test_faults.py).
+        """
+        result = super().migrate_disk_and_power_off(
+            context, instance, dest, flavor, network_info,
+            block_device_info=block_device_info, timeout=timeout,
+            retry_interval=retry_interval)
+        faults.point("migrate_disk_and_power_off.done")
+        return result
 
     def _vtpm_resize_change(self, instance: Any) -> rules.Change:
         """:func:`vtpm_driver.model.rules.resize_change` from the old to the new flavor."""
@@ -468,8 +513,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
                 or self._vtpm_offhost.has_state(instance.uuid)):
-            self._vtpm_check_live(instance, doing="take over")
+            self._vtpm_check_live(instance, doing="take over",
+                                  absent_ok=self._vtpm_resize_change(instance).makes_new_tpm)
             self._vtpm_hand_over(instance, resize=True)
+            faults.point("finish_migration.after_hand_over")
 
     def _cleanup_resize_vtpm(self, context: Any, instance: Any) -> None:
         """Confirming a resize: a removed vTPM's secret is deleted; a moved server's goes.
@@ -486,6 +533,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                      instance=instance)
             self._vtpm_delete_secret(context, instance, instance.old_flavor)
         if change is not rules.Change.NONE and instance.host != CONF.host:
+            faults.point("confirm_migration.before_secret_removed")
             with translate.nova_errors():
                 ops_secrets.remove_libvirt_secrets(self.vtpm_secrets, instance)
 
@@ -508,6 +556,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                                   record=custody.pre_resize(instance))
             custody.forget_resize(instance)
             self._vtpm_hand_over(instance)
+            faults.point("finish_revert_migration.after_hand_over")
 
     # -- deleting secrets ---------------------------------------------------------------
 
@@ -664,6 +713,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                                               self.vtpm_secrets, self.vtpm_key_manager)
         if start is not None:
             self._vtpm_incoming[instance.uuid] = start
+        faults.point("pre_live_migration.after_secret")
         return super().pre_live_migration(context, instance, block_device_info,
                                           network_info, disk_info, migrate_data)
 
@@ -679,12 +729,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         super().post_live_migration_at_destination(context, instance, network_info,
                                                    block_migration=block_migration,
                                                    block_device_info=block_device_info)
+        faults.point("post_live_migration_at_destination.before_secret_removed")
         start = self._vtpm_incoming.pop(instance.uuid, None)
         if start is None and not self._vtpm_offhost.has_state(instance.uuid):
             return
         vtpm_migrate.incoming_running(instance, self.vtpm_secrets, start)
         if rules.has_vtpm(instance):
             self._vtpm_hand_over(instance)  # the state running here is the current copy
+            faults.point("post_live_migration_at_destination.done")
 
     def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                             migrate_data: Any = None) -> Any:
@@ -695,6 +747,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """
         result = super().post_live_migration(context, instance, block_device_info,
                                              migrate_data=migrate_data)
+        faults.point("post_live_migration.before_secret_removed")
         if migrate_data and migrate_data.has_vtpm:
             vtpm_migrate.forget_source(instance, self.vtpm_secrets)
         return result

@@ -25,12 +25,27 @@ def server(generation: str | None = None, **sysmeta: str) -> types.SimpleNamespa
     (3, 4, True, Verdict.NEWER),
     (None, None, True, Verdict.UNSTAMPED),  # older than custody: current once
     (None, 5, True, Verdict.ADOPT),
-    (3, None, False, Verdict.FRESH),
-    (None, None, False, Verdict.FRESH),
+    (3, None, False, Verdict.MISSING),    # a TPM was made: its state is gone
+    (None, None, False, Verdict.FRESH),   # a first start
 ])
 def test_judge(record, found, present, verdict) -> None:
     assert custody.judge(record, found, present=present) is verdict
-    assert verdict.startable is (verdict not in (Verdict.OLDER, Verdict.NEWER))
+    assert verdict.startable is (
+        verdict not in (Verdict.OLDER, Verdict.NEWER, Verdict.MISSING))
+
+
+def test_no_state_is_a_new_tpm_only_when_the_caller_makes_one() -> None:
+    assert custody.judge(3, None, present=False, absent_ok=True) is Verdict.FRESH
+
+
+def test_a_missing_state_is_refused_naming_the_server_the_record_and_where_to_look() -> None:
+    inst = server("5")
+    with pytest.raises(exception.StaleTPMState) as caught:
+        custody.check(inst, None, copy="/s/x on host host-a", present=False)
+    message = str(caught.value)
+    assert "vm1" in message and "/s/x on host host-a" in message
+    assert "generation 5" in message and "_resize" in message and "reset" in message
+    assert custody.check(inst, None, copy="c", present=False, absent_ok=True) is Verdict.FRESH
 
 
 def test_an_older_copy_is_refused_naming_server_copy_both_generations_and_what_to_do() -> None:
