@@ -106,6 +106,14 @@ CASES = [
     ("resize revert", "revert.after_define"),
     ("resize revert", "revert.before_discard"),
     ("resize confirm", "confirm.before_discard"),
+    # A new TPM on purpose: killed anywhere, the retry (or the next start) makes it.
+    ("rebuild reset", "reset.after_secret_fetch"),
+    ("rebuild reset", "reset.after_destroy"),
+    ("rebuild reset", "reset.after_remove"),
+    ("rebuild reset", "reset.after_define"),
+    ("rebuild reset", "launch.secret_defined"),
+    ("rebuild reset", "launch.started"),
+    ("rebuild reset", "barbican-down"),
     ("delete", "delete.after_barbican"),
     ("delete", "delete.after_undefine"),
     ("delete", "delete.after_state"),
@@ -275,7 +283,8 @@ def test_fault(op: str, fault: str, faulty: Faulty, cli: CliRunner, test_guest: 
             f"; retry rc={retry.rc}; clean deletion"
         return
 
-    # One server per operation for its rows: each row leaves it working, EK unchanged.
+    # One server per operation for its rows: each row leaves it working, EK unchanged
+    # (a reset: a new EK, which the next start keeps).
     server = families(op)
     dom = libvirt_conn.lookupByUUIDString(server.uuid)
     state_file = virt_state.state_file(SWTPM_STATE_ROOT, server.uuid, "2.0")
@@ -289,6 +298,7 @@ def test_fault(op: str, fault: str, faulty: Faulty, cli: CliRunner, test_guest: 
         "start": ("server", "start", server.name),
         "resize revert": ("server", "resize", "revert", server.name),
         "resize confirm": ("server", "resize", "confirm", server.name),
+        "rebuild reset": ("server", "rebuild", "--reset-tpm", server.name),
     }[op]
     seen = count_results(server.console)
     result = faulty.run(fault, *command)
@@ -309,12 +319,22 @@ def test_fault(op: str, fault: str, faulty: Faulty, cli: CliRunner, test_guest: 
     if count_results(server.console) == seen:  # nothing booted since the fault (confirm)
         assert cli("server", "start", server.name).rc == 0
         how += ", start OK"
-    assert wait_results(server.console, seen)[-1]["ek"] == server.ek, \
-        "the TPM changed: its state was lost"
+    ek = wait_results(server.console, seen)[-1]["ek"]
     wait_for_shutoff(dom)
+    if op == "rebuild reset":
+        assert ek != server.ek, "the reset kept the old TPM"
+        seen = count_results(server.console)
+        assert cli("server", "start", server.name).rc == 0
+        assert wait_results(server.console, seen)[-1]["ek"] == ek, "the new TPM was lost"
+        wait_for_shutoff(dom)
+        server.ek = ek
+        how += ", new EK, kept by the next start"
+    else:
+        assert ek == server.ek, "the TPM changed: its state was lost"
+        how += ", EK same"
     no_passphrase_in_libvirt(libvirt_conn, server.uuid)
     assert half_done_of(cli, server.uuid) == []
-    TABLE[(op, fault)] = ("killed" if "." in fault else "refused") + f"; {how}; EK same"
+    TABLE[(op, fault)] = ("killed" if "." in fault else "refused") + f"; {how}"
 
 
 # ----------------------------------------------------------------------------- shared servers

@@ -66,21 +66,25 @@ class RebuildOps:
         if guest.has_managed_save(dom):
             raise exception.VTPMError(
                 f"server {server_label(instance)} is suspended: resume it first")
-        start = self.guests.prepare_start(context, instance, cfg, absent_ok=reset_tpm)
-        if reset_tpm and cfg is not None:
+        reset = reset_tpm and cfg is not None
+        start = self.guests.prepare_start(context, instance, cfg, absent_ok=reset)
+        if reset:
+            faults.point("reset.after_secret_fetch")
             custody.advance(instance)  # a new TPM: a new generation, in the record first
         xml = xml_of(cfg)
         guest.destroy(dom)
-        if reset_tpm and cfg is not None:
+        if reset:
+            faults.point("reset.after_destroy")
             # A fresh TPM: swtpm_setup manufactures one at the next start when
             # there is no state. The domain stays defined (see above), and so
             # does the generation file: killed here, the next start (or this
             # rebuild again) makes the new TPM the user asked for.
             state.remove_tpm(self.state_base, instance.uuid)
-            faults.point("rebuild.after_reset")
+            faults.point("reset.after_remove")
         dom = guest.define(self.guests.conn, xml)
-        if reset_tpm and cfg is not None:
+        if reset:
             self.guests.stamp(instance, dom)  # the new TPM's directory carries it
+            faults.point("reset.after_define")
         self.guests.launch(dom, instance, start)
 
     def rescue(self, context: Any, instance: Any, *, kernel: str | None = None,
