@@ -822,7 +822,7 @@ def converge_through_nova(cloud: AioCloud, server_id: str) -> tuple[str, dict[st
         cloud.wait_server("owner", server_id, "ACTIVE")
         steps.append("resize confirm")
     elif status == "ERROR" or task:
-        cloud.cli("admin", "server", "set", "--state", "active", server_id)
+        cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server_id)
         steps.append("set --state active")
     boot = latest_report(cloud, server_id)["boot"]
     cloud.cli("owner", "server", "reboot", "--hard", server_id)

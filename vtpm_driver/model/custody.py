@@ -17,12 +17,15 @@ no request. A copy is current iff its generation equals the record's.
 
 Every hand-over of the TPM (cold migration and resize, live migration, shelve
 offload, unshelve, evacuation, a new TPM by ``rebuild --reset-tpm``, a resize
-revert) advances the record FIRST (:func:`advance`) and then stamps the copy
-that now is the server's TPM. Until the advanced record is stored, that copy
-is NEWER than the stored record and every other copy older: both are refused
-(:attr:`Verdict.NEWER`, :attr:`Verdict.OLDER`), so a kill in between leaves
-nothing that starts until an operator decides (safe), never two copies that
-both pass.
+revert) advances the record FIRST (:func:`advance`), stores it, and then stamps
+the copy that now is the server's TPM. Where the record names the host the TPM
+is handed to (:data:`HANDOVER_KEY`, Nova's instance), a kill between the store
+and the stamp leaves that host's copy exactly one generation behind the record:
+it, and only it, is accepted there (:attr:`Verdict.HANDING_OVER`) and stamped by
+the next start, which so finishes the hand-over. Every other copy is older than
+the stored record and refused (:attr:`Verdict.OLDER`); a copy ahead of it
+(:attr:`Verdict.NEWER`) means the record was rolled back: refused until an
+operator decides. Never two copies that both pass.
 
 A missing state is not a new TPM: once the record has a generation, the server's
 TPM was manufactured, and a start that finds no state would manufacture another one (a
@@ -55,6 +58,9 @@ GENERATION_KEY = "vtpm_generation"
 #: ``system_metadata`` key of the generation before a resize's hand-over; a revert
 #: restores the backup only if the backup has exactly this generation.
 PRE_RESIZE_KEY = "vtpm_generation_before_resize"
+#: ``system_metadata`` key of the host a hand-over in progress gives the TPM to (until
+#: that host's copy is stamped with the record's generation).
+HANDOVER_KEY = "vtpm_handover_host"
 #: The generation of a new server's TPM.
 FIRST = 1
 
@@ -69,6 +75,7 @@ class Verdict(enum.Enum):
     OLDER = "older"          # behind the record (or unstamped while the record is not)
     NEWER = "newer"          # ahead of the record: the record was rolled back
     MISSING = "missing"      # no state, but the record says a TPM was manufactured
+    HANDING_OVER = "handing over"  # one behind, on the host the record hands it to
 
     @property
     def startable(self) -> bool:
@@ -99,7 +106,7 @@ def parse(text: str | None) -> int | None:
 
 
 def judge(record: int | None, found: int | None, *, present: bool = True,
-          absent_ok: bool = False) -> Verdict:
+          absent_ok: bool = False, handed_here: bool = False) -> Verdict:
     """What the copy with generation ``found`` is, against the record's ``record``.
 
     ``present`` False: there is no TPM state. That is a new TPM
@@ -110,12 +117,17 @@ def judge(record: int | None, found: int | None, *, present: bool = True,
     (``absent_ok``: it makes a new TPM on purpose, or brings the state from
     a copy it checks itself). Otherwise nothing of the
     server's TPM is here: it is missing (:attr:`Verdict.MISSING`).
+    ``handed_here``: the record names this host as the one a hand-over in
+    progress gives the TPM to; its copy exactly one generation behind is that
+    hand-over's, not yet stamped (:attr:`Verdict.HANDING_OVER`).
     """
     if not present:
         made_here = record is None or absent_ok or found is not None
         return Verdict.FRESH if made_here else Verdict.MISSING
     if record is None:
         return Verdict.UNSTAMPED if found is None else Verdict.ADOPT
+    if handed_here and found is not None and found == record - 1:
+        return Verdict.HANDING_OVER
     if found is None or found < record:
         return Verdict.OLDER
     if found > record:
@@ -125,14 +137,15 @@ def judge(record: int | None, found: int | None, *, present: bool = True,
 
 def check(instance: Any, found: int | None, *, copy: str, doing: str = "start",
           present: bool = True, absent_ok: bool = False, allow_stale: bool = False,
-          record: int | None = None) -> Verdict:
+          record: int | None = None, host: str | None = None) -> Verdict:
     """Refuse to start, restore or copy back a copy that is not the current one.
 
     ``copy`` names the copy for the message (``"the swtpm state
     /var/lib/libvirt/swtpm/<uuid> on host h1"``, ``"the off-host copy in
     /srv/store"``). ``record`` overrides the record's generation (a resize
     revert compares the backup with the pre-resize one). ``present`` and
-    ``absent_ok``: see :func:`judge`. ``allow_stale``
+    ``absent_ok``: see :func:`judge`. ``host``: where this copy is (a live
+    state's host), matched against the record's hand-over (:data:`HANDOVER_KEY`). ``allow_stale``
     (``[vtpm] allow_stale_tpm_state``): an older, newer or missing copy is
     accepted (the caller logs it) instead of refused.
 
@@ -141,7 +154,9 @@ def check(instance: Any, found: int | None, *, copy: str, doing: str = "start",
         what to do.
     """
     expected = recorded(instance) if record is None else record
-    verdict = judge(expected, found, present=present, absent_ok=absent_ok)
+    handed_here = host is not None and handover_host(instance) == host and record is None
+    verdict = judge(expected, found, present=present, absent_ok=absent_ok,
+                    handed_here=handed_here)
     if verdict.startable or allow_stale:
         return verdict
     raise exception.StaleTPMState(refusal(instance, copy, doing, found, expected, verdict),
@@ -192,21 +207,39 @@ def set_recorded(instance: Any, generation: int) -> None:
     instance.system_metadata[GENERATION_KEY] = str(int(generation))
 
 
-def advance(instance: Any, *, resize: bool = False) -> int:
+def advance(instance: Any, *, resize: bool = False, to_host: str | None = None) -> int:
     """A hand-over: the record's generation + 1 (``FIRST`` + 1 without one); returns it.
 
-    Call it BEFORE stamping the copy that is handed over; the record is stored
-    by its owner (the standalone domain record before the stamp; in Nova the
-    compute manager's save right after the driver call): at no moment does an
-    older copy match the stored record. ``resize``: the previous
-    generation is kept in :data:`PRE_RESIZE_KEY` for a revert. Not idempotent.
+    Call it BEFORE stamping the copy that is handed over, and store the record
+    before the stamp (the standalone domain's define; in Nova
+    :func:`vtpm_driver.ops.custody.hand_over` saves the instance): at no moment
+    does an older copy match the stored record. ``to_host``: the host whose copy
+    is handed the TPM (:data:`HANDOVER_KEY`, until :func:`handed_over`).
+    ``resize``: the previous generation is kept in :data:`PRE_RESIZE_KEY` for a
+    revert. Not idempotent.
     """
     before = recorded(instance)
     new = (before if before is not None else FIRST) + 1
     if resize and PRE_RESIZE_KEY not in instance.system_metadata:
         instance.system_metadata[PRE_RESIZE_KEY] = str(before if before is not None else FIRST)
     set_recorded(instance, new)
+    if to_host is not None:
+        instance.system_metadata[HANDOVER_KEY] = to_host
     return new
+
+
+def handover_host(instance: Any) -> str | None:
+    """The host a hand-over in progress gives the TPM to (None: none in progress)."""
+    sysmeta = getattr(instance, "system_metadata", None) or {}
+    return sysmeta.get(HANDOVER_KEY) or None
+
+
+def handed_over(instance: Any) -> None:
+    """The handed-over copy carries the record's generation: the hand-over is done.
+
+    Changes only ``system_metadata`` (the caller stores it). Idempotent.
+    """
+    instance.system_metadata.pop(HANDOVER_KEY, None)
 
 
 def pre_resize(instance: Any) -> int | None:

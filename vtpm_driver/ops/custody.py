@@ -14,6 +14,7 @@ state that now is the server's TPM (when each record is stored: see ``advance``)
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from oslo_log import log as logging
@@ -51,7 +52,8 @@ def check_live(instance: Any, state_base: str, *, host: str | None, allow_stale:
     found = state.read_generation(state_base, instance.uuid)
     copy = live_copy(state_base, instance.uuid, host)
     verdict = custody.check(instance, found, copy=copy, doing=doing, present=present,
-                            absent_ok=absent_ok, allow_stale=allow_stale, record=record)
+                            absent_ok=absent_ok, allow_stale=allow_stale, record=record,
+                            host=host)
     if not verdict.startable:
         LOG.warning("Accepting %s although its TPM generation %s is not the current %s "
                     "([vtpm] allow_stale_tpm_state = True)", copy, found,
@@ -83,4 +85,26 @@ def stamp_live(instance: Any, state_base: str, *, create: bool = True) -> int | 
         state.write_generation(state_base, instance.uuid, generation)
     if custody.recorded(instance) != generation:
         custody.set_recorded(instance, generation)
+    if present:
+        custody.handed_over(instance)
     return generation
+
+
+def hand_over(instance: Any, state_base: str, *, host: str, save: Callable[[], None],
+              resize: bool = False) -> int:
+    """The TPM state here becomes the server's current copy; returns its generation.
+
+    The record advances, naming this host (:func:`vtpm_driver.model.custody.advance`),
+    and is stored (``save``) BEFORE the state here is stamped with it. Killed
+    in between, this host's copy is one generation behind a record that names
+    it: :func:`check_live` accepts that copy here only, and the next start
+    stamps it (the hand-over is finished); every other copy is older than the
+    stored record. No state here yet (a start manufactures or brings it):
+    stamped after that start. Not idempotent (each call is one hand-over).
+
+    :raises VirtError: the generation could not be written.
+    """
+    new = custody.advance(instance, resize=resize, to_host=host)
+    save()
+    stamp_live(instance, state_base, create=False)
+    return new

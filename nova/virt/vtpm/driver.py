@@ -352,22 +352,21 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             instance.save()
 
     def _vtpm_hand_over(self, instance: Any, *, resize: bool = False) -> None:
-        """The TPM state here becomes the server's current copy: advance, stamp.
+        """The TPM state here becomes the server's current copy: advance, save, stamp.
 
         Its callers are ``finish_migration``, ``finish_revert_migration`` and
-        ``post_live_migration_at_destination``, after each of which Nova's
-        compute manager saves the instance (with the new generation): the
-        driver only updates it, as Nova's own driver does with the instance's
-        other fields there. Until that save the state here is newer than the
-        stored record, and a newer copy is refused as well as an older one: no
-        moment exists at which an older copy elsewhere matches the record and
-        this one could start twice. With no state here yet (a TPM Nova's start
-        manufactures), :meth:`_vtpm_settle` stamps it after the start.
-        Not idempotent (each call is one hand-over).
+        ``post_live_migration_at_destination``. The instance is saved with the
+        new generation and this host named as the hand-over's
+        (:func:`vtpm_driver.ops.custody.hand_over`) before the state here is
+        stamped: a nova-compute killed at any point leaves a record that this
+        host's copy, and only it, satisfies (its next start finishes the
+        hand-over); the copy left elsewhere is older. With no state here yet
+        (a TPM Nova's start manufactures), :meth:`_vtpm_settle` stamps it after
+        the start. Not idempotent (each call is one hand-over).
         """
-        new = custody.advance(instance, resize=resize)
         with translate.nova_errors():
-            ops_custody.stamp_live(instance, self._vtpm_offhost.state_base, create=False)
+            new = ops_custody.hand_over(instance, self._vtpm_offhost.state_base,
+                                        host=CONF.host, save=instance.save, resize=resize)
         LOG.info("TPM handed over: generation %d is the current copy", new, instance=instance)
 
     def _vtpm_undo_created(self, context: Any, instance: Any,

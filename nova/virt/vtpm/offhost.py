@@ -293,16 +293,16 @@ class OffHost:
         return meta
 
     def _hand_over(self, instance: Any) -> None:
-        """The restored state is the server's current TPM here: the instance's generation
-        advances and is saved, then the restored state is stamped with it (so the copy
-        it came from, and any state left on the old host, are older from now on).
+        """The restored state is the server's current TPM here
+        (:func:`vtpm_driver.ops.custody.hand_over`: the instance's generation advances
+        and is saved, naming this host, then the restored state is stamped with it), so
+        the copy it came from, and any state left on the old host, are older from now on.
 
         :raises nova.exception.NovaException: the generation could not be written.
         """
-        custody.advance(instance)
-        instance.save()
         with translate.nova_errors():
-            ops_custody.stamp_live(instance, self.state_base, create=False)
+            ops_custody.hand_over(instance, self.state_base, host=self.host,
+                                  save=instance.save)
 
     @staticmethod
     def _hand_back(instance: Any, before: int | None) -> None:

@@ -36,6 +36,15 @@ def test_judge(record, found, present, verdict) -> None:
 
 def test_no_state_is_a_new_tpm_only_when_the_caller_makes_one() -> None:
     assert custody.judge(3, None, present=False, absent_ok=True) is Verdict.FRESH
+    assert custody.judge(3, 3, present=False) is Verdict.FRESH   # a place prepared for one
+
+
+def test_a_copy_one_behind_is_the_hand_overs_only_on_the_host_it_names() -> None:
+    assert custody.judge(3, 2, handed_here=True) is Verdict.HANDING_OVER
+    assert Verdict.HANDING_OVER.startable
+    assert custody.judge(3, 2) is Verdict.OLDER
+    assert custody.judge(3, 1, handed_here=True) is Verdict.OLDER
+    assert custody.judge(3, 4, handed_here=True) is Verdict.NEWER
 
 
 def test_a_missing_state_is_refused_naming_the_server_the_record_and_where_to_look() -> None:

@@ -14,6 +14,7 @@ from tests.unit.conftest import OWNER, Env, resize_to
 from vtpm_driver import exception
 from vtpm_driver.model import custody
 from vtpm_driver.model.server import Flavor, Instance
+from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.virt import record, state
 
 
@@ -145,3 +146,68 @@ def test_rebuild_keeps_the_generation_and_reset_tpm_advances_it(env: Env) -> Non
     state.write_generation(env.state_base, inst.uuid, 1)
     with pytest.raises(exception.StaleTPMState, match="generation is 1"):
         env.drv.reboot(OWNER, inst, None, "HARD")
+
+
+def test_a_missing_state_is_refused_not_made_again(env: Env) -> None:
+    """The record says the TPM was made; its state is gone (an interrupted move took it
+    away): a start would make a new TPM with a new EK. Refused, nothing touched."""
+    inst = env.spawn(env.instance())
+    env.drv.power_off(inst)
+    state.remove_state(env.state_base, inst.uuid)
+    with pytest.raises(exception.StaleTPMState, match="no TPM state") as caught:
+        env.drv.power_on(OWNER, inst, None)
+    assert "generation 1" in str(caught.value) and "_resize" in str(caught.value)
+    assert not env.dom(inst).active
+    assert not state.has_tpm_state(env.state_base, inst.uuid)
+
+
+def test_a_reset_killed_after_removing_the_tpm_is_finished_by_the_next_start(
+        env: Env) -> None:
+    """rebuild --reset-tpm keeps the generation file where it removes the TPM: that place
+    says a new TPM is wanted, so a start after a kill makes it (not a missing TPM)."""
+    inst = env.spawn(env.instance())
+    env.drv.power_off(inst)
+    old_ek = env.state_file(inst).read_bytes()
+    state.remove_tpm(env.state_base, inst.uuid)         # what the reset did before the kill
+    assert state.read_generation(env.state_base, inst.uuid) == 1
+    env.drv.power_on(OWNER, inst, None)
+    assert env.dom(inst).active and env.state_file(inst).read_bytes() != old_ek
+
+
+class _Saves:
+    """The record as stored: what ``save`` stored last (a copy of system_metadata)."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.stored: dict[str, str] = {}
+
+    def __call__(self) -> None:
+        self.stored = dict(self.inst.system_metadata)
+
+
+def test_hand_over_stores_the_record_naming_the_host_before_stamping(env: Env) -> None:
+    inst = env.spawn(env.instance())
+    saves = _Saves(inst)
+    assert ops_custody.hand_over(inst, str(env.state_base), host="h2", save=saves) == 2
+    assert saves.stored[custody.GENERATION_KEY] == "2"
+    assert saves.stored[custody.HANDOVER_KEY] == "h2"           # stored before the stamp
+    assert state.read_generation(env.state_base, inst.uuid) == 2
+    assert custody.HANDOVER_KEY not in inst.system_metadata     # done once stamped
+
+
+def test_a_hand_over_killed_before_its_stamp_is_finished_on_its_host_only(env: Env) -> None:
+    """Stored record 2 naming h2, the state there still 1: h2's next start accepts and
+    stamps it; the same state on any other host is older than the record, refused."""
+    inst = env.spawn(env.instance())
+    custody.advance(inst, to_host="h2")                        # stored, then killed
+    with pytest.raises(exception.StaleTPMState, match="generation is 1"):
+        ops_custody.check_live(inst, str(env.state_base), host="h1", allow_stale=False)
+    verdict = ops_custody.check_live(inst, str(env.state_base), host="h2", allow_stale=False)
+    assert verdict is custody.Verdict.HANDING_OVER
+    assert ops_custody.stamp_live(inst, str(env.state_base)) == 2
+    assert custody.HANDOVER_KEY not in inst.system_metadata
+    # Two behind is no hand-over's copy.
+    custody.advance(inst, to_host="h2")
+    custody.advance(inst, to_host="h2")
+    with pytest.raises(exception.StaleTPMState, match="generation is 2"):
+        ops_custody.check_live(inst, str(env.state_base), host="h2", allow_stale=False)
