@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,7 @@ import nova.conf
 from nova import exception as nova_exception
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 
 from nova.virt.vtpm import host as nova_host
@@ -301,6 +303,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
             yield None
             return
+        if not arriving:
+            self._vtpm_take_in_transit(instance)
         self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
             start = ops_secrets.prepare_start_in_mode(
@@ -337,6 +341,28 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             ops_custody.check_live(instance, self._vtpm_offhost.state_base, host=CONF.host,
                                    allow_stale=CONF.vtpm.allow_stale_tpm_state, doing=doing,
                                    record=record, absent_ok=absent_ok)
+
+    def _vtpm_take_in_transit(self, instance: Any) -> None:
+        """Put a TPM state a killed cold migration left in transit here where libvirt looks.
+
+        Nova copies the state to ``<instance dir>/swtpm/<uuid>`` on the
+        destination and moves it into libvirt's swtpm directory in
+        ``finish_migration``; a nova-compute killed in between leaves the
+        server here (Nova's record) with its TPM in transit. Its next start
+        finishes that step with Nova's own ``restore_vtpm_dir``; custody then
+        decides, as for any state, whether it may start (its generation must
+        be the record's). A state already in place, or none in transit:
+        nothing done. Idempotent.
+        """
+        if self._vtpm_offhost.has_state(instance.uuid):
+            return
+        in_transit = os.path.join(libvirt_utils.get_instance_path(instance), "swtpm",
+                                  instance.uuid)
+        if not os.path.isdir(in_transit):
+            return
+        LOG.warning("Putting the TPM state an interrupted migration left in %s in place",
+                    in_transit, instance=instance)
+        libvirt_utils.restore_vtpm_dir(in_transit)
 
     def _vtpm_settle(self, instance: Any) -> None:
         """After a start: the state here and the instance agree on the generation.
