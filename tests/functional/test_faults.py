@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import signal
 import socket
@@ -724,7 +725,7 @@ def test_libvirtd_restarted_mid_operation(op: str, point: str, host_a, owner_ses
 NOVA_CASES = [
     # (operation, whose nova-compute dies, fault point)
     ("cold migrate", "source", "migrate_disk_and_power_off.done"),
-    ("cold migrate", "dest", "finish_migration.after_secret_fetch"),
+    ("cold migrate", "dest", "finish_migration.before_state_in_place"),
     ("cold migrate", "dest", "finish_migration.after_hand_over"),
     ("cold migrate", "dest", "finish_migration.done"),
     ("resize confirm", "source", "confirm_migration.before_secret_removed"),
@@ -744,7 +745,12 @@ NOVA_COMMAND = {"cold migrate": ("server", "migrate"),
                 "resize confirm": ("server", "resize", "confirm"),
                 "resize revert": ("server", "resize", "revert"),
                 "live migrate": ("server", "migrate", "--live-migration")}
-SETTLE_TIMEOUT = 120.0  # Nova's start-up recovery on a busy 2-core machine, not a speed check
+# How long Nova may still be busy with the server once the restarted compute reports: a
+# cold move's recovery runs inside init_host; a live migration's source gives up on the
+# dead destination after rpc_response_timeout (60 s) and rolls back. Bounds on a busy
+# 2-core machine, not speed checks.
+SETTLE_TIMEOUT = {"live migrate": 180.0}
+SETTLE_DEFAULT = 20.0
 
 
 @dataclasses.dataclass
@@ -786,6 +792,21 @@ def restart_compute(cloud: AioCloud, host: str, fault: str | None = None) -> int
     return int((cloud.aio_dir / "run" / f"nova-compute-{host}.pid").read_text())
 
 
+def wait_reporting(cloud: AioCloud, host: str, since: float) -> None:
+    """``host``'s nova-compute reported its state after ``since`` (a Unix time): it has
+    run init_host (Nova's recovery of its servers included) and serves requests."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        (service,) = cloud.compute("admin", "GET", f"/os-services?binary=nova-compute&host={host}"
+                                   )["services"]
+        stamp = service.get("updated_at")
+        if stamp and datetime.datetime.fromisoformat(stamp).replace(
+                tzinfo=datetime.UTC).timestamp() > since:
+            return
+        assert time.monotonic() < deadline, f"nova-compute on {host} did not come back"
+        time.sleep(1)
+
+
 def wait_killed(pid: int, step: str) -> None:
     """The fault point killed the process (gone, or a zombie nobody reaped)."""
     deadline = time.monotonic() + BOOT_TIMEOUT
@@ -794,9 +815,9 @@ def wait_killed(pid: int, step: str) -> None:
         time.sleep(0.2)
 
 
-def settle(cloud: AioCloud, server_id: str) -> dict:
-    """The server once Nova has no task for it (or SETTLE_TIMEOUT passed): Nova's answer."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
+def settle(cloud: AioCloud, server_id: str, timeout: float) -> dict:
+    """The server once Nova has no task for it (or ``timeout`` passed): Nova's answer."""
+    deadline = time.monotonic() + timeout
     while True:
         server = cloud.server("admin", server_id)
         if not server.get("OS-EXT-STS:task_state") or time.monotonic() > deadline:
@@ -804,7 +825,8 @@ def settle(cloud: AioCloud, server_id: str) -> dict:
         time.sleep(1)
 
 
-def converge_through_nova(cloud: AioCloud, server_id: str) -> tuple[str, dict[str, str]]:
+def converge_through_nova(cloud: AioCloud, server_id: str, settle_timeout: float
+                          ) -> tuple[str, dict[str, str]]:
     """What an operator does after the crash, with Nova's commands only.
 
     Returns the steps taken and the guest's report from the boot of the hard reboot.
@@ -815,7 +837,7 @@ def converge_through_nova(cloud: AioCloud, server_id: str) -> tuple[str, dict[st
     where Nova says the server is.
     """
     steps = []
-    server = settle(cloud, server_id)
+    server = settle(cloud, server_id, settle_timeout)
     status, task = server["status"], server.get("OS-EXT-STS:task_state")
     steps.append(f"Nova: {status}{'/' + task if task else ''}")
     if status == "VERIFY_RESIZE" and not task:
@@ -877,8 +899,11 @@ def test_fault_through_nova(op: str, who: str, step: str,
         aio_cloud.cli("owner", *NOVA_COMMAND[op], server.id)
         wait_killed(pid, step)
     finally:
+        since = time.time()
         restart_compute(aio_cloud, victim)
-    how, report = converge_through_nova(aio_cloud, server.id)
+        wait_reporting(aio_cloud, victim, since)
+    how, report = converge_through_nova(aio_cloud, server.id,
+                                        SETTLE_TIMEOUT.get(op, SETTLE_DEFAULT))
 
     host = aio_cloud.server("admin", server.id)[HOST_ATTR]
     elsewhere = other(host)

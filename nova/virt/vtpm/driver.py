@@ -487,7 +487,6 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                          power_on: bool = True, share_info: Any = None) -> None:
         """Resize/cold migration target: passphrase (created if the vTPM is new) first."""
         with self._vtpm_passphrase_first(context, instance, create=True, arriving=True):
-            faults.point("finish_migration.after_secret_fetch")
             super().finish_migration(context, migration, instance, disk_info, network_info,
                                      image_meta, resize_instance, allocations,
                                      block_device_info=block_device_info,
@@ -535,6 +534,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         resize that removes the vTPM starts no TPM here: nothing to hand over
         (a revert finds the pre-resize generation as the record's own).
         """
+        faults.point("finish_migration.before_state_in_place")  # disks ready, TPM in transit
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
                 or self._vtpm_offhost.has_state(instance.uuid)):
