@@ -20,6 +20,7 @@ from tests.fakes.swtpm import make_state
 from tests.nova import test_nova_shim_offhost as offhost
 from tests.nova.nova_fakes import make_image
 from vtpm_driver.model import custody
+from vtpm_driver.model.rules import Change
 from vtpm_driver.virt import state
 
 # The off-host tests' fixtures and helpers (one of each kind).
@@ -204,3 +205,58 @@ def test_a_cold_migration_hands_the_tpm_to_the_destination(tpm_instance, drv, ct
     with pytest.raises(nova_exception.NovaException,
                        match=r"take over.*generation is 1.*generation 3 is current"):
         drv._finish_migration_vtpm(ctx, instance)
+
+
+def test_a_start_finishes_a_cold_migration_killed_before_the_state_was_put_in_place(
+        tpm_instance, drv, ctx, dirs, flags, monkeypatch):
+    """The destination's nova-compute died between Nova's copy of the TPM state (into the
+    instance directory) and its move into place: the next start moves it (Nova's own
+    restore_vtpm_dir) and custody accepts it (the record's generation)."""
+    flags.config(instances_path=str(dirs / "instances"))
+    instance = tpm_instance()
+    in_transit = dirs / "instances" / instance.uuid / "swtpm" / instance.uuid
+    make_state(in_transit.parent, instance.uuid)
+    state.write_generation_in(in_transit, 2)
+    custody.set_recorded(instance, 2)
+    moved = []
+    (dirs / "swtpm").mkdir(exist_ok=True)
+    monkeypatch.setattr("nova.virt.libvirt.utils.restore_vtpm_dir",
+                        lambda path: moved.append(shutil.move(path, dirs / "swtpm")))
+    started = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot",
+                        lambda self, *a, **k: started.append("hard_reboot"))
+    drv._hard_reboot(ctx, instance, [], None)
+    assert moved and started == ["hard_reboot"]
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 2
+
+
+def test_a_start_with_the_tpm_state_missing_is_refused_not_made_again(
+        tpm_instance, drv, ctx, log, monkeypatch):
+    """The record says the TPM was made (generation 2) and no state is here or in
+    transit: Nova's start would manufacture a new TPM. Refused before Nova and Barbican."""
+    instance = tpm_instance()
+    custody.set_recorded(instance, 2)
+    seen = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_hard_reboot",
+                        lambda self, *a, **k: seen.append("hard_reboot"))
+    with pytest.raises(nova_exception.NovaException, match="no TPM state"):
+        drv._hard_reboot(ctx, instance, [], None)
+    assert seen == [] and log == []
+
+
+def test_novas_recovery_of_a_migration_killed_at_the_source_reverts_with_the_flavor(
+        tpm_instance, drv, ctx, monkeypatch):
+    """A source killed after migrate_disk_and_power_off: Nova's init_host reverts before
+    the source recorded old_flavor, and its own vTPM step reads it. The revert sees the
+    current flavor as the old one (unchanged then); old_flavor is unset again after."""
+    instance = tpm_instance()
+    instance.old_flavor, instance.new_flavor = None, instance.flavor
+    seen = []
+
+    def nova_revert(self, context, instance, *a, **k):
+        seen.append((instance.old_flavor, self._vtpm_resize_change(instance)))
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "finish_revert_migration", nova_revert)
+    drv.finish_revert_migration(ctx, instance, [], None)
+    assert seen == [(instance.flavor, Change.KEPT)]
+    assert instance.old_flavor is None
