@@ -91,7 +91,7 @@ def stamp_live(instance: Any, state_base: str, *, create: bool = True) -> int | 
 
 
 def hand_over(instance: Any, state_base: str, *, host: str, save: Callable[[], None],
-              resize: bool = False) -> int:
+              resize: bool = False) -> int | None:
     """The TPM state here becomes the server's current copy; returns its generation.
 
     The record advances, naming this host (:func:`vtpm_driver.model.custody.advance`),
@@ -99,11 +99,14 @@ def hand_over(instance: Any, state_base: str, *, host: str, save: Callable[[], N
     in between, this host's copy is one generation behind a record that names
     it: :func:`check_live` accepts that copy here only, and the next start
     stamps it (the hand-over is finished); every other copy is older than the
-    stored record. No state here yet (a start manufactures or brings it):
-    stamped after that start. Not idempotent (each call is one hand-over).
+    stored record. No TPM state here (a resize to a new TPM, which its start
+    manufactures and stamps with the record's generation): nothing is handed
+    over, nothing changes, None. Not idempotent (each call is one hand-over).
 
-    :raises VirtError: the generation could not be written.
+    :raises VirtError: the state or the generation could not be read or written.
     """
+    if not state.has_tpm_state(state_base, instance.uuid):
+        return None
     new = custody.advance(instance, resize=resize, to_host=host)
     save()
     stamp_live(instance, state_base, create=False)

@@ -386,14 +386,16 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         (:func:`vtpm_driver.ops.custody.hand_over`) before the state here is
         stamped: a nova-compute killed at any point leaves a record that this
         host's copy, and only it, satisfies (its next start finishes the
-        hand-over); the copy left elsewhere is older. With no state here yet
-        (a TPM Nova's start manufactures), :meth:`_vtpm_settle` stamps it after
-        the start. Not idempotent (each call is one hand-over).
+        hand-over); the copy left elsewhere is older. With no state here (a
+        new TPM Nova's start manufactures) nothing is handed over:
+        :meth:`_vtpm_settle` stamps it after the start. Not idempotent.
         """
         with translate.nova_errors():
             new = ops_custody.hand_over(instance, self._vtpm_offhost.state_base,
                                         host=CONF.host, save=instance.save, resize=resize)
-        LOG.info("TPM handed over: generation %d is the current copy", new, instance=instance)
+        if new is not None:
+            LOG.info("TPM handed over: generation %d is the current copy", new,
+                     instance=instance)
 
     def _vtpm_undo_created(self, context: Any, instance: Any,
                            start: ops_secrets.StartSecret) -> None:
