@@ -126,7 +126,10 @@ class FakeDomain:
 
 
 class FakeLibvirt(FakeConn):
-    """FakeConn (libvirt's secret rules) plus defineXML for Nova's _create_guest."""
+    """FakeConn (libvirt's secret rules) plus defineXML for Nova's _create_guest and
+    the hypervisor's hostname (the compute node's name, Nova's ``get_available_nodes``)."""
+
+    hostname = "node-a"
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,6 +138,9 @@ class FakeLibvirt(FakeConn):
 
     def defineXML(self, xml: str) -> FakeDomain:
         return FakeDomain(self, xml)
+
+    def getHostname(self) -> str:
+        return self.hostname
 
 
 def make_flavor(**extra_specs: str) -> objects.Flavor:

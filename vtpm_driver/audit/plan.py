@@ -154,7 +154,7 @@ def plan(report: AuditReport, *, now: float, min_age: float = DEFAULT_MIN_AGE,
         actions.append(Action(UNDEFINE_SECRET, orphan.id, orphan.instance_uuid,
                               f"undefine libvirt secret: {orphan.reason}"))
     for finding in report.servers:
-        if (rules.left_after_start(mode=finding.secret_security)
+        if (rules.left_after_start(finding.secret_security)
                 and finding.defined_secret
                 and finding.defined_secret == canonical_uuid(finding.secret_uuid)):
             actions.append(Action(

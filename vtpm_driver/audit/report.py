@@ -262,7 +262,7 @@ def _server_problems(server: ServerFinding, libvirt_by_usage: Mapping[str, Libvi
         defined is None or defined.uuid != _canonical(server.secret_uuid)
     ):
         problems.append(f"host-mode libvirt secret {server.secret_uuid} is not defined")
-    if rules.left_after_start(mode=server.secret_security) and (
+    if rules.left_after_start(server.secret_security) and (
         defined is not None and defined.uuid == _canonical(server.secret_uuid)
     ):
         problems.append(

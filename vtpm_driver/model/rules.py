@@ -135,24 +135,25 @@ def uses_persistent_secret(mode: str) -> bool:
     return mode == request.SECRET_HOST
 
 
-def left_after_start(*, mode: str | None = None, ephemeral: bool | None = None) -> bool:
-    """Whether a libvirt vTPM secret is a leftover to undefine, when no start or move
-    of its server is in progress on the host (SPEC E3). Pure.
+def left_after_start(*modes: str | None) -> bool:
+    """Whether a server's libvirt vTPM secret is a leftover to undefine, when no start or
+    move of the server is in progress on the host (SPEC E3). Pure.
 
     ``user``/``deployment`` secrets live in libvirt only while a guest starts or
     a move hands the passphrase to the destination (defined ephemeral and
     private, undefined right after); only ``host`` mode keeps a persistent one.
-    One found outside such a step is what a killed operation left behind.
+    A ``user``/``deployment`` server's secret found outside such a step is
+    what a killed operation left behind, however it was defined.
 
-    Judged by the server's secret ``mode`` when its record was read (the audit:
-    a ``user``/``deployment`` server's secret is a leftover however it was
-    defined), else by libvirt's ``ephemeral`` flag alone (nova-compute's
-    start-up, from libvirt's listing: an ephemeral secret is never a ``host``
-    mode one; a persistent one may be, and stays). Neither known: kept.
+    ``modes``: the secret mode of every flavor the server may have on the host,
+    None for one that gives no vTPM. One mode for a server at rest (the audit);
+    nova-compute's start-up also passes an unfinished resize's old and new
+    flavor's, since a resize that is not confirmed or reverted may have left a
+    ``host`` mode secret here. A leftover when some mode is known and none is
+    ``host``; nothing known: kept.
     """
-    if mode is not None:
-        return not uses_persistent_secret(mode)
-    return bool(ephemeral)
+    known = [mode for mode in modes if mode is not None]
+    return bool(known) and not any(uses_persistent_secret(mode) for mode in known)
 
 
 def owned_by_service_user(mode: str) -> bool:

@@ -17,7 +17,8 @@ moment swtpm reads it (SPEC E, F2, F5). The steps, in this order:
 
 A kill (SIGKILL, power loss) between steps 2's define and undefine leaves the
 passphrase defined in libvirtd; :func:`remove_start_leftovers`, at the service's
-start-up, undefines what such a kill left (:func:`start_leftovers` decides).
+start-up, undefines what such a kill left for the servers the caller names
+(:func:`vtpm_driver.model.rules.left_after_start` decides).
 
 The libvirt side is a :class:`SecretStore`: :class:`vtpm_driver.virt.secret.
 LibvirtSecretStore` for the standalone driver, an adapter over Nova's ``Host``
@@ -29,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from oslo_log import log as logging
 
@@ -63,29 +64,6 @@ class SecretStore(Protocol):
 
     def undefine(self, secret_uuid: str) -> bool:
         """Undefine it; True if it existed. Idempotent."""
-
-
-class ListedSecret(Protocol):
-    """A libvirt vTPM secret as listed (``virt.secret.VTPMSecretInfo`` fits); no value."""
-
-    @property
-    def uuid(self) -> str: ...
-
-    @property
-    def usage_id(self) -> str: ...
-
-    @property
-    def ephemeral(self) -> bool: ...
-
-
-_Listed = TypeVar("_Listed", bound=ListedSecret)
-
-
-class ListingSecretStore(SecretStore, Protocol):
-    """A :class:`SecretStore` that can also list every vTPM secret of the host."""
-
-    def list_all(self) -> Sequence[ListedSecret]:
-        """Every libvirt secret of usage type ``vtpm`` on the host (never a value)."""
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -234,36 +212,42 @@ def secret_for_start(secrets: SecretStore, instance: Any,
     after_start(secrets, instance, start)
 
 
-def start_leftovers(listed: Iterable[_Listed]) -> list[_Listed]:
-    """The listed vTPM secrets a killed start or move left defined, sorted. Pure.
+def remove_start_leftovers(secrets: SecretStore,
+                           servers: Mapping[str, Sequence[str | None]]) -> list[str]:
+    """Undefine what killed starts or moves left in libvirt; at the service's start-up only.
 
-    Asked when no start or move can be in progress on the host (the service
-    that makes them is starting): every ephemeral one
-    (:func:`vtpm_driver.model.rules.left_after_start`, the audit's rule too);
-    a persistent (``host`` mode) one stays.
+    ``servers``: server UUID -> the secret mode of every flavor it may have on
+    this host (:func:`vtpm_driver.model.rules.left_after_start`), for each
+    server whose secret may be here by the caller's record (Nova's: the
+    instances on the host and those its unfinished migrations name). Only the
+    service that starts guests here defines ``user``/``deployment`` secrets,
+    each for one step; while it starts none of its steps is in progress, so
+    such a server's secret found here (by usage, the server's UUID) is a
+    leftover. A ``host`` mode one stays, as do secrets of other usage types
+    and of servers not named (the audit judges those).
+
+    Each secret undefined is logged with its UUID and its server's (never the
+    value). A libvirt failure for one server is logged and the others are
+    still swept, so nothing raises for libvirt. Idempotent: a second sweep
+    finds nothing.
+
+    :returns: the UUIDs of the secrets undefined, in server UUID order.
     """
-    return sorted((s for s in listed if rules.left_after_start(ephemeral=s.ephemeral)),
-                  key=lambda s: (s.usage_id, s.uuid))
-
-
-def remove_start_leftovers(secrets: ListingSecretStore) -> list[ListedSecret]:
-    """Undefine what a killed start or move left in libvirt; at the service's start-up only.
-
-    Only the service that starts guests on this host defines ``user``/
-    ``deployment`` secrets here, each for one step; while it starts, none of
-    its steps is in progress, so every ephemeral vTPM secret is a leftover
-    (:func:`start_leftovers`). Each is logged with its UUID and its server's
-    (never the value). Idempotent.
-
-    :returns: the secrets undefined (one already gone is not among them).
-    :raises VirtError, HypervisorUnavailable: libvirt failed to list or undefine.
-    """
-    removed: list[ListedSecret] = []
-    for leftover in start_leftovers(secrets.list_all()):
-        if secrets.undefine(leftover.uuid):
-            LOG.warning("Removed libvirt vTPM secret %s of server %s, left defined by an "
-                        "interrupted start or move", leftover.uuid, leftover.usage_id)
-            removed.append(leftover)
+    removed: list[str] = []
+    for server_uuid in sorted(servers):
+        if not rules.left_after_start(*servers[server_uuid]):
+            continue
+        try:
+            leftover = secrets.find(server_uuid)
+            if leftover is None or not secrets.undefine(leftover):
+                continue
+        except exception.VTPMError as exc:
+            LOG.error("Could not remove the libvirt vTPM secret of server %s left by an "
+                      "interrupted start or move: %s", server_uuid, exc)
+            continue
+        LOG.warning("Removed libvirt vTPM secret %s of server %s, left defined by an "
+                    "interrupted start or move", leftover, server_uuid)
+        removed.append(leftover)
     return removed
 
 

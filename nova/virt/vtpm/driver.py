@@ -51,7 +51,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import nova.conf
+from nova import context as nova_context
 from nova import exception as nova_exception
+from nova import objects
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
@@ -63,7 +65,6 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import exception as vtpm_exception
 from vtpm_driver import faults
 from vtpm_driver.model import custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
@@ -208,23 +209,70 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         ``user``/``deployment`` passphrases are defined (ephemeral, private)
         only for a start or a move's hand-over, and undefined right after. A
-        kill in between leaves one in libvirtd until libvirtd restarts; no
-        step of ours is in progress while nova-compute starts, so every
-        ephemeral vTPM secret here is such a leftover
-        (:func:`vtpm_driver.ops.secrets.remove_start_leftovers`; ``host`` mode's
-        persistent secrets and other usage types stay). Only with
-        ``swtpm_enabled`` (Nova's own condition for touching anything vTPM). A
-        libvirt failure here is logged, not fatal: start-up goes on and the next
-        start or ``vtpm-driver audit --repair`` finds the leftover.
+        kill in between leaves one in libvirtd until libvirtd restarts. No step
+        of ours is in progress while nova-compute starts (Nova calls this
+        before its ``_init_instance`` and before the service takes RPC calls),
+        so the secret of such a server is a leftover. Which servers may have
+        one here is Nova's record, read as Nova's resource tracker reads it
+        (:meth:`_vtpm_servers_here`); each one's secret is found by usage
+        (``Host.find_secret``) and undefined
+        (:func:`vtpm_driver.ops.secrets.remove_start_leftovers`, by
+        :func:`vtpm_driver.model.rules.left_after_start`); ``host`` mode's
+        persistent secrets and other usage types stay.
+
+        Only with ``swtpm_enabled`` (Nova's own condition for touching anything
+        vTPM). Raises nothing of its own: a database or libvirt failure here is
+        logged and start-up goes on (the server's next start replaces its
+        leftover; ``vtpm-driver audit --repair`` finds it too). Idempotent.
         """
         super().init_host(host)
         if not CONF.libvirt.swtpm_enabled:
             return
         try:
-            ops_secrets.remove_start_leftovers(self.vtpm_secrets)
-        except vtpm_exception.VTPMError as exc:
-            LOG.error("Could not remove vTPM secrets left by an interrupted operation: %s",
-                      exc)
+            servers = self._vtpm_servers_here(nova_context.get_admin_context(), host)
+            ops_secrets.remove_start_leftovers(self.vtpm_secrets, servers)
+        except Exception:  # the database (conductor) or libvirt: start-up goes on
+            LOG.exception("Could not remove the vTPM secrets an interrupted operation left "
+                          "in libvirt")
+
+    def _vtpm_servers_here(self, context: Any, host: str) -> dict[str, tuple[str | None, ...]]:
+        """Server UUID -> its secret modes (:func:`.translate.secret_modes`), for each
+        server whose vTPM secret may be in this host's libvirt, by Nova's record.
+
+        That is what Nova's resource tracker counts as this host's: the
+        instances on it (``InstanceList.get_by_host``) and those its unfinished
+        or failed migrations name (``MigrationList.get_in_progress_and_error``
+        per node). The latter covers a live migration's destination killed
+        before ``post_live_migration_at_destination``, while ``instance.host``
+        still names the source. A server whose vTPM request cannot be read is
+        left out (logged): its secret mode is unknown, so its secret stays. Any
+        exception counts there, not only Nova's documented ``Invalid`` and
+        ``FlavorImageConflict``: Nova's ``get_vtpm_constraint`` formats a
+        conflict with the image's name, which an ``image_meta`` rebuilt from
+        ``system_metadata`` lacks (``NotImplementedError``), and one server
+        must not stop the others' sweep.
+
+        :raises Exception: whatever Nova's objects raise for the database or
+            conductor, and ``get_available_nodes`` for libvirt.
+        """
+        attrs = ["flavor", "system_metadata"]
+        instances = list(objects.InstanceList.get_by_host(context, host, expected_attrs=attrs))
+        here = {instance.uuid for instance in instances}
+        moving = {migration.instance_uuid
+                  for node in self.get_available_nodes()
+                  for migration in objects.MigrationList.get_in_progress_and_error(
+                      context, host, node)} - here
+        if moving:
+            instances.extend(objects.InstanceList.get_by_filters(
+                context, {"uuid": sorted(moving)}, expected_attrs=attrs))
+        servers = {}
+        for instance in instances:
+            try:
+                servers[instance.uuid] = translate.secret_modes(instance)
+            except Exception as exc:  # any: see the docstring
+                LOG.warning("Keeping any libvirt vTPM secret of server %s: cannot tell its "
+                            "secret mode (%s: %s)", instance.uuid, type(exc).__name__, exc)
+        return servers
 
     def _get_tpm_traits(self) -> dict[str, bool]:
         """All seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones are removed from placement."""

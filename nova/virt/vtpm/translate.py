@@ -64,6 +64,25 @@ def vtpm_config(flavor: Any, image_meta: Any) -> request.VTPMConfig | None:
                                secret_security=rules.secret_security(flavor))
 
 
+def secret_modes(instance: Any) -> tuple[str | None, ...]:
+    """The secret mode of each flavor the instance may run with, None where that
+    flavor gives no vTPM: ``instance.flavor`` and, while a resize or cold
+    migration is not confirmed or reverted, ``old_flavor`` and ``new_flavor``
+    (each with the instance's image, as :func:`vtpm_config` reads them). Pure.
+
+    For :func:`vtpm_driver.model.rules.left_after_start`: the instance needs
+    ``flavor`` and ``system_metadata`` loaded (Nova's ``expected_attrs``), else
+    Nova's object lazy-loads them.
+
+    :raises nova.exception.FlavorImageConflict: a flavor and the image disagree.
+    :raises nova.exception.Invalid: an invalid value or combination.
+    """
+    image_meta = instance.image_meta
+    flavors = (instance.flavor, instance.old_flavor, instance.new_flavor)
+    configs = [vtpm_config(flavor, image_meta) for flavor in flavors if flavor is not None]
+    return tuple(None if config is None else config.secret_security for config in configs)
+
+
 def has_vtpm(flavor: Any, image_meta: Any) -> bool:
     """Whether a guest of this flavor and image gets a vTPM: Nova's question, as Nova asks it.
 

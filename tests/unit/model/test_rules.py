@@ -135,16 +135,19 @@ def test_foreign_boot_files_are_any_other_than_the_servers_own():
     assert rules.boots_foreign_files(own, None, None, "init=/bin/sh")
 
 
-@pytest.mark.parametrize(("mode", "ephemeral", "leftover"), [
-    # the server's record read (the audit): its mode decides, however it was defined
-    (request.SECRET_USER, None, True),
-    (request.SECRET_DEPLOYMENT, False, True),
-    (request.SECRET_HOST, None, False),
-    (request.SECRET_HOST, True, False),
-    # libvirt's listing alone (nova-compute's start-up): only an ephemeral one
-    (None, True, True),
-    (None, False, False),
-    (None, None, False),
+@pytest.mark.parametrize(("modes", "leftover"), [
+    # one mode: a server at rest (the audit)
+    ((request.SECRET_USER,), True),
+    ((request.SECRET_DEPLOYMENT,), True),
+    ((request.SECRET_HOST,), False),
+    # an unfinished resize (nova-compute's start-up): any host mode keeps it
+    ((request.SECRET_USER, request.SECRET_HOST), False),
+    ((request.SECRET_HOST, None), False),
+    ((None, request.SECRET_DEPLOYMENT), True),
+    ((request.SECRET_USER, request.SECRET_DEPLOYMENT), True),
+    # nothing known (no vTPM in any flavor): kept
+    ((None,), False),
+    ((), False),
 ])
-def test_left_after_start(mode, ephemeral, leftover):
-    assert rules.left_after_start(mode=mode, ephemeral=ephemeral) is leftover
+def test_left_after_start(modes, leftover):
+    assert rules.left_after_start(*modes) is leftover

@@ -232,34 +232,59 @@ def test_remove_libvirt_secrets_by_record_and_usage(world) -> None:
 
 # -- what a killed start or move left (issue 20, defect 6) --------------------------
 
-def test_start_leftovers_are_the_ephemeral_secrets_sorted():
-    a = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000a",
-                              "20000000-0000-4000-8000-000000000000", True, True)
-    b = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000b",
-                              "10000000-0000-4000-8000-000000000000", True, False)
-    host = secret.VTPMSecretInfo("00000000-0000-4000-8000-00000000000c",
-                                 "30000000-0000-4000-8000-000000000000", False, False)
-    assert ops_secrets.start_leftovers([host, a, b]) == [b, a]
-    assert ops_secrets.start_leftovers([host]) == []
-
-
-def test_remove_start_leftovers_keeps_host_mode_and_foreign_secrets(caplog):
+def test_remove_start_leftovers_takes_user_and_deployment_secrets_of_the_named_servers(caplog):
     conn = FakeConn()
     store = secret.LibvirtSecretStore(conn)
-    left = "00000000-0000-4000-8000-00000000000a"
-    server = "20000000-0000-4000-8000-000000000000"
-    host_mode = "00000000-0000-4000-8000-00000000000b"
-    volume = "00000000-0000-4000-8000-00000000000c"
-    conn.secretDefineXML(secret.secret_xml(left, server, ephemeral=True, private=True))
-    conn.secretDefineXML(secret.secret_xml(host_mode, "30000000-0000-4000-8000-000000000000",
+    user, deployment = ("20000000-0000-4000-8000-000000000000",
+                        "10000000-0000-4000-8000-000000000000")
+    host_mode, resized, unnamed = ("30000000-0000-4000-8000-000000000000",
+                                   "40000000-0000-4000-8000-000000000000",
+                                   "50000000-0000-4000-8000-000000000000")
+    left = {server: f"00000000-0000-4000-8000-00000000000{n}"
+            for n, server in enumerate((user, deployment, resized, unnamed))}
+    for server, secret_uuid in left.items():
+        conn.secretDefineXML(secret.secret_xml(secret_uuid, server, ephemeral=True,
+                                               private=True))
+        conn.secrets[secret_uuid].stored = PASSPHRASE.encode()
+    conn.secretDefineXML(secret.secret_xml("00000000-0000-4000-8000-00000000000a", host_mode,
                                            ephemeral=False, private=False))
+    volume = "00000000-0000-4000-8000-00000000000b"
     conn.secretDefineXML(f"<secret ephemeral='yes' private='yes'><uuid>{volume}</uuid>"
-                         "<usage type='volume'><name>vol</name></usage></secret>")
-    conn.secrets[left].stored = PASSPHRASE.encode()
+                         f"<usage type='volume'><name>{user}</name></usage></secret>")
+    servers = {user: (request.SECRET_USER,), deployment: (request.SECRET_DEPLOYMENT, None),
+               host_mode: (request.SECRET_HOST,),
+               resized: (request.SECRET_USER, request.SECRET_HOST),  # may be host mode's
+               "60000000-0000-4000-8000-000000000000": (request.SECRET_USER,)}  # none here
     with caplog.at_level(logging.WARNING):
-        removed = ops_secrets.remove_start_leftovers(store)
-    assert [s.uuid for s in removed] == [left]
-    assert set(conn.secrets) == {host_mode, volume}
-    assert left in caplog.text and server in caplog.text
+        removed = ops_secrets.remove_start_leftovers(store, servers)
+    assert removed == [left[deployment], left[user]]  # in server UUID order
+    assert set(conn.secrets) == {left[resized], left[unnamed],
+                                 "00000000-0000-4000-8000-00000000000a", volume}
+    for server in (user, deployment):
+        assert left[server] in caplog.text and server in caplog.text
     assert PASSPHRASE not in caplog.text
-    assert ops_secrets.remove_start_leftovers(store) == []  # idempotent
+    assert ops_secrets.remove_start_leftovers(store, servers) == []  # idempotent
+
+
+def test_remove_start_leftovers_logs_a_libvirt_failure_and_goes_on(caplog, monkeypatch):
+    conn = FakeConn()
+    store = secret.LibvirtSecretStore(conn)
+    first, second = ("10000000-0000-4000-8000-000000000000",
+                     "20000000-0000-4000-8000-000000000000")
+    for n, server in enumerate((first, second)):
+        conn.secretDefineXML(secret.secret_xml(f"00000000-0000-4000-8000-00000000000{n}",
+                                               server, ephemeral=True, private=True))
+    real_undefine = store.undefine
+
+    def undefine(secret_uuid):
+        if secret_uuid.endswith("0"):
+            raise exception.VirtError("libvirt refused to undefine it")
+        return real_undefine(secret_uuid)
+
+    monkeypatch.setattr(store, "undefine", undefine)
+    modes = (request.SECRET_USER,)
+    with caplog.at_level(logging.WARNING):
+        removed = ops_secrets.remove_start_leftovers(store, {first: modes, second: modes})
+    assert removed == ["00000000-0000-4000-8000-000000000001"]
+    assert f"vTPM secret of server {first}" in caplog.text
+    assert "libvirt refused to undefine it" in caplog.text
