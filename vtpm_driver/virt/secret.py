@@ -249,6 +249,3 @@ class LibvirtSecretStore:
 
     def undefine(self, secret_uuid: str) -> bool:
         return undefine_vtpm_secret(self.conn, secret_uuid)
-
-    def list_all(self) -> list[VTPMSecretInfo]:
-        return list_vtpm_secrets(self.conn)

@@ -2,9 +2,11 @@
 
 Two adapters of the core's interfaces:
 
-* :class:`NovaSecretStore` (:class:`vtpm_driver.ops.secrets.ListingSecretStore`)
-  over ``Host.find_secret`` / ``create_secret`` / ``delete_secret`` and, to
-  list them, ``listAllSecrets`` of ``Host``'s connection;
+* :class:`NovaSecretStore` (:class:`vtpm_driver.ops.secrets.SecretStore`)
+  over ``Host.find_secret`` / ``create_secret`` and the secret object's
+  ``undefine``: by usage (the instance UUID), never a listing of libvirt's
+  secrets (which servers may have one here is Nova's record:
+  ``VTPMLibvirtDriver.init_host``);
 * :class:`StartedSecret`: what Nova's ``_create_guest`` undefines after a start;
 * :class:`NovaHostProbe` (:class:`vtpm_driver.model.hostcheck.HostProbe`): libvirt's
   domain capabilities and versions through ``Host`` (so Nova's fakelibvirt
@@ -28,7 +30,6 @@ from nova.virt.libvirt import host as nova_host
 from nova.virt.vtpm import translate
 from vtpm_driver import exception
 from vtpm_driver.ops import secrets as ops_secrets
-from vtpm_driver.virt.secret import VTPMSecretInfo, parse_secret_xml
 
 USAGE_TYPE = "vtpm"
 
@@ -98,33 +99,6 @@ class NovaSecretStore:
             created = self._host.create_secret(
                 USAGE_TYPE, instance_uuid, password=password, uuid=secret_uuid, **kwargs)
         self._known[secret_uuid] = (instance_uuid, created)
-
-    def list_all(self) -> list[VTPMSecretInfo]:
-        """Every libvirt secret of usage type ``vtpm`` (UUID, server, flags; no value).
-
-        Read from each secret's XML (``listAllSecrets`` of ``Host``'s
-        connection). A secret whose XML cannot be read (undefined meanwhile,
-        or a binding without ``XMLDesc``, as Nova's test fakelibvirt) is not
-        listed: only what is known to be a vTPM secret is ever acted on.
-        """
-        libvirt = nova_host.libvirt
-        found = []
-        with libvirt_errors("list the vTPM secrets"):
-            for secret in self._host.get_connection().listAllSecrets(0):
-                xml_desc = getattr(secret, "XMLDesc", None)
-                if xml_desc is None:
-                    continue
-                try:
-                    xml = xml_desc(0)
-                except libvirt.libvirtError as exc:
-                    if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
-                        continue  # undefined while we listed
-                    raise
-                info = parse_secret_xml(str(xml))
-                if info is not None:
-                    found.append(info)
-                    self._known.setdefault(info.uuid, (info.usage_id, secret))
-        return sorted(found)
 
     def libvirt_secret(self, secret_uuid: str) -> Any:
         """The libvirt secret object last found or defined under ``secret_uuid``, or None."""

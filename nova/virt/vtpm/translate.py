@@ -68,7 +68,7 @@ def secret_modes(instance: Any) -> tuple[str | None, ...]:
     """The secret mode of each flavor the instance may run with, None where that
     flavor gives no vTPM: ``instance.flavor`` and, while a resize or cold
     migration is not confirmed or reverted, ``old_flavor`` and ``new_flavor``
-    (each with the instance's image, as :func:`vtpm_config` reads them). Pure.
+    (each with the instance's image, as :func:`vtpm_config` reads them).
 
     For :func:`vtpm_driver.model.rules.left_after_start`: the instance needs
     ``flavor`` and ``system_metadata`` loaded (Nova's ``expected_attrs``), else
