@@ -12,7 +12,9 @@ Nova method (overridden)                      routed to
 ============================================  =========================================
 ``_check_vtpm_support`` (init_host)           :func:`vtpm_driver.model.hostcheck.check_host`
 ``init_host`` (after Nova's)                  ``ops.secrets.remove_start_leftovers``
-                                              (a killed start or move's secrets)
+                                              (a killed start or move's secrets,
+                                              of the servers Nova's record
+                                              places here)
 ``_get_tpm_traits`` (placement traits)        ``check_host(...).traits`` (all 7 traits)
 ``_add_vtpm_device`` (guest XML)              :func:`vtpm_driver.virt.domain.add_tpm`
 ``spawn``, ``_hard_reboot`` (reboot, power    ``ops.secrets.prepare_start``: passphrase
