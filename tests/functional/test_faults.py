@@ -792,6 +792,11 @@ def restart_compute(cloud: AioCloud, host: str, fault: str | None = None) -> int
     return int((cloud.aio_dir / "run" / f"nova-compute-{host}.pid").read_text())
 
 
+def progress(key: tuple[str, str], what: str) -> None:
+    """One line per phase of a row in the stream's log (a row takes minutes)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {key[0]} {key[1]}: {what}", flush=True)
+
+
 def wait_reporting(cloud: AioCloud, host: str, since: float) -> None:
     """``host``'s nova-compute reported its state after ``since`` (a Unix time): it has
     run init_host (Nova's recovery of its servers included) and serves requests."""
@@ -841,10 +846,14 @@ def converge_through_nova(cloud: AioCloud, server_id: str, settle_timeout: float
     status, task = server["status"], server.get("OS-EXT-STS:task_state")
     steps.append(f"Nova: {status}{'/' + task if task else ''}")
     if status == "VERIFY_RESIZE" and not task:
-        cloud.cli("owner", "server", "resize", "confirm", server_id)
-        cloud.wait_server("owner", server_id, "ACTIVE")
-        steps.append("resize confirm")
-    elif status == "ERROR" or task:
+        confirmed = cloud.run("owner", "server", "resize", "confirm", server_id)
+        if confirmed.returncode == 0:
+            cloud.wait_server("owner", server_id, "ACTIVE")
+            steps.append("resize confirm")
+        else:  # a confirm already under way when its compute died: Nova keeps it so
+            steps.append("resize confirm refused by Nova")
+            status = "ERROR"
+    if status == "ERROR" or task:
         cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server_id)
         steps.append("set --state active")
     seen = boots_on_console(cloud, server_id)
@@ -894,14 +903,18 @@ def test_fault_through_nova(op: str, who: str, step: str,
         # confirm and revert run on the migration's source (the host Nova names now is
         # its destination)
     victim = source if who == "source" else dest
+    progress(key, f"{server.id} on {source}; {victim}'s nova-compute dies at {step}")
     pid = restart_compute(aio_cloud, victim, fault=step)
     try:
         aio_cloud.cli("owner", *NOVA_COMMAND[op], server.id)
         wait_killed(pid, step)
+        progress(key, "killed")
     finally:
         since = time.time()
         restart_compute(aio_cloud, victim)
         wait_reporting(aio_cloud, victim, since)
+    progress(key, f"{victim}'s nova-compute is back; Nova says "
+                  f"{aio_cloud.server('admin', server.id)['status']}")
     how, report = converge_through_nova(aio_cloud, server.id,
                                         SETTLE_TIMEOUT.get(op, SETTLE_DEFAULT))
 
