@@ -768,8 +768,10 @@ def nova_families(aio_cloud: AioCloud) -> Iterator:  # noqa: F811
     made: dict[str, NovaServer] = {}
 
     def get(mode: str) -> NovaServer:
-        broken = mode in made and aio_cloud.server("admin", made[mode].id)["status"] != "ACTIVE"
-        if mode not in made or broken:  # a row that failed leaves no trap for the next
+        if mode in made and aio_cloud.server("admin", made[mode].id)["status"] != "ACTIVE":
+            # A row that failed leaves no trap for the next (nor its resources held).
+            aio_cloud.run("admin", "server", "delete", "--wait", made.pop(mode).id)
+        if mode not in made:
             server_id, _host = create_on_test_host(tracker, mode)
             made[mode] = NovaServer(server_id, mode, latest_report(aio_cloud, server_id)["ek"])
         return made[mode]
