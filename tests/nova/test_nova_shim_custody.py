@@ -260,3 +260,20 @@ def test_novas_recovery_of_a_migration_killed_at_the_source_reverts_with_the_fla
     drv.finish_revert_migration(ctx, instance, [], None)
     assert seen == [(instance.flavor, Change.KEPT)]
     assert instance.old_flavor is None
+
+
+def test_a_confirm_or_a_new_move_drops_the_pre_resize_generation(tpm_instance, drv, ctx,
+                                                                  monkeypatch):
+    """A revert compares its backup with the generation before ITS move: one left by an
+    earlier, confirmed (or reset) move made the next revert refuse its own backup."""
+    instance = tpm_instance()
+    instance.old_flavor = instance.new_flavor = instance.flavor
+    custody.set_recorded(instance, 3)
+    instance.system_metadata[custody.PRE_RESIZE_KEY] = "2"      # the earlier move's
+    drv._cleanup_resize_vtpm(ctx, instance)                       # confirm
+    assert custody.pre_resize(instance) == 3
+    instance.system_metadata[custody.PRE_RESIZE_KEY] = "2"
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "migrate_disk_and_power_off",
+                        lambda self, *a, **k: "[]")
+    drv.migrate_disk_and_power_off(ctx, instance, "h2", instance.flavor, [])
+    assert custody.pre_resize(instance) == 3

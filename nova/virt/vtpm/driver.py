@@ -557,7 +557,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         this returns leaves the server in ``RESIZE_MIGRATING``, which Nova's
         start-up reverts through :meth:`finish_revert_migration`. The step's end
         is a fault point of the fault table (tests/functional/test_faults.py).
+
+        Custody: a pre-resize generation an earlier move left (one an operator
+        ended with a state reset instead of a confirm or revert) is dropped, so a
+        revert of this move compares its backup with this move's own (Nova saves
+        the instance right after).
         """
+        custody.forget_resize(instance)
         result = super().migrate_disk_and_power_off(
             context, instance, dest, flavor, network_info,
             block_device_info=block_device_info, timeout=timeout,
@@ -604,6 +610,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         libvirt vTPM secret of it stays here (Nova keeps a ``host`` mode one);
         a resize on the same host keeps it (the server is still here).
         """
+        custody.forget_resize(instance)  # confirmed: no revert will compare with it
         change = self._vtpm_resize_change(instance)
         if change is rules.Change.REMOVED:
             LOG.info("New flavor no longer requests vTPM; deleting its secret.",
