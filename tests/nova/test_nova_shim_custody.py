@@ -277,3 +277,21 @@ def test_a_confirm_or_a_new_move_drops_the_pre_resize_generation(tpm_instance, d
                         lambda self, *a, **k: "[]")
     drv.migrate_disk_and_power_off(ctx, instance, "h2", instance.flavor, [])
     assert custody.pre_resize(instance) == 3
+
+
+def test_a_live_migrated_state_is_stamped_before_novas_step_at_the_destination(
+        tpm_instance, drv, ctx, dirs, monkeypatch):
+    """libvirt's stream carries swtpm's state, not our generation file: it is stamped with
+    the record's generation before Nova's post_live_migration_at_destination, so a kill
+    there leaves the current copy here, not one that looks older than the record."""
+    instance = tpm_instance()
+    make_state(dirs / "swtpm", instance.uuid)       # arrived, unstamped
+    custody.set_recorded(instance, 2)
+    seen = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "post_live_migration_at_destination",
+                        lambda self, *a, **k: seen.append(
+                            state.read_generation(dirs / "swtpm", instance.uuid)))
+    monkeypatch.setattr("nova.virt.vtpm.migrate.incoming_running", lambda *a: None)
+    drv.post_live_migration_at_destination(ctx, instance, [], False, None)
+    assert seen == [2]                               # stamped when Nova's step ran
+    assert state.read_generation(dirs / "swtpm", instance.uuid) == 3   # then handed over

@@ -809,7 +809,15 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         Only for a server that came with a vTPM: the secret given to it at
         ``pre_live_migration`` (from Nova's migrate data), or, after a restart
         of nova-compute in between, the TPM state that arrived here.
+
+        libvirt's migration stream carries swtpm's state, not our generation
+        file: the arrived state is stamped with the record's generation first,
+        so a nova-compute killed before the hand-over leaves the current copy
+        here (a later start accepts it), not an unstamped one that looks older.
         """
+        if self._vtpm_offhost.has_state(instance.uuid) and rules.has_vtpm(instance):
+            with translate.nova_errors():
+                ops_custody.stamp_live(instance, self._vtpm_offhost.state_base, create=False)
         super().post_live_migration_at_destination(context, instance, network_info,
                                                    block_migration=block_migration,
                                                    block_device_info=block_device_info)
