@@ -736,6 +736,12 @@ NOVA_CASES = [
     ("live migrate", "dest", "post_live_migration_at_destination.done"),
     ("live migrate", "source", "post_live_migration.before_secret_removed"),
 ]
+# Rows where libvirt finished the live migration but the kill kept Nova's record on the
+# source: the guest runs on the destination with its TPM while Nova says the source. A
+# start where Nova says must be refused (the state is not there; making a new TPM there
+# would fork the server), and the running guest keeps its TPM.
+RECORD_BEHIND = {"post_live_migration_at_destination.done",
+                 "post_live_migration.before_secret_removed"}
 # Cold moves with an ephemeral passphrase (Barbican, the service user's); live moves in
 # host mode (a persistent libvirt secret that must follow the server), the mode Nova's API
 # lets live-migrate.
@@ -878,6 +884,30 @@ def converge_through_nova(cloud: AioCloud, server_id: str, settle_timeout: float
     return ", ".join(steps), report_of_a_new_boot(cloud, server_id, seen)
 
 
+def record_behind(cloud: AioCloud, server: NovaServer, victim: str, who: str) -> str:
+    """A row whose kill left Nova's record behind the guest: the operator's hard reboot
+    where Nova says is refused (the TPM state is not there), nothing runs there, and the
+    guest that libvirt moved still runs with its TPM. Returns the row's outcome."""
+    settle(cloud, server.id, SETTLE_TIMEOUT["live migrate"])
+    said = cloud.server("admin", server.id)[HOST_ATTR]
+    cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server.id)
+    cloud.cli("owner", "server", "reboot", "--hard", server.id)
+    try:
+        cloud.wait_server("owner", server.id, "ACTIVE")
+    except AssertionError as exc:
+        refusal = str(exc)
+    else:
+        raise AssertionError(f"a start on {said} went on without the server's TPM state")
+    assert "refusing to start" in refusal and "no TPM state" in refusal, refusal
+    running = other(said)
+    assert server.id not in virsh(said, "list", "--uuid")
+    assert server.id in virsh(running, "list", "--uuid")
+    assert latest_report(cloud, server.id)["ek"] == server.ek
+    placement_audit(cloud)
+    return (f"killed on {who} ({victim}); Nova says {said}, the guest runs on {running}: "
+            f"reboot --hard refused (no TPM state on {said}), EK same on {running}")
+
+
 def boots_on_console(cloud: AioCloud, server_id: str) -> set[str]:
     """The boot ids the guest reported on its console so far (none: no console log yet,
     e.g. a move killed before the guest was created where Nova says it is)."""
@@ -930,6 +960,9 @@ def test_fault_through_nova(op: str, who: str, step: str,
         wait_reporting(aio_cloud, victim, since)
     progress(key, f"{victim}'s nova-compute is back; Nova says "
                   f"{aio_cloud.server('admin', server.id)['status']}")
+    if step in RECORD_BEHIND:
+        TABLE[key] = record_behind(aio_cloud, server, victim, who)
+        return
     how, report = converge_through_nova(aio_cloud, server.id,
                                         SETTLE_TIMEOUT.get(op, SETTLE_DEFAULT))
 

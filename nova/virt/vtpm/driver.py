@@ -593,6 +593,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         (a revert finds the pre-resize generation as the record's own).
         """
         faults.point("finish_migration.before_state_in_place")  # disks ready, TPM in transit
+        self._vtpm_offhost.remove_overtaken(instance)
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
                 or self._vtpm_offhost.has_state(instance.uuid)):

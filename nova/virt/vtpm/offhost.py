@@ -222,6 +222,25 @@ class OffHost:
                     LOG.info("Removed the overtaken TPM state of a server now on %s",
                              instance.host, instance=instance)
 
+    def remove_overtaken(self, instance: Any) -> None:
+        """A TPM state here older than the record goes before a newer copy moves in.
+
+        A move that came back (a reverted resize on shared instance storage)
+        leaves its destination's state behind; it is older than the record
+        (custody), so it can never start, but it would stop Nova from putting
+        the arriving copy in its place on the next move here. Only a state
+        whose generation is behind the record's is removed. Idempotent.
+        """
+        if not self.has_state(instance.uuid):
+            return
+        record = custody.recorded(instance)
+        found = state.read_generation(self.state_base, instance.uuid)
+        if record is not None and found is not None and found < record:
+            with translate.nova_errors():
+                state.remove_state(self.state_base, instance.uuid)
+            LOG.info("Removed an overtaken TPM state (generation %d < %d) before the "
+                     "current copy moves in", found, record, instance=instance)
+
     def started(self, instance: Any) -> None:
         """The guest runs again with its vTPM: its copy (if any) is overtaken. Idempotent.
 
