@@ -295,3 +295,25 @@ def test_a_live_migrated_state_is_stamped_before_novas_step_at_the_destination(
     drv.post_live_migration_at_destination(ctx, instance, [], False, None)
     assert seen == [2]                               # stamped when Nova's step ran
     assert state.read_generation(dirs / "swtpm", instance.uuid) == 3   # then handed over
+
+
+def test_an_older_state_left_here_is_removed_before_the_current_copy_moves_in(
+        tpm_instance, drv, ctx, dirs, monkeypatch):
+    """A reverted move left this host's older state behind; the next move here removes it
+    (custody: it can never start) so Nova can put the arriving copy in its place. A state
+    as new as the record is never removed."""
+    instance = tpm_instance()
+    instance.old_flavor = instance.new_flavor = instance.flavor
+    make_state(dirs / "swtpm", instance.uuid)
+    state.write_generation(dirs / "swtpm", instance.uuid, 2)
+    custody.set_recorded(instance, 3)
+    seen = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_finish_migration_vtpm",
+                        lambda self, *a: seen.append(state.has_tpm_state(dirs / "swtpm",
+                                                                         instance.uuid)))
+    drv._finish_migration_vtpm(ctx, instance)
+    assert seen == [False]                    # gone before Nova's step
+    make_state(dirs / "swtpm", instance.uuid)
+    state.write_generation(dirs / "swtpm", instance.uuid, 3)
+    drv._vtpm_offhost.remove_overtaken(instance)
+    assert state.has_tpm_state(dirs / "swtpm", instance.uuid)
