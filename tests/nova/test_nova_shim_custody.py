@@ -308,11 +308,11 @@ def test_an_older_state_left_here_is_removed_before_the_current_copy_moves_in(
     state.write_generation(dirs / "swtpm", instance.uuid, 2)
     custody.set_recorded(instance, 3)
     seen = []
-    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_finish_migration_vtpm",
-                        lambda self, *a: seen.append(state.has_tpm_state(dirs / "swtpm",
-                                                                         instance.uuid)))
-    drv._finish_migration_vtpm(ctx, instance)
-    assert seen == [False]                    # gone before Nova's step
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "finish_migration",
+                        lambda self, *a, **k: seen.append(state.has_tpm_state(
+                            dirs / "swtpm", instance.uuid)))
+    drv.finish_migration(ctx, None, instance, {}, [], make_image(), False, {})
+    assert seen == [False]                    # gone before Nova's step, nothing refused
     make_state(dirs / "swtpm", instance.uuid)
     state.write_generation(dirs / "swtpm", instance.uuid, 3)
     drv._vtpm_offhost.remove_overtaken(instance)

@@ -353,7 +353,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
             yield None
             return
-        if not arriving:
+        if arriving:  # an overtaken leftover here would stand where the copy goes
+            self._vtpm_offhost.remove_overtaken(instance)
+        else:
             self._vtpm_take_in_transit(instance)
         self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
@@ -593,7 +595,6 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         (a revert finds the pre-resize generation as the record's own).
         """
         faults.point("finish_migration.before_state_in_place")  # disks ready, TPM in transit
-        self._vtpm_offhost.remove_overtaken(instance)
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
                 or self._vtpm_offhost.has_state(instance.uuid)):
