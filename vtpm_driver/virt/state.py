@@ -337,7 +337,14 @@ def remove_state(base: str | os.PathLike[str], domain_uuid: str) -> bool:
 
     :raises VirtError: it exists but is not a plain directory, or deleting failed.
     """
-    path = state_dir(base, domain_uuid)
+    return _remove_dir(state_dir(base, domain_uuid))
+
+
+def _remove_dir(path: Path) -> bool:
+    """Delete the plain directory ``path`` (never through a symlink); True if it existed.
+
+    :raises VirtError: it exists but is not a plain directory, or deleting failed.
+    """
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -370,29 +377,8 @@ def remove_tpm(base: str | os.PathLike[str], domain_uuid: str) -> bool:
     :raises VirtError: a TPM directory is not a plain directory, or deleting failed.
     """
     root = state_dir(base, domain_uuid)
-    removed = False
-    for subdir, _name in _LAYOUT.values():
-        path = root / subdir
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise exception.VirtError(f"cannot inspect swtpm state {str(path)!r}: {exc}"
-                                      ) from None
-        if not stat.S_ISDIR(mode):
-            raise exception.VirtError(f"refusing to remove swtpm state {str(path)!r}: "
-                                      "not a directory")
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise exception.VirtError(f"cannot remove swtpm state {str(path)!r}: {exc}"
-                                      ) from None
-        removed = True
-        LOG.debug("Removed the TPM in %s", path)
-    return removed
+    removed = [_remove_dir(root / subdir) for subdir, _name in _LAYOUT.values()]
+    return any(removed)
 
 
 class CreatedStateDir:
