@@ -15,7 +15,8 @@
 #   MariaDB :3306 (Debian package, own server and data directory, as a real deployment's
 #     database: sqlite's "database is locked" made overlapping creates hang in BUILD)
 #   RabbitMQ :5672 (Debian package, own node "vtpm-aio", vhost "nova")
-#   placement-api :8778, nova-api :8774, glance-api :9292 (file store)   under gunicorn
+#   placement-api :8778, nova-api :8774 (with vtpm-driver's nova-api component),
+#     nova-api-plain :8764 (Nova's API as shipped), glance-api :9292 (file store), under gunicorn
 #   nova-conductor, nova-scheduler, nova-compute (host "vtpm-aio": libvirt qemu:///system,
 #     QEMU TCG, swtpm; availability zone "vtpm-aio", the default for new servers)
 #   nova-compute-host-a, nova-compute-host-b (hosts "host-a", "host-b": one per private
@@ -57,12 +58,16 @@ ACCESS_FORMAT='%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
 
 # name -> bind address, WSGI module (gunicorn services)
 declare -A BIND=([placement-api]=127.0.0.1:8778 [glance-api]=127.0.0.1:9292
-                 [nova-api]=127.0.0.1:8774 [neutron-stub]=127.0.0.1:9696)
+                 [nova-api]=127.0.0.1:8774 [nova-api-plain]=127.0.0.1:8764
+                 [neutron-stub]=127.0.0.1:9696)
 declare -A WSGI=([placement-api]=placement.wsgi.api:application
                  [glance-api]=glance.wsgi.api:application
                  [nova-api]=nova_api_wsgi:application
+                 [nova-api-plain]=nova_api_wsgi:application
                  [neutron-stub]=neutron_stub:application)
-GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api)
+# nova-api-plain: Nova's API without vtpm-driver's component (as Nova ships it), for
+# the tests that show Nova's own refusals stand without it.
+GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api nova-api-plain)
 NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute nova-compute-host-a nova-compute-host-b)
 # nova-compute services on the test hosts (tools/test-hosts.sh): service -> host
 declare -A TEST_HOST=([nova-compute-host-a]=host-a [nova-compute-host-b]=host-b)
@@ -363,7 +368,11 @@ healthy() {
 inputs_hash() {
     local name="$1" files=()
     case "$name" in
-        nova-api) files=("$ETC/nova/nova.conf" "$ETC/nova/api-paste.ini" "$HELPERS/nova_api_wsgi.py") ;;
+        nova-api)
+            mapfile -t files < <(echo "$ETC/nova/nova.conf"; echo "$ETC/nova/api-paste.ini"
+                echo "$HELPERS/nova_api_wsgi.py"; find "$REPO/nova" -name '*.py' | sort) ;;
+        nova-api-plain) files=("$ETC/nova/nova.conf" "$ETC/nova/api-paste-plain.ini"
+                               "$HELPERS/nova_api_wsgi.py") ;;
         nova-conductor | nova-scheduler) files=("$ETC/nova/nova.conf") ;;
         nova-compute)
             mapfile -t files < <(echo "$ETC/nova/nova.conf"
@@ -551,6 +560,9 @@ cmd_start() {
     start_gunicorn placement-api 2 OS_PLACEMENT_CONFIG_DIR="$ETC/placement"
     start_gunicorn glance-api 2 OS_GLANCE_CONFIG_DIR="$ETC/glance"
     start_gunicorn nova-api 2 OS_NOVA_CONFIG_DIR="$ETC/nova" VTPM_AIO_NOVA_API_LOG="$LOGS/nova-api.log"
+    start_gunicorn nova-api-plain 1 OS_NOVA_CONFIG_DIR="$ETC/nova" \
+        OS_NOVA_CONFIG_FILES="api-paste-plain.ini;nova.conf" \
+        VTPM_AIO_NOVA_API_LOG="$LOGS/nova-api-plain.log"
     local name
     for name in "${NOVA_SERVICES[@]}"; do
         start_nova_service "$name"

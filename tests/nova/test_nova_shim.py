@@ -22,7 +22,7 @@ from nova import version as nova_version
 from nova import vtpm as nova_vtpm
 from nova.api.openstack import api_version_request, wsgi
 from nova.compute import api as compute_api
-from nova.compute import task_states, vm_states
+from nova.compute import provider_tree, task_states, vm_states
 from nova.virt import driver as virt_driver
 from nova.virt import fake as fake_virt
 from nova.virt import hardware
@@ -183,6 +183,24 @@ def test_swtpm_disabled_reports_every_tpm_trait_false(drv, flags):
     flags.config(group="libvirt", swtpm_enabled=False)
     drv._check_vtpm_support()  # nothing to refuse
     assert drv._get_tpm_traits() == dict.fromkeys(request.ALL_TRAITS, False)
+
+
+@pytest.mark.parametrize(("domcaps", "ours"), [("domcaps-qemu-host.xml", True),
+                                              ("domcaps-no-tpm.xml", False)])
+def test_our_trait_marks_a_node_that_runs_vtpm_guests(drv, monkeypatch, domcaps, ours):
+    """``CUSTOM_VTPM_DRIVER`` (the nova-api component asks for it) on top of Nova's traits;
+    removed again when the host can no longer run vTPM guests."""
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "update_provider_tree",
+                        lambda self, tree, nodename, allocations=None:
+                        tree.add_traits(nodename, "COMPUTE_NET_VIF_MODEL_VIRTIO"))
+    drv._vtpm_probe = FakeProbe(domcaps=domcaps)
+    drv._vtpm_report = None
+    tree = provider_tree.ProviderTree()
+    tree.new_root("node", str(uuid.uuid4()))
+    tree.add_traits("node", release.DRIVER_TRAIT)  # reported before
+    drv.update_provider_tree(tree, "node")
+    expected = {"COMPUTE_NET_VIF_MODEL_VIRTIO"} | ({release.DRIVER_TRAIT} if ours else set())
+    assert tree.data("node").traits == expected
 
 
 def test_start_up_refuses_a_host_that_cannot_deliver_listing_every_problem(drv):

@@ -288,11 +288,34 @@ def clouds_files(root: Path) -> dict[Path, str]:
     return files
 
 
+#: vtpm-driver's nova-api component (nova/virt/vtpm/README.rst, "Through Nova's API").
+VTPM_PASTE_FILTER = "[filter:vtpm]\npaste.filter_factory = nova.virt.vtpm.api:filter_factory\n"
+
+
+def api_paste_with_vtpm(stock: str) -> str:
+    """Nova's api-paste.ini with the ``vtpm`` filter last before the v2.1 app, as an
+    operator adds it: in both keystone pipelines (the v2.1 and the legacy v2 one).
+
+    :raises ValueError: Nova's file no longer has the two pipelines.
+    """
+    app = " osapi_compute_app_v21\n"
+    lines = stock.splitlines(keepends=True)
+    pipelines = [i for i, line in enumerate(lines)
+                 if line.startswith("keystone =") and line.endswith(app)]
+    if len(pipelines) != 2:
+        raise ValueError(f"api-paste.ini: expected 2 keystone pipelines ending in "
+                         f"osapi_compute_app_v21, found {len(pipelines)}")
+    for i in pipelines:
+        lines[i] = lines[i][: -len(app)] + " vtpm" + app
+    return "".join(lines) + "\n" + VTPM_PASTE_FILTER
+
+
 def config_files(root: Path, compute_driver: str, debug: bool) -> dict[Path, str]:
     """Every file this script owns, path -> content."""
     pw = load_passwords(root)
     etc = root / "etc"
     venv_etc = root / "venv" / "etc"
+    nova_paste = (venv_etc / "nova" / "api-paste.ini").read_text()
     files = {
         etc / "nova" / "nova.conf": nova_conf(root, pw, compute_driver, debug),
         **{etc / "nova" / f"compute-{h}.conf": compute_host_conf(root, h) for h in MULTIHOST},
@@ -301,8 +324,10 @@ def config_files(root: Path, compute_driver: str, debug: bool) -> dict[Path, str
         root / "rabbitmq" / "rabbitmq.conf": rabbitmq_conf(),
         root / "rabbitmq" / "enabled_plugins": "[].\n",
         # Paste pipelines as the packages ship them (the WSGI apps read them from
-        # their config directory).
-        etc / "nova" / "api-paste.ini": (venv_etc / "nova" / "api-paste.ini").read_text(),
+        # their config directory); nova-api's with our component, and a second
+        # nova-api (nova-api-plain, the tests' "without the component") as shipped.
+        etc / "nova" / "api-paste.ini": api_paste_with_vtpm(nova_paste),
+        etc / "nova" / "api-paste-plain.ini": nova_paste,
         etc / "glance" / "glance-api-paste.ini": (
             venv_etc / "glance" / "glance-api-paste.ini"
         ).read_text(),

@@ -16,6 +16,7 @@ Nova method (overridden)                      routed to
                                               of the servers Nova's record
                                               places here)
 ``_get_tpm_traits`` (placement traits)        ``check_host(...).traits`` (all 7 traits)
+``update_provider_tree``                      + ``DRIVER_TRAIT`` (``check_host().supported``)
 ``_add_vtpm_device`` (guest XML)              :func:`vtpm_driver.virt.domain.add_tpm`
 ``spawn``, ``_hard_reboot`` (reboot, power    ``ops.secrets.prepare_start``: passphrase
 on), ``resume``, ``finish_migration``,        read (or created) BEFORE the guest is
@@ -279,6 +280,21 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def _get_tpm_traits(self) -> dict[str, bool]:
         """All seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones are removed from placement."""
         return dict(self._vtpm_host_report().traits)
+
+    def update_provider_tree(self, provider_tree: Any, nodename: str,
+                             allocations: Any = None) -> None:
+        """Nova's, plus :data:`release.DRIVER_TRAIT` while this host can run vTPM guests.
+
+        The trait tells the nova-api component (``api.py``) that Nova's API may
+        let a vTPM operation through for a server here, and the scheduler that
+        this node may receive one. Nova's static traits keep standard traits
+        only, hence here rather than in :meth:`_get_tpm_traits`.
+        """
+        super().update_provider_tree(provider_tree, nodename, allocations=allocations)
+        if self._vtpm_host_report().supported:
+            provider_tree.add_traits(nodename, release.DRIVER_TRAIT)
+        else:
+            provider_tree.remove_traits(nodename, release.DRIVER_TRAIT)
 
     # -- guest XML ---------------------------------------------------------------
 

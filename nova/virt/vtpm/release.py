@@ -1,5 +1,9 @@
 """The one Nova release this shim is written against, checked before anything else.
 
+It also names the placement trait by which a compute node says it runs this
+shim (:data:`DRIVER_TRAIT`): the shim reports it, the nova-api component
+(``api.py``) asks for it.
+
 The shim overrides private methods of Nova's libvirt driver (``_hard_reboot``,
 ``_get_or_create_secret_for_vtpm``, ...) whose names and arguments change
 between releases. Running it on another release would fail in odd places at
@@ -16,6 +20,11 @@ from nova import version as nova_version
 SUPPORTED_MAJOR = 34
 SUPPORTED = f"nova {SUPPORTED_MAJOR}.x"
 PIP_REQUIREMENT = f"nova=={SUPPORTED_MAJOR}.*"
+COMPUTE_DRIVER = "the vtpm-driver Nova shim (compute_driver = vtpm.VTPMLibvirtDriver)"
+API_COMPONENT = "the vtpm-driver nova-api component (paste filter nova.virt.vtpm.api)"
+
+#: Reported on every compute node whose nova-compute runs this shim.
+DRIVER_TRAIT = "CUSTOM_VTPM_DRIVER"
 
 
 class UnsupportedNovaRelease(ImportError):
@@ -27,8 +36,11 @@ def installed_release() -> str:
     return str(nova_version.version_string())
 
 
-def check_nova_release(found: str | None = None) -> str:
+def check_nova_release(found: str | None = None, component: str = COMPUTE_DRIVER) -> str:
     """Return the installed release if it is supported, else refuse clearly.
+
+    ``component`` (:data:`COMPUTE_DRIVER` or :data:`API_COMPONENT`) is named in
+    the refusal, with what to do instead.
 
     :raises UnsupportedNovaRelease: names the release found and the one needed.
     """
@@ -36,8 +48,10 @@ def check_nova_release(found: str | None = None) -> str:
     major = found.split(".", 1)[0].strip()
     if not major.isdigit() or int(major) != SUPPORTED_MAJOR:
         raise UnsupportedNovaRelease(
-            f"the vtpm-driver Nova shim (compute_driver = vtpm.VTPMLibvirtDriver) supports "
-            f"{SUPPORTED} only, but nova {found!r} is installed: install "
-            f"'{PIP_REQUIREMENT}', or set [DEFAULT] compute_driver = libvirt.LibvirtDriver"
+            f"{component} supports {SUPPORTED} only, but nova {found!r} is installed: "
+            f"install '{PIP_REQUIREMENT}', or "
+            + ("set [DEFAULT] compute_driver = libvirt.LibvirtDriver"
+               if component == COMPUTE_DRIVER else
+               "remove the vtpm filter from nova-api's api-paste.ini")
         )
     return found
