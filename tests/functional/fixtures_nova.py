@@ -36,8 +36,16 @@ from vtpm_driver.guestreport import parse_vtpm_results, results_since
 
 AIO_DIR = Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
 AIO_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "openstack-aio.sh"
-# Live migration through Nova below its API's vTPM secret-mode check (see that script).
-BELOW_API_SCRIPT = AIO_SCRIPT.parent / "aio" / "below_api.py"
+# Nova's API as shipped, without vtpm-driver's component (tools/openstack-aio.sh).
+PLAIN_NOVA_API = "http://127.0.0.1:8764/v2.1"
+# The vTPM operations Nova's API refuses without our component: the ``openstack`` command.
+SERVER_ACTIONS = {
+    "live-migrate": ("server", "migrate", "--live-migration"),
+    "shelve": ("server", "shelve"),
+    "rescue": ("server", "rescue"),
+    "rebuild": ("server", "rebuild"),
+    "evacuate": ("server", "evacuate"),
+}
 # What tools/aio/cloud.py uploads.
 GUEST_IMAGE = "vtpm-guest"
 GUEST_KERNEL = "vtpm-guest-kernel"
@@ -132,22 +140,18 @@ class AioCloud:
         """``-f json`` output of a command that must succeed."""
         return json.loads(self.cli(cloud, *args, "-f", "json", timeout=timeout))
 
-    def below_api(
-        self, cloud: str, action: str, server_id: str, host: str | None = None,
-        timeout: float = SERVER_TIMEOUT,
-    ) -> subprocess.CompletedProcess[str]:
-        """``tools/aio/below_api.py`` as ``cloud`` (any exit code): Nova's ``API()`` method
-        for ``action`` (live-migrate, shelve, rescue, rebuild, evacuate) with only the one
-        vTPM check of Nova's API that refuses it lifted; returns once Nova accepted the
-        request (or refused it)."""
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("OS_") and k != "PYTHONPATH"
-        }
-        env.update(VTPM_AIO_DIR=str(self.aio_dir), PYTHONWARNINGS="ignore")
-        args = [str(self.aio_dir / "venv" / "bin" / "python"), str(BELOW_API_SCRIPT),
-                "--cloud", cloud, *(["--host", host] if host else []), action, server_id]
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
+    def action(self, cloud: str, action: str, server_id: str,
+               host: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The ``openstack`` command for ``action`` (:data:`SERVER_ACTIONS`) as ``cloud``,
+        through nova-api (any exit code); it returns once Nova accepted the request."""
+        return self.run(cloud, *SERVER_ACTIONS[action], *(["--host", host] if host else []),
+                        server_id)
+
+    def action_ok(self, cloud: str, action: str, server_id: str,
+                  host: str | None = None) -> None:
+        """:meth:`action`, which Nova's API must accept."""
+        proc = self.action(cloud, action, server_id, host=host)
+        assert proc.returncode == 0, (proc.args, proc.stderr)
 
     # --- servers ------------------------------------------------------------------------
 
@@ -163,16 +167,22 @@ class AioCloud:
                 project_domain_name=auth["project_domain_name"]))
         return _SESSIONS[key]
 
-    def compute(self, cloud: str, method: str, path: str, body: Any = None) -> Any:
+    def compute(self, cloud: str, method: str, path: str, body: Any = None,
+                endpoint: str | None = None) -> Any:
         """Nova's REST API (latest microversion) as ``cloud``; the reply's JSON body.
 
         Used for the polls (server status, console log): the same request
         ``openstack server show`` makes, without its seconds of Python start-up
         per call; every action a test is about still goes through ``openstack``.
+        ``endpoint``: another nova-api than the catalog's (:data:`PLAIN_NOVA_API`).
+
+        :raises keystoneauth1.exceptions.HttpError: an error reply (its status,
+            Nova's message in ``.message``).
         """
         resp = self.session(cloud).request(
             path, method, json=body, raise_exc=True,
             endpoint_filter={"service_type": "compute", "interface": "public"},
+            endpoint_override=endpoint,
             headers={"OpenStack-API-Version": "compute latest"})
         return resp.json() if resp.content else None
 
@@ -460,6 +470,32 @@ def assert_nothing_on(host: str, server_id: str) -> None:
 def assert_runs_on(host: str, server_id: str) -> None:
     assert server_id in virsh(host, "list", "--uuid")
     assert (swtpm_dir(host) / server_id).is_dir()
+
+
+def wait_migration_over(cloud: AioCloud, server_id: str, after: int = 0) -> dict[str, Any]:
+    """The server's latest migration (one newer than migration id ``after``) once it is
+    no longer in progress."""
+    deadline = time.monotonic() + SERVER_TIMEOUT
+    while True:
+        migrations = cloud.compute("admin", "GET", f"/os-migrations?instance_uuid={server_id}")
+        latest = max((m for m in migrations["migrations"] if m["id"] > after),
+                     key=lambda m: m["id"], default=None)
+        if latest and latest["status"] in ("completed", "error", "failed", "done"):
+            return latest
+        assert time.monotonic() < deadline, f"migration of {server_id} still {latest}"
+        time.sleep(POLL)
+
+
+def action_failure(cloud: AioCloud, server_id: str, action: str) -> str:
+    """What Nova recorded as the failure of the server's latest ``action`` (instance
+    action events: their details and, for an admin, tracebacks)."""
+    actions = cloud.compute("admin", "GET", f"/servers/{server_id}/os-instance-actions")
+    latest = max((a for a in actions["instanceActions"] if a["action"] == action),
+                 key=lambda a: a["start_time"])
+    detail = cloud.compute("admin", "GET", f"/servers/{server_id}/os-instance-actions/"
+                                           f"{latest['request_id']}")["instanceAction"]
+    return "\n".join(f"{e.get('details') or ''}\n{e.get('traceback') or ''}"
+                     for e in detail["events"])
 
 
 def other(host: str) -> str:

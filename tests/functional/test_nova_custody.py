@@ -8,8 +8,8 @@
     shelve) is refused at unshelve, naming both generations; the current copy,
     put back, unshelves with the latest TPM.
 
-Requests Nova's API refuses for vTPM servers (shelve, evacuate) go through
-``tools/aio/below_api.py``, as in ``test_nova_offhost.py``. The generation of
+Shelve and evacuate go through nova-api with vtpm-driver's component
+(``nova/virt/vtpm/api.py``), as in ``test_nova_offhost.py``. The generation of
 a host's live state is ``<host swtpm dir>/<uuid>/vtpm-generation``
 (:mod:`vtpm_driver.model.custody`); an off-host copy's is ``generation`` in its
 ``meta.json``.
@@ -44,7 +44,6 @@ from tests.functional.fixtures_nova import (
 )
 from tests.functional.test_nova_offhost import (
     START_TIMEOUT,
-    below_api_ok,
     compute_pid,
     copy_meta,
     service_set,
@@ -104,7 +103,7 @@ def test_an_evacuated_servers_old_copy_never_starts_again(
     os.kill(compute_pid(aio_cloud, source), signal.SIGKILL)   # the compute dies; the
     service_set(aio_cloud, source, "--down")                  # host's libvirt stays up
     try:
-        below_api_ok(aio_cloud, "admin", "evacuate", server_id, host=dest)
+        aio_cloud.action_ok("admin", "evacuate", server_id, host=dest)
         aio_cloud.wait_server("owner", server_id, "SHUTOFF")
         assert aio_cloud.server("admin", server_id)[HOST_ATTR] == dest
         aio_cloud.cli("owner", "server", "start", server_id)
@@ -154,7 +153,7 @@ def test_an_older_off_host_copy_put_back_is_refused(
     store = aio_cloud.aio_dir / "state-store"
     entry = store / server_id
 
-    below_api_ok(aio_cloud, "owner", "shelve", server_id)
+    aio_cloud.action_ok("owner", "shelve", server_id)
     aio_cloud.wait_server("owner", server_id, "SHELVED_OFFLOADED")
     older = copy_meta(aio_cloud, server_id)["generation"]
     state.copy_tree(entry, tmp_path / "older")               # the older copy, kept aside
@@ -162,7 +161,7 @@ def test_an_older_off_host_copy_put_back_is_refused(
     aio_cloud.cli("owner", "server", "unshelve", server_id)  # hands over: generation + 1
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
     middle = next_boot_report(aio_cloud, server_id, first["boot"])
-    below_api_ok(aio_cloud, "owner", "shelve", server_id)    # + 1 again: the current copy
+    aio_cloud.action_ok("owner", "shelve", server_id)    # + 1 again: the current copy
     aio_cloud.wait_server("owner", server_id, "SHELVED_OFFLOADED")
     current = copy_meta(aio_cloud, server_id)["generation"]
     assert current > older

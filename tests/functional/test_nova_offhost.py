@@ -1,15 +1,15 @@
 """Through Nova: shelve/unshelve, rescue/unrescue, rebuild and evacuate keep the TPM (issue 15).
 
 Nova's API refuses shelve, rescue, rebuild and evacuate of vTPM servers
-(``reject_vtpm_instances``, HTTP 400) before any compute is asked; these
-tests make the request through ``tools/aio/below_api.py``: Nova's ``API()``
-method with the owner's (or an admin's) real token and only that check
-lifted. The conductor, the scheduler, the nova-computes ``host-a`` and
-``host-b`` (one per libvirt test host) and the shim
-(``nova/virt/vtpm/offhost.py``) run for real. A test that keeps its server on one
-host runs it on the first compute (zone ``vtpm-aio``); one that moves it, or stops
-a compute, is marked ``multihost`` and uses the test hosts. ``unshelve``, ``unrescue`` and
-``start`` go through ``openstack`` (Nova's API allows them).
+(``reject_vtpm_instances``, HTTP 400) before any compute is asked; the AIO's
+nova-api runs vtpm-driver's component (``nova/virt/vtpm/api.py``), which lets
+them through where the server's hosts run our shim. Every request is the
+owner's (or an admin's) ``openstack`` command over HTTP; nova-api, the
+conductor, the scheduler, the nova-computes ``host-a`` and ``host-b`` (one per
+libvirt test host) and the shim (``nova/virt/vtpm/offhost.py``) run unpatched.
+A test that keeps its server on one host runs it on the first compute (zone
+``vtpm-aio``); one that moves it, or stops a compute, is marked ``multihost``
+and uses the test hosts.
 
 The AIO's computes run with ``[vtpm] state_backup = on-stop`` and
 ``state_backup_dir = <aio>/state-store`` (tools/aio/render.py). Every TPM is
@@ -60,13 +60,6 @@ def copy_meta(cloud: AioCloud, server_id: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def below_api_ok(cloud: AioCloud, who: str, action: str, server_id: str,
-                 host: str | None = None) -> None:
-    proc = cloud.below_api(who, action, server_id, host=host)
-    assert proc.returncode == 0, proc.stderr
-    assert "vTPM" not in proc.stderr, proc.stderr
-
-
 # ----------------------------------------------------------------------------- shelve
 
 
@@ -85,7 +78,7 @@ def test_shelve_offload_and_unshelve_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     refused = aio_cloud.run("owner", "server", "shelve", server_id)
     assert refused.returncode != 0 and "vTPM" in refused.stderr, refused.stderr
 
-    below_api_ok(aio_cloud, "owner", "shelve", server_id)
+    aio_cloud.action_ok("owner", "shelve", server_id)
     aio_cloud.wait_server("owner", server_id, "SHELVED_OFFLOADED")
     assert_nothing_on(source, server_id)
     meta = copy_meta(aio_cloud, server_id)
@@ -113,7 +106,7 @@ def test_a_non_owner_shelve_of_a_user_mode_server_changes_nothing(
     server_id, source = create_on_test_host(aio_resources, "user", AIO_ZONE)
     before = latest_report(aio_cloud, server_id)
 
-    below_api_ok(aio_cloud, "admin", "shelve", server_id)
+    aio_cloud.action_ok("admin", "shelve", server_id)
     server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
 
     assert server["status"] == "ACTIVE"
@@ -171,7 +164,7 @@ def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     first = latest_report(aio_cloud, server_id)
     log = console_file(aio_cloud, server_id).read_text(errors="replace")
 
-    below_api_ok(aio_cloud, "owner", "rescue", server_id)
+    aio_cloud.action_ok("owner", "rescue", server_id)
     aio_cloud.wait_server("owner", server_id, "RESCUE")
     rescued = report_since(aio_cloud, server_id, log)
     assert "boot" not in rescued                      # the rescue boot's line
@@ -182,7 +175,7 @@ def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     normal = next_boot_report(aio_cloud, server_id, first["boot"])
     assert normal["ek"] == first["ek"]
 
-    below_api_ok(aio_cloud, "owner", "rebuild", server_id)
+    aio_cloud.action_ok("owner", "rebuild", server_id)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
     rebuilt = next_boot_report(aio_cloud, server_id, normal["boot"])
     assert rebuilt["ek"] == first["ek"]               # a new image keeps the TPM
@@ -235,12 +228,12 @@ def test_evacuate_from_a_dead_compute_uses_the_on_stop_copy(
     os.kill(compute_pid(aio_cloud, source), signal.SIGKILL)  # the host's compute dies
     service_set(aio_cloud, source, "--down")
     try:
-        below_api_ok(aio_cloud, "admin", "evacuate", lost, host=dest)
+        aio_cloud.action_ok("admin", "evacuate", lost, host=dest)
         refused = aio_cloud.wait_server("admin", lost, "ERROR")
         assert "[vtpm] state_backup" in (refused.get("fault") or {}).get("message", ""), refused
         assert_nothing_on(dest, lost)
 
-        below_api_ok(aio_cloud, "admin", "evacuate", kept, host=dest)
+        aio_cloud.action_ok("admin", "evacuate", kept, host=dest)
         aio_cloud.wait_server("owner", kept, "SHUTOFF")     # evacuated as it was: stopped
         assert aio_cloud.server("admin", kept)[HOST_ATTR] == dest
         aio_cloud.cli("owner", "server", "start", kept)
