@@ -122,9 +122,11 @@ def test_the_scheduler_never_picks_a_host_without_our_trait(
     before = latest_report(aio_cloud, server_id)
 
     with without_our_trait(aio_cloud, dest):
-        aio_cloud.action_ok("admin", "live-migrate", server_id)  # no host: the scheduler's
-        refused = wait_migration_over(aio_cloud, server_id)
-        assert refused["status"] in ("error", "failed")
+        proc = aio_cloud.action("admin", "live-migrate", server_id)  # no host: the scheduler's
+    assert proc.returncode != 0
+    assert "No valid host" in proc.stderr, proc.stderr
+    refused = wait_migration_over(aio_cloud, server_id)
+    assert refused["status"] in ("error", "failed")
     server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
     assert aio_cloud.server("admin", server_id)[HOST_ATTR] == source
     assert_runs_on(source, server_id)
