@@ -7,7 +7,7 @@
 #   tools/openstack-aio.sh stop     stop this cloud's services (not Keystone/Barbican/libvirtd)
 #   tools/openstack-aio.sh status   exit 0 when every service answers, 3 when not
 #   tools/openstack-aio.sh restart-compute HOST
-#                                   stop one running nova-compute (vtpm-aio, host-a, host-b)
+#                                   stop one running nova-compute (vtpm-aio, host-a ... host-d)
 #                                   and start it again with this environment (the fault
 #                                   table's Nova rows start it with VTPM_FAULT_AT=<step>)
 #
@@ -19,9 +19,10 @@
 #     nova-api-plain :8764 (Nova's API as shipped), glance-api :9292 (file store), under gunicorn
 #   nova-conductor, nova-scheduler, nova-compute (host "vtpm-aio": libvirt qemu:///system,
 #     QEMU TCG, swtpm; availability zone "vtpm-aio", the default for new servers)
-#   nova-compute-host-a, nova-compute-host-b (hosts "host-a", "host-b": one per private
-#     libvirt test host of tools/test-hosts.sh, which 'start' starts first; each runs in its
-#     host's mount namespace; availability zone "vtpm-multihost"; they migrate to each other)
+#   nova-compute-host-a ... nova-compute-host-d (hosts "host-a" ... "host-d": one per
+#     private libvirt test host of tools/test-hosts.sh, which 'start' starts first; each runs
+#     in its host's mount namespace; availability zones "vtpm-multihost" (host-a, host-b)
+#     and "vtpm-multihost-2" (host-c, host-d); the two of a pair migrate to each other)
 #   neutron stand-in :9696 (answers "no ports"; see tools/aio/neutron_stub.py)
 # Keystone and Barbican are the keymgr stack's (tools/keymgr-stack.sh): this script starts
 # it when needed and registers users, services and endpoints in it.
@@ -68,11 +69,13 @@ declare -A WSGI=([placement-api]=placement.wsgi.api:application
 # nova-api-plain: Nova's API without vtpm-driver's component (as Nova ships it), for
 # the tests that show Nova's own refusals stand without it.
 GUNICORN_SERVICES=(neutron-stub placement-api glance-api nova-api nova-api-plain)
-NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute nova-compute-host-a nova-compute-host-b)
+NOVA_SERVICES=(nova-conductor nova-scheduler nova-compute nova-compute-host-a nova-compute-host-b
+               nova-compute-host-c nova-compute-host-d)
 # nova-compute services on the test hosts (tools/test-hosts.sh): service -> host
-declare -A TEST_HOST=([nova-compute-host-a]=host-a [nova-compute-host-b]=host-b)
+declare -A TEST_HOST=([nova-compute-host-a]=host-a [nova-compute-host-b]=host-b
+                      [nova-compute-host-c]=host-c [nova-compute-host-d]=host-d)
 HOSTS_DIR="${VTPM_HOSTS_DIR:-/var/lib/vtpm-driver/hosts}"
-COMPUTE_HOSTS=(vtpm-aio host-a host-b)
+COMPUTE_HOSTS=(vtpm-aio host-a host-b host-c host-d)
 
 TAG=openstack-aio
 # shellcheck source=tools/lib.sh

@@ -15,7 +15,7 @@ case "${CI:-}" in
 esac
 step "host: packages, /dev/kvm, virtlogd + libvirtd";   bash tools/setup-host.sh
 step "test guest (kernel + busybox initramfs)";        bash tools/build-guest.sh
-step "two private libvirt test hosts (host-a, host-b)"; bash tools/test-hosts.sh start
+step "four private libvirt test hosts (host-a ... host-d)"; bash tools/test-hosts.sh start
 # The project's and the AIO's venvs build while Keystone and Barbican start (all three
 # mostly wait on pip).
 step "python venvs: the project's, the AIO's (next to the next step)"
@@ -58,9 +58,9 @@ cat "$AIO_START_LOG"
 #     computes) while the AIO is idle, next to Nova's own functional vTPM tests, which are
 #     in-process (no shared service) and mostly need one core;
 #  2. our tests through the all-in-one OpenStack (marker "aio"; they mostly wait for Nova)
-#     in two streams, Nova's unit tests (test_driver.py on the shim) in the background,
-#     next to the unit and standalone functional tests; all but the multihost stream wait
-#     for Nova's functional tests.
+#     in three streams, Nova's unit tests (test_driver.py on the shim) in the background,
+#     next to the unit and standalone functional tests; all but the two test-host streams
+#     wait for Nova's functional tests.
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -ra --durations=15)
 if [ $# -gt 0 ]; then
     step "tests: pytest $*"
@@ -75,15 +75,20 @@ alone_rc=0
 "${PYTEST[@]}" -m alone || alone_rc=$?
 step "the AIO's computes ready again (enabled, up: a test restarted host-a's libvirtd)"
 bash tools/openstack-aio.sh start
-# Two streams through the AIO, on disjoint computes: the tests of one server on one host on
-# the system libvirtd's compute (zone vtpm-aio), those marked "multihost" on the two test
-# hosts (zone vtpm-multihost, where servers move and computes are stopped); each mostly
-# waits for Nova. The longer one (multihost: one guest at a time at first) starts at once;
-# the rest waits for Nova's functional tests.
+# Three streams through the AIO, on disjoint computes: the tests of one server on one host
+# on the system libvirtd's compute (zone vtpm-aio), those marked "multihost" on the first
+# pair of test hosts (zone vtpm-multihost, where servers move and computes are stopped),
+# the Nova fault rows ("second_pair") on the second pair (zone vtpm-multihost-2); each
+# mostly waits for Nova. The two longer ones (the test hosts') start at once; the rest
+# waits for Nova's functional tests.
 AIO1_LOG="${AIO_LOG%.log}-vtpm-aio.log"
-step "in the background: our tests through the AIO on its test hosts (log: $AIO_LOG)"
+AIO2_LOG="${AIO_LOG%.log}-second-pair.log"
+step "in the background: our tests through the AIO on its first pair of test hosts (log: $AIO_LOG)"
 "${PYTEST[@]}" -m "aio and multihost" --basetemp=/tmp/vtpm-aio-pytest >"$AIO_LOG" 2>&1 &
 aio_pid=$!
+step "in the background: the Nova fault rows on the second pair of test hosts (log: $AIO2_LOG)"
+"${PYTEST[@]}" -m "aio and second_pair" --basetemp=/tmp/vtpm-aio2-pytest >"$AIO2_LOG" 2>&1 &
+aio2_pid=$!
 # Until Nova's functional tests are done, one guest at a time here too: the fault rows.
 FAULTS=tests/functional/test_faults.py
 step "tests: the fault-injection rows that need no service to themselves"
@@ -98,7 +103,8 @@ step "in the background: Nova's unit tests of its libvirt driver, on the shim (l
 VTPM_NOVA_SUITE_FUNCTIONAL=0 nice -n 5 bash tools/nova-vtpm-suite.sh >"$NOVA_UNIT_LOG" 2>&1 &
 nova_unit_pid=$!
 step "in the background: our tests through the AIO on its first compute (log: $AIO1_LOG)"
-"${PYTEST[@]}" -m "aio and not multihost" --basetemp=/tmp/vtpm-aio1-pytest >"$AIO1_LOG" 2>&1 &
+"${PYTEST[@]}" -m "aio and not multihost and not second_pair" --basetemp=/tmp/vtpm-aio1-pytest \
+    >"$AIO1_LOG" 2>&1 &
 aio1_pid=$!
 step "tests: unit + the other standalone functional tests (next to the AIO tests)"
 "${PYTEST[@]}" -m "not aio and not alone" --ignore="$FAULTS" || rc=$?
@@ -107,9 +113,10 @@ wait "$nova_unit_pid" || nova_rc=$?
 aio_rc=0
 wait "$aio_pid" || aio_rc=$?
 wait "$aio1_pid" || aio_rc=$?
+wait "$aio2_pid" || aio_rc=$?
 tail -n 30 "$NOVA_UNIT_LOG"
 [ "$nova_rc" = 0 ] || echo "Nova's own vTPM tests failed (exit $nova_rc); logs: $NOVA_LOG, $NOVA_UNIT_LOG"
-tail -n 30 "$AIO1_LOG" "$AIO_LOG"
+tail -n 30 "$AIO1_LOG" "$AIO2_LOG" "$AIO_LOG"
 [ "$aio_rc" = 0 ] || echo "tests through the all-in-one OpenStack failed (exit $aio_rc); full log: $AIO_LOG"
 printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
 [ "$rc" = 0 ] && [ "$nova_rc" = 0 ] && [ "$aio_rc" = 0 ] && [ "$alone_rc" = 0 ]

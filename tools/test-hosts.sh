@@ -1,10 +1,12 @@
 #!/bin/bash
-# Two private libvirt compute hosts on this machine, next to the system libvirtd, for
-# everything that moves between hosts (cold and live migration, evacuate, unshelve).
+# Four private libvirt compute hosts on this machine, next to the system libvirtd, for
+# everything that moves between hosts (cold and live migration, evacuate, unshelve): two
+# pairs (host-a + host-b, host-c + host-d), so that two streams of tests that move
+# servers run side by side, each between the hosts of its pair.
 #
-#   tools/test-hosts.sh start     start host-a and host-b (idempotent)
-#   tools/test-hosts.sh stop [HOST]  stop both, or only HOST (their guests go with them)
-#   tools/test-hosts.sh status    exit 0 when both answer, 3 when not
+#   tools/test-hosts.sh start     start every host (idempotent)
+#   tools/test-hosts.sh stop [HOST]  stop all, or only HOST (their guests go with them)
+#   tools/test-hosts.sh status    exit 0 when all answer, 3 when not
 #
 # Each host runs its own virtlogd + libvirtd in its own mount and PID namespace, with
 # its own /etc/libvirt, /run/libvirt, /var/lib/libvirt (incl. swtpm/), /var/cache/libvirt,
@@ -15,6 +17,8 @@
 # loopback only:
 #   host-a  qemu+tcp://127.0.0.1:16611/system   migration ports 49152-49215
 #   host-b  qemu+tcp://127.0.0.1:16612/system   migration ports 49216-49279
+#   host-c  qemu+tcp://127.0.0.1:16613/system   migration ports 49280-49343
+#   host-d  qemu+tcp://127.0.0.1:16614/system   migration ports 49344-49407
 # The system daemon and its domains are untouched. Migrations must pass the loopback
 # address explicitly (VIR_MIGRATE_PARAM_URI tcp://127.0.0.1, LISTEN_ADDRESS 127.0.0.1):
 # see ../shared/notes/two-hosts-on-one-machine.md. Writes $VTPM_HOSTS_DIR/<host>/vtpm-driver.conf
@@ -27,9 +31,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
 
 HOSTS_DIR="${VTPM_HOSTS_DIR:-/var/lib/vtpm-driver/hosts}"
-HOSTS=(host-a host-b)
-declare -A PORT=([host-a]=16611 [host-b]=16612)
-declare -A MIGRATION_PORTS=([host-a]="49152 49215" [host-b]="49216 49279")
+HOSTS=(host-a host-b host-c host-d)
+declare -A PORT=([host-a]=16611 [host-b]=16612 [host-c]=16613 [host-d]=16614)
+declare -A MIGRATION_PORTS=([host-a]="49152 49215" [host-b]="49216 49279"
+                            [host-c]="49280 49343" [host-d]="49344 49407")
 # system path -> name of the host's own copy under $HOSTS_DIR/<host>/
 declare -A MOUNTS=([/etc/libvirt]=etc [/run/libvirt]=run [/var/lib/libvirt]=lib
                    [/var/cache/libvirt]=cache [/var/log/libvirt]=log

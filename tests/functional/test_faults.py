@@ -49,6 +49,7 @@ from tests.functional.fixtures_libvirt import (
 )
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
+    SECOND_PAIR_ZONE,
     AioCloud,
     ResourceTracker,
     aio_cloud,  # noqa: F401  (fixture)
@@ -779,7 +780,7 @@ def nova_families(aio_cloud: AioCloud) -> Iterator:  # noqa: F811
             # A row that failed leaves no trap for the next (nor its resources held).
             aio_cloud.run("admin", "server", "delete", "--wait", made.pop(mode).id)
         if mode not in made:
-            server_id, _host = create_on_test_host(tracker, mode)
+            server_id, _host = create_on_test_host(tracker, mode, SECOND_PAIR_ZONE)
             made[mode] = NovaServer(server_id, mode, latest_report(aio_cloud, server_id)["ek"])
         return made[mode]
 
@@ -950,7 +951,7 @@ def report_of_a_new_boot(cloud: AioCloud, server_id: str, seen: set[str]) -> dic
 
 
 @pytest.mark.aio
-@pytest.mark.multihost
+@pytest.mark.second_pair
 @pytest.mark.parametrize(("op", "who", "step"), NOVA_CASES,
                          ids=[f"nova-{o.replace(' ', '-')}@{s}" for o, _w, s in NOVA_CASES])
 def test_fault_through_nova(op: str, who: str, step: str,

@@ -8,7 +8,8 @@ the AIO's clouds.yaml:
         --traits) its placement resource provider carries the TPM traits
     cloud.py zones
         host aggregates and availability zones: "vtpm-aio" (the first compute,
-        the default zone) and "vtpm-multihost" (host-a, host-b); idempotent
+        the default zone), "vtpm-multihost" (host-a, host-b) and
+        "vtpm-multihost-2" (host-c, host-d); idempotent
     cloud.py images
         upload the test guest (kernel as aki, initramfs as ari, a tiny raw
         root disk that points at both) as public images, and the same guest
@@ -29,7 +30,7 @@ from pathlib import Path
 from keystoneauth1 import adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
-from render import DEFAULT_ZONE, MULTIHOST, MULTIHOST_ZONE, aio_dir
+from render import DEFAULT_ZONE, MULTIHOST, PAIR_ZONES, aio_dir
 from stacklib import cloud_session
 
 GUEST_KERNEL = "vtpm-guest-kernel"
@@ -230,10 +231,12 @@ def ensure_zone(compute: adapter.Adapter, name: str, hosts: list[str]) -> None:
 
 def setup_zones() -> None:
     """Servers created without a zone land on vtpm-aio (nova.conf default_schedule_zone);
-    host-a and host-b form their own zone, so a migration's only choice is the other."""
+    each pair of test hosts forms its own zone, so a migration's only choice is the other
+    host of the pair."""
     compute = api(session(), "compute", "2.53")
     ensure_zone(compute, DEFAULT_ZONE, ["vtpm-aio"])
-    ensure_zone(compute, MULTIHOST_ZONE, list(MULTIHOST))
+    for zone, hosts in PAIR_ZONES.items():
+        ensure_zone(compute, zone, list(hosts))
 
 
 def upload_images(guest_dir: Path) -> None:

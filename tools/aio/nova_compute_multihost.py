@@ -1,4 +1,4 @@
-"""nova-compute for the two test hosts of the all-in-one cloud (host-a, host-b).
+"""nova-compute for the test hosts of the all-in-one cloud (host-a ... host-d).
 
 Nova's ``nova-compute`` plus ONE test-environment change: live migrations get
 libvirt's ``VIR_MIGRATE_UNSAFE`` flag. Both hosts keep their instances in one

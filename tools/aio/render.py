@@ -42,15 +42,19 @@ PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit", "mariadb")
 # Clouds copied from the keymgr stack's clouds.yaml (same Keystone, same users).
 CLOUDS = ("owner", "member", "other", "admin")
 # The first compute ("vtpm-aio") drives the system libvirtd; these drive the private
-# test hosts of tools/test-hosts.sh, one each: name -> (its libvirtd's TCP port, the
-# port of the other one, where its live migrations go). Each runs inside its host's
-# mount namespace (its /var/lib/libvirt, /run/libvirt), so [libvirt] connection_uri
-# stays qemu:///system.
-MULTIHOST = {"host-a": (16611, 16612), "host-b": (16612, 16611)}
+# test hosts of tools/test-hosts.sh, one each, in pairs: name -> (its libvirtd's TCP
+# port, the port of the other one of its pair, where its live migrations go). Each runs
+# inside its host's mount namespace (its /var/lib/libvirt, /run/libvirt), so [libvirt]
+# connection_uri stays qemu:///system.
+MULTIHOST = {"host-a": (16611, 16612), "host-b": (16612, 16611),
+             "host-c": (16613, 16614), "host-d": (16614, 16613)}
 # Availability zones: servers created without one land on "vtpm-aio" (what the
-# single-host tests expect); the two test hosts form "vtpm-multihost".
+# single-host tests expect); each pair of test hosts forms a zone of its own, so that
+# a move's only choice is the other host of the pair.
 DEFAULT_ZONE = "vtpm-aio"
 MULTIHOST_ZONE = "vtpm-multihost"
+SECOND_PAIR_ZONE = "vtpm-multihost-2"
+PAIR_ZONES = {MULTIHOST_ZONE: ("host-a", "host-b"), SECOND_PAIR_ZONE: ("host-c", "host-d")}
 
 
 def aio_dir() -> Path:
@@ -192,7 +196,7 @@ def compute_host_conf(root: Path, host: str) -> str:
       so the destination QEMU would listen on every address (and libvirt refuses
       a loopback ``migration_address``): see
       ../shared/notes/two-hosts-on-one-machine.md. Both options are deprecated
-      in Nova; this pairing only works for two hosts, which is all this is for.
+      in Nova; this pairing only works within a pair, which is all this is for.
 
     ``instances_path`` is the shared one of nova.conf: Nova takes a destination
     with the same ``my_ip`` for shared storage (cold migration copies locally,

@@ -137,7 +137,7 @@ def _check(nova_check: Any, signature: inspect.Signature,
         if not all(runs_our_shim(context, host) for host in hosts):
             return nova_check(self, context, instance, *args, **kwargs)
         require_our_shim(context, instance.uuid)
-        LOG.info("vtpm-driver: %s of vTPM server %s goes on: %s run the vtpm-driver shim",
+        LOG.info("vtpm-driver: %s of vTPM server %s goes on: the shim runs on %s",
                  nova_check.__name__, instance.uuid, ", ".join(hosts))
         return nova_check.__wrapped__(self, context, instance, *args, **kwargs)
 
