@@ -184,7 +184,7 @@ cmd_start() {
     done
     # The configuration of both hosts that earlier versions wrote ([vtpm] hosts): gone.
     rm -f "$HOSTS_DIR/vtpm-driver.conf"
-    say "both hosts up; configuration: $HOSTS_DIR/<host>/vtpm-driver.conf"
+    say "all hosts up; configuration: $HOSTS_DIR/<host>/vtpm-driver.conf"
 }
 
 cmd_stop() {

@@ -493,18 +493,6 @@ def wait_migration_over(cloud: AioCloud, server_id: str, after: int = 0) -> dict
         time.sleep(POLL)
 
 
-def action_failure(cloud: AioCloud, server_id: str, action: str) -> str:
-    """What Nova recorded as the failure of the server's latest ``action`` (instance
-    action events: their details and, for an admin, tracebacks)."""
-    actions = cloud.compute("admin", "GET", f"/servers/{server_id}/os-instance-actions")
-    latest = max((a for a in actions["instanceActions"] if a["action"] == action),
-                 key=lambda a: a["start_time"])
-    detail = cloud.compute("admin", "GET", f"/servers/{server_id}/os-instance-actions/"
-                                           f"{latest['request_id']}")["instanceAction"]
-    return "\n".join(f"{e.get('details') or ''}\n{e.get('traceback') or ''}"
-                     for e in detail["events"])
-
-
 def other(host: str) -> str:
     """The other test host of ``host``'s pair (zone)."""
     (name,) = [h for hosts in ZONE_HOSTS.values() if host in hosts for h in hosts if h != host]

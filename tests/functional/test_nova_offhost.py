@@ -65,6 +65,7 @@ def copy_meta(cloud: AioCloud, server_id: str) -> dict[str, Any] | None:
 
 @pytest.mark.parametrize(("mode", "unshelver", "zone"), [
     ("user", "owner", AIO_ZONE),
+    ("host", "owner", AIO_ZONE),
     pytest.param("deployment", "admin", MULTIHOST_ZONE, marks=pytest.mark.multihost),
 ])
 def test_shelve_offload_and_unshelve_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
@@ -150,15 +151,16 @@ def report_since(cloud: AioCloud, server_id: str, before: str) -> dict[str, str]
     return found[0]
 
 
+@pytest.mark.parametrize("mode", ["user", "host", "deployment"])
 def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: F811
-                                                  aio_resources: ResourceTracker  # noqa: F811
-                                                  ) -> None:
+                                                  aio_resources: ResourceTracker,  # noqa: F811
+                                                  mode: str) -> None:
     """The rescue boot gets the server's own vTPM; unrescue and rebuild keep it.
 
     Nova boots a rescue with its own command line (``root=... console=...``):
     the guest prints its VTPM_RESULT once there (no boot id) and powers off.
     """
-    server_id, source = create_on_test_host(aio_resources, "user", AIO_ZONE)
+    server_id, source = create_on_test_host(aio_resources, mode, AIO_ZONE)
     first = latest_report(aio_cloud, server_id)
     log = console_file(aio_cloud, server_id).read_text(errors="replace")
 
@@ -178,7 +180,8 @@ def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     rebuilt = next_boot_report(aio_cloud, server_id, normal["boot"])
     assert rebuilt["ek"] == first["ek"]               # a new image keeps the TPM
     assert_runs_on(source, server_id)
-    assert len(aio_cloud.vtpm_secrets("owner", server_id)) == 1
+    # Still one passphrase; a deployment-mode one is the service user's, not the owner's.
+    assert len(aio_cloud.vtpm_secrets("owner", server_id)) == (mode != "deployment")
 
 
 # ----------------------------------------------------------------------------- evacuate

@@ -93,6 +93,9 @@ def install(api_class: type = compute_api.API) -> None:
 
 
 def _replace_check(api_class: type, name: str, host_arg: str | None) -> None:
+    """Find Nova's check in the method's chain of ``__wrapped__`` decorators and put
+    :func:`_check` in its place: the decorator above it calls ours (its closure cell),
+    ours calls Nova's or what Nova's wraps."""
     parent, layer = None, api_class.__dict__[name]
     while getattr(layer, "__code__", None) not in _NOVA_CHECKS:
         if getattr(layer, "_vtpm_driver_check", False):
