@@ -20,6 +20,7 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any
 
+from keystoneauth1.identity import v3 as ks_v3
 from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import uuidutils
@@ -30,7 +31,7 @@ from vtpm_driver.keymgr import client as client_mod
 from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
-from vtpm_driver.model import request, rules
+from vtpm_driver.model import consent, request, rules
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret, require_recorded_secret
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
@@ -402,6 +403,47 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
             client_mod.new_client(session, root, None), session, root,
             request.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
+
+    # -- an owner's consent (vtpm_driver.model.consent) --------------------------------
+
+    def get_consent(self, record_id: str) -> consent.Consent:
+        """The consent record ``record_id``, read as ``[service_user]`` (its ACL lets it).
+
+        Two GETs: the secret's metadata (its creator, whom the record speaks
+        for) and its payload. Nothing of the payload is logged or quoted.
+
+        :raises VTPMSecretNotFound: no such record (or not readable as found).
+        :raises VTPMSecretForbidden: the record's ACL does not name the service user.
+        :raises KeyManagerUnavailable: Barbican or Keystone cannot be reached.
+        :raises consent.ConsentError: not a consent record.
+        """
+        target = self._service_target()
+        with target.errors("read consent record", record_id):
+            meta = client_mod.http(target.client).request(f"secrets/{record_id}", "GET").json()
+            resp = client_mod.http(target.client).request(
+                f"secrets/{record_id}/payload", "GET", headers={"Accept": "text/plain"})
+        return consent.parse(record_id, resp.content.decode("utf-8", "replace"),
+                             str(meta.get("creator_id") or ""))
+
+    def consent_context(self, granted: consent.Consent) -> vtpm_context.RequestContext:
+        """The owner's request context from the consent's application credential.
+
+        One Keystone request. The token acts as the owner and, by its access
+        rules, reads the server's passphrase and nothing else.
+
+        :raises VTPMSecretForbidden: Keystone refused the credential (expired,
+            withdrawn by its owner).
+        :raises KeyManagerUnavailable: Keystone could not be reached.
+        """
+        keystone = self._service_target().session.auth.auth_url  # [service_user]'s Keystone
+        session = client_mod.BarbicanSession(
+            auth=ks_v3.ApplicationCredential(
+                auth_url=keystone,
+                application_credential_id=granted.credential_id,
+                application_credential_secret=granted.credential_secret),
+            timeout=self._timeout, barbican_timeout=self._timeout,
+            app_name=client_mod.APP_NAME)
+        return vtpm_context.RequestContext.from_session(session)
 
     # -- repair (``vtpm-driver audit --repair``): by secret UUID ------------------------
 

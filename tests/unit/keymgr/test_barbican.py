@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import datetime
 import http.server
 import json
 import logging
@@ -31,7 +32,7 @@ from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
 from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import rules
+from vtpm_driver.model import consent, rules
 from vtpm_driver.model.server import Flavor, Instance
 
 OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
@@ -73,6 +74,7 @@ class FakeCloud:
     def __init__(self) -> None:
         self.tokens = {t: (u, p) for u, p, t in (OWNER, MEMBER, OTHER, SERVICE)}
         self.secrets: dict[str, FakeSecret] = {}
+        self.app_creds: dict[str, str] = {}  # the owner's application credentials: id -> secret
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[bytes] = []
         self.faults: list[Fault] = []
@@ -195,6 +197,11 @@ class FakeCloud:
             if not self._may_read(secret, user, project):
                 return 403, {"title": "Forbidden", "description": "not allowed"}, {}
             return 200, secret.payload.encode("latin-1"), {"Content-Type": secret.content_type}
+        if len(parts) == 3 and method == "GET":
+            if not self._may_read(secret, user, project):
+                return 403, {"title": "Forbidden"}, {}
+            return 200, {"name": secret.name, "creator_id": secret.creator,
+                         "secret_type": secret.secret_type}, {}
         if len(parts) == 3 and method == "DELETE":
             if not self._may_read(secret, user, project):
                 return 403, {"title": "Forbidden"}, {}
@@ -239,15 +246,24 @@ class FakeCloud:
             return 200, {"version": {"id": "v3.14", "status": "stable", "links": [
                 {"rel": "self", "href": f"{self.url}/v3/"}]}}, {}
         if method == "POST" and path == "/v3/auth/tokens":
-            ident = json.loads(body)["auth"]["identity"]["password"]["user"]
-            if (ident.get("name"), ident.get("password")) != ("svc", SERVICE_PASSWORD):
-                return 401, {"error": {"code": 401, "title": "Unauthorized"}}, {}
-            user, project, token = SERVICE
+            identity = json.loads(body)["auth"]["identity"]
+            if "application_credential" in identity:
+                cred = identity["application_credential"]
+                if self.app_creds.get(cred.get("id")) != cred.get("secret"):
+                    return 404, {"error": {"code": 404, "title": "Not Found"}}, {}
+                user, project, token = OWNER
+                name = "owner"
+            else:
+                ident = identity["password"]["user"]
+                if (ident.get("name"), ident.get("password")) != ("svc", SERVICE_PASSWORD):
+                    return 401, {"error": {"code": 401, "title": "Unauthorized"}}, {}
+                user, project, token = SERVICE
+                name = "svc"
             return 201, {"token": {
                 "methods": ["password"], "expires_at": "2099-01-01T00:00:00.000000Z",
                 "issued_at": "2026-01-01T00:00:00.000000Z",
-                "user": {"id": user, "name": "svc", "domain": {"id": "default",
-                                                              "name": "Default"}},
+                "user": {"id": user, "name": name, "domain": {"id": "default",
+                                                             "name": "Default"}},
                 "project": {"id": project, "name": "service",
                             "domain": {"id": "default", "name": "Default"}},
                 "roles": [{"id": "r1", "name": "member"}, {"id": "r2", "name": "service"}],
@@ -833,3 +849,60 @@ def test_list_pages_and_filters(cloud: FakeCloud, monkeypatch: pytest.MonkeyPatc
     assert cloud.count("GET") == 3  # 6 matching secrets, pages of 2
     assert all("payload" not in p for _, p in cloud.requests)
     assert km.list_vtpm_secrets(ctx(OTHER)) == []
+
+
+# -- an owner's consent (vtpm_driver.model.consent) -------------------------------------
+
+CRED_SECRET = "app-cred-secret-0123456789"
+
+
+def stored_consent(cloud: FakeCloud, operations=(consent.LIVE_MIGRATION,),
+                   readers=(SERVICE[0],)) -> tuple[str, str]:
+    """(record id, server uuid): the owner's record, readable by ``readers``."""
+    server_uuid = str(uuid.uuid4())
+    cloud.app_creds["cred-1"] = CRED_SECRET
+    payload = consent.record(server_uuid, frozenset(operations),
+                             datetime.datetime(2099, 1, 1, tzinfo=datetime.timezone.utc),
+                             "cred-1", CRED_SECRET)
+    status, body, _ = cloud._create(OWNER[0], OWNER[1], {
+        "name": f"{consent.NAME_PREFIX}{server_uuid}", "secret_type": "opaque",
+        "payload": payload, "payload_content_type": "text/plain"})
+    record_id = body["secret_ref"].rsplit("/", 1)[-1]
+    cloud.secrets[record_id].acl_users = list(readers)
+    cloud.secrets[record_id].project_access = False
+    return record_id, server_uuid
+
+
+def test_a_consent_record_is_read_as_the_service_user_and_speaks_for_its_creator(cloud):
+    record_id, server_uuid = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    granted = km.get_consent(record_id)
+    assert (granted.record_id, granted.server, granted.owner) == (record_id, server_uuid,
+                                                                 OWNER[0])
+    assert granted.operations == {consent.LIVE_MIGRATION}
+    assert CRED_SECRET not in repr(granted)
+
+
+def test_a_record_the_service_user_may_not_read_is_refused(cloud):
+    record_id, _ = stored_consent(cloud, readers=())
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    with pytest.raises(exception.VTPMSecretForbidden):
+        km.get_consent(record_id)
+
+
+def test_the_consent_context_is_the_owner_by_the_application_credential(cloud, debug_log):
+    record_id, _ = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    owner = km.consent_context(km.get_consent(record_id))
+    assert (owner.user_id, owner.project_id) == OWNER[:2]
+    assert owner.auth_token == OWNER[2]
+    assert_not_leaked([debug_log.text, repr(owner)], CRED_SECRET, OWNER[2])
+
+
+def test_a_withdrawn_application_credential_gives_no_context(cloud):
+    record_id, _ = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    granted = km.get_consent(record_id)
+    del cloud.app_creds["cred-1"]                       # the owner deleted it
+    with pytest.raises(exception.VTPMError):
+        km.consent_context(granted)
