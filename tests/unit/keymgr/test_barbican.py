@@ -862,9 +862,9 @@ def stored_consent(cloud: FakeCloud, operations=(consent.LIVE_MIGRATION,),
     server_uuid = str(uuid.uuid4())
     cloud.app_creds["cred-1"] = CRED_SECRET
     payload = consent.record(server_uuid, frozenset(operations),
-                             datetime.datetime(2099, 1, 1, tzinfo=datetime.timezone.utc),
+                             datetime.datetime(2099, 1, 1, tzinfo=datetime.UTC),
                              "cred-1", CRED_SECRET)
-    status, body, _ = cloud._create(OWNER[0], OWNER[1], {
+    _status, body, _ = cloud._create(OWNER[0], OWNER[1], {
         "name": f"{consent.NAME_PREFIX}{server_uuid}", "secret_type": "opaque",
         "payload": payload, "payload_content_type": "text/plain"})
     record_id = body["secret_ref"].rsplit("/", 1)[-1]
