@@ -69,7 +69,7 @@ from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import faults
-from vtpm_driver.model import custody, rules
+from vtpm_driver.model import consent, custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
 from vtpm_driver.ops import custody as ops_custody
@@ -148,6 +148,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         # instance uuid -> the secret defined for an incoming live migration, until
         # the guest runs here (post_live_migration_at_destination) or the move fails.
         self._vtpm_incoming: dict[str, ops_secrets.StartSecret] = {}
+        # instance uuid -> the consent operation a hard reboot in progress is
+        # (restart-on-host-boot from resume_state_on_host_boot; else hard-reboot).
+        self._vtpm_operations: dict[str, str] = {}
         self._vtpm_offhost = vtpm_offhost.OffHost(CONF, CONF.host)
 
     # -- our adapters ------------------------------------------------------------
@@ -350,7 +353,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool, arriving: bool = False
+                               *, create: bool, arriving: bool = False,
+                               operation: str | None = None
                                ) -> Iterator[ops_secrets.StartSecret | None]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
 
@@ -363,7 +367,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         is refused while the server is still as it was (SPEC F5). Whether the
         guest has a vTPM is Nova's rule, asked as Nova asks it
         (``swtpm_enabled`` and :func:`.translate.has_vtpm`); the secret mode is
-        the flavor's. Yields the start (None: no vTPM).
+        the flavor's. Yields the start (None: no vTPM). ``operation`` (one of
+        :data:`vtpm_driver.model.consent.OPERATIONS`): a caller who may not
+        read the secret reads it with the owner's consent to it, if any.
         """
         if not (CONF.libvirt.swtpm_enabled and translate.has_vtpm(
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
@@ -375,6 +381,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_take_in_transit(instance)
         self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
+            if operation is not None:
+                context = self.vtpm_key_manager.acting_context(context, instance, operation)
             start = ops_secrets.prepare_start_in_mode(
                 context, instance, rules.secret_security(instance.flavor),
                 self.vtpm_key_manager, self.vtpm_secrets, create=create)
@@ -509,9 +517,32 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                           block_device_info=block_device_info, power_on=power_on,
                           accel_info=accel_info)
 
+    def resume_state_on_host_boot(self, context: Any, instance: Any, network_info: Any,
+                                  share_info: Any, block_device_info: Any = None) -> Any:
+        """Nova's restart after its host rebooted (``resume_guests_state_on_host_boot``).
+
+        It runs with Nova's own context, no user's token: a ``user``-mode
+        server comes back only with its owner's consent to
+        ``restart-on-host-boot``; without it the start is refused before the
+        guest is touched and the server stays stopped, its TPM untouched.
+        """
+        self._vtpm_operations[instance.uuid] = consent.RESTART_ON_HOST_BOOT
+        try:
+            return super().resume_state_on_host_boot(context, instance, network_info,
+                                                     share_info, block_device_info)
+        finally:
+            self._vtpm_operations.pop(instance.uuid, None)
+
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
-        """Nova's hard reboot (also power on) with the passphrase read first."""
-        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
+        """Nova's hard reboot (also power on) with the passphrase read first.
+
+        A caller who may not read the passphrase uses the owner's consent to
+        ``hard-reboot`` (or, from :meth:`resume_state_on_host_boot`, to
+        ``restart-on-host-boot``), if the server has one.
+        """
+        operation = self._vtpm_operations.get(instance.uuid, consent.HARD_REBOOT)
+        with self._vtpm_passphrase_first(context, instance, create=False,
+                                         operation=operation) as vtpm:
             result = super()._hard_reboot(context, instance, *args, **kwargs)
         if vtpm is not None:
             self._vtpm_offhost.started(instance)
@@ -799,7 +830,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         Nova's API lets only ``host`` mode through; the driver moves every mode.
         """
-        vtpm_migrate.check_source(context, instance)
+        with translate.nova_errors():
+            acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                          consent.LIVE_MIGRATION)
+        vtpm_migrate.check_source(acting, instance)
         return super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                      block_device_info=block_device_info)
 
@@ -811,7 +845,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                            network_info: Any, disk_info: Any, migrate_data: Any) -> Any:
         """Destination: the vTPM secret is defined before the guest arrives, then Nova's."""
-        start = vtpm_migrate.give_destination(context, instance, migrate_data,
+        with translate.nova_errors():
+            acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                          consent.LIVE_MIGRATION)
+        start = vtpm_migrate.give_destination(acting, instance, migrate_data,
                                               self.vtpm_secrets, self.vtpm_key_manager)
         if start is not None:
             self._vtpm_incoming[instance.uuid] = start
