@@ -32,7 +32,7 @@ def consent_to(keymgr, instance, *operations: str, hours: int = 1) -> str:
     keymgr.consents[record_id] = consent.Consent(
         record_id=record_id, server=instance.uuid, owner=instance.user_id,
         operations=frozenset(operations),
-        expires_at=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+        expires_at=datetime.datetime.now(datetime.UTC) + datetime.timedelta(
             hours=hours),
         credential_id="cred", credential_secret="cred-secret")
     instance.metadata = {consent.METADATA_KEY: record_id}
