@@ -11,7 +11,12 @@ refused, the server untouched.
 from __future__ import annotations
 
 import datetime
+import os
+import signal
+import subprocess
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,7 +33,10 @@ from tests.functional.fixtures_nova import (
     assert_runs_on,
     create_on_test_host,
     latest_report,
+    next_boot_report,
     other,
+    swtpm_dir,
+    virsh,
     wait_migration_over,
 )
 from vtpm_driver.model import consent
@@ -102,3 +110,49 @@ def test_an_admins_live_migration_of_a_user_mode_server_needs_the_owners_consent
         errors="replace")
     assert any(server_id in line and record_id in line and "consent" in line
                for line in log.splitlines())
+
+
+def host_reboot(cloud: AioCloud, host: str) -> float:
+    """Power loss of a test host and its compute, then both back, the compute with
+    ``resume_guests_state_on_host_boot = True``; returns when it was started."""
+    tools = Path(__file__).resolve().parents[2] / "tools"
+    os.kill(int((cloud.aio_dir / "run" / f"nova-compute-{host}.pid").read_text()),
+            signal.SIGKILL)
+    for args in (["test-hosts.sh", "stop", host], ["test-hosts.sh", "start"]):
+        proc = subprocess.run(["bash", str(tools / args[0]), *args[1:]], capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    since = time.time()
+    env = {**os.environ, "VTPM_AIO_DIR": str(cloud.aio_dir),
+           "OS_DEFAULT__RESUME_GUESTS_STATE_ON_HOST_BOOT": "True"}
+    proc = subprocess.run(["bash", str(tools / "openstack-aio.sh"), "restart-compute", host],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return since
+
+
+def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
+        ) -> None:
+    server_id, host = create_on_test_host(aio_resources, "user")
+    before = latest_report(aio_cloud, server_id)
+    grant(aio_cloud, server_id, consent.RESTART_ON_HOST_BOOT)
+
+    host_reboot(aio_cloud, host)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    after = next_boot_report(aio_cloud, server_id, before["boot"])
+    assert after["ek"] == before["ek"]                          # the same TPM, back
+    assert_runs_on(host, server_id)
+
+    # The owner withdraws it: the next host reboot leaves the server down, TPM kept.
+    aio_cloud.cli("owner", "server", "unset", "--property", consent.METADATA_KEY, server_id)
+    host_reboot(aio_cloud, host)
+    server = aio_cloud.wait_server("admin", server_id, "ERROR")
+    fault = (server.get("fault") or {}).get("message", "")
+    assert consent.RESTART_ON_HOST_BOOT in fault and "TPM untouched" in fault, fault
+    assert server_id not in virsh(host, "list", "--uuid")       # not started
+    assert (swtpm_dir(host) / server_id).is_dir()               # its TPM untouched
+    aio_cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server_id)
+    aio_cloud.cli("owner", "server", "reboot", "--hard", server_id)   # the owner can
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    assert next_boot_report(aio_cloud, server_id, after["boot"])["ek"] == before["ek"]

@@ -15,6 +15,7 @@ import uuid
 import pytest
 from nova import context as nova_context
 from nova import exception as nova_exception
+from nova.compute import utils as compute_utils
 from nova.virt.libvirt import driver as libvirt_driver
 
 from tests.nova.nova_fakes import make_instance, nova_ctx
@@ -80,8 +81,13 @@ def test_without_that_consent_the_restart_is_refused_before_the_guest_is_touched
     if case != "none":
         consent_to(keymgr, started, consent.HARD_REBOOT if case == "another operation"
                    else consent.RESTART_ON_HOST_BOOT, hours=-1 if case == "expired" else 1)
-    with pytest.raises(nova_exception.NovaException):
+    faults: list = []
+    monkeypatch.setattr(compute_utils, "add_instance_fault_from_exc",
+                        lambda context, instance, exc, *a, **k: faults.append(str(exc)))
+    with pytest.raises(nova_exception.VTPMSecretForbidden) as info:
         restart_on_host_boot(drv, started, monkeypatch)
+    assert faults == [str(info.value)]  # what `openstack server show` says
+    assert consent.RESTART_ON_HOST_BOOT in faults[0] and "TPM untouched" in faults[0]
     assert "nova_hard_reboot" not in [entry[0] for entry in log]
     assert "consent" not in [entry[0] for entry in log]
     assert drv._vtpm_operations == {}

@@ -58,6 +58,7 @@ from nova import context as nova_context
 from nova import exception as nova_exception
 from nova import objects
 from nova.compute import task_states, vm_states
+from nova.compute import utils as compute_utils
 from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
@@ -530,6 +531,17 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         try:
             return super().resume_state_on_host_boot(context, instance, network_info,
                                                      share_info, block_device_info)
+        except nova_exception.Forbidden as exc:
+            # Nova then sets the server to ERROR without saying why: the fault says it.
+            # Nova keeps 255 characters of a fault message: the facts first.
+            refused = nova_exception.VTPMSecretForbidden(
+                message=f"not restarted after its host rebooted: its vTPM passphrase is its "
+                f"owner's alone and no consent of theirs to {consent.RESTART_ON_HOST_BOOT} "
+                f"is in force (metadata {consent.METADATA_KEY}); TPM untouched; the owner "
+                f"can start it")
+            LOG.warning("%s (%s)", refused, exc, instance=instance)
+            compute_utils.add_instance_fault_from_exc(context, instance, refused)
+            raise refused from exc
         finally:
             self._vtpm_operations.pop(instance.uuid, None)
 
