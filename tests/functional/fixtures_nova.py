@@ -183,8 +183,8 @@ class AioCloud:
         per call; every action a test is about still goes through ``openstack``.
         ``endpoint``: another nova-api than the catalog's (:data:`PLAIN_NOVA_API`).
 
-        :raises keystoneauth1.exceptions.HttpError: an error reply (its status,
-            Nova's message in ``.message``).
+        :raises keystoneauth1.exceptions.HttpError: an error reply (its status in
+            ``.http_status``, Nova's message by :func:`nova_fault`).
         """
         resp = self.session(cloud).request(
             path, method, json=body, raise_exc=True,
@@ -479,15 +479,35 @@ def assert_runs_on(host: str, server_id: str) -> None:
     assert (swtpm_dir(host) / server_id).is_dir()
 
 
+def nova_fault(error: ks_exc.HttpError) -> str:
+    """Nova's message in an error reply (``{"badRequest": {"message": ...}}``, which
+    keystoneauth does not parse)."""
+    (fault,) = error.response.json().values()
+    return str(fault["message"])
+
+
+#: Migration states in which Nova may still act on the server (a live migration's source
+#: gives up on a dead destination only after rpc_response_timeout).
+MIGRATION_IN_PROGRESS = {"queued", "preparing", "running", "accepted", "pre-migrating",
+                         "migrating", "post-migrating"}
+
+
+def latest_migration(cloud: AioCloud, server_id: str, after: int = 0,
+                     migration_type: str | None = None) -> dict[str, Any] | None:
+    """The server's newest migration (of ``migration_type``, with an id above ``after``)."""
+    migrations = cloud.compute("admin", "GET", f"/os-migrations?instance_uuid={server_id}")
+    return max((m for m in migrations["migrations"] if m["id"] > after and (
+        migration_type is None or m.get("migration_type") == migration_type)),
+        key=lambda m: m["id"], default=None)
+
+
 def wait_migration_over(cloud: AioCloud, server_id: str, after: int = 0) -> dict[str, Any]:
     """The server's latest migration (one newer than migration id ``after``) once it is
     no longer in progress."""
     deadline = time.monotonic() + SERVER_TIMEOUT
     while True:
-        migrations = cloud.compute("admin", "GET", f"/os-migrations?instance_uuid={server_id}")
-        latest = max((m for m in migrations["migrations"] if m["id"] > after),
-                     key=lambda m: m["id"], default=None)
-        if latest and latest["status"] in ("completed", "error", "failed", "done"):
+        latest = latest_migration(cloud, server_id, after)
+        if latest and latest["status"] not in MIGRATION_IN_PROGRESS:
             return latest
         assert time.monotonic() < deadline, f"migration of {server_id} still {latest}"
         time.sleep(POLL)

@@ -49,12 +49,14 @@ from tests.functional.fixtures_libvirt import (
 )
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
+    MIGRATION_IN_PROGRESS,
     SECOND_PAIR_ZONE,
     AioCloud,
     ResourceTracker,
     aio_cloud,  # noqa: F401  (fixture)
     console_file,
     create_on_test_host,
+    latest_migration,
     latest_report,
     other,
     swtpm_dir,
@@ -842,22 +844,14 @@ def wait_killed(pid: int, step: str) -> None:
         time.sleep(0.2)
 
 
-#: Migration states in which Nova may still act on the server (its source gives up on a dead
-#: destination only after rpc_response_timeout).
-MOVING = {"queued", "preparing", "running", "accepted", "pre-migrating", "migrating",
-          "post-migrating"}
-
-
 def settle(cloud: AioCloud, server_id: str, timeout: float) -> dict:
     """The server once Nova has no task for it and its latest live migration is over (or
     ``timeout`` passed): Nova's answer."""
     deadline = time.monotonic() + timeout
     while True:
         server = cloud.server("admin", server_id)
-        moves = cloud.compute("admin", "GET", f"/os-migrations?instance_uuid={server_id}"
-                              )["migrations"]
-        live = [m for m in moves if m.get("migration_type") == "live-migration"]
-        busy = bool(live) and max(live, key=lambda m: m["id"])["status"] in MOVING
+        live = latest_migration(cloud, server_id, migration_type="live-migration")
+        busy = live is not None and live["status"] in MIGRATION_IN_PROGRESS
         if (not server.get("OS-EXT-STS:task_state") and not busy) or \
                 time.monotonic() > deadline:
             return server
