@@ -844,16 +844,27 @@ def wait_killed(pid: int, step: str) -> None:
         time.sleep(0.2)
 
 
+#: How long Nova's answer must stay the same to be its last: a live migration's source
+#: marks the migration failed a moment before it puts the server in ERROR.
+SETTLE_STEADY = 5.0
+
+
 def settle(cloud: AioCloud, server_id: str, timeout: float) -> dict:
-    """The server once Nova has no task for it and its latest live migration is over (or
-    ``timeout`` passed): Nova's answer."""
+    """The server once Nova has no task for it, its latest live migration is over and
+    neither changed for :data:`SETTLE_STEADY` seconds (or ``timeout`` passed): Nova's
+    answer."""
     deadline = time.monotonic() + timeout
+    seen, since = None, time.monotonic()
     while True:
         server = cloud.server("admin", server_id)
         live = latest_migration(cloud, server_id, migration_type="live-migration")
+        now = (server["status"], server.get("OS-EXT-STS:task_state"), server[HOST_ATTR],
+               live and live["status"])
+        if now != seen:
+            seen, since = now, time.monotonic()
         busy = live is not None and live["status"] in MIGRATION_IN_PROGRESS
-        if (not server.get("OS-EXT-STS:task_state") and not busy) or \
-                time.monotonic() > deadline:
+        steady = time.monotonic() - since >= SETTLE_STEADY
+        if (not now[1] and not busy and steady) or time.monotonic() > deadline:
             return server
         time.sleep(1)
 
