@@ -117,6 +117,6 @@ wait "$aio2_pid" || aio_rc=$?
 tail -n 30 "$NOVA_UNIT_LOG"
 [ "$nova_rc" = 0 ] || echo "Nova's own vTPM tests failed (exit $nova_rc); logs: $NOVA_LOG, $NOVA_UNIT_LOG"
 tail -n 30 "$AIO1_LOG" "$AIO2_LOG" "$AIO_LOG"
-[ "$aio_rc" = 0 ] || echo "tests through the all-in-one OpenStack failed (exit $aio_rc); full log: $AIO_LOG"
+[ "$aio_rc" = 0 ] || echo "tests through the all-in-one OpenStack failed (exit $aio_rc); full logs: $AIO1_LOG, $AIO2_LOG, $AIO_LOG"
 printf '\n==> all done in %ss\n' "$((SECONDS - t0))"
 [ "$rc" = 0 ] && [ "$nova_rc" = 0 ] && [ "$aio_rc" = 0 ] && [ "$alone_rc" = 0 ]

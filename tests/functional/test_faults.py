@@ -49,12 +49,14 @@ from tests.functional.fixtures_libvirt import (
 )
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
+    MIGRATION_IN_PROGRESS,
     SECOND_PAIR_ZONE,
     AioCloud,
     ResourceTracker,
     aio_cloud,  # noqa: F401  (fixture)
     console_file,
     create_on_test_host,
+    latest_migration,
     latest_report,
     other,
     swtpm_dir,
@@ -842,24 +844,27 @@ def wait_killed(pid: int, step: str) -> None:
         time.sleep(0.2)
 
 
-#: Migration states in which Nova may still act on the server (its source gives up on a dead
-#: destination only after rpc_response_timeout).
-MOVING = {"queued", "preparing", "running", "accepted", "pre-migrating", "migrating",
-          "post-migrating"}
+#: How long Nova's answer must stay the same to be its last: a live migration's source
+#: marks the migration failed a moment before it puts the server in ERROR.
+SETTLE_STEADY = 5.0
 
 
 def settle(cloud: AioCloud, server_id: str, timeout: float) -> dict:
-    """The server once Nova has no task for it and its latest live migration is over (or
-    ``timeout`` passed): Nova's answer."""
+    """The server once Nova has no task for it, its latest live migration is over and
+    neither changed for :data:`SETTLE_STEADY` seconds (or ``timeout`` passed): Nova's
+    answer."""
     deadline = time.monotonic() + timeout
+    seen, since = None, time.monotonic()
     while True:
         server = cloud.server("admin", server_id)
-        moves = cloud.compute("admin", "GET", f"/os-migrations?instance_uuid={server_id}"
-                              )["migrations"]
-        live = [m for m in moves if m.get("migration_type") == "live-migration"]
-        busy = bool(live) and max(live, key=lambda m: m["id"])["status"] in MOVING
-        if (not server.get("OS-EXT-STS:task_state") and not busy) or \
-                time.monotonic() > deadline:
+        live = latest_migration(cloud, server_id, migration_type="live-migration")
+        now = (server["status"], server.get("OS-EXT-STS:task_state"), server[HOST_ATTR],
+               live and live["status"])
+        if now != seen:
+            seen, since = now, time.monotonic()
+        busy = live is not None and live["status"] in MIGRATION_IN_PROGRESS
+        steady = time.monotonic() - since >= SETTLE_STEADY
+        if (not now[1] and not busy and steady) or time.monotonic() > deadline:
             return server
         time.sleep(1)
 

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from keystoneauth1 import exceptions as ks_exc
 
-from tests.functional.fixtures_nova import PLAIN_NOVA_API, AioCloud, CommandFailed, ResourceTracker
+from tests.functional.fixtures_nova import (
+    PLAIN_NOVA_API,
+    AioCloud,
+    CommandFailed,
+    ResourceTracker,
+    nova_fault,
+)
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio]
 
@@ -133,8 +139,8 @@ def test_shelve_refused_for_vtpm_server(
     with pytest.raises(ks_exc.BadRequest) as info:
         aio_cloud.compute("owner", "POST", f"/servers/{server_id}/action", {"shelve": None},
                           endpoint=PLAIN_NOVA_API)
-    (fault,) = info.value.response.json().values()
-    assert "shelve" in fault["message"] and "vTPM" in fault["message"], fault
+    message = nova_fault(info.value)
+    assert "shelve" in message and "vTPM" in message, message
 
     server = aio_cloud.wait_server("owner", server_id, "ACTIVE")
     assert server["OS-EXT-STS:vm_state"] == "active"

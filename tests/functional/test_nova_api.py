@@ -34,6 +34,7 @@ from tests.functional.fixtures_nova import (
     assert_runs_on,
     create_on_test_host,
     latest_report,
+    nova_fault,
     other,
     wait_migration_over,
 )
@@ -61,8 +62,7 @@ def refusal(cloud: AioCloud, server_id: str, action: str, host: str | None = Non
     with pytest.raises(ks_exc.HttpError) as info:
         cloud.compute("admin", "POST", f"/servers/{server_id}/action", body,
                       endpoint=endpoint)
-    (fault,) = info.value.response.json().values()  # {"badRequest": {"message": ...}}
-    return info.value.http_status, fault["message"]
+    return info.value.http_status, nova_fault(info.value)
 
 
 @contextlib.contextmanager

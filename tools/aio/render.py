@@ -42,12 +42,11 @@ PASSWORD_NAMES = ("nova", "placement", "glance", "rabbit", "mariadb")
 # Clouds copied from the keymgr stack's clouds.yaml (same Keystone, same users).
 CLOUDS = ("owner", "member", "other", "admin")
 # The first compute ("vtpm-aio") drives the system libvirtd; these drive the private
-# test hosts of tools/test-hosts.sh, one each, in pairs: name -> (its libvirtd's TCP
-# port, the port of the other one of its pair, where its live migrations go). Each runs
+# test hosts of tools/test-hosts.sh, one each: name -> its libvirtd's TCP port. Each runs
 # inside its host's mount namespace (its /var/lib/libvirt, /run/libvirt), so [libvirt]
 # connection_uri stays qemu:///system.
-MULTIHOST = {"host-a": (16611, 16612), "host-b": (16612, 16611),
-             "host-c": (16613, 16614), "host-d": (16614, 16613)}
+LIBVIRT_PORT = {"host-a": 16611, "host-b": 16612, "host-c": 16613, "host-d": 16614}
+MULTIHOST = tuple(LIBVIRT_PORT)
 # Availability zones: servers created without one land on "vtpm-aio" (what the
 # single-host tests expect); each pair of test hosts forms a zone of its own, so that
 # a move's only choice is the other host of the pair.
@@ -56,6 +55,11 @@ MULTIHOST_ZONE = "vtpm-multihost"
 SECOND_PAIR_ZONE = "vtpm-multihost-2"
 PAIR_ZONES = {MULTIHOST_ZONE: ("host-a", "host-b"), SECOND_PAIR_ZONE: ("host-c", "host-d")}
 
+
+def pair_peer(host: str) -> str:
+    """The other test host of ``host``'s pair, where its live migrations go."""
+    (peer,) = [h for pair in PAIR_ZONES.values() if host in pair for h in pair if h != host]
+    return peer
 
 def aio_dir() -> Path:
     return Path(os.environ.get("VTPM_AIO_DIR", "/var/lib/vtpm-driver/aio"))
@@ -202,7 +206,7 @@ def compute_host_conf(root: Path, host: str) -> str:
     with the same ``my_ip`` for shared storage (cold migration copies locally,
     live migration needs no block migration), so it must be.
     """
-    _port, peer = MULTIHOST[host]
+    peer = LIBVIRT_PORT[pair_peer(host)]
     return ini(
         {
             "DEFAULT": {"host": host, "state_path": root / f"nova-{host}"},

@@ -22,6 +22,9 @@ SUPPORTED = f"nova {SUPPORTED_MAJOR}.x"
 PIP_REQUIREMENT = f"nova=={SUPPORTED_MAJOR}.*"
 COMPUTE_DRIVER = "the vtpm-driver Nova shim (compute_driver = vtpm.VTPMLibvirtDriver)"
 API_COMPONENT = "the vtpm-driver nova-api component (paste filter nova.virt.vtpm.api)"
+#: What to do instead of installing the supported release, per component.
+_OR_ELSE = {COMPUTE_DRIVER: "set [DEFAULT] compute_driver = libvirt.LibvirtDriver",
+            API_COMPONENT: "remove the vtpm filter from nova-api's api-paste.ini"}
 
 #: Reported on every compute node whose nova-compute runs this shim.
 DRIVER_TRAIT = "CUSTOM_VTPM_DRIVER"
@@ -49,9 +52,6 @@ def check_nova_release(found: str | None = None, component: str = COMPUTE_DRIVER
     if not major.isdigit() or int(major) != SUPPORTED_MAJOR:
         raise UnsupportedNovaRelease(
             f"{component} supports {SUPPORTED} only, but nova {found!r} is installed: "
-            f"install '{PIP_REQUIREMENT}', or "
-            + ("set [DEFAULT] compute_driver = libvirt.LibvirtDriver"
-               if component == COMPUTE_DRIVER else
-               "remove the vtpm filter from nova-api's api-paste.ini")
+            f"install '{PIP_REQUIREMENT}', or {_OR_ELSE[component]}"
         )
     return found
