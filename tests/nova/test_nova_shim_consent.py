@@ -2,13 +2,14 @@
 
 A ``user``-mode server's passphrase is the owner's alone. Nova's restart after a
 host reboot (``resume_state_on_host_boot``, no user's token), an admin's hard
-reboot and an admin's live migration read it with the owner's consent to that
-operation, named in the server's metadata; without one they are refused as
+reboot, an admin's live and cold migration and evacuation read it with the
+owner's consent to that operation, named in the server's metadata; without one they are refused as
 before, the guest untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import uuid
 
@@ -18,6 +19,7 @@ from nova import exception as nova_exception
 from nova.compute import utils as compute_utils
 from nova.virt.libvirt import driver as libvirt_driver
 
+from nova.virt.vtpm import offhost as vtpm_offhost
 from tests.nova.nova_fakes import make_instance, nova_ctx
 from vtpm_driver.model import consent
 
@@ -115,3 +117,80 @@ def test_an_admins_live_migration_passes_the_source_check_only_with_consent(
         drv.check_can_live_migrate_source(admin_ctx(), started, None)
     consent_to(keymgr, started, consent.LIVE_MIGRATION)
     assert drv.check_can_live_migrate_source(admin_ctx(), started, None) == "checked"
+
+
+def test_an_admins_cold_migration_is_refused_on_the_source_without_consent(
+        drv, keymgr, started, monkeypatch):
+    moved: list[str] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "migrate_disk_and_power_off",
+                        lambda self, context, instance, *a, **k: moved.append(instance.uuid))
+    consent_to(keymgr, started, consent.LIVE_MIGRATION)
+    with pytest.raises(nova_exception.InstanceFaultRollback) as info:
+        drv.migrate_disk_and_power_off(admin_ctx(), started, "host-b", started.flavor, [])
+    # Nova puts the server back as it was and records the inner refusal
+    assert isinstance(info.value.inner_exception, nova_exception.MigrationPreCheckError)
+    assert "only its owner" in str(info.value.inner_exception)
+    assert moved == []
+    consent_to(keymgr, started, consent.COLD_MIGRATION)
+    drv.migrate_disk_and_power_off(admin_ctx(), started, "host-b", started.flavor, [])
+    assert moved == [started.uuid]
+
+
+def test_a_cold_migrations_destination_reads_the_passphrase_by_consent(
+        drv, keymgr, log, started, monkeypatch):
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "finish_migration",
+                        lambda self, context, migration, instance, *a, **k: log.append(
+                            ("nova_finish_migration", None, instance.uuid, None)))
+    monkeypatch.setattr(drv, "_vtpm_check_live", lambda *a, **k: None)
+    record_id = consent_to(keymgr, started, consent.COLD_MIGRATION)
+    drv.finish_migration(admin_ctx(), None, started, None, [], started.image_meta, False,
+                         None)
+    assert [entry[0] for entry in log][-3:] == ["consent", "get", "nova_finish_migration"]
+    assert log[-3][3] == record_id
+
+
+class _CopyAt:
+    """An off-host copy to evacuate from, as far as the shim's checks go."""
+
+    check_caller = staticmethod(vtpm_offhost.OffHost.check_caller)
+
+    def __init__(self, state_base) -> None:
+        self.state_base = state_base
+
+    def check_evacuation(self, instance):
+        return "copy of 1 min ago"
+
+    def remove_overtaken(self, instance):
+        pass
+
+    def spawning(self, instance, unshelving):
+        return contextlib.nullcontext()
+
+    def started(self, instance):
+        pass
+
+
+@pytest.mark.parametrize("granted", [None, consent.LIVE_MIGRATION, consent.EVACUATION])
+def test_an_admins_evacuation_restores_the_tpm_by_consent_only(
+        drv, keymgr, log, started, monkeypatch, granted):
+    monkeypatch.setattr(drv, "_vtpm_offhost", _CopyAt(drv._vtpm_offhost.state_base))
+    monkeypatch.setattr(drv, "_vtpm_check_live", lambda *a, **k: None)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "rebuild",  # Nova's: destroy + spawn
+                        lambda self, context, instance, image_meta, *a, **k: self.spawn(
+                            context, instance, image_meta, [], None, None))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "spawn",
+                        lambda self, context, instance, *a, **k: log.append(
+                            ("nova_spawn", None, instance.uuid, None)))
+    if granted:
+        consent_to(keymgr, started, granted)
+    evacuate = lambda: drv.rebuild(admin_ctx(), started, started.image_meta, [], None,  # noqa: E731
+                                   None, [], None, None, evacuate=True)
+    if granted != consent.EVACUATION:
+        with pytest.raises(nova_exception.Forbidden, match="only its owner"):
+            evacuate()
+        assert "nova_spawn" not in [entry[0] for entry in log]
+    else:
+        evacuate()
+        assert [entry[0] for entry in log][-1] == "nova_spawn"
+        assert "get" in [entry[0] for entry in log]
+    assert drv._vtpm_operations == {}

@@ -511,7 +511,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if unshelving:
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
         with (self._vtpm_passphrase_first(context, instance, image_meta, create=True,
-                                          arriving=True),
+                                          arriving=True,
+                                          operation=self._vtpm_operations.get(instance.uuid)),
               self._vtpm_offhost.spawning(instance, unshelving)):
             super().spawn(context, instance, image_meta, injected_files, admin_password,
                           allocations, network_info=network_info,
@@ -585,7 +586,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if stashed:
             instance.old_flavor = instance.flavor
         try:
-            with self._vtpm_passphrase_first(context, instance, create=False, arriving=True):
+            with self._vtpm_passphrase_first(context, instance, create=False, arriving=True,
+                                             operation=consent.COLD_MIGRATION):
                 super().finish_revert_migration(context, instance, network_info, migration,
                                                 block_device_info=block_device_info,
                                                 power_on=power_on, share_info=share_info)
@@ -598,8 +600,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                          network_info: Any, image_meta: Any, resize_instance: bool,
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True, share_info: Any = None) -> None:
-        """Resize/cold migration target: passphrase (created if the vTPM is new) first."""
-        with self._vtpm_passphrase_first(context, instance, create=True, arriving=True):
+        """Resize/cold migration target: passphrase (created if the vTPM is new) first.
+
+        An admin's cold migration of a ``user``-mode server reads it with the
+        owner's consent to ``cold-migration`` (checked on the source already).
+        """
+        with self._vtpm_passphrase_first(context, instance, create=True, arriving=True,
+                                         operation=consent.COLD_MIGRATION):
             super().finish_migration(context, migration, instance, disk_info, network_info,
                                      image_meta, resize_instance, allocations,
                                      block_device_info=block_device_info,
@@ -623,7 +630,20 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         ended with a state reset instead of a confirm or revert) is dropped, so a
         revert of this move compares its backup with this move's own (Nova saves
         the instance right after).
+
+        First of all, a caller who could not read the passphrase on the
+        destination (``user`` mode, not the owner, no consent of theirs to
+        ``cold-migration``) is refused, the guest untouched; Nova puts the
+        server back as it was (``InstanceFaultRollback``, as for its own
+        refusals here).
         """
+        with translate.nova_errors():
+            acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                          consent.COLD_MIGRATION)
+        try:
+            vtpm_migrate.check_source(acting, instance, live=False)
+        except nova_exception.MigrationPreCheckError as exc:
+            raise nova_exception.InstanceFaultRollback(inner_exception=exc) from exc
         custody.forget_resize(instance)
         result = super().migrate_disk_and_power_off(
             context, instance, dest, flavor, network_info,
@@ -786,21 +806,29 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """Checks before Nova's default rebuild (destroy + spawn) touches anything.
 
         Rebuild: the passphrase must be readable (the TPM is kept). Evacuate:
-        owner check (``user`` mode) and a usable off-host copy.
+        owner check (``user`` mode: the owner, or the owner's consent to
+        ``evacuation``) and a usable off-host copy.
         """
         if rules.has_vtpm(instance):
             if evacuate:
-                self._vtpm_offhost.check_caller(context, instance, "evacuate")
+                with translate.nova_errors():
+                    acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                                  consent.EVACUATION)
+                self._vtpm_offhost.check_caller(acting, instance, "evacuate")
                 LOG.warning("Evacuating with the TPM state %s",
                             self._vtpm_offhost.check_evacuation(instance), instance=instance)
+                self._vtpm_operations[instance.uuid] = consent.EVACUATION
             else:
                 self._vtpm_prepare(context, instance, rules.vtpm_of(instance), create=False)
-        super().rebuild(context, instance, image_meta, injected_files, admin_password,
-                        allocations, bdms, detach_block_devices, attach_block_devices,
-                        network_info=network_info, evacuate=evacuate,
-                        block_device_info=block_device_info,
-                        preserve_ephemeral=preserve_ephemeral, accel_uuids=accel_uuids,
-                        reimage_boot_volume=reimage_boot_volume)
+        try:
+            super().rebuild(context, instance, image_meta, injected_files, admin_password,
+                            allocations, bdms, detach_block_devices, attach_block_devices,
+                            network_info=network_info, evacuate=evacuate,
+                            block_device_info=block_device_info,
+                            preserve_ephemeral=preserve_ephemeral, accel_uuids=accel_uuids,
+                            reimage_boot_volume=reimage_boot_volume)
+        finally:
+            self._vtpm_operations.pop(instance.uuid, None)
 
     def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
                rescue_password: Any, block_device_info: Any, share_info: Any) -> None:
