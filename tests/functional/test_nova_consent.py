@@ -1,27 +1,35 @@
-"""Through Nova: an admin moves a user-mode server only with its owner's consent (issue 21).
+"""Through Nova: the cloud acts on a user-mode server only with its owner's consent (issue 21).
 
-The owner consents with the ecosystem's own tools, as README shows: an
-application credential limited to reading that server's passphrase, a
-consent record in Barbican readable by the owner and Nova's service user,
-and the record named in the server's metadata. The admin's live migration
-then works (same EK, same boot); with a consent to another operation it is
-refused, the server untouched.
+The owner consents in either of the two ways README shows: with the
+ecosystem's own tools (``openstack application credential create`` limited to
+reading that server's passphrase, ``openstack secret store`` of the record,
+``openstack acl user add`` for the owner and Nova's service user, ``openstack
+server set --property``), or with ``vtpm-driver server grant`` (and withdraws
+with ``vtpm-driver server revoke``).
+
+- An admin's live migration works with a consent to it (same EK, same boot)
+  and is refused, the server ACTIVE where it was, with a consent to another
+  operation or an expired one.
+- After a host reboot Nova's ``resume_guests_state_on_host_boot`` brings the
+  server back with the same EK under a consent to ``restart-on-host-boot``;
+  withdrawn or expired, the server is left stopped with a clear fault and its
+  TPM untouched, and the owner can start it.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
-from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3
 
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
@@ -43,43 +51,55 @@ from vtpm_driver.model import consent
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
-KEY_MANAGER = {"service_type": "key-manager", "interface": "public"}
-IDENTITY = {"service_type": "identity", "interface": "public"}
+def cloud_user(cloud: AioCloud) -> str:
+    """The user nova-compute's [service_user] logs in as (what the operator publishes)."""
+    return str(cloud.json("admin", "user", "show", "nova")["id"])
 
 
-def owner_session(cloud: AioCloud) -> ks_session.Session:
-    auth = yaml.safe_load(cloud.clouds_file.read_text())["clouds"]["owner"]["auth"]
-    return ks_session.Session(auth=v3.Password(
-        auth_url=auth["auth_url"], username=auth["username"], password=auth["password"],
-        project_name=auth["project_name"], user_domain_name=auth["user_domain_name"],
-        project_domain_name=auth["project_domain_name"]))
-
-
-def grant(cloud: AioCloud, server_id: str, *operations: str) -> tuple[str, str]:
-    """What the owner does with the ecosystem's tools; (record id, credential id)."""
-    owner = owner_session(cloud)
-    user_id = owner.get_user_id()
+def grant_with_openstack(cloud: AioCloud, server_id: str, *operations: str) -> str:
+    """What the owner does with the ecosystem's tools (README); the record's id."""
     (vtpm_secret,) = cloud.vtpm_secrets("owner", server_id)
     secret_uuid = vtpm_secret["Secret href"].rstrip("/").rsplit("/", 1)[-1]
     expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
-    cred = owner.post(f"/users/{user_id}/application_credentials", endpoint_filter=IDENTITY,
-                      json={"application_credential": {
-                          "name": f"{consent.NAME_PREFIX}{server_id}-{uuid.uuid4().hex[:8]}",
-                          "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S.000000Z"),
-                          "access_rules": consent.access_rules(secret_uuid),
-                      }}).json()["application_credential"]
+    cred = cloud.json("owner", "application", "credential", "create", "--restricted",
+                      "--expiration", expires.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "--access-rules", json.dumps(consent.access_rules(secret_uuid)),
+                      f"{consent.NAME_PREFIX}{server_id}-{uuid.uuid4().hex[:8]}")
     payload = consent.record(server_id, frozenset(operations), expires, cred["id"],
                              cred["secret"])
-    ref = owner.post("/v1/secrets", endpoint_filter=KEY_MANAGER, json={
-        "name": f"{consent.NAME_PREFIX}{server_id}", "payload": payload,
-        "payload_content_type": "text/plain", "secret_type": "opaque"}).json()["secret_ref"]
+    ref = cloud.json("owner", "secret", "store", "--name", f"{consent.NAME_PREFIX}{server_id}",
+                     "--secret-type", "opaque", "--payload-content-type", "text/plain",
+                     "--payload", payload)["Secret href"]
+    owner = cloud.json("owner", "token", "issue")["user_id"]
+    cloud.cli("owner", "acl", "user", "add", "--no-project-access", "--operation-type",
+              "read", "--user", owner, "--user", cloud_user(cloud), ref)
     record_id = ref.rstrip("/").rsplit("/", 1)[-1]
-    nova_user = cloud.json("admin", "user", "show", "nova")["id"]
-    owner.put(f"/v1/secrets/{record_id}/acl", endpoint_filter=KEY_MANAGER, json={
-        "read": {"project-access": False, "users": [user_id, nova_user]}})
     cloud.cli("owner", "server", "set", "--property",
               f"{consent.METADATA_KEY}={record_id}", server_id)
-    return record_id, cred["id"]
+    return record_id
+
+
+def vtpm_driver(cloud: AioCloud, *args: str) -> dict[str, Any]:
+    """``vtpm-driver ARGS -f json`` as the owner (credentials from its openrc)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    for line in (cloud.aio_dir / "openrc-owner").read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = value.strip("'\"")
+    env["VTPM_CLOUD_USER"] = cloud_user(cloud)
+    proc = subprocess.run([sys.executable, "-m", "vtpm_driver.cli.main", "--config-file",
+                           os.devnull, *args, "-f", "json"], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def expired_grant(cloud: AioCloud, server_id: str, operation: str) -> dict[str, Any]:
+    """A consent of ``operation`` granted with our command line, then left to expire."""
+    granted = vtpm_driver(cloud, "server", "grant", server_id, operation, "--hours", "0.005")
+    ends = datetime.datetime.fromisoformat(granted["expires_at"].replace("Z", "+00:00"))
+    time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.UTC)).total_seconds()) + 2)
+    return granted
 
 
 def test_an_admins_live_migration_of_a_user_mode_server_needs_the_owners_consent(
@@ -88,13 +108,20 @@ def test_an_admins_live_migration_of_a_user_mode_server_needs_the_owners_consent
     server_id, source = create_on_test_host(aio_resources, "user")
     before = latest_report(aio_cloud, server_id)
 
-    grant(aio_cloud, server_id, consent.EVACUATION)           # not what the admin does
-    proc = aio_cloud.action("admin", "live-migrate", server_id, host=other(source))
-    assert proc.returncode != 0 and "No valid host" in proc.stderr, proc.stderr
-    refused = wait_migration_over(aio_cloud, server_id)
-    assert aio_cloud.server("admin", server_id)[HOST_ATTR] == source
+    refused = None
+    for granted in (lambda: grant_with_openstack(aio_cloud, server_id, consent.EVACUATION),
+                    lambda: expired_grant(aio_cloud, server_id, consent.LIVE_MIGRATION)):
+        granted()                                    # not what the admin does, or too late
+        proc = aio_cloud.action("admin", "live-migrate", server_id, host=other(source))
+        assert proc.returncode != 0 and "No valid host" in proc.stderr, proc.stderr
+        refused = wait_migration_over(aio_cloud, server_id,
+                                      after=refused["id"] if refused else 0)
+        server = aio_cloud.wait_server("admin", server_id, "ACTIVE")
+        assert server[HOST_ATTR] == source
+    assert latest_report(aio_cloud, server_id)["boot"] == before["boot"]   # untouched
 
-    record_id, _cred = grant(aio_cloud, server_id, consent.LIVE_MIGRATION)
+    record_id = vtpm_driver(aio_cloud, "server", "grant", server_id,
+                            consent.LIVE_MIGRATION, "--hours", "1")["consent_record"]
     aio_cloud.action_ok("admin", "live-migrate", server_id, host=other(source))
     assert wait_migration_over(aio_cloud, server_id, after=refused["id"])["status"] == \
         "completed"
@@ -131,12 +158,29 @@ def host_reboot(cloud: AioCloud, host: str) -> float:
     return since
 
 
+def left_down(cloud: AioCloud, server_id: str, host: str, ek: str, boot: str) -> str:
+    """After a host reboot without a usable consent: ERROR with the fault saying why, not
+    started, its TPM untouched; then the owner starts it (same EK). The new boot's id."""
+    server = cloud.wait_server("admin", server_id, "ERROR")
+    fault = (server.get("fault") or {}).get("message", "")
+    assert consent.RESTART_ON_HOST_BOOT in fault and "TPM untouched" in fault, fault
+    assert server_id not in virsh(host, "list", "--uuid")       # not started
+    assert (swtpm_dir(host) / server_id).is_dir()               # its TPM untouched
+    cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server_id)
+    cloud.cli("owner", "server", "reboot", "--hard", server_id)   # the owner can
+    cloud.wait_server("owner", server_id, "ACTIVE")
+    report = next_boot_report(cloud, server_id, boot)
+    assert report["ek"] == ek
+    return str(report["boot"])
+
+
 def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
         aio_cloud: AioCloud, aio_resources: ResourceTracker  # noqa: F811
         ) -> None:
     server_id, host = create_on_test_host(aio_resources, "user")
     before = latest_report(aio_cloud, server_id)
-    grant(aio_cloud, server_id, consent.RESTART_ON_HOST_BOOT)
+    granted = vtpm_driver(aio_cloud, "server", "grant", server_id,
+                          consent.RESTART_ON_HOST_BOOT, "--hours", "1")
 
     host_reboot(aio_cloud, host)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
@@ -145,14 +189,14 @@ def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
     assert_runs_on(host, server_id)
 
     # The owner withdraws it: the next host reboot leaves the server down, TPM kept.
-    aio_cloud.cli("owner", "server", "unset", "--property", consent.METADATA_KEY, server_id)
+    withdrawn = vtpm_driver(aio_cloud, "server", "revoke", server_id)
+    assert withdrawn["consent_record"] == granted["consent_record"]
+    assert withdrawn["application_credential_deleted"] is True
+    assert consent.METADATA_KEY not in aio_cloud.server("owner", server_id)["metadata"]
     host_reboot(aio_cloud, host)
-    server = aio_cloud.wait_server("admin", server_id, "ERROR")
-    fault = (server.get("fault") or {}).get("message", "")
-    assert consent.RESTART_ON_HOST_BOOT in fault and "TPM untouched" in fault, fault
-    assert server_id not in virsh(host, "list", "--uuid")       # not started
-    assert (swtpm_dir(host) / server_id).is_dir()               # its TPM untouched
-    aio_cloud.cli("admin", "server", "set", "--state", "active", "--auto-approve", server_id)
-    aio_cloud.cli("owner", "server", "reboot", "--hard", server_id)   # the owner can
-    aio_cloud.wait_server("owner", server_id, "ACTIVE")
-    assert next_boot_report(aio_cloud, server_id, after["boot"])["ek"] == before["ek"]
+    boot = left_down(aio_cloud, server_id, host, before["ek"], after["boot"])
+
+    # A consent that expired is none.
+    expired_grant(aio_cloud, server_id, consent.RESTART_ON_HOST_BOOT)
+    host_reboot(aio_cloud, host)
+    left_down(aio_cloud, server_id, host, before["ek"], boot)

@@ -31,6 +31,8 @@ import datetime
 import json
 from typing import Any
 
+from vtpm_driver import exception
+
 #: The operations an owner may consent to, by name.
 RESTART_ON_HOST_BOOT = "restart-on-host-boot"
 HARD_REBOOT = "hard-reboot"
@@ -46,8 +48,8 @@ NAME_PREFIX = "vtpm-consent-"
 RECORD_VERSION = 1
 
 
-class ConsentError(ValueError):
-    """A consent record that cannot be read, or does not cover what is asked."""
+class ConsentError(exception.VTPMError, ValueError):
+    """A consent record that cannot be read, or a consent that cannot be given as asked."""
 
 
 @dataclasses.dataclass(frozen=True)

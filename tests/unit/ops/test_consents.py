@@ -118,3 +118,157 @@ def test_the_clouds_own_context_without_a_token_uses_the_consent(records):
     records.add(inst, operations=(consent.RESTART_ON_HOST_BOOT,))
     used = acting(records, inst, CLOUD, consent.RESTART_ON_HOST_BOOT)
     assert used.user_id == "u-owner"
+
+
+# -- the owner's side: grant and revoke ---------------------------------------------------
+
+SERVER = "6f0d5f5e-6d2a-4f43-9d7e-0c6c1d1e2a10"
+NOVA_USER = "u-nova"
+
+
+class OwnerCloud:
+    """Keystone's application credentials and one Nova server, as the owner sees them."""
+
+    user_id = "u-owner"
+
+    def __init__(self, owner: str = "u-owner", fail: str | None = None) -> None:
+        self.servers = {SERVER: {"id": SERVER, "user_id": owner, "metadata": {}}}
+        self.credentials: dict[str, tuple] = {}
+        self.fail = fail
+
+    def server(self, server_id):
+        if server_id not in self.servers:
+            raise exception.InstanceNotFound(f"Nova answered HTTP 404 to show {server_id}")
+        return self.servers[server_id]
+
+    def create_application_credential(self, name, expires_at, access_rules):
+        cred_id = f"cred-{len(self.credentials)}"
+        self.credentials[cred_id] = (name, expires_at, access_rules)
+        return cred_id, f"secret-of-{cred_id}"
+
+    def delete_application_credential(self, credential_id):
+        return self.credentials.pop(credential_id, None) is not None
+
+    def set_server_metadata(self, server_id, key, value):
+        if self.fail == "metadata":
+            raise exception.OrchestratorUnavailable("Nova answered HTTP 503")
+        self.servers[server_id]["metadata"][key] = value
+
+    def delete_server_metadata(self, server_id, key):
+        return self.servers[server_id]["metadata"].pop(key, None) is not None
+
+
+class OwnerRecords(Records):
+    """:class:`Records` as the owner's key manager: stores, reads and deletes records."""
+
+    def __init__(self, passphrase_of: dict[str, str] | None = None, fail: bool = False) -> None:
+        super().__init__()
+        self.passphrase_of = passphrase_of if passphrase_of is not None else {SERVER: "s-1"}
+        self.readers: dict[str, list[str]] = {}
+        self.fail = fail
+
+    def vtpm_secret_of(self, context, server_uuid):
+        if server_uuid not in self.passphrase_of:
+            raise exception.VTPMSecretNotFound(f"no vTPM secret of server {server_uuid}")
+        return self.passphrase_of[server_uuid]
+
+    def store_consent(self, context, server_uuid, payload, readers):
+        if self.fail:
+            raise exception.KeyManagerUnavailable("Barbican answered HTTP 503")
+        record_id = str(uuid.uuid4())
+        self.records[record_id] = consent.parse(record_id, payload, context.user_id)
+        self.readers[record_id] = [context.user_id, *readers]
+        return record_id
+
+    def get_consent(self, record_id, context=None):
+        return super().get_consent(record_id)
+
+    def delete_consent(self, context, record_id):
+        return self.records.pop(record_id, None) is not None
+
+
+def owner_side(cloud=None, records=None):
+    cloud = cloud or OwnerCloud()
+    records = records or OwnerRecords()
+    return consents.Consents(records, cloud, OWNER), cloud, records
+
+
+LATER = NOW + datetime.timedelta(hours=2)
+
+
+def test_a_grant_leaves_a_credential_for_that_passphrase_a_record_and_the_metadata():
+    service, cloud, records = owner_side()
+    granted = service.grant(SERVER, [consent.LIVE_MIGRATION, consent.HARD_REBOOT], LATER,
+                            [NOVA_USER], now=NOW)
+    (cred_id, (_name, expires, rules)), = cloud.credentials.items()
+    assert (granted.credential_id, expires) == (cred_id, LATER)
+    assert rules == consent.access_rules("s-1")            # that one passphrase, read only
+    record = records.records[granted.record_id]
+    assert (record.server, record.owner, record.credential_id) == (SERVER, "u-owner", cred_id)
+    assert record.operations == {consent.LIVE_MIGRATION, consent.HARD_REBOOT}
+    assert records.readers[granted.record_id] == ["u-owner", NOVA_USER]
+    assert cloud.servers[SERVER]["metadata"] == {consent.METADATA_KEY: granted.record_id}
+    assert "secret-of" not in repr(granted)
+
+
+def test_a_new_grant_withdraws_the_one_before():
+    service, cloud, records = owner_side()
+    first = service.grant(SERVER, [consent.EVACUATION], LATER, [NOVA_USER], now=NOW)
+    second = service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+    assert second.replaced == first.record_id
+    assert list(records.records) == [second.record_id]
+    assert list(cloud.credentials) == [second.credential_id]
+
+
+@pytest.mark.parametrize("fail", ["record", "metadata"])
+def test_a_grant_that_fails_half_way_leaves_nothing(fail):
+    service, cloud, records = owner_side(OwnerCloud(fail="metadata" if fail == "metadata"
+                                                    else None),
+                                         OwnerRecords(fail=fail == "record"))
+    with pytest.raises(exception.VTPMError):
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+    assert (cloud.credentials, records.records) == ({}, {})
+    assert cloud.servers[SERVER]["metadata"] == {}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"operations": []}, "at least one operation"),
+    ({"operations": ["reboot"]}, "unknown operation 'reboot'"),
+    ({"expires_at": NOW}, "must end in the future"),
+    ({"cloud_users": []}, "--cloud-user"),
+])
+def test_a_grant_that_cannot_be_given_as_asked_creates_nothing(kwargs, match):
+    service, cloud, records = owner_side()
+    args = {"operations": [consent.LIVE_MIGRATION], "expires_at": LATER,
+            "cloud_users": [NOVA_USER], **kwargs}
+    with pytest.raises(consent.ConsentError, match=match):
+        service.grant(SERVER, now=NOW, **args)
+    assert (cloud.credentials, records.records) == ({}, {})
+
+
+@pytest.mark.parametrize(("cloud", "records", "error"), [
+    (OwnerCloud(owner="u-someone"), None, exception.NotAuthorized),
+    (None, OwnerRecords(passphrase_of={}), exception.VTPMSecretNotFound),
+])
+def test_only_the_owner_of_a_user_mode_server_can_consent(cloud, records, error):
+    service, cloud, records = owner_side(cloud, records)
+    with pytest.raises(error):
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+    assert (cloud.credentials, records.records) == ({}, {})
+
+
+def test_revoke_deletes_the_credential_the_record_and_the_metadata_and_is_idempotent():
+    service, cloud, records = owner_side()
+    granted = service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+    withdrawn = service.revoke(SERVER)
+    assert withdrawn == consents.Withdrawn(SERVER, granted.record_id, True, True)
+    assert (cloud.credentials, records.records) == ({}, {})
+    assert cloud.servers[SERVER]["metadata"] == {}
+    assert service.revoke(SERVER) == consents.Withdrawn(SERVER, None, False, False)
+
+
+def test_revoke_of_a_record_that_is_gone_still_clears_the_metadata():
+    service, cloud, _records = owner_side()
+    cloud.servers[SERVER]["metadata"][consent.METADATA_KEY] = "not-there"
+    assert service.revoke(SERVER) == consents.Withdrawn(SERVER, "not-there", False, False)
+    assert cloud.servers[SERVER]["metadata"] == {}
