@@ -20,6 +20,7 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any
 
+from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1.identity import v3 as ks_v3
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -444,7 +445,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         rules, reads the server's passphrase and nothing else.
 
         :raises VTPMSecretForbidden: Keystone refused the credential (expired,
-            withdrawn by its owner).
+            or deleted by its owner: Keystone then answers 404).
         :raises KeyManagerUnavailable: Keystone could not be reached.
         """
         keystone = self._service_target().session.auth.auth_url  # [service_user]'s Keystone
@@ -455,6 +456,15 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
                 application_credential_secret=granted.credential_secret),
             timeout=self._timeout, barbican_timeout=self._timeout,
             app_name=client_mod.APP_NAME)
+        try:
+            session.get_auth_headers()  # the one Keystone request; from_session reuses it
+        except ks_exc.NotFound:
+            raise exception.VTPMSecretForbidden(
+                f"Keystone at {keystone} has no application credential "
+                f"{granted.credential_id} of consent record {granted.record_id} any more "
+                "(its owner deleted it)") from None
+        except ks_exc.ClientException:
+            pass  # mapped, once, where the context is made
         return vtpm_context.RequestContext.from_session(session)
 
     def store_consent(self, context: vtpm_context.RequestContext, server_uuid: str,

@@ -141,6 +141,27 @@ def refusal(consent: Consent, *, server: str, owner: str, operation: str,
     return None
 
 
+#: What an audit says of a consent (:func:`standing`).
+IN_FORCE, EXPIRED, UNUSABLE = "in force", "expired", "unusable"
+
+
+def standing(consent: Consent, *, server: str, owner: str,
+             now: datetime.datetime) -> tuple[str, str]:
+    """Whether ``consent``, named by ``server`` of ``owner``, is in force: ``(state, why)``.
+
+    Unusable: not the owner's, or for another server (the metadata points at a
+    record nobody may use there). The credential itself is Keystone's to judge.
+    """
+    if consent.owner != owner or consent.server != server:
+        reason = refusal(consent, server=server, owner=owner,
+                         operation=min(consent.operations), now=now)
+        return UNUSABLE, str(reason)
+    if consent.expired(now):
+        return EXPIRED, f"expired at {_stamp(consent.expires_at)}"
+    return IN_FORCE, (f"{', '.join(sorted(consent.operations))} until "
+                      f"{_stamp(consent.expires_at)}")
+
+
 def named_record(metadata: Any) -> str | None:
     """The record id the server's metadata names, or None."""
     value = (metadata or {}).get(METADATA_KEY)

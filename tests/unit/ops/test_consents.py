@@ -5,10 +5,16 @@ from __future__ import annotations
 import datetime
 import logging
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes.cloud import OWNER as OWNER_IDS
+from tests.fakes.cloud import SERVICE, FakeCloud, make_conf
+from tests.fakes.keymgr import FakeKeyManager
 from vtpm_driver import exception
+from vtpm_driver.cloud import OwnerCloud
+from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import consent
 from vtpm_driver.model.server import Flavor, Instance
@@ -21,37 +27,6 @@ ADMIN = RequestContext(user_id="u-admin", project_id="p-admin", auth_token="tok-
 CLOUD = RequestContext(user_id="", project_id="")  # Nova's admin context: no token
 
 
-class Records:
-    """The consent records a key manager would read, and the contexts it would make."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, consent.Consent] = {}
-        self.withdrawn: set[str] = set()
-        self.used: list[str] = []
-
-    def get_consent(self, record_id: str) -> consent.Consent:
-        if record_id not in self.records:
-            raise exception.VTPMSecretNotFound(f"no consent record {record_id}")
-        return self.records[record_id]
-
-    def consent_context(self, granted: consent.Consent) -> RequestContext:
-        if granted.credential_id in self.withdrawn:
-            raise exception.VTPMSecretForbidden("Keystone: no such application credential")
-        self.used.append(granted.record_id)
-        return RequestContext(user_id=granted.owner, project_id="p-a", auth_token="tok-cred")
-
-    def add(self, server: Instance, operations=(consent.LIVE_MIGRATION,), owner="u-owner",
-            for_server: str | None = None, hours: int = 1) -> str:
-        record_id = str(uuid.uuid4())
-        self.records[record_id] = consent.Consent(
-            record_id=record_id, server=for_server or server.uuid, owner=owner,
-            operations=frozenset(operations),
-            expires_at=NOW + datetime.timedelta(hours=hours),
-            credential_id=f"cred-{record_id}", credential_secret="cred-secret")
-        server.metadata = {consent.METADATA_KEY: record_id}
-        return record_id
-
-
 def user_server(mode: str = "user") -> Instance:
     inst = Instance(name="vm", user_id="u-owner", project_id="p-a",
                     flavor=Flavor(extra_specs={"hw:tpm_version": "2.0",
@@ -61,11 +36,16 @@ def user_server(mode: str = "user") -> Instance:
 
 
 @pytest.fixture
-def records() -> Records:
-    return Records()
+def records() -> FakeKeyManager:
+    return FakeKeyManager()
 
 
-def acting(records: Records, inst: Instance, context: RequestContext,
+def add(records: FakeKeyManager, inst: Instance, hours: int = 1, **kwargs) -> str:
+    return records.add_consent(inst, expires_at=NOW + datetime.timedelta(hours=hours),
+                               **kwargs)
+
+
+def acting(records: FakeKeyManager, inst: Instance, context: RequestContext,
            operation: str = consent.LIVE_MIGRATION) -> RequestContext:
     return consents.acting_context(records, inst, context, operation, now=NOW)
 
@@ -73,7 +53,7 @@ def acting(records: Records, inst: Instance, context: RequestContext,
 def test_the_owners_consent_makes_the_cloud_act_as_the_owner_and_says_so(records, caplog):
     caplog.set_level(logging.INFO)
     inst = user_server()
-    record_id = records.add(inst)
+    record_id = add(records, inst)
     used = acting(records, inst, ADMIN)
     assert (used.user_id, used.auth_token) == ("u-owner", "tok-cred")
     assert records.used == [record_id]
@@ -89,8 +69,8 @@ def test_without_a_covering_consent_the_caller_acts_and_meets_the_usual_refusal(
         records, case):
     inst = user_server()
     if case != "none named":
-        record_id = records.add(
-            inst,
+        record_id = add(
+            records, inst,
             operations=(consent.EVACUATION,) if case == "another operation" else
             (consent.LIVE_MIGRATION,),
             hours=-1 if case == "expired" else 1,
@@ -99,7 +79,7 @@ def test_without_a_covering_consent_the_caller_acts_and_meets_the_usual_refusal(
         if case == "withdrawn":
             records.withdrawn.add(f"cred-{record_id}")
         if case == "no such record":
-            del records.records[record_id]
+            del records.consents[record_id]
     assert acting(records, inst, ADMIN) is ADMIN
     assert records.used == []
 
@@ -108,126 +88,94 @@ def test_without_a_covering_consent_the_caller_acts_and_meets_the_usual_refusal(
                                                ("deployment", CLOUD)])
 def test_who_may_read_it_anyway_never_uses_a_consent(records, mode, context):
     inst = user_server(mode)
-    records.add(inst)
+    add(records, inst)
     assert acting(records, inst, context) is context
     assert records.used == []
 
 
 def test_the_clouds_own_context_without_a_token_uses_the_consent(records):
     inst = user_server()
-    records.add(inst, operations=(consent.RESTART_ON_HOST_BOOT,))
+    add(records, inst, operations=(consent.RESTART_ON_HOST_BOOT,))
     used = acting(records, inst, CLOUD, consent.RESTART_ON_HOST_BOOT)
     assert used.user_id == "u-owner"
 
 
-# -- the owner's side: grant and revoke ---------------------------------------------------
+# -- the owner's side: grant and revoke, against the fake cloud over HTTP -----------------
 
 SERVER = "6f0d5f5e-6d2a-4f43-9d7e-0c6c1d1e2a10"
-NOVA_USER = "u-nova"
+LATER = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=2)
 
 
-class OwnerCloud:
-    """Keystone's application credentials and one Nova server, as the owner sees them."""
-
-    user_id = "u-owner"
-
-    def __init__(self, owner: str = "u-owner", fail: str | None = None) -> None:
-        self.servers = {SERVER: {"id": SERVER, "user_id": owner, "metadata": {}}}
-        self.credentials: dict[str, tuple] = {}
-        self.fail = fail
-
-    def server(self, server_id):
-        if server_id not in self.servers:
-            raise exception.InstanceNotFound(f"Nova answered HTTP 404 to show {server_id}")
-        return self.servers[server_id]
-
-    def create_application_credential(self, name, expires_at, access_rules):
-        cred_id = f"cred-{len(self.credentials)}"
-        self.credentials[cred_id] = (name, expires_at, access_rules)
-        return cred_id, f"secret-of-{cred_id}"
-
-    def delete_application_credential(self, credential_id):
-        return self.credentials.pop(credential_id, None) is not None
-
-    def set_server_metadata(self, server_id, key, value):
-        if self.fail == "metadata":
-            raise exception.OrchestratorUnavailable("Nova answered HTTP 503")
-        self.servers[server_id]["metadata"][key] = value
-
-    def delete_server_metadata(self, server_id, key):
-        return self.servers[server_id]["metadata"].pop(key, None) is not None
+@pytest.fixture
+def cloud() -> Iterator[FakeCloud]:
+    with FakeCloud() as fake:
+        fake.servers[SERVER] = {"id": SERVER, "user_id": OWNER_IDS[0], "metadata": {}}
+        yield fake
 
 
-class OwnerRecords(Records):
-    """:class:`Records` as the owner's key manager: stores, reads and deletes records."""
-
-    def __init__(self, passphrase_of: dict[str, str] | None = None, fail: bool = False) -> None:
-        super().__init__()
-        self.passphrase_of = passphrase_of if passphrase_of is not None else {SERVER: "s-1"}
-        self.readers: dict[str, list[str]] = {}
-        self.fail = fail
-
-    def vtpm_secret_of(self, context, server_uuid):
-        if server_uuid not in self.passphrase_of:
-            raise exception.VTPMSecretNotFound(f"no vTPM secret of server {server_uuid}")
-        return self.passphrase_of[server_uuid]
-
-    def store_consent(self, context, server_uuid, payload, readers):
-        if self.fail:
-            raise exception.KeyManagerUnavailable("Barbican answered HTTP 503")
-        record_id = str(uuid.uuid4())
-        self.records[record_id] = consent.parse(record_id, payload, context.user_id)
-        self.readers[record_id] = [context.user_id, *readers]
-        return record_id
-
-    def get_consent(self, record_id, context=None):
-        return super().get_consent(record_id)
-
-    def delete_consent(self, context, record_id):
-        return self.records.pop(record_id, None) is not None
+def as_owner(cloud: FakeCloud, *, with_passphrase: bool = True
+             ) -> tuple[consents.Consents, barbican.KeyManager, RequestContext]:
+    """The owner's Consents over ``cloud``; their server's passphrase stored first."""
+    owner = RequestContext(user_id=OWNER_IDS[0], project_id=OWNER_IDS[1],
+                           auth_token=OWNER_IDS[2], service_catalog=cloud.catalog())
+    keymgr = barbican.KeyManager(make_conf(cloud, service_user=True))
+    if with_passphrase:
+        keymgr.create_vtpm_secret(owner, Instance(uuid=SERVER, name="vm",
+                                                  user_id=OWNER_IDS[0],
+                                                  project_id=OWNER_IDS[1]), "user")
+    return consents.Consents(keymgr, OwnerCloud(owner), owner), keymgr, owner
 
 
-def owner_side(cloud=None, records=None):
-    cloud = cloud or OwnerCloud()
-    records = records or OwnerRecords()
-    return consents.Consents(records, cloud, OWNER), cloud, records
+def passphrase_uuid(cloud: FakeCloud) -> str:
+    (found,) = [sid for sid, s in cloud.secrets.items()
+                if s.name == barbican.secret_name(SERVER)]
+    return found
 
 
-LATER = NOW + datetime.timedelta(hours=2)
-
-
-def test_a_grant_leaves_a_credential_for_that_passphrase_a_record_and_the_metadata():
-    service, cloud, records = owner_side()
+def test_a_grant_gives_the_cloud_that_one_passphrase_and_a_revoke_takes_it_back(cloud):
+    service, keymgr, _owner = as_owner(cloud)
     granted = service.grant(SERVER, [consent.LIVE_MIGRATION, consent.HARD_REBOOT], LATER,
-                            [NOVA_USER], now=NOW)
-    (cred_id, (_name, expires, rules)), = cloud.credentials.items()
-    assert (granted.credential_id, expires) == (cred_id, LATER)
-    assert rules == consent.access_rules("s-1")            # that one passphrase, read only
-    record = records.records[granted.record_id]
-    assert (record.server, record.owner, record.credential_id) == (SERVER, "u-owner", cred_id)
-    assert record.operations == {consent.LIVE_MIGRATION, consent.HARD_REBOOT}
-    assert records.readers[granted.record_id] == ["u-owner", NOVA_USER]
+                            [SERVICE[0]])
+    body = cloud.app_cred_bodies[granted.credential_id]
+    assert body["access_rules"] == consent.access_rules(passphrase_uuid(cloud))
+    assert body["unrestricted"] is False
+    record = cloud.secrets[granted.record_id]
+    assert (record.acl_users, record.project_access) == ([OWNER_IDS[0], SERVICE[0]], False)
     assert cloud.servers[SERVER]["metadata"] == {consent.METADATA_KEY: granted.record_id}
-    assert "secret-of" not in repr(granted)
+    assert cloud.app_creds[granted.credential_id] not in repr(granted)
+    # the cloud's side: the service user reads the record, logs in as the owner with it
+    read = keymgr.get_consent(granted.record_id)
+    assert (read.server, read.owner, read.operations) == (
+        SERVER, OWNER_IDS[0], {consent.LIVE_MIGRATION, consent.HARD_REBOOT})
+    assert keymgr.consent_context(read).user_id == OWNER_IDS[0]
+
+    withdrawn = service.revoke(SERVER)
+    assert withdrawn == consents.Withdrawn(SERVER, granted.record_id, True, True)
+    assert granted.record_id not in cloud.secrets and cloud.app_creds == {}
+    assert cloud.servers[SERVER]["metadata"] == {}
+    with pytest.raises(exception.VTPMSecretForbidden):
+        keymgr.consent_context(read)                 # Keystone refuses it from now on
+    assert service.revoke(SERVER) == consents.Withdrawn(SERVER, None, False, False)
 
 
-def test_a_new_grant_withdraws_the_one_before():
-    service, cloud, records = owner_side()
-    first = service.grant(SERVER, [consent.EVACUATION], LATER, [NOVA_USER], now=NOW)
-    second = service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+def test_a_new_grant_withdraws_the_one_before(cloud):
+    service, _keymgr, _owner = as_owner(cloud)
+    first = service.grant(SERVER, [consent.EVACUATION], LATER, [SERVICE[0]])
+    second = service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [SERVICE[0]])
     assert second.replaced == first.record_id
-    assert list(records.records) == [second.record_id]
-    assert list(cloud.credentials) == [second.credential_id]
+    assert first.record_id not in cloud.secrets and second.record_id in cloud.secrets
+    assert list(cloud.app_creds) == [second.credential_id]
 
 
-@pytest.mark.parametrize("fail", ["record", "metadata"])
-def test_a_grant_that_fails_half_way_leaves_nothing(fail):
-    service, cloud, records = owner_side(OwnerCloud(fail="metadata" if fail == "metadata"
-                                                    else None),
-                                         OwnerRecords(fail=fail == "record"))
+@pytest.mark.parametrize("failing", [("POST", r"/v1/secrets/?$"), ("PUT", r"/acl$"),
+                                     ("PUT", r"/metadata/")])
+def test_a_grant_that_fails_half_way_leaves_nothing(cloud, failing):
+    service, _keymgr, _owner = as_owner(cloud)
+    before = set(cloud.secrets)
+    cloud.fail(*failing, status=503)
     with pytest.raises(exception.VTPMError):
-        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
-    assert (cloud.credentials, records.records) == ({}, {})
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [SERVICE[0]])
+    assert (set(cloud.secrets), cloud.app_creds) == (before, {})
     assert cloud.servers[SERVER]["metadata"] == {}
 
 
@@ -237,38 +185,32 @@ def test_a_grant_that_fails_half_way_leaves_nothing(fail):
     ({"expires_at": NOW}, "must end in the future"),
     ({"cloud_users": []}, "--cloud-user"),
 ])
-def test_a_grant_that_cannot_be_given_as_asked_creates_nothing(kwargs, match):
-    service, cloud, records = owner_side()
+def test_a_grant_that_cannot_be_given_as_asked_creates_nothing(cloud, kwargs, match):
+    service, _keymgr, _owner = as_owner(cloud)
+    requests = len(cloud.requests)
     args = {"operations": [consent.LIVE_MIGRATION], "expires_at": LATER,
-            "cloud_users": [NOVA_USER], **kwargs}
+            "cloud_users": [SERVICE[0]], **kwargs}
     with pytest.raises(consent.ConsentError, match=match):
-        service.grant(SERVER, now=NOW, **args)
-    assert (cloud.credentials, records.records) == ({}, {})
+        service.grant(SERVER, **args)
+    assert len(cloud.requests) == requests
 
 
-@pytest.mark.parametrize(("cloud", "records", "error"), [
-    (OwnerCloud(owner="u-someone"), None, exception.NotAuthorized),
-    (None, OwnerRecords(passphrase_of={}), exception.VTPMSecretNotFound),
-])
-def test_only_the_owner_of_a_user_mode_server_can_consent(cloud, records, error):
-    service, cloud, records = owner_side(cloud, records)
-    with pytest.raises(error):
-        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
-    assert (cloud.credentials, records.records) == ({}, {})
+def test_only_the_owner_of_a_user_mode_server_can_consent(cloud):
+    cloud.servers[SERVER]["user_id"] = "u-someone"         # Nova: not the caller's
+    service, _keymgr, _owner = as_owner(cloud)
+    with pytest.raises(exception.InstanceNotFound):
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [SERVICE[0]])
+    cloud.servers[SERVER]["user_id"] = OWNER_IDS[0]
+    service, _keymgr, _owner = as_owner(cloud, with_passphrase=False)
+    cloud.secrets.clear()                                   # no user-mode passphrase
+    with pytest.raises(exception.VTPMSecretNotFound, match="only a 'user'-mode server"):
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [SERVICE[0]])
+    assert cloud.app_creds == {}
 
 
-def test_revoke_deletes_the_credential_the_record_and_the_metadata_and_is_idempotent():
-    service, cloud, records = owner_side()
-    granted = service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [NOVA_USER], now=NOW)
+def test_revoke_of_a_record_that_is_gone_still_clears_the_metadata(cloud):
+    service, _keymgr, _owner = as_owner(cloud)
+    cloud.servers[SERVER]["metadata"][consent.METADATA_KEY] = str(uuid.uuid4())
     withdrawn = service.revoke(SERVER)
-    assert withdrawn == consents.Withdrawn(SERVER, granted.record_id, True, True)
-    assert (cloud.credentials, records.records) == ({}, {})
-    assert cloud.servers[SERVER]["metadata"] == {}
-    assert service.revoke(SERVER) == consents.Withdrawn(SERVER, None, False, False)
-
-
-def test_revoke_of_a_record_that_is_gone_still_clears_the_metadata():
-    service, cloud, _records = owner_side()
-    cloud.servers[SERVER]["metadata"][consent.METADATA_KEY] = "not-there"
-    assert service.revoke(SERVER) == consents.Withdrawn(SERVER, "not-there", False, False)
+    assert (withdrawn.credential_deleted, withdrawn.record_deleted) == (False, False)
     assert cloud.servers[SERVER]["metadata"] == {}
