@@ -65,8 +65,8 @@ def grant_with_openstack(cloud: AioCloud, server_id: str, *operations: str) -> s
                       "--expiration", expires.strftime("%Y-%m-%dT%H:%M:%S"),
                       "--access-rules", json.dumps(consent.access_rules(secret_uuid)),
                       f"{consent.NAME_PREFIX}{server_id}-{uuid.uuid4().hex[:8]}")
-    payload = consent.record(server_id, frozenset(operations), expires, cred["id"],
-                             cred["secret"])
+    payload = consent.record(server_id, frozenset(operations), expires, cred["ID"],
+                             cred["Secret"])
     ref = cloud.json("owner", "secret", "store", "--name", f"{consent.NAME_PREFIX}{server_id}",
                      "--secret-type", "opaque", "--payload-content-type", "text/plain",
                      "--payload", payload)["Secret href"]
