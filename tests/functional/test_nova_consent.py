@@ -18,18 +18,19 @@ with ``vtpm-driver server revoke``).
 
 from __future__ import annotations
 
+import configparser
 import datetime
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
@@ -45,6 +46,7 @@ from tests.functional.fixtures_nova import (
     other,
     swtpm_dir,
     virsh,
+    vtpm_cli_on,
     wait_migration_over,
 )
 from vtpm_driver.model import consent
@@ -79,24 +81,39 @@ def grant_with_openstack(cloud: AioCloud, server_id: str, *operations: str) -> s
     return record_id
 
 
-def vtpm_driver(cloud: AioCloud, *args: str) -> dict[str, Any]:
-    """``vtpm-driver ARGS -f json`` as the owner (credentials from its openrc)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    for line in (cloud.aio_dir / "openrc-owner").read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = value.strip("'\"")
-    env["VTPM_CLOUD_USER"] = cloud_user(cloud)
-    proc = subprocess.run([sys.executable, "-m", "vtpm_driver.cli.main", "--config-file",
-                           os.devnull, *args, "-f", "json"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+def vtpm_driver(cloud: AioCloud, host: str, *args: str) -> dict[str, Any]:
+    """``vtpm-driver ARGS -f json`` as the owner, on ``host`` (the consent's server's)."""
+    proc = vtpm_cli_on(cloud, host, *args, "-f", "json", who="owner",
+                       env={"VTPM_CLOUD_USER": cloud_user(cloud)})
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
 
 
-def expired_grant(cloud: AioCloud, server_id: str, operation: str) -> dict[str, Any]:
+def consents_in_audit(cloud: AioCloud, host: str) -> dict[str, tuple[str, str]]:
+    """What ``vtpm-driver audit`` on ``host`` says of the consents Nova's servers name:
+    server -> (state, detail). It asks Nova as the admin (``[nova]``) and reads the
+    records as Nova's service user (``[service_user]``, nova.conf's), as the shim does."""
+    nova_conf = configparser.ConfigParser(interpolation=None)
+    nova_conf.read(cloud.aio_dir / "etc" / "nova" / "nova.conf")
+    admin = yaml.safe_load(cloud.clouds_file.read_text())["clouds"]["admin"]["auth"]
+    env = {"OS_VTPM__ORCHESTRATOR": "nova", "OS_NOVA__AUTH_TYPE": "password",
+           "OS_NOVA__VALID_INTERFACES": "public"}
+    env.update({f"OS_NOVA__{key.upper()}": str(value) for key, value in admin.items()})
+    env.update({f"OS_SERVICE_USER__{key.upper()}": value
+                for key, value in nova_conf["service_user"].items()
+                if key in ("auth_url", "auth_type", "username", "password", "project_name",
+                           "user_domain_name", "project_domain_name")})
+    proc = vtpm_cli_on(cloud, host, "audit", "--no-barbican", "-f", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert str(admin["password"]) not in proc.stdout + proc.stderr
+    return {c["server"]: (c["state"], c["detail"]) for c in json.loads(proc.stdout)["consents"]}
+
+
+def expired_grant(cloud: AioCloud, host: str, server_id: str, operation: str
+                  ) -> dict[str, Any]:
     """A consent of ``operation`` granted with our command line, then left to expire."""
-    granted = vtpm_driver(cloud, "server", "grant", server_id, operation, "--hours", "0.005")
+    granted = vtpm_driver(cloud, host, "server", "grant", server_id, operation,
+                          "--hours", "0.005")
     ends = datetime.datetime.fromisoformat(granted["expires_at"].replace("Z", "+00:00"))
     time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.UTC)).total_seconds()) + 2)
     return granted
@@ -110,7 +127,8 @@ def test_an_admins_live_migration_of_a_user_mode_server_needs_the_owners_consent
 
     refused = None
     for granted in (lambda: grant_with_openstack(aio_cloud, server_id, consent.EVACUATION),
-                    lambda: expired_grant(aio_cloud, server_id, consent.LIVE_MIGRATION)):
+                    lambda: expired_grant(aio_cloud, source, server_id,
+                                          consent.LIVE_MIGRATION)):
         granted()                                    # not what the admin does, or too late
         proc = aio_cloud.action("admin", "live-migrate", server_id, host=other(source))
         assert proc.returncode != 0 and "No valid host" in proc.stderr, proc.stderr
@@ -119,9 +137,12 @@ def test_an_admins_live_migration_of_a_user_mode_server_needs_the_owners_consent
         server = aio_cloud.wait_server("admin", server_id, "ACTIVE")
         assert server[HOST_ATTR] == source
     assert latest_report(aio_cloud, server_id)["boot"] == before["boot"]   # untouched
+    assert consents_in_audit(aio_cloud, source)[server_id][0] == consent.EXPIRED
 
-    record_id = vtpm_driver(aio_cloud, "server", "grant", server_id,
+    record_id = vtpm_driver(aio_cloud, source, "server", "grant", server_id,
                             consent.LIVE_MIGRATION, "--hours", "1")["consent_record"]
+    state, detail = consents_in_audit(aio_cloud, source)[server_id]
+    assert (state, detail.split(" until ")[0]) == (consent.IN_FORCE, consent.LIVE_MIGRATION)
     aio_cloud.action_ok("admin", "live-migrate", server_id, host=other(source))
     assert wait_migration_over(aio_cloud, server_id, after=refused["id"])["status"] == \
         "completed"
@@ -179,7 +200,7 @@ def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
         ) -> None:
     server_id, host = create_on_test_host(aio_resources, "user")
     before = latest_report(aio_cloud, server_id)
-    granted = vtpm_driver(aio_cloud, "server", "grant", server_id,
+    granted = vtpm_driver(aio_cloud, host, "server", "grant", server_id,
                           consent.RESTART_ON_HOST_BOOT, "--hours", "1")
 
     host_reboot(aio_cloud, host)
@@ -189,7 +210,7 @@ def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
     assert_runs_on(host, server_id)
 
     # The owner withdraws it: the next host reboot leaves the server down, TPM kept.
-    withdrawn = vtpm_driver(aio_cloud, "server", "revoke", server_id)
+    withdrawn = vtpm_driver(aio_cloud, host, "server", "revoke", server_id)
     assert withdrawn["consent_record"] == granted["consent_record"]
     assert withdrawn["application_credential_deleted"] is True
     assert consent.METADATA_KEY not in aio_cloud.server("owner", server_id)["metadata"]
@@ -197,6 +218,6 @@ def test_a_user_mode_server_comes_back_after_a_host_reboot_only_with_consent(
     boot = left_down(aio_cloud, server_id, host, before["ek"], after["boot"])
 
     # A consent that expired is none.
-    expired_grant(aio_cloud, server_id, consent.RESTART_ON_HOST_BOOT)
+    expired_grant(aio_cloud, host, server_id, consent.RESTART_ON_HOST_BOOT)
     host_reboot(aio_cloud, host)
     left_down(aio_cloud, server_id, host, before["ek"], boot)
