@@ -149,8 +149,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         # instance uuid -> the secret defined for an incoming live migration, until
         # the guest runs here (post_live_migration_at_destination) or the move fails.
         self._vtpm_incoming: dict[str, ops_secrets.StartSecret] = {}
-        # instance uuid -> the consent operation a hard reboot in progress is
-        # (restart-on-host-boot from resume_state_on_host_boot; else hard-reboot).
+        # instance uuid -> the consent operation (vtpm_driver.model.consent) a start
+        # in progress serves: restart-on-host-boot (resume_state_on_host_boot's hard
+        # reboot; any other hard reboot is hard-reboot), evacuation (rebuild's spawn).
         self._vtpm_operations: dict[str, str] = {}
         self._vtpm_offhost = vtpm_offhost.OffHost(CONF, CONF.host)
 
@@ -637,13 +638,14 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         server back as it was (``InstanceFaultRollback``, as for its own
         refusals here).
         """
-        with translate.nova_errors():
-            acting = self.vtpm_key_manager.acting_context(context, instance,
-                                                          consent.COLD_MIGRATION)
-        try:
-            vtpm_migrate.check_source(acting, instance, live=False)
-        except nova_exception.MigrationPreCheckError as exc:
-            raise nova_exception.InstanceFaultRollback(inner_exception=exc) from exc
+        if rules.has_vtpm(instance):
+            with translate.nova_errors():
+                acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                              consent.COLD_MIGRATION)
+            try:
+                vtpm_migrate.check_source(acting, instance, live=False)
+            except nova_exception.MigrationPreCheckError as exc:
+                raise nova_exception.InstanceFaultRollback(inner_exception=exc) from exc
         custody.forget_resize(instance)
         result = super().migrate_disk_and_power_off(
             context, instance, dest, flavor, network_info,
