@@ -8,7 +8,7 @@ import uuid
 
 from vtpm_driver import exception
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request
+from vtpm_driver.model import consent, request
 
 
 class FakeKeyManager:
@@ -29,6 +29,11 @@ class FakeKeyManager:
         self.list_calls: list = []
         self.project_readable: set[str] = set()
         self.repairs: list[tuple] = []
+        # owners' consents (vtpm_driver.model.consent): record id -> consent; the
+        # credentials Keystone no longer accepts; the records the cloud acted by
+        self.consents: dict[str, consent.Consent] = {}
+        self.withdrawn: set[str] = set()
+        self.used: list[str] = []
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail:
@@ -94,3 +99,27 @@ class FakeKeyManager:
         listed[:] = [item for item in listed if item.get("uuid") != secret_uuid]
         self.passphrases.pop(secret_uuid, None)
         return len(listed) < before
+
+    # -- owners' consents, as the service user reads them --------------------------------
+
+    def get_consent(self, record_id, context=None):
+        if record_id not in self.consents:
+            raise exception.VTPMSecretNotFound(f"no consent record {record_id}")
+        return self.consents[record_id]
+
+    def consent_context(self, granted):
+        if granted.credential_id in self.withdrawn:
+            raise exception.VTPMSecretForbidden("Keystone: no such application credential")
+        self.used.append(granted.record_id)
+        return RequestContext(user_id=granted.owner, project_id="p-a", auth_token="tok-cred")
+
+    def add_consent(self, server, operations=(consent.LIVE_MIGRATION,), owner="u-owner",
+                    for_server=None, expires_at=None):
+        """A consent record named in ``server``'s metadata; its id."""
+        record_id = str(uuid.uuid4())
+        self.consents[record_id] = consent.Consent(
+            record_id=record_id, server=for_server or server.uuid, owner=owner,
+            operations=frozenset(operations), expires_at=expires_at,
+            credential_id=f"cred-{record_id}", credential_secret="cred-secret")
+        server.metadata = {consent.METADATA_KEY: record_id}
+        return record_id

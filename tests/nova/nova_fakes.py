@@ -21,6 +21,8 @@ from nova.compute import vm_states
 from nova.virt.libvirt import config as vconfig
 
 from tests.fakes.libvirt import FakeConn
+from vtpm_driver import exception
+from vtpm_driver.keymgr import context as vtpm_context
 
 CONF = nova.conf.CONF
 DATA = pathlib.Path(__file__).parent.parent / "unit" / "data"
@@ -55,6 +57,8 @@ class FakeKeyManager:
         self.log = log
         self.fail: Exception | None = None
         self.secrets: dict[str, str] = {}
+        self.consents: dict[str, Any] = {}  # record id -> vtpm_driver.model.consent.Consent
+        self.owner_only = False  # True: user-mode reads by anyone but the owner get 403
 
     def _call(self, operation: str, context: Any, instance: Any, mode: Any) -> None:
         self.log.append((operation, context, instance.uuid, mode))
@@ -70,6 +74,10 @@ class FakeKeyManager:
 
     def get_vtpm_secret(self, context, instance, secret_security=None):
         self._call("get", context, instance, secret_security)
+        if self.owner_only and (secret_security or "user") == "user" and (
+                getattr(context, "user_id", None) != instance.user_id):
+            raise exception.VTPMSecretForbidden(
+                "Barbican refused to read the secret (HTTP 403): owner-only ACL")
         return self.secrets[instance.system_metadata["vtpm_secret_uuid"]]
 
     def ensure_vtpm_secret(self, context, instance, secret_security):
@@ -82,6 +90,17 @@ class FakeKeyManager:
         self._call("delete", context, instance, secret_security)
         secret_uuid = instance.system_metadata.pop("vtpm_secret_uuid", None)
         self.secrets.pop(secret_uuid, None)
+
+    # An owner's consent (vtpm_driver.keymgr.KeyManager.get_consent / consent_context).
+    def get_consent(self, record_id):
+        if record_id not in self.consents:
+            raise exception.VTPMSecretNotFound(f"no consent record {record_id}")
+        return self.consents[record_id]
+
+    def consent_context(self, granted):
+        self.log.append(("consent", None, granted.server, granted.record_id))
+        return vtpm_context.RequestContext(user_id=granted.owner, project_id="proj-a",
+                                           auth_token="tok-by-consent")
 
 
 @dataclasses.dataclass
@@ -171,7 +190,7 @@ def make_instance(flavor: objects.Flavor | None = None, secret_uuid: str | None 
         vm_mode=None, kernel_id=None, ramdisk_id=None, os_type="linux",
         ephemeral_key_uuid=None, vcpu_model=None, host="h", node="n", task_state=task_state,
         vm_state=vm_state, trusted_certs=None, resources=None, migration_context=None,
-        info_cache=None, cleaned=False, deleted=False)
+        info_cache=None, cleaned=False, deleted=False, metadata={})
     instance.saved = 0
 
     def save(*args: Any, **kwargs: Any) -> None:

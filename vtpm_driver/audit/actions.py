@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,7 @@ from vtpm_driver.audit import report as audit_report
 from vtpm_driver.keymgr import KeyManager
 from vtpm_driver.keymgr.api import KeyManagerAuditAPI
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request, rules
+from vtpm_driver.model import consent, request, rules
 from vtpm_driver.ops import journal, locks
 from vtpm_driver.virt import state
 
@@ -133,6 +134,8 @@ class AuditActions:
             with self._progress("Asking Nova which servers exist"):
                 answer = orchestrator.ask(self.conf, self._nova_factory)
         report = self.audit(listed, answer)
+        if answer is not None and answer.servers:
+            report = dataclasses.replace(report, consents=self.consents(answer.servers))
         if not repair:
             return AuditResult(report, tuple(scopes))
         plan = self.repair_plan(report, min_age=min_age, only=only)
@@ -225,6 +228,37 @@ class AuditActions:
             interval=float(self.conf.vtpm.state_backup_interval) if periodic else None,
             temporaries=self.store.temporaries(), store_root=str(self.store.root))
         return audit_report.vouch(report, orchestrator)
+
+    def consents(self, servers: Mapping[str, audit_report.KnownServer]
+                 ) -> tuple[audit_report.ConsentFinding, ...]:
+        """The owners' consents Nova's servers name, each in force, expired or
+        unusable (SPEC: issue 21). Read as the service user, as the shim reads
+        them; one in force is also tried with Keystone (a credential its owner
+        deleted is unusable). Changes nothing; never raises.
+        """
+        named = sorted((s.uuid, s.consent_record, s.owner or "")
+                       for s in servers.values() if s.consent_record)
+        if not named:
+            return ()
+        keymgr: Any = self._keymgr_factory(self.conf)
+        now = datetime.datetime.now(datetime.UTC)
+        found = []
+        with self._progress("Checking the owners' consents"):
+            for server, record_id, owner in named:
+                try:
+                    granted = keymgr.get_consent(record_id)
+                    state, detail = consent.standing(granted, server=server, owner=owner,
+                                                     now=now)
+                    if state == consent.IN_FORCE:
+                        keymgr.consent_context(granted)
+                except (consent.ConsentError, exception.VTPMSecretNotFound,
+                        exception.VTPMSecretForbidden) as exc:
+                    state, detail = consent.UNUSABLE, str(exc)
+                except exception.VTPMError as exc:
+                    state, detail = "unchecked", str(exc)
+                found.append(audit_report.ConsentFinding(server, str(record_id), state,
+                                                         detail))
+        return tuple(found)
 
     def _half_done(self, backend: Any) -> tuple[audit_report.HalfDone, ...]:
         """The servers whose journal names an interrupted operation, with the facts

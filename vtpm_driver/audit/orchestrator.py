@@ -34,6 +34,7 @@ from oslo_log import log as logging
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
 from vtpm_driver.audit import report as audit_report
+from vtpm_driver.model import consent
 from vtpm_driver.model.server import canonical_uuid
 
 LOG = logging.getLogger(__name__)
@@ -123,8 +124,13 @@ def _server(item: object, path: str) -> audit_report.KnownServer:
             f"{_WHERE} showed server {uuid} without {HOST_KEY}: the [nova] user does not see "
             "servers as an admin, so its list of every project's servers cannot be trusted")
     host = item.get(HOST_KEY)
+    owner = item.get("user_id")
     return audit_report.KnownServer(uuid, str(item.get("status") or "UNKNOWN"),
-                                    host if isinstance(host, str) and host else None)
+                                    host if isinstance(host, str) and host else None,
+                                    owner if isinstance(owner, str) else None,
+                                    consent.named_record(item.get("metadata")
+                                                         if isinstance(item.get("metadata"),
+                                                                       Mapping) else None))
 
 
 class NovaServers:

@@ -153,6 +153,19 @@ class KnownServer:
     uuid: str
     status: str
     host: str | None = None
+    owner: str | None = None
+    consent_record: str | None = None  # the owner's consent its metadata names
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsentFinding:
+    """An owner's consent a server names (:mod:`vtpm_driver.model.consent`): ``state``
+    is ``in force``, ``expired``, ``unusable`` or ``unchecked``; ``detail`` says why."""
+
+    server: str
+    record_id: str
+    state: str
+    detail: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +225,7 @@ class AuditReport:
     stale_copies: tuple[Orphan, ...] = ()
     orchestrator: OrchestratorAnswer | None = None
     vouched: tuple[Vouched, ...] = ()
+    consents: tuple[ConsentFinding, ...] = ()
 
     def orphans_of(self, kind: str) -> tuple[Orphan, ...]:
         return tuple(orphan for orphan in self.orphans if orphan.kind == kind)

@@ -9,6 +9,7 @@ formats its result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 from cliff.columns import FormattableColumn
@@ -32,7 +33,7 @@ COLUMNS = (
     "orphan_offhost_copies", "stale_offhost_copies", "store_temporaries",
     "barbican_checked", "barbican_scope",
     "orchestrator", "orchestrator_asked", "orchestrator_error", "orchestrator_vouched",
-    "clean",
+    "consents", "clean",
 )
 REPAIR_COLUMNS = ("repair", "repair_skipped", "dry_run")
 
@@ -123,6 +124,7 @@ def report_columns(report: audit_report.AuditReport, scope: Sequence[str]
         bool(report.orchestrator and report.orchestrator.asked),
         report.orchestrator.error if report.orchestrator else None,
         RecordsColumn([_vouched_record(item) for item in report.vouched]),
+        RecordsColumn([dataclasses.asdict(item) for item in report.consents]),
         report.clean,
     )
 
@@ -162,7 +164,12 @@ class Audit(CommandMixin, ShowOne):
     or Barbican secret of a server Nova knows (shelved-offloaded, on another
     compute...) is no orphan, and is listed under orchestrator_vouched. When
     Nova cannot be asked, orchestrator_error says why, and --repair deletes
-    none of those three kinds.
+    none of those three kinds. It also lists, under consents, the owners'
+    consents Nova's servers name (metadata vtpm_consent): in force (until
+    when, for which operations), expired, or unusable (a record that is not
+    the server owner's or not for that server, or whose application
+    credential Keystone refuses: withdrawn), read as [service_user] the way
+    the shim reads them.
 
     It also lists half-done operations: servers whose record still names an
     operation that was interrupted (kill -9, a crash), with what a repair

@@ -48,6 +48,7 @@ PROG = "vtpm-driver"
 COMMAND_MODULES: tuple[str, ...] = (
     "vtpm_driver.cli.checks",
     "vtpm_driver.cli.servers", "vtpm_driver.cli.server_actions", "vtpm_driver.cli.resize",
+    "vtpm_driver.cli.consents",
     "vtpm_driver.cli.state",
     "vtpm_driver.cli.audit",
     "vtpm_driver.cli.demo",

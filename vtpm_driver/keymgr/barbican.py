@@ -20,6 +20,8 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from typing import Any
 
+from keystoneauth1 import exceptions as ks_exc
+from keystoneauth1.identity import v3 as ks_v3
 from oslo_config import cfg
 from oslo_log import log as logging
 from oslo_utils import uuidutils
@@ -30,7 +32,7 @@ from vtpm_driver.keymgr import client as client_mod
 from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
-from vtpm_driver.model import request, rules
+from vtpm_driver.model import consent, request, rules
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret, require_recorded_secret
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
@@ -325,18 +327,27 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         """
         users = [] if rules.owned_by_service_user(target.mode) else [
             instance.user_id or context.user_id]
+        self._set_read_acl(target, secret_uuid, users, instance.uuid)
+
+    def _set_read_acl(self, target: client_mod.Target, secret_uuid: str, users: list[str],
+                      instance_uuid: str) -> None:
+        """Read ACL of a secret just created: ``users`` (and its creator) only.
+
+        Any failure, including an unreadable reply, deletes the secret again
+        before raising.
+        """
         acl = target.client.acls.create(entity_ref=secret_uuid, ref_type="secret",
                                         users=users, project_access=False)
         try:
-            with target.errors("set the ACL of", secret_uuid, instance.uuid):
+            with target.errors("set the ACL of", secret_uuid, instance_uuid):
                 try:
                     acl.submit()
                 except (ValueError, TypeError, AttributeError):  # 2xx, unreadable body
                     raise exception.KeyManagerUnavailable(
                         f"Barbican at {target.root} gave an unreadable answer to the ACL "
-                        f"of vTPM secret {secret_uuid}") from None
+                        f"of secret {secret_uuid}") from None
         except exception.VTPMError:
-            self._rollback(target, secret_uuid, instance.uuid)
+            self._rollback(target, secret_uuid, instance_uuid)
             raise
 
     def _rollback(self, target: client_mod.Target, secret_uuid: str, instance_uuid: str) -> None:
@@ -402,6 +413,109 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
             client_mod.new_client(session, root, None), session, root,
             request.SECRET_DEPLOYMENT, user_id, self._timeout)
         return self._service
+
+    # -- an owner's consent (vtpm_driver.model.consent) --------------------------------
+
+    def get_consent(self, record_id: str,
+                    context: vtpm_context.RequestContext | None = None) -> consent.Consent:
+        """The consent record ``record_id``, read as ``[service_user]`` (its ACL lets
+        it), or as ``context`` (its owner, to withdraw it).
+
+        Two GETs: the secret's metadata (its creator, whom the record speaks
+        for) and its payload. Nothing of the payload is logged or quoted.
+
+        :raises VTPMSecretNotFound: no such record (or not readable as found).
+        :raises VTPMSecretForbidden: the record's ACL does not name the reader.
+        :raises KeyManagerUnavailable: Barbican or Keystone cannot be reached.
+        :raises consent.ConsentError: not a consent record.
+        """
+        target = (self._service_target() if context is None
+                  else self._target(context, request.SECRET_USER))
+        with target.errors("read consent record", record_id):
+            meta = client_mod.http(target.client).request(f"secrets/{record_id}", "GET").json()
+            resp = client_mod.http(target.client).request(
+                f"secrets/{record_id}/payload", "GET", headers={"Accept": "text/plain"})
+        return consent.parse(record_id, resp.content.decode("utf-8", "replace"),
+                             str(meta.get("creator_id") or ""))
+
+    def consent_context(self, granted: consent.Consent) -> vtpm_context.RequestContext:
+        """The owner's request context from the consent's application credential.
+
+        One Keystone request. The token acts as the owner and, by its access
+        rules, reads the server's passphrase and nothing else.
+
+        :raises VTPMSecretForbidden: Keystone refused the credential (expired,
+            or deleted by its owner: Keystone then answers 404).
+        :raises KeyManagerUnavailable: Keystone could not be reached.
+        """
+        keystone = self._service_target().session.auth.auth_url  # [service_user]'s Keystone
+        session = client_mod.BarbicanSession(
+            auth=ks_v3.ApplicationCredential(
+                auth_url=keystone,
+                application_credential_id=granted.credential_id,
+                application_credential_secret=granted.credential_secret),
+            timeout=self._timeout, barbican_timeout=self._timeout,
+            app_name=client_mod.APP_NAME)
+        try:
+            session.get_auth_headers()  # the one Keystone request; from_session reuses it
+        except ks_exc.NotFound:
+            raise exception.VTPMSecretForbidden(
+                f"Keystone at {keystone} has no application credential "
+                f"{granted.credential_id} of consent record {granted.record_id} any more "
+                "(its owner deleted it)") from None
+        except ks_exc.ClientException:
+            pass  # mapped, once, where the context is made
+        return vtpm_context.RequestContext.from_session(session)
+
+    def store_consent(self, context: vtpm_context.RequestContext, server_uuid: str,
+                      payload: str, readers: list[str]) -> str:
+        """Store the owner's consent record for ``server_uuid``; its UUID.
+
+        One POST and one ACL PUT: readable by the owner and ``readers`` (the
+        cloud's service user) only. If the ACL cannot be set the record is
+        deleted again; nothing of the payload (it holds a credential's
+        secret) is logged or quoted.
+
+        :raises VTPMSecretForbidden, KeyManagerUnavailable:
+        """
+        target = self._target(context, request.SECRET_USER)
+        secret = target.client.secrets.create(
+            name=consent.NAME_PREFIX + server_uuid, payload=payload, secret_type=SECRET_TYPE)
+        with target.errors("store the consent record of", instance_uuid=server_uuid):
+            try:
+                record_id = secret_uuid_from_ref(secret.store())
+            except (ValueError, TypeError, AttributeError):  # 2xx, body not a JSON object
+                record_id = None
+        if record_id is None:
+            raise exception.KeyManagerUnavailable(
+                f"Barbican at {target.root} stored a consent record for server {server_uuid} "
+                "but returned no usable secret_ref")
+        self._set_read_acl(target, record_id, [str(context.user_id), *readers], server_uuid)
+        return record_id
+
+    def delete_consent(self, context: vtpm_context.RequestContext, record_id: str) -> bool:
+        """Delete the owner's consent record; False if it was gone. Idempotent."""
+        return self._delete(self._target(context, request.SECRET_USER), record_id, None)
+
+    def vtpm_secret_of(self, context: vtpm_context.RequestContext, server_uuid: str) -> str:
+        """The UUID of the caller's ``user``-mode vTPM secret of ``server_uuid`` (one GET).
+
+        :raises VTPMSecretNotFound: the caller has none for that server (a
+            server in another mode needs no consent).
+        :raises VTPMSecretForbidden, KeyManagerUnavailable:
+        """
+        target = self._target(context, request.SECRET_USER)
+        name = secret_name(server_uuid)
+        items = self._list_page(target, name, 0, 10).get("secrets")
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, Mapping) and item.get("name") == name and \
+                    item.get("creator_id") == context.user_id:
+                found = secret_uuid_from_ref(item.get("secret_ref"))
+                if found:
+                    return found
+        raise exception.VTPMSecretNotFound(
+            f"you have no vTPM secret of server {server_uuid} in the key manager: only a "
+            "'user'-mode server's owner has one, and only such a server needs consent")
 
     # -- repair (``vtpm-driver audit --repair``): by secret UUID ------------------------
 

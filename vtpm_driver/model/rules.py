@@ -215,6 +215,11 @@ def migration_secret_source(cfg: VTPMConfig | None) -> SecretSource:
         SecretSource.OWNER)
 
 
+#: Said when someone other than a ``user``-mode server's owner is refused: the owner
+#: may consent (:mod:`vtpm_driver.model.consent`).
+_NO_CONSENT = " and no consent of the owner's to this is in force"
+
+
 def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,
                       live: bool) -> SecretSource:
     """Refuse a move the caller cannot hand the passphrase over for; where it comes from.
@@ -233,7 +238,7 @@ def check_may_migrate(cfg: VTPMConfig | None, instance: Any, context: Any, *,
         raise exception.VTPMSecretForbidden(
             f"cannot {kind} server {server_label(instance)}: its vTPM secret has 'user' "
             "secret security, so only its owner can hand the passphrase to the destination "
-            f"host (caller {caller} is not the owner)")
+            f"host (caller {caller} is not the owner{_NO_CONSENT})")
     return source
 
 

@@ -58,6 +58,7 @@ from nova import context as nova_context
 from nova import exception as nova_exception
 from nova import objects
 from nova.compute import task_states, vm_states
+from nova.compute import utils as compute_utils
 from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
@@ -69,7 +70,7 @@ from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import faults
-from vtpm_driver.model import custody, rules
+from vtpm_driver.model import consent, custody, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
 from vtpm_driver.ops import custody as ops_custody
@@ -148,6 +149,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         # instance uuid -> the secret defined for an incoming live migration, until
         # the guest runs here (post_live_migration_at_destination) or the move fails.
         self._vtpm_incoming: dict[str, ops_secrets.StartSecret] = {}
+        # instance uuid -> the consent operation (vtpm_driver.model.consent) a start
+        # in progress serves: restart-on-host-boot (resume_state_on_host_boot's hard
+        # reboot; any other hard reboot is hard-reboot), evacuation (rebuild's spawn).
+        self._vtpm_operations: dict[str, str] = {}
         self._vtpm_offhost = vtpm_offhost.OffHost(CONF, CONF.host)
 
     # -- our adapters ------------------------------------------------------------
@@ -350,7 +355,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
     @contextlib.contextmanager
     def _vtpm_passphrase_first(self, context: Any, instance: Any, image_meta: Any = None,
-                               *, create: bool, arriving: bool = False
+                               *, create: bool, arriving: bool = False,
+                               operation: str | None = None
                                ) -> Iterator[ops_secrets.StartSecret | None]:
         """Read the passphrase before the body touches the guest; forget it afterwards.
 
@@ -363,7 +369,9 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         is refused while the server is still as it was (SPEC F5). Whether the
         guest has a vTPM is Nova's rule, asked as Nova asks it
         (``swtpm_enabled`` and :func:`.translate.has_vtpm`); the secret mode is
-        the flavor's. Yields the start (None: no vTPM).
+        the flavor's. Yields the start (None: no vTPM). ``operation`` (one of
+        :data:`vtpm_driver.model.consent.OPERATIONS`): a caller who may not
+        read the secret reads it with the owner's consent to it, if any.
         """
         if not (CONF.libvirt.swtpm_enabled and translate.has_vtpm(
                 instance.flavor, image_meta if image_meta is not None else instance.image_meta)):
@@ -375,6 +383,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_take_in_transit(instance)
         self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
+            if operation is not None:
+                context = self.vtpm_key_manager.acting_context(context, instance, operation)
             start = ops_secrets.prepare_start_in_mode(
                 context, instance, rules.secret_security(instance.flavor),
                 self.vtpm_key_manager, self.vtpm_secrets, create=create)
@@ -502,16 +512,51 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if unshelving:
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
         with (self._vtpm_passphrase_first(context, instance, image_meta, create=True,
-                                          arriving=True),
+                                          arriving=True,
+                                          operation=self._vtpm_operations.get(instance.uuid)),
               self._vtpm_offhost.spawning(instance, unshelving)):
             super().spawn(context, instance, image_meta, injected_files, admin_password,
                           allocations, network_info=network_info,
                           block_device_info=block_device_info, power_on=power_on,
                           accel_info=accel_info)
 
+    def resume_state_on_host_boot(self, context: Any, instance: Any, network_info: Any,
+                                  share_info: Any, block_device_info: Any = None) -> Any:
+        """Nova's restart after its host rebooted (``resume_guests_state_on_host_boot``).
+
+        It runs with Nova's own context, no user's token: a ``user``-mode
+        server comes back only with its owner's consent to
+        ``restart-on-host-boot``; without it the start is refused before the
+        guest is touched and the server stays stopped, its TPM untouched.
+        """
+        self._vtpm_operations[instance.uuid] = consent.RESTART_ON_HOST_BOOT
+        try:
+            return super().resume_state_on_host_boot(context, instance, network_info,
+                                                     share_info, block_device_info)
+        except nova_exception.Forbidden as exc:
+            # Nova then sets the server to ERROR without saying why: the fault says it.
+            # Nova keeps 255 characters of a fault message: the facts first.
+            refused = nova_exception.VTPMSecretForbidden(
+                message=f"not restarted after its host rebooted: its vTPM passphrase is its "
+                f"owner's alone and no consent of theirs to {consent.RESTART_ON_HOST_BOOT} "
+                f"is in force (metadata {consent.METADATA_KEY}); TPM untouched; the owner "
+                f"can start it")
+            LOG.warning("%s (%s)", refused, exc, instance=instance)
+            compute_utils.add_instance_fault_from_exc(context, instance, refused)
+            raise refused from exc
+        finally:
+            self._vtpm_operations.pop(instance.uuid, None)
+
     def _hard_reboot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
-        """Nova's hard reboot (also power on) with the passphrase read first."""
-        with self._vtpm_passphrase_first(context, instance, create=False) as vtpm:
+        """Nova's hard reboot (also power on) with the passphrase read first.
+
+        A caller who may not read the passphrase uses the owner's consent to
+        ``hard-reboot`` (or, from :meth:`resume_state_on_host_boot`, to
+        ``restart-on-host-boot``), if the server has one.
+        """
+        operation = self._vtpm_operations.get(instance.uuid, consent.HARD_REBOOT)
+        with self._vtpm_passphrase_first(context, instance, create=False,
+                                         operation=operation) as vtpm:
             result = super()._hard_reboot(context, instance, *args, **kwargs)
         if vtpm is not None:
             self._vtpm_offhost.started(instance)
@@ -542,7 +587,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         if stashed:
             instance.old_flavor = instance.flavor
         try:
-            with self._vtpm_passphrase_first(context, instance, create=False, arriving=True):
+            with self._vtpm_passphrase_first(context, instance, create=False, arriving=True,
+                                             operation=consent.COLD_MIGRATION):
                 super().finish_revert_migration(context, instance, network_info, migration,
                                                 block_device_info=block_device_info,
                                                 power_on=power_on, share_info=share_info)
@@ -555,8 +601,13 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
                          network_info: Any, image_meta: Any, resize_instance: bool,
                          allocations: Any, block_device_info: Any = None,
                          power_on: bool = True, share_info: Any = None) -> None:
-        """Resize/cold migration target: passphrase (created if the vTPM is new) first."""
-        with self._vtpm_passphrase_first(context, instance, create=True, arriving=True):
+        """Resize/cold migration target: passphrase (created if the vTPM is new) first.
+
+        An admin's cold migration of a ``user``-mode server reads it with the
+        owner's consent to ``cold-migration`` (checked on the source already).
+        """
+        with self._vtpm_passphrase_first(context, instance, create=True, arriving=True,
+                                         operation=consent.COLD_MIGRATION):
             super().finish_migration(context, migration, instance, disk_info, network_info,
                                      image_meta, resize_instance, allocations,
                                      block_device_info=block_device_info,
@@ -580,7 +631,21 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         ended with a state reset instead of a confirm or revert) is dropped, so a
         revert of this move compares its backup with this move's own (Nova saves
         the instance right after).
+
+        First of all, a caller who could not read the passphrase on the
+        destination (``user`` mode, not the owner, no consent of theirs to
+        ``cold-migration``) is refused, the guest untouched; Nova puts the
+        server back as it was (``InstanceFaultRollback``, as for its own
+        refusals here).
         """
+        if rules.has_vtpm(instance):
+            with translate.nova_errors():
+                acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                              consent.COLD_MIGRATION)
+            try:
+                vtpm_migrate.check_source(acting, instance, live=False)
+            except nova_exception.MigrationPreCheckError as exc:
+                raise nova_exception.InstanceFaultRollback(inner_exception=exc) from exc
         custody.forget_resize(instance)
         result = super().migrate_disk_and_power_off(
             context, instance, dest, flavor, network_info,
@@ -743,21 +808,29 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """Checks before Nova's default rebuild (destroy + spawn) touches anything.
 
         Rebuild: the passphrase must be readable (the TPM is kept). Evacuate:
-        owner check (``user`` mode) and a usable off-host copy.
+        owner check (``user`` mode: the owner, or the owner's consent to
+        ``evacuation``) and a usable off-host copy.
         """
         if rules.has_vtpm(instance):
             if evacuate:
-                self._vtpm_offhost.check_caller(context, instance, "evacuate")
+                with translate.nova_errors():
+                    acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                                  consent.EVACUATION)
+                self._vtpm_offhost.check_caller(acting, instance, "evacuate")
                 LOG.warning("Evacuating with the TPM state %s",
                             self._vtpm_offhost.check_evacuation(instance), instance=instance)
+                self._vtpm_operations[instance.uuid] = consent.EVACUATION
             else:
                 self._vtpm_prepare(context, instance, rules.vtpm_of(instance), create=False)
-        super().rebuild(context, instance, image_meta, injected_files, admin_password,
-                        allocations, bdms, detach_block_devices, attach_block_devices,
-                        network_info=network_info, evacuate=evacuate,
-                        block_device_info=block_device_info,
-                        preserve_ephemeral=preserve_ephemeral, accel_uuids=accel_uuids,
-                        reimage_boot_volume=reimage_boot_volume)
+        try:
+            super().rebuild(context, instance, image_meta, injected_files, admin_password,
+                            allocations, bdms, detach_block_devices, attach_block_devices,
+                            network_info=network_info, evacuate=evacuate,
+                            block_device_info=block_device_info,
+                            preserve_ephemeral=preserve_ephemeral, accel_uuids=accel_uuids,
+                            reimage_boot_volume=reimage_boot_volume)
+        finally:
+            self._vtpm_operations.pop(instance.uuid, None)
 
     def rescue(self, context: Any, instance: Any, network_info: Any, image_meta: Any,
                rescue_password: Any, block_device_info: Any, share_info: Any) -> None:
@@ -799,7 +872,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         Nova's API lets only ``host`` mode through; the driver moves every mode.
         """
-        vtpm_migrate.check_source(context, instance)
+        with translate.nova_errors():
+            acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                          consent.LIVE_MIGRATION)
+        vtpm_migrate.check_source(acting, instance)
         return super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                      block_device_info=block_device_info)
 
@@ -811,7 +887,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                            network_info: Any, disk_info: Any, migrate_data: Any) -> Any:
         """Destination: the vTPM secret is defined before the guest arrives, then Nova's."""
-        start = vtpm_migrate.give_destination(context, instance, migrate_data,
+        with translate.nova_errors():
+            acting = self.vtpm_key_manager.acting_context(context, instance,
+                                                          consent.LIVE_MIGRATION)
+        start = vtpm_migrate.give_destination(acting, instance, migrate_data,
                                               self.vtpm_secrets, self.vtpm_key_manager)
         if start is not None:
             self._vtpm_incoming[instance.uuid] = start

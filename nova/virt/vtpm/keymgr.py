@@ -30,6 +30,7 @@ from nova.virt.vtpm import translate
 from vtpm_driver import exception, keymgr
 from vtpm_driver.model import request, rules
 from vtpm_driver.model.server import recorded_secret, require_recorded_secret, server_label
+from vtpm_driver.ops import consents as ops_consents
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class OwnerOnlyBarbican:
 
     def __repr__(self) -> str:
         return f"OwnerOnlyBarbican({self.barbican!r})"
+
+    def acting_context(self, context: Any, instance: Any, operation: str) -> Any:
+        """Nova's ``context``, or the owner's by their consent to ``operation``
+        (:func:`vtpm_driver.ops.consents.acting_context`)."""
+        return ops_consents.acting_context(self.barbican, instance, context, operation)
 
     def create_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str) -> tuple[str, str]:
@@ -140,6 +146,11 @@ class CastellanKeyManager:
 
     def __repr__(self) -> str:
         return "CastellanKeyManager()"
+
+    @staticmethod
+    def acting_context(context: Any, instance: Any, operation: str) -> Any:
+        """Always ``context``: an owner's consent is carried by Barbican and Keystone."""
+        return context
 
     @staticmethod
     def _context(context: Any, secret_security: str | None, instance: Any) -> Any:

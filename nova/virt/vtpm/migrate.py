@@ -84,14 +84,14 @@ def host_secret_reader(nova_host: Any, instance_uuid: str) -> ops_migrate.HostSe
     return read
 
 
-def check_source(context: Any, instance: Any) -> None:
+def check_source(context: Any, instance: Any, *, live: bool = True) -> None:
     """Refuse, before anything is touched, a move whose passphrase the caller cannot hand over.
 
     :raises nova.exception.MigrationPreCheckError: ``user`` mode and the caller
         is not the owner (the conductor then leaves the server ACTIVE where it is).
     """
     try:
-        rules.check_may_migrate(_config(instance), instance, context, live=True)
+        rules.check_may_migrate(_config(instance), instance, context, live=live)
     except exception.VTPMSecretForbidden as exc:
         raise nova_exception.MigrationPreCheckError(reason=str(exc)) from exc
 

@@ -3,6 +3,7 @@ and Nova (audit.actions carrying it out)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -90,6 +91,7 @@ def test_audit_json_clean(capsys, env):
         "barbican_checked": True, "barbican_scope": ["user alice in project proj-a"],
         "orchestrator": "none", "orchestrator_asked": False, "orchestrator_error": None,
         "orchestrator_vouched": [],
+        "consents": [],
         "clean": True,
     }
     assert keymgr.list_calls == [(OWNER, "user")]
@@ -464,3 +466,34 @@ def test_audit_says_nova_could_not_be_asked(capsys, env, nova):
     report = json.loads(out)
     assert report["orchestrator"] == "nova" and report["orchestrator_asked"] is False
     assert "HTTP 403" in report["orchestrator_error"]
+
+
+def test_audit_lists_the_owners_consents_nova_servers_name(capsys, env, nova):
+    """In force, expired, withdrawn (Keystone refuses the credential), not the owner's,
+    and a record that is gone: each said, as the shim would judge it."""
+    _backend, keymgr, _state, _conf = env
+    now = datetime.datetime.now(datetime.UTC)
+    cases = {"in force": {}, "expired": {"expires_at": now - datetime.timedelta(minutes=1)},
+             "withdrawn": {}, "not the owner's": {"owner": "u-someone"}, "gone": {}}
+    records = {}
+    for case, kwargs in cases.items():
+        server = types.SimpleNamespace(uuid=a_uuid(), metadata={})
+        kwargs.setdefault("expires_at", now + datetime.timedelta(hours=1))
+        records[case] = (server.uuid, keymgr.add_consent(server, **kwargs))
+        nova.live.append({**nova_server(server.uuid), "user_id": "u-owner",
+                          "metadata": server.metadata})
+    keymgr.withdrawn.add(f"cred-{records['withdrawn'][1]}")
+    del keymgr.consents[records["gone"][1]]
+    nova.live.append(nova_server(a_uuid()))                  # no consent: not listed
+    rc, out, err = _run(capsys, env, "-f", "json", "--no-barbican")
+    assert (rc, err) == (0, "")
+    found = {(c["server"], c["record_id"]): (c["state"], c["detail"])
+             for c in json.loads(out)["consents"]}
+    said = {case: found[key] for case, key in records.items()}
+    assert said["in force"][0] == "in force" and "live-migration until" in said["in force"][1]
+    assert said["expired"][0] == "expired"
+    assert said["withdrawn"] == ("unusable", "Keystone: no such application credential")
+    assert said["not the owner's"][0] == "unusable" and "u-someone" in said["not the owner's"][1]
+    assert said["gone"][0] == "unusable"
+    assert len(found) == len(cases)
+    assert "cred-secret" not in out

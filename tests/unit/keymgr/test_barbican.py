@@ -1,10 +1,6 @@
-"""barbican.barbican against a fake Barbican (+ Keystone) served over real HTTP on 127.0.0.1.
-
-The fake keeps Barbican's rules that matter here (creator, read ACL with
-``project-access`` and users, 401 for unknown tokens) and lets a test inject a
-status, a delay or a dropped connection for one request, so every mapping of
-SPEC D5, the ACL rollback and the request counts of D7 are checked end to end
-through keystoneauth1 and requests.
+"""barbican.barbican against the fake Barbican (+ Keystone) of :mod:`tests.fakes.cloud`,
+served over real HTTP on 127.0.0.1: every mapping of SPEC D5, the ACL rollback
+and the request counts of D7, end to end through keystoneauth1 and requests.
 """
 
 from __future__ import annotations
@@ -12,252 +8,33 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
-import http.server
+import datetime
 import json
 import logging
 import re
 import socket
-import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from keystoneauth1 import loading as ks_loading
 
+from tests.fakes.cloud import (
+    MEMBER,
+    OTHER,
+    OWNER,
+    SERVICE,
+    SERVICE_PASSWORD,
+    FakeCloud,
+    FakeSecret,
+    make_conf,
+)
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
 from vtpm_driver.keymgr import barbican
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import rules
+from vtpm_driver.model import consent, rules
 from vtpm_driver.model.server import Flavor, Instance
-
-OWNER = ("u-owner", "p-a", "tok-owner-0123456789")
-MEMBER = ("u-member", "p-a", "tok-member-0123456789")
-OTHER = ("u-other", "p-b", "tok-other-0123456789")
-SERVICE = ("u-service", "p-service", "tok-service-0123456789")
-SERVICE_PASSWORD = "service-pw-0123456789"
-
-
-@dataclasses.dataclass
-class Fault:
-    method: str
-    path_re: str
-    status: int = 500
-    delay: float = 0.0
-    drop: bool = False  # close the connection without answering
-    times: int = 1
-    # With ``status``: this body instead of Barbican's error JSON. With status 0:
-    # Barbican does the real work, then this body replaces its reply.
-    reply: object = None
-
-
-@dataclasses.dataclass
-class FakeSecret:
-    name: str
-    secret_type: str
-    payload: str
-    content_type: str
-    creator: str
-    project: str
-    created: str
-    acl_users: list[str] = dataclasses.field(default_factory=list)
-    project_access: bool = True
-
-
-class FakeCloud:
-    """Barbican (``/v1``) and Keystone (``/v3``) on one loopback port."""
-
-    def __init__(self) -> None:
-        self.tokens = {t: (u, p) for u, p, t in (OWNER, MEMBER, OTHER, SERVICE)}
-        self.secrets: dict[str, FakeSecret] = {}
-        self.requests: list[tuple[str, str]] = []
-        self.bodies: list[bytes] = []
-        self.faults: list[Fault] = []
-        self.lock = threading.Lock()
-        cloud = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with cloud.lock:
-                    cloud.requests.append((self.command, self.path))
-                    cloud.bodies.append(body)
-                    fault = cloud._take_fault(self.command, self.path)
-                if fault is not None:
-                    if fault.delay:
-                        time.sleep(fault.delay)
-                    if fault.drop:
-                        self.close_connection = True
-                        self.connection.shutdown(socket.SHUT_RDWR)
-                        return
-                    if fault.status:
-                        self._send(fault.status, fault.reply if fault.reply is not None
-                                   else {"title": "Injected", "description": "fault"})
-                        return
-                    if fault.reply is not None:
-                        status, _, _ = cloud.dispatch(
-                            self.command, self.path, dict(self.headers), body)
-                        self._send(status, fault.reply)
-                        return
-                status, payload, headers = cloud.dispatch(
-                    self.command, self.path, dict(self.headers), body)
-                self._send(status, payload, headers)
-
-            def _send(self, status: int, payload: object, headers: dict | None = None) -> None:
-                headers = dict(headers or {})
-                if isinstance(payload, str | bytes):
-                    data = payload.encode() if isinstance(payload, str) else payload
-                    headers.setdefault("Content-Type", "text/plain")
-                elif payload is None:
-                    data = b""
-                else:
-                    data = json.dumps(payload).encode()
-                    headers.setdefault("Content-Type", "application/json")
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self) -> FakeCloud:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # -- test controls --------------------------------------------------------
-
-    def fail(self, method: str, path_re: str, status: int = 500, **kw: object) -> None:
-        self.faults.append(Fault(method, path_re, status, **kw))
-
-    def count(self, method: str | None = None, prefix: str = "") -> int:
-        return sum(1 for m, p in self.requests
-                   if (method is None or m == method) and p.startswith(prefix))
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        for fault in self.faults:
-            if fault.method == method and re.search(fault.path_re, path):
-                fault.times -= 1
-                if fault.times <= 0:
-                    self.faults.remove(fault)
-                return fault
-        return None
-
-    # -- fake services --------------------------------------------------------
-
-    def dispatch(self, method: str, path: str, headers: dict, body: bytes
-                 ) -> tuple[int, object, dict]:
-        parsed = urllib.parse.urlsplit(path)
-        if parsed.path.startswith("/v3"):
-            return self._keystone(method, parsed.path, body)
-        who = self.tokens.get(headers.get("X-Auth-Token", ""))
-        if who is None:
-            return 401, {"title": "Unauthorized", "description": "bad token"}, {}
-        user, project = who
-        parts = parsed.path.strip("/").split("/")
-        if parts[:2] != ["v1", "secrets"]:
-            return 404, {"title": "Not Found"}, {}
-        if len(parts) == 2 and method == "POST":
-            return self._create(user, project, json.loads(body))
-        if len(parts) == 2 and method == "GET":
-            return self._list(project, urllib.parse.parse_qs(parsed.query))
-        secret = self.secrets.get(parts[2])
-        if secret is None:
-            return 404, {"title": "Not Found", "description": "Secret not found."}, {}
-        if len(parts) == 4 and parts[3] == "acl" and method == "PUT":
-            if user != secret.creator:
-                return 403, {"title": "Forbidden"}, {}
-            read = json.loads(body)["read"]
-            secret.acl_users = list(read.get("users", []))
-            secret.project_access = bool(read.get("project-access", True))
-            return 200, {"acl_ref": f"{self.url}/v1/secrets/{parts[2]}/acl"}, {}
-        if len(parts) == 4 and parts[3] == "payload" and method == "GET":
-            if not self._may_read(secret, user, project):
-                return 403, {"title": "Forbidden", "description": "not allowed"}, {}
-            return 200, secret.payload.encode("latin-1"), {"Content-Type": secret.content_type}
-        if len(parts) == 3 and method == "DELETE":
-            if not self._may_read(secret, user, project):
-                return 403, {"title": "Forbidden"}, {}
-            del self.secrets[parts[2]]
-            return 204, None, {}
-        return 405, {"title": "Method Not Allowed"}, {}
-
-    @staticmethod
-    def _may_read(secret: FakeSecret, user: str, project: str) -> bool:
-        return (user == secret.creator or user in secret.acl_users
-                or (secret.project_access and project == secret.project))
-
-    def _create(self, user: str, project: str, body: dict) -> tuple[int, object, dict]:
-        sid = str(uuid.uuid4())
-        self.secrets[sid] = FakeSecret(
-            name=body["name"], secret_type=body["secret_type"], payload=body["payload"],
-            content_type=body["payload_content_type"], creator=user, project=project,
-            created=f"2026-01-01T00:00:{len(self.secrets) % 60:02d}")
-        return 201, {"secret_ref": f"{self.url}/v1/secrets/{sid}"}, {}
-
-    def _list(self, project: str, query: dict) -> tuple[int, object, dict]:
-        limit = int(query.get("limit", ["10"])[0])
-        offset = int(query.get("offset", ["0"])[0])
-        like = query.get("name", [""])[0]
-        # Barbican filters names with SQL LIKE: % any run, _ any one character.
-        pattern = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c)
-                          for c in like)
-        mine = [(sid, s) for sid, s in self.secrets.items()
-                if s.project == project and (not like or re.fullmatch(pattern, s.name))]
-        page = mine[offset:offset + limit]
-        body: dict = {
-            "total": len(mine),
-            "secrets": [{"secret_ref": f"{self.url}/v1/secrets/{sid}", "name": s.name,
-                         "created": s.created, "creator_id": s.creator} for sid, s in page],
-        }
-        if offset + limit < len(mine):
-            body["next"] = f"{self.url}/v1/secrets?limit={limit}&offset={offset + limit}"
-        return 200, body, {}
-
-    def _keystone(self, method: str, path: str, body: bytes) -> tuple[int, object, dict]:
-        if method == "GET" and path.rstrip("/") == "/v3":
-            return 200, {"version": {"id": "v3.14", "status": "stable", "links": [
-                {"rel": "self", "href": f"{self.url}/v3/"}]}}, {}
-        if method == "POST" and path == "/v3/auth/tokens":
-            ident = json.loads(body)["auth"]["identity"]["password"]["user"]
-            if (ident.get("name"), ident.get("password")) != ("svc", SERVICE_PASSWORD):
-                return 401, {"error": {"code": 401, "title": "Unauthorized"}}, {}
-            user, project, token = SERVICE
-            return 201, {"token": {
-                "methods": ["password"], "expires_at": "2099-01-01T00:00:00.000000Z",
-                "issued_at": "2026-01-01T00:00:00.000000Z",
-                "user": {"id": user, "name": "svc", "domain": {"id": "default",
-                                                              "name": "Default"}},
-                "project": {"id": project, "name": "service",
-                            "domain": {"id": "default", "name": "Default"}},
-                "roles": [{"id": "r1", "name": "member"}, {"id": "r2", "name": "service"}],
-                "catalog": [{"type": "key-manager", "name": "barbican", "id": "s1",
-                             "endpoints": [{"interface": "public", "region": "RegionOne",
-                                            "region_id": "RegionOne", "id": "e1",
-                                            "url": self.url}]}],
-            }}, {"X-Subject-Token": token}
-        return 404, {"error": {"code": 404}}, {}
-
 
 # -- fixtures -------------------------------------------------------------------------
 
@@ -266,26 +43,6 @@ class FakeCloud:
 def cloud() -> Iterator[FakeCloud]:
     with FakeCloud() as c:
         yield c
-
-
-def make_conf(cloud: FakeCloud, *, endpoint: bool = True, acl: bool = True,
-              timeout: float = 2.0, service_user: bool = False):
-    c = vtpm_conf.new_conf()
-    if endpoint:
-        c.set_override("barbican_endpoint", cloud.url, group="key_manager")
-    c.set_override("timeout", timeout, group="key_manager")
-    c.set_override("owner_only_acl", acl, group="vtpm")
-    if service_user:
-        # v3password: no version discovery GET before the token request.
-        c.set_override("auth_type", "v3password", group="service_user")
-        c.register_opts(ks_loading.get_auth_plugin_conf_options("v3password"),
-                        group="service_user")
-        for key, value in (("auth_url", f"{cloud.url}/v3"), ("username", "svc"),
-                           ("password", SERVICE_PASSWORD), ("project_name", "service"),
-                           ("user_domain_name", "Default"),
-                           ("project_domain_name", "Default")):
-            c.set_override(key, value, group="service_user")
-    return c
 
 
 def ctx(who: tuple[str, str, str], catalog: list | None = None) -> RequestContext:
@@ -833,3 +590,60 @@ def test_list_pages_and_filters(cloud: FakeCloud, monkeypatch: pytest.MonkeyPatc
     assert cloud.count("GET") == 3  # 6 matching secrets, pages of 2
     assert all("payload" not in p for _, p in cloud.requests)
     assert km.list_vtpm_secrets(ctx(OTHER)) == []
+
+
+# -- an owner's consent (vtpm_driver.model.consent) -------------------------------------
+
+CRED_SECRET = "app-cred-secret-0123456789"
+
+
+def stored_consent(cloud: FakeCloud, operations=(consent.LIVE_MIGRATION,),
+                   readers=(SERVICE[0],)) -> tuple[str, str]:
+    """(record id, server uuid): the owner's record, readable by ``readers``."""
+    server_uuid = str(uuid.uuid4())
+    cloud.app_creds["cred-1"] = CRED_SECRET
+    payload = consent.record(server_uuid, frozenset(operations),
+                             datetime.datetime(2099, 1, 1, tzinfo=datetime.UTC),
+                             "cred-1", CRED_SECRET)
+    _status, body, _ = cloud._create(OWNER[0], OWNER[1], {
+        "name": f"{consent.NAME_PREFIX}{server_uuid}", "secret_type": "opaque",
+        "payload": payload, "payload_content_type": "text/plain"})
+    record_id = body["secret_ref"].rsplit("/", 1)[-1]
+    cloud.secrets[record_id].acl_users = list(readers)
+    cloud.secrets[record_id].project_access = False
+    return record_id, server_uuid
+
+
+def test_a_consent_record_is_read_as_the_service_user_and_speaks_for_its_creator(cloud):
+    record_id, server_uuid = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    granted = km.get_consent(record_id)
+    assert (granted.record_id, granted.server, granted.owner) == (record_id, server_uuid,
+                                                                 OWNER[0])
+    assert granted.operations == {consent.LIVE_MIGRATION}
+    assert CRED_SECRET not in repr(granted)
+
+
+def test_a_record_the_service_user_may_not_read_is_refused(cloud):
+    record_id, _ = stored_consent(cloud, readers=())
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    with pytest.raises(exception.VTPMSecretForbidden):
+        km.get_consent(record_id)
+
+
+def test_the_consent_context_is_the_owner_by_the_application_credential(cloud, debug_log):
+    record_id, _ = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    owner = km.consent_context(km.get_consent(record_id))
+    assert (owner.user_id, owner.project_id) == OWNER[:2]
+    assert owner.auth_token == OWNER[2]
+    assert_not_leaked([debug_log.text, repr(owner)], CRED_SECRET, OWNER[2])
+
+
+def test_a_withdrawn_application_credential_gives_no_context(cloud):
+    record_id, _ = stored_consent(cloud)
+    km = barbican.KeyManager(make_conf(cloud, service_user=True))
+    granted = km.get_consent(record_id)
+    del cloud.app_creds["cred-1"]                       # the owner deleted it
+    with pytest.raises(exception.VTPMError):
+        km.consent_context(granted)

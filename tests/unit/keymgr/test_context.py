@@ -10,7 +10,7 @@ from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
 from keystoneauth1.identity import v3
 
-from tests.unit.keymgr.test_barbican import SERVICE, SERVICE_PASSWORD, FakeCloud
+from tests.fakes.cloud import SERVICE, SERVICE_PASSWORD, FakeCloud
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import exception
 from vtpm_driver.keymgr import context as ctx_mod
