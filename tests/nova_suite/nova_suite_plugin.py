@@ -57,9 +57,16 @@ _PASSPHRASE_AS_BYTES = (
     "(nova.crypto returns bytes; vtpm_secret_value_bytes), whichever key manager gave it; "
     "the test's mocked nova.crypto returns the str 'passphrase' and expects it unchanged"
 )
+_COLD_MIGRATE_AS_ADMIN = (
+    "deliberate: an admin who may not read a user-mode secret (and holds no consent of "
+    "the owner's to cold-migration) is refused on the source before the guest is touched "
+    "(InstanceFaultRollback): the server stays ACTIVE and running where it was (Nova "
+    "powers it off, copies it and leaves it in ERROR on the destination)"
+)
 DELIBERATE_DIFFERENCES: dict[str, str] = {
     "::test_hard_reboot_server_as_admin_1_None": _HARD_REBOOT_AS_ADMIN,
     "::test_hard_reboot_server_as_admin_2_user": _HARD_REBOOT_AS_ADMIN,
+    "::test_migrate_server_as_admin": _COLD_MIGRATE_AS_ADMIN,
     # unit tests (nova/tests/unit/virt/libvirt/test_driver.py)
     "::TestUpdateProviderTree::test_update_provider_tree_with_tpm_secret_security_traits": (
         "deliberate: a host whose libvirt cannot run a vTPM (fakelibvirt's default) reports "

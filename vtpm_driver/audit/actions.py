@@ -187,14 +187,22 @@ class AuditActions:
                       ) -> list[audit_report.BarbicanSecret]:
         """The vTPM secrets each ``(context, mode)`` can list, with their read ACL.
 
-        One listing per scope and one ACL GET per secret (metadata only).
+        One listing per scope and one ACL GET per secret (metadata only). A
+        secret deleted between the listing and its ACL GET (its server deleted
+        meanwhile, by another host or Nova) is gone: it is left out.
+
         :raises VTPMError: Barbican or Keystone failed.
         """
         found: dict[str, audit_report.BarbicanSecret] = {}
         for context, mode in scopes:
             for item in keymgr.list_vtpm_secrets(context, mode):
                 uuid = item.get("uuid")
-                access = keymgr.secret_project_access(context, uuid, mode) if uuid else None
+                try:
+                    access = (keymgr.secret_project_access(context, uuid, mode) if uuid
+                              else None)
+                except exception.VTPMSecretNotFound:
+                    LOG.info("vTPM secret %s was deleted while the audit listed it", uuid)
+                    continue
                 found.setdefault(str(uuid), audit_report.BarbicanSecret(
                     uuid=uuid, name=str(item.get("name")),
                     instance_uuid=item.get("instance_uuid"), mode=mode,

@@ -497,3 +497,14 @@ def test_audit_lists_the_owners_consents_nova_servers_name(capsys, env, nova):
     assert said["gone"][0] == "unusable"
     assert len(found) == len(cases)
     assert "cred-secret" not in out
+
+
+def test_audit_leaves_out_a_secret_deleted_while_it_lists(capsys, env):
+    """Its server was deleted meanwhile (by another host, or Nova): gone, not an error."""
+    _backend, keymgr, _state, _conf = env
+    keymgr.listed["user"] = [{"uuid": a_uuid(), "name": f"vTPM secret for instance {a_uuid()}",
+                              "instance_uuid": a_uuid()}]
+    keymgr.fail["acl"] = exception.VTPMSecretNotFound("vTPM secret ... does not exist")
+    rc, out, err = _run(capsys, env, "-f", "json", "--os-username", "alice")
+    assert (rc, err) == (0, "")
+    assert json.loads(out)["orphan_barbican_secrets"] == []
