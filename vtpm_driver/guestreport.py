@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 #: A result line: ``VTPM_RESULT`` then ``key=value`` words up to the end of the line.
-RESULT_RE = re.compile(r"VTPM_RESULT((?: +[a-z_]+=\S*)+) *$")
+RESULT_RE = re.compile(r"VTPM_RESULT((?: +[a-z_][a-z0-9_]*=\S*)+) *$")
 
 
 def parse_vtpm_results(text: str) -> list[dict[str, str]]:
