@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the tiny test guest used by the functional tests and the demo:
 #   $VTPM_GUEST_DIR/vmlinuz     Debian's cloud kernel (TPM TIS + CRB drivers built in)
-#   $VTPM_GUEST_DIR/initrd.img  gzip'ed newc cpio: busybox-static + tools/guest/init
+#   $VTPM_GUEST_DIR/initrd.img  gzip'ed newc cpio: busybox-static + tools/guest/init +
+#                               tpm2-tools (Debian's, with the libraries it loads)
 # (VTPM_GUEST_DIR defaults to /var/cache/vtpm-driver/guest.)
 #
 # The kernel package is fetched with `apt-get download` and unpacked with `dpkg -x`: nothing
@@ -18,6 +19,10 @@ GUEST_DIR=${VTPM_GUEST_DIR:-/var/cache/vtpm-driver/guest}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT_SRC=$HERE/guest/init
 BUSYBOX=/bin/busybox
+# The guest's TPM client: Debian's tpm2-tools (one multi-call binary), the libraries it
+# links and the device TCTI libtss2 loads at run time (dlopen, so ldd does not list it).
+TPM2=/usr/bin/tpm2
+TPM2_DLOPEN=(/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0)
 META_PKG=linux-image-cloud-amd64
 # Loaded by /init in vtpm_test=stay mode so an ACPI power-button press can be seen.
 MODULES=(drivers/input/evdev.ko drivers/acpi/button.ko)
@@ -33,6 +38,8 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok in
     || die "busybox-static is not installed (apt-get install busybox-static, or run" \
            "tools/setup-host.sh): the initramfs needs a statically linked busybox"
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing although busybox-static is installed"
+[ -x "$TPM2" ] && [ -e "${TPM2_DLOPEN[0]}" ] || die "tpm2-tools is not installed (apt-get" \
+    "install tpm2-tools, or run tools/setup-host.sh): the guest's TPM client comes from it"
 
 mkdir -p "$GUEST_DIR" 2>/dev/null || die "cannot create $GUEST_DIR (set VTPM_GUEST_DIR?)"
 [ -w "$GUEST_DIR" ] || die "$GUEST_DIR is not writable (run as root or set VTPM_GUEST_DIR)"
@@ -140,16 +147,23 @@ fi
 # --- initrd -----------------------------------------------------------------------------
 # Rebuilt when /init, busybox or the modules change (content hashes, not mtimes, so a
 # fresh checkout does not force a rebuild).
+# The files tpm2 needs in the guest: itself, the libraries ldd resolves (the dynamic
+# loader among them), the dlopen'ed TCTI. One path per line.
+tpm2_files() {
+    echo "$TPM2"
+    ldd "$TPM2" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'
+    printf '%s\n' "${TPM2_DLOPEN[@]}"
+}
 initrd_inputs() {
-    sha256sum "$INIT_SRC" "$BUSYBOX" "$GUEST_DIR"/modules/*.ko | awk '{print $1}'
-    echo "format=1"
+    sha256sum "$INIT_SRC" "$BUSYBOX" "$GUEST_DIR"/modules/*.ko $(tpm2_files) | awk '{print $1}'
+    echo "format=2"
 }
 want_initrd=$(initrd_inputs | sha256sum | awk '{print $1}')
 if [ -s "$GUEST_DIR/initrd.img" ] && [ -s "$GUEST_DIR/initrd.img.stamp" ] \
         && [ "$(cat "$GUEST_DIR/initrd.img.stamp")" = "$want_initrd" ]; then
     say "initrd up to date"
 else
-    say "building initrd.img (busybox-static + tools/guest/init)"
+    say "building initrd.img (busybox-static + tools/guest/init + tpm2-tools)"
     make_workdir
     root=$WORK/initrd
     mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,lib/modules}
@@ -157,6 +171,11 @@ else
     ln -s busybox "$root/bin/sh"
     install -m 0755 "$INIT_SRC" "$root/init"
     cp "$GUEST_DIR"/modules/*.ko "$root/lib/modules/"
+    # tpm2-tools at the paths it has here, so the loader and its search paths just work.
+    tpm2_files | while read -r f; do
+        mkdir -p "$root$(dirname "$f")"
+        cp -L "$f" "$root$f"
+    done
     # The kernel opens /dev/console before running /init; without the node (needs root to
     # create) /init still works: it reopens the console after mounting devtmpfs.
     if [ "$(id -u)" = 0 ]; then

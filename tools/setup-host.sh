@@ -10,9 +10,11 @@ TAG=setup-host
 
 [ "$(id -u)" = 0 ] || die "must run as root (installs packages, starts libvirtd)"
 
+# tpm2-tools: not for this host: tools/build-guest.sh copies it, with the libraries it
+# links, into the test guest's initramfs (the guest's TPM client).
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 swtpm swtpm-tools libvirt-dev pkg-config
-          busybox-static cpio gzip python3-venv python3-dev gcc)
+          busybox-static cpio gzip python3-venv python3-dev gcc tpm2-tools)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -319,8 +319,15 @@ def test_create_boots_the_requested_tpm_and_delete_removes_everything(
           "hw:tpm_model=tpm-crb"], "tpm-crb needs TPM version 2.0"),
         (["--flavor-property", "hw:tpm_version=2.0", "--flavor-property",
           "hw:tpm_secret_security=nobody"], "invalid hw:tpm_secret_security='nobody'"),
+        (["--image-property", "os_distro=windows", "--image-property", "os_version=11",
+          "--flavor-property", "hw:tpm_version=2.0"],
+         "the image is Windows 11 (os_distro=windows, os_version='11'), which needs UEFI "
+         "firmware (image hw_firmware_type=uefi); Secure Boot"),
+        (["--image-property", "vtpm_guest_os=windows11", "--image-property",
+          "hw_firmware_type=uefi", "--flavor-property", "os:secure_boot=required"],
+         "which needs a TPM 2.0 (flavor hw:tpm_version=2.0)"),
     ],
-    ids=["conflict", "1.2-crb", "bad-secret-mode"],
+    ids=["conflict", "1.2-crb", "bad-secret-mode", "windows11-no-uefi", "windows11-no-tpm"],
 )
 def test_invalid_request_creates_nothing(
     cli: CliRunner, made: Servers, test_guest: TestGuest, libvirt_conn: libvirt.virConnect,

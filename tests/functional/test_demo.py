@@ -94,7 +94,8 @@ def test_demo_passes_every_check(demo: DemoOutput) -> None:
 
 def test_demo_guest_sees_tpm2_on_crb(demo: DemoOutput) -> None:
     line = demo.step("guest saw")
-    assert re.search(r"VTPM_RESULT version=2 driver=tpm_crb getrandom_rc=0 ek=[0-9a-f]{64}$",
+    assert re.search(r"VTPM_RESULT version=2 driver=tpm_crb getrandom_rc=0 ek=[0-9a-f]{64} "
+                     r"sealed=[0-9a-f]{64} sealed_at=new pcr7=[0-9a-f]{64}$",
                      line), demo.explain()
 
 
@@ -118,10 +119,13 @@ def test_demo_member_cannot_unlock(demo: DemoOutput) -> None:
 
 def test_demo_owner_reboot_keeps_tpm_identity(demo: DemoOutput) -> None:
     line = demo.step("owner hard-reboots")
-    match = re.search(r"TPM identity kept \(ek ([0-9a-f]{16})\.\.\. before and after\)$", line)
+    match = re.search(r"TPM identity kept \(ek ([0-9a-f]{16})\.\.\. before and after\) and "
+                      r"the value it sealed to PCR 7 unsealed again \(sealed ([0-9a-f]{16})"
+                      r"\.\.\.\)$", line)
     assert match, line
-    # The identity the guest printed on its first boot is the one kept.
+    # The identity and the sealed value the guest printed on its first boot are the ones kept.
     assert f"ek={match.group(1)}" in demo.step("guest saw")
+    assert f"sealed={match.group(2)}" in demo.step("guest saw")
 
 
 def test_demo_leaves_nothing(demo: DemoOutput, libvirt_conn: libvirt.virConnect,

@@ -72,6 +72,7 @@ from tests.functional.test_cli_servers import (
     domain_exists,
 )
 from vtpm_driver import faults
+from vtpm_driver.guestreport import GuestTPM, tpm_of
 from vtpm_driver.virt import secret as virt_secret
 from vtpm_driver.virt import state as virt_state
 
@@ -209,9 +210,9 @@ def all_gone(conn: libvirt.virConnect, session: ks_session.Session, instance_uui
         assert barbican_status(session, secret_uuid) == 404
 
 
-def boot_ek(conn: libvirt.virConnect, instance_uuid: str, console: Path) -> str:
+def boot_ek(conn: libvirt.virConnect, instance_uuid: str, console: Path) -> GuestTPM:
     wait_for_shutoff(conn.lookupByUUIDString(instance_uuid))
-    return last_vtpm_result(console)["ek"]
+    return tpm_of(last_vtpm_result(console))
 
 
 def repair(cli: CliRunner, instance_uuid: str) -> Result:
@@ -323,13 +324,14 @@ def test_fault(op: str, fault: str, faulty: Faulty, cli: CliRunner, test_guest: 
     if count_results(server.console) == seen:  # nothing booted since the fault (confirm)
         assert cli("server", "start", server.name).rc == 0
         how += ", start OK"
-    ek = wait_results(server.console, seen)[-1]["ek"]
+    ek = tpm_of(wait_results(server.console, seen)[-1])
     wait_for_shutoff(dom)
     if op == "rebuild reset":
-        assert ek != server.ek, "the reset kept the old TPM"
+        assert ek.ek != server.ek.ek, "the reset kept the old TPM"
+        assert ek.sealed != server.ek.sealed, "what was sealed in the old TPM is readable"
         seen = count_results(server.console)
         assert cli("server", "start", server.name).rc == 0
-        assert wait_results(server.console, seen)[-1]["ek"] == ek, "the new TPM was lost"
+        assert tpm_of(wait_results(server.console, seen)[-1]) == ek, "the new TPM was lost"
         wait_for_shutoff(dom)
         server.ek = ek
         how += ", new EK, kept by the next start"
@@ -354,7 +356,7 @@ class Shared:
     name: str
     uuid: str
     secret: str
-    ek: str
+    ek: GuestTPM
     console: Path
 
 
@@ -382,7 +384,7 @@ def shared_server(cli: CliRunner, guest: TestGuest, conn: libvirt.virConnect, tm
     (first,) = wait_results(console, 0)[:1]
     if not stay:
         wait_for_shutoff(conn.lookupByUUIDString(shown["uuid"]))
-    return Shared(name, shown["uuid"], shown["vtpm_secret_uuid"], first["ek"], console)
+    return Shared(name, shown["uuid"], shown["vtpm_secret_uuid"], tpm_of(first), console)
 
 
 def check_intact(cli: CliRunner, conn: libvirt.virConnect, session: ks_session.Session,
@@ -399,7 +401,7 @@ def check_intact(cli: CliRunner, conn: libvirt.virConnect, session: ks_session.S
     booted = cli("server", "reboot", "--hard", server.name) if dom.isActive() else \
         cli("server", "start", server.name)
     assert booted.rc == 0, booted.err
-    ek = wait_results(server.console, seen)[-1]["ek"]
+    ek = tpm_of(wait_results(server.console, seen)[-1])
     assert ek == server.ek, "the TPM changed: its state was lost"
     if not stay:
         wait_for_shutoff(dom)
@@ -590,7 +592,7 @@ def test_swtpm_killed(op: str, cli: CliRunner, libvirt_conn: libvirt.virConnect,
         assert cli("server", "start", server.name).rc == 0
         outcome += ", start OK"
     wait_swtpm(server.uuid, running=True)
-    assert wait_results(server.console, seen)[-1]["ek"] == server.ek, "the TPM changed"
+    assert tpm_of(wait_results(server.console, seen)[-1]) == server.ek, "the TPM changed"
     assert barbican_status(owner_session, server.secret) == 200
     no_passphrase_in_libvirt(libvirt_conn, server.uuid)
     TABLE[(op, "swtpm-killed")] = f"{outcome}; EK same; no secret left"
@@ -666,7 +668,7 @@ def test_libvirtd_restarted_mid_operation(op: str, point: str, host_a, owner_ses
     shown = runner(*create_args(test_guest, name, console,
                                 "--flavor-property", "hw:tpm_version=2.0")).json()
     server = Shared(name, shown["uuid"], shown["vtpm_secret_uuid"],
-                    wait_results(console, 0)[0]["ek"], console)
+                    tpm_of(wait_results(console, 0)[0]), console)
     conn = libvirt.open(HOST_A_URI)
     try:
         wait_for_shutoff(conn.lookupByUUIDString(server.uuid))
@@ -703,7 +705,7 @@ def test_libvirtd_restarted_mid_operation(op: str, point: str, host_a, owner_ses
         assert retry.rc == 0, retry.err
         dom = conn.lookupByUUIDString(server.uuid)
         wait_for_shutoff(dom)
-        assert last_vtpm_result(console)["ek"] == server.ek, "the TPM changed"
+        assert tpm_of(last_vtpm_result(console)) == server.ek, "the TPM changed"
         assert barbican_status(owner_session, server.secret) == 200
         assert virt_secret.lookup_vtpm_secret_by_instance(conn, server.uuid) is None
         TABLE[(op, fault)] = f"{outcome}; EK same"
@@ -767,7 +769,7 @@ SETTLE_DEFAULT = 20.0
 class NovaServer:
     id: str
     mode: str
-    ek: str
+    ek: GuestTPM
 
 
 @pytest.fixture(scope="module")
@@ -783,7 +785,7 @@ def nova_families(aio_cloud: AioCloud) -> Iterator:  # noqa: F811
             aio_cloud.run("admin", "server", "delete", "--wait", made.pop(mode).id)
         if mode not in made:
             server_id, _host = create_on_test_host(tracker, mode, SECOND_PAIR_ZONE)
-            made[mode] = NovaServer(server_id, mode, latest_report(aio_cloud, server_id)["ek"])
+            made[mode] = NovaServer(server_id, mode, tpm_of(latest_report(aio_cloud, server_id)))
         return made[mode]
 
     yield get
@@ -917,7 +919,7 @@ def record_behind(cloud: AioCloud, server: NovaServer, victim: str, who: str) ->
     except AssertionError as exc:
         refusal = str(exc)
     else:  # Nova's record caught up with the guest (the source gave up and moved it)
-        assert report_of_a_new_boot(cloud, server.id, seen)["ek"] == server.ek
+        assert tpm_of(report_of_a_new_boot(cloud, server.id, seen)) == server.ek
         assert server.id not in virsh(other(said), "list", "--uuid")
         placement_audit(cloud)
         return (f"killed on {who} ({victim}); Nova says {said}, where the guest runs: "
@@ -926,7 +928,7 @@ def record_behind(cloud: AioCloud, server: NovaServer, victim: str, who: str) ->
     running = other(said)
     assert server.id not in virsh(said, "list", "--uuid")
     assert server.id in virsh(running, "list", "--uuid")
-    assert latest_report(cloud, server.id)["ek"] == server.ek
+    assert tpm_of(latest_report(cloud, server.id)) == server.ek
     placement_audit(cloud)
     return (f"killed on {who} ({victim}); Nova says {said}, the guest runs on {running}: "
             f"reboot --hard refused (no TPM state on {said}), EK same on {running}")
@@ -992,7 +994,7 @@ def test_fault_through_nova(op: str, who: str, step: str,
 
     host = aio_cloud.server("admin", server.id)[HOST_ATTR]
     elsewhere = other(host)
-    assert report["ek"] == server.ek, "the TPM changed: its state was lost"
+    assert tpm_of(report) == server.ek, "the TPM changed: its state was lost"
     assert server.id in virsh(host, "list", "--uuid")
     assert server.id not in virsh(elsewhere, "list", "--uuid"), f"it also runs on {elsewhere}"
     # Passphrases: host mode keeps its persistent secret where the server is, nowhere else;

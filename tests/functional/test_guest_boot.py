@@ -26,6 +26,7 @@ from tests.functional.fixtures_libvirt import (
     swtpm_state_file,
     wait_for_shutoff,
 )
+from vtpm_driver.guestreport import tpm_of
 
 pytestmark = pytest.mark.functional
 
@@ -132,6 +133,11 @@ def test_guest_sees_encrypted_vtpm(libvirt_conn, test_guest, cleanup, tmp_path,
     assert result["ek"] != "none"
     assert len(result["ek"]) == 64
     int(result["ek"], 16)
+    if want_version == "2":  # its first boot sealed a value to PCR 7 (tpm2-tools)
+        assert result["sealed_at"] == "new" and len(result["sealed"]) == 64, result
+        assert len(result["pcr7"]) == 64, result
+    else:
+        assert (result["sealed"], result["pcr7"]) == ("none", "none")
 
     state_file = swtpm_state_file(dom.UUIDString(), version)
     assert state_file.is_file(), sorted(swtpm_state_dir(dom.UUIDString()).rglob("*"))
@@ -158,10 +164,14 @@ def test_tpm_identity_follows_state(libvirt_conn, test_guest, cleanup, tmp_path,
     # Same domain, secret redefined with the same value: the same TPM comes back.
     second = boot(libvirt_conn, cleanup, dom, console_log, secret_uuid, passphrase)
     assert second["getrandom_rc"] == "0"
-    assert second["ek"] == first["ek"]
+    assert tpm_of(second) == tpm_of(first)
+    if version == "2.0":  # read back, not sealed again
+        assert (first["sealed_at"], second["sealed_at"]) == ("new", "kept")
 
     # A new domain gets a freshly manufactured TPM.
     other, other_log, other_secret = define_domain(libvirt_conn, cleanup, test_guest,
                                                    tmp_path, version, model)
     fresh = boot(libvirt_conn, cleanup, other, other_log, other_secret, passphrase)
     assert fresh["ek"] not in ("none", first["ek"])
+    if version == "2.0":  # what the guest sealed in the other TPM is not in this one
+        assert fresh["sealed_at"] == "new" and fresh["sealed"] != first["sealed"]

@@ -26,6 +26,7 @@ from tests.functional.fixtures_server import (
 )
 from vtpm_driver import exception
 from vtpm_driver.driver import VTPMDriver
+from vtpm_driver.guestreport import GuestTPM, tpm_of
 from vtpm_driver.model import custody
 from vtpm_driver.model.server import Flavor, Instance
 from vtpm_driver.standalone import servers
@@ -39,13 +40,16 @@ pytestmark = [pytest.mark.functional]
 RESIZE_BACKUPS = "/var/lib/vtpm-driver/resize"
 
 
-def check_result(result: dict[str, str], version: str, driver: str) -> str:
-    """The guest saw the TPM it asked for and it works; returns the EK fingerprint."""
+def check_result(result: dict[str, str], version: str, driver: str) -> GuestTPM:
+    """The guest saw the TPM it asked for and it works; returns the TPM as the guest knows
+    it (a TPM 2.0 guest sealed a value in it, or read back the one it sealed)."""
     assert result["version"] == ("2" if version == "2.0" else version)
     assert result["driver"] == driver
     assert result["getrandom_rc"] == "0"
     assert len(result["ek"]) == 64, result
-    return result["ek"]
+    if version == "2.0":
+        assert len(result["sealed"]) == 64 and len(result["pcr7"]) == 64, result
+    return tpm_of(result)
 
 
 def mark_settled(counter: AccessLogCounter) -> None:

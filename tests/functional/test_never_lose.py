@@ -38,6 +38,7 @@ from tests.functional.test_cli_servers import (
     create_args,
 )
 from vtpm_driver import conf as vtpm_conf
+from vtpm_driver.guestreport import tpm_of
 from vtpm_driver.ops import journal
 from vtpm_driver.virt import record
 from vtpm_driver.virt import secret as virt_secret
@@ -182,7 +183,7 @@ def test_item1_two_resizes_at_once_never_lose_the_tpm(
     made.created(cli(*create_args(test_guest, name, console_log, "--flavor-property",
                                   "hw:tpm_version=2.0",
                                   cmdline=f"{test_guest.cmdline} {STAY}")).json())
-    ek = results_on(console_log, 1)[0]["ek"]
+    ek = tpm_of(results_on(console_log, 1)[0])
     # A model change starts a fresh TPM: only the backup keeps the old one.
     resize = ("server", "resize", name, "--flavor-property", "hw:tpm_model=tpm-crb")
     both = [cli.popen(*resize), cli.popen(*resize)]
@@ -190,9 +191,11 @@ def test_item1_two_resizes_at_once_never_lose_the_tpm(
     assert [r.rc for r in results] == [0, 1], [r.err for r in results]
     line = results[1].one_error_line()
     assert "in progress" in line or "awaiting confirm or revert" in line, line
-    assert results_on(console_log, 2)[1]["ek"] != ek, "the resized server has a fresh TPM"
+    fresh = tpm_of(results_on(console_log, 2)[1])
+    assert fresh.ek != ek.ek, "the resized server has a fresh TPM"
+    assert fresh.sealed != ek.sealed, "what was sealed in the old TPM is gone with it"
     assert cli("server", "resize", "revert", name).rc == 0
-    assert results_on(console_log, 3)[2]["ek"] == ek, "the old TPM came back"
+    assert tpm_of(results_on(console_log, 3)[2]) == ek, "the old TPM came back"
     assert cli("server", "delete", name).rc == 0
 
 

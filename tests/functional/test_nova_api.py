@@ -38,6 +38,7 @@ from tests.functional.fixtures_nova import (
     other,
     wait_migration_over,
 )
+from vtpm_driver.guestreport import tpm_of
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 
@@ -109,7 +110,7 @@ def test_without_the_component_novas_refusals_stand_and_with_it_where_our_shim_i
     assert (server["status"], server[HOST_ATTR]) == ("ACTIVE", source)
     after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
                           boot=before["boot"])
-    assert (after["ek"], after["boot"]) == (before["ek"], before["boot"])  # untouched
+    assert (tpm_of(after), after["boot"]) == (tpm_of(before), before["boot"])  # untouched
 
 
 def test_the_scheduler_never_picks_a_host_without_our_trait(
@@ -139,6 +140,6 @@ def test_the_scheduler_never_picks_a_host_without_our_trait(
     assert aio_cloud.server("admin", server_id)[HOST_ATTR] == dest
     after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
                           boot=before["boot"])
-    assert (after["ek"], after["boot"]) == (before["ek"], before["boot"])
+    assert (tpm_of(after), after["boot"]) == (tpm_of(before), before["boot"])
     assert_runs_on(dest, server_id)
     assert_nothing_on(source, server_id)

@@ -47,7 +47,7 @@ from tests.functional.fixtures_nova import (
     next_boot_report,
     other,
 )
-from vtpm_driver.guestreport import results_since
+from vtpm_driver.guestreport import results_since, tpm_of
 
 pytestmark = [pytest.mark.functional, pytest.mark.aio]
 
@@ -92,7 +92,7 @@ def test_shelve_offload_and_unshelve_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     if unshelver == "admin":
         assert dest == other(source)
     after = next_boot_report(aio_cloud, server_id, before["boot"])
-    assert after["ek"] == before["ek"]                 # the same TPM
+    assert tpm_of(after) == tpm_of(before)                 # the same TPM
     assert_runs_on(dest, server_id)
     meta = copy_meta(aio_cloud, server_id)            # on-stop: kept as the backup
     assert meta is not None and not meta["shelved"] and meta["started_after"], meta
@@ -111,7 +111,7 @@ def test_a_non_owner_shelve_of_a_user_mode_server_changes_nothing(
     assert server["status"] == "ACTIVE"
     after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
                           boot=before["boot"])                  # the same boot runs on
-    assert after["ek"] == before["ek"]
+    assert tpm_of(after) == tpm_of(before)
     assert_runs_on(source, server_id)
     assert copy_meta(aio_cloud, server_id) is None
     actions = aio_cloud.json("admin", "server", "event", "list", server_id)
@@ -168,17 +168,17 @@ def test_rescue_unrescue_and_rebuild_keep_the_tpm(aio_cloud: AioCloud,  # noqa: 
     aio_cloud.wait_server("owner", server_id, "RESCUE")
     rescued = report_since(aio_cloud, server_id, log)
     assert "boot" not in rescued                      # the rescue boot's line
-    assert rescued["ek"] == first["ek"]
+    assert tpm_of(rescued) == tpm_of(first)
 
     aio_cloud.cli("owner", "server", "unrescue", server_id)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
     normal = next_boot_report(aio_cloud, server_id, first["boot"])
-    assert normal["ek"] == first["ek"]
+    assert tpm_of(normal) == tpm_of(first)
 
     aio_cloud.action_ok("owner", "rebuild", server_id)
     aio_cloud.wait_server("owner", server_id, "ACTIVE")
     rebuilt = next_boot_report(aio_cloud, server_id, normal["boot"])
-    assert rebuilt["ek"] == first["ek"]               # a new image keeps the TPM
+    assert tpm_of(rebuilt) == tpm_of(first)               # a new image keeps the TPM
     assert_runs_on(source, server_id)
     # Still one passphrase; a deployment-mode one is the service user's, not the owner's.
     assert len(aio_cloud.vtpm_secrets("owner", server_id)) == (mode != "deployment")
@@ -216,7 +216,7 @@ def test_evacuate_from_a_dead_compute_uses_the_on_stop_copy(
     """A stopped server of a dead compute comes back elsewhere with its TPM; a server
     with no copy is refused, naming ``[vtpm] state_backup``, and nothing moves."""
     kept, source = create_on_test_host(aio_resources, "deployment")
-    ek = latest_report(aio_cloud, kept)["ek"]
+    ek = tpm_of(latest_report(aio_cloud, kept))
     lost = aio_resources.server_create("admin", flavor_for(aio_resources, "deployment"),
                                        image=REPORTING_IMAGE, wait=True,
                                        zone=f"{MULTIHOST_ZONE}:{source}")
@@ -239,7 +239,7 @@ def test_evacuate_from_a_dead_compute_uses_the_on_stop_copy(
         assert aio_cloud.server("admin", kept)[HOST_ATTR] == dest
         aio_cloud.cli("owner", "server", "start", kept)
         aio_cloud.wait_server("owner", kept, "ACTIVE")
-        assert latest_report(aio_cloud, kept)["ek"] == ek
+        assert tpm_of(latest_report(aio_cloud, kept)) == ek
         assert_runs_on(dest, kept)
         assert copy_meta(aio_cloud, kept)["started_after"]  # the copy is overtaken now
     finally:

@@ -69,6 +69,7 @@ from tests.functional.test_cli_servers import (
     create_args,
     domain_exists,
 )
+from vtpm_driver.guestreport import GuestTPM, tpm_of
 from vtpm_driver.virt import secret as virt_secret
 
 pytestmark = pytest.mark.functional
@@ -240,7 +241,7 @@ class Slot:
         self.creating = False
         self.name: str | None = None
         self.uuid: str | None = None
-        self.ek: str | None = None
+        self.ek: GuestTPM | None = None
         self.console: Path | None = None
 
 
@@ -347,13 +348,13 @@ class Soak:
             call(worker, name, op, "server", "reboot", "--hard", name, cloud="member")
 
 
-def wait_ek(console: Path) -> str:
+def wait_ek(console: Path) -> GuestTPM:
     """The EK of the first VTPM_RESULT in a fresh console log."""
     deadline = time.monotonic() + BOOT_TIMEOUT
     while time.monotonic() < deadline:
         results = parse_vtpm_results(read_console(console))
         if results:
-            return results[0]["ek"]
+            return tpm_of(results[0])
         time.sleep(0.3)
     raise AssertionError(f"no VTPM_RESULT in {console}")
 

@@ -7,7 +7,7 @@ import argparse
 from cliff.show import ShowOne
 
 from vtpm_driver.cli.common import DictColumn, ListColumn, add_property_options
-from vtpm_driver.model import request
+from vtpm_driver.model import request, windows
 from vtpm_driver.model.hostcheck import check_host
 
 
@@ -20,6 +20,13 @@ class RequestCheck(ShowOne):
     contacted. Without a TPM version no vTPM is requested: vtpm is false and
     the other fields are empty.
 
+    It also says whether Windows 11 would accept such a server (windows11:
+    a TPM 2.0, UEFI firmware hw_firmware_type=uefi, Secure Boot
+    os:secure_boot / os_secure_boot=required, a q35 machine type) and what is
+    missing (windows11_missing). An image that says it is Windows 11
+    (os_distro=windows with os_version 11, or vtpm_guest_os=windows11) on a
+    request that lacks any of it is refused, naming each missing piece.
+
     Exit status: 0 the request is valid (with or without a vTPM); 1 it is
     invalid or flavor and image conflict (one line on stderr names the keys
     and values); 2 usage error.
@@ -31,15 +38,19 @@ class RequestCheck(ShowOne):
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple, tuple]:
-        config = request.get_vtpm_config(
-            dict(parsed_args.flavor_properties), dict(parsed_args.image_properties)
-        )
-        columns = ("vtpm", "version", "model", "secret_security", "required_traits")
+        flavor = dict(parsed_args.flavor_properties)
+        image = dict(parsed_args.image_properties)
+        config = request.get_vtpm_config(flavor, image)
+        windows.check(flavor, image, config)
+        gaps = windows.missing(flavor, image, config)
+        columns = ("vtpm", "version", "model", "secret_security", "required_traits",
+                   "windows11", "windows11_missing")
         if config is None:
-            return columns, (False, None, None, None, ListColumn([]))
+            return columns, (False, None, None, None, ListColumn([]), False,
+                             ListColumn(list(gaps)))
         return columns, (
             True, config.version, config.model, config.secret_security,
-            ListColumn(sorted(config.traits)),
+            ListColumn(sorted(config.traits)), not gaps, ListColumn(list(gaps)),
         )
 
 

@@ -27,7 +27,7 @@ from oslo_config import cfg
 from vtpm_driver import exception, keymgr
 from vtpm_driver.demo import inspect
 from vtpm_driver.demo.report import FAIL, OK, SKIP, Reporter, StepResult
-from vtpm_driver.guestreport import result_line, results_since
+from vtpm_driver.guestreport import result_line, results_since, tpm_of
 from vtpm_driver.keymgr.context import RequestContext
 from vtpm_driver.model import request
 from vtpm_driver.model.hostcheck import check_host
@@ -60,6 +60,10 @@ def guest_problems(result: dict[str, str]) -> list[str]:
     ek = result.get("ek", "")
     if not re.fullmatch(r"[0-9a-f]{64}", ek):
         problems.append(f"ek={ek or 'missing'} (expected the SHA-256 of the TPM's EK)")
+    sealed = result.get("sealed", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", sealed):
+        problems.append(f"sealed={sealed or 'missing'} (expected the SHA-256 of the value "
+                        "the guest sealed in its TPM)")
     return problems
 
 
@@ -341,15 +345,19 @@ class DemoRun:
         if problems:
             raise CheckFailed(f"after the reboot: {result_line(after)}: {'; '.join(problems)}")
         self._check_no_libvirt_secret("after the reboot")
-        before = (self.first_boot or {}).get("ek")
-        if before is None:
+        if self.first_boot is None:
             raise CheckFailed(f"guest booted again (ek {short(after['ek'])}) but its first "
                               "boot was not seen, so nothing to compare with")
-        if after["ek"] != before:
-            raise CheckFailed(f"TPM identity CHANGED: ek {short(before)} before, "
-                              f"{short(after['ek'])} after (the state was lost)")
+        before, now = tpm_of(self.first_boot), tpm_of(after)
+        if now.ek != before.ek:
+            raise CheckFailed(f"TPM identity CHANGED: ek {short(before.ek)} before, "
+                              f"{short(now.ek)} after (the state was lost)")
+        if now.sealed != before.sealed:
+            raise CheckFailed(f"what the guest sealed in its TPM CHANGED: sealed "
+                              f"{short(before.sealed)} before, {now.sealed} after")
         return (f"guest booted again in a new QEMU process; TPM identity kept "
-                f"(ek {short(before)} before and after)")
+                f"(ek {short(before.ek)} before and after) and the value it sealed to "
+                f"PCR 7 unsealed again (sealed {short(before.sealed)})")
 
     def delete(self) -> str:
         """SPEC F3: domain, libvirt secret, state directory and Barbican secret all gone."""

@@ -31,7 +31,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, statestore
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request, rules
+from vtpm_driver.model import request, rules, windows
 from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
@@ -130,10 +130,12 @@ class ServerService:
         is created (SPEC A6), once: the parsed request goes on to the new
         instance and the driver's spawn. Boot file paths are made absolute.
 
-        :raises InvalidVTPMConfig: bad or conflicting vTPM properties.
+        :raises InvalidVTPMConfig: bad or conflicting vTPM properties, or a
+            Windows 11 image on a request Windows 11 would not accept.
         :raises InstanceExists: a server of that name exists.
         """
         vtpm = request.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
+        windows.check(dict(flavor_extra_specs), dict(image_properties), vtpm)
         context = self._context()
         backend = self.backend
         try:

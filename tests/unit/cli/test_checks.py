@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 
 import pytest
 
@@ -60,8 +61,41 @@ def test_request_check_json(capsys, args, expected):
     rc, out, err = run(capsys, "request", "check", *args, "-f", "json")
     assert (rc, err) == (0, "")
     result = json.loads(out)
-    assert result == expected
-    assert list(result) == ["vtpm", "version", "model", "secret_security", "required_traits"]
+    assert {key: result[key] for key in expected} == expected
+    assert list(result) == ["vtpm", "version", "model", "secret_security", "required_traits",
+                            "windows11", "windows11_missing"]
+    assert result["windows11"] is False  # none of these has UEFI and Secure Boot
+
+
+WINDOWS_11 = ["--image-property", "os_distro=windows", "--image-property", "os_version=11"]
+FOR_WINDOWS_11 = [("--flavor-property", "hw:tpm_version=2.0"),
+                  ("--flavor-property", "os:secure_boot=required"),
+                  ("--image-property", "hw_firmware_type=uefi")]
+
+
+def options(pairs):
+    return [word for pair in pairs for word in pair]
+
+
+def test_request_check_says_a_request_windows_11_accepts(capsys):
+    rc, out, err = run(capsys, "request", "check", *WINDOWS_11, *options(FOR_WINDOWS_11),
+                       "--image-property", "hw_tpm_model=tpm-crb", "-f", "json")
+    assert (rc, err) == (0, "")
+    assert (json.loads(out)["windows11"], json.loads(out)["windows11_missing"]) == (True, [])
+
+
+@pytest.mark.parametrize(("drop", "named"), [
+    ("hw:tpm_version=2.0", "a TPM 2.0 (flavor hw:tpm_version=2.0)"),
+    ("hw_firmware_type=uefi", "UEFI firmware (image hw_firmware_type=uefi)"),
+    ("os:secure_boot=required", "Secure Boot (flavor os:secure_boot=required or image "
+                                "os_secure_boot=required)"),
+])
+def test_request_check_refuses_a_windows_11_image_naming_what_is_missing(capsys, drop, named):
+    args = options(pair for pair in FOR_WINDOWS_11 if pair[1] != drop)
+    rc, out, err = run(capsys, "request", "check", *WINDOWS_11, *args, "-f", "json")
+    assert (rc, out) == (1, "")
+    assert err == ("vtpm-driver: error: the image is Windows 11 (os_distro=windows, "
+                   f"os_version='11'), which needs {named}\n")
 
 
 def test_request_check_json_matches_spec(capsys):
@@ -76,7 +110,7 @@ def test_request_check_table_by_default(capsys):
     rc, out, err = run(capsys, "request", "check", "--flavor-property", "hw:tpm_version=1.2")
     assert (rc, err) == (0, "")
     assert "| Field" in out and "| Value" in out
-    assert "| vtpm            | True" in out
+    assert re.search(r"\| vtpm +\| True", out)
     assert "COMPUTE_SECURITY_TPM_1_2" in out
 
 
