@@ -35,6 +35,10 @@ FLAVOR_MODEL_KEY = "hw:tpm_model"
 FLAVOR_SECRET_SECURITY_KEY = "hw:tpm_secret_security"
 IMAGE_VERSION_KEY = "hw_tpm_version"
 IMAGE_MODEL_KEY = "hw_tpm_model"
+#: Active PCR banks of a TPM 2.0 (libvirt's ``<active_pcr_banks>``), comma-separated.
+FLAVOR_PCR_BANKS_KEY = "hw:tpm_pcr_banks"
+IMAGE_PCR_BANKS_KEY = "hw_tpm_pcr_banks"
+PCR_BANKS = ("sha1", "sha256", "sha384", "sha512")
 
 # Placement traits (os-traits names).
 TRAIT_TPM_1_2 = "COMPUTE_SECURITY_TPM_1_2"
@@ -84,6 +88,8 @@ class VTPMConfig:
     version: str
     model: str = DEFAULT_MODEL
     secret_security: str = DEFAULT_SECRET_SECURITY
+    #: The active PCR banks asked for, in :data:`PCR_BANKS` order; empty: swtpm's default.
+    pcr_banks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.version, self.model) not in _VALID_COMBINATIONS:
@@ -96,6 +102,11 @@ class VTPMConfig:
                 f"invalid secret security {show(self.secret_security)}: allowed values are "
                 f"{', '.join(SECRET_SECURITY_MODES)}"
             )
+        if self.pcr_banks and (self.version != VERSION_2_0 or self.pcr_banks != tuple(
+                bank for bank in PCR_BANKS if bank in self.pcr_banks)):
+            raise exception.InvalidVTPMConfig(
+                f"invalid PCR banks {show(self.pcr_banks)} for TPM {self.version}: a TPM 2.0 "
+                f"takes distinct banks of {', '.join(PCR_BANKS)}, in that order")
 
     @property
     def traits(self) -> frozenset[str]:
@@ -180,6 +191,48 @@ def _unique(
     return None
 
 
+def pcr_banks(key: str, value: object) -> tuple[str, ...]:
+    """The banks a ``hw:tpm_pcr_banks`` / ``hw_tpm_pcr_banks`` value names, in
+    :data:`PCR_BANKS` order (so two spellings of the same set compare equal).
+
+    :raises InvalidVTPMConfig: not a string, an empty or unknown name, a repeated one.
+    """
+    if not isinstance(value, str):
+        raise exception.InvalidVTPMConfig(
+            f"invalid {key}={show(value)}: must be a comma-separated string of "
+            f"{', '.join(PCR_BANKS)}")
+    names = [name.strip().lower() for name in value.split(",")]
+    unknown = [name for name in names if name not in PCR_BANKS]
+    if unknown:
+        raise exception.InvalidVTPMConfig(
+            f"invalid {key}={show(value)}: {show(unknown[0])} is no PCR bank; allowed are "
+            f"{', '.join(PCR_BANKS)}, comma-separated")
+    if len(set(names)) != len(names):
+        raise exception.InvalidVTPMConfig(f"invalid {key}={show(value)}: a bank is named twice")
+    return tuple(bank for bank in PCR_BANKS if bank in names)
+
+
+def _banks(flavor: Mapping, image: Mapping, version_key: str, version: str
+           ) -> tuple[str, ...]:
+    """The PCR banks flavor or image ask for (flavor and image must agree as sets)."""
+    found = [(key, pcr_banks(key, value)) for key, value in (
+        (FLAVOR_PCR_BANKS_KEY, _lookup(flavor, FLAVOR_PCR_BANKS_KEY)),
+        (IMAGE_PCR_BANKS_KEY, _lookup(image, IMAGE_PCR_BANKS_KEY))) if value is not None]
+    if len(found) == 2 and found[0][1] != found[1][1]:
+        raise exception.FlavorImageConflict(
+            f"flavor {FLAVOR_PCR_BANKS_KEY}={show(_lookup(flavor, FLAVOR_PCR_BANKS_KEY))} "
+            f"conflicts with image {IMAGE_PCR_BANKS_KEY}="
+            f"{show(_lookup(image, IMAGE_PCR_BANKS_KEY))}: set one, or both to the same banks")
+    if not found:
+        return ()
+    key, banks = found[0]
+    if version != VERSION_2_0:
+        raise exception.InvalidVTPMConfig(
+            f"invalid {key} with {version_key}={version!r}: a TPM {version} has one fixed "
+            f"SHA-1 bank; PCR banks need TPM version {VERSION_2_0}")
+    return banks
+
+
 def get_vtpm_config(
     flavor_extra_specs: Mapping[str, str] | None,
     image_properties: Mapping[str, str] | None,
@@ -207,7 +260,8 @@ def get_vtpm_config(
             "are (1.2, tpm-tis), (2.0, tpm-tis), (2.0, tpm-crb)"
         )
 
-    return VTPMConfig(version=version, model=model, secret_security=secret_security(flavor))
+    return VTPMConfig(version=version, model=model, secret_security=secret_security(flavor),
+                      pcr_banks=_banks(flavor, image, version_key, version))
 
 
 def check_mode(value: object, key: str = FLAVOR_SECRET_SECURITY_KEY) -> str:

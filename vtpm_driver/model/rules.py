@@ -93,10 +93,15 @@ def secret_security(flavor: Any, *, strict: bool = True) -> str:
 
 
 def same_tpm(a: VTPMConfig | None, b: VTPMConfig | None) -> bool:
-    """Whether two configs give the same TPM device (Nova compares version and model)."""
+    """Whether two configs give the same TPM device (Nova compares version and model).
+
+    Other active PCR banks are another TPM too: swtpm sets them when it
+    manufactures the TPM, so a change of banks is treated like a change of model
+    (a fresh TPM, the old one kept for a revert).
+    """
     if a is None or b is None:
         return a is b
-    return (a.version, a.model) == (b.version, b.model)
+    return (a.version, a.model, a.pcr_banks) == (b.version, b.model, b.pcr_banks)
 
 
 def resize_change(old: VTPMConfig | None, new: VTPMConfig | None) -> Change:

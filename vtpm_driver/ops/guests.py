@@ -129,7 +129,8 @@ class Guests:
         """
         xml = base if base is not None else self.base_xml(instance)
         if cfg is not None:
-            xml = domain.add_tpm(xml, cfg.version, cfg.model, recorded_secret(instance))
+            xml = domain.add_tpm(xml, cfg.version, cfg.model, recorded_secret(instance),
+                                 cfg.pcr_banks)
         return record.set_server_record(xml, instance)
 
     def define(self, instance: Any, cfg: VTPMConfig | None) -> Any:

@@ -72,8 +72,12 @@ def _child(parent: etree._Element, tag: str) -> etree._Element:
 # --------------------------------------------------------------------------- <tpm>
 
 
-def add_tpm(domain_xml: str, version: str, model: str, secret_uuid: str | None) -> str:
+def add_tpm(domain_xml: str, version: str, model: str, secret_uuid: str | None,
+            pcr_banks: tuple[str, ...] = ()) -> str:
     """``domain_xml`` with exactly one encrypted emulator ``<tpm>`` (SPEC E2).
+
+    ``pcr_banks``: the banks libvirt has swtpm_setup activate when it
+    manufactures the TPM (``<active_pcr_banks>``); empty: swtpm's default.
 
     An existing ``<tpm>`` is replaced, so calling this twice never duplicates
     the device. Like Nova, refuses a vTPM without a secret: swtpm would keep
@@ -108,6 +112,10 @@ def add_tpm(domain_xml: str, version: str, model: str, secret_uuid: str | None) 
     tpm = etree.SubElement(devices, "tpm", model=model)
     backend = etree.SubElement(tpm, "backend", type="emulator", version=version)
     etree.SubElement(backend, "encryption", secret=secret_uuid)
+    if pcr_banks:
+        banks = etree.SubElement(backend, "active_pcr_banks")
+        for bank in pcr_banks:
+            etree.SubElement(banks, bank)
     return to_text(root)
 
 

@@ -125,7 +125,8 @@ def tpm_element(config: request.VTPMConfig, secret_uuid: str | None) -> etree._E
         without encryption), or a version/model pair libvirt would refuse.
     """
     with nova_errors():
-        xml = domain.add_tpm(_SKELETON, config.version, config.model, secret_uuid)
+        xml = domain.add_tpm(_SKELETON, config.version, config.model, secret_uuid,
+                             config.pcr_banks)
     return etree.fromstring(xml.encode(), _PARSER).find("devices/tpm")
 
 

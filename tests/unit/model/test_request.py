@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -540,3 +541,46 @@ def test_what_follows_from_the_mode_is_one_rule(mode, persistent, service_user, 
     cfg = VTPMConfig("2.0", secret_security=mode)
     assert rules.migration_secret_source(cfg).value == source
     assert rules.may_live_migrate(cfg) is persistent
+
+
+# -- active PCR banks (issue 22) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flavor", "image", "banks"), [
+    ({"hw:tpm_version": "2.0"}, {}, ()),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha256"}, {}, ("sha256",)),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "SHA384, sha256"}, {},
+     ("sha256", "sha384")),
+    ({"hw:tpm_version": "2.0"}, {"hw_tpm_pcr_banks": "sha512,sha1"}, ("sha1", "sha512")),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha384,sha256"},
+     {"hw_tpm_pcr_banks": "sha256,sha384"}, ("sha256", "sha384")),  # the same set
+])
+def test_pcr_banks_are_a_set_in_a_fixed_order(flavor, image, banks):
+    assert request.get_vtpm_config(flavor, image).pcr_banks == banks
+
+
+@pytest.mark.parametrize(("flavor", "image", "error", "match"), [
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "md5"}, {}, exception.InvalidVTPMConfig,
+     "invalid hw:tpm_pcr_banks='md5': 'md5' is no PCR bank"),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha256,"}, {},
+     exception.InvalidVTPMConfig, "'' is no PCR bank"),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha1,SHA1"}, {},
+     exception.InvalidVTPMConfig, "a bank is named twice"),
+    ({"hw:tpm_version": "1.2", "hw:tpm_pcr_banks": "sha1"}, {}, exception.InvalidVTPMConfig,
+     "a TPM 1.2 has one fixed SHA-1 bank"),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha1"}, {"hw_tpm_pcr_banks": "sha256"},
+     exception.FlavorImageConflict, "flavor hw:tpm_pcr_banks='sha1' conflicts with image "
+                                    "hw_tpm_pcr_banks='sha256'"),
+    ({"hw:tpm_version": "2.0"}, {"hw_tpm_pcr_banks": ["sha256"]},
+     exception.InvalidVTPMConfig, "comma-separated string"),
+])
+def test_bad_pcr_banks_are_refused_naming_key_and_value(flavor, image, error, match):
+    with pytest.raises(error, match=re.escape(match)):
+        request.get_vtpm_config(flavor, image)
+
+
+def test_a_config_refuses_banks_it_cannot_have():
+    with pytest.raises(exception.InvalidVTPMConfig, match="distinct banks"):
+        request.VTPMConfig(version="2.0", pcr_banks=("sha384", "sha256"))
+    with pytest.raises(exception.InvalidVTPMConfig, match=r"for TPM 1\.2"):
+        request.VTPMConfig(version="1.2", pcr_banks=("sha1",))

@@ -151,3 +151,13 @@ def test_foreign_boot_files_are_any_other_than_the_servers_own():
 ])
 def test_left_after_start(modes, leftover):
     assert rules.left_after_start(*modes) is leftover
+
+
+def test_other_pcr_banks_are_another_tpm():
+    """swtpm sets the banks when it manufactures the TPM: a resize to other banks gives a
+    fresh TPM, as a change of model does (issue 22)."""
+    def cfg(*banks):
+        return request.VTPMConfig(version="2.0", pcr_banks=banks)
+    assert rules.resize_change(cfg("sha256"), cfg("sha256")) is rules.Change.KEPT
+    assert rules.resize_change(cfg("sha256"), cfg("sha256", "sha384")) is rules.Change.FRESH
+    assert rules.resize_change(cfg(), cfg("sha256")) is rules.Change.FRESH

@@ -46,6 +46,14 @@ def test_add_tpm_exactly_one_device(version: str, model: str) -> None:
     assert domain.get_tpm(xml) == (version, model, SECRET)
 
 
+def test_add_tpm_with_pcr_banks_names_them_in_the_backend() -> None:
+    xml = domain.add_tpm(_guest(), "2.0", "tpm-crb", SECRET, ("sha256", "sha384"))
+    banks = _root(xml).find("devices/tpm/backend/active_pcr_banks")
+    assert [bank.tag for bank in banks] == ["sha256", "sha384"]
+    assert _root(domain.add_tpm(_guest(), "2.0", "tpm-crb", SECRET)).find(
+        "devices/tpm/backend/active_pcr_banks") is None       # swtpm's default
+
+
 def test_add_tpm_twice_replaces() -> None:
     once = domain.add_tpm(_guest(), "2.0", "tpm-tis", SECRET)
     twice = domain.add_tpm(once, "2.0", "tpm-crb", OTHER_SECRET)
