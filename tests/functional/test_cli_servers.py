@@ -264,8 +264,10 @@ def assert_all_gone(conn: libvirt.virConnect, session: ks_session.Session, shown
         (["--flavor-property", "hw:tpm_version=2.0", "--flavor-property",
           "hw:tpm_model=tpm-crb"], "2.0", "tpm-crb"),
         (["--image-property", "hw_tpm_version=2.0"], "2.0", "tpm-tis"),
+        (["--flavor-property", "hw:tpm_version=2.0", "--flavor-property",
+          "hw:tpm_pcr_banks=sha384,sha256"], "2.0", "tpm-tis"),
     ],
-    ids=["1.2-tis", "2.0-tis", "2.0-crb", "image-2.0"],
+    ids=["1.2-tis", "2.0-tis", "2.0-crb", "image-2.0", "2.0-banks"],
 )
 def test_create_boots_the_requested_tpm_and_delete_removes_everything(
     cli: CliRunner, made: Servers, test_guest: TestGuest, libvirt_conn: libvirt.virConnect,
@@ -290,6 +292,10 @@ def test_create_boots_the_requested_tpm_and_delete_removes_everything(
     seen = last_vtpm_result(console_log)
     assert (seen["version"], seen["driver"], seen["getrandom_rc"]) == (
         GUEST_VERSION[version], GUEST_DRIVER[model], "0")
+    # the guest sees exactly the banks asked for (swtpm's default: sha256; 1.2: none)
+    asked = [p.split("=", 1)[1] for p in props if p.startswith("hw:tpm_pcr_banks=")]
+    assert seen["banks"] == ("sha256,sha384" if asked else
+                             "sha256" if version == "2.0" else "none"), seen
     state_file = virt_state.state_file(SWTPM_STATE_ROOT, shown["uuid"], version)
     assert virt_state.is_encrypted(state_file)
     # user mode: the libvirt secret was undefined right after the start (E3)
