@@ -162,11 +162,25 @@ class AioCloud:
 
     # --- servers ------------------------------------------------------------------------
 
+    def auth(self, cloud: str) -> dict[str, Any]:
+        """``cloud``'s credentials as clouds.yaml gives them (its ``auth`` mapping)."""
+        return dict(yaml.safe_load(self.clouds_file.read_text())["clouds"][cloud]["auth"])
+
+    def nova_admin_env(self) -> dict[str, str]:
+        """``[vtpm] orchestrator = nova`` and ``[nova]`` the admin's, as oslo.config reads
+        them from the environment (``OS_<GROUP>__<OPT>``): no password in a file."""
+        env = {"OS_VTPM__ORCHESTRATOR": "nova", "OS_NOVA__AUTH_TYPE": "password"}
+        env.update({f"OS_NOVA__{key.upper()}": str(value)
+                    for key, value in self.auth("admin").items()})
+        env["OS_NOVA__VALID_INTERFACES"] = "public"
+        env["OS_NOVA__TIMEOUT"] = "20"
+        return env
+
     def session(self, cloud: str) -> ks_session.Session:
         """A keystoneauth session of ``cloud`` (clouds.yaml), one per cloud, reused."""
         key = (str(self.clouds_file), cloud)
         if key not in _SESSIONS:
-            auth = yaml.safe_load(self.clouds_file.read_text())["clouds"][cloud]["auth"]
+            auth = self.auth(cloud)
             _SESSIONS[key] = ks_session.Session(auth=v3.Password(
                 auth_url=auth["auth_url"], username=auth["username"],
                 password=auth["password"], project_name=auth["project_name"],
@@ -460,7 +474,7 @@ def vtpm_cli_on(cloud: AioCloud, host: str, *args: str, who: str = "admin",
     """``vtpm-driver --config-file <host's conf> ARGS`` as cloud ``who``'s user
     (``OS_*`` from the AIO's clouds.yaml; ``env`` adds to it), with ``host`` as the
     command line's one host."""
-    auth = yaml.safe_load(cloud.clouds_file.read_text())["clouds"][who]["auth"]
+    auth = cloud.auth(who)
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
     run_env.update({f"OS_{key.upper()}": str(value) for key, value in auth.items()})
     run_env.update(env or {})

@@ -24,7 +24,6 @@ import json
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.functional.fixtures_nova import (
     AioCloud,
@@ -45,21 +44,13 @@ pytestmark = [pytest.mark.functional, pytest.mark.aio, pytest.mark.multihost]
 UNREACHABLE = "http://127.0.0.1:9/v3"  # discard port: nothing answers
 
 
-def _auth(cloud: AioCloud, name: str) -> dict[str, Any]:
-    return yaml.safe_load(cloud.clouds_file.read_text())["clouds"][name]["auth"]
-
-
 def audit(cloud: AioCloud, host: str, server_id: str, orchestrator: str, *args: str,
           nova_auth_url: str | None = None) -> dict[str, Any]:
     """``vtpm-driver audit --repair --instance SERVER --min-age 0 ARGS -f json`` on
     ``host``, as the owner, with ``[vtpm] orchestrator`` (and ``[nova]`` the admin's)."""
     env = {"OS_VTPM__ORCHESTRATOR": orchestrator}
     if orchestrator == "nova":
-        env["OS_NOVA__AUTH_TYPE"] = "password"
-        env.update({f"OS_NOVA__{key.upper()}": str(value)
-                    for key, value in _auth(cloud, "admin").items()})
-        env["OS_NOVA__VALID_INTERFACES"] = "public"
-        env["OS_NOVA__TIMEOUT"] = "20"
+        env = cloud.nova_admin_env()
         if nova_auth_url is not None:
             env["OS_NOVA__AUTH_URL"] = nova_auth_url
     proc = vtpm_cli_on(cloud, host, "audit", "--repair", "--instance", server_id,
@@ -70,7 +61,7 @@ def audit(cloud: AioCloud, host: str, server_id: str, orchestrator: str, *args: 
 
 
 def admin_password_absent(cloud: AioCloud, text: str) -> bool:
-    return str(_auth(cloud, "admin")["password"]) not in text
+    return str(cloud.auth("admin")["password"]) not in text
 
 
 def deletes_secret_of(result: dict[str, Any], server_id: str) -> bool:

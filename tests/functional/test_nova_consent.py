@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
@@ -96,17 +95,14 @@ def consents_in_audit(cloud: AioCloud, host: str) -> dict[str, tuple[str, str]]:
     records as Nova's service user (``[service_user]``, nova.conf's), as the shim does."""
     nova_conf = configparser.ConfigParser(interpolation=None)
     nova_conf.read(cloud.aio_dir / "etc" / "nova" / "nova.conf")
-    admin = yaml.safe_load(cloud.clouds_file.read_text())["clouds"]["admin"]["auth"]
-    env = {"OS_VTPM__ORCHESTRATOR": "nova", "OS_NOVA__AUTH_TYPE": "password",
-           "OS_NOVA__VALID_INTERFACES": "public"}
-    env.update({f"OS_NOVA__{key.upper()}": str(value) for key, value in admin.items()})
+    env = cloud.nova_admin_env()
     env.update({f"OS_SERVICE_USER__{key.upper()}": value
                 for key, value in nova_conf["service_user"].items()
                 if key in ("auth_url", "auth_type", "username", "password", "project_name",
                            "user_domain_name", "project_domain_name")})
     proc = vtpm_cli_on(cloud, host, "audit", "--no-barbican", "-f", "json", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert str(admin["password"]) not in proc.stdout + proc.stderr
+    assert str(cloud.auth("admin")["password"]) not in proc.stdout + proc.stderr
     return {c["server"]: (c["state"], c["detail"]) for c in json.loads(proc.stdout)["consents"]}
 
 

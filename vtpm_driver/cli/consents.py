@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-from collections.abc import Callable
 from typing import Any
 
 from cliff.show import ShowOne
-from oslo_config import cfg
 
 from vtpm_driver.cli.common import CommandMixin, positive_float, show_columns
 from vtpm_driver.cloud import OwnerCloud
@@ -27,14 +25,10 @@ from vtpm_driver.ops.consents import Consents
 CLOUD_USER_ENV = "VTPM_CLOUD_USER"
 DEFAULT_HOURS = 24.0
 
-keymgr_factory: Callable[[cfg.ConfigOpts], Any] = KeyManager
-cloud_factory: Callable[[Any], Any] = OwnerCloud
-
-
 def consents(app: Any) -> Consents:
     """The caller's consents, acting as the caller (logged in on first use)."""
     context = app.context
-    return Consents(keymgr_factory(app.conf), cloud_factory(context), context)
+    return Consents(KeyManager(app.conf), OwnerCloud(context), context)
 
 
 class ServerGrant(CommandMixin, ShowOne):

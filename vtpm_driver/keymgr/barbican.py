@@ -164,20 +164,8 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
             )
         target = self._target(context, mode)
         passphrase = new_passphrase()
-        secret = target.client.secrets.create(
-            name=secret_name(instance.uuid), payload=passphrase, secret_type=SECRET_TYPE)
-        with target.errors("create", instance_uuid=instance.uuid):
-            try:
-                secret_ref = secret.store()  # a str payload is sent as text/plain
-            except (ValueError, TypeError, AttributeError):  # 2xx, body not a JSON object
-                secret_ref = None
-        secret_uuid = secret_uuid_from_ref(secret_ref)
-        if secret_uuid is None:
-            self._delete_unreferenced(target, instance.uuid)
-            raise exception.KeyManagerUnavailable(
-                f"Barbican at {target.root} created a secret for server {instance.uuid} "
-                "but returned no usable secret_ref"
-            )
+        secret_uuid = self._store(target, secret_name(instance.uuid), passphrase, "create",
+                                  "a secret", instance.uuid)
         LOG.debug("Created vTPM secret %s", secret_uuid, instance_uuid=instance.uuid)
         if self._conf.vtpm.owner_only_acl:
             self._set_owner_only_acl(target, secret_uuid, instance, context)
@@ -361,32 +349,62 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
             LOG.warning("Deleted half-created vTPM secret %s", secret_uuid,
                         instance_uuid=instance_uuid)
 
-    def _delete_unreferenced(self, target: client_mod.Target, instance_uuid: str) -> None:
+    def _store(self, target: client_mod.Target, name: str, payload: str, operation: str,
+               what: str, instance_uuid: str) -> str:
+        """One POST of a new secret ``name``; its UUID.
+
+        A reply without a usable ``secret_ref`` leaves nothing behind: the
+        secret is looked up by name and deleted (:meth:`_delete_unreferenced`),
+        then ``KeyManagerUnavailable`` says so (naming ``what`` was created).
+        """
+        secret = target.client.secrets.create(name=name, payload=payload,
+                                              secret_type=SECRET_TYPE)
+        with target.errors(operation, instance_uuid=instance_uuid):
+            try:
+                secret_ref = secret.store()  # a str payload is sent as text/plain
+            except (ValueError, TypeError, AttributeError):  # 2xx, body not a JSON object
+                secret_ref = None
+        secret_uuid = secret_uuid_from_ref(secret_ref)
+        if secret_uuid is None:
+            self._delete_unreferenced(target, name, instance_uuid)
+            raise exception.KeyManagerUnavailable(
+                f"Barbican at {target.root} created {what} for server {instance_uuid} "
+                "but returned no usable secret_ref"
+            )
+        return secret_uuid
+
+    def _named(self, target: client_mod.Target, name: str) -> list[str]:
+        """The UUIDs of the secrets named exactly ``name`` that ``target``'s user
+        created (one GET; nobody else's secret is ever among them).
+
+        :raises VTPMError: the listing failed.
+        """
+        items = self._list_page(target, name, 0, 10).get("secrets")
+        return [found for item in (items if isinstance(items, list) else [])
+                if isinstance(item, Mapping) and item.get("name") == name
+                and target.user_id is not None and item.get("creator_id") == target.user_id
+                and (found := secret_uuid_from_ref(item.get("secret_ref"))) is not None]
+
+    def _delete_unreferenced(self, target: client_mod.Target, name: str,
+                             instance_uuid: str) -> None:
         """Find and delete the secret a POST created but did not name; never raises.
 
         Looked up by its exact name, and only secrets created by the same user
-        (or service user) are deleted. That is safe: ``create_vtpm_secret``
-        runs only when the server records no secret, and operations on one
-        server are serialised, so a secret of that name and creator belongs to
-        no one (at worst an older half-created one, also an orphan). One GET
-        plus one DELETE per match.
+        (or service user) are deleted. That is safe: a name is the server's
+        passphrase's (``create_vtpm_secret`` runs only when the server records
+        no secret, and operations on one server are serialised) or a consent
+        record's (unique to one grant), so a secret of that name and creator
+        belongs to no one (at worst an older half-created one, also an
+        orphan). One GET plus one DELETE per match.
         """
-        name = secret_name(instance_uuid)
         try:
-            body = self._list_page(target, name, 0, 10)
+            named = self._named(target, name)
         except exception.VTPMError as exc:
-            LOG.error("Could not look up the vTPM secret %r just created, delete it by "
+            LOG.error("Could not look up the secret %r just created, delete it by "
                       "hand: %s", name, exc, instance_uuid=instance_uuid)
             return
-        items = body.get("secrets")
-        for item in items if isinstance(items, list) else []:
-            if not isinstance(item, Mapping) or item.get("name") != name:
-                continue
-            if target.user_id is None or item.get("creator_id") != target.user_id:
-                continue
-            secret_uuid = secret_uuid_from_ref(item.get("secret_ref"))
-            if secret_uuid is not None:
-                self._rollback(target, secret_uuid, instance_uuid)
+        for secret_uuid in named:
+            self._rollback(target, secret_uuid, instance_uuid)
 
     def _target(self, context: vtpm_context.RequestContext, mode: str) -> client_mod.Target:
         if rules.owned_by_service_user(mode):
@@ -468,28 +486,20 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         return vtpm_context.RequestContext.from_session(session)
 
     def store_consent(self, context: vtpm_context.RequestContext, server_uuid: str,
-                      payload: str, readers: list[str]) -> str:
-        """Store the owner's consent record for ``server_uuid``; its UUID.
+                      name: str, payload: str, readers: list[str]) -> str:
+        """Store the owner's consent record ``name`` (unique to this grant) for
+        ``server_uuid``; its UUID.
 
         One POST and one ACL PUT: readable by the owner and ``readers`` (the
-        cloud's service user) only. If the ACL cannot be set the record is
-        deleted again; nothing of the payload (it holds a credential's
-        secret) is logged or quoted.
+        cloud's service user) only. Nothing is left behind when this raises
+        (no usable ``secret_ref``, or an ACL that cannot be set); nothing of
+        the payload (it holds a credential's secret) is logged or quoted.
 
         :raises VTPMSecretForbidden, KeyManagerUnavailable:
         """
         target = self._target(context, request.SECRET_USER)
-        secret = target.client.secrets.create(
-            name=consent.NAME_PREFIX + server_uuid, payload=payload, secret_type=SECRET_TYPE)
-        with target.errors("store the consent record of", instance_uuid=server_uuid):
-            try:
-                record_id = secret_uuid_from_ref(secret.store())
-            except (ValueError, TypeError, AttributeError):  # 2xx, body not a JSON object
-                record_id = None
-        if record_id is None:
-            raise exception.KeyManagerUnavailable(
-                f"Barbican at {target.root} stored a consent record for server {server_uuid} "
-                "but returned no usable secret_ref")
+        record_id = self._store(target, name, payload, "store the consent record of",
+                                "a consent record", server_uuid)
         self._set_read_acl(target, record_id, [str(context.user_id), *readers], server_uuid)
         return record_id
 
@@ -504,15 +514,10 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
             server in another mode needs no consent).
         :raises VTPMSecretForbidden, KeyManagerUnavailable:
         """
-        target = self._target(context, request.SECRET_USER)
-        name = secret_name(server_uuid)
-        items = self._list_page(target, name, 0, 10).get("secrets")
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, Mapping) and item.get("name") == name and \
-                    item.get("creator_id") == context.user_id:
-                found = secret_uuid_from_ref(item.get("secret_ref"))
-                if found:
-                    return found
+        found = self._named(self._target(context, request.SECRET_USER),
+                            secret_name(server_uuid))
+        if found:
+            return found[0]
         raise exception.VTPMSecretNotFound(
             f"you have no vTPM secret of server {server_uuid} in the key manager: only a "
             "'user'-mode server's owner has one, and only such a server needs consent")

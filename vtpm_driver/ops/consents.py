@@ -146,12 +146,13 @@ class Consents:
         server = self._owned(server_id)
         previous = consent.named_record(server.get("metadata"))
         secret_uuid = self._keymgr.vtpm_secret_of(self._context, server_id)
+        # One name, unique to this grant, for the credential and the record that holds it.
         name = f"{consent.NAME_PREFIX}{server_id}-{uuid.uuid4().hex[:8]}"
         cred_id, cred_secret = self._cloud.create_application_credential(
             name, expires_at, consent.access_rules(secret_uuid))
         try:
             record_id = self._keymgr.store_consent(
-                self._context, server_id,
+                self._context, server_id, name,
                 consent.record(server_id, chosen, expires_at, cred_id, cred_secret),
                 list(cloud_users))
             try:

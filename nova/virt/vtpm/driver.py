@@ -384,7 +384,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._vtpm_check_live(instance, absent_ok=arriving)
         with translate.nova_errors():
             if operation is not None:
-                context = self.vtpm_key_manager.acting_context(context, instance, operation)
+                context = self._vtpm_acting(context, instance, operation)
             start = ops_secrets.prepare_start_in_mode(
                 context, instance, rules.secret_security(instance.flavor),
                 self.vtpm_key_manager, self.vtpm_secrets, create=create)
@@ -400,6 +400,16 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         self._vtpm_settle(instance)
 
     # -- custody: only the current copy of the TPM ever starts (vtpm_driver.model.custody) ----
+
+    def _vtpm_acting(self, context: Any, instance: Any, operation: str) -> Any:
+        """Who reads the passphrase for ``operation``: the caller, or the owner by
+        their consent to it (:func:`vtpm_driver.ops.consents.acting_context`).
+
+        :raises nova.exception.NovaException: the key manager or Keystone could not
+            be asked (translated).
+        """
+        with translate.nova_errors():
+            return self.vtpm_key_manager.acting_context(context, instance, operation)
 
     def _vtpm_check_live(self, instance: Any, *, doing: str = "start",
                          record: int | None = None, absent_ok: bool = False) -> None:
@@ -639,9 +649,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         refusals here).
         """
         if rules.has_vtpm(instance):
-            with translate.nova_errors():
-                acting = self.vtpm_key_manager.acting_context(context, instance,
-                                                              consent.COLD_MIGRATION)
+            acting = self._vtpm_acting(context, instance, consent.COLD_MIGRATION)
             try:
                 vtpm_migrate.check_source(acting, instance, live=False)
             except nova_exception.MigrationPreCheckError as exc:
@@ -813,9 +821,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         """
         if rules.has_vtpm(instance):
             if evacuate:
-                with translate.nova_errors():
-                    acting = self.vtpm_key_manager.acting_context(context, instance,
-                                                                  consent.EVACUATION)
+                acting = self._vtpm_acting(context, instance, consent.EVACUATION)
                 self._vtpm_offhost.check_caller(acting, instance, "evacuate")
                 LOG.warning("Evacuating with the TPM state %s",
                             self._vtpm_offhost.check_evacuation(instance), instance=instance)
@@ -872,9 +878,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
 
         Nova's API lets only ``host`` mode through; the driver moves every mode.
         """
-        with translate.nova_errors():
-            acting = self.vtpm_key_manager.acting_context(context, instance,
-                                                          consent.LIVE_MIGRATION)
+        acting = self._vtpm_acting(context, instance, consent.LIVE_MIGRATION)
         vtpm_migrate.check_source(acting, instance)
         return super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                      block_device_info=block_device_info)
@@ -887,9 +891,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
     def pre_live_migration(self, context: Any, instance: Any, block_device_info: Any,
                            network_info: Any, disk_info: Any, migrate_data: Any) -> Any:
         """Destination: the vTPM secret is defined before the guest arrives, then Nova's."""
-        with translate.nova_errors():
-            acting = self.vtpm_key_manager.acting_context(context, instance,
-                                                          consent.LIVE_MIGRATION)
+        acting = self._vtpm_acting(context, instance, consent.LIVE_MIGRATION)
         start = vtpm_migrate.give_destination(acting, instance, migrate_data,
                                               self.vtpm_secrets, self.vtpm_key_manager)
         if start is not None:

@@ -179,6 +179,20 @@ def test_a_grant_that_fails_half_way_leaves_nothing(cloud, failing):
     assert cloud.servers[SERVER]["metadata"] == {}
 
 
+def test_a_record_barbican_stored_without_a_usable_reference_is_deleted_again(cloud):
+    """The record holds the credential's secret: none may be left behind, and a consent
+    in force before (another record of the same server) stays as it was."""
+    service, _keymgr, _owner = as_owner(cloud)
+    first = service.grant(SERVER, [consent.EVACUATION], LATER, [SERVICE[0]])
+    before = set(cloud.secrets)
+    cloud.fail("POST", r"/v1/secrets/?$", 0, reply={})       # stored; no secret_ref said
+    with pytest.raises(exception.KeyManagerUnavailable,
+                       match=r"created a consent record for server .* no usable secret_ref"):
+        service.grant(SERVER, [consent.LIVE_MIGRATION], LATER, [SERVICE[0]])
+    assert set(cloud.secrets) == before and list(cloud.app_creds) == [first.credential_id]
+    assert cloud.servers[SERVER]["metadata"] == {consent.METADATA_KEY: first.record_id}
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"operations": []}, "at least one operation"),
     ({"operations": ["reboot"]}, "unknown operation 'reboot'"),
