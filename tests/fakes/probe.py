@@ -29,7 +29,9 @@ class FakeProbe:
     version_info: dict[str, str] | Exception = dataclasses.field(
         default_factory=lambda: {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
     )
+    banks: frozenset[str] = frozenset({"sha1", "sha256", "sha384", "sha512"})
     asked_virt_types: list[str] = dataclasses.field(default_factory=list)
+    closed: bool = False
 
     def domain_capabilities(self, virt_type: str) -> str:
         self.asked_virt_types.append(virt_type)
@@ -50,3 +52,9 @@ class FakeProbe:
         if isinstance(self.version_info, Exception):
             raise self.version_info
         return dict(self.version_info)
+
+    def pcr_banks(self) -> frozenset[str]:
+        return self.banks
+
+    def close(self) -> None:
+        self.closed = True

@@ -29,6 +29,11 @@ ALL_TRAITS = (
     "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER",
     "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST",
     "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT",
+    # Ours: libvirt 9.0 can set every bank Debian's swtpm implements.
+    "CUSTOM_VTPM_PCR_BANK_SHA1",
+    "CUSTOM_VTPM_PCR_BANK_SHA256",
+    "CUSTOM_VTPM_PCR_BANK_SHA384",
+    "CUSTOM_VTPM_PCR_BANK_SHA512",
 )
 # Bounds a hung libvirt, not a performance check.
 HANG_GUARD = 180

@@ -125,6 +125,9 @@ class FakeProbe:
     def versions(self) -> dict[str, str]:
         return {"libvirt": "9.0.0", "qemu": "7.2.0"}
 
+    def pcr_banks(self) -> frozenset[str]:
+        return frozenset({"sha1", "sha256", "sha384", "sha512"})
+
 
 class FakeDomain:
     """What Nova's Guest.create/launch use; records the secrets libvirt held at start."""

@@ -167,8 +167,9 @@ def test_traits_are_vtpm_driver_hosts(drv, domcaps):
     drv._vtpm_probe = probe
     drv._vtpm_report = None
     traits = drv._get_tpm_traits()
-    assert traits == hostcheck.check_host(CONF, probe).traits
-    assert set(traits) == set(request.ALL_TRAITS)
+    report = hostcheck.check_host(CONF, probe).traits
+    assert traits == {trait: report[trait] for trait in request.STANDARD_TRAITS}
+    assert set(traits) == set(request.STANDARD_TRAITS)  # custom ones: update_provider_tree
 
 
 def test_traits_only_2_0_host(drv):
@@ -182,14 +183,14 @@ def test_traits_only_2_0_host(drv):
 def test_swtpm_disabled_reports_every_tpm_trait_false(drv, flags):
     flags.config(group="libvirt", swtpm_enabled=False)
     drv._check_vtpm_support()  # nothing to refuse
-    assert drv._get_tpm_traits() == dict.fromkeys(request.ALL_TRAITS, False)
+    assert drv._get_tpm_traits() == dict.fromkeys(request.STANDARD_TRAITS, False)
 
 
 @pytest.mark.parametrize(("domcaps", "ours"), [("domcaps-qemu-host.xml", True),
                                               ("domcaps-no-tpm.xml", False)])
 def test_our_trait_marks_a_node_that_runs_vtpm_guests(drv, monkeypatch, domcaps, ours):
-    """``CUSTOM_VTPM_DRIVER`` (the nova-api component asks for it) on top of Nova's traits;
-    removed again when the host can no longer run vTPM guests."""
+    """``CUSTOM_VTPM_DRIVER`` (the nova-api component asks for it) and the PCR bank
+    traits on top of Nova's; removed again when the host can no longer run vTPM guests."""
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "update_provider_tree",
                         lambda self, tree, nodename, allocations=None:
                         tree.add_traits(nodename, "COMPUTE_NET_VIF_MODEL_VIRTIO"))
@@ -197,9 +198,10 @@ def test_our_trait_marks_a_node_that_runs_vtpm_guests(drv, monkeypatch, domcaps,
     drv._vtpm_report = None
     tree = provider_tree.ProviderTree()
     tree.new_root("node", str(uuid.uuid4()))
-    tree.add_traits("node", release.DRIVER_TRAIT)  # reported before
+    tree.add_traits("node", release.DRIVER_TRAIT, "CUSTOM_VTPM_PCR_BANK_SHA1")  # reported before
     drv.update_provider_tree(tree, "node")
-    expected = {"COMPUTE_NET_VIF_MODEL_VIRTIO"} | ({release.DRIVER_TRAIT} if ours else set())
+    expected = {"COMPUTE_NET_VIF_MODEL_VIRTIO"} | (
+        {release.DRIVER_TRAIT, *request.PCR_BANK_TRAITS.values()} if ours else set())
     assert tree.data("node").traits == expected
 
 
@@ -211,7 +213,7 @@ def test_start_up_refuses_a_host_that_cannot_deliver_listing_every_problem(drv):
     assert "swtpm_setup not found" in message
     assert "swtpm_ioctl not found" in message
     assert "TPM" in message and "swtpm_enabled = False" in message
-    assert drv._get_tpm_traits() == dict.fromkeys(request.ALL_TRAITS, False)
+    assert drv._get_tpm_traits() == dict.fromkeys(request.STANDARD_TRAITS, False)
 
 
 def test_start_up_refuses_an_unsupported_virt_type(drv, flags):
@@ -274,6 +276,51 @@ def test_secret_security_is_validated_by_our_spec(drv):
     flavor = make_flavor(**{"hw:tpm_version": "2.0", "hw:tpm_secret_security": "everyone"})
     with pytest.raises(nova_exception.Invalid, match="hw:tpm_secret_security='everyone'"):
         translate.vtpm_config(flavor, make_image())
+
+
+def test_pcr_banks_come_from_the_flavor(drv):
+    flavor = make_flavor(**{"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "SHA384, sha256"})
+    config = translate.vtpm_config(flavor, make_image())
+    assert config.pcr_banks == ("sha256", "sha384")
+    assert {"CUSTOM_VTPM_PCR_BANK_SHA256", "CUSTOM_VTPM_PCR_BANK_SHA384"} <= config.traits
+    assert translate.vtpm_config(make_flavor(**{"hw:tpm_version": "2.0"}),
+                                 make_image()).pcr_banks == ()
+
+
+@pytest.mark.parametrize(("specs", "match"), [
+    ({"hw:tpm_version": "1.2", "hw:tpm_pcr_banks": "sha256"}, "TPM 1.2"),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "sha256,sha256"}, "named twice"),
+    ({"hw:tpm_version": "2.0", "hw:tpm_pcr_banks": "md5"}, "'md5' is no PCR bank"),
+])
+def test_pcr_banks_nova_cannot_check_are_refused_at_the_compute(drv, specs, match):
+    with pytest.raises(nova_exception.Invalid, match=match):
+        translate.vtpm_config(make_flavor(**specs), make_image())
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    ("sha256", True), ("sha1,sha256,sha384,sha512", True), ("SHA384, sha256", True),
+    ("", False), ("md5", False), ("sha256,", False), ("sha256;sha384", False),
+])
+def test_nova_api_validates_hw_tpm_pcr_banks_with_our_validator(value, valid):
+    from nova.api.validation.extra_specs import validators
+
+    from nova.virt.vtpm import extra_specs
+    (validator,) = extra_specs.register()
+    assert validator.name == "hw:tpm_pcr_banks"
+    validators.VALIDATORS.setdefault(validator.name, validator)
+    if valid:
+        validators.validate("hw:tpm_pcr_banks", value)
+    else:
+        with pytest.raises(nova_exception.ValidationError):
+            validators.validate("hw:tpm_pcr_banks", value)
+
+
+def test_our_validator_is_an_installed_nova_plugin():
+    """nova-api finds it through the entry point namespace Nova loads (pyproject.toml)."""
+    from importlib import metadata
+    found = {ep.name: ep.value
+             for ep in metadata.entry_points(group="nova.api.extra_spec_validators")}
+    assert found.get("vtpm") == "nova.virt.vtpm.extra_specs"
 
 
 def test_no_nova_module_is_patched(drv):

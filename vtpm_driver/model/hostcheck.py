@@ -8,8 +8,9 @@ database, so every rule can be unit-tested with a fake probe and captured
 ``virsh domcapabilities`` output.
 
 Unlike Nova, which reports only the secret-security traits it supports, every
-one of the seven TPM traits is always reported (``False`` when unsupported), so
-a stale trait is removed from the resource provider.
+TPM trait (:data:`vtpm_driver.model.request.ALL_TRAITS`: Nova's seven and our
+PCR bank ones) is always reported (``False`` when unsupported), so a stale
+trait is removed from the resource provider.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ LOG = logging.getLogger(__name__)
 SUPPORTED_VIRT_TYPES = ("kvm", "qemu")
 SWTPM_BINARIES = ("swtpm", "swtpm_setup", "swtpm_ioctl")
 EMULATOR_BACKEND = "emulator"
+#: libvirt learnt ``<active_pcr_banks>`` (and runs swtpm_setup to set them) in 8.0.0.
+MIN_LIBVIRT_PCR_BANKS = (8, 0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,9 @@ class HostProbe(Protocol):
         :raises HypervisorUnavailable: libvirt cannot be reached.
         """
 
+    def pcr_banks(self) -> frozenset[str]:
+        """The PCR banks this host's swtpm implements (empty when it cannot tell)."""
+
 
 def _xml_parser() -> etree.XMLParser:
     # libvirt's output is trusted, but never resolve entities or fetch anything.
@@ -118,14 +124,18 @@ def parse_domain_capabilities(xml: str) -> TPMCapabilities:
     )
 
 
-def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str]) -> dict[str, bool]:
-    """All seven TPM traits for a host whose vTPM support is otherwise sound.
+def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str],
+               pcr_banks: Iterable[str] = ()) -> dict[str, bool]:
+    """Every TPM trait for a host whose vTPM support is otherwise sound.
 
     libvirt older than 8.6 does not list backend versions: then both versions
-    are assumed, as Nova does.
+    are assumed, as Nova does. ``pcr_banks``: the banks this host can activate
+    (:func:`activatable_banks`).
     """
     modes = set(secret_security)
     traits = dict.fromkeys(request.ALL_TRAITS, False)
+    for bank in pcr_banks:
+        traits[request.PCR_BANK_TRAITS[bank]] = True
     for model, trait in request.MODEL_TRAITS.items():
         traits[trait] = model in caps.models
     for version, trait in request.VERSION_TRAITS.items():
@@ -133,6 +143,21 @@ def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str]) -> dict[st
     for mode, trait in request.SECRET_SECURITY_TRAITS.items():
         traits[trait] = mode in modes
     return traits
+
+
+def activatable_banks(libvirt_version: str | None, implemented: Iterable[str]) -> frozenset[str]:
+    """The banks a server here can ask for: swtpm implements them and libvirt can set them.
+
+    ``libvirt_version``: as :meth:`HostProbe.versions` reports it; unknown or
+    older than :data:`MIN_LIBVIRT_PCR_BANKS` gives none.
+    """
+    try:
+        numbers = tuple(int(part) for part in (libvirt_version or "").split("."))
+    except ValueError:
+        return frozenset()
+    if not numbers or numbers < MIN_LIBVIRT_PCR_BANKS:
+        return frozenset()
+    return frozenset(bank for bank in implemented if bank in request.PCR_BANK_TRAITS)
 
 
 def no_traits() -> dict[str, bool]:
@@ -243,7 +268,8 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
         LOG.debug("vTPM not supported on this host: %s", "; ".join(problems))
         return HostReport(supported=False, traits=no_traits(), problems=problems,
                           versions=versions)
-    traits = tpm_traits(caps, modes)
+    traits = tpm_traits(caps, modes, activatable_banks(versions.get("libvirt"),
+                                                       probe.pcr_banks()))
     LOG.debug("vTPM supported on this host; traits %s", traits)
     return HostReport(supported=True, traits=traits, problems=[], versions=versions)
 

@@ -56,11 +56,15 @@ SECRET_SECURITY_TRAITS = {
     SECRET_HOST: TRAIT_SECRET_HOST,
     SECRET_DEPLOYMENT: TRAIT_SECRET_DEPLOYMENT,
 }
-ALL_TRAITS = (
+#: Nova's seven, all from os-traits.
+STANDARD_TRAITS = (
     *VERSION_TRAITS.values(),
     *MODEL_TRAITS.values(),
     *SECRET_SECURITY_TRAITS.values(),
 )
+#: os-traits has no PCR bank traits: one custom trait per bank a host can activate.
+PCR_BANK_TRAITS = {bank: f"CUSTOM_VTPM_PCR_BANK_{bank.upper()}" for bank in PCR_BANKS}
+ALL_TRAITS = (*STANDARD_TRAITS, *PCR_BANK_TRAITS.values())
 
 _VALID_COMBINATIONS = frozenset(
     {(VERSION_1_2, MODEL_TIS), (VERSION_2_0, MODEL_TIS), (VERSION_2_0, MODEL_CRB)}
@@ -116,6 +120,7 @@ class VTPMConfig:
                 VERSION_TRAITS[self.version],
                 MODEL_TRAITS[self.model],
                 SECRET_SECURITY_TRAITS[self.secret_security],
+                *(PCR_BANK_TRAITS[bank] for bank in self.pcr_banks),
             }
         )
 

@@ -199,7 +199,7 @@ class VTPMDriver:
             )
 
     def get_traits(self) -> dict[str, bool]:
-        """All seven ``COMPUTE_SECURITY_TPM_*`` traits, True only when usable here."""
+        """Every TPM trait (Nova's seven and the PCR bank ones), True only when usable here."""
         return dict(check_host(self.conf, self.probe).traits)
 
     def _vtpm_servers_on_host(self) -> list[str]:

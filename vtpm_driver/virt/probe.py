@@ -12,10 +12,15 @@ connection is dropped so the next call reconnects), anything else
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
 import shutil
+import socket
+import struct
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +35,11 @@ from vtpm_driver.virt import connection
 LOG = logging.getLogger(__name__)
 
 _SWTPM_VERSION_TIMEOUT = 10  # seconds; `swtpm --version` answers at once
+_SWTPM_PROBE_TIMEOUT = 10  # seconds for a scratch swtpm to listen and answer one command
+#: TPM2_GetCapability(TPM_CAP_PCRS, 0, 1): every bank the TPM implements, active or not.
+_GET_CAP_PCRS = bytes.fromhex(
+    "8001" "00000016" "0000017a" "00000005" "00000000" "00000001")
+_HASH_ALGS = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
 _VERSION_RE = re.compile(r"\b(\d+(?:\.\d+)+)\b")
 
 
@@ -155,3 +165,89 @@ class LibvirtHostProbe:
             return None
         match = _VERSION_RE.search(out)
         return match.group(1) if match else None
+
+    def pcr_banks(self) -> frozenset[str]:
+        """The PCR banks this host's swtpm implements (see :func:`swtpm_pcr_banks`)."""
+        return swtpm_pcr_banks(self.which("swtpm"))
+
+
+def swtpm_pcr_banks(swtpm: str | None) -> frozenset[str]:
+    """The PCR banks a TPM 2.0 from ``swtpm`` implements, asked of a scratch instance.
+
+    libtpms decides which banks exist and swtpm reports none of them, so the
+    only true answer is the TPM's own: a throw-away swtpm in a private temporary
+    directory (no EK is made, so this takes well under a second) answers
+    ``TPM2_GetCapability(TPM_CAP_PCRS)``, which lists every implemented bank,
+    active or not. Empty when swtpm is absent, does not start or answers
+    nothing we can read (the reason is logged): no bank trait is then claimed.
+    Idempotent; the directory and the process are gone when it returns.
+    """
+    if not swtpm:
+        return frozenset()
+    with tempfile.TemporaryDirectory(prefix="vtpm-banks-") as scratch:
+        sock = os.path.join(scratch, "server")
+        proc = None
+        try:
+            proc = subprocess.Popen(
+                [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={scratch}",
+                 "--server", f"type=unixio,path={sock}",
+                 "--ctrl", f"type=unixio,path={os.path.join(scratch, 'ctrl')}",
+                 "--flags", "not-need-init,startup-clear"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+            return _banks_in(_ask(sock, proc, _GET_CAP_PCRS))
+        except (OSError, ValueError, struct.error) as exc:
+            LOG.warning("cannot ask %s which PCR banks it implements: %s", swtpm, exc)
+            return frozenset()
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def _ask(path: str, proc: subprocess.Popen, command: bytes) -> bytes:
+    """Send one TPM command to swtpm's server socket at ``path``; its whole response."""
+    deadline = time.monotonic() + _SWTPM_PROBE_TIMEOUT
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise OSError(f"swtpm exited with status {proc.returncode}: "
+                          f"{proc.stderr.read().decode(errors='replace').strip()[:200]}")
+        if time.monotonic() > deadline:
+            raise OSError(f"swtpm did not listen on {path} within {_SWTPM_PROBE_TIMEOUT} s")
+        time.sleep(0.01)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(_SWTPM_PROBE_TIMEOUT)
+        conn.connect(path)
+        conn.sendall(command)
+        response = conn.recv(10)
+        if len(response) < 10:
+            raise ValueError("short TPM response header")
+        size = struct.unpack(">I", response[2:6])[0]
+        while len(response) < size:
+            chunk = conn.recv(size - len(response))
+            if not chunk:
+                raise ValueError("TPM response cut short")
+            response += chunk
+    return response
+
+
+def _banks_in(response: bytes) -> frozenset[str]:
+    """The banks in a ``TPM2_GetCapability(TPM_CAP_PCRS)`` response (unknown hashes left out).
+
+    :raises ValueError: an error code or a malformed ``TPML_PCR_SELECTION``.
+    :raises struct.error: a response too short for what it says it holds.
+    """
+    rc = struct.unpack(">I", response[6:10])[0]
+    if rc:
+        raise ValueError(f"TPM2_GetCapability failed with 0x{rc:x}")
+    # header (10), moreData (1), capability (4), then TPML_PCR_SELECTION.
+    (count,) = struct.unpack(">I", response[15:19])
+    banks, offset = set(), 19
+    for _ in range(count):
+        alg, size = struct.unpack(">HB", response[offset:offset + 3])
+        offset += 3 + size
+        if offset > len(response):
+            raise ValueError("TPML_PCR_SELECTION runs past the response")
+        if alg in _HASH_ALGS:
+            banks.add(_HASH_ALGS[alg])
+    return frozenset(banks)

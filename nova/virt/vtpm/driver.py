@@ -70,7 +70,7 @@ from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import faults
-from vtpm_driver.model import consent, custody, rules
+from vtpm_driver.model import consent, custody, request, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
 from vtpm_driver.ops import custody as ops_custody
@@ -283,23 +283,31 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         return servers
 
     def _get_tpm_traits(self) -> dict[str, bool]:
-        """All seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones are removed from placement."""
-        return dict(self._vtpm_host_report().traits)
+        """Nova's seven ``COMPUTE_SECURITY_TPM_*`` traits; False ones leave placement.
+
+        The custom PCR bank ones go with :meth:`update_provider_tree`: Nova's
+        static traits drop every trait os-traits does not know.
+        """
+        traits = self._vtpm_host_report().traits
+        return {trait: traits[trait] for trait in request.STANDARD_TRAITS}
 
     def update_provider_tree(self, provider_tree: Any, nodename: str,
                              allocations: Any = None) -> None:
-        """Nova's, plus :data:`release.DRIVER_TRAIT` while this host can run vTPM guests.
+        """Nova's, plus our custom traits: each added when true here, else removed.
 
-        The trait tells the nova-api component (``api.py``) that Nova's API may
-        let a vTPM operation through for a server here, and the scheduler that
-        this node may receive one. Nova's static traits keep standard traits
-        only, hence here rather than in :meth:`_get_tpm_traits`.
+        :data:`release.DRIVER_TRAIT`, while this host can run vTPM guests, tells
+        the nova-api component (``api.py``) that Nova's API may let a vTPM
+        operation through for a server here, and the scheduler that this node
+        may receive one; a PCR bank trait, that this host can activate that
+        bank. Nova's static traits keep standard traits only, hence here rather
+        than in :meth:`_get_tpm_traits`.
         """
         super().update_provider_tree(provider_tree, nodename, allocations=allocations)
-        if self._vtpm_host_report().supported:
-            provider_tree.add_traits(nodename, release.DRIVER_TRAIT)
-        else:
-            provider_tree.remove_traits(nodename, release.DRIVER_TRAIT)
+        report = self._vtpm_host_report()
+        ours = {release.DRIVER_TRAIT: report.supported}
+        ours.update((trait, report.traits[trait]) for trait in request.PCR_BANK_TRAITS.values())
+        provider_tree.add_traits(nodename, *(trait for trait, on in ours.items() if on))
+        provider_tree.remove_traits(nodename, *(trait for trait, on in ours.items() if not on))
 
     # -- guest XML ---------------------------------------------------------------
 

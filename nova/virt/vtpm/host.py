@@ -133,6 +133,8 @@ class OSFacts(Protocol):
 
     def swtpm_version(self) -> str | None: ...
 
+    def pcr_banks(self) -> frozenset[str]: ...
+
 
 class NovaHostProbe:
     """:class:`vtpm_driver.model.hostcheck.HostProbe` reading libvirt through Nova's ``Host``."""
@@ -156,6 +158,9 @@ class NovaHostProbe:
 
     def group_exists(self, name: str) -> bool:
         return self.os_facts.group_exists(name)
+
+    def pcr_banks(self) -> frozenset[str]:
+        return self.os_facts.pcr_banks()
 
     def versions(self) -> dict[str, str]:
         """libvirt and hypervisor versions from ``Host``; swtpm's from the OS facts."""

@@ -51,7 +51,9 @@ def vtpm_config(flavor: Any, image_meta: Any) -> request.VTPMConfig | None:
     ``nova.virt.hardware.get_vtpm_constraint``, looked up at call time, is
     the answer its libvirt driver acts on everywhere else (``_create_guest``,
     migrations), so the shim never disagrees with it. The secret mode is the
-    flavor's, checked by :func:`vtpm_driver.model.rules.secret_security`.
+    flavor's, checked by :func:`vtpm_driver.model.rules.secret_security`; the
+    PCR banks are the flavor's ``hw:tpm_pcr_banks`` (Nova keeps no image
+    property it does not know, so ``hw_tpm_pcr_banks`` never reaches a compute).
 
     :raises nova.exception.FlavorImageConflict: flavor and image disagree.
     :raises nova.exception.Invalid: an invalid value or combination.
@@ -60,8 +62,12 @@ def vtpm_config(flavor: Any, image_meta: Any) -> request.VTPMConfig | None:
     if found is None:
         return None
     with nova_errors():
-        return request.VTPMConfig(version=found.version, model=found.model,
-                               secret_security=rules.secret_security(flavor))
+        banks = (flavor.extra_specs or {}).get(request.FLAVOR_PCR_BANKS_KEY)
+        return request.VTPMConfig(
+            version=found.version, model=found.model,
+            secret_security=rules.secret_security(flavor),
+            pcr_banks=() if banks is None else request.pcr_banks(
+                request.FLAVOR_PCR_BANKS_KEY, banks))
 
 
 def secret_modes(instance: Any) -> tuple[str | None, ...]:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import re
 
 import pytest
 
+from tests.fakes.probe import FakeProbe, domcaps
 from vtpm_driver import exception
 from vtpm_driver.cli import main as cli_main
 from vtpm_driver.model import request
 
-DOMCAPS = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-qemu-host.xml").read_text()
-NO_TPM = (pathlib.Path(__file__).parents[1] / "data" / "domcaps-no-tpm.xml").read_text()
+NO_TPM = domcaps("domcaps-no-tpm.xml")
 
 
 def run(capsys, *argv: str, **kwargs) -> tuple[int, str, str]:
@@ -235,36 +234,6 @@ def test_main_leaves_no_logging_handlers_behind(capsys):
 
 # -- host check -------------------------------------------------------------
 
-class FakeProbe:
-    def __init__(self, xml: str = DOMCAPS, unreachable: bool = False) -> None:
-        self.xml = xml
-        self.unreachable = unreachable
-        self.closed = False
-
-    def domain_capabilities(self, virt_type: str) -> str:
-        return self.xml
-
-    def which(self, name: str) -> str:
-        return f"/usr/bin/{name}"
-
-    def user_exists(self, name: str) -> bool:
-        return name == "tss"
-
-    def group_exists(self, name: str) -> bool:
-        return name == "tss"
-
-    def versions(self) -> dict[str, str]:
-        if self.unreachable:
-            raise exception.HypervisorUnavailable(
-                "cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent: "
-                "Failed to connect socket to '/nonexistent': No such file or directory"
-            )
-        return {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"}
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class Factory:
     """probe_factory recording the conf it was given."""
 
@@ -305,7 +274,7 @@ def test_host_check_json_supported(capsys, tmp_path):
 
 def test_host_check_unsupported_is_still_exit_0(capsys, tmp_path):
     rc, out, err = run(capsys, "--config-file", write_conf(tmp_path, ENABLED),
-                       "host", "check", "-f", "json", probe_factory=Factory(FakeProbe(NO_TPM)))
+                       "host", "check", "-f", "json", probe_factory=Factory(FakeProbe(xml=NO_TPM)))
     assert (rc, err) == (0, "")
     result = json.loads(out)
     assert result["supported"] is False
@@ -350,7 +319,9 @@ def test_host_check_table(capsys, tmp_path):
 
 
 def test_host_check_unreachable_libvirt_exit_1_one_line(capsys, tmp_path):
-    probe = FakeProbe(unreachable=True)
+    probe = FakeProbe(version_info=exception.HypervisorUnavailable(
+        "cannot connect to libvirt at qemu+unix:///system?socket=/nonexistent: "
+        "Failed to connect socket to '/nonexistent': No such file or directory"))
     rc, out, err = run(capsys, "--config-file", write_conf(tmp_path, ENABLED),
                        "host", "check", "-f", "json", probe_factory=Factory(probe))
     assert (rc, out) == (1, "")

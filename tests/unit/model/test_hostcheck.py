@@ -16,7 +16,9 @@ CRB = "COMPUTE_SECURITY_TPM_CRB"
 SUSER = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER"
 SHOST = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST"
 SDEPL = "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT"
-ALL = (T12, T20, TIS, CRB, SUSER, SHOST, SDEPL)
+BANKS = ("CUSTOM_VTPM_PCR_BANK_SHA1", "CUSTOM_VTPM_PCR_BANK_SHA256",
+         "CUSTOM_VTPM_PCR_BANK_SHA384", "CUSTOM_VTPM_PCR_BANK_SHA512")
+ALL = (T12, T20, TIS, CRB, SUSER, SHOST, SDEPL, *BANKS)
 
 
 def fixture(name: str) -> str:
@@ -317,8 +319,8 @@ def test_unreachable_libvirt_raises(where):
     [
         (REAL, only(*ALL)),
         ("domcaps-no-versions.xml", only(*ALL)),  # libvirt < 8.6: both versions assumed
-        ("domcaps-only-2.0.xml", only(T20, TIS, CRB, SUSER, SHOST, SDEPL)),
-        ("domcaps-only-tis.xml", only(T12, T20, TIS, SUSER, SHOST, SDEPL)),
+        ("domcaps-only-2.0.xml", only(T20, TIS, CRB, SUSER, SHOST, SDEPL, *BANKS)),
+        ("domcaps-only-tis.xml", only(T12, T20, TIS, SUSER, SHOST, SDEPL, *BANKS)),
     ],
 )
 def test_c3_traits_follow_domain_capabilities(name, traits):
@@ -340,7 +342,7 @@ def test_c3_traits_follow_domain_capabilities(name, traits):
 def test_c3_secret_security_traits_follow_config(modes, true):
     report = hostcheck.check_host(make_conf(supported_tpm_secret_security=modes), FakeProbe())
     assert report.supported is True
-    assert report.traits == only(T12, T20, TIS, CRB, *true)
+    assert report.traits == only(T12, T20, TIS, CRB, *BANKS, *true)
 
 
 @pytest.mark.parametrize("bad", ["User", "admin", "hosts", ""])
@@ -370,3 +372,28 @@ def test_tpm_traits_ignores_unknown_models_and_versions():
 
 
 # -- LibvirtHostProbe, with a fake libvirt connection ------------------------
+
+
+# -- PCR banks ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("libvirt", "implemented", "true"), [
+    ("9.0.0", {"sha1", "sha256", "sha384", "sha512"}, BANKS),
+    ("8.0.0", {"sha256", "sha384"}, (BANKS[1], BANKS[2])),   # only what swtpm implements
+    ("7.10.0", {"sha1", "sha256", "sha384", "sha512"}, ()),  # libvirt cannot set banks yet
+    ("9.0.0", set(), ()),                                    # swtpm could not be asked
+])
+def test_bank_traits_need_libvirt_and_swtpm(libvirt, implemented, true):
+    probe = FakeProbe(banks=frozenset(implemented),
+                      version_info={"libvirt": libvirt, "qemu": "7.2.0"})
+    report = hostcheck.check_host(make_conf(), probe)
+    assert report.supported is True
+    assert report.traits == only(T12, T20, TIS, CRB, SUSER, SHOST, SDEPL, *true)
+
+
+@pytest.mark.parametrize("version", [None, "", "nine", "9.x"])
+def test_bank_traits_need_a_readable_libvirt_version(version):
+    assert hostcheck.activatable_banks(version, {"sha256"}) == frozenset()
+
+
+def test_bank_traits_ignore_banks_we_have_no_trait_for():
+    assert hostcheck.activatable_banks("9.0.0", {"sm3_256", "sha256"}) == {"sha256"}

@@ -462,8 +462,15 @@ def test_b1_literal_trait_names():
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_HOST",
         "COMPUTE_SECURITY_TPM_SECRET_SECURITY_DEPLOYMENT",
+        "CUSTOM_VTPM_PCR_BANK_SHA1", "CUSTOM_VTPM_PCR_BANK_SHA256",
+        "CUSTOM_VTPM_PCR_BANK_SHA384", "CUSTOM_VTPM_PCR_BANK_SHA512",
     }
-    assert len(request.ALL_TRAITS) == 7
+    assert len(request.ALL_TRAITS) == 11
+    assert required_traits({}, {IV: "2.0", "hw_tpm_pcr_banks": "sha384,sha256"}) == {
+        "COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_TIS",
+        "COMPUTE_SECURITY_TPM_SECRET_SECURITY_USER",
+        "CUSTOM_VTPM_PCR_BANK_SHA256", "CUSTOM_VTPM_PCR_BANK_SHA384",
+    }
 
 
 @pytest.mark.parametrize(("flavor", "image"), [({}, {}), ({M: "tpm-crb", S: "host"}, {})])

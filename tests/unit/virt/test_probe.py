@@ -111,3 +111,49 @@ def test_real_probe_satisfies_the_protocol():
     for name in ("domain_capabilities", "which", "user_exists", "group_exists", "versions"):
         assert callable(getattr(virt_probe.LibvirtHostProbe, name))
         assert callable(getattr(FakeProbe, name))
+
+
+# -- the PCR banks swtpm implements -------------------------------------------
+
+def _pcrs_response(*banks: tuple[int, bytes], rc: int = 0) -> bytes:
+    body = b"\x00" + (5).to_bytes(4, "big") + len(banks).to_bytes(4, "big") + b"".join(
+        alg.to_bytes(2, "big") + len(select).to_bytes(1, "big") + select
+        for alg, select in banks)
+    return b"\x80\x01" + (10 + len(body)).to_bytes(4, "big") + rc.to_bytes(4, "big") + body
+
+
+def test_banks_in_lists_implemented_banks_active_or_not():
+    response = _pcrs_response((0x0004, b"\0\0\0"), (0x000B, b"\xff\xff\xff"),
+                              (0x0012, b"\0\0\0"), (0x000D, b"\0\0\0"))
+    assert virt_probe._banks_in(response) == {"sha1", "sha256", "sha512"}  # sm3 has no trait
+
+
+@pytest.mark.parametrize("response", [
+    _pcrs_response(rc=0x101),                                # an error code
+    _pcrs_response((0x000B, b"\xff\xff\xff"))[:-2],          # cut short
+])
+def test_banks_in_refuses_what_it_cannot_read(response):
+    with pytest.raises(ValueError):
+        virt_probe._banks_in(response)
+
+
+def test_swtpm_pcr_banks_without_swtpm_is_empty():
+    assert virt_probe.swtpm_pcr_banks(None) == frozenset()
+
+
+def test_swtpm_pcr_banks_that_will_not_start_is_empty_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(virt_probe.tempfile, "tempdir", None)
+    assert virt_probe.swtpm_pcr_banks("/bin/false") == frozenset()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_swtpm_pcr_banks_asks_the_real_swtpm(tmp_path, monkeypatch):
+    """Debian's swtpm 0.7 (libtpms 0.9) implements all four; nothing is left behind."""
+    swtpm = virt_probe.shutil.which("swtpm")
+    if swtpm is None:
+        pytest.fail("swtpm is not installed (tools/setup-host.sh installs it)")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(virt_probe.tempfile, "tempdir", None)
+    assert virt_probe.swtpm_pcr_banks(swtpm) == {"sha1", "sha256", "sha384", "sha512"}
+    assert list(tmp_path.iterdir()) == []
