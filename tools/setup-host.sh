@@ -42,11 +42,18 @@ if [ -d /run/systemd/system ]; then
     systemctl start virtlogd libvirtd
 else
     mkdir -p /run/libvirt
-    if ! pgrep -x virtlogd >/dev/null; then
+    # The system daemons are the ones named by their pid files: the test hosts run their
+    # own virtlogd and libvirtd (tools/test-hosts.sh), which pgrep would find as well.
+    running() {
+        local pid
+        pid=$(cat "/run/$1.pid" 2>/dev/null) && [ -n "$pid" ] \
+            && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+    }
+    if ! running virtlogd; then
         say "starting virtlogd"
         virtlogd -d
     fi
-    if ! pgrep -x libvirtd >/dev/null; then
+    if ! running libvirtd; then
         say "starting libvirtd"
         libvirtd -d
     fi

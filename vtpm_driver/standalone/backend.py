@@ -92,6 +92,10 @@ class CachedHostProbe:
         """:raises HypervisorUnavailable: as the wrapped probe (nothing kept)."""
         return dict(self._kept((self.uri, "versions"), self._probe.versions))
 
+    def pcr_banks(self) -> frozenset[str]:
+        """The wrapped probe's answer, kept like the versions (the same swtpm all along)."""
+        return self._kept((self.uri, "pcr_banks"), self._probe.pcr_banks)
+
     def which(self, name: str) -> str | None:
         return self._probe.which(name)
 

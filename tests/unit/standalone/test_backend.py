@@ -39,14 +39,13 @@ def make_conf(tmp_path: Path):
 
 
 class CountingProbe(FakeProbe):
-    closed = False
-
     def versions(self):
         self.asked_virt_types.append("versions")
         return super().versions()
 
-    def close(self):
-        self.closed = True
+    def pcr_banks(self):
+        self.asked_virt_types.append("pcr_banks")
+        return super().pcr_banks()
 
 
 def test_host_facts_are_asked_once_per_uri_for_the_process():
@@ -56,9 +55,10 @@ def test_host_facts_are_asked_once_per_uri_for_the_process():
         cached = CachedHostProbe(uri, probe)
         assert cached.domain_capabilities("qemu") == domcaps()
         assert cached.versions()["libvirt"] == "9.0.0"
-    assert first.asked_virt_types == ["qemu", "versions"]
+        assert cached.pcr_banks() == {"sha1", "sha256", "sha384", "sha512"}
+    assert first.asked_virt_types == ["qemu", "versions", "pcr_banks"]
     assert second.asked_virt_types == []  # a second backend of that URI: no libvirt call
-    assert other.asked_virt_types == ["qemu", "versions"]
+    assert other.asked_virt_types == ["qemu", "versions", "pcr_banks"]
     cached = CachedHostProbe("qemu+tcp://a/system", second)
     cached.versions()["libvirt"] = "changed"
     assert cached.versions()["libvirt"] == "9.0.0"  # callers get a copy
