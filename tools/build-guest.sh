@@ -3,6 +3,12 @@
 #   $VTPM_GUEST_DIR/vmlinuz     Debian's cloud kernel (TPM TIS + CRB drivers built in)
 #   $VTPM_GUEST_DIR/initrd.img  gzip'ed newc cpio: busybox-static + tools/guest/init +
 #                               tpm2-tools (Debian's, with the libraries it loads)
+#   $VTPM_GUEST_DIR/uefi.img    raw GPT disk whose EFI System Partition boots the same
+#                               kernel and initrd under UEFI Secure Boot: Debian's
+#                               Microsoft-signed shim, Debian-signed GRUB, Debian-signed
+#                               kernel (boot it with OVMF's Microsoft keys enrolled)
+#   $VTPM_GUEST_DIR/uefi-unsigned.img  the same with the kernel's signature removed: Secure
+#                               Boot must refuse it ("bad shim signature")
 # (VTPM_GUEST_DIR defaults to /var/cache/vtpm-driver/guest.)
 #
 # The kernel package is fetched with `apt-get download` and unpacked with `dpkg -x`: nothing
@@ -24,13 +30,21 @@ BUSYBOX=/bin/busybox
 TPM2=/usr/bin/tpm2
 TPM2_DLOPEN=(/usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0)
 META_PKG=linux-image-cloud-amd64
+# The signed boot chain of uefi.img (fetched and unpacked like the kernel, never installed:
+# their maintainer scripts would run grub-install on this host).
+EFI_PKGS=(shim-signed grub-efi-amd64-signed)
+SHIM_EFI=usr/lib/shim/shimx64.efi.signed
+GRUB_EFI=usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
+# Command line of the UEFI guest (GRUB's menu entry; a disk carries its own).
+UEFI_CMDLINE="console=ttyS0 vtpm_test=stay"
 # Loaded by /init in vtpm_test=stay mode so an ACPI power-button press can be seen.
 MODULES=(drivers/input/evdev.ko drivers/acpi/button.ko)
 # The guest finds its TPM through these; they must be built in (=y), not modules.
 KCONFIG_NEEDED=(CONFIG_TCG_TPM CONFIG_TCG_TIS CONFIG_TCG_CRB CONFIG_BLK_DEV_INITRD
                 CONFIG_RD_GZIP CONFIG_DEVTMPFS CONFIG_SERIAL_8250_CONSOLE)
 
-for cmd in apt-get apt-cache dpkg dpkg-deb cpio gzip sha256sum flock; do
+for cmd in apt-get apt-cache dpkg dpkg-deb cpio gzip sha256sum flock mformat mmd mcopy sfdisk \
+           sbattach; do
     command -v "$cmd" >/dev/null || die "'$cmd' not found (run tools/setup-host.sh)"
 done
 [ -r "$INIT_SRC" ] || die "guest init script missing: $INIT_SRC"
@@ -191,4 +205,111 @@ else
     say "wrote $GUEST_DIR/initrd.img ($(du -k "$GUEST_DIR/initrd.img" | cut -f1) KiB)"
 fi
 
-say "guest ready: $GUEST_DIR/vmlinuz $GUEST_DIR/initrd.img (cmdline: console=ttyS0)"
+# --- UEFI Secure Boot disks -------------------------------------------------------------
+# The exact versions apt would install now, as "name=version" lines.
+resolve_efi() {
+    local p v
+    for p in "${EFI_PKGS[@]}"; do
+        v=$(apt-cache show --no-all-versions "$p" 2>/dev/null | awk '$1 == "Version:" {print $2; exit}')
+        [ -n "$v" ] || return 1
+        echo "$p=$v"
+    done
+}
+
+# fetch_efi "name=version"...: shimx64.efi and grubx64.efi into $GUEST_DIR/efi.
+fetch_efi() {
+    local want deb sandbox=()
+    make_workdir
+    [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root)
+    mkdir -p "$WORK/efi-debs" "$WORK/efi-root" "$GUEST_DIR/efi"
+    for want in "$@"; do
+        say "downloading $want (apt-get download)"
+        (cd "$WORK/efi-debs" && apt-get -q "${sandbox[@]}" download "$want" \
+            >"$WORK/apt-efi.log" 2>&1) \
+            || die "apt-get download $want failed:$(printf '\n'; tail -n 5 "$WORK/apt-efi.log")"
+    done
+    for deb in "$WORK"/efi-debs/*.deb; do
+        dpkg -x "$deb" "$WORK/efi-root" || die "dpkg -x $deb failed"
+    done
+    [ -f "$WORK/efi-root/$SHIM_EFI" ] || die "shim-signed has no /$SHIM_EFI"
+    [ -f "$WORK/efi-root/$GRUB_EFI" ] || die "grub-efi-amd64-signed has no /$GRUB_EFI"
+    cp "$WORK/efi-root/$SHIM_EFI" "$GUEST_DIR/efi/shimx64.efi"
+    cp "$WORK/efi-root/$GRUB_EFI" "$GUEST_DIR/efi/grubx64.efi"
+    printf '%s\n' "$@" >"$GUEST_DIR/efi/stamp"
+    rm -rf "$WORK/efi-debs" "$WORK/efi-root"
+}
+
+have_efi=$(cat "$GUEST_DIR/efi/stamp" 2>/dev/null || true)
+[ -s "$GUEST_DIR/efi/shimx64.efi" ] && [ -s "$GUEST_DIR/efi/grubx64.efi" ] || have_efi=
+want_efi=
+if [ -z "$have_efi" ] \
+        || [ -n "$(find /var/lib/apt/lists -maxdepth 1 -newer "$GUEST_DIR/efi/stamp" \
+                   -print -quit 2>/dev/null)" ]; then
+    want_efi=$(resolve_efi || true)
+fi
+[ -n "$want_efi" ] || [ -n "$have_efi" ] \
+    || die "apt knows no ${EFI_PKGS[*]} (apt sources? run apt-get update)"
+if [ -n "$want_efi" ] && [ "$want_efi" != "$have_efi" ]; then
+    # shellcheck disable=SC2086 # one "name=version" per line
+    fetch_efi $want_efi
+else
+    touch "$GUEST_DIR/efi/stamp"
+    say "signed shim and GRUB up to date"
+fi
+
+# esp_disk OUT KERNEL: a raw GPT disk, one FAT EFI System Partition holding shim as the
+# removable-media loader, GRUB beside it, its grub.cfg where Debian's signed GRUB looks
+# (prefix /EFI/debian), KERNEL and initrd.img. mtools and sfdisk work on image files: no
+# loop device, no mount. No fbx64.efi: shim would run it, make a boot entry and reset.
+esp_disk() {
+    local out=$1 kernel=$2 cfg esp bytes mb
+    make_workdir
+    cfg=$WORK/grub.cfg
+    esp=$WORK/esp.img
+    printf 'set timeout=0\nset default=0\nmenuentry vtpm-test {\n\tlinux /vmlinuz %s\n\tinitrd /initrd.img\n}\n' \
+        "$UEFI_CMDLINE" >"$cfg"
+    bytes=$(cat "$GUEST_DIR/efi/shimx64.efi" "$GUEST_DIR/efi/grubx64.efi" "$kernel" \
+                "$GUEST_DIR/initrd.img" "$cfg" | wc -c)
+    mb=$(( (bytes + 1048575) / 1048576 + 4 ))   # + room for FAT's own tables
+    rm -f "$esp"
+    truncate -s "${mb}M" "$esp"
+    MTOOLS_SKIP_CHECK=1 mformat -i "$esp" -T $((mb * 2048)) -h 64 -s 32 -v ESP :: \
+        || die "mformat of the EFI System Partition failed"
+    MTOOLS_SKIP_CHECK=1 mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$esp" "$GUEST_DIR/efi/shimx64.efi" ::/EFI/BOOT/BOOTX64.EFI
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$esp" "$GUEST_DIR/efi/grubx64.efi" ::/EFI/BOOT/grubx64.efi
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$esp" "$cfg" ::/EFI/debian/grub.cfg
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$esp" "$kernel" ::/vmlinuz
+    MTOOLS_SKIP_CHECK=1 mcopy -i "$esp" "$GUEST_DIR/initrd.img" ::/initrd.img
+    rm -f "$out.new"
+    truncate -s $((mb + 2))M "$out.new"   # 1 MiB before the ESP, 1 MiB for the backup GPT
+    printf 'label: gpt\nunit: sectors\nstart=2048, size=%d, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI System Partition"\n' \
+        $((mb * 2048)) | sfdisk -q "$out.new" >/dev/null || die "sfdisk of $out failed"
+    dd if="$esp" of="$out.new" bs=1M seek=1 conv=notrunc status=none || die "dd into $out failed"
+    rm -f "$esp"
+    mv -f "$out.new" "$out"
+}
+
+uefi_inputs() {
+    sha256sum "$GUEST_DIR/efi/shimx64.efi" "$GUEST_DIR/efi/grubx64.efi" "$GUEST_DIR/vmlinuz" \
+        "$GUEST_DIR/initrd.img" | awk '{print $1}'
+    echo "cmdline=$UEFI_CMDLINE format=1"
+}
+want_uefi=$(uefi_inputs | sha256sum | awk '{print $1}')
+if [ -s "$GUEST_DIR/uefi.img" ] && [ -s "$GUEST_DIR/uefi-unsigned.img" ] \
+        && [ "$(cat "$GUEST_DIR/uefi.img.stamp" 2>/dev/null)" = "$want_uefi" ]; then
+    say "UEFI disks up to date"
+else
+    say "building uefi.img and uefi-unsigned.img (shim -> GRUB -> kernel, Secure Boot)"
+    esp_disk "$GUEST_DIR/uefi.img" "$GUEST_DIR/vmlinuz"
+    make_workdir
+    cp "$GUEST_DIR/vmlinuz" "$WORK/vmlinuz-unsigned"
+    sbattach --remove "$WORK/vmlinuz-unsigned" >/dev/null \
+        || die "sbattach --remove could not strip the kernel's signature"
+    esp_disk "$GUEST_DIR/uefi-unsigned.img" "$WORK/vmlinuz-unsigned"
+    echo "$want_uefi" >"$GUEST_DIR/uefi.img.stamp"
+    say "wrote $GUEST_DIR/uefi.img, $GUEST_DIR/uefi-unsigned.img ($(du -k "$GUEST_DIR/uefi.img" | cut -f1) KiB each)"
+fi
+
+say "guest ready: $GUEST_DIR/vmlinuz $GUEST_DIR/initrd.img (cmdline: console=ttyS0)," \
+    "$GUEST_DIR/uefi.img (UEFI Secure Boot)"

@@ -12,9 +12,12 @@ TAG=setup-host
 
 # tpm2-tools: not for this host: tools/build-guest.sh copies it, with the libraries it
 # links, into the test guest's initramfs (the guest's TPM client).
+# ovmf: UEFI firmware with Secure Boot (and its descriptors, which libvirt picks from);
+# mtools, fdisk (sfdisk), sbsigntool (sbattach): tools/build-guest.sh's UEFI disks.
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 swtpm swtpm-tools libvirt-dev pkg-config
-          busybox-static cpio gzip python3-venv python3-dev gcc tpm2-tools)
+          busybox-static cpio gzip python3-venv python3-dev gcc tpm2-tools
+          ovmf mtools fdisk sbsigntool)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -28,6 +28,12 @@ class FlavorImageConflict(InvalidVTPMConfig):
     """Flavor and image set the same vTPM attribute to different values."""
 
 
+class InvalidFirmwareRequest(InvalidVTPMConfig):
+    """The flavor or image ask for firmware that cannot be given (``hw_firmware_type``,
+    Secure Boot). A kind of invalid request, refused before anything is created,
+    as an invalid vTPM request is."""
+
+
 class InvalidConfiguration(VTPMError):
     """This host or its configuration cannot provide what was asked of it."""
 

@@ -66,6 +66,12 @@ class TestGuest:
     kernel: Path
     initrd: Path
     cmdline: str = GUEST_CMDLINE
+    #: The same guest on a GPT disk booting shim -> GRUB -> kernel under UEFI Secure
+    #: Boot, staying up (``vtpm_test=stay`` is in its GRUB entry); and the same disk with
+    #: the kernel's signature removed, which Secure Boot must refuse. Copy them per server:
+    #: a running domain holds its disk's write lock.
+    uefi_disk: Path | None = None
+    unsigned_disk: Path | None = None
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -108,7 +114,10 @@ def test_guest() -> TestGuest:
             print(f"tools/build-guest.sh failed, using the existing guest:\n{output}")
         else:
             unavailable(f"cannot build the test guest in {GUEST_DIR}:\n{output[-2000:]}")
-    return TestGuest(kernel=kernel, initrd=initrd)
+    uefi, unsigned = GUEST_DIR / "uefi.img", GUEST_DIR / "uefi-unsigned.img"
+    return TestGuest(kernel=kernel, initrd=initrd,
+                     uefi_disk=uefi if uefi.is_file() else None,
+                     unsigned_disk=unsigned if unsigned.is_file() else None)
 
 
 def host_swtpm_dir(host: str) -> Path:

@@ -48,6 +48,7 @@ from vtpm_driver.virt import secret as virt_secret
 BOOT_TIMEOUT = 180.0  # a bound, not a speed check
 STAY = "vtpm_test=stay"
 READY = "vtpm-guest: staying up"
+NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"  # a UEFI domain's own variable store
 _SERVICE_KEYS = ("auth_url", "username", "password", "project_name", "user_domain_name",
                  "project_domain_name")
 
@@ -148,15 +149,19 @@ class ServersOnStack:
     def new_server(self, flavor_extra_specs: dict[str, str] | None = None,
                    image_properties: dict[str, str] | None = None, *, stay: bool = False,
                    context: RequestContext | None = None,
-                   kernel: str | None = None) -> Instance:
-        """A server booting the test guest (``stay``: it keeps running), not yet spawned."""
+                   kernel: str | None = None, disk: str | None = None) -> Instance:
+        """A server booting the test guest (``stay``: it keeps running), not yet spawned.
+
+        ``disk``: boot that disk instead of the kernel (a copy of one of the guest's
+        UEFI disks, which always stay up).
+        """
+        boot = (dict(disk=disk) if disk else dict(
+            kernel=kernel or str(self.guest.kernel), initrd=str(self.guest.initrd),
+            cmdline=f"{self.guest.cmdline} {STAY}" if stay else self.guest.cmdline))
         inst = servers.new_instance(
             f"lifecycle-{uuid.uuid4().hex[:8]}", context or self.owner,
             flavor_extra_specs=flavor_extra_specs, image_properties=image_properties,
-            kernel=kernel or str(self.guest.kernel), initrd=str(self.guest.initrd),
-            cmdline=f"{self.guest.cmdline} {STAY}" if stay else self.guest.cmdline,
-            memory_mb=256,
-        )
+            memory_mb=512 if disk else 256, **boot)
         self.created.append(inst)
         return inst
 
@@ -164,7 +169,8 @@ class ServersOnStack:
               driver: VTPMDriver | None = None) -> Console:
         """Spawn ``inst`` and return its console (marked before the boot)."""
         self.driver.guests.ensure_console_log(inst)
-        console = Console(inst.console_log, stay=STAY in (inst.image_meta.cmdline or ""))
+        console = Console(inst.console_log, stay=STAY in (inst.image_meta.cmdline or "")
+                          or inst.image_meta.disk is not None)
         console.mark()
         (driver or self.driver).spawn(context or self.owner, inst, inst.image_meta, [], None, {})
         return console
@@ -208,6 +214,7 @@ class ServersOnStack:
             assert self.barbican_status(secret_uuid) == 404
         assert inst.console_log is None or not Path(inst.console_log).exists()
         assert not Path("/var/lib/vtpm-driver/resize", inst.uuid).exists()
+        assert not Path(NVRAM_DIR, f"{inst.name}_VARS.fd").exists()
 
     def sweep(self) -> list[str]:
         """Delete what the test created; return what had to be swept by force."""

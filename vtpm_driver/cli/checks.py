@@ -7,7 +7,7 @@ import argparse
 from cliff.show import ShowOne
 
 from vtpm_driver.cli.common import DictColumn, ListColumn, add_property_options
-from vtpm_driver.model import request, windows
+from vtpm_driver.model import firmware, request, windows
 from vtpm_driver.model.hostcheck import check_host
 
 
@@ -19,6 +19,11 @@ class RequestCheck(ShowOne):
     hw_tpm_model) exactly as the driver does at spawn time; no service is
     contacted. Without a TPM version no vTPM is requested: vtpm is false and
     the other fields are empty.
+
+    The firmware (firmware: bios or uefi from hw_firmware_type; secure_boot:
+    required, optional or disabled from os:secure_boot / os_secure_boot) is
+    checked as the driver checks it, and the PCR banks asked for
+    (hw:tpm_pcr_banks / hw_tpm_pcr_banks) are listed.
 
     It also says whether Windows 11 would accept such a server (windows11:
     a TPM 2.0, UEFI firmware hw_firmware_type=uefi, Secure Boot
@@ -42,15 +47,18 @@ class RequestCheck(ShowOne):
         image = dict(parsed_args.image_properties)
         config = request.get_vtpm_config(flavor, image)
         windows.check(flavor, image, config)
+        fw = firmware.get_firmware(flavor, image)
         gaps = windows.missing(flavor, image, config)
-        columns = ("vtpm", "version", "model", "secret_security", "required_traits",
-                   "windows11", "windows11_missing")
+        columns = ("vtpm", "version", "model", "secret_security", "pcr_banks",
+                   "required_traits", "firmware", "secure_boot", "windows11",
+                   "windows11_missing")
         if config is None:
-            return columns, (False, None, None, None, ListColumn([]), False,
-                             ListColumn(list(gaps)))
+            return columns, (False, None, None, None, ListColumn([]), ListColumn([]),
+                             fw.type, fw.secure_boot, False, ListColumn(list(gaps)))
         return columns, (
             True, config.version, config.model, config.secret_security,
-            ListColumn(sorted(config.traits)), not gaps, ListColumn(list(gaps)),
+            ListColumn(list(config.pcr_banks)), ListColumn(sorted(config.traits)), fw.type,
+            fw.secure_boot, not gaps, ListColumn(list(gaps)),
         )
 
 

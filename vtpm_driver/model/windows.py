@@ -25,20 +25,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from vtpm_driver import exception
-from vtpm_driver.model import request
+from vtpm_driver.model import firmware, request
+from vtpm_driver.model.firmware import FIRMWARE_KEY, FLAVOR_SECURE_BOOT_KEY, IMAGE_SECURE_BOOT_KEY
 
 OS_DISTRO_KEY = "os_distro"
 OS_VERSION_KEY = "os_version"
 #: Our image property for a Windows 11 image without os_distro/os_version.
 GUEST_OS_KEY = "vtpm_guest_os"
 WINDOWS_11 = "windows11"
-
-FIRMWARE_KEY = "hw_firmware_type"
-FLAVOR_SECURE_BOOT_KEY = "os:secure_boot"
-IMAGE_SECURE_BOOT_KEY = "os_secure_boot"
 MACHINE_TYPE_KEY = "hw_machine_type"
-UEFI = "uefi"
-REQUIRED = "required"
 
 
 def _get(mapping: Mapping[str, str] | None, key: str) -> str:
@@ -60,18 +55,22 @@ def missing(flavor_extra_specs: Mapping[str, str] | None,
             config: request.VTPMConfig | None) -> tuple[str, ...]:
     """What the request lacks for Windows 11, each piece with the key that gives it
     (empty: Windows 11 accepts it). ``config``: the request's vTPM
-    (:func:`vtpm_driver.model.request.get_vtpm_config`)."""
+    (:func:`vtpm_driver.model.request.get_vtpm_config`).
+
+    :raises InvalidFirmwareRequest: an unknown firmware value or a flavor/image
+        conflict (:func:`vtpm_driver.model.firmware.asked`).
+    """
     gaps = []
     if config is None:
         gaps.append(f"a TPM 2.0 (flavor {request.FLAVOR_VERSION_KEY}=2.0)")
     elif config.version != request.VERSION_2_0:
         gaps.append(f"a TPM 2.0, not {config.version} ({request.FLAVOR_VERSION_KEY}=2.0)")
-    firmware = _get(image_properties, FIRMWARE_KEY)
-    if firmware != UEFI:
+    asked = firmware.asked(flavor_extra_specs, image_properties)
+    if not asked.uefi:
         gaps.append(f"UEFI firmware (image {FIRMWARE_KEY}=uefi"
-                    + (f", not {firmware!r})" if firmware else ")"))
-    if REQUIRED not in (_get(flavor_extra_specs, FLAVOR_SECURE_BOOT_KEY),
-                        _get(image_properties, IMAGE_SECURE_BOOT_KEY)):
+                    + (f", not {asked.type!r})" if FIRMWARE_KEY in (image_properties or {})
+                       else ")"))
+    if asked.secure_boot != firmware.REQUIRED:
         gaps.append(f"Secure Boot (flavor {FLAVOR_SECURE_BOOT_KEY}=required or image "
                     f"{IMAGE_SECURE_BOOT_KEY}=required)")
     machine = _get(image_properties, MACHINE_TYPE_KEY)

@@ -24,10 +24,10 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.keymgr import KeyManagerAPI
-from vtpm_driver.model import custody
+from vtpm_driver.model import custody, firmware
 from vtpm_driver.model.hostcheck import HostReport
 from vtpm_driver.model.request import VTPMConfig
-from vtpm_driver.model.server import recorded_secret, server_label
+from vtpm_driver.model.server import image_properties, recorded_secret, server_label
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
@@ -110,15 +110,21 @@ class Guests:
         """The guest without ``<tpm>`` or record; checks name, sizes and boot files.
 
         :raises VirtError: bad name, sizes or boot files.
+        :raises InvalidFirmwareRequest: the flavor or image ask for firmware
+            that cannot be given (:func:`vtpm_driver.model.firmware.get_firmware`).
         """
         image = instance.image_meta
         virt_type = self.conf.libvirt.virt_type
+        fw = firmware.get_firmware(instance.flavor.extra_specs, image_properties(image))
         return domain.guest_xml(
             instance.name, instance.uuid, instance.flavor.vcpus, instance.flavor.memory_mb,
             console_log=instance.console_log, kernel=getattr(image, "kernel", None),
             initrd=getattr(image, "initrd", None), cmdline=getattr(image, "cmdline", None),
             disk=getattr(image, "disk", None),
             virt_type=virt_type if virt_type in domain.VIRT_TYPES else "kvm",
+            uefi=fw.uefi,
+            secure_boot={firmware.REQUIRED: True, firmware.DISABLED: False}.get(fw.secure_boot)
+            if fw.uefi else None,
         )
 
     def domain_xml(self, instance: Any, cfg: VTPMConfig | None, base: str | None = None) -> str:

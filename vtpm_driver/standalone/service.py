@@ -31,7 +31,7 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, statestore
 from vtpm_driver.keymgr.context import RequestContext
-from vtpm_driver.model import request, rules, windows
+from vtpm_driver.model import firmware, request, rules, windows
 from vtpm_driver.model.request import UNPARSED, Unparsed, VTPMConfig
 from vtpm_driver.ops import locks
 from vtpm_driver.ops.rebuild import RebuildOps
@@ -132,10 +132,15 @@ class ServerService:
 
         :raises InvalidVTPMConfig: bad or conflicting vTPM properties, or a
             Windows 11 image on a request Windows 11 would not accept.
+        :raises InvalidFirmwareRequest: firmware that cannot be given (bad
+            ``hw_firmware_type`` or Secure Boot values, Secure Boot without UEFI
+            or for a kernel booted directly).
         :raises InstanceExists: a server of that name exists.
         """
         vtpm = request.get_vtpm_config(dict(flavor_extra_specs), dict(image_properties))
         windows.check(dict(flavor_extra_specs), dict(image_properties), vtpm)
+        firmware.check_boot(firmware.get_firmware(flavor_extra_specs, image_properties),
+                            direct_kernel=kernel is not None)
         context = self._context()
         backend = self.backend
         try:

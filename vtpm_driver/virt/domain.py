@@ -206,8 +206,16 @@ def guest_xml(
     disk: str | None = None,
     disk_format: str | None = None,
     virt_type: str = "qemu",
+    uefi: bool = False,
+    secure_boot: bool | None = None,
 ) -> str:
     """A minimal q35 guest booting a kernel (+ initrd) or a virtio disk.
+
+    ``uefi``: boot through UEFI firmware (libvirt picks an OVMF build from the
+    host's firmware descriptors, and gives the domain its own NVRAM).
+    ``secure_boot`` (UEFI only): True asks for Secure Boot with the vendors'
+    keys enrolled (and the SMM it needs), False for firmware without it, None
+    lets libvirt choose (its descriptors rank Secure Boot first).
 
     No network, no graphics, ACPI on (the TPM is found through ACPI), serial
     console appended to ``console_log`` (``append='on'``: QEMU would otherwise
@@ -235,6 +243,8 @@ def guest_xml(
         raise exception.VirtError("initrd and cmdline go with kernel, not with disk")
     if cmdline is not None and (not isinstance(cmdline, str) or not cmdline.isprintable()):
         raise exception.VirtError(f"invalid cmdline={show(cmdline)}: expected printable text")
+    if secure_boot is not None and not uefi:
+        raise exception.VirtError("secure_boot goes with uefi firmware")
 
     root = etree.Element("domain", type=virt_type)
     etree.SubElement(root, "name").text = name
@@ -243,6 +253,16 @@ def guest_xml(
     etree.SubElement(root, "vcpu").text = str(vcpus)
     os_el = etree.SubElement(root, "os")
     etree.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    if uefi:
+        os_el.set("firmware", "efi")
+        if secure_boot is not None:
+            wanted = "yes" if secure_boot else "no"
+            fw = etree.SubElement(os_el, "firmware")
+            etree.SubElement(fw, "feature", enabled=wanted, name="secure-boot")
+            if secure_boot:
+                etree.SubElement(fw, "feature", enabled="yes", name="enrolled-keys")
+                # libvirt takes secure='no' as a conflict with autoselection, 'yes' not.
+                etree.SubElement(os_el, "loader", secure="yes")
     if kernel is not None:
         etree.SubElement(os_el, "kernel").text = _check_path(kernel, "kernel")
         if initrd is not None:
@@ -254,6 +274,9 @@ def guest_xml(
         etree.SubElement(os_el, "boot", dev="hd")
     features = etree.SubElement(root, "features")
     etree.SubElement(features, "acpi")
+    if secure_boot:
+        # OVMF keeps Secure Boot's variables out of the guest's reach only in SMM.
+        etree.SubElement(features, "smm", state="on")
     etree.SubElement(root, "clock", offset="utc")
     etree.SubElement(root, "on_poweroff").text = "destroy"
     etree.SubElement(root, "on_reboot").text = "restart"

@@ -61,9 +61,46 @@ def test_request_check_json(capsys, args, expected):
     assert (rc, err) == (0, "")
     result = json.loads(out)
     assert {key: result[key] for key in expected} == expected
-    assert list(result) == ["vtpm", "version", "model", "secret_security", "required_traits",
-                            "windows11", "windows11_missing"]
+    assert list(result) == ["vtpm", "version", "model", "secret_security", "pcr_banks",
+                            "required_traits", "firmware", "secure_boot", "windows11",
+                            "windows11_missing"]
+    assert (result["firmware"], result["secure_boot"]) == ("bios", "disabled")
     assert result["windows11"] is False  # none of these has UEFI and Secure Boot
+
+
+@pytest.mark.parametrize(("args", "banks", "firmware", "secure_boot"), [
+    (["--flavor-property", "hw:tpm_version=2.0", "--flavor-property",
+      "hw:tpm_pcr_banks=sha512,sha1", "--image-property", "hw_firmware_type=uefi"],
+     ["sha1", "sha512"], "uefi", "disabled"),
+    (["--image-property", "hw_firmware_type=UEFI", "--flavor-property", "os:secure_boot=required"],
+     [], "uefi", "required"),
+    (["--image-property", "hw_firmware_type=bios", "--image-property", "os_secure_boot=optional"],
+     [], "bios", "disabled"),  # optional Secure Boot is none on BIOS
+])
+def test_request_check_shows_banks_and_firmware(capsys, args, banks, firmware, secure_boot):
+    rc, out, err = run(capsys, "request", "check", *args, "-f", "json")
+    assert (rc, err) == (0, "")
+    result = json.loads(out)
+    assert (result["pcr_banks"], result["firmware"], result["secure_boot"]) == (
+        banks, firmware, secure_boot)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image-property", "hw_firmware_type=coreboot"],
+     "invalid image hw_firmware_type='coreboot': allowed values are bios, uefi"),
+    (["--flavor-property", "os:secure_boot=maybe"],
+     "invalid flavor os:secure_boot='maybe': allowed values are required, optional, disabled"),
+    (["--flavor-property", "os:secure_boot=required", "--image-property",
+      "os_secure_boot=disabled"],
+     "flavor os:secure_boot='required' conflicts with image os_secure_boot='disabled'"),
+    (["--image-property", "os_secure_boot=required"],
+     "os_secure_boot=required needs UEFI firmware: set image hw_firmware_type=uefi "
+     "(it is 'bios')"),
+])
+def test_request_check_refuses_firmware_that_cannot_be_given(capsys, args, message):
+    rc, out, err = run(capsys, "request", "check", *args)
+    assert (rc, out) == (1, "")
+    assert message in err
 
 
 WINDOWS_11 = ["--image-property", "os_distro=windows", "--image-property", "os_version=11"]

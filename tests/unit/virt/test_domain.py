@@ -191,6 +191,41 @@ def test_guest_xml_disk_boot(path: str, fmt: str | None, expected: str) -> None:
     assert root.findtext("vcpu") == "2"
 
 
+def _firmware(secure_boot: bool | None, uefi: bool = True) -> etree._Element:
+    return _root(domain.guest_xml("vm1", UUID, 1, 256, console_log=LOG, disk="/img/a.raw",
+                                  uefi=uefi, secure_boot=secure_boot))
+
+
+def test_guest_xml_uefi_with_secure_boot_enrolled_keys_and_smm() -> None:
+    root = _firmware(True)
+    os_el = root.find("os")
+    assert os_el.get("firmware") == "efi"
+    assert {f.get("name"): f.get("enabled") for f in os_el.findall("firmware/feature")} == {
+        "secure-boot": "yes", "enrolled-keys": "yes"}
+    assert os_el.find("loader").get("secure") == "yes"
+    assert root.find("features/smm").get("state") == "on"
+    assert os_el.find("boot").get("dev") == "hd"
+
+
+def test_guest_xml_uefi_without_secure_boot() -> None:
+    root = _firmware(False)
+    assert root.find("os").get("firmware") == "efi"
+    assert [(f.get("name"), f.get("enabled")) for f in root.findall("os/firmware/feature")] == [
+        ("secure-boot", "no")]
+    assert root.find("os/loader") is None  # libvirt refuses secure='no' with autoselection
+    assert root.find("features/smm") is None
+
+
+def test_guest_xml_uefi_libvirt_chooses_and_bios_has_no_firmware_element() -> None:
+    chosen = _firmware(None)
+    assert chosen.find("os").get("firmware") == "efi"
+    assert chosen.find("os/firmware") is None and chosen.find("os/loader") is None
+    bios = _firmware(None, uefi=False)
+    assert bios.find("os").get("firmware") is None and bios.find("features/smm") is None
+    with pytest.raises(exception.VirtError, match="secure_boot goes with uefi"):
+        _firmware(True, uefi=False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
