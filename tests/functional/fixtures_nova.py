@@ -53,6 +53,7 @@ GUEST_RAMDISK = "vtpm-guest-ramdisk"
 GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
 # The same guest re-printing its VTPM_RESULT (boot id, counter) every 3 s.
 REPORTING_IMAGE = "vtpm-guest-reporting"
+SECURE_BOOT_IMAGE = "vtpm-guest-secure-boot"  # tools/aio/cloud.py uploads it
 # The nova-compute services on the libvirt test hosts (tools/test-hosts.sh): host name
 # (= Nova node name) -> the host's libvirt URI; their availability zone.
 TEST_HOSTS = {
@@ -189,13 +190,16 @@ class AioCloud:
         return _SESSIONS[key]
 
     def compute(self, cloud: str, method: str, path: str, body: Any = None,
-                endpoint: str | None = None) -> Any:
+                endpoint: str | None = None, poll: bool = False) -> Any:
         """Nova's REST API (latest microversion) as ``cloud``; the reply's JSON body.
 
         Used for the polls (server status, console log): the same request
         ``openstack server show`` makes, without its seconds of Python start-up
         per call; every action a test is about still goes through ``openstack``.
         ``endpoint``: another nova-api than the catalog's (:data:`PLAIN_NOVA_API`).
+        ``poll``: a request that only reads, so it is sent again when the
+        connection drops: gunicorn closes an idle keep-alive connection after
+        2 s, the polls' own interval, and a request sent at that moment is lost.
 
         :raises keystoneauth1.exceptions.HttpError: an error reply (its status in
             ``.http_status``, Nova's message by :func:`nova_fault`).
@@ -203,13 +207,13 @@ class AioCloud:
         resp = self.session(cloud).request(
             path, method, json=body, raise_exc=True,
             endpoint_filter={"service_type": "compute", "interface": "public"},
-            endpoint_override=endpoint,
+            endpoint_override=endpoint, connect_retries=2 if poll else 0,
             headers={"OpenStack-API-Version": "compute latest"})
         return resp.json() if resp.content else None
 
     def server(self, cloud: str, server_id: str) -> dict[str, Any]:
         """``GET /servers/{id}``: what ``openstack server show -f json`` shows."""
-        return self.compute(cloud, "GET", f"/servers/{server_id}")["server"]
+        return self.compute(cloud, "GET", f"/servers/{server_id}", poll=True)["server"]
 
     def wait_server(
         self, cloud: str, server_id: str, status: str, timeout: float = SERVER_TIMEOUT
@@ -255,7 +259,7 @@ class AioCloud:
     def console_log(self, cloud: str, server_id: str) -> str:
         """``openstack console log show``: the os-getConsoleOutput action."""
         reply = self.compute(cloud, "POST", f"/servers/{server_id}/action",
-                             {"os-getConsoleOutput": {"length": None}})
+                             {"os-getConsoleOutput": {"length": None}}, poll=True)
         return reply["output"]
 
     def wait_vtpm_result(

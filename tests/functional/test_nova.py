@@ -17,6 +17,7 @@ from keystoneauth1 import exceptions as ks_exc
 
 from tests.functional.fixtures_nova import (
     PLAIN_NOVA_API,
+    SECURE_BOOT_IMAGE,
     AioCloud,
     CommandFailed,
     ResourceTracker,
@@ -105,6 +106,48 @@ def test_tpm_server_create_reboot_delete(
     assert gone.returncode != 0 and "No Server found" in gone.stderr, gone.stderr
     assert aio_cloud.vtpm_secrets("owner", server_id) == []
     assert not (SWTPM_STATE_ROOT / server_id).exists()
+
+
+def test_secure_boot_server_with_pcr_banks_keeps_its_tpm(
+    aio_cloud: AioCloud, aio_resources: ResourceTracker
+) -> None:
+    """Issue 22 through Nova: the Glance image vtpm-guest-secure-boot (Nova's
+    hw_firmware_type=uefi, os_secure_boot=required) boots shim -> GRUB -> kernel with
+    Secure Boot on and our vTPM; the flavor's hw:tpm_pcr_banks (accepted by nova-api
+    through our extra-spec validator) are the guest's active banks; a hard reboot
+    keeps the sealed value, hence PCR 7."""
+    provider = aio_cloud.compute_provider()
+    traits = set(aio_cloud.provider_traits(provider["uuid"]))
+    for trait in ("COMPUTE_SECURITY_UEFI_SECURE_BOOT", "CUSTOM_VTPM_PCR_BANK_SHA256",
+                  "CUSTOM_VTPM_PCR_BANK_SHA384"):
+        assert trait in traits, f"{trait} missing from {sorted(traits)}"
+    flavor = aio_resources.flavor({**TPM_2_CRB, "hw:tpm_pcr_banks": "sha384,sha256"},
+                                  ram=512)
+    server_id = aio_resources.server_create("owner", flavor, image=SECURE_BOOT_IMAGE,
+                                            wait=True)
+    first, log = aio_cloud.wait_vtpm_result("owner", server_id)
+    assert_tpm_2_crb(first)
+    assert (first["secureboot"], first["banks"], first["sealed_at"]) == (
+        "on", "sha256,sha384", "new"), first
+    assert int(first["eventlog"]) > 0, first
+
+    aio_cloud.cli("owner", "server", "reboot", "--hard", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    second, _ = aio_cloud.wait_vtpm_result("owner", server_id, before=log)
+    assert (second["secureboot"], second["sealed_at"]) == ("on", "kept"), second
+    assert tpm_of(second) == tpm_of(first), "hard reboot gave the guest a new TPM or PCR 7"
+
+
+def test_nova_api_refuses_pcr_banks_it_cannot_read(aio_resources: ResourceTracker) -> None:
+    """nova-api validates hw:tpm_pcr_banks with our validator (its extra-spec plugin
+    point): a value that names no bank is refused when the flavor is given it."""
+    flavor = aio_resources.flavor(TPM_2_CRB)
+    with pytest.raises(CommandFailed) as info:
+        aio_resources.cloud.cli("admin", "--os-compute-api-version", "2.86", "flavor", "set",
+                                "--property", "hw:tpm_pcr_banks=md5", flavor)
+    # Nova's own words around our validator's pattern.
+    assert "Validation failed; 'md5' is not of the format" in info.value.stderr
+    assert "sha1|sha256|sha384|sha512" in info.value.stderr, info.value.stderr
 
 
 def test_flavor_image_tpm_version_conflict(

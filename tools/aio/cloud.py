@@ -12,8 +12,9 @@ the AIO's clouds.yaml:
         "vtpm-multihost-2" (host-c, host-d); idempotent
     cloud.py images
         upload the test guest (kernel as aki, initramfs as ari, a tiny raw
-        root disk that points at both) as public images, and the same guest
-        re-reporting its TPM every few seconds (vtpm-guest-reporting); idempotent
+        root disk that points at both) as public images, the same guest
+        re-reporting its TPM every few seconds (vtpm-guest-reporting), and its
+        UEFI Secure Boot disk (vtpm-guest-secure-boot); idempotent
     cloud.py status
         one line per compute service and the compute node's TPM traits
 """
@@ -43,6 +44,11 @@ GUEST_CMDLINE = "console=ttyS0 vtpm_test=stay"
 # so migration tests see the TPM after a live migration without a reboot.
 REPORTING_IMAGE = "vtpm-guest-reporting"
 REPORTING_CMDLINE = "console=ttyS0 vtpm_test=stay vtpm_report_every=3"
+# The guest on a GPT disk booting shim -> GRUB -> kernel, with Nova's image properties
+# for UEFI firmware with Secure Boot enforced (tools/build-guest.sh: uefi.img).
+SECURE_BOOT_IMAGE = "vtpm-guest-secure-boot"
+SECURE_BOOT_PROPERTIES = {"hw_firmware_type": "uefi", "os_secure_boot": "required",
+                          "hw_machine_type": "q35"}
 ROOT_DISK_BYTES = 1024 * 1024
 TPM_TRAITS = ("COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB", "COMPUTE_SECURITY_TPM_TIS")
 
@@ -241,7 +247,8 @@ def setup_zones() -> None:
 
 def upload_images(guest_dir: Path) -> None:
     kernel, initrd = guest_dir / "vmlinuz", guest_dir / "initrd.img"
-    for f in (kernel, initrd):
+    uefi = guest_dir / "uefi.img"
+    for f in (kernel, initrd, uefi):
         if not f.is_file():
             raise CloudError(f"test guest file {f} is missing: run tools/build-guest.sh")
     root_disk = aio_dir() / "data" / "vtpm-guest-root.raw"
@@ -268,6 +275,9 @@ def upload_images(guest_dir: Path) -> None:
         {"kernel_id": kernel_id, "ramdisk_id": ramdisk_id, "os_command_line": REPORTING_CMDLINE},
     )
     print(f"[openstack-aio] guest image {REPORTING_IMAGE} = {image_id}")
+    image_id = ensure_image(glance, SECURE_BOOT_IMAGE, uefi, "raw", "bare",
+                            SECURE_BOOT_PROPERTIES)
+    print(f"[openstack-aio] guest image {SECURE_BOOT_IMAGE} = {image_id}")
 
 
 def status() -> int:
