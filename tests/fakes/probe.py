@@ -23,6 +23,9 @@ class FakeProbe:
     """A sound qemu host (every trait) unless told otherwise; records what was asked."""
 
     xml: str | Exception = dataclasses.field(default_factory=domcaps)
+    #: The q35 machine's (OVMF with Secure Boot installed).
+    q35_xml: str | Exception = dataclasses.field(
+        default_factory=lambda: domcaps("domcaps-q35-secure-boot.xml"))
     binaries: set[str] = dataclasses.field(default_factory=lambda: set(SWTPM_BINARIES))
     users: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
     groups: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
@@ -33,7 +36,11 @@ class FakeProbe:
     asked_virt_types: list[str] = dataclasses.field(default_factory=list)
     closed: bool = False
 
-    def domain_capabilities(self, virt_type: str) -> str:
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
+        if machine is not None:  # the q35 machine asked for Secure Boot firmware
+            if isinstance(self.q35_xml, Exception):
+                raise self.q35_xml
+            return self.q35_xml
         self.asked_virt_types.append(virt_type)
         if isinstance(self.xml, Exception):
             raise self.xml

@@ -147,10 +147,18 @@ def test_host_check_reports_what_libvirt_offers(script, domcaps, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     report = json.loads(proc.stdout)  # stdout holds the JSON and nothing else
-    assert list(report) == ["supported", "traits", "problems", "versions"]
+    assert list(report) == ["supported", "traits", "problems", "versions", "secure_boot",
+                            "windows11", "windows11_missing"]
     assert report["problems"] == []
     assert report["supported"] is True
     assert report["traits"] == expected_traits(domcaps, swtpm_banks(tmp_path))
+    # setup-host.sh installs Debian's ovmf: virsh lists a Secure Boot loader for q35.
+    q35 = subprocess.run(["virsh", "-c", URI, "domcapabilities", "--virttype", "qemu",
+                          "--machine", "q35"], capture_output=True, text=True,
+                         timeout=HANG_GUARD, check=True).stdout
+    assert "<value>efi</value>" in q35
+    assert (report["secure_boot"], report["windows11"], report["windows11_missing"]) == (
+        True, True, [])
     # On the project's dev/CI host libvirt 9.0 + QEMU 7.2 offer everything.
     assert report["traits"] == dict.fromkeys(ALL_TRAITS, True)
     swtpm = subprocess.run(["swtpm", "--version"], capture_output=True, text=True,

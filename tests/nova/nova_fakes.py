@@ -110,7 +110,7 @@ class FakeProbe:
     domcaps: str = "domcaps-qemu-host.xml"
     binaries: tuple = ("swtpm", "swtpm_setup", "swtpm_ioctl")
 
-    def domain_capabilities(self, virt_type: str) -> str:
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
         return (DATA / self.domcaps).read_text()
 
     def which(self, name: str) -> str | None:

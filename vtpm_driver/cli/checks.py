@@ -72,6 +72,11 @@ class HostCheck(ShowOne):
     and swtpm_ioctl. Every problem found is listed; any problem makes every
     trait false.
 
+    It also says whether libvirt offers UEFI firmware with Secure Boot for q35
+    guests (secure_boot: an OVMF build its firmware descriptors list) and so
+    whether this host can boot a server Windows 11 accepts (windows11, with
+    what is missing in windows11_missing); neither is needed for a vTPM.
+
     Exit status: 0 the report was produced, whatever it says (read
     "supported"); 1 libvirt cannot be reached or the configuration is invalid
     (one line on stderr); 2 usage error.
@@ -86,11 +91,15 @@ class HostCheck(ShowOne):
             close = getattr(probe, "close", None)
             if close is not None:
                 close()
-        return ("supported", "traits", "problems", "versions"), (
+        return ("supported", "traits", "problems", "versions", "secure_boot", "windows11",
+                "windows11_missing"), (
             report.supported,
             DictColumn(report.traits),
             ListColumn(report.problems),
             DictColumn(report.versions),
+            report.secure_boot,
+            report.windows11,
+            ListColumn(list(report.windows11_missing)),
         )
 
 

@@ -48,19 +48,33 @@ class TPMCapabilities:
 
 @dataclasses.dataclass(frozen=True)
 class HostReport:
-    """Whether this host can run vTPM guests, and which traits it reports."""
+    """Whether this host can run vTPM guests, and which traits it reports.
+
+    ``secure_boot``: libvirt offers UEFI firmware with Secure Boot for q35
+    guests (what :mod:`vtpm_driver.model.firmware` asks for with
+    ``os_secure_boot=required``); ``windows11``: this host can boot a server
+    Windows 11 accepts (that and a TPM 2.0), with ``windows11_missing`` saying
+    what it lacks. Neither makes a host unsupported for vTPM guests.
+    """
 
     supported: bool
     traits: dict[str, bool]
     problems: list[str]
     versions: dict[str, str]
+    secure_boot: bool = False
+    windows11_missing: tuple[str, ...] = ()
+
+    @property
+    def windows11(self) -> bool:
+        return self.supported and not self.windows11_missing
 
 
 class HostProbe(Protocol):
     """The facts :func:`check_host` needs; tests pass a fake with these methods."""
 
-    def domain_capabilities(self, virt_type: str) -> str:
-        """libvirt's domain capabilities XML for ``virt_type``.
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
+        """libvirt's domain capabilities XML for ``virt_type`` (and ``machine``: a
+        machine type such as ``q35``; None: the emulator's default).
 
         :raises HypervisorUnavailable: libvirt cannot be reached.
         :raises VirtError: libvirt answered but refused the query.
@@ -95,14 +109,7 @@ def _enum_values(tpm: etree._Element, name: str) -> frozenset[str]:
     return frozenset(v.strip() for v in values if v.strip())
 
 
-def parse_domain_capabilities(xml: str) -> TPMCapabilities:
-    """The TPM part of ``virConnectGetDomainCapabilities`` output.
-
-    No ``<devices><tpm>`` element, or ``supported`` other than ``yes``, gives
-    ``supported=False`` (what libvirt reports when QEMU has no TPM support).
-
-    :raises VirtError: the text is not a ``<domainCapabilities>`` document.
-    """
+def _domain_capabilities(xml: str) -> etree._Element:
     try:
         root = etree.fromstring(xml.encode("utf-8"), _xml_parser())
     except (etree.XMLSyntaxError, ValueError) as exc:
@@ -113,6 +120,18 @@ def parse_domain_capabilities(xml: str) -> TPMCapabilities:
         raise exception.VirtError(
             f"libvirt returned <{root.tag}> where <domainCapabilities> was expected"
         )
+    return root
+
+
+def parse_domain_capabilities(xml: str) -> TPMCapabilities:
+    """The TPM part of ``virConnectGetDomainCapabilities`` output.
+
+    No ``<devices><tpm>`` element, or ``supported`` other than ``yes``, gives
+    ``supported=False`` (what libvirt reports when QEMU has no TPM support).
+
+    :raises VirtError: the text is not a ``<domainCapabilities>`` document.
+    """
+    root = _domain_capabilities(xml)
     tpm = root.find("./devices/tpm")
     if tpm is None:
         return TPMCapabilities()
@@ -122,6 +141,23 @@ def parse_domain_capabilities(xml: str) -> TPMCapabilities:
         backend_models=_enum_values(tpm, "backendModel"),
         backend_versions=_enum_values(tpm, "backendVersion"),
     )
+
+
+#: The machine type UEFI Secure Boot runs on (SMM), as Windows 11 and Nova ask for it.
+SECURE_BOOT_MACHINE = "q35"
+
+
+def offers_secure_boot(xml: str) -> bool:
+    """Whether domain capabilities (of a q35 machine) offer UEFI firmware with Secure Boot:
+    ``efi`` among the firmware values and a loader that can be ``secure='yes'``. libvirt
+    lists them only when a firmware descriptor (``/usr/share/qemu/firmware``) has it.
+
+    :raises VirtError: the text is not a ``<domainCapabilities>`` document.
+    """
+    root = _domain_capabilities(xml)
+    firmware = {v.strip() for v in root.xpath("./os/enum[@name='firmware']/value/text()")}
+    secure = {v.strip() for v in root.xpath("./os/loader/enum[@name='secure']/value/text()")}
+    return "efi" in firmware and "yes" in secure
 
 
 def tpm_traits(caps: TPMCapabilities, secret_security: Iterable[str],
@@ -271,5 +307,35 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
     traits = tpm_traits(caps, modes, activatable_banks(versions.get("libvirt"),
                                                        probe.pcr_banks()))
     LOG.debug("vTPM supported on this host; traits %s", traits)
-    return HostReport(supported=True, traits=traits, problems=[], versions=versions)
+    secure_boot, missing = _windows11_missing(probe, virt_type, traits)
+    return HostReport(supported=True, traits=traits, problems=[], versions=versions,
+                      secure_boot=secure_boot, windows11_missing=missing)
+
+
+def _windows11_missing(probe: HostProbe, virt_type: str, traits: dict[str, bool]
+                       ) -> tuple[bool, tuple[str, ...]]:
+    """Whether libvirt offers Secure Boot firmware here, and what a Windows 11 server
+    could not get on this otherwise sound host.
+
+    :raises HypervisorUnavailable: libvirt cannot be reached.
+    """
+    missing = []
+    if not traits[request.TRAIT_TPM_2_0]:
+        missing.append("a TPM 2.0 (libvirt offers no TPM 2.0 emulator backend)")
+    try:
+        secure_boot = offers_secure_boot(
+            probe.domain_capabilities(virt_type, SECURE_BOOT_MACHINE))
+    except exception.HypervisorUnavailable:
+        raise
+    except exception.VirtError as exc:
+        secure_boot = False
+        missing.append(f"UEFI Secure Boot firmware: libvirt cannot report the "
+                       f"{SECURE_BOOT_MACHINE} machine's capabilities ({exc})")
+    else:
+        if not secure_boot:
+            missing.append(
+                f"UEFI Secure Boot firmware: libvirt offers no {SECURE_BOOT_MACHINE} loader "
+                "with secure='yes' (install Debian's ovmf package, whose firmware "
+                "descriptors in /usr/share/qemu/firmware list it, and restart libvirtd)")
+    return secure_boot, tuple(missing)
 

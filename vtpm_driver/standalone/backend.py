@@ -83,10 +83,10 @@ class CachedHostProbe:
         with self._lock:
             return self._facts.setdefault(key, value)
 
-    def domain_capabilities(self, virt_type: str) -> str:
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
         """:raises HypervisorUnavailable, VirtError: as the wrapped probe (nothing kept)."""
-        return self._kept((self.uri, "domcaps", virt_type),
-                          lambda: self._probe.domain_capabilities(virt_type))
+        return self._kept((self.uri, "domcaps", virt_type, machine or ""),
+                          lambda: self._probe.domain_capabilities(virt_type, machine))
 
     def versions(self) -> dict[str, str]:
         """:raises HypervisorUnavailable: as the wrapped probe (nothing kept)."""

@@ -103,15 +103,16 @@ class LibvirtHostProbe:
                 f"libvirt at {self.uri} refused {what}: {connection.message(exc)}"
             ) from None
 
-    def domain_capabilities(self, virt_type: str) -> str:
-        """``virsh domcapabilities --virttype <virt_type>`` for the host's default emulator.
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
+        """``virsh domcapabilities --virttype <virt_type> [--machine <machine>]`` for the
+        host's default emulator.
 
         :raises HypervisorUnavailable: libvirt cannot be reached.
         :raises VirtError: libvirt refused the query.
         """
         return self._call(
             "to report domain capabilities",
-            lambda conn: conn.getDomainCapabilities(None, None, None, virt_type),
+            lambda conn: conn.getDomainCapabilities(None, None, machine, virt_type),
         )
 
     def which(self, name: str) -> str | None:

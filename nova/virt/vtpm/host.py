@@ -143,12 +143,12 @@ class NovaHostProbe:
         self._host = nova_host_obj
         self.os_facts = os_facts
 
-    def domain_capabilities(self, virt_type: str) -> str:
+    def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
         """Domain capabilities XML for the host's architecture (as ``Host`` asks for it)."""
         with libvirt_errors("report domain capabilities"):
             arch = self._host.get_capabilities().host.cpu.arch
             return str(self._host.get_connection().getDomainCapabilities(
-                None, arch, None, virt_type, 0))
+                None, arch, machine, virt_type, 0))
 
     def which(self, name: str) -> str | None:
         return self.os_facts.which(name)

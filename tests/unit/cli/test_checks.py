@@ -298,12 +298,14 @@ def test_host_check_json_supported(capsys, tmp_path):
                        "host", "check", "-f", "json", probe_factory=factory)
     assert (rc, err) == (0, "")
     result = json.loads(out)
-    assert list(result) == ["supported", "traits", "problems", "versions"]
+    assert list(result) == ["supported", "traits", "problems", "versions", "secure_boot",
+                            "windows11", "windows11_missing"]
     assert result == {
         "supported": True,
         "traits": dict.fromkeys(request.ALL_TRAITS, True),
         "problems": [],
         "versions": {"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"},
+        "secure_boot": True, "windows11": True, "windows11_missing": [],
     }
     assert factory.probe.closed
     assert factory.confs[0].libvirt.swtpm_enabled is True
@@ -317,6 +319,7 @@ def test_host_check_unsupported_is_still_exit_0(capsys, tmp_path):
     assert result["supported"] is False
     assert result["traits"] == dict.fromkeys(request.ALL_TRAITS, False)
     assert len(result["problems"]) == 1 and "<tpm supported='yes'>" in result["problems"][0]
+    assert result["windows11"] is False
 
 
 def test_host_check_default_config_is_swtpm_disabled(capsys):

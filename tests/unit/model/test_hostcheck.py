@@ -182,8 +182,48 @@ def test_c2_sound_host_is_supported():
     assert report == hostcheck.HostReport(
         supported=True, traits=only(*ALL), problems=[],
         versions={"libvirt": "9.0.0", "qemu": "7.2.0", "swtpm": "0.7.1"},
+        secure_boot=True, windows11_missing=(),
     )
+    assert report.windows11
     assert probe.asked_virt_types == ["qemu"]
+
+
+# -- Windows 11: UEFI Secure Boot firmware and a TPM 2.0 ----------------------------------
+
+def test_a_host_without_secure_boot_firmware_cannot_boot_windows_11():
+    """The captured default machine's capabilities: no efi firmware (no OVMF)."""
+    report = hostcheck.check_host(make_conf(), FakeProbe(q35_xml=domcaps()))
+    assert report.supported and not report.secure_boot and not report.windows11
+    (missing,) = report.windows11_missing
+    assert "no q35 loader with secure='yes'" in missing and "ovmf" in missing
+
+
+def test_a_host_with_only_tpm_1_2_cannot_boot_windows_11():
+    report = hostcheck.check_host(make_conf(), FakeProbe(xml=domcaps("domcaps-only-tis.xml")))
+    assert report.secure_boot
+    assert report.traits[T20] is True  # only-tis still has both versions
+    report = hostcheck.check_host(make_conf(), FakeProbe(
+        xml=domcaps("domcaps-only-2.0.xml").replace("<value>2.0</value>",
+                                                     "<value>1.2</value>")))
+    assert report.windows11_missing == ("a TPM 2.0 (libvirt offers no TPM 2.0 emulator backend)",)
+
+
+def test_a_q35_query_libvirt_refuses_is_named_not_raised():
+    report = hostcheck.check_host(make_conf(), FakeProbe(
+        q35_xml=exception.VirtError("unknown machine 'q35'")))
+    assert report.supported and not report.windows11
+    assert "unknown machine 'q35'" in report.windows11_missing[0]
+
+
+def test_an_unsupported_host_reports_no_windows_11():
+    report = hostcheck.check_host(make_conf(), FakeProbe(binaries=set()))
+    assert not report.supported and not report.windows11
+
+
+@pytest.mark.parametrize(("name", "offers"), [
+    ("domcaps-q35-secure-boot.xml", True), ("domcaps-qemu-host.xml", False)])
+def test_offers_secure_boot_reads_firmware_and_secure_loader(name, offers):
+    assert hostcheck.offers_secure_boot(domcaps(name)) is offers
 
 
 @pytest.mark.parametrize("virt_type", ["kvm", "qemu"])
