@@ -240,6 +240,38 @@ once.
     ),
 ]
 
+#: The deployment's EK certificate authority (issue 22): :mod:`vtpm_driver.virt.manufacture`.
+vtpm_opts.extend([
+    cfg.StrOpt(
+        "ek_ca_certificate",
+        help="""
+PEM certificate of the CA that signs every new vTPM's endorsement key (EK) and
+platform certificates (with ``ek_ca_key``). When set, the driver manufactures
+each new TPM itself (``swtpm_setup`` with ``swtpm_localca``, as libvirt would,
+before the first start), publishes the EK certificate for the owner (a
+Barbican certificate secret beside the passphrase, and ``server show``) and
+``host check`` verifies the CA. Unset: libvirt manufactures with the host's
+``/etc/swtpm_setup.conf`` (Debian's signs with a CA made up on each host) and
+nothing is published.
+""",
+    ),
+    cfg.StrOpt(
+        "ek_ca_key",
+        help="""
+The unencrypted PEM private key of ``ek_ca_certificate``. Read by root only
+(``swtpm_setup`` runs as root); keep it 0600 root.
+""",
+    ),
+    cfg.StrOpt(
+        "ek_ca_dir",
+        default="/var/lib/vtpm-driver/ek-ca",
+        help="""
+Where ``swtpm_localca``'s configuration and certificate serial counter for
+``ek_ca_certificate`` are kept (root, 0700).
+""",
+    ),
+])
+
 #: Off-host copies of the TPM state (issue 15): :mod:`vtpm_driver.statestore`.
 STATE_BACKUP_MODES = ("off", "on-stop", "periodic")
 

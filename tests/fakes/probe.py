@@ -26,7 +26,8 @@ class FakeProbe:
     #: The q35 machine's (OVMF with Secure Boot installed).
     q35_xml: str | Exception = dataclasses.field(
         default_factory=lambda: domcaps("domcaps-q35-secure-boot.xml"))
-    binaries: set[str] = dataclasses.field(default_factory=lambda: set(SWTPM_BINARIES))
+    binaries: set[str] = dataclasses.field(
+        default_factory=lambda: {*SWTPM_BINARIES, "swtpm_localca"})
     users: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
     groups: set[str] = dataclasses.field(default_factory=lambda: {"tss"})
     version_info: dict[str, str] | Exception = dataclasses.field(
@@ -35,6 +36,7 @@ class FakeProbe:
     banks: frozenset[str] = frozenset({"sha1", "sha256", "sha384", "sha512"})
     asked_virt_types: list[str] = dataclasses.field(default_factory=list)
     closed: bool = False
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def domain_capabilities(self, virt_type: str, machine: str | None = None) -> str:
         if machine is not None:  # the q35 machine asked for Secure Boot firmware
@@ -62,6 +64,11 @@ class FakeProbe:
 
     def pcr_banks(self) -> frozenset[str]:
         return self.banks
+
+    def read_file(self, path: str) -> bytes:
+        if path not in self.files:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return self.files[path]
 
     def close(self) -> None:
         self.closed = True

@@ -96,7 +96,7 @@ def test_demo_guest_sees_tpm2_on_crb(demo: DemoOutput) -> None:
     line = demo.step("guest saw")
     assert re.search(r"VTPM_RESULT version=2 driver=tpm_crb getrandom_rc=0 ek=[0-9a-f]{64} "
                      r"sealed=[0-9a-f]{64} sealed_at=new pcr7=[0-9a-f]{64} banks=sha256 "
-                     r"secureboot=none eventlog=(\d+|none)$",
+                     r"secureboot=none eventlog=(\d+|none) ekcert=[0-9a-f]{64}$",
                      line), demo.explain()
 
 

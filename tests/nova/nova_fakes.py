@@ -128,6 +128,9 @@ class FakeProbe:
     def pcr_banks(self) -> frozenset[str]:
         return frozenset({"sha1", "sha256", "sha384", "sha512"})
 
+    def read_file(self, path: str) -> bytes:
+        raise FileNotFoundError(2, "No such file or directory", path)
+
 
 class FakeDomain:
     """What Nova's Guest.create/launch use; records the secrets libvirt held at start."""

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from vtpm_driver.model import request
 
@@ -41,6 +41,30 @@ class KeyManagerAPI(Protocol):
 
     def delete_vtpm_secret(self, context: Any, instance: Any,
                            secret_security: str | None = None) -> None: ...
+
+
+@runtime_checkable
+class EKCertificateStore(Protocol):
+    """Where a server's EK certificate is published for its owner (issue 22).
+
+    Beside the passphrase, with the same owner and read ACL, as a Barbican
+    ``certificate`` secret named ``vTPM EK certificate for instance <uuid>``
+    (PEM: the EK certificate, then its CA chain), recorded in
+    ``system_metadata['vtpm_ek_certificate_uuid']``.
+    """
+
+    def store_ek_certificate(self, context: Any, instance: Any, secret_security: str,
+                             pem: str) -> str:
+        """Publish it; its UUID (also recorded).
+
+        :raises VTPMError: one is already recorded (it would be orphaned).
+        """
+        ...
+
+    def delete_ek_certificate(self, context: Any, instance: Any,
+                              secret_security: str | None = None) -> None:
+        """Delete the recorded one and its key; idempotent."""
+        ...
 
 
 class KeyManagerAuditAPI(Protocol):

@@ -33,7 +33,12 @@ from vtpm_driver.keymgr import context as vtpm_context
 from vtpm_driver.keymgr.api import KeyManagerAPI, KeyManagerAuditAPI
 from vtpm_driver.keymgr.errors import keystone_errors
 from vtpm_driver.model import consent, request, rules
-from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret, require_recorded_secret
+from vtpm_driver.model.server import (
+    EK_CERT_KEY,
+    SYSMETA_KEY,
+    recorded_secret,
+    require_recorded_secret,
+)
 
 __all__ = ["SYSMETA_KEY", "KeyManager"]
 
@@ -44,6 +49,9 @@ PASSPHRASE_BYTES = 384
 PASSPHRASE_LENGTH = 4 * PASSPHRASE_BYTES // 3  # base64: 512 ASCII characters
 PASSPHRASE_CONTENT_TYPE = "text/plain"
 SECRET_TYPE = "passphrase"
+#: The owner's copy of a server's EK certificate (``EKCertificateStore``).
+EK_CERT_NAME_PREFIX = "vTPM EK certificate for instance "
+EK_CERT_SECRET_TYPE = "certificate"
 API_VERSION = client_mod.API_VERSION
 LIST_PAGE_SIZE = 100
 
@@ -234,6 +242,41 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
                       instance_uuid=instance.uuid)
         instance.system_metadata.pop(SYSMETA_KEY, None)
 
+    def store_ek_certificate(self, context: vtpm_context.RequestContext, instance: Any,
+                             secret_security: str, pem: str) -> str:
+        """:meth:`EKCertificateStore.store_ek_certificate`: one POST, one ACL PUT.
+
+        Stored as its passphrase is (:meth:`create_vtpm_secret`): by the owner
+        (the service user in ``deployment`` mode), readable by the owner only
+        with ``[vtpm] owner_only_acl``; a half-made one is deleted again.
+
+        :raises VTPMError: one is already recorded.
+        """
+        mode = request.check_mode(secret_security)
+        existing = instance.system_metadata.get(EK_CERT_KEY)
+        if existing:
+            raise exception.VTPMError(
+                f"server {instance.uuid} already has EK certificate secret {existing}")
+        target = self._target(context, mode)
+        cert_uuid = self._store(target, f"{EK_CERT_NAME_PREFIX}{instance.uuid}", pem,
+                                "create", "an EK certificate", instance.uuid,
+                                secret_type=EK_CERT_SECRET_TYPE)
+        if self._conf.vtpm.owner_only_acl:
+            self._set_owner_only_acl(target, cert_uuid, instance, context)
+        instance.system_metadata[EK_CERT_KEY] = cert_uuid
+        LOG.info("Published the EK certificate of the vTPM in Barbican (%s)", cert_uuid,
+                 instance_uuid=instance.uuid)
+        return cert_uuid
+
+    def delete_ek_certificate(self, context: vtpm_context.RequestContext, instance: Any,
+                              secret_security: str | None = None) -> None:
+        """:meth:`EKCertificateStore.delete_ek_certificate`; a 404 is done already."""
+        cert_uuid = as_uuid(instance.system_metadata.get(EK_CERT_KEY))
+        if cert_uuid is not None:
+            target = self._target(context, self._mode(secret_security, instance))
+            self._delete(target, cert_uuid, instance.uuid)
+        instance.system_metadata.pop(EK_CERT_KEY, None)
+
     def list_vtpm_secrets(
         self, context: vtpm_context.RequestContext, secret_security: str = request.SECRET_USER
     ) -> list[dict[str, str | None]]:
@@ -350,7 +393,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
                         instance_uuid=instance_uuid)
 
     def _store(self, target: client_mod.Target, name: str, payload: str, operation: str,
-               what: str, instance_uuid: str) -> str:
+               what: str, instance_uuid: str, secret_type: str = SECRET_TYPE) -> str:
         """One POST of a new secret ``name``; its UUID.
 
         A reply without a usable ``secret_ref`` leaves nothing behind: the
@@ -358,7 +401,7 @@ class KeyManager(KeyManagerAPI, KeyManagerAuditAPI):
         then ``KeyManagerUnavailable`` says so (naming ``what`` was created).
         """
         secret = target.client.secrets.create(name=name, payload=payload,
-                                              secret_type=SECRET_TYPE)
+                                              secret_type=secret_type)
         with target.errors(operation, instance_uuid=instance_uuid):
             try:
                 secret_ref = secret.store()  # a str payload is sent as text/plain

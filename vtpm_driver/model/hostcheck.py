@@ -16,9 +16,12 @@ trait is removed from the resource provider.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Iterable
 from typing import Protocol
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from lxml import etree
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -97,6 +100,12 @@ class HostProbe(Protocol):
 
     def pcr_banks(self) -> frozenset[str]:
         """The PCR banks this host's swtpm implements (empty when it cannot tell)."""
+
+    def read_file(self, path: str) -> bytes:
+        """A file's bytes (the EK CA's certificate and key).
+
+        :raises OSError: it cannot be read.
+        """
 
 
 def _xml_parser() -> etree.XMLParser:
@@ -252,6 +261,62 @@ def _account_problems(user: str, group: str, probe: HostProbe) -> list[str]:
     return problems
 
 
+def _ek_ca_problems(cert_path: str | None, key_path: str | None, probe: HostProbe
+                    ) -> list[str]:
+    """Whether ``[vtpm] ek_ca_certificate`` / ``ek_ca_key`` can sign EK certificates."""
+    if not cert_path and not key_path:
+        return []
+    if not cert_path or not key_path:
+        return ["[vtpm] ek_ca_certificate and ek_ca_key go together: set both or neither"]
+    problems = [] if probe.which("swtpm_localca") else [
+        "swtpm_localca not found in PATH: install swtpm-tools (it signs with [vtpm] ek_ca_*)"]
+    try:
+        cert_pem, key_pem = probe.read_file(cert_path), probe.read_file(key_path)
+    except OSError as exc:
+        return [*problems, f"[vtpm] EK CA: cannot read {exc.filename}: {exc.strerror}"]
+    return problems + ek_ca_problems(cert_pem, key_pem)
+
+
+def ek_ca_problems(cert_pem: bytes, key_pem: bytes,
+                   now: datetime.datetime | None = None) -> list[str]:
+    """What keeps a certificate and key from being an EK CA (empty: nothing). Pure.
+
+    The certificate must be a CA's (basicConstraints CA:TRUE) with a subject
+    key identifier, valid now, and the key (unencrypted PEM: swtpm_localca
+    cannot ask for a password) its own.
+    """
+    try:
+        ca = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return ["[vtpm] ek_ca_certificate is not a PEM certificate"]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return ["[vtpm] ek_ca_key is not an unencrypted PEM private key"]
+    problems = []
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        problems.append("[vtpm] ek_ca_certificate is not a CA certificate "
+                        "(basicConstraints CA:TRUE)")
+    try:
+        ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        problems.append("[vtpm] ek_ca_certificate has no subjectKeyIdentifier, which "
+                        "swtpm_localca copies into each certificate as its authority key id")
+    moment = now or datetime.datetime.now(datetime.UTC)
+    if not ca.not_valid_before_utc <= moment <= ca.not_valid_after_utc:
+        problems.append(f"[vtpm] ek_ca_certificate is valid only from "
+                        f"{ca.not_valid_before_utc:%Y-%m-%d} to {ca.not_valid_after_utc:%Y-%m-%d}")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != ca.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        problems.append("[vtpm] ek_ca_key is not the key of ek_ca_certificate")
+    return problems
+
+
 def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
     """Decide what this host supports (SPEC C1-C3) and why not, in one pass.
 
@@ -298,6 +363,7 @@ def check_host(conf: cfg.ConfigOpts, probe: HostProbe) -> HostReport:
             problems += _capability_problems(uri, virt_type, caps)
     problems += _binary_problems(probe)
     problems += _account_problems(opts.swtpm_user, opts.swtpm_group, probe)
+    problems += _ek_ca_problems(conf.vtpm.ek_ca_certificate, conf.vtpm.ek_ca_key, probe)
     problems += _secret_security_problems(modes)
 
     if problems:

@@ -29,6 +29,12 @@ from vtpm_driver.model.request import show
 
 #: ``system_metadata`` key holding the Barbican secret UUID (Nova's name).
 SYSMETA_KEY = "vtpm_secret_uuid"
+#: The EK certificate of a TPM the driver manufactured with the deployment's CA
+#: (:mod:`vtpm_driver.virt.manufacture`): the Barbican secret the owner reads it from,
+#: its sha256 fingerprint and (standalone, where the record has room) its PEM.
+EK_CERT_KEY = "vtpm_ek_certificate_uuid"
+EK_FINGERPRINT_KEY = "vtpm_ek_fingerprint"
+EK_PEM_KEY = "vtpm_ek_certificate"
 #: ``system_metadata`` key of a server booted in rescue mode.
 RESCUE_KEY = "vtpm_rescued"
 

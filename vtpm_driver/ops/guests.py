@@ -24,14 +24,23 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception, faults
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.keymgr.api import EKCertificateStore
 from vtpm_driver.model import custody, firmware
 from vtpm_driver.model.hostcheck import HostReport
 from vtpm_driver.model.request import VTPMConfig
-from vtpm_driver.model.server import image_properties, recorded_secret, server_label
+from vtpm_driver.model.server import (
+    EK_CERT_KEY,
+    EK_FINGERPRINT_KEY,
+    EK_PEM_KEY,
+    image_properties,
+    recorded_secret,
+    server_label,
+)
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import journal
 from vtpm_driver.ops import secrets as ops_secrets
-from vtpm_driver.virt import domain, guest, record, secret
+from vtpm_driver.virt import domain, guest, record, secret, state
+from vtpm_driver.virt import manufacture as virt_manufacture
 
 LOG = logging.getLogger(__name__)
 
@@ -263,6 +272,69 @@ class Guests:
             self.stamp(instance)
         return ops_secrets.prepare_start(context, instance, cfg, self.keymgr, self.secrets,
                                          create=create)
+
+    # -- manufacture (vtpm_driver.virt.manufacture) ---------------------------------------
+
+    @property
+    def ek_ca(self) -> virt_manufacture.CertificateAuthority | None:
+        """The deployment's EK CA (``[vtpm] ek_ca_certificate`` and ``ek_ca_key``), or None."""
+        opts = self.conf.vtpm
+        if not opts.ek_ca_certificate or not opts.ek_ca_key:
+            return None
+        return virt_manufacture.CertificateAuthority(
+            certificate=opts.ek_ca_certificate, key=opts.ek_ca_key, workdir=opts.ek_ca_dir)
+
+    def retire_ek_certificate(self, context: Any, instance: Any, cfg: VTPMConfig | None
+                              ) -> None:
+        """The server is getting a new TPM: withdraw the EK certificate published for
+        the old one (key manager copy and record); idempotent.
+
+        :raises VTPMError: the key manager refused or failed (the record keeps it).
+        """
+        if instance.system_metadata.get(EK_CERT_KEY) and isinstance(self.keymgr,
+                                                                     EKCertificateStore):
+            self.keymgr.delete_ek_certificate(
+                context, instance, cfg.secret_security if cfg is not None else None)
+        for key in (EK_CERT_KEY, EK_FINGERPRINT_KEY, EK_PEM_KEY):
+            instance.system_metadata.pop(key, None)
+
+    def manufacture(self, context: Any, instance: Any, cfg: VTPMConfig | None,
+                    start: ops_secrets.StartSecret | None) -> None:
+        """Make a new TPM here before its first start, and publish its EK certificate.
+
+        Only with a deployment EK CA configured (:attr:`ek_ca`): otherwise
+        libvirt manufactures at the start, as it always did. Nothing to do
+        without a vTPM, without the passphrase at hand, or when the server
+        already has TPM state here (never touched). A certificate published
+        for an earlier TPM of the server is withdrawn first. The new one (PEM,
+        then the CA's) goes to the key manager as the owner's and, with its
+        fingerprint, into the record; the caller defines the domain after.
+        On failure the new state is removed again and the error raised.
+
+        :raises VTPMError: swtpm_setup or the key manager failed.
+        """
+        ca = self.ek_ca
+        if (ca is None or cfg is None or start is None or start.passphrase is None
+                or state.has_tpm_state(self.state_base, instance.uuid)):
+            return
+        self.retire_ek_certificate(context, instance, cfg)
+        cert = virt_manufacture.manufacture(
+            self.state_base, instance.uuid, instance.name, cfg.version, start.passphrase,
+            pcr_banks=cfg.pcr_banks, ca=ca, swtpm_user=self.conf.libvirt.swtpm_user,
+            swtpm_group=self.conf.libvirt.swtpm_group)
+        try:
+            self.stamp(instance)
+            if cert is not None:
+                instance.system_metadata[EK_FINGERPRINT_KEY] = cert.fingerprint
+                instance.system_metadata[EK_PEM_KEY] = cert.pem
+                if isinstance(self.keymgr, EKCertificateStore):
+                    self.keymgr.store_ek_certificate(context, instance, cfg.secret_security,
+                                                     cert.pem + cert.chain_pem)
+        except BaseException:
+            instance.system_metadata.pop(EK_FINGERPRINT_KEY, None)
+            instance.system_metadata.pop(EK_PEM_KEY, None)
+            state.remove_tpm(self.state_base, instance.uuid)
+            raise
 
     # -- custody (vtpm_driver.model.custody) -----------------------------------------------
 

@@ -114,6 +114,7 @@ class LifecycleOps:
             progress.start = self.guests.prepare_start(context, instance, cfg, create=True,
                                                        absent_ok=True)
             faults.point("spawn.after_barbican")
+            self.guests.manufacture(context, instance, cfg, progress.start)
             progress.dom = guest.define(self.guests.conn,
                                         self.guests.domain_xml(instance, cfg, base))
             faults.point("spawn.after_define")

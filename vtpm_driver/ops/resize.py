@@ -227,6 +227,9 @@ class ResizeOps:
                 LOG.info("vTPM changed or removed by the resize; starting from a fresh TPM",
                          instance_uuid=instance.uuid)
                 state.remove_state(self.guests.state_base, instance.uuid)
+                # libvirt makes the fresh TPM: the old one's certificate no longer applies
+                # (a revert brings back the old record, which names it).
+                self.guests.retire_ek_certificate(context, instance, new_cfg)
             if change is not Change.NONE:  # custody: the resized TPM is the current copy
                 custody.advance(instance, resize=True)
             dom = self.guests.define(instance, new_cfg)

@@ -37,9 +37,11 @@ from oslo_log import log as logging
 
 from vtpm_driver import exception
 from vtpm_driver.keymgr import KeyManagerAPI
+from vtpm_driver.keymgr.api import EKCertificateStore
 from vtpm_driver.model import rules
 from vtpm_driver.model.request import VTPMConfig
 from vtpm_driver.model.server import (
+    EK_CERT_KEY,
     SYSMETA_KEY,
     recorded_secret,
     require_recorded_secret,
@@ -309,5 +311,7 @@ def delete_secret(context: Any, instance: Any, flavor: Any, keymgr: KeyManagerAP
                     instance_uuid=instance.uuid)
         instance.system_metadata.pop(SYSMETA_KEY, None)
         return False
+    if instance.system_metadata.get(EK_CERT_KEY) and isinstance(keymgr, EKCertificateStore):
+        keymgr.delete_ek_certificate(context, instance, mode)  # the published EK certificate
     keymgr.delete_vtpm_secret(context, instance, mode)
     return True

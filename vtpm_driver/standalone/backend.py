@@ -99,6 +99,9 @@ class CachedHostProbe:
     def which(self, name: str) -> str | None:
         return self._probe.which(name)
 
+    def read_file(self, path: str) -> bytes:
+        return self._probe.read_file(path)
+
     def user_exists(self, name: str) -> bool:
         return self._probe.user_exists(name)
 

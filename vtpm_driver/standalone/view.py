@@ -10,7 +10,14 @@ from typing import Any
 
 from vtpm_driver import exception
 from vtpm_driver.model import request, rules
-from vtpm_driver.model.server import flavor_extra_specs, image_properties, recorded_secret
+from vtpm_driver.model.server import (
+    EK_CERT_KEY,
+    EK_FINGERPRINT_KEY,
+    EK_PEM_KEY,
+    flavor_extra_specs,
+    image_properties,
+    recorded_secret,
+)
 
 #: Nova's power_state values (nova/compute/power_state.py) -> the names Nova's API shows.
 POWER_STATES = {0: "pending", 1: "running", 3: "paused", 4: "shutdown", 6: "crashed",
@@ -22,6 +29,7 @@ SHOW_FIELDS = (
     "name", "uuid", "power_state", "resize_status",
     "user_id", "user_name", "project_id", "project_name",
     "vtpm", "vtpm_version", "vtpm_model", "secret_security", "vtpm_secret_uuid",
+    "ek_fingerprint", "ek_certificate", "ek_certificate_secret",
     "flavor_extra_specs", "image_properties", "vcpus", "memory_mb",
     "kernel", "initrd", "cmdline", "disk", "console_log",
 )
@@ -54,6 +62,7 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False,
     config, error = vtpm_or_error(instance) if vtpm is request.UNPARSED else (vtpm, None)
     flavor = getattr(instance, "flavor", None)
     image_meta = getattr(instance, "image_meta", None)
+    sysmeta = getattr(instance, "system_metadata", None) or {}
     fields = {
         "name": getattr(instance, "name", None),
         "uuid": getattr(instance, "uuid", None),
@@ -68,6 +77,10 @@ def server_fields(instance: Any, power_state: str, resize_pending: bool = False,
         "vtpm_model": config.model if config else None,
         "secret_security": config.secret_security if config else None,
         "vtpm_secret_uuid": recorded_secret(instance),
+        # Public: a TPM manufactured with the deployment's EK CA ([vtpm] ek_ca_*).
+        "ek_fingerprint": sysmeta.get(EK_FINGERPRINT_KEY),
+        "ek_certificate": sysmeta.get(EK_PEM_KEY),
+        "ek_certificate_secret": sysmeta.get(EK_CERT_KEY),
         "flavor_extra_specs": dict(flavor_extra_specs(flavor)),
         "image_properties": dict(image_properties(image_meta)),
         "vcpus": getattr(flavor, "vcpus", None),

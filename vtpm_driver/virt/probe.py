@@ -171,6 +171,11 @@ class LibvirtHostProbe:
         """The PCR banks this host's swtpm implements (see :func:`swtpm_pcr_banks`)."""
         return swtpm_pcr_banks(self.which("swtpm"))
 
+    def read_file(self, path: str) -> bytes:
+        """:raises OSError: it cannot be read."""
+        with open(path, "rb") as f:
+            return f.read()
+
 
 def swtpm_pcr_banks(swtpm: str | None) -> frozenset[str]:
     """The PCR banks a TPM 2.0 from ``swtpm`` implements, asked of a scratch instance.

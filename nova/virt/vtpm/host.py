@@ -135,6 +135,8 @@ class OSFacts(Protocol):
 
     def pcr_banks(self) -> frozenset[str]: ...
 
+    def read_file(self, path: str) -> bytes: ...
+
 
 class NovaHostProbe:
     """:class:`vtpm_driver.model.hostcheck.HostProbe` reading libvirt through Nova's ``Host``."""
@@ -161,6 +163,9 @@ class NovaHostProbe:
 
     def pcr_banks(self) -> frozenset[str]:
         return self.os_facts.pcr_banks()
+
+    def read_file(self, path: str) -> bytes:
+        return self.os_facts.read_file(path)
 
     def versions(self) -> dict[str, str]:
         """libvirt and hypervisor versions from ``Host``; swtpm's from the OS facts."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+from pathlib import Path
+
 import pytest
 
 from tests.fakes.probe import FakeProbe, domcaps
@@ -437,3 +440,59 @@ def test_bank_traits_need_a_readable_libvirt_version(version):
 
 def test_bank_traits_ignore_banks_we_have_no_trait_for():
     assert hostcheck.activatable_banks("9.0.0", {"sm3_256", "sha256"}) == {"sha256"}
+
+
+# -- the deployment's EK CA ([vtpm] ek_ca_certificate, ek_ca_key) ------------------------
+
+def _ca_files(tmp_path, **kwargs):
+    from tests.unit.virt.test_manufacture import make_ca
+    ca = make_ca(tmp_path / "ca", **kwargs)
+    return {ca.certificate: Path(ca.certificate).read_bytes(), ca.key: Path(ca.key).read_bytes()
+            }, ca
+
+
+def _with_ca(conf, ca):
+    conf.set_override("ek_ca_certificate", ca.certificate, group="vtpm")
+    conf.set_override("ek_ca_key", ca.key, group="vtpm")
+    return conf
+
+
+def test_a_usable_ek_ca_is_no_problem(tmp_path):
+    files, ca = _ca_files(tmp_path)
+    report = hostcheck.check_host(_with_ca(make_conf(), ca), FakeProbe(files=files))
+    assert report.supported and report.problems == []
+
+
+def test_an_unreadable_or_half_configured_ek_ca_is_a_problem(tmp_path):
+    files, ca = _ca_files(tmp_path)
+    report = hostcheck.check_host(_with_ca(make_conf(), ca), FakeProbe())  # no files
+    assert not report.supported
+    assert report.problems == [f"[vtpm] EK CA: cannot read {ca.certificate}: "
+                               "No such file or directory"]
+    conf = make_conf()
+    conf.set_override("ek_ca_key", ca.key, group="vtpm")
+    assert hostcheck.check_host(conf, FakeProbe(files=files)).problems == [
+        "[vtpm] ek_ca_certificate and ek_ca_key go together: set both or neither"]
+    report = hostcheck.check_host(_with_ca(make_conf(), ca), FakeProbe(
+        files=files, binaries={"swtpm", "swtpm_setup", "swtpm_ioctl"}))
+    assert report.problems[0].startswith("swtpm_localca not found in PATH")
+
+
+def test_ek_ca_problems_names_each_defect(tmp_path):
+    files, ca = _ca_files(tmp_path)
+    cert, key = files[ca.certificate], files[ca.key]
+    other_files, other = _ca_files(tmp_path / "other")
+    assert hostcheck.ek_ca_problems(cert, other_files[other.key]) == [
+        "[vtpm] ek_ca_key is not the key of ek_ca_certificate"]
+    assert hostcheck.ek_ca_problems(b"junk", key) == [
+        "[vtpm] ek_ca_certificate is not a PEM certificate"]
+    assert hostcheck.ek_ca_problems(cert, b"junk") == [
+        "[vtpm] ek_ca_key is not an unencrypted PEM private key"]
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)
+    (expired,) = hostcheck.ek_ca_problems(cert, key, now=later)
+    assert expired.startswith("[vtpm] ek_ca_certificate is valid only from")
+    leaf_files, leaf = _ca_files(tmp_path / "leaf", ca=False, ski=False)
+    assert hostcheck.ek_ca_problems(leaf_files[leaf.certificate], leaf_files[leaf.key]) == [
+        "[vtpm] ek_ca_certificate is not a CA certificate (basicConstraints CA:TRUE)",
+        "[vtpm] ek_ca_certificate has no subjectKeyIdentifier, which swtpm_localca copies "
+        "into each certificate as its authority key id"]
