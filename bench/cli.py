@@ -32,7 +32,7 @@ from typing import Any
 from bench import services, summary, targets
 from vtpm_driver.cli.common import int_at_least
 
-SECTIONS = ("keymgr", "scale", "boot")
+SECTIONS = ("keymgr", "scale", "boot", "manufacture")
 #: What runs without --sections.
 DEFAULT_SECTIONS = SECTIONS
 EXIT_SECTION_FAILED = 1
@@ -50,12 +50,13 @@ class Settings:
     init_host_repeats: int = 5
     boot_runs: int = 3
     spawn_concurrency: tuple[int, ...] = (1, 4)
+    manufacture_runs: int = 5
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(keymgr_runs=3, prep_levels=(1, 4), prep_tasks=4,
                    init_host_levels=(5, 20), init_host_repeats=3, boot_runs=1,
-                   spawn_concurrency=())
+                   spawn_concurrency=(), manufacture_runs=1)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -184,7 +185,7 @@ def _section(report: dict, name: str, fn: Callable[[], dict], memory: MemoryTrac
 def run(settings: Settings, sections: tuple[str, ...], source_addr: str,
         use_tracemalloc: bool) -> dict:
     """Run the chosen sections and return the full report."""
-    from bench import boot_bench, keymgr_bench, scale_bench
+    from bench import boot_bench, keymgr_bench, manufacture_bench, scale_bench
 
     started = time.perf_counter()
     memory = MemoryTracker(use_tracemalloc)
@@ -243,7 +244,15 @@ def run(settings: Settings, sections: tuple[str, ...], source_addr: str,
             raise _Skip(str(exc)) from None
         return boot_bench.run(ctx, settings.boot_runs, list(settings.spawn_concurrency))
 
-    runners = {"keymgr": keymgr_section, "scale": scale_section, "boot": boot_section}
+    def manufacture_section() -> dict:
+        try:
+            manufacture_bench.check_available()
+        except manufacture_bench.ManufactureUnavailable as exc:
+            raise _Skip(str(exc)) from None
+        return manufacture_bench.run(settings.manufacture_runs)
+
+    runners = {"keymgr": keymgr_section, "scale": scale_section, "boot": boot_section,
+               "manufacture": manufacture_section}
     with _pinned(source_addr if pinned else None):
         for name in SECTIONS:
             if name in sections:

@@ -95,10 +95,21 @@ def _boot(section: dict) -> list[str]:
     return lines
 
 
+def _manufacture(section: dict) -> list[str]:
+    lines = ["manufacture (swtpm_setup as libvirt runs it, TPM 2.0, encrypted state):"]
+    for name, args in section.get("variants", {}).items():
+        lines.append(f"  {name:<10} {_s(section.get(name))}  ({args})")
+    share = section.get("share_s", {})
+    lines.append("  of which: " + ", ".join(f"{k} +{v} s" for k, v in share.items())
+                 + "; the rest is swtpm_setup itself (see bench/README.md)")
+    return lines
+
+
 def render(report: dict) -> str:
     lines = [f"vtpm-driver bench: {report.get('duration_s')} s on {report['host']['cpus']} "
              f"CPUs; requests attributed by {report.get('request_attribution')}"]
-    renderers = {"keymgr": _keymgr, "scale": _scale, "boot": _boot}
+    renderers = {"keymgr": _keymgr, "scale": _scale, "boot": _boot,
+                 "manufacture": _manufacture}
     for name, render_section in renderers.items():
         if name not in report.get("sections", []):
             continue

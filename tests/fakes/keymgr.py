@@ -34,6 +34,8 @@ class FakeKeyManager:
         self.consents: dict[str, consent.Consent] = {}
         self.withdrawn: set[str] = set()
         self.used: list[str] = []
+        # published EK certificates (EKCertificateStore): secret uuid -> PEM
+        self.ek_certificates: dict[str, str] = {}
 
     def _maybe_fail(self, op: str) -> None:
         if op in self.fail:
@@ -68,6 +70,20 @@ class FakeKeyManager:
             raise exception.VTPMSecretNotFound(f"vTPM secret {secret_uuid} does not exist")
         self._check_access(context, secret_uuid, secret_security)
         return self.passphrases[secret_uuid]
+
+    def store_ek_certificate(self, context, instance, secret_security, pem):
+        self.events.append(("barbican.store_ek_certificate", instance.uuid))
+        self._maybe_fail("store_ek_certificate")
+        cert_uuid = str(uuid.uuid4())
+        self.ek_certificates[cert_uuid] = pem
+        instance.system_metadata["vtpm_ek_certificate_uuid"] = cert_uuid
+        return cert_uuid
+
+    def delete_ek_certificate(self, context, instance, secret_security=None):
+        cert_uuid = instance.system_metadata.pop("vtpm_ek_certificate_uuid", None)
+        self.events.append(("barbican.delete_ek_certificate", str(cert_uuid)))
+        self._maybe_fail("delete_ek_certificate")
+        self.ek_certificates.pop(cert_uuid, None)
 
     def delete_vtpm_secret(self, context, instance, secret_security=None):
         secret_uuid = instance.system_metadata.get("vtpm_secret_uuid")

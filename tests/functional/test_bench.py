@@ -40,9 +40,9 @@ def quick_report(tmp_path_factory, keymgr_stack, libvirt_conn, test_guest):
 def test_report_has_every_section(quick_report):
     report, _ = quick_report
     for key in ("schema", "settings", "versions", "host", "keymgr", "scale", "boot",
-                "memory", "targets", "duration_s", "request_attribution"):
+                "manufacture", "memory", "targets", "duration_s", "request_attribution"):
         assert key in report, key
-    for section in ("keymgr", "scale", "boot"):
+    for section in ("keymgr", "scale", "boot", "manufacture"):
         assert "skipped" not in report[section], report[section]
         assert "error" not in report[section], report[section]
     assert report["settings"]["keymgr_runs"] == QUICK_RUNS
@@ -113,10 +113,20 @@ def test_boot_section_saw_the_tpm(quick_report):
     assert boot["cleanup_failures"] == 0
 
 
+def test_manufacture_section_times_each_part(quick_report):
+    """swtpm_setup as libvirt runs it: without EK, with the EKs, with their certificates."""
+    section = quick_report[0]["manufacture"]
+    assert set(section["variants"]) == {"state_only", "ek", "ek_certs"}
+    for name in section["variants"]:
+        assert section[name]["runs"] == section["runs"] >= 1, name
+    assert set(section["share_s"]) == {"endorsement_keys", "certificates"}
+    assert "manufacture (swtpm_setup" in quick_report[1]
+
+
 def test_memory_targets_and_summary(quick_report):
     report, stderr = quick_report
     assert report["memory"]["peak_rss_mib"] > 0
-    assert set(report["memory"]["by_section"]) == {"keymgr", "scale", "boot"}
+    assert set(report["memory"]["by_section"]) == {"keymgr", "scale", "boot", "manufacture"}
     assert [t["name"] for t in report["targets"]] == [t[0] for t in targets.TARGETS]
     for target in report["targets"]:
         assert set(target) == {"name", "target", "measured", "met"}

@@ -38,6 +38,7 @@ class Env(types.SimpleNamespace):
     events: list[tuple[str, str]]
     state_base: Path
     tmp: Path
+    probe: FakeProbe
 
     def instance(self, mode: str = "user", version: str = "2.0", model: str | None = None,
                  name: str = "vm1", **extra: str) -> Instance:
@@ -89,9 +90,11 @@ def env(tmp_path: Path) -> Env:
     conn = FakeLibvirt(events, state_base)
     km = FakeKeyManager(events)
     conn.keymgr = km
-    drv = VTPMDriver(conf, probe=FakeProbe(), hypervisor=types.SimpleNamespace(conn=conn),
+    probe = FakeProbe()
+    drv = VTPMDriver(conf, probe=probe, hypervisor=types.SimpleNamespace(conn=conn),
                      keymgr=km)
-    return Env(drv=drv, conn=conn, km=km, events=events, state_base=state_base, tmp=tmp_path)
+    return Env(drv=drv, conn=conn, km=km, events=events, state_base=state_base, tmp=tmp_path,
+               probe=probe)
 
 
 def touch_console(inst: Instance, text: str = "VTPM_RESULT old boot\n") -> None:

@@ -325,3 +325,49 @@ def test_g1_no_passphrase_in_logs_errors_xml_or_reprs(env: Env,
     for text in texts:
         assert passphrase not in text and passphrase[:32] not in text
     assert "***" in repr(start)
+
+
+# --------------------------------------------------------------------------- EK certificates
+
+
+@pytest.fixture
+def ek_ca(env: Env, monkeypatch):
+    """The driver configured with a deployment EK CA (real swtpm_setup, tmp paths)."""
+    from tests.unit.virt.test_manufacture import make_ca
+    from vtpm_driver.virt import manufacture
+
+    monkeypatch.setattr(manufacture, "LOG_DIR", str(env.tmp / "swtpm-log"))
+    ca = make_ca(env.tmp / "ca")
+    env.probe.files.update({path: Path(path).read_bytes() for path in (ca.certificate, ca.key)})
+    conf = env.drv.conf
+    for name, value in (("ek_ca_certificate", ca.certificate), ("ek_ca_key", ca.key),
+                        ("ek_ca_dir", ca.workdir)):
+        conf.set_override(name, value, group="vtpm")
+    yield ca
+    for name in ("ek_ca_certificate", "ek_ca_key", "ek_ca_dir"):
+        conf.clear_override(name, group="vtpm")
+
+
+def test_spawn_with_the_deployment_ca_manufactures_publishes_and_delete_withdraws(
+        env: Env, ek_ca) -> None:
+    inst = env.spawn(env.instance())
+    # The TPM is made before the domain is defined, so the record names its certificate.
+    assert env.names()[:3] == ["barbican.create", "barbican.store_ek_certificate",
+                               "virt.define"]
+    sysmeta = record.get_server_record(env.dom(inst).xml).system_metadata
+    (pem,) = env.km.ek_certificates.values()
+    assert pem == sysmeta["vtpm_ek_certificate"] + ek_ca.chain_pem()
+    assert len(sysmeta["vtpm_ek_fingerprint"]) == 64
+    assert sysmeta["vtpm_ek_certificate_uuid"] in env.km.ek_certificates
+    env.drv.destroy(OWNER, inst)
+    assert env.km.ek_certificates == {}
+    env.assert_nothing_left(inst)
+
+
+def test_spawn_failing_to_publish_leaves_no_tpm_and_no_secret(env: Env, ek_ca) -> None:
+    env.km.fail["store_ek_certificate"] = exception.KeyManagerUnavailable("Barbican down")
+    inst = env.instance()
+    with pytest.raises(exception.KeyManagerUnavailable, match="Barbican down"):
+        env.spawn(inst)
+    env.assert_nothing_left(inst)
+    assert "vtpm_ek_fingerprint" not in inst.system_metadata
