@@ -158,9 +158,28 @@ render_args() {
     if [ "${VTPM_AIO_DEBUG:-0}" = 1 ]; then RENDER_ARGS+=(--debug); fi
 }
 
+# The deployment's EK CA of host-a and host-b ([vtpm] ek_ca_*, see tools/aio/render.py):
+# a self-signed RSA CA (openssl adds the subject key identifier swtpm_localca needs).
+ensure_ek_ca() {
+    local ca="$DATA/ek-ca"
+    [ -s "$ca/ca.pem" ] && [ -s "$ca/ca.key" ] && return 0
+    mkdir -p "$ca"
+    chmod 0700 "$ca"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout "$ca/ca.key.new" \
+        -out "$ca/ca.pem.new" -subj "/CN=vtpm-driver all-in-one deployment EK CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" >"$LOGS/ek-ca.log" 2>&1 \
+        || die_with_log "making the EK CA failed" "$LOGS/ek-ca.log"
+    chmod 0600 "$ca/ca.key.new"
+    mv -f "$ca/ca.key.new" "$ca/ca.key"
+    mv -f "$ca/ca.pem.new" "$ca/ca.pem"
+    say "made the deployment EK CA of host-a and host-b: $ca/ca.pem"
+}
+
 configure() {
     mkdir -p "$AIO_DIR" "$LOGS" "$RUN" "$DATA"
     chmod 0700 "$LOGS" "$RUN" "$DATA"
+    ensure_ek_ca
     helper render.py "${RENDER_ARGS[@]}" || die "writing the configuration into $AIO_DIR failed"
     # QEMU runs as libvirt-qemu and must reach the instance files: make every directory
     # above the instances traversable (search only, no listing).

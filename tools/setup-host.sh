@@ -17,7 +17,7 @@ TAG=setup-host
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
           qemu-system-x86 swtpm swtpm-tools libvirt-dev pkg-config
           busybox-static cpio gzip python3-venv python3-dev gcc tpm2-tools
-          ovmf mtools fdisk sbsigntool)
+          ovmf mtools fdisk sbsigntool openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -22,6 +22,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tests.functional.fixtures_nova import (
     HOST_ATTR,
@@ -184,3 +186,46 @@ def test_live_migration_of_a_user_mode_server_by_a_non_owner_is_refused(
     assert tpm_of(after) == tpm_of(before)
     assert_runs_on(source, server_id)
     assert_nothing_on(other(source), server_id)
+
+
+def test_ek_certificate_is_the_owners_and_the_guests_before_and_after_a_live_migration(
+        aio_cloud: AioCloud, aio_resources: ResourceTracker) -> None:  # noqa: F811
+    """host-a and host-b manufacture each new TPM with the AIO's deployment EK CA
+    (tools/aio/render.py, ``[vtpm] ek_ca_*``). The owner reads the EK certificate and
+    its chain from Barbican with their own credentials (``openstack secret get``); it is
+    the certificate the guest reads from its TPM's NV index and it verifies against the
+    CA, before the live migration, after it, and after a reboot on the new host."""
+    server_id, source = create_on_test_host(aio_resources, "host")
+    before = latest_report(aio_cloud, server_id)
+    name = f"vTPM EK certificate for instance {server_id}"
+    (listed,) = aio_cloud.json("owner", "secret", "list", "--name", name)
+    href = listed["Secret href"]
+    bundle = aio_cloud.cli("owner", "secret", "get", href, "--payload", "-f", "value",
+                           "-c", "Payload")
+    ek, chain = x509.load_pem_x509_certificates(bundle.encode())
+    deployment_ca = x509.load_pem_x509_certificate(
+        (aio_cloud.aio_dir / "data" / "ek-ca" / "ca.pem").read_bytes())
+    assert chain == deployment_ca
+    ek.verify_directly_issued_by(deployment_ca)
+    fingerprint = ek.fingerprint(hashes.SHA256()).hex()
+    assert before["ekcert"] == fingerprint, (before, fingerprint)
+    assert server_id in ek.subject.rfc4514_string()
+
+    aio_cloud.cli("owner", "server", "migrate", "--live-migration", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    dest = aio_cloud.server("admin", server_id)[HOST_ATTR]
+    assert dest == other(source)
+    after = latest_report(aio_cloud, server_id, after_seq=int(before["seq"]),
+                          boot=before["boot"])
+    assert tpm_of(after) == tpm_of(before) and after["ekcert"] == fingerprint
+    # A new boot on the destination reads the NV index again.
+    aio_cloud.cli("owner", "server", "reboot", "--hard", server_id)
+    aio_cloud.wait_server("owner", server_id, "ACTIVE")
+    rebooted = next_boot_report(aio_cloud, server_id, before["boot"])
+    assert rebooted["ekcert"] == fingerprint and tpm_of(rebooted) == tpm_of(before)
+    assert aio_cloud.cli("owner", "secret", "get", href, "--payload", "-f", "value",
+                         "-c", "Payload") == bundle
+
+    aio_cloud.cli("owner", "server", "delete", server_id)
+    aio_cloud.wait_gone("owner", server_id)
+    assert aio_cloud.json("owner", "secret", "list", "--name", name) == []

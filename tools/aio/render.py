@@ -53,6 +53,8 @@ MULTIHOST = tuple(LIBVIRT_PORT)
 DEFAULT_ZONE = "vtpm-aio"
 MULTIHOST_ZONE = "vtpm-multihost"
 SECOND_PAIR_ZONE = "vtpm-multihost-2"
+#: Under ``<aio>/data``: the AIO's deployment EK CA (ca.pem, ca.key) and swtpm_localca's work.
+EK_CA_DIR = "ek-ca"
 PAIR_ZONES = {MULTIHOST_ZONE: ("host-a", "host-b"), SECOND_PAIR_ZONE: ("host-c", "host-d")}
 
 
@@ -205,11 +207,19 @@ def compute_host_conf(root: Path, host: str) -> str:
     ``instances_path`` is the shared one of nova.conf: Nova takes a destination
     with the same ``my_ip`` for shared storage (cold migration copies locally,
     live migration needs no block migration), so it must be.
+
+    The first pair (host-a, host-b) also manufactures each new TPM with the
+    deployment's EK CA that ``openstack-aio.sh`` makes in ``data/ek-ca``
+    (``[vtpm] ek_ca_*``, :mod:`vtpm_driver.virt.manufacture`).
     """
     peer = LIBVIRT_PORT[pair_peer(host)]
+    ek_ca = root / "data" / EK_CA_DIR
+    vtpm = ({"ek_ca_certificate": ek_ca / "ca.pem", "ek_ca_key": ek_ca / "ca.key",
+             "ek_ca_dir": ek_ca / "work"} if host in PAIR_ZONES[MULTIHOST_ZONE] else {})
     return ini(
         {
             "DEFAULT": {"host": host, "state_path": root / f"nova-{host}"},
+            **({"vtpm": vtpm} if vtpm else {}),
             "libvirt": {
                 "connection_uri": "qemu:///system",
                 "live_migration_inbound_addr": "127.0.0.1",

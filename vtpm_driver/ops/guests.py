@@ -278,11 +278,7 @@ class Guests:
     @property
     def ek_ca(self) -> virt_manufacture.CertificateAuthority | None:
         """The deployment's EK CA (``[vtpm] ek_ca_certificate`` and ``ek_ca_key``), or None."""
-        opts = self.conf.vtpm
-        if not opts.ek_ca_certificate or not opts.ek_ca_key:
-            return None
-        return virt_manufacture.CertificateAuthority(
-            certificate=opts.ek_ca_certificate, key=opts.ek_ca_key, workdir=opts.ek_ca_dir)
+        return virt_manufacture.certificate_authority(self.conf.vtpm)
 
     def retire_ek_certificate(self, context: Any, instance: Any, cfg: VTPMConfig | None
                               ) -> None:

@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from oslo_log import log as logging
 
@@ -94,6 +95,15 @@ class EKCertificate:
     @property
     def pem(self) -> str:
         return der_to_pem(self.der)
+
+
+def certificate_authority(vtpm_opts: Any) -> CertificateAuthority | None:
+    """The deployment's EK CA from ``[vtpm] ek_ca_certificate``, ``ek_ca_key`` and
+    ``ek_ca_dir`` (``vtpm_opts``: that group of a configuration), or None when unset."""
+    if not vtpm_opts.ek_ca_certificate or not vtpm_opts.ek_ca_key:
+        return None
+    return CertificateAuthority(certificate=vtpm_opts.ek_ca_certificate,
+                                key=vtpm_opts.ek_ca_key, workdir=vtpm_opts.ek_ca_dir)
 
 
 def der_to_pem(der: bytes) -> str:

@@ -70,11 +70,19 @@ from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
 from vtpm_driver import faults
+from vtpm_driver.keymgr.api import EKCertificateStore
 from vtpm_driver.model import consent, custody, request, rules
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
-from vtpm_driver.model.server import SYSMETA_KEY, recorded_secret
+from vtpm_driver.model.server import (
+    EK_CERT_KEY,
+    EK_FINGERPRINT_KEY,
+    SYSMETA_KEY,
+    recorded_secret,
+)
 from vtpm_driver.ops import custody as ops_custody
 from vtpm_driver.ops import secrets as ops_secrets
+from vtpm_driver.virt import manufacture
+from vtpm_driver.virt import state as vtpm_state
 from vtpm_driver.virt.probe import LibvirtHostProbe
 
 LOG = logging.getLogger(__name__)
@@ -516,6 +524,58 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             LOG.info("Deleted vTPM secret %s created by the failed operation",
                      start.secret_uuid, instance=instance)
 
+    def _vtpm_manufacture(self, context: Any, instance: Any, image_meta: Any,
+                          start: ops_secrets.StartSecret | None) -> None:
+        """A new server, with the deployment's EK CA: its TPM made before Nova's spawn.
+
+        libvirt then finds the state and runs no ``swtpm_setup`` of its own
+        (:mod:`vtpm_driver.virt.manufacture`). The EK certificate is published
+        in the key manager as the owner's, its fingerprint in the instance's
+        system metadata (saved). Nothing to do without ``[vtpm] ek_ca_*``, for a
+        server whose secret already existed (an unshelve or evacuation brings
+        its TPM back), or when the state is here. A failure removes the new
+        state; the spawn fails with it (and its secret is deleted).
+        """
+        ca = manufacture.certificate_authority(CONF.vtpm)
+        if (ca is None or start is None or not start.created or start.passphrase is None
+                or self._vtpm_offhost.has_state(instance.uuid)):
+            return
+        state_base = self._vtpm_offhost.state_base
+        with translate.nova_errors():
+            config = translate.vtpm_config(instance.flavor, image_meta)
+            cert = manufacture.manufacture(
+                state_base, instance.uuid, instance.name, config.version, start.passphrase,
+                pcr_banks=config.pcr_banks, ca=ca, swtpm_user=CONF.libvirt.swtpm_user,
+                swtpm_group=CONF.libvirt.swtpm_group)
+        try:
+            if cert is not None:
+                instance.system_metadata[EK_FINGERPRINT_KEY] = cert.fingerprint
+                keymgr = self.vtpm_key_manager
+                if isinstance(keymgr, EKCertificateStore):
+                    with translate.nova_errors():
+                        keymgr.store_ek_certificate(context, instance, config.secret_security,
+                                                    cert.pem + cert.chain_pem)
+                instance.save()
+        except BaseException:
+            instance.system_metadata.pop(EK_FINGERPRINT_KEY, None)
+            vtpm_state.remove_state(state_base, instance.uuid)
+            raise
+
+    def _vtpm_retire_ek_certificate(self, context: Any, instance: Any) -> None:
+        """A new TPM replaces the server's: the old one's published EK certificate goes
+        (key manager copy, fingerprint; saved). Idempotent."""
+        if not (instance.system_metadata.get(EK_CERT_KEY)
+                or instance.system_metadata.get(EK_FINGERPRINT_KEY)):
+            return
+        keymgr = self.vtpm_key_manager
+        if instance.system_metadata.get(EK_CERT_KEY) and isinstance(keymgr, EKCertificateStore):
+            with translate.nova_errors():
+                keymgr.delete_ek_certificate(context, instance,
+                                             rules.secret_security(instance.flavor))
+        instance.system_metadata.pop(EK_CERT_KEY, None)
+        instance.system_metadata.pop(EK_FINGERPRINT_KEY, None)
+        instance.save()
+
     def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
               admin_password: Any, allocations: Any, network_info: Any = None,
               block_device_info: Any = None, power_on: bool = True,
@@ -531,8 +591,10 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
         with (self._vtpm_passphrase_first(context, instance, image_meta, create=True,
                                           arriving=True,
-                                          operation=self._vtpm_operations.get(instance.uuid)),
+                                          operation=self._vtpm_operations.get(instance.uuid)
+                                          ) as start,
               self._vtpm_offhost.spawning(instance, unshelving)):
+            self._vtpm_manufacture(context, instance, image_meta, start)
             super().spawn(context, instance, image_meta, injected_files, admin_password,
                           allocations, network_info=network_info,
                           block_device_info=block_device_info, power_on=power_on,
@@ -692,6 +754,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         (a revert finds the pre-resize generation as the record's own).
         """
         faults.point("finish_migration.before_state_in_place")  # disks ready, TPM in transit
+        if self._vtpm_resize_change(instance).makes_new_tpm:
+            self._vtpm_retire_ek_certificate(context, instance)
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
                 or self._vtpm_offhost.has_state(instance.uuid)):

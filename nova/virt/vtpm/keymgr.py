@@ -106,6 +106,19 @@ class OwnerOnlyBarbican:
         self.barbican.delete_vtpm_secret(
             translate.request_context(context), instance, secret_security)
 
+    def store_ek_certificate(self, context: Any, instance: Any, secret_security: str,
+                             pem: str) -> str:
+        """Publish a new TPM's EK certificate (``EKCertificateStore``); its UUID is saved."""
+        stored = self.barbican.store_ek_certificate(
+            translate.request_context(context), instance, secret_security, pem)
+        instance.save()
+        return stored
+
+    def delete_ek_certificate(self, context: Any, instance: Any,
+                              secret_security: str | None = None) -> None:
+        self.barbican.delete_ek_certificate(
+            translate.request_context(context), instance, secret_security)
+
 
 @contextlib.contextmanager
 def castellan_errors(instance: Any) -> Iterator[None]:
