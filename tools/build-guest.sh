@@ -172,9 +172,17 @@ initrd_inputs() {
     sha256sum "$INIT_SRC" "$BUSYBOX" "$GUEST_DIR"/modules/*.ko $(tpm2_files) | awk '{print $1}'
     echo "format=2"
 }
+# up_to_date STAMP DIGEST OUTPUT...: every OUTPUT is there and STAMP records DIGEST.
+up_to_date() {
+    local stamp=$1 digest=$2 out
+    shift 2
+    for out in "$@"; do
+        [ -s "$out" ] || return 1
+    done
+    [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ]
+}
 want_initrd=$(initrd_inputs | sha256sum | awk '{print $1}')
-if [ -s "$GUEST_DIR/initrd.img" ] && [ -s "$GUEST_DIR/initrd.img.stamp" ] \
-        && [ "$(cat "$GUEST_DIR/initrd.img.stamp")" = "$want_initrd" ]; then
+if up_to_date "$GUEST_DIR/initrd.img.stamp" "$want_initrd" "$GUEST_DIR/initrd.img"; then
     say "initrd up to date"
 else
     say "building initrd.img (busybox-static + tools/guest/init + tpm2-tools)"
@@ -296,8 +304,8 @@ uefi_inputs() {
     echo "cmdline=$UEFI_CMDLINE format=1"
 }
 want_uefi=$(uefi_inputs | sha256sum | awk '{print $1}')
-if [ -s "$GUEST_DIR/uefi.img" ] && [ -s "$GUEST_DIR/uefi-unsigned.img" ] \
-        && [ "$(cat "$GUEST_DIR/uefi.img.stamp" 2>/dev/null)" = "$want_uefi" ]; then
+if up_to_date "$GUEST_DIR/uefi.img.stamp" "$want_uefi" "$GUEST_DIR/uefi.img" \
+        "$GUEST_DIR/uefi-unsigned.img"; then
     say "UEFI disks up to date"
 else
     say "building uefi.img and uefi-unsigned.img (shim -> GRUB -> kernel, Secure Boot)"

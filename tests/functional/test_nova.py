@@ -150,6 +150,26 @@ def test_nova_api_refuses_pcr_banks_it_cannot_read(aio_resources: ResourceTracke
     assert "sha1|sha256|sha384|sha512" in info.value.stderr, info.value.stderr
 
 
+def test_a_windows_11_image_without_uefi_and_secure_boot_is_refused_naming_them(
+    aio_cloud: AioCloud, aio_resources: ResourceTracker
+) -> None:
+    """Issue 22: an image that says it is Windows 11 (Glance's os_distro/os_version), on a
+    TPM 2.0 flavor but BIOS firmware: the shim refuses it at the first moment Nova lets
+    a driver see the request, as an unacceptable image (no reschedule), naming what is
+    missing; nothing is created for it."""
+    flavor = aio_resources.flavor(TPM_2_CRB)
+    image = aio_resources.image({"os_distro": "windows", "os_version": "11"})
+    server_id = aio_resources.server_create("owner", flavor, image)
+    server = aio_cloud.wait_server("owner", server_id, "ERROR")
+    message = (server.get("fault") or {}).get("message", "")
+    for part in ("Windows 11", "os_version='11'", "UEFI firmware (image hw_firmware_type=uefi)",
+                 "Secure Boot (flavor os:secure_boot=required or image os_secure_boot=required)"):
+        assert part in message, f"{part!r} not in {message!r}"
+    assert "a TPM 2.0" not in message  # the flavor gives one
+    assert aio_cloud.vtpm_secrets("owner", server_id) == []
+    assert not (SWTPM_STATE_ROOT / server_id).exists()
+
+
 def test_flavor_image_tpm_version_conflict(
     aio_cloud: AioCloud, aio_resources: ResourceTracker
 ) -> None:

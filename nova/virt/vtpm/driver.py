@@ -57,6 +57,7 @@ import nova.conf
 from nova import context as nova_context
 from nova import exception as nova_exception
 from nova import objects
+from nova import utils as nova_utils
 from nova.compute import task_states, vm_states
 from nova.compute import utils as compute_utils
 from nova.virt.libvirt import driver as libvirt_driver
@@ -69,9 +70,9 @@ from nova.virt.vtpm import migrate as vtpm_migrate
 from nova.virt.vtpm import offhost as vtpm_offhost
 from nova.virt.vtpm import release, translate
 from vtpm_driver import conf as vtpm_conf
-from vtpm_driver import faults
+from vtpm_driver import exception, faults
 from vtpm_driver.keymgr.api import EKCertificateStore
-from vtpm_driver.model import consent, custody, request, rules
+from vtpm_driver.model import consent, custody, request, rules, windows
 from vtpm_driver.model.hostcheck import HostProbe, HostReport, check_host
 from vtpm_driver.model.server import (
     EK_CERT_KEY,
@@ -561,6 +562,28 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
             vtpm_state.remove_state(state_base, instance.uuid)
             raise
 
+    def _vtpm_check_windows_11(self, instance: Any, image_meta: Any) -> None:
+        """Refuse a Windows 11 image on a server Windows 11 would not accept, naming
+        each missing piece (:mod:`vtpm_driver.model.windows`), before anything is made.
+
+        The first moment a driver sees a request: Nova schedules without asking
+        it. Raised as Nova's ``ImageUnacceptable``, so Nova aborts the build (no
+        reschedule: no other host would do better) and shows the reason as the
+        server's fault. The image's properties are read as Nova recorded them
+        in the instance (``image_*`` system metadata): ``os_version`` and our
+        ``vtpm_guest_os`` are not among the fields Nova's image object keeps.
+        """
+        properties = nova_utils.get_image_from_system_metadata(
+            instance.system_metadata).get("properties") or {}
+        with translate.nova_errors():
+            config = translate.vtpm_config(instance.flavor, image_meta)
+        try:
+            windows.check(instance.flavor.extra_specs, properties, config)
+        except exception.InvalidVTPMConfig as exc:
+            raise nova_exception.ImageUnacceptable(
+                image_id=getattr(image_meta, "id", None) or instance.image_ref,
+                reason=str(exc)) from None
+
     def _vtpm_retire_ek_certificate(self, context: Any, instance: Any) -> None:
         """A new TPM replaces the server's: the old one's published EK certificate goes
         (key manager copy, fingerprint; saved). Idempotent."""
@@ -586,6 +609,7 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         copy before Nova defines the domain (:mod:`.offhost`); a failed spawn
         removes it again, the copy stays.
         """
+        self._vtpm_check_windows_11(instance, image_meta)
         unshelving = instance.vm_state == vm_states.SHELVED_OFFLOADED
         if unshelving:
             self._vtpm_offhost.check_caller(context, instance, "unshelve")
