@@ -81,12 +81,11 @@ class RebuildOps:
             # rebuild again) makes the new TPM the user asked for.
             state.remove_tpm(self.state_base, instance.uuid)
             faults.point("reset.after_remove")
-            # With the deployment's EK CA, the new TPM is made now (its certificate
-            # published, the old one's withdrawn); without, libvirt makes it at the start.
+            # The old TPM's EK certificate goes; with the deployment's EK CA the new
+            # TPM is made now and its certificate published, else libvirt makes it.
+            self.guests.retire_ek_certificate(context, instance, cfg)
             self.guests.manufacture(context, instance, cfg, start)
-            if self.guests.ek_ca is None:
-                self.guests.retire_ek_certificate(context, instance, cfg)
-            xml = xml_of(cfg)  # the record now names the new certificate
+            xml = xml_of(cfg)  # the record says which certificate is published now
         dom = guest.define(self.guests.conn, xml)
         if reset:
             self.guests.stamp(instance, dom)  # the new TPM's directory carries it

@@ -228,7 +228,8 @@ class ResizeOps:
                          instance_uuid=instance.uuid)
                 state.remove_state(self.guests.state_base, instance.uuid)
                 # libvirt makes the fresh TPM: the old one's certificate no longer applies
-                # (a revert brings back the old record, which names it).
+                # (a revert brings back the old record and its fingerprint; the key
+                # manager's copy stays withdrawn).
                 self.guests.retire_ek_certificate(context, instance, new_cfg)
             if change is not Change.NONE:  # custody: the resized TPM is the current copy
                 custody.advance(instance, resize=True)
