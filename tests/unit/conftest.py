@@ -126,3 +126,21 @@ def resize_to(env: Env, inst: Instance, extra_specs: dict[str, str],
 
 __all__ = ["INITRD", "KERNEL", "MEMBER", "OWNER", "Env", "FakeDomain", "dataclasses_replace",
            "env", "resize_to", "servers", "touch_console"]
+
+
+@pytest.fixture
+def ek_ca(env: Env, monkeypatch):
+    """The driver configured with a deployment EK CA (real swtpm_setup, tmp paths)."""
+    from tests.unit.virt.test_manufacture import make_ca
+    from vtpm_driver.virt import manufacture
+
+    monkeypatch.setattr(manufacture, "LOG_DIR", str(env.tmp / "swtpm-log"))
+    ca = make_ca(env.tmp / "ca")
+    env.probe.files.update({path: Path(path).read_bytes() for path in (ca.certificate, ca.key)})
+    conf = env.drv.conf
+    for name, value in (("ek_ca_certificate", ca.certificate), ("ek_ca_key", ca.key),
+                        ("ek_ca_dir", ca.workdir)):
+        conf.set_override(name, value, group="vtpm")
+    yield ca
+    for name in ("ek_ca_certificate", "ek_ca_key", "ek_ca_dir"):
+        conf.clear_override(name, group="vtpm")

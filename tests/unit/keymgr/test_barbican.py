@@ -166,6 +166,31 @@ def test_create_get_delete_round_trip(cloud: FakeCloud, debug_log) -> None:
     assert any(sid in t for t in all_log_text(debug_log))
 
 
+def test_ek_certificate_is_published_beside_the_passphrase_and_withdrawn(
+        cloud: FakeCloud) -> None:
+    km = barbican.KeyManager(make_conf(cloud))
+    inst = server()
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    cert_uuid = km.store_ek_certificate(ctx(OWNER), inst, "user", pem)
+    assert inst.system_metadata["vtpm_ek_certificate_uuid"] == cert_uuid
+    stored = cloud.secrets[cert_uuid]
+    assert (stored.name, stored.secret_type, stored.payload) == (
+        f"vTPM EK certificate for instance {inst.uuid}", "certificate", pem)
+    assert (stored.project_access, stored.acl_users) == (False, [OWNER[0]])
+    with pytest.raises(exception.VTPMError, match="already has EK certificate secret"):
+        km.store_ek_certificate(ctx(OWNER), inst, "user", pem)
+
+    cloud.requests.clear()
+    km.delete_ek_certificate(ctx(OWNER), inst)
+    assert cloud.requests == [("DELETE", f"/v1/secrets/{cert_uuid}")]
+    assert cert_uuid not in cloud.secrets
+    assert "vtpm_ek_certificate_uuid" not in inst.system_metadata
+    km.delete_ek_certificate(ctx(OWNER), inst)  # idempotent: nothing recorded
+    inst.system_metadata["vtpm_ek_certificate_uuid"] = cert_uuid
+    km.delete_ek_certificate(ctx(OWNER), inst)  # idempotent: Barbican has it no more
+    assert "vtpm_ek_certificate_uuid" not in inst.system_metadata
+
+
 def test_acl_off_leaves_project_access(cloud: FakeCloud) -> None:
     km = barbican.KeyManager(make_conf(cloud, acl=False))
     inst = server()

@@ -330,24 +330,6 @@ def test_g1_no_passphrase_in_logs_errors_xml_or_reprs(env: Env,
 # --------------------------------------------------------------------------- EK certificates
 
 
-@pytest.fixture
-def ek_ca(env: Env, monkeypatch):
-    """The driver configured with a deployment EK CA (real swtpm_setup, tmp paths)."""
-    from tests.unit.virt.test_manufacture import make_ca
-    from vtpm_driver.virt import manufacture
-
-    monkeypatch.setattr(manufacture, "LOG_DIR", str(env.tmp / "swtpm-log"))
-    ca = make_ca(env.tmp / "ca")
-    env.probe.files.update({path: Path(path).read_bytes() for path in (ca.certificate, ca.key)})
-    conf = env.drv.conf
-    for name, value in (("ek_ca_certificate", ca.certificate), ("ek_ca_key", ca.key),
-                        ("ek_ca_dir", ca.workdir)):
-        conf.set_override(name, value, group="vtpm")
-    yield ca
-    for name in ("ek_ca_certificate", "ek_ca_key", "ek_ca_dir"):
-        conf.clear_override(name, group="vtpm")
-
-
 def test_spawn_with_the_deployment_ca_manufactures_publishes_and_delete_withdraws(
         env: Env, ek_ca) -> None:
     inst = env.spawn(env.instance())

@@ -13,6 +13,7 @@ from vtpm_driver.model.server import is_rescued
 from vtpm_driver.ops.rebuild import RebuildOps
 from vtpm_driver.ops.shelve import OffHostOps, Site
 from vtpm_driver.statestore import DirectoryStateStore
+from vtpm_driver.virt import record
 
 
 @pytest.fixture
@@ -55,6 +56,20 @@ def test_rebuild_keeps_the_tpm_and_reset_makes_a_new_one(env: Env) -> None:
     assert "new=1" in env.dom(inst).xml
     assert ops.rebuild(OWNER, inst, reset_tpm=True) is True
     assert env.state_file(inst).read_bytes() != ek
+    assert env.dom(inst).active
+
+
+def test_reset_with_the_deployment_ca_publishes_the_new_tpms_certificate(env: Env,
+                                                                        ek_ca) -> None:
+    inst = env.spawn(env.instance("user"))
+    (old_uuid,) = env.km.ek_certificates
+    old_fingerprint = inst.system_metadata["vtpm_ek_fingerprint"]
+    assert RebuildOps(env.drv.guests).rebuild(OWNER, inst, reset_tpm=True) is True
+    (new_uuid,) = env.km.ek_certificates  # the old one withdrawn
+    assert new_uuid != old_uuid
+    stored = record.get_server_record(env.dom(inst).xml).system_metadata
+    assert stored["vtpm_ek_certificate_uuid"] == new_uuid
+    assert stored["vtpm_ek_fingerprint"] not in (None, old_fingerprint)
     assert env.dom(inst).active
 
 
