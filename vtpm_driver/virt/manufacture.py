@@ -174,7 +174,8 @@ def _hand_over(root: Path, uid: int, gid: int) -> None:
         for name in filenames:
             path = os.path.join(dirpath, name)
             os.chown(path, uid, gid, follow_symlinks=False)
-            os.chmod(path, 0o600, follow_symlinks=False)
+            if not os.path.islink(path):  # (no lchmod on Linux; swtpm makes no links)
+                os.chmod(path, 0o600)
 
 
 def manufacture(base: str | os.PathLike[str], domain_uuid: str, domain_name: str,
