@@ -778,7 +778,8 @@ class VTPMLibvirtDriver(_NOVA_DRIVER):
         (a revert finds the pre-resize generation as the record's own).
         """
         faults.point("finish_migration.before_state_in_place")  # disks ready, TPM in transit
-        if self._vtpm_resize_change(instance).makes_new_tpm:
+        if (instance.system_metadata.get(EK_FINGERPRINT_KEY)
+                and self._vtpm_resize_change(instance).makes_new_tpm):
             self._vtpm_retire_ek_certificate(context, instance)
         super()._finish_migration_vtpm(context, instance)
         if (self._vtpm_starts.get(instance.uuid) is not None
